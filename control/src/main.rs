@@ -1,0 +1,354 @@
+//! `subway`: the command-line front end and the control thread.
+
+mod config;
+mod ctl;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use config::Config;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use subway_dataplane::{Dataplane, DataplaneConfig, LanConfig, stats::Counter};
+
+/// subway: a site-to-site WireGuard gateway whose packet path runs in
+/// userspace on AF_XDP.
+///
+/// Configuration is one file per gateway, a superset of wg-quick's format
+/// ([Interface], [Lan], [Peer], [Tuning]); see README.md. The instance name
+/// is the file's stem. Needs root (or CAP_NET_ADMIN, CAP_BPF, CAP_NET_RAW
+/// and CAP_SYS_ADMIN) to load XDP and open AF_XDP sockets.
+#[derive(Parser, Debug)]
+#[command(name = "subway", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive);
+    /// RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    /// Log format: text or json.
+    #[arg(long, global = true, default_value = "text")]
+    log_format: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a gateway in the foreground until SIGINT or SIGTERM.
+    ///
+    /// Loads the XDP program on every [Lan] interface, binds one AF_XDP
+    /// socket per interface and RX queue, starts one worker per queue
+    /// pinned to a core, and serves `subway show` on /run/subway/NAME.sock.
+    /// On exit it detaches XDP and closes the sockets; if it dies, the
+    /// kernel detaches XDP itself and traffic falls back to the kernel.
+    Run {
+        /// The configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file (syntax, keys, prefixes, interfaces)
+    /// without touching the network. Exit status 0 means valid.
+    Check {
+        /// The configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Show a running instance: workers (queue, core, mode, packet and
+    /// byte counters), drops and slow-path hand-offs by reason, XDP
+    /// counters.
+    Show {
+        /// Instance name (the config file's stem); optional when only one
+        /// instance runs.
+        name: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level, &cli.log_format);
+    let r = match cli.cmd {
+        Cmd::Run { config } => run(&config),
+        Cmd::Check { config } => check(&config),
+        Cmd::Show { name, json } => show(name, json),
+    };
+    if let Err(e) = r {
+        eprintln!("subway: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(level: &str, format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn load(path: &Path) -> Result<Config> {
+    let cfg = Config::load(path)?;
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(cfg)
+}
+
+fn check(path: &Path) -> Result<()> {
+    let cfg = load(path)?;
+    cfg.check_interfaces()?;
+    println!(
+        "{}: ok ({} LAN interface(s), {} peer(s), VNETs: {})",
+        path.display(),
+        cfg.lans.len(),
+        cfg.peers.len(),
+        cfg.vnet_ids().join(", ")
+    );
+    for p in &cfg.peers {
+        println!(
+            "  peer {} (line {}): endpoint {}, allowed {}, keepalive {}, preshared key {}, VNET {}",
+            p.public_key.to_base64(),
+            p.line,
+            p.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "none".into()),
+            p.allowed_ips
+                .iter()
+                .map(|(n, _)| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            p.persistent_keepalive
+                .map(|k| format!("{k}s"))
+                .unwrap_or_else(|| "off".into()),
+            if p.preshared_key.is_some() { "yes" } else { "no" },
+            p.vnet
+        );
+    }
+    Ok(())
+}
+
+fn dataplane_config(cfg: &Config) -> DataplaneConfig {
+    let vnets = cfg.vnet_ids();
+    let vnet_id = |n: &str| vnets.iter().position(|v| v == n).unwrap_or(0) as u32;
+    DataplaneConfig {
+        name: cfg.name.clone(),
+        lans: cfg
+            .lans
+            .iter()
+            .map(|l| LanConfig {
+                ifname: l.interface.clone(),
+                subnets: l.subnets.clone(),
+                vnet: vnet_id(&l.vnet),
+            })
+            .collect(),
+        queues: cfg.tuning.queues.clone(),
+        cores: cfg.tuning.cores.clone(),
+        xsk: cfg.tuning.xsk,
+        xdp_mode: cfg.tuning.xdp_mode,
+    }
+}
+
+fn run(path: &Path) -> Result<()> {
+    let cfg = load(path)?;
+    cfg.check_interfaces()?;
+    if !cfg.peers.is_empty() {
+        bail!(
+            "{}: this build forwards between [Lan] interfaces only (routed mode); WireGuard peers are not carried yet. \
+             Remove the [Peer] sections to run routed mode; `subway check` still validates them",
+            path.display()
+        );
+    }
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let ctl = ctl::CtlServer::bind(&cfg.name).context("opening the control socket")?;
+    let dcfg = dataplane_config(&cfg);
+    let mut dp = Dataplane::start(&dcfg).with_context(|| format!("starting {}", cfg.name))?;
+    for w in dp.workers() {
+        tracing::info!(
+            "worker {}: queue {} core {} interfaces {} AF_XDP {} XDP {} batch {} ring {} {}",
+            w.info.id,
+            w.info.queue,
+            w.info.core.map(|c| c.to_string()).unwrap_or_else(|| "any".into()),
+            w.info.ports.join(","),
+            if w.info.zero_copy { "zero-copy" } else { "copy" },
+            w.xdp_mode,
+            dcfg.xsk.batch_size,
+            dcfg.xsk.ring_size,
+            if dcfg.xsk.busy_poll {
+                "busy-poll"
+            } else if dcfg.xsk.need_wakeup {
+                "need-wakeup"
+            } else {
+                "spin"
+            },
+        );
+    }
+    tracing::info!(instance = %cfg.name, slow_path = dp.slow_path_name(), "subway is running (routed mode); `subway show {}`", cfg.name);
+
+    let started = Instant::now();
+    let mut pfd = libc::pollfd {
+        fd: ctl.fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    while !STOP.load(Ordering::Relaxed) {
+        // SAFETY: one valid pollfd; the timeout bounds the neighbour refresh period.
+        unsafe { libc::poll(&mut pfd, 1, 100) };
+        if let Err(e) = dp.refresh_neighbours() {
+            tracing::warn!("neighbour refresh: {e}");
+        }
+        ctl.serve(|req| match req {
+            "show" | "" => show_json(&cfg, &dp, started).to_string(),
+            other => json!({"error": format!("unknown request {other:?}")}).to_string(),
+        });
+    }
+    tracing::info!("stopping: detaching XDP and closing sockets");
+    let last = show_json(&cfg, &dp, started);
+    dp.stop();
+    drop(dp);
+    tracing::info!(totals = %last["totals"], "stopped");
+    Ok(())
+}
+
+fn counters_json(values: &[u64]) -> Value {
+    let mut m = serde_json::Map::new();
+    for c in Counter::ALL {
+        m.insert(c.name().into(), json!(values[*c as usize]));
+    }
+    Value::Object(m)
+}
+
+fn show_json(cfg: &Config, dp: &Dataplane, started: Instant) -> Value {
+    let mut totals = vec![0u64; Counter::COUNT];
+    let workers: Vec<Value> = dp
+        .workers()
+        .iter()
+        .map(|w| {
+            let snap = w.stats.snapshot();
+            for (t, v) in totals.iter_mut().zip(snap.iter()) {
+                *t += v;
+            }
+            json!({
+                "id": w.info.id, "queue": w.info.queue, "core": w.info.core,
+                "mode": if w.info.zero_copy { "zero-copy" } else { "copy" },
+                "xdp_mode": w.xdp_mode, "interfaces": w.info.ports,
+                "counters": counters_json(&snap),
+            })
+        })
+        .collect();
+    let xdp: serde_json::Map<String, Value> = dp
+        .xdp_counters()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    let t = dp.tables();
+    json!({
+        "name": cfg.name,
+        "pid": std::process::id(),
+        "mode": "routed",
+        "uptime_secs": started.elapsed().as_secs(),
+        "slow_path": dp.slow_path_name(),
+        "interfaces": t.ports.iter().map(|p| json!({"name": p.name, "ifindex": p.ifindex, "mac": p.mac.to_string(), "vnet": cfg.vnet_ids().get(p.vnet as usize)})).collect::<Vec<_>>(),
+        "routes": t.fib.routes().iter().map(|r| json!({"vnet": cfg.vnet_ids().get(r.vnet as usize), "prefix": r.prefix.to_string(), "target": format!("{:?}", r.target)})).collect::<Vec<_>>(),
+        "neighbours": t.neigh.len(),
+        "workers": workers,
+        "totals": counters_json(&totals),
+        "xdp": xdp,
+    })
+}
+
+fn show(name: Option<String>, as_json: bool) -> Result<()> {
+    let name = match name {
+        Some(n) => n,
+        None => {
+            let all = ctl::instances();
+            match all.as_slice() {
+                [one] => one.clone(),
+                [] => bail!("no running instance found in {}", ctl::RUN_DIR),
+                many => bail!("several instances run ({}): name one", many.join(", ")),
+            }
+        }
+    };
+    let reply = ctl::request(&name, "show")?;
+    let v: Value = serde_json::from_str(&reply).context("the instance sent invalid JSON")?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "instance {} (pid {}, {} mode, up {}s), slow path {}",
+        v["name"].as_str().unwrap_or("?"),
+        v["pid"],
+        v["mode"].as_str().unwrap_or("?"),
+        v["uptime_secs"],
+        v["slow_path"].as_str().unwrap_or("?")
+    );
+    for w in v["workers"].as_array().into_iter().flatten() {
+        let c = &w["counters"];
+        println!(
+            "  worker {} queue {} core {} {} XDP {}: rx {} pkts / {} B, tx {} pkts / {} B, batches {}",
+            w["id"],
+            w["queue"],
+            w["core"],
+            w["mode"].as_str().unwrap_or("?"),
+            w["xdp_mode"].as_str().unwrap_or("?"),
+            c["rx_packets"],
+            c["rx_bytes"],
+            c["tx_packets"],
+            c["tx_bytes"],
+            c["rx_batches"]
+        );
+    }
+    let nonzero = |obj: &Value, pred: &dyn Fn(&str) -> bool| -> Vec<String> {
+        obj.as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| pred(k) && v.as_u64().unwrap_or(0) > 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect()
+    };
+    let drops = nonzero(&v["totals"], &|k| k.starts_with("drop_"));
+    let slow = nonzero(&v["totals"], &|k| k.starts_with("slow_"));
+    println!(
+        "  drops: {}",
+        if drops.is_empty() {
+            "none".into()
+        } else {
+            drops.join(" ")
+        }
+    );
+    println!(
+        "  to kernel (slow path): {}",
+        if slow.is_empty() { "none".into() } else { slow.join(" ") }
+    );
+    println!("  xdp: {}", nonzero(&v["xdp"], &|_| true).join(" "));
+    println!("  routes:");
+    for r in v["routes"].as_array().into_iter().flatten() {
+        println!(
+            "    [{}] {} -> {}",
+            r["vnet"].as_str().unwrap_or("?"),
+            r["prefix"].as_str().unwrap_or("?"),
+            r["target"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,338 @@
+//! subway's packet path: the XDP steering program's loader, AF_XDP workers
+//! pinned to cores, packet codecs, the FIB, the neighbour mirror, the
+//! kernel slow path and the counters. The control crate configures a
+//! [`Dataplane`] and drives its housekeeping; nothing here reads config
+//! files or talks to users.
+
+pub mod error;
+pub mod fib;
+pub mod forward;
+pub mod netlink;
+pub mod slowpath;
+pub mod stats;
+pub mod tables;
+pub mod wire;
+pub mod worker;
+pub mod xdp;
+
+pub use error::{Error, Result};
+pub use worker::{BindMode, WorkerInfo, XskOptions};
+pub use xdp::XdpAttach;
+
+use crate::fib::{Fib, Target, VnetId};
+use crate::netlink::{Neighbour, Netlink};
+use crate::slowpath::SlowPath;
+use crate::stats::WorkerStats;
+use crate::tables::{NeighTable, Port, SharedTables, Tables};
+use crate::worker::Worker;
+use crate::xdp::XdpSteering;
+use ipnet::IpNet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use subway_common::{IfaceConf, STEER_LOCAL, STEER_REDIRECT, Steer, XdpCounter};
+
+/// A LAN interface to serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LanConfig {
+    pub ifname: String,
+    /// Prefixes reached through this interface; empty means the prefixes
+    /// of the addresses configured on it.
+    pub subnets: Vec<IpNet>,
+    pub vnet: VnetId,
+}
+
+/// Everything the dataplane needs to start.
+#[derive(Clone, Debug)]
+pub struct DataplaneConfig {
+    /// Instance name (the config file's stem); names the slow-path TUN.
+    pub name: String,
+    pub lans: Vec<LanConfig>,
+    /// RX queues to serve; `None` means every queue the ports have.
+    pub queues: Option<Vec<u32>>,
+    /// Cores to pin workers to, round-robin; `None` means every core.
+    pub cores: Option<Vec<usize>>,
+    pub xsk: XskOptions,
+    pub xdp_mode: XdpAttach,
+}
+
+/// A started worker as the control thread sees it.
+pub struct WorkerHandle {
+    pub info: WorkerInfo,
+    pub xdp_mode: String,
+    pub stats: Arc<WorkerStats>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The running packet path. Dropping it stops the workers, closes the
+/// sockets and detaches XDP.
+pub struct Dataplane {
+    stop: Arc<AtomicBool>,
+    workers: Vec<WorkerHandle>,
+    tables: SharedTables,
+    netlink: Netlink,
+    neigh_scratch: Vec<Neighbour>,
+    slow: Arc<SlowPath>,
+    // Dropped last: detaching XDP after the sockets close is harmless
+    // (the redirect falls back to XDP_PASS).
+    xdp: XdpSteering,
+}
+
+/// The slow-path TUN's name for an instance: "sw-" and up to 12 characters.
+pub fn tun_name(instance: &str) -> String {
+    let clean: String = instance
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(12)
+        .collect();
+    format!("sw-{clean}")
+}
+
+impl Dataplane {
+    pub fn start(cfg: &DataplaneConfig) -> Result<Dataplane> {
+        if cfg.lans.is_empty() {
+            return Err(Error::msg("no [Lan] interface configured"));
+        }
+        let mut netlink = Netlink::open().map_err(|e| Error::io("opening rtnetlink", e))?;
+
+        // Ports, their prefixes and the gateway's own addresses.
+        let mut ports = Vec::new();
+        let mut fib = Fib::new();
+        let mut locals = Vec::new();
+        for (i, lan) in cfg.lans.iter().enumerate() {
+            let link = netlink::link_by_name(&lan.ifname)
+                .map_err(|e| Error::io(format!("reading interface {}", lan.ifname), e))?
+                .ok_or_else(|| Error::msg(format!("interface {} does not exist", lan.ifname)))?;
+            let addrs = netlink
+                .addresses(link.ifindex)
+                .map_err(|e| Error::io(format!("addresses of {}", lan.ifname), e))?;
+            let subnets: Vec<IpNet> = if lan.subnets.is_empty() {
+                addrs.iter().map(|a| a.trunc()).collect()
+            } else {
+                lan.subnets.clone()
+            };
+            if subnets.is_empty() {
+                return Err(Error::msg(format!(
+                    "{} has no address and no Subnets: give it an address or list the subnets behind it",
+                    lan.ifname
+                )));
+            }
+            for s in subnets {
+                fib.insert(lan.vnet, s, Target::Port(i as u16))
+                    .map_err(|e| Error::msg(format!("{}: {e}", lan.ifname)))?;
+            }
+            for a in addrs {
+                locals.push((lan.vnet, IpNet::from(a.addr())));
+            }
+            ports.push(Port {
+                name: lan.ifname.clone(),
+                ifindex: link.ifindex,
+                mac: link.mac,
+                vnet: lan.vnet,
+            });
+        }
+        for (vnet, host) in locals {
+            // Two interfaces with one address is odd but harmless.
+            let _ = fib.insert(vnet, host, Target::Local);
+        }
+        check_forwarding();
+
+        let mut neigh_scratch = Vec::new();
+        let neigh = read_neighbours(&mut netlink, &ports, &mut neigh_scratch)?;
+        let tables = tables::shared(Tables {
+            fib: fib.clone(),
+            neigh,
+            ports: ports.clone(),
+        });
+
+        let slow = Arc::new(
+            SlowPath::create(&tun_name(&cfg.name))
+                .map_err(|e| Error::io(format!("creating the slow-path TUN {}", tun_name(&cfg.name)), e))?,
+        );
+
+        // XDP maps first, attachment last: until then the kernel has it all.
+        let mut xdp = XdpSteering::load()?;
+        for (i, p) in ports.iter().enumerate() {
+            xdp.set_iface(
+                p.ifindex,
+                IfaceConf {
+                    slot: i as u32,
+                    vnet: p.vnet,
+                },
+            )?;
+        }
+        for r in fib.routes() {
+            let steer = match r.target {
+                Target::Port(p) => Steer {
+                    action: STEER_REDIRECT,
+                    egress_ifindex: ports[p as usize].ifindex,
+                },
+                Target::Peer(_) => Steer {
+                    action: STEER_REDIRECT,
+                    egress_ifindex: 0,
+                },
+                Target::Local => Steer {
+                    action: STEER_LOCAL,
+                    egress_ifindex: 0,
+                },
+            };
+            xdp.set_route(r.vnet, r.prefix, steer)?;
+        }
+
+        let queues = match &cfg.queues {
+            Some(q) if !q.is_empty() => q.clone(),
+            _ => {
+                let n = ports
+                    .iter()
+                    .map(|p| {
+                        netlink::link_by_name(&p.name)
+                            .ok()
+                            .flatten()
+                            .map(|l| l.rx_queues)
+                            .unwrap_or(1)
+                    })
+                    .min()
+                    .unwrap_or(1);
+                (0..n).collect()
+            }
+        };
+        if let Some(q) = queues.iter().find(|q| **q >= subway_common::MAX_QUEUES) {
+            return Err(Error::msg(format!(
+                "queue {q} is above the supported maximum {}",
+                subway_common::MAX_QUEUES - 1
+            )));
+        }
+        let cores: Vec<usize> = match &cfg.cores {
+            Some(c) if !c.is_empty() => c.clone(),
+            _ => core_affinity::get_core_ids()
+                .map(|v| v.into_iter().map(|c| c.id).collect())
+                .unwrap_or_default(),
+        };
+
+        let port_names: Vec<(u16, String)> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i as u16, p.name.clone()))
+            .collect();
+        let mut built = Vec::new();
+        for (i, q) in queues.iter().enumerate() {
+            let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+            let w = Worker::new(i, *q, core, &port_names, cfg.xsk)?;
+            for (port, fd) in w.sockets() {
+                let idx = IfaceConf {
+                    slot: port as u32,
+                    vnet: 0,
+                }
+                .xsk_index(*q);
+                xdp.set_xsk(idx, fd)?;
+            }
+            built.push(w);
+        }
+
+        let mut modes = Vec::new();
+        for p in &ports {
+            modes.push(xdp.attach(&p.name, cfg.xdp_mode)?);
+        }
+        let mode_str = modes
+            .iter()
+            .zip(&ports)
+            .map(|(m, p)| format!("{}:{m}", p.name))
+            .collect::<Vec<_>>()
+            .join(",");
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut dp = Dataplane {
+            stop: stop.clone(),
+            workers: Vec::new(),
+            tables: tables.clone(),
+            netlink,
+            neigh_scratch,
+            slow: slow.clone(),
+            xdp,
+        };
+        for w in built {
+            let info = w.info().clone();
+            let stats = w.stats();
+            let thread = w.spawn(tables.clone(), slow.clone(), stop.clone())?;
+            dp.workers.push(WorkerHandle {
+                info,
+                xdp_mode: mode_str.clone(),
+                stats,
+                thread: Some(thread),
+            });
+        }
+        Ok(dp)
+    }
+
+    pub fn workers(&self) -> &[WorkerHandle] {
+        &self.workers
+    }
+
+    pub fn tables(&self) -> Arc<Tables> {
+        self.tables.load_full()
+    }
+
+    pub fn slow_path_name(&self) -> &str {
+        self.slow.name()
+    }
+
+    /// Re-reads the kernel's neighbour table and publishes new tables if
+    /// anything changed. Returns whether it did.
+    pub fn refresh_neighbours(&mut self) -> Result<bool> {
+        let cur = self.tables.load_full();
+        let neigh = read_neighbours(&mut self.netlink, &cur.ports, &mut self.neigh_scratch)?;
+        if neigh == cur.neigh {
+            return Ok(false);
+        }
+        let mut next = (*cur).clone();
+        next.neigh = neigh;
+        self.tables.store(Arc::new(next));
+        Ok(true)
+    }
+
+    /// The XDP program's counters, summed over CPUs.
+    pub fn xdp_counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        let c = self.xdp.counters()?;
+        Ok(XdpCounter::ALL.iter().map(|k| (k.name(), c[*k as usize])).collect())
+    }
+
+    /// Stops the workers and waits for them.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+        self.xdp.detach_all();
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn read_neighbours(nl: &mut Netlink, ports: &[Port], scratch: &mut Vec<Neighbour>) -> Result<NeighTable> {
+    nl.neighbours(scratch)
+        .map_err(|e| Error::io("dumping the neighbour table", e))?;
+    let mut t = NeighTable::default();
+    for n in scratch.iter().filter(|n| ports.iter().any(|p| p.ifindex == n.ifindex)) {
+        t.insert(n.ifindex, n.ip, n.mac);
+    }
+    Ok(t)
+}
+
+fn check_forwarding() {
+    for (path, what) in [
+        ("/proc/sys/net/ipv4/ip_forward", "net.ipv4.ip_forward"),
+        ("/proc/sys/net/ipv6/conf/all/forwarding", "net.ipv6.conf.all.forwarding"),
+    ] {
+        if std::fs::read_to_string(path).map(|s| s.trim() == "0").unwrap_or(false) {
+            tracing::warn!(
+                "{what} is 0: packets handed to the kernel slow path (unknown neighbour, TTL expiring) will not be forwarded; set it to 1"
+            );
+        }
+    }
+}

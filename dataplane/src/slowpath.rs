@@ -1,0 +1,118 @@
+//! The slow path: a TUN device through which workers hand the kernel the
+//! IP packets the fast path cannot finish (neighbour unknown, TTL expiring,
+//! no route in the snapshot, VLAN). The kernel routes them as if they had
+//! arrived on a wire, resolves ARP/NDP and sends ICMP errors; the
+//! neighbour mirror then lets the next packet take the fast path.
+//!
+//! The device is not persistent: it disappears when the process exits,
+//! even on a crash.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+const IFF_TUN: libc::c_short = 0x0001;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+
+#[repr(C)]
+struct IfReqFlags {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// A TUN device shared by every worker (each write is one packet).
+pub struct SlowPath {
+    fd: OwnedFd,
+    name: String,
+}
+
+impl SlowPath {
+    /// Creates TUN device `name`, brings it up and turns reverse-path
+    /// filtering off on it (packets arrive with LAN source addresses).
+    pub fn create(name: &str) -> io::Result<Self> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad TUN name {name:?}"),
+            ));
+        }
+        let path = CString::new("/dev/net/tun").unwrap();
+        // SAFETY: plain open(2) of a NUL-terminated path.
+        let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: raw is a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut req = IfReqFlags {
+            name: [0; libc::IFNAMSIZ],
+            flags: IFF_TUN | IFF_NO_PI,
+            _pad: [0; 22],
+        };
+        for (d, s) in req.name.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        // SAFETY: TUNSETIFF reads an ifreq; req is one, correctly sized.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        set_up(name)?;
+        let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"), "0");
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "0");
+        Ok(SlowPath {
+            fd,
+            name: name.to_string(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Hands one IP packet to the kernel. Non-blocking: a full queue is an
+    /// error the caller counts.
+    #[inline]
+    pub fn send(&self, ip_packet: &[u8]) -> io::Result<()> {
+        // SAFETY: writes from a valid slice to our own fd.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), ip_packet.as_ptr().cast(), ip_packet.len()) };
+        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    }
+}
+
+/// Sets IFF_UP on an interface.
+fn set_up(name: &str) -> io::Result<()> {
+    #[repr(C)]
+    struct IfReq {
+        name: [libc::c_char; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    // SAFETY: an ordinary datagram socket used only for the ioctls below.
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: s is a fresh fd we own.
+    let s = unsafe { OwnedFd::from_raw_fd(s) };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: 0,
+        _pad: [0; 22],
+    };
+    for (d, c) in req.name.iter_mut().zip(name.bytes()) {
+        *d = c as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS / SIOCSIFFLAGS take an ifreq, which req is.
+    unsafe {
+        if libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        req.flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! Per-worker counters. Each worker owns one cache-line-aligned block and
+//! is its only writer (plain load + store, no locked instructions); the
+//! control thread reads them for `subway show` and metrics. Workers add to
+//! a local [`Tally`] per packet and flush it once per batch.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $id:ident = $name:literal ),* $(,)?) => {
+        /// Every counter a worker keeps.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(usize)]
+        pub enum Counter { $( $(#[$doc])* $id ),* }
+        impl Counter {
+            pub const ALL: &'static [Counter] = &[$(Counter::$id),*];
+            pub const COUNT: usize = Self::ALL.len();
+            /// The name in `subway show`, JSON and metrics.
+            pub const fn name(self) -> &'static str {
+                match self { $(Counter::$id => $name),* }
+            }
+        }
+    };
+}
+
+counters! {
+    RxPackets = "rx_packets",
+    RxBytes = "rx_bytes",
+    TxPackets = "tx_packets",
+    TxBytes = "tx_bytes",
+    /// RX batches that held at least one frame.
+    RxBatches = "rx_batches",
+    /// Frames forwarded out of a LAN port by the fast path.
+    ForwardedV4 = "forwarded_v4",
+    ForwardedV6 = "forwarded_v6",
+    /// TX wakeup syscalls (sendto) issued.
+    TxWakeups = "tx_wakeups",
+    /// poll() calls while idle.
+    IdlePolls = "idle_polls",
+    /// Handed to the kernel through the slow-path TUN, by reason.
+    SlowNeighUnknown = "slow_neigh_unknown",
+    SlowTtlExpired = "slow_ttl_expired",
+    SlowNoRoute = "slow_no_route",
+    SlowVlan = "slow_vlan",
+    SlowLocal = "slow_local",
+    /// Dropped, by reason.
+    DropEthTruncated = "drop_eth_truncated",
+    DropNotIp = "drop_not_ip",
+    DropIpv4Malformed = "drop_ipv4_malformed",
+    DropIpv4BadChecksum = "drop_ipv4_bad_checksum",
+    DropIpv6Malformed = "drop_ipv6_malformed",
+    DropTxRingFull = "drop_tx_ring_full",
+    DropSlowPathFailed = "drop_slow_path_failed",
+    DropNoTunnel = "drop_no_tunnel",
+}
+
+impl Counter {
+    pub fn is_drop(self) -> bool {
+        self.name().starts_with("drop_")
+    }
+    pub fn is_slow_path(self) -> bool {
+        self.name().starts_with("slow_")
+    }
+}
+
+/// A worker's published counters.
+#[repr(align(64))]
+pub struct WorkerStats {
+    values: [AtomicU64; Counter::COUNT],
+}
+
+impl Default for WorkerStats {
+    fn default() -> Self {
+        WorkerStats {
+            values: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl WorkerStats {
+    pub fn get(&self, c: Counter) -> u64 {
+        self.values[c as usize].load(Relaxed)
+    }
+    /// Adds a tally. Only the owning worker may call this.
+    pub fn flush(&self, t: &mut Tally) {
+        for (i, v) in t.0.iter_mut().enumerate() {
+            if *v != 0 {
+                let a = &self.values[i];
+                a.store(a.load(Relaxed).wrapping_add(*v), Relaxed);
+                *v = 0;
+            }
+        }
+    }
+    pub fn snapshot(&self) -> [u64; Counter::COUNT] {
+        std::array::from_fn(|i| self.values[i].load(Relaxed))
+    }
+}
+
+/// Counts kept in registers / L1 during one batch.
+#[derive(Clone, Copy)]
+pub struct Tally(pub [u64; Counter::COUNT]);
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally([0; Counter::COUNT])
+    }
+}
+
+impl Tally {
+    #[inline(always)]
+    pub fn add(&mut self, c: Counter, n: u64) {
+        self.0[c as usize] += n;
+    }
+    #[inline(always)]
+    pub fn inc(&mut self, c: Counter) {
+        self.0[c as usize] += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flush_adds_and_resets() {
+        let s = WorkerStats::default();
+        let mut t = Tally::default();
+        t.inc(Counter::RxPackets);
+        t.add(Counter::RxBytes, 60);
+        s.flush(&mut t);
+        t.inc(Counter::RxPackets);
+        s.flush(&mut t);
+        assert_eq!(s.get(Counter::RxPackets), 2);
+        assert_eq!(s.get(Counter::RxBytes), 60);
+        assert_eq!(t.0.iter().sum::<u64>(), 0);
+    }
+
+    #[test]
+    fn names_are_unique_and_classified() {
+        let mut names: Vec<_> = Counter::ALL.iter().map(|c| c.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Counter::COUNT);
+        assert!(Counter::DropTxRingFull.is_drop() && Counter::SlowVlan.is_slow_path());
+        assert_eq!(std::mem::align_of::<WorkerStats>(), 64);
+    }
+}

@@ -1,0 +1,467 @@
+//! AF_XDP workers. A worker owns one RX queue index on every port: one
+//! UMEM shared by a socket per (port, queue), with each socket's fill,
+//! completion, RX and TX rings. A frame received on one port is rewritten
+//! in place and transmitted on another without a copy. The worker is the
+//! only thread touching its rings and counters; the tables it reads are an
+//! immutable snapshot loaded once per batch.
+//!
+//! The loop, top to bottom: reclaim completed TX frames, refill fill rings,
+//! receive a batch per port, decide per frame (forward.rs), queue per
+//! egress port, submit TX with one wakeup per port per batch, and sleep in
+//! poll() only when every port was idle (or spin, with busy polling).
+
+use crate::error::{Context, Error, Result};
+use crate::forward::{Verdict, route_frame};
+use crate::slowpath::SlowPath;
+use crate::stats::{Counter, Tally, WorkerStats};
+use crate::tables::SharedTables;
+use std::num::NonZeroU32;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use xsk_rs::config::{BindFlags, FrameSize, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+
+/// Copy or zero-copy AF_XDP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BindMode {
+    /// Zero-copy where the driver supports it, else copy.
+    #[default]
+    Auto,
+    Copy,
+    ZeroCopy,
+}
+
+impl std::str::FromStr for BindMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
+            "auto" => Ok(BindMode::Auto),
+            "copy" => Ok(BindMode::Copy),
+            "zerocopy" | "zc" => Ok(BindMode::ZeroCopy),
+            _ => Err(format!("unknown AF_XDP mode {s:?}: use auto, copy or zero-copy")),
+        }
+    }
+}
+
+/// Socket and loop tuning, from `[Tuning]`.
+#[derive(Clone, Copy, Debug)]
+pub struct XskOptions {
+    /// Frames taken from a ring per call.
+    pub batch_size: usize,
+    /// Size of each RX, TX, fill and completion ring (power of two).
+    pub ring_size: u32,
+    /// UMEM frame size: 2048 or 4096.
+    pub frame_size: u32,
+    pub bind: BindMode,
+    /// Sleep in poll() when idle (XDP_USE_NEED_WAKEUP); off means spin.
+    pub need_wakeup: bool,
+    /// Set SO_BUSY_POLL / SO_PREFER_BUSY_POLL and drive the queue from the
+    /// worker instead of interrupts; implies spinning.
+    pub busy_poll: bool,
+}
+
+impl Default for XskOptions {
+    fn default() -> Self {
+        XskOptions {
+            batch_size: 64,
+            ring_size: 2048,
+            frame_size: 2048,
+            bind: BindMode::Auto,
+            need_wakeup: true,
+            busy_poll: false,
+        }
+    }
+}
+
+impl XskOptions {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.batch_size == 0 || self.batch_size > 1024 {
+            return Err(format!("BatchSize {} out of range: use 1 to 1024", self.batch_size));
+        }
+        if !self.ring_size.is_power_of_two() || self.ring_size < 64 || self.ring_size > 16384 {
+            return Err(format!(
+                "RingSize {} must be a power of two from 64 to 16384",
+                self.ring_size
+            ));
+        }
+        if self.frame_size != 2048 && self.frame_size != 4096 {
+            return Err(format!("FrameSize {} must be 2048 or 4096", self.frame_size));
+        }
+        if self.batch_size as u32 > self.ring_size {
+            return Err("BatchSize must not exceed RingSize".into());
+        }
+        Ok(())
+    }
+}
+
+/// One port's socket on this worker's queue.
+struct PortXsk {
+    port: u16,
+    ifname: String,
+    rx: RxQueue,
+    tx: TxQueue,
+    fill: FillQueue,
+    comp: CompQueue,
+    /// Frames submitted to TX and not yet completed.
+    in_flight: u32,
+    /// Frames staged for TX on this port during the current batch.
+    stage: Vec<FrameDesc>,
+}
+
+/// What `subway` prints and shows about a worker.
+#[derive(Clone, Debug)]
+pub struct WorkerInfo {
+    pub id: usize,
+    pub queue: u32,
+    pub core: Option<usize>,
+    pub zero_copy: bool,
+    pub ports: Vec<String>,
+}
+
+pub struct Worker {
+    info: WorkerInfo,
+    opts: XskOptions,
+    umem: Umem,
+    free: Vec<FrameDesc>,
+    socks: Vec<PortXsk>,
+    stats: Arc<WorkerStats>,
+}
+
+fn socket_config(opts: &XskOptions, zero_copy: bool) -> Result<SocketConfig> {
+    let q = QueueSize::new(opts.ring_size).ctx(|| "ring size".into())?;
+    let mut bind = if zero_copy {
+        BindFlags::XDP_ZEROCOPY
+    } else {
+        BindFlags::XDP_COPY
+    };
+    if opts.need_wakeup && !opts.busy_poll {
+        bind |= BindFlags::XDP_USE_NEED_WAKEUP;
+    }
+    Ok(SocketConfig::builder()
+        .rx_queue_size(q)
+        .tx_queue_size(q)
+        .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+        .bind_flags(bind)
+        .build())
+}
+
+fn umem_config(opts: &XskOptions) -> Result<UmemConfig> {
+    let q = QueueSize::new(opts.ring_size).ctx(|| "ring size".into())?;
+    UmemConfig::builder()
+        .frame_size(FrameSize::new(opts.frame_size).ctx(|| "frame size".into())?)
+        .fill_queue_size(q)
+        .comp_queue_size(q)
+        .build()
+        .ctx(|| "UMEM config".into())
+}
+
+/// Can (ifname, queue) bind in zero-copy mode? Probed with a throwaway
+/// UMEM so a refusal leaves nothing behind.
+pub fn probe_zero_copy(ifname: &str, queue: u32, opts: &XskOptions) -> bool {
+    let Ok(cfg) = umem_config(opts) else { return false };
+    let Ok((umem, _)) = Umem::new(cfg, NonZeroU32::new(opts.ring_size * 2).unwrap(), false) else {
+        return false;
+    };
+    let (Ok(sc), Ok(iface)) = (socket_config(opts, true), ifname.parse()) else {
+        return false;
+    };
+    // SAFETY: a fresh UMEM, not shared; the socket is dropped at once.
+    unsafe { Socket::new(sc, &umem, &iface, queue) }.is_ok()
+}
+
+impl Worker {
+    /// Creates the UMEM and one socket per port on `queue`. `ports` are
+    /// (port index, interface name), in port order (index i at position i). Zero-copy is decided per worker: all
+    /// sockets on one UMEM share the first socket's mode.
+    pub fn new(
+        id: usize,
+        queue: u32,
+        core: Option<usize>,
+        ports: &[(u16, String)],
+        opts: XskOptions,
+    ) -> Result<Worker> {
+        opts.validate().map_err(Error::msg)?;
+        if ports.iter().enumerate().any(|(i, (p, _))| *p as usize != i) {
+            return Err(Error::msg("worker ports must be given in port order"));
+        }
+        let zero_copy = match opts.bind {
+            BindMode::Copy => false,
+            BindMode::ZeroCopy => true,
+            BindMode::Auto => ports.iter().all(|(_, n)| probe_zero_copy(n, queue, &opts)),
+        };
+        let frames = (ports.len() as u32) * opts.ring_size * 2;
+        let (umem, descs) = Umem::new(umem_config(&opts)?, NonZeroU32::new(frames).unwrap(), false)
+            .ctx(|| format!("worker {id}: creating a UMEM of {frames} frames"))?;
+        let sc = socket_config(&opts, zero_copy)?;
+        let mut socks = Vec::with_capacity(ports.len());
+        for (port, ifname) in ports {
+            let iface = ifname.parse().ctx(|| format!("interface name {ifname:?}"))?;
+            // SAFETY: each (interface, queue) pair is bound once per UMEM,
+            // and libxdp is told not to load a program of its own.
+            let (tx, rx, fq) = unsafe { Socket::new(sc, &umem, &iface, queue) }.ctx(|| {
+                format!(
+                    "binding an AF_XDP socket to {ifname} queue {queue} ({} mode)",
+                    if zero_copy { "zero-copy" } else { "copy" }
+                )
+            })?;
+            let (fill, comp) =
+                fq.ok_or_else(|| Error::msg(format!("{ifname} queue {queue}: bound twice on one UMEM")))?;
+            socks.push(PortXsk {
+                port: *port,
+                ifname: ifname.clone(),
+                rx,
+                tx,
+                fill,
+                comp,
+                in_flight: 0,
+                stage: Vec::with_capacity(opts.batch_size),
+            });
+        }
+        let info = WorkerInfo {
+            id,
+            queue,
+            core,
+            zero_copy,
+            ports: ports.iter().map(|(_, n)| n.clone()).collect(),
+        };
+        Ok(Worker {
+            info,
+            opts,
+            umem,
+            free: descs,
+            socks,
+            stats: Arc::new(WorkerStats::default()),
+        })
+    }
+
+    pub fn info(&self) -> &WorkerInfo {
+        &self.info
+    }
+
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        self.stats.clone()
+    }
+
+    /// (port index, socket) pairs to register in the XSKMAP.
+    pub fn sockets(&self) -> impl Iterator<Item = (u16, &xsk_rs::socket::Fd)> {
+        self.socks.iter().map(|s| (s.port, s.rx.fd()))
+    }
+
+    /// Starts the worker thread, pinned to its core if it has one.
+    pub fn spawn(mut self, tables: SharedTables, slow: Arc<SlowPath>, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>> {
+        let name = format!("subway-w{}", self.info.id);
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                if let Some(core) = self.info.core
+                    && !core_affinity::set_for_current(core_affinity::CoreId { id: core })
+                {
+                    tracing::warn!(worker = self.info.id, core, "could not pin to core");
+                }
+                if self.opts.busy_poll {
+                    for s in &self.socks {
+                        set_busy_poll(s.rx.fd().as_raw_fd(), self.opts.batch_size);
+                    }
+                }
+                self.run(&tables, &slow, &stop);
+            })
+            .map_err(|e| Error::io("spawning a worker thread", e))
+    }
+
+    fn run(&mut self, tables: &SharedTables, slow: &SlowPath, stop: &AtomicBool) {
+        let batch = self.opts.batch_size;
+        let mut descs = vec![FrameDesc::default(); batch.max(self.opts.ring_size as usize)];
+        let mut tally = Tally::default();
+        let mut pollfds: Vec<libc::pollfd> = self
+            .socks
+            .iter()
+            .map(|s| libc::pollfd {
+                fd: s.rx.fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+
+        // Give every fill ring its share before traffic starts.
+        self.refill();
+
+        while !stop.load(Ordering::Relaxed) {
+            self.reclaim(&mut descs);
+            self.refill();
+
+            let snap = tables.load();
+            let mut got = 0usize;
+            for i in 0..self.socks.len() {
+                // SAFETY: descs are plain slots the RX ring writes into.
+                let n = unsafe { self.socks[i].rx.consume(&mut descs[..batch]) };
+                if n == 0 {
+                    continue;
+                }
+                got += n;
+                tally.inc(Counter::RxBatches);
+                tally.add(Counter::RxPackets, n as u64);
+                let ingress = self.socks[i].port;
+                for d in descs.iter_mut().take(n) {
+                    let (verdict, v6) = {
+                        // SAFETY: the frame came off our RX ring, so the
+                        // kernel is done with it and nothing else refers to it.
+                        let mut data = unsafe { self.umem.data_mut(d) };
+                        let frame = data.contents_mut();
+                        tally.add(Counter::RxBytes, frame.len() as u64);
+                        let v = route_frame(frame, ingress, &snap);
+                        if let Verdict::SlowPath(l3, _) = v
+                            && slow.send(&frame[l3..]).is_err()
+                        {
+                            tally.inc(Counter::DropSlowPathFailed);
+                        }
+                        (v, frame.len() > 13 && frame[12] == 0x86)
+                    };
+                    match verdict {
+                        Verdict::Tx(out) => match self.socks.get_mut(out as usize) {
+                            Some(s) => {
+                                tally.inc(if v6 { Counter::ForwardedV6 } else { Counter::ForwardedV4 });
+                                s.stage.push(*d);
+                            }
+                            None => {
+                                tally.inc(Counter::DropNoTunnel);
+                                self.free.push(*d);
+                            }
+                        },
+                        Verdict::SlowPath(_, reason) | Verdict::Drop(reason) => {
+                            tally.inc(reason);
+                            self.free.push(*d);
+                        }
+                    }
+                }
+                self.transmit(&mut tally);
+            }
+            drop(snap);
+            self.stats.flush(&mut tally);
+
+            if got == 0 {
+                self.idle(&mut pollfds, &mut tally);
+            }
+        }
+        self.stats.flush(&mut tally);
+    }
+
+    /// Submits every staged frame; what does not fit the ring is dropped.
+    fn transmit(&mut self, tally: &mut Tally) {
+        for s in self.socks.iter_mut() {
+            if s.stage.is_empty() {
+                continue;
+            }
+            // SAFETY: staged frames are ours until they come back on the
+            // completion ring.
+            let sent = unsafe { s.tx.produce(&s.stage) };
+            for d in &s.stage[..sent] {
+                tally.add(Counter::TxBytes, d.lengths().data() as u64);
+            }
+            tally.add(Counter::TxPackets, sent as u64);
+            s.in_flight += sent as u32;
+            if sent < s.stage.len() {
+                tally.add(Counter::DropTxRingFull, (s.stage.len() - sent) as u64);
+                self.free.extend_from_slice(&s.stage[sent..]);
+            }
+            s.stage.clear();
+            if s.tx.needs_wakeup() || !self.opts.need_wakeup {
+                tally.inc(Counter::TxWakeups);
+                let _ = s.tx.wakeup();
+            }
+        }
+    }
+
+    /// Takes completed TX frames back.
+    fn reclaim(&mut self, scratch: &mut [FrameDesc]) {
+        for s in self.socks.iter_mut() {
+            if s.in_flight == 0 {
+                continue;
+            }
+            // SAFETY: completion descriptors are frames we submitted.
+            let n = unsafe { s.comp.consume(scratch) };
+            s.in_flight -= n as u32;
+            self.free.extend_from_slice(&scratch[..n]);
+        }
+    }
+
+    /// Tops every fill ring up from the free frames.
+    fn refill(&mut self) {
+        let ports = self.socks.len().max(1);
+        for s in self.socks.iter_mut() {
+            let share = (self.free.len() / ports).max(self.free.len().min(self.opts.batch_size));
+            let want = s.fill.nb_free(share as u32) as usize;
+            let k = want.min(self.free.len());
+            if k == 0 {
+                continue;
+            }
+            let start = self.free.len() - k;
+            // SAFETY: free frames are owned by us and not on any ring.
+            let done = unsafe { s.fill.produce(&self.free[start..]) };
+            if done == k {
+                self.free.truncate(start);
+            }
+            if s.fill.needs_wakeup() {
+                let _ = s.fill.wakeup(s.rx.fd_mut(), 0);
+            }
+        }
+    }
+
+    fn idle(&mut self, pollfds: &mut [libc::pollfd], tally: &mut Tally) {
+        // Copy-mode TX progresses inside sendto(): kick ports with frames
+        // still in flight so their completions come back.
+        for s in self.socks.iter_mut() {
+            if s.in_flight > 0 {
+                let _ = s.tx.wakeup();
+            }
+        }
+        if self.opts.busy_poll || !self.opts.need_wakeup {
+            for s in &self.socks {
+                // A zero-length non-blocking recv drives the busy poll.
+                // SAFETY: recvfrom with a null buffer of length 0.
+                unsafe {
+                    libc::recvfrom(
+                        s.rx.fd().as_raw_fd(),
+                        std::ptr::null_mut(),
+                        0,
+                        libc::MSG_DONTWAIT,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                    )
+                };
+            }
+            std::hint::spin_loop();
+            return;
+        }
+        tally.inc(Counter::IdlePolls);
+        // Bounded sleep so the stop flag is seen promptly.
+        // SAFETY: pollfds is a valid array of pollfd.
+        unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, 50) };
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        tracing::debug!(worker = self.info.id, ports = ?self.socks.iter().map(|s| &s.ifname).collect::<Vec<_>>(), "closing AF_XDP sockets");
+    }
+}
+
+fn set_busy_poll(fd: i32, budget: usize) {
+    const SO_PREFER_BUSY_POLL: libc::c_int = 69;
+    const SO_BUSY_POLL_BUDGET: libc::c_int = 70;
+    let set = |opt: libc::c_int, v: libc::c_int| {
+        // SAFETY: setsockopt with a pointer to a live c_int.
+        unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&v as *const libc::c_int).cast(), 4) }
+    };
+    if set(SO_PREFER_BUSY_POLL, 1) < 0
+        || set(libc::SO_BUSY_POLL, 20) < 0
+        || set(SO_BUSY_POLL_BUDGET, budget as libc::c_int) < 0
+    {
+        tracing::warn!(
+            fd,
+            "busy-poll socket options refused: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}

@@ -1,0 +1,177 @@
+//! Loads subway's XDP program, keeps its maps in step with the
+//! configuration, and attaches it to interfaces. Dropping [`XdpSteering`]
+//! detaches every link it made. Attachments are bpf_links owned by this
+//! process, so if the process dies the kernel detaches them too, and
+//! traffic flows through the kernel as if subway had never been there.
+
+use crate::error::{Context, Error, Result};
+use aya::Ebpf;
+use aya::maps::lpm_trie::Key;
+use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray, XskMap};
+use aya::programs::{Xdp, XdpMode};
+use ipnet::IpNet;
+use std::os::fd::AsRawFd;
+use subway_common::{IfaceConf, ListenKey, Steer, V4Key, V6Key, XdpCounter, lpm_len, maps};
+
+/// The XDP program, built by build.rs from `ebpf/xdp`.
+pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/subway-xdp"));
+
+/// How to attach the program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XdpAttach {
+    /// Driver (native) mode if the NIC supports it, else generic.
+    #[default]
+    Auto,
+    Driver,
+    Generic,
+}
+
+impl std::str::FromStr for XdpAttach {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(XdpAttach::Auto),
+            "driver" | "native" | "drv" => Ok(XdpAttach::Driver),
+            "generic" | "skb" => Ok(XdpAttach::Generic),
+            _ => Err(format!("unknown XDP mode {s:?}: use auto, driver or generic")),
+        }
+    }
+}
+
+pub struct XdpSteering {
+    ebpf: Ebpf,
+    attached: Vec<(String, aya::programs::xdp::XdpLinkId)>,
+}
+
+impl XdpSteering {
+    /// Loads the program and its maps into the kernel (not attached yet).
+    pub fn load() -> Result<Self> {
+        let mut ebpf =
+            Ebpf::load(XDP_OBJECT).ctx(|| "loading the XDP object (is this root, with bpffs and BTF?)".into())?;
+        let prog: &mut Xdp = program(&mut ebpf)?;
+        prog.load().ctx(|| "verifying the XDP program".into())?;
+        Ok(XdpSteering {
+            ebpf,
+            attached: Vec::new(),
+        })
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| Error::msg(format!("XDP object has no map {name}")))
+    }
+
+    pub fn set_iface(&mut self, ifindex: u32, conf: IfaceConf) -> Result<()> {
+        let mut m: HashMap<&mut MapData, u32, IfaceConf> =
+            HashMap::try_from(self.map_mut(maps::IFACES)?).ctx(|| "IFACES map".into())?;
+        m.insert(ifindex, conf, 0)
+            .ctx(|| format!("registering ifindex {ifindex}"))
+    }
+
+    /// Adds (or replaces) a steering route in `vnet`.
+    pub fn set_route(&mut self, vnet: u32, prefix: IpNet, steer: Steer) -> Result<()> {
+        let prefix = prefix.trunc();
+        match prefix {
+            IpNet::V4(n) => {
+                let mut m: LpmTrie<&mut MapData, V4Key, Steer> =
+                    LpmTrie::try_from(self.map_mut(maps::ROUTES_V4)?).ctx(|| "ROUTES_V4 map".into())?;
+                let key = Key::new(
+                    lpm_len(n.prefix_len() as u32),
+                    V4Key {
+                        vnet,
+                        addr: n.addr().octets(),
+                    },
+                );
+                m.insert(&key, steer, 0).ctx(|| format!("steering {prefix}"))
+            }
+            IpNet::V6(n) => {
+                let mut m: LpmTrie<&mut MapData, V6Key, Steer> =
+                    LpmTrie::try_from(self.map_mut(maps::ROUTES_V6)?).ctx(|| "ROUTES_V6 map".into())?;
+                let key = Key::new(
+                    lpm_len(n.prefix_len() as u32),
+                    V6Key {
+                        vnet,
+                        addr: n.addr().octets(),
+                    },
+                );
+                m.insert(&key, steer, 0).ctx(|| format!("steering {prefix}"))
+            }
+        }
+    }
+
+    pub fn add_listen(&mut self, key: ListenKey) -> Result<()> {
+        let mut m: HashMap<&mut MapData, ListenKey, u32> =
+            HashMap::try_from(self.map_mut(maps::LISTEN)?).ctx(|| "LISTEN map".into())?;
+        m.insert(key, 1, 0).ctx(|| format!("listen port {}", key.port))
+    }
+
+    /// Points XSKMAP slot `index` at an AF_XDP socket.
+    pub fn set_xsk(&mut self, index: u32, fd: &impl AsRawFd) -> Result<()> {
+        let mut m: XskMap<&mut MapData> = XskMap::try_from(self.map_mut(maps::XSKS)?).ctx(|| "XSKS map".into())?;
+        m.set(index, fd.as_raw_fd(), 0).ctx(|| format!("XSKMAP slot {index}"))
+    }
+
+    /// Attaches to `ifname`; returns the mode that worked.
+    pub fn attach(&mut self, ifname: &str, want: XdpAttach) -> Result<&'static str> {
+        let prog: &mut Xdp = program(&mut self.ebpf)?;
+        let tries: &[(XdpMode, &'static str)] = match want {
+            XdpAttach::Auto => &[(XdpMode::Driver, "driver"), (XdpMode::Skb, "generic")],
+            XdpAttach::Driver => &[(XdpMode::Driver, "driver")],
+            XdpAttach::Generic => &[(XdpMode::Skb, "generic")],
+        };
+        let mut last = None;
+        for (mode, name) in tries {
+            match prog.attach(ifname, *mode) {
+                Ok(id) => {
+                    self.attached.push((ifname.to_string(), id));
+                    return Ok(name);
+                }
+                Err(e) => last = Some(format!("{name} mode: {e}")),
+            }
+        }
+        Err(Error::msg(format!(
+            "attaching XDP to {ifname}: {}",
+            last.unwrap_or_default()
+        )))
+    }
+
+    /// Detaches from every interface (also done on drop).
+    pub fn detach_all(&mut self) {
+        let Ok(prog) = program(&mut self.ebpf) else { return };
+        for (ifname, id) in self.attached.drain(..) {
+            if let Err(e) = prog.detach(id) {
+                tracing::warn!(%ifname, "detaching XDP: {e}");
+            }
+        }
+    }
+
+    /// The program's counters, summed over CPUs, indexed by [`XdpCounter`].
+    pub fn counters(&self) -> Result<[u64; XdpCounter::COUNT as usize]> {
+        let map = self
+            .ebpf
+            .map(maps::COUNTERS)
+            .ok_or_else(|| Error::msg("XDP object has no COUNTERS map"))?;
+        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).ctx(|| "COUNTERS map".into())?;
+        let mut out = [0u64; XdpCounter::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(v) = arr.get(&(i as u32), 0) {
+                *slot = v.iter().sum();
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for XdpSteering {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    let p = ebpf
+        .program_mut(subway_common::PROGRAM_NAME)
+        .ok_or_else(|| Error::msg("XDP object has no program subway_xdp"))?;
+    p.try_into().ctx(|| "subway_xdp is not an XDP program".into())
+}

@@ -1,0 +1,221 @@
+//! Types shared by subway's XDP program and its userspace: map names, keys,
+//! values and counter indices. Everything is `#[repr(C)]` plain data so both
+//! sides agree on the bytes; the `user` feature adds `aya::Pod` for userspace.
+#![cfg_attr(not(test), no_std)]
+
+/// Interfaces the XDP program may be attached to at once.
+pub const MAX_IFACES: u32 = 64;
+/// RX queues per interface that can have an AF_XDP socket.
+pub const MAX_QUEUES: u32 = 64;
+/// Entries of the XSKMAP: one slot per (interface slot, queue).
+pub const XSK_SLOTS: u32 = MAX_IFACES * MAX_QUEUES;
+/// Steering routes per address family (all VNETs together).
+pub const MAX_ROUTES: u32 = 65_536;
+/// Listen (address, port) pairs the gateway answers WireGuard on.
+pub const MAX_LISTEN: u32 = 256;
+
+/// Map names, as the XDP program declares them.
+pub mod maps {
+    pub const IFACES: &str = "IFACES";
+    pub const ROUTES_V4: &str = "ROUTES_V4";
+    pub const ROUTES_V6: &str = "ROUTES_V6";
+    pub const LISTEN: &str = "LISTEN";
+    pub const XSKS: &str = "XSKS";
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Name of the XDP program in the object file.
+pub const PROGRAM_NAME: &str = "subway_xdp";
+
+/// What the XDP program knows about an interface it is attached to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceConf {
+    /// Index of this interface's block in the XSKMAP: `slot * MAX_QUEUES + queue`.
+    pub slot: u32,
+    /// Routing domain (VNET) whose routes apply to traffic arriving here.
+    pub vnet: u32,
+}
+
+impl IfaceConf {
+    #[inline(always)]
+    pub fn xsk_index(&self, queue: u32) -> u32 {
+        self.slot * MAX_QUEUES + (queue & (MAX_QUEUES - 1))
+    }
+}
+
+/// LPM key for IPv4: the VNET is matched in full (32 bits), then the prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V4Key {
+    pub vnet: u32,
+    pub addr: [u8; 4],
+}
+
+/// LPM key for IPv6: the VNET is matched in full (32 bits), then the prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V6Key {
+    pub vnet: u32,
+    pub addr: [u8; 16],
+}
+
+/// LPM prefix length of a key whose address prefix is `plen` bits long.
+#[inline(always)]
+pub const fn lpm_len(plen: u32) -> u32 {
+    32 + plen
+}
+
+/// What to do with a packet whose destination matched a route.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Steer {
+    /// One of the `STEER_*` actions.
+    pub action: u32,
+    /// Interface the userspace path will send it out of (0: a tunnel peer).
+    /// The XDP program passes traffic that would leave where it came in.
+    pub egress_ifindex: u32,
+}
+
+/// Redirect to the AF_XDP socket of the ingress queue.
+pub const STEER_REDIRECT: u32 = 1;
+/// An address of the gateway itself: leave it to the kernel.
+pub const STEER_LOCAL: u32 = 2;
+
+/// Key of the listen map: a local address (IPv4 as IPv4-mapped IPv6, all
+/// zeros for any address) and a UDP port in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl ListenKey {
+    #[inline(always)]
+    pub fn v4(addr: [u8; 4], port: u16) -> Self {
+        let mut a = [0u8; 16];
+        a[10] = 0xff;
+        a[11] = 0xff;
+        a[12] = addr[0];
+        a[13] = addr[1];
+        a[14] = addr[2];
+        a[15] = addr[3];
+        ListenKey { addr: a, port, _pad: 0 }
+    }
+    #[inline(always)]
+    pub fn v6(addr: [u8; 16], port: u16) -> Self {
+        ListenKey { addr, port, _pad: 0 }
+    }
+    #[inline(always)]
+    pub fn any(port: u16) -> Self {
+        ListenKey {
+            addr: [0; 16],
+            port,
+            _pad: 0,
+        }
+    }
+}
+
+/// Per-CPU counters of the XDP program, one per action and reason.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpCounter {
+    /// Every frame the program saw.
+    Seen = 0,
+    /// Redirected: destination in a steered prefix.
+    RedirectRoute,
+    /// Redirected: UDP to the gateway's listen address and port.
+    RedirectListen,
+    /// Passed: the interface is not one subway configured.
+    PassUnknownIface,
+    /// Passed: not IPv4 or IPv6 (ARP, LLDP, ...).
+    PassNotIp,
+    /// Passed: headers truncated or inconsistent; the kernel will judge.
+    PassMalformed,
+    /// Passed: multicast or broadcast destination (NDP, DHCP, ...).
+    PassMulticast,
+    /// Passed: no steered prefix matched.
+    PassNoRoute,
+    /// Passed: an address of the gateway itself.
+    PassLocal,
+    /// Passed: the route leaves through the interface it came in on.
+    PassSameIface,
+    /// Passed: TTL or hop limit would expire; the kernel sends the ICMP error.
+    PassTtlExpired,
+    /// Passed: no AF_XDP socket on this queue (dataplane down: fail open).
+    PassNoSocket,
+}
+
+impl XdpCounter {
+    pub const COUNT: u32 = 12;
+    pub const ALL: [XdpCounter; Self::COUNT as usize] = [
+        XdpCounter::Seen,
+        XdpCounter::RedirectRoute,
+        XdpCounter::RedirectListen,
+        XdpCounter::PassUnknownIface,
+        XdpCounter::PassNotIp,
+        XdpCounter::PassMalformed,
+        XdpCounter::PassMulticast,
+        XdpCounter::PassNoRoute,
+        XdpCounter::PassLocal,
+        XdpCounter::PassSameIface,
+        XdpCounter::PassTtlExpired,
+        XdpCounter::PassNoSocket,
+    ];
+
+    /// Name used in `subway show` and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            XdpCounter::Seen => "seen",
+            XdpCounter::RedirectRoute => "redirect_route",
+            XdpCounter::RedirectListen => "redirect_listen",
+            XdpCounter::PassUnknownIface => "pass_unknown_iface",
+            XdpCounter::PassNotIp => "pass_not_ip",
+            XdpCounter::PassMalformed => "pass_malformed",
+            XdpCounter::PassMulticast => "pass_multicast",
+            XdpCounter::PassNoRoute => "pass_no_route",
+            XdpCounter::PassLocal => "pass_local",
+            XdpCounter::PassSameIface => "pass_same_iface",
+            XdpCounter::PassTtlExpired => "pass_ttl_expired",
+            XdpCounter::PassNoSocket => "pass_no_socket",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)] structs of integers and byte
+    // arrays with no padding holes that could leak uninitialised bytes.
+    unsafe impl aya::Pod for super::IfaceConf {}
+    unsafe impl aya::Pod for super::V4Key {}
+    unsafe impl aya::Pod for super::V6Key {}
+    unsafe impl aya::Pod for super::Steer {}
+    unsafe impl aya::Pod for super::ListenKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_table_is_complete_and_ordered() {
+        for (i, c) in XdpCounter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{} out of place", c.name());
+        }
+    }
+
+    #[test]
+    fn xsk_index_stays_in_its_slot() {
+        let c = IfaceConf { slot: 3, vnet: 0 };
+        assert_eq!(c.xsk_index(0), 3 * MAX_QUEUES);
+        assert_eq!(c.xsk_index(MAX_QUEUES + 1), 3 * MAX_QUEUES + 1);
+    }
+
+    #[test]
+    fn listen_key_maps_v4() {
+        let k = ListenKey::v4([10, 0, 0, 1], 51820);
+        assert_eq!(&k.addr[10..], &[0xff, 0xff, 10, 0, 0, 1]);
+    }
+}

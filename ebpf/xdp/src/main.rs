@@ -1,0 +1,238 @@
+//! subway's XDP program. It decides one thing per frame: does the userspace
+//! dataplane take it (redirect into the AF_XDP socket of this interface and
+//! RX queue) or does the kernel (XDP_PASS)? It never drops: anything it does
+//! not understand, and any frame whose socket is missing, goes to the kernel.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{HashMap, LpmTrie, PerCpuArray, XskMap, lpm_trie::Key},
+    programs::XdpContext,
+};
+use subway_common::{
+    IfaceConf, ListenKey, MAX_IFACES, MAX_LISTEN, MAX_ROUTES, STEER_LOCAL, Steer, V4Key, V6Key, XSK_SLOTS, XdpCounter,
+    lpm_len,
+};
+
+#[map]
+static IFACES: HashMap<u32, IfaceConf> = HashMap::with_max_entries(MAX_IFACES, 0);
+#[map]
+static ROUTES_V4: LpmTrie<V4Key, Steer> = LpmTrie::with_max_entries(MAX_ROUTES, 0);
+#[map]
+static ROUTES_V6: LpmTrie<V6Key, Steer> = LpmTrie::with_max_entries(MAX_ROUTES, 0);
+#[map]
+static LISTEN: HashMap<ListenKey, u32> = HashMap::with_max_entries(MAX_LISTEN, 0);
+#[map]
+static XSKS: XskMap = XskMap::with_max_entries(XSK_SLOTS, 0);
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(XdpCounter::COUNT, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_UDP: u8 = 17;
+
+#[xdp]
+pub fn subway_xdp(ctx: XdpContext) -> u32 {
+    count(XdpCounter::Seen);
+    let verdict = classify(&ctx);
+    match verdict {
+        Verdict::Pass(reason) => {
+            count(reason);
+            xdp_action::XDP_PASS
+        }
+        Verdict::Redirect(index, reason) => {
+            // The fallback action (low bits of flags) is XDP_PASS: with no
+            // socket at this index the kernel gets the frame, not a black hole.
+            match XSKS.redirect(index, xdp_action::XDP_PASS as u64) {
+                Ok(action) => {
+                    count(reason);
+                    action
+                }
+                Err(_) => {
+                    count(XdpCounter::PassNoSocket);
+                    xdp_action::XDP_PASS
+                }
+            }
+        }
+    }
+}
+
+enum Verdict {
+    Pass(XdpCounter),
+    Redirect(u32, XdpCounter),
+}
+
+#[inline(always)]
+fn count(c: XdpCounter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot, only this CPU touches it while we run.
+        unsafe { *p += 1 };
+    }
+}
+
+/// A bounds-checked pointer to a `T` at `off` bytes into the frame.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *const T)
+}
+
+#[inline(always)]
+fn read_u16_be(ctx: &XdpContext, off: usize) -> Option<u16> {
+    let p = ptr_at::<[u8; 2]>(ctx, off)?;
+    // SAFETY: ptr_at checked that two bytes are inside the frame.
+    let b = unsafe { *p };
+    Some(u16::from_be_bytes(b))
+}
+
+#[inline(always)]
+fn classify(ctx: &XdpContext) -> Verdict {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: the value is plain data and only read.
+    let iface = match unsafe { IFACES.get(&ifindex) } {
+        Some(c) => *c,
+        None => return Verdict::Pass(XdpCounter::PassUnknownIface),
+    };
+
+    // Ethernet, then up to two VLAN tags (802.1Q / 802.1ad).
+    let mut off = ETH_HLEN;
+    let mut proto = match read_u16_be(ctx, 12) {
+        Some(p) => p,
+        None => return Verdict::Pass(XdpCounter::PassMalformed),
+    };
+    for _ in 0..2 {
+        if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+            proto = match read_u16_be(ctx, off + 2) {
+                Some(p) => p,
+                None => return Verdict::Pass(XdpCounter::PassMalformed),
+            };
+            off += 4;
+        }
+    }
+
+    let queue = ctx.rx_queue_index();
+    match proto {
+        ETH_P_IP => classify_v4(ctx, off, ifindex, iface, queue),
+        ETH_P_IPV6 => classify_v6(ctx, off, ifindex, iface, queue),
+        _ => Verdict::Pass(XdpCounter::PassNotIp),
+    }
+}
+
+#[inline(always)]
+fn classify_v4(ctx: &XdpContext, off: usize, ifindex: u32, iface: IfaceConf, queue: u32) -> Verdict {
+    let hdr = match ptr_at::<[u8; 20]>(ctx, off) {
+        // SAFETY: 20 bytes checked to be inside the frame.
+        Some(p) => unsafe { *p },
+        None => return Verdict::Pass(XdpCounter::PassMalformed),
+    };
+    let ihl = (hdr[0] & 0x0f) as usize;
+    if hdr[0] >> 4 != 4 || ihl < 5 {
+        return Verdict::Pass(XdpCounter::PassMalformed);
+    }
+    let dst = [hdr[16], hdr[17], hdr[18], hdr[19]];
+    if dst[0] >= 224 {
+        return Verdict::Pass(XdpCounter::PassMulticast);
+    }
+
+    // WireGuard to us: UDP, first fragment (or none), to a listen address.
+    let frag_off = u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff;
+    if hdr[9] == IPPROTO_UDP && frag_off == 0 {
+        if let Some(port) = read_u16_be(ctx, off + ihl * 4 + 2) {
+            if is_listen(ListenKey::v4(dst, port), port) {
+                return Verdict::Redirect(iface.xsk_index(queue), XdpCounter::RedirectListen);
+            }
+        }
+    }
+
+    let key = Key::new(
+        lpm_len(32),
+        V4Key {
+            vnet: iface.vnet,
+            addr: dst,
+        },
+    );
+    match ROUTES_V4.get(&key) {
+        Some(steer) => steer_verdict(steer, hdr[8], ifindex, iface, queue),
+        None => Verdict::Pass(XdpCounter::PassNoRoute),
+    }
+}
+
+#[inline(always)]
+fn classify_v6(ctx: &XdpContext, off: usize, ifindex: u32, iface: IfaceConf, queue: u32) -> Verdict {
+    let hdr = match ptr_at::<[u8; 40]>(ctx, off) {
+        // SAFETY: 40 bytes checked to be inside the frame.
+        Some(p) => unsafe { *p },
+        None => return Verdict::Pass(XdpCounter::PassMalformed),
+    };
+    if hdr[0] >> 4 != 6 {
+        return Verdict::Pass(XdpCounter::PassMalformed);
+    }
+    let mut dst = [0u8; 16];
+    dst.copy_from_slice(&hdr[24..40]);
+    if dst[0] == 0xff {
+        return Verdict::Pass(XdpCounter::PassMulticast);
+    }
+    // Link-local destinations (fe80::/10) never leave the link.
+    if dst[0] == 0xfe && (dst[1] & 0xc0) == 0x80 {
+        return Verdict::Pass(XdpCounter::PassLocal);
+    }
+
+    if hdr[6] == IPPROTO_UDP {
+        if let Some(port) = read_u16_be(ctx, off + 40 + 2) {
+            if is_listen(ListenKey::v6(dst, port), port) {
+                return Verdict::Redirect(iface.xsk_index(queue), XdpCounter::RedirectListen);
+            }
+        }
+    }
+
+    let key = Key::new(
+        lpm_len(128),
+        V6Key {
+            vnet: iface.vnet,
+            addr: dst,
+        },
+    );
+    match ROUTES_V6.get(&key) {
+        Some(steer) => steer_verdict(steer, hdr[7], ifindex, iface, queue),
+        None => Verdict::Pass(XdpCounter::PassNoRoute),
+    }
+}
+
+#[inline(always)]
+fn is_listen(exact: ListenKey, port: u16) -> bool {
+    // SAFETY: plain data, only read.
+    unsafe { LISTEN.get(&exact).is_some() || LISTEN.get(&ListenKey::any(port)).is_some() }
+}
+
+#[inline(always)]
+fn steer_verdict(steer: &Steer, ttl: u8, ifindex: u32, iface: IfaceConf, queue: u32) -> Verdict {
+    if steer.action == STEER_LOCAL {
+        return Verdict::Pass(XdpCounter::PassLocal);
+    }
+    if steer.egress_ifindex == ifindex {
+        return Verdict::Pass(XdpCounter::PassSameIface);
+    }
+    if ttl <= 1 {
+        return Verdict::Pass(XdpCounter::PassTtlExpired);
+    }
+    Verdict::Redirect(iface.xsk_index(queue), XdpCounter::RedirectRoute)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,371 @@
+//! The namespace test kit: builds topologies of network namespaces joined
+//! by veth pairs, runs commands in them, starts and stops `subway`, and
+//! removes everything in `Drop`, even when a test fails or panics.
+//!
+//! Names are unique per process and call (`sw<pid>x<n>...`) so tests can
+//! run in parallel. Interfaces are created directly inside their namespace,
+//! so their names there (lan0, eth0, ...) never collide with the host's.
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call: `<prefix><pid>x<n>`.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// True when running as root. Tests that need root print why they skip.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Returns false (and says so) when the test cannot run here.
+pub fn require_root(test: &str) -> bool {
+    if !is_root() {
+        eprintln!("SKIP {test}: needs root (network namespaces, XDP, AF_XDP); CI runs as root");
+        return false;
+    }
+    true
+}
+
+fn check(out: Output, what: &str) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command on the host and returns its stdout, or an error with stderr.
+pub fn host(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {}", args[0]))?;
+    check(out, &args.join(" "))
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates `sw<pid>x<n><role>` with loopback up.
+    pub fn new(role: &str) -> Result<Netns> {
+        let name = format!("{}{role}", unique("sw"));
+        host(&["ip", "netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.run(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(args);
+        c
+    }
+
+    /// Runs a command inside; its stdout, or an error with its stderr.
+    pub fn run(&self, args: &[&str]) -> Result<String> {
+        let out = self
+            .cmd(args)
+            .output()
+            .with_context(|| format!("running {} in {}", args[0], self.name))?;
+        check(out, &format!("[{}] {}", self.name, args.join(" ")))
+    }
+
+    /// Runs a shell snippet inside.
+    pub fn sh(&self, script: &str) -> Result<String> {
+        self.run(&["sh", "-c", script])
+    }
+
+    /// Runs a command inside and returns its raw output, success or not.
+    pub fn output(&self, args: &[&str]) -> Result<Output> {
+        self.cmd(args)
+            .output()
+            .with_context(|| format!("running {} in {}", args[0], self.name))
+    }
+
+    /// Starts a background process inside, ended (by its pid) on drop.
+    pub fn spawn(&self, args: &[&str], log: &Path) -> Result<Proc> {
+        let f = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = self
+            .cmd(args)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("starting {} in {}", args[0], self.name))?;
+        Ok(Proc {
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// Sets a sysctl inside.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.run(&["sysctl", "-qw", &format!("{key}={value}")]).map(|_| ())
+    }
+
+    /// Counter `stat` (rx_packets, tx_bytes, ...) of interface `ifname`.
+    pub fn if_stat(&self, ifname: &str, stat: &str) -> Result<u64> {
+        let s = self.run(&["cat", &format!("/sys/class/net/{ifname}/statistics/{stat}")])?;
+        s.trim().parse().context("parsing an interface counter")
+    }
+
+    /// Runs `f` on a thread that has joined this namespace (sockets made
+    /// there live in it).
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| -> Result<T> {
+                let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+                // SAFETY: setns on a thread of our own with a valid netns fd;
+                // it affects only this thread, which ends with the scope.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    bail!("setns {}: {}", self.name, std::io::Error::last_os_error());
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow!("thread in {} panicked", self.name))?
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// Joins `a:a_if` and `b:b_if` with a veth pair created directly in the
+/// two namespaces, both ends up. Transmit checksum offload is turned off
+/// on both ends: a veth otherwise hands on partial checksums that a
+/// userspace forwarder copies as they are (see environment.md).
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
+    host(&[
+        "ip", "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name,
+    ])?;
+    for (ns, i) in [(a, a_if), (b, b_if)] {
+        ns.run(&["ip", "link", "set", i, "up"])?;
+        ns.run(&["ethtool", "-K", i, "tx", "off"])?;
+    }
+    Ok(())
+}
+
+/// A background process, ended by its pid on drop.
+pub struct Proc {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Still running?
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit status
+    /// (None if it had to be killed) and the log.
+    pub fn stop(&mut self, grace: Duration) -> (Option<std::process::ExitStatus>, String) {
+        let mut status = None;
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling a child we started, by its pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let t0 = Instant::now();
+            loop {
+                match c.try_wait() {
+                    Ok(Some(s)) => {
+                        status = Some(s);
+                        break;
+                    }
+                    Ok(None) if t0.elapsed() < grace => std::thread::sleep(Duration::from_millis(20)),
+                    _ => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        (status, std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}
+
+/// Where test logs and configs go.
+pub fn work_dir() -> PathBuf {
+    let d = std::env::temp_dir().join("subway-tests");
+    let _ = std::fs::create_dir_all(&d);
+    d
+}
+
+/// The workspace's target directory.
+fn target_dir() -> PathBuf {
+    if let Ok(t) = std::env::var("CARGO_TARGET_DIR") {
+        return PathBuf::from(t);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target")
+}
+
+/// A binary of this workspace: `$SUBWAY_BIN_DIR/NAME`, else the newest of
+/// target/{debug,release}/NAME. Build them first with `cargo build --bins`.
+pub fn workspace_bin(name: &str) -> Result<PathBuf> {
+    if let Ok(d) = std::env::var("SUBWAY_BIN_DIR") {
+        return Ok(PathBuf::from(d).join(name));
+    }
+    let cands = ["debug", "release"].map(|p| target_dir().join(p).join(name));
+    cands
+        .iter()
+        .filter_map(|p| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .map(|t| (t, p.clone()))
+        })
+        .max()
+        .map(|(_, p)| p)
+        .ok_or_else(|| anyhow!("{name} is not built: run `cargo build --bins` (./test.sh does)"))
+}
+
+/// A running `subway run` inside a namespace. Stopped on drop.
+pub struct Subway {
+    pub name: String,
+    pub config: PathBuf,
+    pub proc: Proc,
+}
+
+impl Subway {
+    /// Writes `config_text` to `<unique name>.conf` and runs subway with it
+    /// in `ns`, waiting until its control socket answers.
+    pub fn start(ns: &Netns, config_text: &str) -> Result<Subway> {
+        let name = unique("gw");
+        let dir = work_dir();
+        let config = dir.join(format!("{name}.conf"));
+        std::fs::write(&config, config_text)?;
+        let bin = workspace_bin("subway")?;
+        let log = dir.join(format!("{name}.log"));
+        let mut proc = ns.spawn(
+            &[bin.to_str().unwrap(), "run", "--config", config.to_str().unwrap()],
+            &log,
+        )?;
+        let sock = PathBuf::from(format!("/run/subway/{name}.sock"));
+        let t0 = Instant::now();
+        loop {
+            if !proc.alive() {
+                bail!("subway exited during start-up:\n{}", proc.log_text());
+            }
+            if sock.exists()
+                && std::os::unix::net::UnixStream::connect(&sock).is_ok()
+                && proc.log_text().contains("subway is running")
+            {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("subway did not become ready in 30 s:\n{}", proc.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Subway { name, config, proc })
+    }
+
+    /// `subway show NAME --json`.
+    pub fn show(&self) -> Result<Value> {
+        let bin = workspace_bin("subway")?;
+        let out = host(&[bin.to_str().unwrap(), "show", &self.name, "--json"])?;
+        serde_json::from_str(&out).context("subway show --json printed invalid JSON")
+    }
+
+    /// A total counter from `show`.
+    pub fn total(&self, counter: &str) -> Result<u64> {
+        self.show()?["totals"][counter]
+            .as_u64()
+            .ok_or_else(|| anyhow!("no counter {counter}"))
+    }
+
+    /// An XDP program counter from `show`.
+    pub fn xdp(&self, counter: &str) -> Result<u64> {
+        self.show()?["xdp"][counter]
+            .as_u64()
+            .ok_or_else(|| anyhow!("no XDP counter {counter}"))
+    }
+
+    /// SIGTERM and wait; returns the exit status and the log.
+    pub fn stop(mut self) -> (Option<std::process::ExitStatus>, String) {
+        self.proc.stop(Duration::from_secs(10))
+    }
+}
+
+/// Two subnets joined by a gateway namespace:
+///
+/// ```text
+///  a (eth0 10.1.0.2/24 fd01::2/64) ── lan0 [gw] lan1 ── b (eth0 10.2.0.2/24 fd02::2/64)
+///                             10.1.0.1 fd01::1   10.2.0.1 fd02::1
+/// ```
+/// Hosts route everything via the gateway; the gateway forwards (sysctl)
+/// so its kernel can serve as the slow path or as the baseline router.
+pub struct TwoSubnets {
+    pub a: Netns,
+    pub gw: Netns,
+    pub b: Netns,
+}
+
+impl TwoSubnets {
+    pub fn new() -> Result<Self> {
+        let t = TwoSubnets {
+            a: Netns::new("a")?,
+            gw: Netns::new("gw")?,
+            b: Netns::new("b")?,
+        };
+        veth(&t.a, "eth0", &t.gw, "lan0")?;
+        veth(&t.b, "eth0", &t.gw, "lan1")?;
+        t.a.sh("ip addr add 10.1.0.2/24 dev eth0 && ip -6 addr add fd01::2/64 dev eth0 nodad && ip route add default via 10.1.0.1 && ip -6 route add default via fd01::1")?;
+        t.b.sh("ip addr add 10.2.0.2/24 dev eth0 && ip -6 addr add fd02::2/64 dev eth0 nodad && ip route add default via 10.2.0.1 && ip -6 route add default via fd02::1")?;
+        t.gw.sh("ip addr add 10.1.0.1/24 dev lan0 && ip -6 addr add fd01::1/64 dev lan0 nodad && ip addr add 10.2.0.1/24 dev lan1 && ip -6 addr add fd02::1/64 dev lan1 nodad")?;
+        t.gw.sysctl("net.ipv4.ip_forward", "1")?;
+        t.gw.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        Ok(t)
+    }
+
+    /// The routed-mode config for the gateway (subnets from its addresses).
+    pub fn routed_config(&self, tuning: &str) -> String {
+        format!("[Lan]\nInterface = lan0\n\n[Lan]\nInterface = lan1\n\n[Tuning]\n{tuning}\n")
+    }
+}
+
+/// Is any XDP program attached to `ifname` in `ns`?
+pub fn xdp_attached(ns: &Netns, ifname: &str) -> Result<bool> {
+    let s = ns.run(&["ip", "-d", "link", "show", "dev", ifname])?;
+    Ok(s.contains("prog/xdp") || s.contains(" xdp"))
+}
