@@ -20,3 +20,9 @@ else
   # time so two cores are not starved.
   cargo test -- --test-threads=2
 fi
+
+# Benchmark smoke test: every contender must move packets (no speed is
+# asserted; see README "Benchmarks" for the real run).
+if [ "${1:-}" != "--quick" ] && [ "$(id -u)" -eq 0 ]; then
+  target/debug/subway-bench routed --quick --profile debug --out "${TMPDIR:-/tmp}/subway-bench-smoke"
+fi

@@ -1,1 +1,6 @@
+//! subway's benchmark kit: frame templates for the packet generator,
+//! packet-size mixes, CPU accounting from /proc/stat, and result tables.
 
+pub mod cpu;
+pub mod frames;
+pub mod report;

@@ -6,7 +6,7 @@
 //! [Peer]     (0 or more) PublicKey, PresharedKey, Endpoint, AllowedIPs,
 //!                        PersistentKeepalive, VNet
 //! [Tuning]   (optional)  Queues, Cores, BatchSize, RingSize, FrameSize,
-//!                        XskMode, XdpMode, BusyPoll, NeedWakeup
+//!                        XskMode, XdpMode, BusyPoll, NeedWakeup, IdleSpin
 //! ```
 //!
 //! Keys and section names are case-insensitive, as in wg-quick. wg-quick
@@ -588,11 +588,12 @@ fn parse_tuning(cfg: &mut Config, kv: Vec<(String, String, usize)>, err: &ErrFn)
             "xdpmode" => t.xdp_mode = v.parse::<XdpAttach>().map_err(|e| err(line, e))?,
             "busypoll" => t.xsk.busy_poll = parse_bool(&k, &v, line, err)?,
             "needwakeup" => t.xsk.need_wakeup = parse_bool(&k, &v, line, err)?,
+            "idlespin" => t.xsk.idle_spin = parse_num(&k, &v, line, err)?,
             _ => {
                 return Err(err(
                     line,
                     format!(
-                        "unknown key `{k}` in [Tuning]: expected one of Queues, Cores, BatchSize, RingSize, FrameSize, XskMode, XdpMode, BusyPoll, NeedWakeup"
+                        "unknown key `{k}` in [Tuning]: expected one of Queues, Cores, BatchSize, RingSize, FrameSize, XskMode, XdpMode, BusyPoll, NeedWakeup, IdleSpin"
                     ),
                 ));
             }
@@ -700,7 +701,7 @@ mod tests {
              [Peer]\nPublicKey = {KEY_B}\nAllowedIPs = 10.2.0.0/24\n\
              [Peer]\nPublicKey = {KEY_C}\nAllowedIPs = 10.3.0.0/24, 10.2.0.0/24\n"
         );
-        expect_err(&text, 9, "already claimed at line 7");
+        expect_err(&text, 10, "already claimed at line 7");
         // The same prefix in another VNET is fine.
         let ok = text.replace(
             "AllowedIPs = 10.3.0.0/24, 10.2.0.0/24",

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use subway_dataplane::{Dataplane, DataplaneConfig, LanConfig, stats::Counter};
+use subway_dataplane::{Dataplane, DataplaneConfig, LanConfig, stats::Counter, worker::XskStats};
 
 /// subway: a site-to-site WireGuard gateway whose packet path runs in
 /// userspace on AF_XDP.
@@ -238,6 +238,7 @@ fn counters_json(values: &[u64]) -> Value {
 
 fn show_json(cfg: &Config, dp: &Dataplane, started: Instant) -> Value {
     let mut totals = vec![0u64; Counter::COUNT];
+    let mut xsk_totals = [0u64; 6];
     let workers: Vec<Value> = dp
         .workers()
         .iter()
@@ -246,11 +247,25 @@ fn show_json(cfg: &Config, dp: &Dataplane, started: Instant) -> Value {
             for (t, v) in totals.iter_mut().zip(snap.iter()) {
                 *t += v;
             }
+            let mut xsk = serde_json::Map::new();
+            for (ifname, st) in w.xsk_stats() {
+                let vals = st.values();
+                for (t, v) in xsk_totals.iter_mut().zip(vals.iter()) {
+                    *t += v;
+                }
+                let m: serde_json::Map<String, Value> = XskStats::NAMES
+                    .iter()
+                    .zip(vals)
+                    .map(|(k, v)| (k.to_string(), json!(v)))
+                    .collect();
+                xsk.insert(ifname, Value::Object(m));
+            }
             json!({
                 "id": w.info.id, "queue": w.info.queue, "core": w.info.core,
                 "mode": if w.info.zero_copy { "zero-copy" } else { "copy" },
                 "xdp_mode": w.xdp_mode, "interfaces": w.info.ports,
                 "counters": counters_json(&snap),
+                "xsk": xsk,
             })
         })
         .collect();
@@ -272,6 +287,7 @@ fn show_json(cfg: &Config, dp: &Dataplane, started: Instant) -> Value {
         "neighbours": t.neigh.len(),
         "workers": workers,
         "totals": counters_json(&totals),
+        "xsk": XskStats::NAMES.iter().zip(xsk_totals).map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<String, Value>>(),
         "xdp": xdp,
     })
 }
@@ -341,6 +357,15 @@ fn show(name: Option<String>, as_json: bool) -> Result<()> {
         if slow.is_empty() { "none".into() } else { slow.join(" ") }
     );
     println!("  xdp: {}", nonzero(&v["xdp"], &|_| true).join(" "));
+    let xsk = nonzero(&v["xsk"], &|_| true);
+    println!(
+        "  AF_XDP sockets (kernel): {}",
+        if xsk.is_empty() {
+            "no drops".into()
+        } else {
+            xsk.join(" ")
+        }
+    );
     println!("  routes:");
     for r in v["routes"].as_array().into_iter().flatten() {
         println!(

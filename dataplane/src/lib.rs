@@ -61,7 +61,22 @@ pub struct WorkerHandle {
     pub info: WorkerInfo,
     pub xdp_mode: String,
     pub stats: Arc<WorkerStats>,
+    /// (interface, socket fd), valid while the dataplane runs.
+    pub sockets: Vec<(String, std::os::fd::RawFd)>,
     thread: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// The kernel's AF_XDP counters of each of this worker's sockets.
+    pub fn xsk_stats(&self) -> Vec<(String, worker::XskStats)> {
+        if self.thread.is_none() {
+            return Vec::new();
+        }
+        self.sockets
+            .iter()
+            .map(|(n, fd)| (n.clone(), worker::XskStats::read(*fd).unwrap_or_default()))
+            .collect()
+    }
 }
 
 /// The running packet path. Dropping it stops the workers, closes the
@@ -253,11 +268,13 @@ impl Dataplane {
         for w in built {
             let info = w.info().clone();
             let stats = w.stats();
+            let sockets = w.socket_fds();
             let thread = w.spawn(tables.clone(), slow.clone(), stop.clone())?;
             dp.workers.push(WorkerHandle {
                 info,
                 xdp_mode: mode_str.clone(),
                 stats,
+                sockets,
                 thread: Some(thread),
             });
         }

@@ -60,6 +60,10 @@ pub struct XskOptions {
     /// Set SO_BUSY_POLL / SO_PREFER_BUSY_POLL and drive the queue from the
     /// worker instead of interrupts; implies spinning.
     pub busy_poll: bool,
+    /// Empty polls in a row before sleeping in poll(). Spinning avoids a
+    /// sleep and wakeup between bursts on a core the worker has to itself;
+    /// on a core shared with the NIC's softirq/NAPI it takes time from it.
+    pub idle_spin: u32,
 }
 
 impl Default for XskOptions {
@@ -71,6 +75,7 @@ impl Default for XskOptions {
             bind: BindMode::Auto,
             need_wakeup: true,
             busy_poll: false,
+            idle_spin: 512,
         }
     }
 }
@@ -96,6 +101,9 @@ impl XskOptions {
     }
 }
 
+/// Frames that wait on a TX ring before the kernel is kicked under load.
+const KICK_THRESHOLD: u32 = 32;
+
 /// One port's socket on this worker's queue.
 struct PortXsk {
     port: u16,
@@ -106,6 +114,8 @@ struct PortXsk {
     comp: CompQueue,
     /// Frames submitted to TX and not yet completed.
     in_flight: u32,
+    /// Frames on the TX ring the kernel has not been kicked for.
+    unkicked: u32,
     /// Frames staged for TX on this port during the current batch.
     stage: Vec<FrameDesc>,
 }
@@ -216,6 +226,7 @@ impl Worker {
                 fill,
                 comp,
                 in_flight: 0,
+                unkicked: 0,
                 stage: Vec::with_capacity(opts.batch_size),
             });
         }
@@ -242,6 +253,14 @@ impl Worker {
 
     pub fn stats(&self) -> Arc<WorkerStats> {
         self.stats.clone()
+    }
+
+    /// (interface, raw fd) of each socket, for reading [`XskStats`].
+    pub fn socket_fds(&self) -> Vec<(String, std::os::fd::RawFd)> {
+        self.socks
+            .iter()
+            .map(|s| (s.ifname.clone(), s.rx.fd().as_raw_fd()))
+            .collect()
     }
 
     /// (port index, socket) pairs to register in the XSKMAP.
@@ -284,6 +303,7 @@ impl Worker {
             })
             .collect();
 
+        let mut empty_polls = 0u32;
         // Give every fill ring its share before traffic starts.
         self.refill();
 
@@ -335,41 +355,70 @@ impl Worker {
                         }
                     }
                 }
-                self.transmit(&mut tally);
             }
+            // Kick now if the rings were empty: nothing more is coming soon.
+            self.transmit(&mut tally, got == 0);
             drop(snap);
             self.stats.flush(&mut tally);
 
-            if got == 0 {
-                self.idle(&mut pollfds, &mut tally);
+            if got > 0 {
+                empty_polls = 0;
+            } else {
+                // Spin briefly before sleeping: under load the rings are
+                // empty between bursts for microseconds, and a sleep and
+                // wakeup would cost more than the burst.
+                empty_polls += 1;
+                if empty_polls > self.opts.idle_spin {
+                    self.idle(&mut pollfds, &mut tally);
+                } else {
+                    std::hint::spin_loop();
+                }
             }
         }
         self.stats.flush(&mut tally);
     }
 
     /// Submits every staged frame; what does not fit the ring is dropped.
-    fn transmit(&mut self, tally: &mut Tally) {
+    /// The kernel is kicked once enough frames wait (or when `force`):
+    /// under load frames arrive a few per loop, and a sendto() per few
+    /// frames would cost more than the frames themselves.
+    fn transmit(&mut self, tally: &mut Tally, force: bool) {
         for s in self.socks.iter_mut() {
-            if s.stage.is_empty() {
+            if !s.stage.is_empty() {
+                // SAFETY: staged frames are ours until they come back on
+                // the completion ring.
+                let sent = unsafe { s.tx.produce(&s.stage) };
+                for d in &s.stage[..sent] {
+                    tally.add(Counter::TxBytes, d.lengths().data() as u64);
+                }
+                tally.add(Counter::TxPackets, sent as u64);
+                s.in_flight += sent as u32;
+                s.unkicked += sent as u32;
+                if sent < s.stage.len() {
+                    tally.add(Counter::DropTxRingFull, (s.stage.len() - sent) as u64);
+                    self.free.extend_from_slice(&s.stage[sent..]);
+                }
+                s.stage.clear();
+            }
+            if s.unkicked == 0 || (!force && s.unkicked < KICK_THRESHOLD) {
                 continue;
             }
-            // SAFETY: staged frames are ours until they come back on the
-            // completion ring.
-            let sent = unsafe { s.tx.produce(&s.stage) };
-            for d in &s.stage[..sent] {
-                tally.add(Counter::TxBytes, d.lengths().data() as u64);
-            }
-            tally.add(Counter::TxPackets, sent as u64);
-            s.in_flight += sent as u32;
-            if sent < s.stage.len() {
-                tally.add(Counter::DropTxRingFull, (s.stage.len() - sent) as u64);
-                self.free.extend_from_slice(&s.stage[sent..]);
-            }
-            s.stage.clear();
-            if s.tx.needs_wakeup() || !self.opts.need_wakeup {
+            // Copy mode sends at most 32 frames per sendto() (the kernel's
+            // TX_BATCH_SIZE), so kick until the ring is drained, bounded;
+            // with zero-copy one kick starts the driver on all of it.
+            let ring = self.opts.ring_size;
+            for _ in 0..(s.unkicked / 32 + 2) {
+                let kernel_wants_kick = s.tx.needs_wakeup() || !self.opts.need_wakeup;
+                if !kernel_wants_kick || s.tx.nb_free_exact() >= ring {
+                    break;
+                }
                 tally.inc(Counter::TxWakeups);
                 let _ = s.tx.wakeup();
+                if self.info.zero_copy {
+                    break;
+                }
             }
+            s.unkicked = 0;
         }
     }
 
@@ -388,10 +437,11 @@ impl Worker {
 
     /// Tops every fill ring up from the free frames.
     fn refill(&mut self) {
-        let ports = self.socks.len().max(1);
+        let batch = self.opts.batch_size as u32;
         for s in self.socks.iter_mut() {
-            let share = (self.free.len() / ports).max(self.free.len().min(self.opts.batch_size));
-            let want = s.fill.nb_free(share as u32) as usize;
+            // Asking for a batch's worth lets the ring answer from its
+            // cached consumer position most of the time.
+            let want = s.fill.nb_free(batch) as usize;
             let k = want.min(self.free.len());
             if k == 0 {
                 continue;
@@ -412,7 +462,7 @@ impl Worker {
         // Copy-mode TX progresses inside sendto(): kick ports with frames
         // still in flight so their completions come back.
         for s in self.socks.iter_mut() {
-            if s.in_flight > 0 {
+            if s.in_flight > 0 && s.tx.nb_free_exact() < self.opts.ring_size {
                 let _ = s.tx.wakeup();
             }
         }
@@ -444,6 +494,63 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         tracing::debug!(worker = self.info.id, ports = ?self.socks.iter().map(|s| &s.ifname).collect::<Vec<_>>(), "closing AF_XDP sockets");
+    }
+}
+
+/// The kernel's per-socket AF_XDP counters: frames it could not deliver
+/// to us or take from us, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XskStats {
+    /// Dropped for reasons other than a full ring (e.g. too big).
+    pub rx_dropped: u64,
+    pub rx_invalid_descs: u64,
+    pub tx_invalid_descs: u64,
+    /// The RX ring was full: the worker did not keep up.
+    pub rx_ring_full: u64,
+    /// The fill ring was empty: no frame to receive into.
+    pub rx_fill_ring_empty: u64,
+    pub tx_ring_empty: u64,
+}
+
+impl XskStats {
+    pub const NAMES: [&'static str; 6] = [
+        "rx_dropped",
+        "rx_invalid_descs",
+        "tx_invalid_descs",
+        "rx_ring_full",
+        "rx_fill_ring_empty",
+        "tx_ring_empty",
+    ];
+    pub fn values(&self) -> [u64; 6] {
+        [
+            self.rx_dropped,
+            self.rx_invalid_descs,
+            self.tx_invalid_descs,
+            self.rx_ring_full,
+            self.rx_fill_ring_empty,
+            self.tx_ring_empty,
+        ]
+    }
+
+    /// Reads them from a live AF_XDP socket (any thread may).
+    pub fn read(fd: std::os::fd::RawFd) -> std::io::Result<XskStats> {
+        const SOL_XDP: libc::c_int = 283;
+        const XDP_STATISTICS: libc::c_int = 7;
+        let mut v = [0u64; 6];
+        let mut len = std::mem::size_of_val(&v) as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `v`.
+        let r = unsafe { libc::getsockopt(fd, SOL_XDP, XDP_STATISTICS, v.as_mut_ptr().cast(), &mut len) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(XskStats {
+            rx_dropped: v[0],
+            rx_invalid_descs: v[1],
+            tx_invalid_descs: v[2],
+            rx_ring_full: v[3],
+            rx_fill_ring_empty: v[4],
+            tx_ring_empty: v[5],
+        })
     }
 }
 

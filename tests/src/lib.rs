@@ -259,6 +259,16 @@ pub fn workspace_bin(name: &str) -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("{name} is not built: run `cargo build --bins` (./test.sh does)"))
 }
 
+/// A binary from one build profile ("debug" or "release"), for benchmarks
+/// that must not measure a debug build by accident.
+pub fn profile_bin(name: &str, profile: &str) -> Result<PathBuf> {
+    let p = target_dir().join(profile).join(name);
+    if !p.exists() {
+        bail!("{} is not built: run `cargo build --{profile} --bins`", p.display());
+    }
+    Ok(p)
+}
+
 /// A running `subway run` inside a namespace. Stopped on drop.
 pub struct Subway {
     pub name: String,
@@ -270,11 +280,15 @@ impl Subway {
     /// Writes `config_text` to `<unique name>.conf` and runs subway with it
     /// in `ns`, waiting until its control socket answers.
     pub fn start(ns: &Netns, config_text: &str) -> Result<Subway> {
+        Self::start_bin(ns, config_text, &workspace_bin("subway")?)
+    }
+
+    /// As [`Subway::start`], with a given binary.
+    pub fn start_bin(ns: &Netns, config_text: &str, bin: &Path) -> Result<Subway> {
         let name = unique("gw");
         let dir = work_dir();
         let config = dir.join(format!("{name}.conf"));
         std::fs::write(&config, config_text)?;
-        let bin = workspace_bin("subway")?;
         let log = dir.join(format!("{name}.log"));
         let mut proc = ns.spawn(
             &[bin.to_str().unwrap(), "run", "--config", config.to_str().unwrap()],

@@ -1,0 +1,299 @@
+//! subway-bench: runs contenders side by side on the same namespace
+//! topology, the same cores and the same generator, and prints one table.
+//!
+//! `routed`: subway's routed mode (AF_XDP, no crypto) against the kernel's
+//! own IPv4 forwarding, UDP at each packet size, generator on one core,
+//! the forwarder on the other.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::Duration;
+use subway_bench::cpu::CpuTimes;
+use subway_bench::frames::Size;
+use subway_bench::report::{self, Row};
+use subway_tests::{Subway, TwoSubnets, profile_bin, require_root};
+
+#[derive(Parser, Debug)]
+#[command(about = "subway's benchmark harness (needs root; builds its own namespaces and removes them)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// subway routed mode vs kernel forwarding, packets/s at each size.
+    Routed {
+        /// Sizes (wire bytes) or imix, comma-separated.
+        #[arg(long, default_value = "64,512,1420,imix")]
+        sizes: String,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        /// Frames per measurement at most.
+        #[arg(long, default_value_t = 20_000_000)]
+        count: u64,
+        /// Offered rate in packets/s (0: as fast as the generator goes).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Core for the forwarder (subway's worker; the kernel's RX via RPS).
+        #[arg(long, default_value_t = 0)]
+        fwd_core: usize,
+        /// Core for the generator.
+        #[arg(long, default_value_t = 1)]
+        gen_core: usize,
+        /// Trials per contender and size (interleaved); the median is shown.
+        #[arg(long, default_value_t = 3)]
+        trials: usize,
+        /// Smoke test: 64 bytes only, 1 second, 1 trial.
+        #[arg(long)]
+        quick: bool,
+        /// Extra [Tuning] lines for subway, e.g. "IdleSpin = 512".
+        #[arg(long, default_value = "")]
+        tuning: String,
+        /// Thread the gateway's veth NAPI (XDP and the AF_XDP copy) and pin
+        /// it to the forwarder core. By default it runs where the veth
+        /// driver puts it, on the sending (generator's) core.
+        #[arg(long)]
+        napi_on_forwarder: bool,
+        /// Build profile whose binaries are measured.
+        #[arg(long, default_value = "release")]
+        profile: String,
+        /// Folder for results (a dated subfolder is made).
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Routed {
+            sizes,
+            duration,
+            count,
+            rate,
+            fwd_core,
+            gen_core,
+            trials,
+            quick,
+            tuning,
+            napi_on_forwarder,
+            profile,
+            out,
+        } => {
+            if !require_root("subway-bench routed") {
+                bail!("run as root");
+            }
+            let sizes: Vec<Size> = if quick {
+                vec![Size::Fixed(64)]
+            } else {
+                sizes
+                    .split(',')
+                    .map(|s| Size::parse(s.trim()))
+                    .collect::<Result<_, _>>()
+                    .map_err(anyhow::Error::msg)?
+            };
+            let duration = if quick { 1.0 } else { duration };
+            let trials = if quick { 1 } else { trials.max(1) };
+            let p = Params {
+                duration,
+                count,
+                rate,
+                fwd_core,
+                gen_core,
+                trials,
+                tuning,
+                napi_on_forwarder,
+                profile,
+            };
+            let rows = routed(&sizes, &p)?;
+            let md = report::markdown(&rows, "kernel", fwd_core);
+            println!("\n{md}");
+            let dir = out.join(date_stamp());
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("routed.md"), &md)?;
+            std::fs::write(dir.join("routed.csv"), report::csv(&rows))?;
+            eprintln!("results written to {}", dir.display());
+            if rows.iter().any(|r| r.delivered == 0) {
+                bail!("a contender delivered no packets");
+            }
+            Ok(())
+        }
+    }
+}
+
+struct Params {
+    duration: f64,
+    count: u64,
+    rate: u64,
+    fwd_core: usize,
+    gen_core: usize,
+    trials: usize,
+    tuning: String,
+    napi_on_forwarder: bool,
+    profile: String,
+}
+
+fn date_stamp() -> String {
+    let out = std::process::Command::new("date").arg("+%Y-%m-%d_%H%M%S").output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "run".into())
+}
+
+/// Destination used by the generator. The gateway resolves it to a MAC
+/// that is not b's: b's veth counts every frame (rx_packets, our sink
+/// counter) and its kernel drops it at once as "other host", so the sink
+/// costs next to nothing on the forwarder's core.
+const SINK_IP: &str = "10.2.0.99";
+const SINK_MAC: &str = "02:00:00:00:00:99";
+
+fn prepare(t: &TwoSubnets, fwd_core: usize) -> Result<String> {
+    t.gw.run(&[
+        "ip",
+        "neigh",
+        "replace",
+        SINK_IP,
+        "lladdr",
+        SINK_MAC,
+        "dev",
+        "lan1",
+        "nud",
+        "permanent",
+    ])?;
+    // The kernel's forwarding runs where its RX runs: steer it to the
+    // forwarder core, as subway's worker is pinned there.
+    t.gw.sh(&format!(
+        "echo {:x} > /sys/class/net/lan0/queues/rx-0/rps_cpus",
+        1u64 << fwd_core
+    ))?;
+
+    Ok(t.gw.run(&["cat", "/sys/class/net/lan0/address"])?.trim().to_string())
+}
+
+/// Pins the threaded-NAPI kthreads of `ifname` ("napi/IFNAME-N") to `core`.
+fn pin_napi_threads(ifname: &str, core: usize) -> Result<usize> {
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim().starts_with(&format!("napi/{ifname}-")) {
+            // SAFETY: a zeroed cpu_set_t with one bit set, for a kernel thread.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(core, &mut set);
+                libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            }
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn measure(t: &TwoSubnets, gw_mac: &str, contender: &str, size: &Size, p: &Params) -> Result<Row> {
+    let pktgen = profile_bin("subway-pktgen", &p.profile)?;
+    let before = t.b.if_stat("eth0", "rx_packets")?;
+    let cpu0 = CpuTimes::now();
+    let out = t.a.run(&[
+        pktgen.to_str().unwrap(),
+        "--iface",
+        "eth0",
+        "--dst-mac",
+        gw_mac,
+        "--src-ip",
+        "10.1.0.2",
+        "--dst-ip",
+        SINK_IP,
+        "--size",
+        &size.label(),
+        "--duration",
+        &p.duration.to_string(),
+        "--count",
+        &p.count.to_string(),
+        "--rate",
+        &p.rate.to_string(),
+        "--core",
+        &p.gen_core.to_string(),
+    ])?;
+    let cpu1 = CpuTimes::now();
+    std::thread::sleep(Duration::from_millis(200));
+    let delivered = t.b.if_stat("eth0", "rx_packets")? - before;
+    let g: Value = serde_json::from_str(out.trim()).with_context(|| format!("pktgen printed {out}"))?;
+    let row = Row {
+        contender: contender.to_string(),
+        size: size.label(),
+        sent: g["sent"].as_u64().unwrap_or(0),
+        delivered,
+        seconds: g["seconds"].as_f64().unwrap_or(p.duration),
+        mean_wire_bytes: size.mean_wire_bytes(),
+        cpu_busy: cpu1.busy_since(&cpu0),
+    };
+    eprintln!(
+        "  {contender:>8} {:>5}: offered {:.3} Mpps, delivered {:.3} Mpps ({:.1}% loss)",
+        row.size,
+        row.sent as f64 / row.seconds / 1e6,
+        row.mpps(),
+        row.loss_pct()
+    );
+    Ok(row)
+}
+
+fn routed(sizes: &[Size], p: &Params) -> Result<Vec<Row>> {
+    let subway = profile_bin("subway", &p.profile)?;
+    let mut rows = Vec::new();
+    for size in sizes {
+        let (mut kernel, mut ours) = (Vec::new(), Vec::new());
+        for trial in 0..p.trials {
+            eprintln!("size {} trial {}/{}", size.label(), trial + 1, p.trials);
+            // Kernel forwarding.
+            {
+                let t = TwoSubnets::new()?;
+                let mac = prepare(&t, p.fwd_core)?;
+                kernel.push(measure(&t, &mac, "kernel", size, p)?);
+            }
+            // subway routed mode, worker pinned to the forwarder core.
+            {
+                let t = TwoSubnets::new()?;
+                let mac = prepare(&t, p.fwd_core)?;
+                let gw = Subway::start_bin(
+                    &t.gw,
+                    &t.routed_config(&format!("Cores = {}\n{}", p.fwd_core, p.tuning.replace(';', "\n"))),
+                    &subway,
+                )?;
+                std::thread::sleep(Duration::from_millis(300));
+                // With XDP attached a veth receives in NAPI, which runs on
+                // the sender's core unless threaded: thread it and pin the
+                // thread to the forwarder core, so that the generator's core
+                // only generates, as with the kernel (RPS) above.
+                if p.napi_on_forwarder {
+                    t.gw.sh("echo 1 > /sys/class/net/lan0/threaded")?;
+                    anyhow::ensure!(pin_napi_threads("lan0", p.fwd_core)? > 0, "no NAPI thread for lan0");
+                }
+                let row = measure(&t, &mac, "subway", size, p)?;
+                let s = gw.show()?;
+                eprintln!(
+                    "           worker: rx {} in {} batches, {} idle sleeps, {} TX kicks, tx {} tx-ring-full drops {} slow path {}; AF_XDP: {}",
+                    s["totals"]["rx_packets"],
+                    s["totals"]["rx_batches"],
+                    s["totals"]["idle_polls"],
+                    s["totals"]["tx_wakeups"],
+                    s["totals"]["tx_packets"],
+                    s["totals"]["drop_tx_ring_full"],
+                    s["totals"]["slow_neigh_unknown"],
+                    s["xsk"]
+                );
+                ours.push(row);
+                let (status, log) = gw.stop();
+                if !status.map(|s| s.success()).unwrap_or(false) {
+                    bail!("subway did not stop cleanly:\n{log}");
+                }
+            }
+        }
+        rows.extend(report::median(kernel));
+        rows.extend(report::median(ours));
+    }
+    Ok(rows)
+}

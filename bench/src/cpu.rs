@@ -1,0 +1,40 @@
+//! CPU time per core from /proc/stat, to report how busy each core was
+//! during a run (the generator, the forwarder and softirqs share them).
+
+#[derive(Clone, Debug, Default)]
+pub struct CpuTimes {
+    /// Per core: (busy jiffies, total jiffies).
+    pub cores: Vec<(u64, u64)>,
+}
+
+impl CpuTimes {
+    pub fn now() -> CpuTimes {
+        let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let cores = s
+            .lines()
+            .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(|c| c.is_ascii_digit()))
+            .map(|l| {
+                let v: Vec<u64> = l.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+                // user nice system idle iowait irq softirq steal: time the
+                // hypervisor stole is not time this core spent on us.
+                let total: u64 = v.iter().take(8).sum();
+                let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+                let steal = v.get(7).copied().unwrap_or(0);
+                (total - idle - steal, total)
+            })
+            .collect();
+        CpuTimes { cores }
+    }
+
+    /// Busy percentage of each core since `earlier`.
+    pub fn busy_since(&self, earlier: &CpuTimes) -> Vec<f64> {
+        self.cores
+            .iter()
+            .zip(&earlier.cores)
+            .map(|((b1, t1), (b0, t0))| {
+                let dt = t1.saturating_sub(*t0).max(1);
+                100.0 * b1.saturating_sub(*b0) as f64 / dt as f64
+            })
+            .collect()
+    }
+}
