@@ -11,6 +11,7 @@ pub mod netlink;
 pub mod slowpath;
 pub mod stats;
 pub mod tables;
+pub mod wg;
 pub mod wire;
 pub mod worker;
 pub mod xdp;

@@ -4,7 +4,7 @@
 
 use blake2::digest::{FixedOutput, KeyInit, Update};
 use blake2::{Blake2s256, Blake2sMac, Digest, digest::consts::U16};
-use chacha20poly1305::aead::{AeadInPlace, KeyInit as _};
+use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use std::time::Duration;
 
@@ -49,7 +49,9 @@ pub fn seal_cookie(key: &[u8; 32], nonce: &[u8; 24], cookie: &[u8; 16], aad: &[u
     let aead = XChaCha20Poly1305::new(key.into());
     let mut buf = [0u8; 16];
     buf.copy_from_slice(cookie);
-    let tag = aead.encrypt_in_place_detached(XNonce::from_slice(nonce), aad, &mut buf).expect("16 bytes always seal");
+    let tag = aead
+        .encrypt_in_place_detached(XNonce::from_slice(nonce), aad, &mut buf)
+        .expect("16 bytes always seal");
     let mut out = [0u8; 32];
     out[..16].copy_from_slice(&buf);
     out[16..].copy_from_slice(&tag);
@@ -61,13 +63,15 @@ pub fn open_cookie(key: &[u8; 32], nonce: &[u8; 24], sealed: &[u8; 32], aad: &[u
     let aead = XChaCha20Poly1305::new(key.into());
     let mut buf = [0u8; 16];
     buf.copy_from_slice(&sealed[..16]);
-    aead.decrypt_in_place_detached(XNonce::from_slice(nonce), aad, &mut buf, sealed[16..].into()).ok()?;
+    aead.decrypt_in_place_detached(XNonce::from_slice(nonce), aad, &mut buf, sealed[16..].into())
+        .ok()?;
     Some(buf)
 }
 
 /// Constant-time equality for MACs.
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && ring::constant_time::verify_slices_are_equal(a, b).is_ok()
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
 #[cfg(test)]

@@ -54,7 +54,11 @@ pub enum Message<'a> {
     Initiation(&'a [u8; INITIATION_LEN]),
     Response(&'a [u8; RESPONSE_LEN]),
     CookieReply(&'a [u8; COOKIE_REPLY_LEN]),
-    Data { receiver: u32, counter: u64, payload: &'a [u8] },
+    Data {
+        receiver: u32,
+        counter: u64,
+        payload: &'a [u8],
+    },
 }
 
 impl<'a> Message<'a> {
@@ -75,7 +79,11 @@ impl<'a> Message<'a> {
                     return Err(WgError::BadLength);
                 }
                 let counter = u64::from_le_bytes(b[8..16].try_into().unwrap());
-                Ok(Message::Data { receiver: le32(b, 4), counter, payload: &b[16..] })
+                Ok(Message::Data {
+                    receiver: le32(b, 4),
+                    counter,
+                    payload: &b[16..],
+                })
             }
             _ => Err(WgError::BadType),
         }
@@ -132,7 +140,11 @@ mod tests {
         let mut d = [0u8; 32];
         write_data_header(&mut d, 0x11223344, 7);
         match Message::parse(&d).unwrap() {
-            Message::Data { receiver, counter, payload } => {
+            Message::Data {
+                receiver,
+                counter,
+                payload,
+            } => {
                 assert_eq!((receiver, counter, payload.len()), (0x11223344, 7, 16));
             }
             other => panic!("{other:?}"),

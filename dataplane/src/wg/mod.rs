@@ -57,13 +57,18 @@ impl Now {
         // SAFETY: clock_gettime writes one timespec.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
         let mono = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
-        let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         Now { mono, unix }
     }
 
     /// A clock `d` later.
     pub fn plus(self, d: Duration) -> Now {
-        Now { mono: self.mono + d, unix: self.unix + d }
+        Now {
+            mono: self.mono + d,
+            unix: self.unix + d,
+        }
     }
 }
 
@@ -129,7 +134,9 @@ impl WgError {
 pub fn random_bytes(buf: &mut [u8]) {
     use ring::rand::SecureRandom;
     // The system RNG failing is unrecoverable for a crypto protocol.
-    ring::rand::SystemRandom::new().fill(buf).expect("the OS random number generator failed");
+    ring::rand::SystemRandom::new()
+        .fill(buf)
+        .expect("the OS random number generator failed");
 }
 
 pub fn random_u32() -> u32 {

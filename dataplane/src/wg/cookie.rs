@@ -1,0 +1,246 @@
+//! Cookies: WireGuard's answer to handshake floods (paper section 5.4.7).
+//!
+//! The responder keeps a secret that rotates every COOKIE_REFRESH_TIME.
+//! When it is under load it answers initiations that lack a valid mac2
+//! with a cookie reply instead of doing Diffie-Hellman; the cookie is a MAC
+//! of the sender's address under that secret. The initiator stores the
+//! cookie and uses it as the key of mac2 for COOKIE_REFRESH_TIME.
+
+use super::crypto::{ct_eq, mac, open_cookie, seal_cookie};
+use super::messages::{COOKIE_REPLY_LEN, TYPE_COOKIE_REPLY, cookie, write_type, write_u32};
+use super::{COOKIE_REFRESH_TIME, random_bytes};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+use zeroize::Zeroize;
+
+/// Handshake messages per second above which the responder is under load.
+pub const UNDER_LOAD_PER_SEC: u32 = 1000;
+/// Per source address, under load: sustained handshakes per second...
+pub const PER_SOURCE_PER_SEC: f64 = 20.0;
+/// ...and burst.
+pub const PER_SOURCE_BURST: f64 = 5.0;
+const MAX_TRACKED_SOURCES: usize = 8192;
+
+/// The responder's side: secret, load detection, per-source limits.
+pub struct CookieChecker {
+    secret: [u8; 32],
+    secret_born: Option<Duration>,
+    window_start: Duration,
+    window_count: u32,
+    forced_load: bool,
+    buckets: HashMap<IpAddr, (f64, Duration)>,
+}
+
+impl Drop for CookieChecker {
+    fn drop(&mut self) {
+        self.secret.zeroize();
+    }
+}
+
+impl Default for CookieChecker {
+    fn default() -> Self {
+        CookieChecker {
+            secret: [0; 32],
+            secret_born: None,
+            window_start: Duration::ZERO,
+            window_count: 0,
+            forced_load: false,
+            buckets: HashMap::new(),
+        }
+    }
+}
+
+fn addr_bytes(src: SocketAddr, out: &mut [u8; 18]) -> &[u8] {
+    match src.ip() {
+        IpAddr::V4(a) => {
+            out[..4].copy_from_slice(&a.octets());
+            out[4..6].copy_from_slice(&src.port().to_be_bytes());
+            &out[..6]
+        }
+        IpAddr::V6(a) => {
+            out[..16].copy_from_slice(&a.octets());
+            out[16..18].copy_from_slice(&src.port().to_be_bytes());
+            &out[..18]
+        }
+    }
+}
+
+impl CookieChecker {
+    /// Counts a handshake message and says whether we are under load.
+    pub fn note_handshake(&mut self, now: Duration) -> bool {
+        if now.saturating_sub(self.window_start) >= Duration::from_secs(1) {
+            self.window_start = now;
+            self.window_count = 0;
+        }
+        self.window_count = self.window_count.saturating_add(1);
+        self.under_load()
+    }
+
+    pub fn under_load(&self) -> bool {
+        self.forced_load || self.window_count > UNDER_LOAD_PER_SEC
+    }
+
+    /// Forces (or stops forcing) the under-load behaviour, for tests and
+    /// for operators who want cookies always.
+    pub fn force_under_load(&mut self, on: bool) {
+        self.forced_load = on;
+    }
+
+    fn secret(&mut self, now: Duration) -> &[u8; 32] {
+        let stale = self
+            .secret_born
+            .is_none_or(|b| now.saturating_sub(b) >= COOKIE_REFRESH_TIME);
+        if stale {
+            random_bytes(&mut self.secret);
+            self.secret_born = Some(now);
+        }
+        &self.secret
+    }
+
+    /// The cookie for a source address: MAC(secret, ip || port).
+    pub fn cookie_for(&mut self, src: SocketAddr, now: Duration) -> [u8; 16] {
+        let mut b = [0u8; 18];
+        let secret = *self.secret(now);
+        mac(&secret, addr_bytes(src, &mut b))
+    }
+
+    /// Is `mac2` (over `covered`) made with this source's current cookie?
+    pub fn mac2_valid(&mut self, src: SocketAddr, covered: &[u8], mac2: &[u8], now: Duration) -> bool {
+        let c = self.cookie_for(src, now);
+        ct_eq(&mac(&c, covered), mac2)
+    }
+
+    /// Token bucket per source address, applied under load.
+    pub fn allow_source(&mut self, ip: IpAddr, now: Duration) -> bool {
+        if self.buckets.len() >= MAX_TRACKED_SOURCES && !self.buckets.contains_key(&ip) {
+            self.buckets.clear();
+        }
+        let (tokens, last) = self.buckets.entry(ip).or_insert((PER_SOURCE_BURST, now));
+        let elapsed = now.saturating_sub(*last).as_secs_f64();
+        *tokens = (*tokens + elapsed * PER_SOURCE_PER_SEC).min(PER_SOURCE_BURST);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Writes a cookie reply to `receiver` (the sender index of the message
+    /// being answered), sealed under `cookie_key` with that message's mac1
+    /// as associated data.
+    pub fn write_reply(
+        &mut self,
+        out: &mut [u8],
+        receiver: u32,
+        mac1: &[u8],
+        src: SocketAddr,
+        cookie_key: &[u8; 32],
+        now: Duration,
+    ) -> usize {
+        let c = self.cookie_for(src, now);
+        let mut nonce = [0u8; 24];
+        random_bytes(&mut nonce);
+        write_type(out, TYPE_COOKIE_REPLY);
+        write_u32(out, cookie::RECEIVER, receiver);
+        out[cookie::NONCE].copy_from_slice(&nonce);
+        out[cookie::COOKIE].copy_from_slice(&seal_cookie(cookie_key, &nonce, &c, mac1));
+        COOKIE_REPLY_LEN
+    }
+}
+
+/// The initiator's side, per peer: the last cookie received and the mac1
+/// of the last handshake message sent (the associated data of a reply).
+#[derive(Default)]
+pub struct CookieState {
+    cookie: Option<([u8; 16], Duration)>,
+    last_mac1: Option<[u8; 16]>,
+}
+
+impl Drop for CookieState {
+    fn drop(&mut self) {
+        if let Some((c, _)) = self.cookie.as_mut() {
+            c.zeroize();
+        }
+    }
+}
+
+impl CookieState {
+    /// Remember the mac1 just sent.
+    pub fn sent_mac1(&mut self, mac1: [u8; 16]) {
+        self.last_mac1 = Some(mac1);
+    }
+
+    /// mac2 for an outgoing message: keyed with a fresh cookie, else zeros.
+    pub fn mac2(&self, covered: &[u8], now: Duration) -> [u8; 16] {
+        match self.cookie {
+            Some((c, t)) if now.saturating_sub(t) < COOKIE_REFRESH_TIME => mac(&c, covered),
+            _ => [0; 16],
+        }
+    }
+
+    /// Decrypts and stores the cookie of a reply from the peer whose
+    /// cookie key is `cookie_key`.
+    pub fn consume_reply(&mut self, reply: &[u8; COOKIE_REPLY_LEN], cookie_key: &[u8; 32], now: Duration) -> bool {
+        let Some(mac1) = self.last_mac1 else { return false };
+        let nonce: [u8; 24] = reply[cookie::NONCE].try_into().unwrap();
+        let sealed: [u8; 32] = reply[cookie::COOKIE].try_into().unwrap();
+        match open_cookie(cookie_key, &nonce, &sealed, &mac1) {
+            Some(c) => {
+                self.cookie = Some((c, now));
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn has_cookie(&self, now: Duration) -> bool {
+        matches!(self.cookie, Some((_, t)) if now.saturating_sub(t) < COOKIE_REFRESH_TIME)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_round_trip_and_mac2() {
+        let now = Duration::from_secs(10);
+        let src: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+        let key = [3u8; 32];
+        let mut checker = CookieChecker::default();
+        let mut state = CookieState::default();
+        state.sent_mac1([5; 16]);
+        let mut out = [0u8; 64];
+        checker.write_reply(&mut out, 77, &[5; 16], src, &key, now);
+        assert!(state.consume_reply(&out, &key, now));
+        assert!(state.has_cookie(now));
+        let covered = b"an initiation up to mac2";
+        let m2 = state.mac2(covered, now);
+        assert!(checker.mac2_valid(src, covered, &m2, now));
+        // Another source, or an expired secret, does not validate.
+        assert!(!checker.mac2_valid("192.0.2.8:40000".parse().unwrap(), covered, &m2, now));
+        assert!(!checker.mac2_valid(src, covered, &m2, now + COOKIE_REFRESH_TIME));
+        // A reply with the wrong associated data is refused.
+        let mut other = CookieState::default();
+        other.sent_mac1([6; 16]);
+        assert!(!other.consume_reply(&out, &key, now));
+    }
+
+    #[test]
+    fn load_and_per_source_limits() {
+        let mut c = CookieChecker::default();
+        let t = Duration::from_secs(5);
+        for _ in 0..UNDER_LOAD_PER_SEC {
+            assert!(!c.note_handshake(t));
+        }
+        assert!(c.note_handshake(t));
+        assert!(!c.note_handshake(t + Duration::from_secs(1)));
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let allowed = (0..50).filter(|_| c.allow_source(ip, t)).count();
+        assert_eq!(allowed, PER_SOURCE_BURST as usize);
+        assert!(c.allow_source(ip, t + Duration::from_millis(100)));
+    }
+}

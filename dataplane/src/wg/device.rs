@@ -1,0 +1,625 @@
+//! The device: our static key, the peers, and the index table that maps a
+//! receiver index to the handshake or session it names. Sans-IO: datagrams
+//! in (with their source address and the time), datagrams out.
+//!
+//! The control thread owns the device. Workers see only the sessions
+//! (shared by `Arc`), which [`Device::sessions`] lists for publication.
+
+use super::cookie::CookieChecker;
+use super::crypto::{mac1_key, tai64n};
+use super::messages::{self, INITIATION_LEN, Message, RESPONSE_LEN, init, resp};
+use super::noise::{self, public_key};
+use super::peer::{MAX_QUEUED, Peer, PeerConfig};
+use super::session::Session;
+use super::{MAX_TIMER_HANDSHAKES, Now, REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX, WgError, random_u32};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+/// Which handshake or session an index names.
+#[derive(Clone)]
+enum IndexEntry {
+    Pending { peer: u32 },
+    Session { peer: u32, session: Arc<Session> },
+}
+
+/// A datagram to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    pub peer: u32,
+    /// Where to send it (the peer's endpoint, or the source of the
+    /// message being answered).
+    pub to: Option<SocketAddr>,
+    pub datagram: Vec<u8>,
+}
+
+/// What a received datagram amounted to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received {
+    /// Send these (a handshake response, a cookie reply, or, after our
+    /// handshake completed, the packets that waited for it or a keepalive).
+    Send(Vec<Outgoing>),
+    /// A cookie from the peer was stored; the next initiation uses it.
+    CookieStored { peer: u32 },
+    /// An inner packet from `peer`: bytes `start..end` of the datagram.
+    Data { peer: u32, start: usize, end: usize },
+    /// An authenticated empty packet.
+    Keepalive { peer: u32 },
+}
+
+pub struct Device {
+    private: Zeroizing<[u8; 32]>,
+    pub public: [u8; 32],
+    mac1_key: [u8; 32],
+    cookie_key: [u8; 32],
+    pub cookies: CookieChecker,
+    peers: Vec<Peer>,
+    by_key: HashMap<[u8; 32], u32>,
+    index: HashMap<u32, IndexEntry>,
+}
+
+/// The source address of an inner IP packet and its length.
+fn inner_source(p: &[u8]) -> Option<(IpAddr, usize)> {
+    match p.first()? >> 4 {
+        4 if p.len() >= 20 => {
+            let len = u16::from_be_bytes([p[2], p[3]]) as usize;
+            let src = IpAddr::from([p[12], p[13], p[14], p[15]]);
+            (len >= 20 && len <= p.len()).then_some((src, len))
+        }
+        6 if p.len() >= 40 => {
+            let len = 40 + u16::from_be_bytes([p[4], p[5]]) as usize;
+            let src: [u8; 16] = p[8..24].try_into().ok()?;
+            (len <= p.len()).then_some((IpAddr::from(src), len))
+        }
+        _ => None,
+    }
+}
+
+fn jitter() -> Duration {
+    Duration::from_millis((random_u32() % (REKEY_TIMEOUT_JITTER_MAX.as_millis() as u32 + 1)) as u64)
+}
+
+impl Device {
+    pub fn new(private: [u8; 32]) -> Device {
+        let public = public_key(&private);
+        Device {
+            private: Zeroizing::new(private),
+            public,
+            mac1_key: mac1_key(&public),
+            cookie_key: super::crypto::cookie_key(&public),
+            cookies: CookieChecker::default(),
+            peers: Vec::new(),
+            by_key: HashMap::new(),
+            index: HashMap::new(),
+        }
+    }
+
+    /// Adds a peer; returns its id. A second peer with the same key is refused.
+    pub fn add_peer(&mut self, cfg: &PeerConfig) -> Option<u32> {
+        if self.by_key.contains_key(&cfg.public_key) || cfg.public_key == self.public {
+            return None;
+        }
+        let id = self.peers.len() as u32;
+        self.peers.push(Peer::new(id, cfg));
+        self.by_key.insert(cfg.public_key, id);
+        Some(id)
+    }
+
+    pub fn peer(&self, id: u32) -> Option<&Peer> {
+        self.peers.get(id as usize)
+    }
+
+    pub fn peer_mut(&mut self, id: u32) -> Option<&mut Peer> {
+        self.peers.get_mut(id as usize)
+    }
+
+    pub fn peers(&self) -> &[Peer] {
+        &self.peers
+    }
+
+    pub fn peer_by_key(&self, key: &[u8; 32]) -> Option<u32> {
+        self.by_key.get(key).copied()
+    }
+
+    /// The session a receiver index names (for the workers' table).
+    pub fn session(&self, index: u32) -> Option<&Arc<Session>> {
+        match self.index.get(&index)? {
+            IndexEntry::Session { session, .. } => Some(session),
+            IndexEntry::Pending { .. } => None,
+        }
+    }
+
+    /// Every live session, for publishing to the workers.
+    pub fn sessions(&self) -> impl Iterator<Item = &Arc<Session>> {
+        self.index.values().filter_map(|e| match e {
+            IndexEntry::Session { session, .. } => Some(session),
+            IndexEntry::Pending { .. } => None,
+        })
+    }
+
+    fn new_index(&mut self, entry: IndexEntry) -> u32 {
+        loop {
+            let i = random_u32();
+            if i != 0 && !self.index.contains_key(&i) {
+                self.index.insert(i, entry);
+                return i;
+            }
+        }
+    }
+
+    fn forget(&mut self, indices: Vec<u32>) {
+        for i in indices {
+            self.index.remove(&i);
+        }
+    }
+
+    /// Builds a handshake initiation to `peer` (timers and index updated).
+    pub fn initiate(&mut self, peer: u32, now: Now) -> Result<Outgoing, WgError> {
+        let pi = peer as usize;
+        if pi >= self.peers.len() {
+            return Err(WgError::UnknownPeer);
+        }
+        if let Some(old) = self.peers[pi].pending.take() {
+            self.index.remove(&old.local_index);
+        }
+        let local_index = self.new_index(IndexEntry::Pending { peer });
+        let mut out = [0u8; INITIATION_LEN];
+        let p = &mut self.peers[pi];
+        let pending = noise::create_initiation(
+            &self.private,
+            &p.public_key,
+            &p.psk,
+            &p.mac1_key,
+            local_index,
+            tai64n(now.unix),
+            &mut p.cookie,
+            now.mono,
+            &mut out,
+        );
+        let pending = match pending {
+            Ok(x) => x,
+            Err(e) => {
+                self.index.remove(&local_index);
+                return Err(e);
+            }
+        };
+        p.pending = Some(pending);
+        p.last_initiation_sent = Some(now.mono);
+        p.want_handshake = false;
+        p.timers.handshake_initiated(now.mono, jitter());
+        p.timers.any_authenticated_packet_traversal(now.mono);
+        Ok(Outgoing {
+            peer,
+            to: p.endpoint,
+            datagram: out.to_vec(),
+        })
+    }
+
+    /// Processes one datagram received from `src`. Data messages are
+    /// decrypted in place in `datagram`.
+    pub fn receive(&mut self, src: SocketAddr, datagram: &mut [u8], now: Now) -> Result<Received, WgError> {
+        match Message::parse(datagram)? {
+            Message::Initiation(m) => {
+                let m = *m;
+                self.on_initiation(src, &m, now)
+            }
+            Message::Response(m) => {
+                let m = *m;
+                self.on_response(src, &m, now)
+            }
+            Message::CookieReply(m) => {
+                let receiver = messages::cookie_receiver(m);
+                let Some(IndexEntry::Pending { peer }) = self.index.get(&receiver).cloned() else {
+                    return Err(WgError::UnknownIndex);
+                };
+                let p = &mut self.peers[peer as usize];
+                if p.cookie.consume_reply(m, &p.cookie_key, now.mono) {
+                    Ok(Received::CookieStored { peer })
+                } else {
+                    Err(WgError::DecryptFailed)
+                }
+            }
+            Message::Data { receiver, .. } => self.on_data(src, receiver, datagram, now),
+        }
+    }
+
+    /// mac1, then (under load) mac2 or a cookie reply, then the source limit.
+    fn gate(
+        &mut self,
+        src: SocketAddr,
+        msg: &[u8],
+        mac1_off: usize,
+        sender: u32,
+        now: Now,
+    ) -> Result<Option<Received>, WgError> {
+        if !noise::mac1_valid(msg, mac1_off, &self.mac1_key) {
+            return Err(WgError::BadMac1);
+        }
+        if self.cookies.note_handshake(now.mono) {
+            let covered = &msg[..mac1_off + 16];
+            let mac2 = &msg[mac1_off + 16..mac1_off + 32];
+            if !self.cookies.mac2_valid(src, covered, mac2, now.mono) {
+                let mut out = vec![0u8; messages::COOKIE_REPLY_LEN];
+                let cookie_key = self.cookie_key;
+                self.cookies.write_reply(
+                    &mut out,
+                    sender,
+                    &msg[mac1_off..mac1_off + 16],
+                    src,
+                    &cookie_key,
+                    now.mono,
+                );
+                return Ok(Some(Received::Send(vec![Outgoing {
+                    peer: u32::MAX,
+                    to: Some(src),
+                    datagram: out,
+                }])));
+            }
+            if !self.cookies.allow_source(src.ip(), now.mono) {
+                return Err(WgError::RateLimited);
+            }
+        }
+        Ok(None)
+    }
+
+    fn on_initiation(&mut self, src: SocketAddr, m: &[u8; INITIATION_LEN], now: Now) -> Result<Received, WgError> {
+        if let Some(r) = self.gate(src, m, init::MAC1, messages::initiation_sender(m), now)? {
+            return Ok(r);
+        }
+        let got = noise::consume_initiation(&self.private, m)?;
+        let peer = self.peer_by_key(&got.peer_public).ok_or(WgError::UnknownPeer)?;
+        if got.timestamp <= self.peers[peer as usize].last_timestamp {
+            return Err(WgError::ReplayedInitiation);
+        }
+        let timestamp = got.timestamp;
+        let local_index = self.new_index(IndexEntry::Pending { peer });
+        let mut out = [0u8; RESPONSE_LEN];
+        let p = &mut self.peers[peer as usize];
+        let keys =
+            match noise::create_response(got, &p.psk, &p.mac1_key, local_index, &mut p.cookie, now.mono, &mut out) {
+                Ok(k) => k,
+                Err(e) => {
+                    self.index.remove(&local_index);
+                    return Err(e);
+                }
+            };
+        p.last_timestamp = timestamp;
+        p.endpoint = Some(src);
+        let session = Arc::new(Session::new(&keys, peer, now.mono));
+        let retired = p.install(session.clone());
+        p.last_handshake = Some(now);
+        p.timers.handshake_complete();
+        p.timers.session_derived(now.mono);
+        p.timers.any_authenticated_packet_received();
+        p.timers.any_authenticated_packet_traversal(now.mono);
+        self.index.insert(local_index, IndexEntry::Session { peer, session });
+        self.forget(retired);
+        Ok(Received::Send(vec![Outgoing {
+            peer,
+            to: Some(src),
+            datagram: out.to_vec(),
+        }]))
+    }
+
+    fn on_response(&mut self, src: SocketAddr, m: &[u8; RESPONSE_LEN], now: Now) -> Result<Received, WgError> {
+        if let Some(r) = self.gate(src, m, resp::MAC1, messages::response_sender(m), now)? {
+            return Ok(r);
+        }
+        let receiver = messages::response_receiver(m);
+        let Some(IndexEntry::Pending { peer }) = self.index.get(&receiver).cloned() else {
+            return Err(WgError::UnknownIndex);
+        };
+        let p = &mut self.peers[peer as usize];
+        let pending = p.pending.take().ok_or(WgError::UnknownIndex)?;
+        if pending.local_index != receiver {
+            p.pending = Some(pending);
+            return Err(WgError::UnknownIndex);
+        }
+        let keys = match noise::consume_response(pending, m) {
+            Ok(k) => k,
+            Err(e) => {
+                // The pending state is consumed; a retransmission will follow.
+                self.index.remove(&receiver);
+                return Err(e);
+            }
+        };
+        let session = Arc::new(Session::new(&keys, peer, now.mono));
+        p.endpoint = Some(src);
+        let retired = p.install(session.clone());
+        p.last_handshake = Some(now);
+        p.timers.handshake_complete();
+        p.timers.session_derived(now.mono);
+        p.timers.any_authenticated_packet_received();
+        p.timers.any_authenticated_packet_traversal(now.mono);
+        self.index.insert(receiver, IndexEntry::Session { peer, session });
+        self.forget(retired);
+        // Send what waited for the handshake, or a keepalive so that the
+        // responder can start using the session.
+        let queued: Vec<Vec<u8>> = self.peers[peer as usize].queue.drain(..).collect();
+        let mut send = Vec::new();
+        if queued.is_empty() {
+            send.push(self.send(peer, &[], now)?.ok_or(WgError::NoSession)?);
+        } else {
+            for q in queued {
+                if let Some(o) = self.send(peer, &q, now)? {
+                    send.push(o);
+                }
+            }
+        }
+        Ok(Received::Send(send))
+    }
+
+    fn on_data(&mut self, src: SocketAddr, receiver: u32, datagram: &mut [u8], now: Now) -> Result<Received, WgError> {
+        let Some(IndexEntry::Session { peer, session }) = self.index.get(&receiver).cloned() else {
+            return Err(WgError::UnknownIndex);
+        };
+        let plain_len = session.open(datagram, now.mono)?.len();
+        let p = &mut self.peers[peer as usize];
+        // Authenticated: the peer may have roamed.
+        p.endpoint = Some(src);
+        if p.next.as_ref().is_some_and(|n| Arc::ptr_eq(n, &session))
+            && let Some(dropped) = p.confirm_next()
+        {
+            self.index.remove(&dropped);
+        }
+        let p = &mut self.peers[peer as usize];
+        p.timers.any_authenticated_packet_received();
+        p.timers.any_authenticated_packet_traversal(now.mono);
+        if Peer::rekey_due_on_receive(&session, now.mono) {
+            p.want_handshake = true;
+        }
+        let start = messages::DATA_HEADER_LEN;
+        if plain_len == 0 {
+            return Ok(Received::Keepalive { peer });
+        }
+        let plain = &datagram[start..start + plain_len];
+        let (src_ip, len) = inner_source(plain).ok_or(WgError::BadLength)?;
+        if !p.allows(src_ip) {
+            return Err(WgError::NotAllowed);
+        }
+        p.timers.data_received(now.mono);
+        p.rx_packets += 1;
+        p.rx_bytes += len as u64;
+        Ok(Received::Data {
+            peer,
+            start,
+            end: start + len,
+        })
+    }
+
+    /// Encrypts `packet` (empty: a keepalive) for `peer`. Without a usable
+    /// session the packet is queued (bounded) and a handshake is wanted:
+    /// `Ok(None)`; call [`Device::tick`] to send the initiation.
+    pub fn send(&mut self, peer: u32, packet: &[u8], now: Now) -> Result<Option<Outgoing>, WgError> {
+        let p = self.peers.get_mut(peer as usize).ok_or(WgError::UnknownPeer)?;
+        let Some(s) = p.send_session(now.mono).cloned() else {
+            if !packet.is_empty() {
+                if p.queue.len() >= MAX_QUEUED {
+                    p.queue.pop_front();
+                }
+                p.queue.push_back(packet.to_vec());
+            }
+            p.want_handshake = true;
+            return Ok(None);
+        };
+        let mut buf = vec![0u8; Session::message_len(packet.len())];
+        buf[messages::DATA_HEADER_LEN..messages::DATA_HEADER_LEN + packet.len()].copy_from_slice(packet);
+        let counter = s.reserve(1)?;
+        let n = s.seal(counter, &mut buf, packet.len())?;
+        buf.truncate(n);
+        if Peer::rekey_due_on_send(&s, now.mono) {
+            p.want_handshake = true;
+        }
+        if !packet.is_empty() {
+            p.timers.data_sent(now.mono);
+            p.tx_packets += 1;
+            p.tx_bytes += packet.len() as u64;
+        }
+        p.timers.any_authenticated_packet_sent();
+        p.timers.any_authenticated_packet_traversal(now.mono);
+        Ok(Some(Outgoing {
+            peer,
+            to: p.endpoint,
+            datagram: buf,
+        }))
+    }
+
+    /// Runs every peer's timers and due rekeys; returns what to send.
+    pub fn tick(&mut self, now: Now) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        for id in 0..self.peers.len() as u32 {
+            let p = &mut self.peers[id as usize];
+            let fired = p.timers.expired(now.mono);
+            let mut initiate = false;
+            if fired.zero_key_material {
+                let idx = p.zero_keys();
+                self.forget(idx);
+                continue;
+            }
+            let p = &mut self.peers[id as usize];
+            if fired.retransmit_handshake {
+                if p.timers.handshake_attempts >= MAX_TIMER_HANDSHAKES {
+                    // Give up; data will start a new attempt.
+                    if let Some(old) = p.pending.take() {
+                        self.index.remove(&old.local_index);
+                    }
+                    let p = &mut self.peers[id as usize];
+                    p.timers.send_keepalive = None;
+                    p.queue.clear();
+                    if p.timers.zero_key_material.is_none() {
+                        p.timers.session_derived(now.mono);
+                    }
+                } else {
+                    p.timers.handshake_attempts += 1;
+                    initiate = true;
+                }
+            }
+            let p = &mut self.peers[id as usize];
+            if fired.new_handshake {
+                p.timers.handshake_attempts = 0;
+                initiate = true;
+            }
+            // A wanted rekey, rate-limited to one initiation per REKEY_TIMEOUT.
+            let recently = p
+                .last_initiation_sent
+                .is_some_and(|t| now.mono.saturating_sub(t) < REKEY_TIMEOUT);
+            if p.want_handshake && p.pending.is_none() && !recently {
+                initiate = true;
+            }
+            if initiate
+                && p.endpoint.is_some()
+                && let Ok(o) = self.initiate(id, now)
+            {
+                out.push(o);
+            }
+            let p = &mut self.peers[id as usize];
+            if (fired.send_keepalive || fired.persistent_keepalive)
+                && p.send_session(now.mono).is_some()
+                && let Ok(Some(o)) = self.send(id, &[], now)
+            {
+                out.push(o);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Device, Device, Now) {
+        let mut a = Device::new([0x41; 32]);
+        let mut b = Device::new([0x42; 32]);
+        let pa = a.public;
+        let pb = b.public;
+        a.add_peer(&PeerConfig {
+            public_key: pb,
+            preshared_key: None,
+            endpoint: Some("192.0.2.2:51820".parse().unwrap()),
+            allowed_ips: vec!["10.2.0.0/24".parse().unwrap()],
+            persistent_keepalive: None,
+        })
+        .unwrap();
+        b.add_peer(&PeerConfig {
+            public_key: pa,
+            preshared_key: None,
+            endpoint: None,
+            allowed_ips: vec!["10.1.0.0/24".parse().unwrap()],
+            persistent_keepalive: None,
+        })
+        .unwrap();
+        (
+            a,
+            b,
+            Now {
+                mono: Duration::from_secs(1000),
+                unix: Duration::from_secs(1_700_000_000),
+            },
+        )
+    }
+
+    fn ipv4(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 20 + payload.len()];
+        crate::wire::ipv4::emit(&mut p, src.into(), dst.into(), 17, 64, payload.len());
+        p[20..].copy_from_slice(payload);
+        p
+    }
+
+    const A: &str = "192.0.2.1:51820";
+    const B: &str = "192.0.2.2:51820";
+
+    #[test]
+    fn handshake_data_both_ways_and_queueing() {
+        let (mut a, mut b, now) = pair();
+        let pkt = ipv4([10, 1, 0, 5], [10, 2, 0, 5], b"hello");
+        // No session yet: queued, then the tick starts the handshake.
+        assert_eq!(a.send(0, &pkt, now).unwrap(), None);
+        let init = a.tick(now);
+        assert_eq!(init.len(), 1);
+        let mut m1 = init[0].datagram.clone();
+        let Received::Send(resp) = b.receive(A.parse().unwrap(), &mut m1, now).unwrap() else {
+            panic!()
+        };
+        let mut m2 = resp[0].datagram.clone();
+        let Received::Send(data) = a.receive(B.parse().unwrap(), &mut m2, now).unwrap() else {
+            panic!()
+        };
+        assert_eq!(data.len(), 1, "the queued packet goes out");
+        let mut d = data[0].datagram.clone();
+        match b.receive(A.parse().unwrap(), &mut d, now).unwrap() {
+            Received::Data { peer: 0, start, end } => assert_eq!(&d[start..end], &pkt[..]),
+            other => panic!("{other:?}"),
+        }
+        // b's session is now confirmed: b can answer.
+        let back = ipv4([10, 2, 0, 5], [10, 1, 0, 5], b"world");
+        let mut r = b.send(0, &back, now).unwrap().unwrap().datagram;
+        assert!(matches!(
+            a.receive(B.parse().unwrap(), &mut r, now).unwrap(),
+            Received::Data { .. }
+        ));
+        assert_eq!(b.peer(0).unwrap().endpoint, Some(A.parse().unwrap()));
+    }
+
+    #[test]
+    fn cryptokey_routing_refuses_foreign_sources() {
+        let (mut a, mut b, now) = pair();
+        a.send(0, &[], now).unwrap();
+        let mut m1 = a.tick(now)[0].datagram.clone();
+        let Received::Send(r) = b.receive(A.parse().unwrap(), &mut m1, now).unwrap() else {
+            panic!()
+        };
+        let mut m2 = r[0].datagram.clone();
+        a.receive(B.parse().unwrap(), &mut m2, now).unwrap();
+        let spoofed = ipv4([10, 9, 9, 9], [10, 2, 0, 5], b"x");
+        let mut d = a.send(0, &spoofed, now).unwrap().unwrap().datagram;
+        assert_eq!(b.receive(A.parse().unwrap(), &mut d, now), Err(WgError::NotAllowed));
+    }
+
+    #[test]
+    fn replayed_initiation_and_unknown_index_are_refused() {
+        let (mut a, mut b, now) = pair();
+        a.send(0, &[], now).unwrap();
+        let m1 = a.tick(now)[0].datagram.clone();
+        b.receive(A.parse().unwrap(), &mut m1.clone(), now).unwrap();
+        assert_eq!(
+            b.receive(A.parse().unwrap(), &mut m1.clone(), now),
+            Err(WgError::ReplayedInitiation)
+        );
+        let mut junk = vec![4u8, 0, 0, 0, 1, 2, 3, 4];
+        junk.resize(48, 0);
+        assert_eq!(
+            b.receive(A.parse().unwrap(), &mut junk, now),
+            Err(WgError::UnknownIndex)
+        );
+        let mut bad = m1.clone();
+        bad[20] ^= 1;
+        assert_eq!(b.receive(A.parse().unwrap(), &mut bad, now), Err(WgError::BadMac1));
+    }
+
+    #[test]
+    fn cookie_reply_under_load_then_mac2_passes() {
+        let (mut a, mut b, now) = pair();
+        b.cookies.force_under_load(true);
+        a.send(0, &[], now).unwrap();
+        let mut m1 = a.tick(now)[0].datagram.clone();
+        let Received::Send(reply) = b.receive(A.parse().unwrap(), &mut m1, now).unwrap() else {
+            panic!()
+        };
+        assert_eq!(reply[0].datagram.len(), messages::COOKIE_REPLY_LEN);
+        let mut c = reply[0].datagram.clone();
+        assert_eq!(
+            a.receive(B.parse().unwrap(), &mut c, now).unwrap(),
+            Received::CookieStored { peer: 0 }
+        );
+        // The retransmission carries mac2 and gets a real response.
+        let later = now.plus(REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX);
+        let mut m1 = a.tick(later)[0].datagram.clone();
+        let Received::Send(resp) = b.receive(A.parse().unwrap(), &mut m1, later).unwrap() else {
+            panic!()
+        };
+        assert_eq!(resp[0].datagram.len(), RESPONSE_LEN);
+    }
+}
