@@ -177,6 +177,20 @@ impl Config {
                      kv: &mut Vec<(String, String, usize)>|
          -> Result<(), ConfigError> {
             let kv = std::mem::take(kv);
+            // Lists may be split over lines; any other key twice is a mistake.
+            let mut seen: HashMap<String, usize> = HashMap::new();
+            for (k, _, l) in &kv {
+                let lk = k.to_ascii_lowercase();
+                if lk == "allowedips" || lk == "subnets" {
+                    continue;
+                }
+                if let Some(first) = seen.insert(lk, *l) {
+                    return Err(err(
+                        *l,
+                        format!("`{k}` is given twice in this section (first at line {first}): keep one"),
+                    ));
+                }
+            }
             match section {
                 Section::None => {
                     if let Some((k, _, l)) = kv.first() {
@@ -323,22 +337,28 @@ impl Config {
 
     /// Checks that every interface named in the file exists on this host.
     pub fn check_interfaces(&self) -> Result<(), ConfigError> {
-        let exists = |n: &str| subway_dataplane::netlink::link_by_name(n).ok().flatten().is_some();
+        let link = |n: &str| subway_dataplane::netlink::link_by_name(n).ok().flatten();
         for l in &self.lans {
-            if !exists(&l.interface) {
-                return Err(self.err(
-                    l.line,
-                    format!("interface {} does not exist on this host: check `ip link`", l.interface),
-                ));
+            match link(&l.interface) {
+                None => {
+                    let msg = format!("interface {} does not exist on this host: check `ip link`", l.interface);
+                    return Err(self.err(l.line, msg));
+                }
+                Some(k) if k.kind != 1 => {
+                    let msg = format!(
+                        "interface {} is not Ethernet: subway routes Ethernet frames",
+                        l.interface
+                    );
+                    return Err(self.err(l.line, msg));
+                }
+                Some(_) => {}
             }
         }
         if let Some((u, line)) = &self.interface.uplink
-            && !exists(u)
+            && link(u).is_none()
         {
-            return Err(self.err(
-                *line,
-                format!("Uplink interface {u} does not exist on this host: check `ip link`"),
-            ));
+            let msg = format!("Uplink interface {u} does not exist on this host: check `ip link`");
+            return Err(self.err(*line, msg));
         }
         Ok(())
     }
@@ -568,11 +588,29 @@ fn parse_peer(
 
 fn parse_tuning(cfg: &mut Config, kv: Vec<(String, String, usize)>, err: &ErrFn) -> Result<(), ConfigError> {
     let t = &mut cfg.tuning;
-    let mut last_line = 0;
     for (k, v, line) in kv {
-        last_line = line;
         match k.to_ascii_lowercase().as_str() {
-            "queues" => t.queues = Some(parse_ranges(&k, &v, line, err)?),
+            "queues" => {
+                let q = parse_ranges(&k, &v, line, err)?;
+                if let Some(bad) = q.iter().find(|q| **q >= subway_common_max_queues()) {
+                    return Err(err(
+                        line,
+                        format!(
+                            "Queues: {bad} is beyond the highest queue subway serves ({})",
+                            subway_common_max_queues() - 1
+                        ),
+                    ));
+                }
+                let mut sorted = q.clone();
+                sorted.sort_unstable();
+                if sorted.windows(2).any(|w| w[0] == w[1]) {
+                    return Err(err(
+                        line,
+                        format!("Queues = {v} lists a queue twice: each queue gets one worker"),
+                    ));
+                }
+                t.queues = Some(q)
+            }
             "cores" => {
                 t.cores = Some(
                     parse_ranges(&k, &v, line, err)?
@@ -598,9 +636,14 @@ fn parse_tuning(cfg: &mut Config, kv: Vec<(String, String, usize)>, err: &ErrFn)
                 ));
             }
         }
+        // Defaults are valid, so the first invalid state is this line's doing.
+        t.xsk.validate().map_err(|e| err(line, format!("[Tuning]: {e}")))?;
     }
-    t.xsk.validate().map_err(|e| err(last_line, format!("[Tuning]: {e}")))?;
     Ok(())
+}
+
+fn subway_common_max_queues() -> u32 {
+    subway_dataplane::MAX_QUEUES
 }
 
 #[cfg(test)]
@@ -691,6 +734,27 @@ mod tests {
             "[Lan]\nInterface = lan0\n[Lan]\nInterface = lan0\n",
             3,
             "already a [Lan] at line 1",
+        );
+        expect_err(
+            "[Lan]\nInterface = lan0\nInterface = lan1\n",
+            3,
+            "given twice in this section (first at line 2)",
+        );
+        expect_err(
+            "[Tuning]\nRingSize = 1000\nBatchSize = 32\n[Lan]\nInterface = lan0\n",
+            2,
+            "power of two",
+        );
+        expect_err(
+            "[Tuning]\nBatchSize = 32\nRingSize = 16\n[Lan]\nInterface = lan0\n",
+            3,
+            "power of two",
+        );
+        expect_err("[Tuning]\nQueues = 0,0\n[Lan]\nInterface = lan0\n", 2, "twice");
+        expect_err(
+            "[Tuning]\nQueues = 64\n[Lan]\nInterface = lan0\n",
+            2,
+            "beyond the highest queue",
         );
     }
 

@@ -48,8 +48,9 @@ impl CtlServer {
     pub fn serve(&self, mut answer: impl FnMut(&str) -> String) {
         while let Ok((stream, _)) = self.listener.accept() {
             let _ = stream.set_nonblocking(false);
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+            // A silent client must not hold up the control thread.
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(500)));
             let mut line = String::new();
             let mut r = BufReader::new(&stream);
             if r.read_line(&mut line).is_err() {

@@ -212,6 +212,9 @@ fn run(path: &Path) -> Result<()> {
     while !STOP.load(Ordering::Relaxed) {
         // SAFETY: one valid pollfd; the timeout bounds the neighbour refresh period.
         unsafe { libc::poll(&mut pfd, 1, 100) };
+        if let Some(id) = dp.dead_worker() {
+            bail!("worker {id} stopped unexpectedly; exiting so that traffic falls back to the kernel");
+        }
         if let Err(e) = dp.refresh_neighbours() {
             tracing::warn!("neighbour refresh: {e}");
         }

@@ -35,7 +35,7 @@ pub fn route_frame(frame: &mut [u8], ingress: u16, t: &Tables) -> Verdict {
     let tagged = eth.vlan_count() > 0;
     let vnet = in_port.vnet;
 
-    let (dst, v6) = match ethertype {
+    let (dst, v6, ip_len) = match ethertype {
         EtherType::IPV4 => {
             let ip = match Ipv4Packet::new_checked(&frame[l3..]) {
                 Ok(p) => p,
@@ -50,7 +50,7 @@ pub fn route_frame(frame: &mut [u8], ingress: u16, t: &Tables) -> Verdict {
             if ip.ttl() <= 1 {
                 return Verdict::SlowPath(l3, Counter::SlowTtlExpired);
             }
-            (IpAddr::V4(ip.dst()), false)
+            (IpAddr::V4(ip.dst()), false, ip.total_len())
         }
         EtherType::IPV6 => {
             let ip = match Ipv6Packet::new_checked(&frame[l3..]) {
@@ -63,7 +63,7 @@ pub fn route_frame(frame: &mut [u8], ingress: u16, t: &Tables) -> Verdict {
             if ip.hop_limit() <= 1 {
                 return Verdict::SlowPath(l3, Counter::SlowTtlExpired);
             }
-            (IpAddr::V6(ip.dst()), true)
+            (IpAddr::V6(ip.dst()), true, ip.total_len())
         }
         _ => return Verdict::Drop(Counter::DropNotIp),
     };
@@ -77,6 +77,11 @@ pub fn route_frame(frame: &mut [u8], ingress: u16, t: &Tables) -> Verdict {
     let Some(out_port) = t.ports.get(out as usize) else {
         return Verdict::SlowPath(l3, Counter::SlowNoRoute);
     };
+    if ip_len > out_port.mtu as usize {
+        // The kernel fragments it or answers "fragmentation needed" /
+        // "packet too big".
+        return Verdict::SlowPath(l3, Counter::SlowTooBig);
+    }
     let Some(mac) = t.neigh.get(out_port.ifindex, dst) else {
         return Verdict::SlowPath(l3, Counter::SlowNeighUnknown);
     };
@@ -128,12 +133,14 @@ mod tests {
                     ifindex: 10,
                     mac: GW0,
                     vnet: 0,
+                    mtu: 1500,
                 },
                 Port {
                     name: "lan1".into(),
                     ifindex: 20,
                     mac: GW1,
                     vnet: 0,
+                    mtu: 1500,
                 },
             ],
         }
@@ -238,6 +245,14 @@ mod tests {
         let mut f = v4_frame(Ipv4Addr::new(10, 2, 0, 2), 64);
         f[12..14].copy_from_slice(&EtherType::ARP.to_be_bytes());
         assert_eq!(route_frame(&mut f, 0, &t), Verdict::Drop(Counter::DropNotIp));
+    }
+
+    #[test]
+    fn too_big_for_the_egress_mtu_goes_to_the_kernel() {
+        let mut t = tables(true);
+        t.ports[1].mtu = 40;
+        let mut f = v4_frame(Ipv4Addr::new(10, 2, 0, 2), 64);
+        assert_eq!(route_frame(&mut f, 0, &t), Verdict::SlowPath(14, Counter::SlowTooBig));
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod worker;
 pub mod xdp;
 
 pub use error::{Error, Result};
+pub use subway_common::MAX_QUEUES;
 pub use worker::{BindMode, WorkerInfo, XskOptions};
 pub use xdp::XdpAttach;
 
@@ -95,13 +96,31 @@ pub struct Dataplane {
 }
 
 /// The slow-path TUN's name for an instance: "sw-" and up to 12 characters.
+/// Long names keep 7 characters and a hash of the whole name, so that two
+/// instances on one host do not collide.
 pub fn tun_name(instance: &str) -> String {
     let clean: String = instance
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-        .take(12)
         .collect();
-    format!("sw-{clean}")
+    if clean.len() <= 12 {
+        return format!("sw-{clean}");
+    }
+    let h = instance
+        .bytes()
+        .fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193));
+    format!("sw-{}-{:04x}", &clean[..7], h & 0xffff)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tun_names_fit_and_differ() {
+        assert_eq!(super::tun_name("site-a"), "sw-site-a");
+        let (a, b) = (super::tun_name("gateway-site-a"), super::tun_name("gateway-site-b"));
+        assert_ne!(a, b);
+        assert!(a.len() <= 15 && b.len() <= 15, "{a} {b}");
+    }
 }
 
 impl Dataplane {
@@ -140,7 +159,21 @@ impl Dataplane {
             for a in addrs {
                 locals.push((lan.vnet, IpNet::from(a.addr())));
             }
+            if link.kind != 1 {
+                return Err(Error::msg(format!(
+                    "{} is not an Ethernet interface (ARPHRD {}): subway routes Ethernet frames",
+                    lan.ifname, link.kind
+                )));
+            }
+            let room = cfg.xsk.frame_size as usize - 256;
+            if link.mtu as usize + 14 + 4 > room {
+                return Err(Error::msg(format!(
+                    "{} has MTU {}, more than a {}-byte UMEM frame holds: set [Tuning] FrameSize = 4096 or lower the MTU",
+                    lan.ifname, link.mtu, cfg.xsk.frame_size
+                )));
+            }
             ports.push(Port {
+                mtu: link.mtu,
                 name: lan.ifname.clone(),
                 ifindex: link.ifindex,
                 mac: link.mac,
@@ -174,6 +207,8 @@ impl Dataplane {
                 IfaceConf {
                     slot: i as u32,
                     vnet: p.vnet,
+                    mac: p.mac.0,
+                    _pad: [0; 2],
                 },
             )?;
         }
@@ -209,7 +244,13 @@ impl Dataplane {
                     })
                     .min()
                     .unwrap_or(1);
-                (0..n).collect()
+                if n > subway_common::MAX_QUEUES {
+                    tracing::warn!(
+                        "the interfaces have {n} RX queues; subway serves the first {} (the rest go to the kernel)",
+                        subway_common::MAX_QUEUES
+                    );
+                }
+                (0..n.min(subway_common::MAX_QUEUES)).collect()
             }
         };
         if let Some(q) = queues.iter().find(|q| **q >= subway_common::MAX_QUEUES) {
@@ -237,9 +278,10 @@ impl Dataplane {
             for (port, fd) in w.sockets() {
                 let idx = IfaceConf {
                     slot: port as u32,
-                    vnet: 0,
+                    ..Default::default()
                 }
-                .xsk_index(*q);
+                .xsk_index(*q)
+                .ok_or_else(|| Error::msg(format!("queue {q} is beyond the supported maximum")))?;
                 xdp.set_xsk(idx, fd)?;
             }
             built.push(w);
@@ -314,6 +356,15 @@ impl Dataplane {
         Ok(XdpCounter::ALL.iter().map(|k| (k.name(), c[*k as usize])).collect())
     }
 
+    /// A worker thread that has ended (it only ends when stopped, so this
+    /// is a crash), if any.
+    pub fn dead_worker(&self) -> Option<usize> {
+        self.workers
+            .iter()
+            .find(|w| w.thread.as_ref().is_some_and(|t| t.is_finished()))
+            .map(|w| w.info.id)
+    }
+
     /// Stops the workers and waits for them.
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -343,6 +394,15 @@ fn read_neighbours(nl: &mut Netlink, ports: &[Port], scratch: &mut Vec<Neighbour
 }
 
 fn check_forwarding() {
+    if std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter")
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false)
+    {
+        tracing::warn!(
+            "net.ipv4.conf.all.rp_filter is 1 (strict): the kernel may drop packets handed to it through the \
+             slow-path TUN; set it to 0 or 2 (loose)"
+        );
+    }
     for (path, what) in [
         ("/proc/sys/net/ipv4/ip_forward", "net.ipv4.ip_forward"),
         ("/proc/sys/net/ipv6/conf/all/forwarding", "net.ipv6.conf.all.forwarding"),

@@ -24,6 +24,8 @@ pub struct Link {
     pub mtu: u32,
     /// Number of RX queues (sysfs `queues/rx-*`).
     pub rx_queues: u32,
+    /// ARPHRD type (1: Ethernet).
+    pub kind: u32,
 }
 
 /// Looks an interface up by name. `None` when it does not exist.
@@ -36,10 +38,17 @@ pub fn link_by_name(name: &str) -> io::Result<Option<Link>> {
         return Ok(None);
     }
     let base = format!("/sys/class/net/{name}");
-    let mac = std::fs::read_to_string(format!("{base}/address"))?
+    let kind = std::fs::read_to_string(format!("{base}/type"))?
         .trim()
-        .parse::<MacAddr>()
-        .unwrap_or_default();
+        .parse()
+        .unwrap_or(0);
+    let mac_text = std::fs::read_to_string(format!("{base}/address"))?;
+    let mac = mac_text.trim().parse::<MacAddr>().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{name} has no Ethernet address ({:?})", mac_text.trim()),
+        )
+    })?;
     let mtu = std::fs::read_to_string(format!("{base}/mtu"))?
         .trim()
         .parse()
@@ -58,6 +67,7 @@ pub fn link_by_name(name: &str) -> io::Result<Option<Link>> {
         mac,
         mtu,
         rx_queues,
+        kind,
     }))
 }
 

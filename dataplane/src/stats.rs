@@ -41,6 +41,7 @@ counters! {
     SlowTtlExpired = "slow_ttl_expired",
     SlowNoRoute = "slow_no_route",
     SlowVlan = "slow_vlan",
+    SlowTooBig = "slow_too_big",
     SlowLocal = "slow_local",
     /// Dropped, by reason.
     DropEthTruncated = "drop_eth_truncated",

@@ -15,6 +15,7 @@ pub struct Port {
     pub ifindex: u32,
     pub mac: MacAddr,
     pub vnet: VnetId,
+    pub mtu: u32,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]

@@ -104,6 +104,9 @@ impl XskOptions {
 /// Frames that wait on a TX ring before the kernel is kicked under load.
 const KICK_THRESHOLD: u32 = 32;
 
+/// Loops a frame may wait on a TX ring for company before a kick.
+const KICK_AFTER_LOOPS: u32 = 8;
+
 /// One port's socket on this worker's queue.
 struct PortXsk {
     port: u16,
@@ -116,6 +119,8 @@ struct PortXsk {
     in_flight: u32,
     /// Frames on the TX ring the kernel has not been kicked for.
     unkicked: u32,
+    /// Loops those frames have waited.
+    unkicked_loops: u32,
     /// Frames staged for TX on this port during the current batch.
     stage: Vec<FrameDesc>,
 }
@@ -227,6 +232,7 @@ impl Worker {
                 comp,
                 in_flight: 0,
                 unkicked: 0,
+                unkicked_loops: 0,
                 stage: Vec::with_capacity(opts.batch_size),
             });
         }
@@ -237,14 +243,18 @@ impl Worker {
             zero_copy,
             ports: ports.iter().map(|(_, n)| n.clone()).collect(),
         };
-        Ok(Worker {
+        let mut w = Worker {
             info,
             opts,
             umem,
             free: descs,
             socks,
             stats: Arc::new(WorkerStats::default()),
-        })
+        };
+        // Fill rings are stocked before XDP is attached, so the first
+        // frames have somewhere to land.
+        w.refill();
+        Ok(w)
     }
 
     pub fn info(&self) -> &WorkerInfo {
@@ -304,9 +314,6 @@ impl Worker {
             .collect();
 
         let mut empty_polls = 0u32;
-        // Give every fill ring its share before traffic starts.
-        self.refill();
-
         while !stop.load(Ordering::Relaxed) {
             self.reclaim(&mut descs);
             self.refill();
@@ -330,11 +337,11 @@ impl Worker {
                         let mut data = unsafe { self.umem.data_mut(d) };
                         let frame = data.contents_mut();
                         tally.add(Counter::RxBytes, frame.len() as u64);
-                        let v = route_frame(frame, ingress, &snap);
+                        let mut v = route_frame(frame, ingress, &snap);
                         if let Verdict::SlowPath(l3, _) = v
                             && slow.send(&frame[l3..]).is_err()
                         {
-                            tally.inc(Counter::DropSlowPathFailed);
+                            v = Verdict::Drop(Counter::DropSlowPathFailed);
                         }
                         (v, frame.len() > 13 && frame[12] == 0x86)
                     };
@@ -367,7 +374,7 @@ impl Worker {
                 // Spin briefly before sleeping: under load the rings are
                 // empty between bursts for microseconds, and a sleep and
                 // wakeup would cost more than the burst.
-                empty_polls += 1;
+                empty_polls = empty_polls.saturating_add(1);
                 if empty_polls > self.opts.idle_spin {
                     self.idle(&mut pollfds, &mut tally);
                 } else {
@@ -383,11 +390,15 @@ impl Worker {
     /// under load frames arrive a few per loop, and a sendto() per few
     /// frames would cost more than the frames themselves.
     fn transmit(&mut self, tally: &mut Tally, force: bool) {
+        let kick_always = self.kick_always();
         for s in self.socks.iter_mut() {
             if !s.stage.is_empty() {
+                // Ring reservation is all or nothing: ask for what fits.
+                let room = s.tx.nb_free(s.stage.len() as u32) as usize;
+                let take = room.min(s.stage.len());
                 // SAFETY: staged frames are ours until they come back on
                 // the completion ring.
-                let sent = unsafe { s.tx.produce(&s.stage) };
+                let sent = unsafe { s.tx.produce(&s.stage[..take]) };
                 for d in &s.stage[..sent] {
                     tally.add(Counter::TxBytes, d.lengths().data() as u64);
                 }
@@ -400,7 +411,13 @@ impl Worker {
                 }
                 s.stage.clear();
             }
-            if s.unkicked == 0 || (!force && s.unkicked < KICK_THRESHOLD) {
+            if s.unkicked == 0 {
+                continue;
+            }
+            // Frames trickling one way while the other way is busy must not
+            // wait for a full batch: kick after a few loops regardless.
+            s.unkicked_loops += 1;
+            if !force && s.unkicked < KICK_THRESHOLD && s.unkicked_loops < KICK_AFTER_LOOPS {
                 continue;
             }
             // Copy mode sends at most 32 frames per sendto() (the kernel's
@@ -408,7 +425,7 @@ impl Worker {
             // with zero-copy one kick starts the driver on all of it.
             let ring = self.opts.ring_size;
             for _ in 0..(s.unkicked / 32 + 2) {
-                let kernel_wants_kick = s.tx.needs_wakeup() || !self.opts.need_wakeup;
+                let kernel_wants_kick = kick_always || s.tx.needs_wakeup();
                 if !kernel_wants_kick || s.tx.nb_free_exact() >= ring {
                     break;
                 }
@@ -419,7 +436,14 @@ impl Worker {
                 }
             }
             s.unkicked = 0;
+            s.unkicked_loops = 0;
         }
+    }
+
+    /// Without XDP_USE_NEED_WAKEUP on the socket (busy polling, or
+    /// NeedWakeup off) the ring flag is never set: always kick.
+    fn kick_always(&self) -> bool {
+        !(self.opts.need_wakeup && !self.opts.busy_poll)
     }
 
     /// Takes completed TX frames back.
@@ -466,7 +490,7 @@ impl Worker {
                 let _ = s.tx.wakeup();
             }
         }
-        if self.opts.busy_poll || !self.opts.need_wakeup {
+        if self.kick_always() {
             for s in &self.socks {
                 // A zero-length non-blocking recv drives the busy poll.
                 // SAFETY: recvfrom with a null buffer of length 0.

@@ -35,12 +35,21 @@ pub struct IfaceConf {
     pub slot: u32,
     /// Routing domain (VNET) whose routes apply to traffic arriving here.
     pub vnet: u32,
+    /// The interface's MAC: frames to other unicast MACs (promiscuous
+    /// mode, flooding) are not ours to route.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 impl IfaceConf {
+    /// The XSKMAP index of this interface's socket on `queue`, or None
+    /// for a queue beyond what subway serves (the frame goes to the kernel).
     #[inline(always)]
-    pub fn xsk_index(&self, queue: u32) -> u32 {
-        self.slot * MAX_QUEUES + (queue & (MAX_QUEUES - 1))
+    pub fn xsk_index(&self, queue: u32) -> Option<u32> {
+        if queue >= MAX_QUEUES {
+            return None;
+        }
+        Some(self.slot * MAX_QUEUES + queue)
     }
 }
 
@@ -146,10 +155,16 @@ pub enum XdpCounter {
     PassTtlExpired,
     /// Passed: no AF_XDP socket on this queue (dataplane down: fail open).
     PassNoSocket,
+    /// Passed: destination MAC is another host's.
+    PassNotForUs,
+    /// Passed: VLAN-tagged (not routed by the fast path yet).
+    PassVlan,
+    /// Passed: RX queue beyond MAX_QUEUES.
+    PassQueueRange,
 }
 
 impl XdpCounter {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 15;
     pub const ALL: [XdpCounter; Self::COUNT as usize] = [
         XdpCounter::Seen,
         XdpCounter::RedirectRoute,
@@ -163,6 +178,9 @@ impl XdpCounter {
         XdpCounter::PassSameIface,
         XdpCounter::PassTtlExpired,
         XdpCounter::PassNoSocket,
+        XdpCounter::PassNotForUs,
+        XdpCounter::PassVlan,
+        XdpCounter::PassQueueRange,
     ];
 
     /// Name used in `subway show` and metrics.
@@ -180,6 +198,9 @@ impl XdpCounter {
             XdpCounter::PassSameIface => "pass_same_iface",
             XdpCounter::PassTtlExpired => "pass_ttl_expired",
             XdpCounter::PassNoSocket => "pass_no_socket",
+            XdpCounter::PassNotForUs => "pass_not_for_us",
+            XdpCounter::PassVlan => "pass_vlan",
+            XdpCounter::PassQueueRange => "pass_queue_range",
         }
     }
 }
@@ -208,9 +229,13 @@ mod tests {
 
     #[test]
     fn xsk_index_stays_in_its_slot() {
-        let c = IfaceConf { slot: 3, vnet: 0 };
-        assert_eq!(c.xsk_index(0), 3 * MAX_QUEUES);
-        assert_eq!(c.xsk_index(MAX_QUEUES + 1), 3 * MAX_QUEUES + 1);
+        let c = IfaceConf {
+            slot: 3,
+            ..Default::default()
+        };
+        assert_eq!(c.xsk_index(0), Some(3 * MAX_QUEUES));
+        assert_eq!(c.xsk_index(MAX_QUEUES - 1), Some(4 * MAX_QUEUES - 1));
+        assert_eq!(c.xsk_index(MAX_QUEUES), None);
     }
 
     #[test]

@@ -103,23 +103,34 @@ fn classify(ctx: &XdpContext) -> Verdict {
         None => return Verdict::Pass(XdpCounter::PassUnknownIface),
     };
 
-    // Ethernet, then up to two VLAN tags (802.1Q / 802.1ad).
-    let mut off = ETH_HLEN;
-    let mut proto = match read_u16_be(ctx, 12) {
+    // Ethernet: ours, unicast or not at all.
+    let dst = match ptr_at::<[u8; 6]>(ctx, 0) {
+        // SAFETY: 6 bytes checked to be inside the frame.
+        Some(p) => unsafe { *p },
+        None => return Verdict::Pass(XdpCounter::PassMalformed),
+    };
+    if dst != iface.mac {
+        // Broadcast and multicast (ARP, NDP) are the kernel's too.
+        return Verdict::Pass(if dst[0] & 1 == 1 {
+            XdpCounter::PassMulticast
+        } else {
+            XdpCounter::PassNotForUs
+        });
+    }
+    let off = ETH_HLEN;
+    let proto = match read_u16_be(ctx, 12) {
         Some(p) => p,
         None => return Verdict::Pass(XdpCounter::PassMalformed),
     };
-    for _ in 0..2 {
-        if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
-            proto = match read_u16_be(ctx, off + 2) {
-                Some(p) => p,
-                None => return Verdict::Pass(XdpCounter::PassMalformed),
-            };
-            off += 4;
-        }
+    // VLANs will map to VNETs; until then tagged frames stay in the kernel.
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        return Verdict::Pass(XdpCounter::PassVlan);
     }
 
     let queue = ctx.rx_queue_index();
+    if queue >= subway_common::MAX_QUEUES {
+        return Verdict::Pass(XdpCounter::PassQueueRange);
+    }
     match proto {
         ETH_P_IP => classify_v4(ctx, off, ifindex, iface, queue),
         ETH_P_IPV6 => classify_v6(ctx, off, ifindex, iface, queue),
@@ -148,7 +159,7 @@ fn classify_v4(ctx: &XdpContext, off: usize, ifindex: u32, iface: IfaceConf, que
     if hdr[9] == IPPROTO_UDP && frag_off == 0 {
         if let Some(port) = read_u16_be(ctx, off + ihl * 4 + 2) {
             if is_listen(ListenKey::v4(dst, port), port) {
-                return Verdict::Redirect(iface.xsk_index(queue), XdpCounter::RedirectListen);
+                return Verdict::Redirect(queue_index(iface, queue), XdpCounter::RedirectListen);
             }
         }
     }
@@ -189,7 +200,7 @@ fn classify_v6(ctx: &XdpContext, off: usize, ifindex: u32, iface: IfaceConf, que
     if hdr[6] == IPPROTO_UDP {
         if let Some(port) = read_u16_be(ctx, off + 40 + 2) {
             if is_listen(ListenKey::v6(dst, port), port) {
-                return Verdict::Redirect(iface.xsk_index(queue), XdpCounter::RedirectListen);
+                return Verdict::Redirect(queue_index(iface, queue), XdpCounter::RedirectListen);
             }
         }
     }
@@ -224,7 +235,13 @@ fn steer_verdict(steer: &Steer, ttl: u8, ifindex: u32, iface: IfaceConf, queue: 
     if ttl <= 1 {
         return Verdict::Pass(XdpCounter::PassTtlExpired);
     }
-    Verdict::Redirect(iface.xsk_index(queue), XdpCounter::RedirectRoute)
+    Verdict::Redirect(queue_index(iface, queue), XdpCounter::RedirectRoute)
+}
+
+/// XSKMAP index; `queue` was checked against MAX_QUEUES in classify.
+#[inline(always)]
+fn queue_index(iface: IfaceConf, queue: u32) -> u32 {
+    iface.slot * subway_common::MAX_QUEUES + (queue & (subway_common::MAX_QUEUES - 1))
 }
 
 #[cfg(not(test))]
