@@ -112,17 +112,6 @@ pub fn tun_name(instance: &str) -> String {
     format!("sw-{}-{:04x}", &clean[..7], h & 0xffff)
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn tun_names_fit_and_differ() {
-        assert_eq!(super::tun_name("site-a"), "sw-site-a");
-        let (a, b) = (super::tun_name("gateway-site-a"), super::tun_name("gateway-site-b"));
-        assert_ne!(a, b);
-        assert!(a.len() <= 15 && b.len() <= 15, "{a} {b}");
-    }
-}
-
 impl Dataplane {
     pub fn start(cfg: &DataplaneConfig) -> Result<Dataplane> {
         if cfg.lans.is_empty() {
@@ -412,5 +401,16 @@ fn check_forwarding() {
                 "{what} is 0: packets handed to the kernel slow path (unknown neighbour, TTL expiring) will not be forwarded; set it to 1"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tun_names_fit_and_differ() {
+        assert_eq!(super::tun_name("site-a"), "sw-site-a");
+        let (a, b) = (super::tun_name("gateway-site-a"), super::tun_name("gateway-site-b"));
+        assert_ne!(a, b);
+        assert!(a.len() <= 15 && b.len() <= 15, "{a} {b}");
     }
 }

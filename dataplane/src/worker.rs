@@ -443,7 +443,7 @@ impl Worker {
     /// Without XDP_USE_NEED_WAKEUP on the socket (busy polling, or
     /// NeedWakeup off) the ring flag is never set: always kick.
     fn kick_always(&self) -> bool {
-        !(self.opts.need_wakeup && !self.opts.busy_poll)
+        !self.opts.need_wakeup || self.opts.busy_poll
     }
 
     /// Takes completed TX frames back.
