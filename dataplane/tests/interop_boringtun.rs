@@ -76,7 +76,7 @@ impl Pair {
 
     /// Hands our datagram to boringtun; returns (datagrams it sends back,
     /// inner packets it delivered).
-    fn to_theirs(&mut self, d: &[u8]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    fn deliver_to_theirs(&mut self, d: &[u8]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         let src: IpAddr = OURS.parse::<SocketAddr>().unwrap().ip();
         let (mut net, mut tun) = (Vec::new(), Vec::new());
         let mut first = true;
@@ -97,7 +97,7 @@ impl Pair {
     }
 
     /// Hands boringtun's datagram to us.
-    fn to_ours(&mut self, d: &[u8]) -> Result<(Received, Vec<u8>), WgError> {
+    fn deliver_to_ours(&mut self, d: &[u8]) -> Result<(Received, Vec<u8>), WgError> {
         let mut d = d.to_vec();
         let r = self.ours.receive(THEIRS.parse().unwrap(), &mut d, self.now)?;
         Ok((r, d))
@@ -128,14 +128,14 @@ impl Pair {
         assert_eq!(self.our_send(&p), None, "queued until the handshake completes");
         let out = self.ours.tick(self.now);
         assert_eq!(out.len(), 1, "one initiation");
-        let (back, _) = self.to_theirs(&out[0].datagram);
+        let (back, _) = self.deliver_to_theirs(&out[0].datagram);
         assert_eq!(back.len(), 1, "boringtun answers with a response");
-        let (r, _) = self.to_ours(&back[0]).unwrap();
+        let (r, _) = self.deliver_to_ours(&back[0]).unwrap();
         let Received::Send(sends) = r else {
             panic!("expected our queued data, got {r:?}")
         };
         assert_eq!(sends.len(), 1);
-        let (_, tun) = self.to_theirs(&sends[0].datagram);
+        let (_, tun) = self.deliver_to_theirs(&sends[0].datagram);
         assert_eq!(tun, vec![p], "the queued packet arrived intact");
     }
 }
@@ -154,10 +154,10 @@ fn we_initiate_and_data_flows_both_ways() {
     for i in 0..50 {
         let ours = packet(host(OUR_NET, 5), host(THEIR_NET, 9), i);
         let d = p.our_send(&ours).unwrap();
-        assert_eq!(p.to_theirs(&d).1, vec![ours]);
+        assert_eq!(p.deliver_to_theirs(&d).1, vec![ours]);
         let theirs = packet(host(THEIR_NET, 9), host(OUR_NET, 5), 1000 + i);
         let d = p.their_encapsulate(&theirs);
-        Pair::expect_data(p.to_ours(&d).unwrap(), &theirs);
+        Pair::expect_data(p.deliver_to_ours(&d).unwrap(), &theirs);
     }
 }
 
@@ -167,14 +167,14 @@ fn boringtun_initiates_and_we_respond() {
     let first = packet(host(THEIR_NET, 2), host(OUR_NET, 3), 42);
     let init = p.their_encapsulate(&first);
     assert_eq!(init.len(), 148, "no session yet: boringtun sends an initiation");
-    let (r, _) = p.to_ours(&init).unwrap();
+    let (r, _) = p.deliver_to_ours(&init).unwrap();
     let resp = sends(r);
     assert_eq!(resp[0].datagram.len(), 92);
     // boringtun completes the handshake and sends what it queued.
-    let (back, _) = p.to_theirs(&resp[0].datagram);
+    let (back, _) = p.deliver_to_theirs(&resp[0].datagram);
     let mut delivered = Vec::new();
     for d in back {
-        match p.to_ours(&d).unwrap() {
+        match p.deliver_to_ours(&d).unwrap() {
             (Received::Data { start, end, .. }, buf) => delivered.push(buf[start..end].to_vec()),
             (Received::Keepalive { .. }, _) => {}
             other => panic!("{other:?}"),
@@ -184,7 +184,7 @@ fn boringtun_initiates_and_we_respond() {
     // Our responder session is confirmed: we can send.
     let ours = packet(host(OUR_NET, 3), host(THEIR_NET, 2), 43);
     let d = p.our_send(&ours).expect("the session is confirmed");
-    assert_eq!(p.to_theirs(&d).1, vec![ours]);
+    assert_eq!(p.deliver_to_theirs(&d).1, vec![ours]);
 }
 
 #[test]
@@ -193,21 +193,21 @@ fn keepalives_both_ways() {
     p.handshake_from_ours(1);
     // boringtun sends data; we send nothing back for KEEPALIVE_TIMEOUT.
     let d = p.their_encapsulate(&packet(host(THEIR_NET, 1), host(OUR_NET, 1), 5));
-    p.to_ours(&d).unwrap();
+    p.deliver_to_ours(&d).unwrap();
     p.advance(Duration::from_secs(9));
     assert!(p.ours.tick(p.now).is_empty());
     p.advance(Duration::from_secs(1));
     let out = p.ours.tick(p.now);
     assert_eq!(out.len(), 1, "a keepalive after 10 s");
     assert_eq!(out[0].datagram.len(), 32, "header + empty payload + tag");
-    let (net, tun) = p.to_theirs(&out[0].datagram);
+    let (net, tun) = p.deliver_to_theirs(&out[0].datagram);
     assert!(
         net.is_empty() && tun.is_empty(),
         "boringtun accepts the keepalive silently"
     );
     // And boringtun's keepalive (an empty packet) reaches us as one.
     let k = p.their_encapsulate(&[]);
-    assert_eq!(p.to_ours(&k).unwrap().0, Received::Keepalive { peer: 0 });
+    assert_eq!(p.deliver_to_ours(&k).unwrap().0, Received::Keepalive { peer: 0 });
 }
 
 #[test]
@@ -219,7 +219,7 @@ fn rekey_after_time_loses_nothing_in_flight() {
     // Sending on an old session wants a rekey; the packet still goes out.
     let ours = packet(host(OUR_NET, 5), host(THEIR_NET, 5), 2);
     let d = p.our_send(&ours).unwrap();
-    assert_eq!(p.to_theirs(&d).1, vec![ours]);
+    assert_eq!(p.deliver_to_theirs(&d).1, vec![ours]);
     // A packet boringtun sealed with the old session is still in flight...
     let in_flight = packet(host(THEIR_NET, 5), host(OUR_NET, 5), 3);
     let late = p.their_encapsulate(&in_flight);
@@ -227,15 +227,15 @@ fn rekey_after_time_loses_nothing_in_flight() {
     let out = p.ours.tick(p.now);
     assert_eq!(out.len(), 1, "the rekey initiation");
     assert_eq!(out[0].datagram.len(), 148);
-    let (back, _) = p.to_theirs(&out[0].datagram);
-    let (r, _) = p.to_ours(&back[0]).unwrap();
+    let (back, _) = p.deliver_to_theirs(&out[0].datagram);
+    let (r, _) = p.deliver_to_ours(&back[0]).unwrap();
     for o in sends(r) {
-        p.to_theirs(&o.datagram);
+        p.deliver_to_theirs(&o.datagram);
     }
     let new_index = p.ours.peer(0).unwrap().current.as_ref().unwrap().local_index;
     assert_ne!(old_index, new_index, "a new session is current");
     // The old session still opens what was in flight.
-    Pair::expect_data(p.to_ours(&late).unwrap(), &in_flight);
+    Pair::expect_data(p.deliver_to_ours(&late).unwrap(), &in_flight);
     // And new traffic flows on the new session both ways.
     let ours = packet(host(OUR_NET, 5), host(THEIR_NET, 5), 4);
     let d = p.our_send(&ours).unwrap();
@@ -243,10 +243,10 @@ fn rekey_after_time_loses_nothing_in_flight() {
         u32::from_le_bytes(d[4..8].try_into().unwrap()),
         p.ours.peer(0).unwrap().current.as_ref().unwrap().remote_index
     );
-    assert_eq!(p.to_theirs(&d).1, vec![ours]);
+    assert_eq!(p.deliver_to_theirs(&d).1, vec![ours]);
     let theirs = packet(host(THEIR_NET, 5), host(OUR_NET, 5), 5);
     let d = p.their_encapsulate(&theirs);
-    Pair::expect_data(p.to_ours(&d).unwrap(), &theirs);
+    Pair::expect_data(p.deliver_to_ours(&d).unwrap(), &theirs);
 }
 
 #[test]
@@ -259,13 +259,17 @@ fn rekey_after_messages() {
     let ours = packet(host(OUR_NET, 5), host(THEIR_NET, 5), 2);
     let d = p.our_send(&ours).unwrap();
     assert_eq!(u64::from_le_bytes(d[8..16].try_into().unwrap()), REKEY_AFTER_MESSAGES);
-    assert_eq!(p.to_theirs(&d).1, vec![ours], "boringtun accepts a counter of 2^60");
+    assert_eq!(
+        p.deliver_to_theirs(&d).1,
+        vec![ours],
+        "boringtun accepts a counter of 2^60"
+    );
     // Initiations are at most one per REKEY_TIMEOUT; the last was at the start.
     p.advance(Duration::from_secs(6));
     let out = p.ours.tick(p.now);
     assert_eq!(out.len(), 1, "REKEY_AFTER_MESSAGES starts a handshake");
-    let (back, _) = p.to_theirs(&out[0].datagram);
-    let (r, _) = p.to_ours(&back[0]).unwrap();
+    let (back, _) = p.deliver_to_theirs(&out[0].datagram);
+    let (r, _) = p.deliver_to_ours(&back[0]).unwrap();
     let _ = sends(r);
     assert!(!Arc::ptr_eq(p.ours.peer(0).unwrap().current.as_ref().unwrap(), &s));
 }
@@ -276,7 +280,7 @@ fn sessions_expire_after_reject_after_time() {
     p.handshake_from_ours(1);
     let d = p.their_encapsulate(&packet(host(THEIR_NET, 5), host(OUR_NET, 5), 9));
     p.advance(REJECT_AFTER_TIME);
-    assert_eq!(p.to_ours(&d).unwrap_err(), WgError::Expired);
+    assert_eq!(p.deliver_to_ours(&d).unwrap_err(), WgError::Expired);
     // Nothing can be sent on it either: the packet is queued for a new handshake.
     assert_eq!(p.our_send(&packet(host(OUR_NET, 5), host(THEIR_NET, 5), 1)), None);
 }
@@ -286,10 +290,10 @@ fn we_send_a_cookie_under_load_and_boringtun_retries_with_mac2() {
     let mut p = Pair::new(100, None);
     p.ours.cookies.force_under_load(true);
     let init = p.their_encapsulate(&packet(host(THEIR_NET, 2), host(OUR_NET, 3), 1));
-    let (r, _) = p.to_ours(&init).unwrap();
+    let (r, _) = p.deliver_to_ours(&init).unwrap();
     let reply = sends(r);
     assert_eq!(reply[0].datagram.len(), 64, "a cookie reply, no handshake");
-    let (net, _) = p.to_theirs(&reply[0].datagram);
+    let (net, _) = p.deliver_to_theirs(&reply[0].datagram);
     assert!(net.is_empty(), "boringtun stores the cookie");
     // boringtun's retry carries mac2 made with our cookie.
     let retry = match p.theirs.format_handshake_initiation(&mut p.buf, true) {
@@ -297,7 +301,7 @@ fn we_send_a_cookie_under_load_and_boringtun_retries_with_mac2() {
         other => panic!("{other:?}"),
     };
     assert_ne!(&retry[132..148], &[0u8; 16], "mac2 is set");
-    let (r, _) = p.to_ours(&retry).unwrap();
+    let (r, _) = p.deliver_to_ours(&retry).unwrap();
     assert_eq!(sends(r)[0].datagram.len(), 92, "now a real response");
 }
 
@@ -306,18 +310,21 @@ fn boringtun_under_load_sends_us_a_cookie_and_our_retry_passes() {
     let mut p = Pair::new(0, None);
     p.our_send(&packet(host(OUR_NET, 5), host(THEIR_NET, 5), 1));
     let out = p.ours.tick(p.now);
-    let (back, _) = p.to_theirs(&out[0].datagram);
+    let (back, _) = p.deliver_to_theirs(&out[0].datagram);
     assert_eq!(back[0].len(), 64, "boringtun under load answers with a cookie reply");
-    assert_eq!(p.to_ours(&back[0]).unwrap().0, Received::CookieStored { peer: 0 });
+    assert_eq!(
+        p.deliver_to_ours(&back[0]).unwrap().0,
+        Received::CookieStored { peer: 0 }
+    );
     // Our retransmission (after REKEY_TIMEOUT and jitter) carries mac2.
     p.advance(Duration::from_millis(5400));
     let out = p.ours.tick(p.now);
     assert_eq!(out.len(), 1, "retransmitted initiation");
     assert_ne!(&out[0].datagram[132..148], &[0u8; 16], "mac2 is set");
-    let (back, _) = p.to_theirs(&out[0].datagram);
+    let (back, _) = p.deliver_to_theirs(&out[0].datagram);
     assert_eq!(back[0].len(), 92, "boringtun accepts it and responds");
-    let (r, _) = p.to_ours(&back[0]).unwrap();
-    let (_, tun) = p.to_theirs(&sends(r)[0].datagram);
+    let (r, _) = p.deliver_to_ours(&back[0]).unwrap();
+    let (_, tun) = p.deliver_to_theirs(&sends(r)[0].datagram);
     assert_eq!(tun.len(), 1, "the queued packet arrives");
 }
 
@@ -325,19 +332,19 @@ fn boringtun_under_load_sends_us_a_cookie_and_our_retry_passes() {
 fn replayed_data_and_initiations_are_refused() {
     let mut p = Pair::new(100, None);
     let init = p.their_encapsulate(&packet(host(THEIR_NET, 2), host(OUR_NET, 3), 1));
-    let (r, _) = p.to_ours(&init).unwrap();
+    let (r, _) = p.deliver_to_ours(&init).unwrap();
     assert_eq!(
-        p.to_ours(&init).unwrap_err(),
+        p.deliver_to_ours(&init).unwrap_err(),
         WgError::ReplayedInitiation,
         "same TAI64N twice"
     );
-    let (back, _) = p.to_theirs(&sends(r)[0].datagram);
+    let (back, _) = p.deliver_to_theirs(&sends(r)[0].datagram);
     for d in &back {
-        p.to_ours(d).unwrap();
+        p.deliver_to_ours(d).unwrap();
     }
     let d = p.their_encapsulate(&packet(host(THEIR_NET, 2), host(OUR_NET, 3), 2));
-    assert!(matches!(p.to_ours(&d).unwrap().0, Received::Data { .. }));
-    assert_eq!(p.to_ours(&d).unwrap_err(), WgError::Replayed);
+    assert!(matches!(p.deliver_to_ours(&d).unwrap().0, Received::Data { .. }));
+    assert_eq!(p.deliver_to_ours(&d).unwrap_err(), WgError::Replayed);
 }
 
 #[test]
@@ -348,21 +355,25 @@ fn tampered_and_unknown_messages_are_refused() {
     for i in [16, 20, d.len() - 1] {
         let mut t = d.clone();
         t[i] ^= 0x40;
-        assert_eq!(p.to_ours(&t).unwrap_err(), WgError::DecryptFailed, "flip at byte {i}");
+        assert_eq!(
+            p.deliver_to_ours(&t).unwrap_err(),
+            WgError::DecryptFailed,
+            "flip at byte {i}"
+        );
     }
     let mut t = d.clone();
     t[4] ^= 0xff;
-    assert_eq!(p.to_ours(&t).unwrap_err(), WgError::UnknownIndex);
+    assert_eq!(p.deliver_to_ours(&t).unwrap_err(), WgError::UnknownIndex);
     // The genuine packet still opens after the forgeries.
-    assert!(matches!(p.to_ours(&d).unwrap().0, Received::Data { .. }));
+    assert!(matches!(p.deliver_to_ours(&d).unwrap().0, Received::Data { .. }));
     // A tampered initiation fails mac1.
     let mut q = Pair::new(100, None);
     let mut init = q.their_encapsulate(&packet(host(THEIR_NET, 2), host(OUR_NET, 3), 1));
     init[40] ^= 1;
-    assert_eq!(q.to_ours(&init).unwrap_err(), WgError::BadMac1);
+    assert_eq!(q.deliver_to_ours(&init).unwrap_err(), WgError::BadMac1);
     // A packet from a source outside the peer's allowed IPs is refused.
     let spoof = p.their_encapsulate(&packet([10, 9, 9, 9], host(OUR_NET, 3), 3));
-    assert_eq!(p.to_ours(&spoof).unwrap_err(), WgError::NotAllowed);
+    assert_eq!(p.deliver_to_ours(&spoof).unwrap_err(), WgError::NotAllowed);
 }
 
 #[test]
@@ -370,7 +381,7 @@ fn boringtun_refuses_our_replays_too() {
     let mut p = Pair::new(100, None);
     p.handshake_from_ours(1);
     let d = p.our_send(&packet(host(OUR_NET, 5), host(THEIR_NET, 5), 2)).unwrap();
-    assert_eq!(p.to_theirs(&d).1.len(), 1);
+    assert_eq!(p.deliver_to_theirs(&d).1.len(), 1);
     let src: IpAddr = OURS.parse::<SocketAddr>().unwrap().ip();
     assert!(matches!(
         p.theirs.decapsulate(Some(src), &d, &mut p.buf),
