@@ -7,6 +7,7 @@
 pub mod error;
 pub mod fib;
 pub mod forward;
+pub mod fxhash;
 pub mod netlink;
 pub mod slowpath;
 pub mod stats;

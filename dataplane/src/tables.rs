@@ -2,7 +2,8 @@
 //! control thread builds a new [`Tables`] and publishes it whole; a worker
 //! loads the current one once per batch (RCU style, no lock).
 
-use crate::fib::{Fib, FxMap, VnetId};
+use crate::fib::{Fib, VnetId};
+use crate::fxhash::FxMap;
 use crate::wire::MacAddr;
 use arc_swap::ArcSwap;
 use std::net::IpAddr;

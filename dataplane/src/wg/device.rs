@@ -599,6 +599,70 @@ mod tests {
         assert_eq!(b.receive(A.parse().unwrap(), &mut bad, now), Err(WgError::BadMac1));
     }
 
+    /// Completes a handshake a -> b; returns b's first view of a.
+    fn connect(a: &mut Device, b: &mut Device, now: Now) {
+        a.send(0, &[], now).unwrap();
+        let mut m1 = a.tick(now).remove(0).datagram;
+        let Received::Send(r) = b.receive(A.parse().unwrap(), &mut m1, now).unwrap() else {
+            panic!()
+        };
+        let mut m2 = r[0].datagram.clone();
+        let Received::Send(k) = a.receive(B.parse().unwrap(), &mut m2, now).unwrap() else {
+            panic!()
+        };
+        let mut k = k[0].datagram.clone();
+        assert_eq!(
+            b.receive(A.parse().unwrap(), &mut k, now).unwrap(),
+            Received::Keepalive { peer: 0 }
+        );
+    }
+
+    #[test]
+    fn retransmits_then_gives_up_after_rekey_attempt_time() {
+        let (mut a, _b, now) = pair();
+        a.send(0, &ipv4([10, 1, 0, 5], [10, 2, 0, 5], b"x"), now).unwrap();
+        let mut t = now;
+        let mut initiations = a.tick(t).len();
+        for _ in 0..40 {
+            t = t.plus(REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX);
+            initiations += a.tick(t).len();
+        }
+        // The first plus MAX_TIMER_HANDSHAKES retransmissions, then silence.
+        assert_eq!(initiations as u32, 1 + MAX_TIMER_HANDSHAKES);
+        let p = a.peer(0).unwrap();
+        assert!(
+            p.pending.is_none() && p.queue.is_empty(),
+            "gave up and dropped the queue"
+        );
+    }
+
+    #[test]
+    fn keys_are_wiped_after_three_reject_after_times() {
+        let (mut a, mut b, now) = pair();
+        connect(&mut a, &mut b, now);
+        assert!(a.peer(0).unwrap().current.is_some());
+        assert!(a.sessions().count() >= 1);
+        let later = now.plus(super::super::REJECT_AFTER_TIME * 3);
+        a.tick(later);
+        let p = a.peer(0).unwrap();
+        assert!(p.current.is_none() && p.previous.is_none() && p.next.is_none());
+        assert_eq!(a.sessions().count(), 0, "no index names a wiped session");
+    }
+
+    #[test]
+    fn persistent_keepalive_and_roaming() {
+        let (mut a, mut b, now) = pair();
+        a.peer_mut(0).unwrap().timers.persistent_interval = Some(Duration::from_secs(25));
+        connect(&mut a, &mut b, now);
+        let out = a.tick(now.plus(Duration::from_secs(25)));
+        assert_eq!(out.len(), 1, "persistent keepalive");
+        let mut k = out[0].datagram.clone();
+        // It arrives from a new address: b follows the peer there.
+        let roamed: SocketAddr = "198.51.100.9:40000".parse().unwrap();
+        assert_eq!(b.receive(roamed, &mut k, now).unwrap(), Received::Keepalive { peer: 0 });
+        assert_eq!(b.peer(0).unwrap().endpoint, Some(roamed));
+    }
+
     #[test]
     fn cookie_reply_under_load_then_mac2_passes() {
         let (mut a, mut b, now) = pair();

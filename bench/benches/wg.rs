@@ -1,0 +1,278 @@
+//! WireGuard transport crypto, side by side in one run:
+//!
+//! - `seal/*` and `open/*`: subway's batch path (one counter reservation
+//!   per batch of 64, ring's ChaCha20-Poly1305) against boringtun's
+//!   `Tunn::encapsulate` / `decapsulate`, one packet at a time as its API
+//!   works, at 64, 512 and 1420 bytes of plaintext, on one thread;
+//! - `seal_2threads/*`: two threads sealing for the same peer: subway's
+//!   shared session against boringtun behind the `Mutex` a multi-threaded
+//!   user of `Tunn` (`&mut self`) needs;
+//! - `aead/*`: the AEAD choice, ring against RustCrypto's chacha20poly1305.
+//!
+//! Run: `cargo bench -p subway-bench --bench wg`. Report ratios, not
+//! absolute numbers: this machine is small and shared.
+
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use std::hint::black_box;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use subway_dataplane::wg::noise::SessionKeys;
+use subway_dataplane::wg::session::{Session, TxPacket};
+
+const SIZES: [usize; 3] = [64, 512, 1420];
+const BATCH: usize = 64;
+
+/// Fixed transport keys for one side of a session.
+fn keys(initiator: bool) -> SessionKeys {
+    let (a, b) = ([0x11u8; 32], [0x22u8; 32]);
+    let (send, recv) = if initiator { (a, b) } else { (b, a) };
+    SessionKeys {
+        send: send.into(),
+        recv: recv.into(),
+        local_index: if initiator { 1 } else { 2 },
+        remote_index: if initiator { 2 } else { 1 },
+        initiator,
+    }
+}
+
+/// An IPv4 packet of `len` bytes (boringtun looks at the header).
+fn ip_packet(len: usize) -> Vec<u8> {
+    let mut p = vec![0u8; len];
+    subway_dataplane::wire::ipv4::emit(&mut p, [10, 1, 0, 1].into(), [10, 2, 0, 1].into(), 17, 64, len - 20);
+    p
+}
+
+/// Two boringtun peers with a completed handshake.
+fn tunn_pair() -> (Tunn, Tunn) {
+    let (sa, sb) = (StaticSecret::from([3u8; 32]), StaticSecret::from([4u8; 32]));
+    let (pa, pb) = (PublicKey::from(&sa), PublicKey::from(&sb));
+    let mut a = Tunn::new(sa, pb, None, None, 1, None);
+    let mut b = Tunn::new(sb, pa, None, None, 2, None);
+    let mut buf = vec![0u8; 2048];
+    let mut buf2 = vec![0u8; 2048];
+    let init = match a.format_handshake_initiation(&mut buf, false) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        _ => panic!("no initiation"),
+    };
+    let resp = match b.decapsulate(None, &init, &mut buf2) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        _ => panic!("no response"),
+    };
+    let keepalive = match a.decapsulate(None, &resp, &mut buf) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        _ => panic!("no keepalive"),
+    };
+    let _ = b.decapsulate(None, &keepalive, &mut buf2);
+    (a, b)
+}
+
+fn seal(c: &mut Criterion) {
+    let mut g = c.benchmark_group("seal");
+    for &size in &SIZES {
+        g.throughput(Throughput::Bytes((size * BATCH) as u64));
+        let session = Session::new(&keys(true), 0, Duration::ZERO);
+        let plain = ip_packet(size);
+        let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; Session::message_len(size)]).collect();
+        g.bench_with_input(BenchmarkId::new("subway", size), &size, |b, _| {
+            b.iter(|| {
+                let mut pkts: Vec<TxPacket> = bufs
+                    .iter_mut()
+                    .map(|buf| {
+                        buf[16..16 + size].copy_from_slice(&plain);
+                        TxPacket {
+                            buf: &mut buf[..],
+                            len: size,
+                        }
+                    })
+                    .collect();
+                black_box(session.seal_batch(&mut pkts).unwrap());
+            })
+        });
+        let (mut a, _) = tunn_pair();
+        let mut out = vec![0u8; size + 64];
+        g.bench_with_input(BenchmarkId::new("boringtun", size), &size, |b, _| {
+            b.iter(|| {
+                for _ in 0..BATCH {
+                    match a.encapsulate(&plain, &mut out) {
+                        TunnResult::WriteToNetwork(p) => {
+                            black_box(p.len());
+                        }
+                        _ => panic!(),
+                    }
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+fn open(c: &mut Criterion) {
+    let mut g = c.benchmark_group("open");
+    for &size in &SIZES {
+        g.throughput(Throughput::Bytes((size * BATCH) as u64));
+        let plain = ip_packet(size);
+        // Fresh counters for every message: make them outside the timing.
+        g.bench_with_input(BenchmarkId::new("subway", size), &size, |b, _| {
+            b.iter_custom(|iters| {
+                let tx = Session::new(&keys(true), 0, Duration::ZERO);
+                let rx = Session::new(&keys(false), 0, Duration::ZERO);
+                let n = iters as usize * BATCH;
+                let mut msgs: Vec<Vec<u8>> = (0..n)
+                    .map(|_| {
+                        let mut m = vec![0u8; Session::message_len(size)];
+                        m[16..16 + size].copy_from_slice(&plain);
+                        let c = tx.reserve(1).unwrap();
+                        tx.seal(c, &mut m, size).unwrap();
+                        m
+                    })
+                    .collect();
+                let t0 = Instant::now();
+                for m in msgs.iter_mut() {
+                    black_box(rx.open(m, Duration::ZERO).unwrap().len());
+                }
+                t0.elapsed()
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("boringtun", size), &size, |b, _| {
+            b.iter_custom(|iters| {
+                let (mut a, mut bt) = tunn_pair();
+                let n = iters as usize * BATCH;
+                let mut out = vec![0u8; size + 64];
+                let msgs: Vec<Vec<u8>> = (0..n)
+                    .map(|_| match a.encapsulate(&plain, &mut out) {
+                        TunnResult::WriteToNetwork(p) => p.to_vec(),
+                        _ => panic!(),
+                    })
+                    .collect();
+                let mut dst = vec![0u8; size + 64];
+                let t0 = Instant::now();
+                for m in &msgs {
+                    match bt.decapsulate(None, m, &mut dst) {
+                        TunnResult::WriteToTunnelV4(p, _) => {
+                            black_box(p.len());
+                        }
+                        other => panic!("{other:?}"),
+                    }
+                }
+                t0.elapsed()
+            })
+        });
+    }
+    g.finish();
+}
+
+/// Two threads seal for the same peer; time for both to finish `per` each.
+fn seal_2threads(c: &mut Criterion) {
+    let mut g = c.benchmark_group("seal_2threads");
+    g.sample_size(20);
+    for &size in &SIZES {
+        g.throughput(Throughput::Bytes((size * BATCH * 2) as u64));
+        let plain = ip_packet(size);
+        g.bench_with_input(BenchmarkId::new("subway", size), &size, |b, _| {
+            let session = Arc::new(Session::new(&keys(true), 0, Duration::ZERO));
+            b.iter_custom(|iters| {
+                let t0 = Instant::now();
+                std::thread::scope(|s| {
+                    for _ in 0..2 {
+                        let session = session.clone();
+                        let plain = &plain;
+                        s.spawn(move || {
+                            let mut bufs: Vec<Vec<u8>> =
+                                (0..BATCH).map(|_| vec![0u8; Session::message_len(size)]).collect();
+                            for _ in 0..iters {
+                                let mut pkts: Vec<TxPacket> = bufs
+                                    .iter_mut()
+                                    .map(|buf| {
+                                        buf[16..16 + size].copy_from_slice(plain);
+                                        TxPacket {
+                                            buf: &mut buf[..],
+                                            len: size,
+                                        }
+                                    })
+                                    .collect();
+                                black_box(session.seal_batch(&mut pkts).unwrap());
+                            }
+                        });
+                    }
+                });
+                t0.elapsed()
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("boringtun_mutex", size), &size, |b, _| {
+            let tunn = Arc::new(Mutex::new(tunn_pair().0));
+            b.iter_custom(|iters| {
+                let t0 = Instant::now();
+                std::thread::scope(|s| {
+                    for _ in 0..2 {
+                        let tunn = tunn.clone();
+                        let plain = &plain;
+                        s.spawn(move || {
+                            let mut out = vec![0u8; size + 64];
+                            for _ in 0..iters * BATCH as u64 {
+                                let mut t = tunn.lock().unwrap();
+                                match t.encapsulate(plain, &mut out) {
+                                    TunnResult::WriteToNetwork(p) => {
+                                        black_box(p.len());
+                                    }
+                                    _ => panic!(),
+                                }
+                            }
+                        });
+                    }
+                });
+                t0.elapsed()
+            })
+        });
+    }
+    g.finish();
+}
+
+fn aead(c: &mut Criterion) {
+    use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+    let mut g = c.benchmark_group("aead");
+    for &size in &SIZES {
+        g.throughput(Throughput::Bytes(size as u64));
+        let key = ring::aead::LessSafeKey::new(
+            ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &[9; 32]).unwrap(),
+        );
+        let mut buf = vec![0u8; size];
+        g.bench_with_input(BenchmarkId::new("ring", size), &size, |b, _| {
+            let mut n = 0u64;
+            b.iter(|| {
+                n += 1;
+                let mut nonce = [0u8; 12];
+                nonce[4..].copy_from_slice(&n.to_le_bytes());
+                let _ = black_box(
+                    key.seal_in_place_separate_tag(
+                        ring::aead::Nonce::assume_unique_for_key(nonce),
+                        ring::aead::Aad::empty(),
+                        &mut buf,
+                    )
+                    .unwrap(),
+                );
+            })
+        });
+        let rc = chacha20poly1305::ChaCha20Poly1305::new(&[9u8; 32].into());
+        g.bench_with_input(BenchmarkId::new("rustcrypto", size), &size, |b, _| {
+            let mut n = 0u64;
+            b.iter(|| {
+                n += 1;
+                let mut nonce = [0u8; 12];
+                nonce[4..].copy_from_slice(&n.to_le_bytes());
+                black_box(rc.encrypt_in_place_detached(&nonce.into(), &[], &mut buf).unwrap());
+            })
+        });
+    }
+    g.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+}
+
+criterion_group! { name = benches; config = config(); targets = seal, open, seal_2threads, aead }
+criterion_main!(benches);
