@@ -308,6 +308,12 @@ impl Config {
                 }
             }
         }
+        if !self.peers.is_empty() && self.interface.uplink.is_none() {
+            return Err(self.err(
+                self.interface.line,
+                "peers are configured but [Interface] has no Uplink: add `Uplink = IFNAME`, the interface toward the peers".into(),
+            ));
+        }
         if !self.peers.is_empty() && self.interface.private_key.is_none() {
             return Err(self.err(
                 self.interface.line,
@@ -761,11 +767,11 @@ mod tests {
     #[test]
     fn a_prefix_claimed_by_two_peers_is_refused() {
         let text = format!(
-            "[Interface]\nPrivateKey = {KEY_A}\n[Lan]\nInterface = lan0\n\
+            "[Interface]\nPrivateKey = {KEY_A}\nUplink = wan0\n[Lan]\nInterface = lan0\n\
              [Peer]\nPublicKey = {KEY_B}\nAllowedIPs = 10.2.0.0/24\n\
              [Peer]\nPublicKey = {KEY_C}\nAllowedIPs = 10.3.0.0/24, 10.2.0.0/24\n"
         );
-        expect_err(&text, 10, "already claimed at line 7");
+        expect_err(&text, 11, "already claimed at line 8");
         // The same prefix in another VNET is fine.
         let ok = text.replace(
             "AllowedIPs = 10.3.0.0/24, 10.2.0.0/24",
@@ -777,16 +783,21 @@ mod tests {
     #[test]
     fn peers_need_a_private_key_and_unique_public_keys() {
         expect_err(
-            &format!("[Lan]\nInterface = lan0\n[Peer]\nPublicKey = {KEY_B}\n"),
-            0,
+            &format!("[Interface]\nUplink = wan0\n[Lan]\nInterface = lan0\n[Peer]\nPublicKey = {KEY_B}\n"),
+            1,
             "no PrivateKey",
         );
         expect_err(
+            &format!("[Lan]\nInterface = lan0\n[Peer]\nPublicKey = {KEY_B}\n"),
+            0,
+            "no Uplink",
+        );
+        expect_err(
             &format!(
-                "[Interface]\nPrivateKey = {KEY_A}\n[Lan]\nInterface = lan0\n[Peer]\nPublicKey = {KEY_B}\n[Peer]\nPublicKey = {KEY_B}\n"
+                "[Interface]\nPrivateKey = {KEY_A}\nUplink = wan0\n[Lan]\nInterface = lan0\n[Peer]\nPublicKey = {KEY_B}\n[Peer]\nPublicKey = {KEY_B}\n"
             ),
-            7,
-            "already the [Peer] at line 5",
+            8,
+            "already the [Peer] at line 6",
         );
     }
 

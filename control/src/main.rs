@@ -2,6 +2,7 @@
 
 mod config;
 mod ctl;
+mod gateway;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -10,7 +11,7 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use subway_dataplane::{Dataplane, DataplaneConfig, LanConfig, stats::Counter, worker::XskStats};
+use subway_dataplane::{Dataplane, DataplaneConfig, LanConfig, PeerRoutes, stats::Counter, worker::XskStats};
 
 /// subway: a site-to-site WireGuard gateway whose packet path runs in
 /// userspace on AF_XDP.
@@ -160,26 +161,37 @@ fn dataplane_config(cfg: &Config) -> DataplaneConfig {
         cores: cfg.tuning.cores.clone(),
         xsk: cfg.tuning.xsk,
         xdp_mode: cfg.tuning.xdp_mode,
+        uplink: cfg.interface.uplink.as_ref().map(|(u, _)| u.clone()),
+        listen_port: 0,
+        peers: cfg
+            .peers
+            .iter()
+            .map(|p| PeerRoutes {
+                vnet: vnet_id(&p.vnet),
+                allowed_ips: p.allowed_ips.iter().map(|(n, _)| *n).collect(),
+            })
+            .collect(),
     }
 }
 
 fn run(path: &Path) -> Result<()> {
     let cfg = load(path)?;
     cfg.check_interfaces()?;
-    if !cfg.peers.is_empty() {
-        bail!(
-            "{}: this build forwards between [Lan] interfaces only (routed mode); WireGuard peers are not carried yet. \
-             Remove the [Peer] sections to run routed mode; `subway check` still validates them",
-            path.display()
-        );
-    }
+    // The device and its UDP sockets first: the listen port may be chosen
+    // by the kernel, and the XDP program must know it.
+    let mut gw = if cfg.peers.is_empty() {
+        None
+    } else {
+        Some(gateway::Gateway::new(&cfg)?)
+    };
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     let ctl = ctl::CtlServer::bind(&cfg.name).context("opening the control socket")?;
-    let dcfg = dataplane_config(&cfg);
+    let mut dcfg = dataplane_config(&cfg);
+    dcfg.listen_port = gw.as_ref().map(|g| g.listen_port).unwrap_or(0);
     let mut dp = Dataplane::start(&dcfg).with_context(|| format!("starting {}", cfg.name))?;
     for w in dp.workers() {
         tracing::info!(
@@ -201,30 +213,49 @@ fn run(path: &Path) -> Result<()> {
             },
         );
     }
-    tracing::info!(instance = %cfg.name, slow_path = dp.slow_path_name(), "subway is running (routed mode); `subway show {}`", cfg.name);
+    let mode = if gw.is_some() { "gateway" } else { "routed" };
+    if let Some(g) = &gw {
+        tracing::info!(listen_port = g.listen_port, peers = cfg.peers.len(), "WireGuard");
+    }
+    tracing::info!(instance = %cfg.name, slow_path = dp.slow_path_name(), "subway is running ({mode} mode); `subway show {}`", cfg.name);
 
     let started = Instant::now();
-    let mut pfd = libc::pollfd {
-        fd: ctl.fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut fds = vec![ctl.fd(), dp.slow_path().fd()];
+    if let Some(g) = &gw {
+        fds.extend(g.fds());
+    }
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: *fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     while !STOP.load(Ordering::Relaxed) {
-        // SAFETY: one valid pollfd; the timeout bounds the neighbour refresh period.
-        unsafe { libc::poll(&mut pfd, 1, 100) };
+        // SAFETY: valid pollfds; the timeout bounds timer and neighbour latency.
+        unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 50) };
         if let Some(id) = dp.dead_worker() {
             bail!("worker {id} stopped unexpectedly; exiting so that traffic falls back to the kernel");
         }
         if let Err(e) = dp.refresh_neighbours() {
             tracing::warn!("neighbour refresh: {e}");
         }
+        if let Some(g) = gw.as_mut() {
+            g.poll(&mut dp);
+        } else {
+            // Routed mode: nothing reads the TUN; drain what the kernel
+            // routes there (nothing should be).
+            let mut b = [0u8; 2048];
+            while dp.slow_path().recv(&mut b).is_ok() {}
+        }
         ctl.serve(|req| match req {
-            "show" | "" => show_json(&cfg, &dp, started).to_string(),
+            "show" | "" => show_json(&cfg, &dp, gw.as_ref(), started).to_string(),
             other => json!({"error": format!("unknown request {other:?}")}).to_string(),
         });
     }
     tracing::info!("stopping: detaching XDP and closing sockets");
-    let last = show_json(&cfg, &dp, started);
+    let last = show_json(&cfg, &dp, gw.as_ref(), started);
     dp.stop();
     drop(dp);
     tracing::info!(totals = %last["totals"], "stopped");
@@ -239,7 +270,7 @@ fn counters_json(values: &[u64]) -> Value {
     Value::Object(m)
 }
 
-fn show_json(cfg: &Config, dp: &Dataplane, started: Instant) -> Value {
+fn show_json(cfg: &Config, dp: &Dataplane, gw: Option<&gateway::Gateway>, started: Instant) -> Value {
     let mut totals = vec![0u64; Counter::COUNT];
     let mut xsk_totals = [0u64; 6];
     let workers: Vec<Value> = dp
@@ -282,7 +313,10 @@ fn show_json(cfg: &Config, dp: &Dataplane, started: Instant) -> Value {
     json!({
         "name": cfg.name,
         "pid": std::process::id(),
-        "mode": "routed",
+        "mode": if gw.is_some() { "gateway" } else { "routed" },
+        "listen_port": gw.map(|g| g.listen_port),
+        "peers": gw.map(|g| g.peers_json(cfg, dp)).unwrap_or(json!([])),
+        "control": gw.map(|g| json!(g.events)).unwrap_or(json!({})),
         "uptime_secs": started.elapsed().as_secs(),
         "slow_path": dp.slow_path_name(),
         "interfaces": t.ports.iter().map(|p| json!({"name": p.name, "ifindex": p.ifindex, "mac": p.mac.to_string(), "vnet": cfg.vnet_ids().get(p.vnet as usize)})).collect::<Vec<_>>(),

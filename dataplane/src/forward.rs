@@ -18,6 +18,8 @@ pub enum Verdict {
     SlowPath(usize, Counter),
     /// Drop and count.
     Drop(Counter),
+    /// Into the tunnel to `peer`: the IP packet is `frame[l3..l3 + ip_len]`.
+    Tunnel { peer: u32, l3: usize, ip_len: usize },
 }
 
 /// Decides and, for `Tx`, rewrites the frame in place.
@@ -71,7 +73,7 @@ pub fn route_frame(frame: &mut [u8], ingress: u16, t: &Tables) -> Verdict {
     let out = match t.fib.lookup(vnet, dst) {
         Some((_, Target::Port(p))) => p,
         Some((_, Target::Local)) => return Verdict::SlowPath(l3, Counter::SlowLocal),
-        Some((_, Target::Peer(_))) => return Verdict::Drop(Counter::DropNoTunnel),
+        Some((_, Target::Peer(peer))) => return Verdict::Tunnel { peer, l3, ip_len },
         None => return Verdict::SlowPath(l3, Counter::SlowNoRoute),
     };
     let Some(out_port) = t.ports.get(out as usize) else {
@@ -125,7 +127,7 @@ mod tests {
             neigh.insert(20, "fd02::2".parse().unwrap(), B_MAC);
         }
         Tables {
-            fib,
+            fib: fib.into(),
             neigh,
             ports: vec![
                 Port {
@@ -143,6 +145,7 @@ mod tests {
                     mtu: 1500,
                 },
             ],
+            ..Default::default()
         }
     }
 
@@ -216,7 +219,11 @@ mod tests {
         );
         assert_eq!(
             route_frame(&mut v4_frame(Ipv4Addr::new(10, 9, 1, 1), 64), 0, &t),
-            Verdict::Drop(Counter::DropNoTunnel)
+            Verdict::Tunnel {
+                peer: 3,
+                l3: 14,
+                ip_len: 46
+            }
         );
     }
 

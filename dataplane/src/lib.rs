@@ -12,6 +12,7 @@ pub mod netlink;
 pub mod slowpath;
 pub mod stats;
 pub mod tables;
+pub mod tunnel;
 pub mod wg;
 pub mod wire;
 pub mod worker;
@@ -57,7 +58,23 @@ pub struct DataplaneConfig {
     pub cores: Option<Vec<usize>>,
     pub xsk: XskOptions,
     pub xdp_mode: XdpAttach,
+    /// The interface toward the peers; it may also be a [Lan] (one-armed).
+    pub uplink: Option<String>,
+    /// WireGuard listen port (0: no tunnel).
+    pub listen_port: u16,
+    /// WireGuard peers, by id: their VNET and AllowedIPs.
+    pub peers: Vec<PeerRoutes>,
 }
+
+/// The routes a peer owns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerRoutes {
+    pub vnet: VnetId,
+    pub allowed_ips: Vec<IpNet>,
+}
+
+/// The VNET of a dedicated uplink: no routes, WireGuard only.
+pub const UPLINK_VNET: VnetId = u32::MAX;
 
 /// A started worker as the control thread sees it.
 pub struct WorkerHandle {
@@ -170,6 +187,31 @@ impl Dataplane {
                 vnet: lan.vnet,
             });
         }
+        for (id, p) in cfg.peers.iter().enumerate() {
+            for net in &p.allowed_ips {
+                fib.insert(p.vnet, *net, Target::Peer(id as u32))
+                    .map_err(|e| Error::msg(format!("peer {id} AllowedIPs: {e}")))?;
+            }
+        }
+        let uplink = match &cfg.uplink {
+            None => None,
+            Some(name) => match ports.iter().position(|p| &p.name == name) {
+                Some(i) => Some(i as u16),
+                None => {
+                    let link = netlink::link_by_name(name)
+                        .map_err(|e| Error::io(format!("reading interface {name}"), e))?
+                        .ok_or_else(|| Error::msg(format!("uplink interface {name} does not exist")))?;
+                    ports.push(Port {
+                        mtu: link.mtu,
+                        name: name.clone(),
+                        ifindex: link.ifindex,
+                        mac: link.mac,
+                        vnet: UPLINK_VNET,
+                    });
+                    Some((ports.len() - 1) as u16)
+                }
+            },
+        };
         for (vnet, host) in locals {
             // Two interfaces with one address is odd but harmless.
             let _ = fib.insert(vnet, host, Target::Local);
@@ -179,9 +221,22 @@ impl Dataplane {
         let mut neigh_scratch = Vec::new();
         let neigh = read_neighbours(&mut netlink, &ports, &mut neigh_scratch)?;
         let tables = tables::shared(Tables {
-            fib: fib.clone(),
+            fib: Arc::new(fib.clone()),
             neigh,
             ports: ports.clone(),
+            peers: cfg
+                .peers
+                .iter()
+                .map(|p| tables::PeerRt {
+                    vnet: p.vnet,
+                    session: None,
+                    path: None,
+                    stats: Arc::default(),
+                })
+                .collect(),
+            sessions: Default::default(),
+            uplink,
+            listen_port: cfg.listen_port,
         });
 
         let slow = Arc::new(
@@ -189,8 +244,32 @@ impl Dataplane {
                 .map_err(|e| Error::io(format!("creating the slow-path TUN {}", tun_name(&cfg.name)), e))?,
         );
 
+        // The kernel's routes to the peers' prefixes point at the TUN, so
+        // that what the kernel forwards or sends there (first packets before
+        // a handshake, the gateway's own traffic) reaches the control thread
+        // and the tunnel, never the uplink in clear.
+        for p in &cfg.peers {
+            for net in p.allowed_ips.iter().filter(|_| p.vnet == 0) {
+                let fam = if net.addr().is_ipv4() { "-4" } else { "-6" };
+                let out = std::process::Command::new("ip")
+                    .args([fam, "route", "replace", &net.trunc().to_string(), "dev", slow.name()])
+                    .output()
+                    .map_err(|e| Error::io("running ip route", e))?;
+                if !out.status.success() {
+                    return Err(Error::msg(format!(
+                        "adding the kernel route {net} dev {}: {}",
+                        slow.name(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+            }
+        }
+
         // XDP maps first, attachment last: until then the kernel has it all.
         let mut xdp = XdpSteering::load()?;
+        if cfg.listen_port != 0 {
+            xdp.add_listen(subway_common::ListenKey::any(cfg.listen_port))?;
+        }
         for (i, p) in ports.iter().enumerate() {
             xdp.set_iface(
                 p.ifindex,
@@ -324,6 +403,38 @@ impl Dataplane {
 
     pub fn slow_path_name(&self) -> &str {
         self.slow.name()
+    }
+
+    pub fn slow_path(&self) -> &SlowPath {
+        &self.slow
+    }
+
+    /// Publishes new tables made by `f` from the current ones. Workers see
+    /// them from their next batch.
+    pub fn publish(&self, f: impl FnOnce(&mut Tables)) {
+        let mut next = (*self.tables.load_full()).clone();
+        f(&mut next);
+        self.tables.store(Arc::new(next));
+    }
+
+    /// Reads the kernel's route and neighbour entry toward `dst` and, if
+    /// it leaves through the uplink with a known next hop, the path.
+    pub fn outer_path(&mut self, dst: std::net::SocketAddr, listen_port: u16) -> Option<tunnel::OuterPath> {
+        let t = self.tables.load();
+        let up = t.ports.get(t.uplink? as usize)?;
+        let r = self.netlink.route_get(dst.ip()).ok()??;
+        if r.oif != up.ifindex {
+            return None;
+        }
+        let hop = r.gateway.unwrap_or(dst.ip());
+        let mac = t.neigh.get(up.ifindex, hop)?;
+        let src = std::net::SocketAddr::new(r.src?, listen_port);
+        Some(tunnel::OuterPath {
+            src_mac: up.mac,
+            dst_mac: mac,
+            src,
+            dst,
+        })
     }
 
     /// Re-reads the kernel's neighbour table and publishes new tables if

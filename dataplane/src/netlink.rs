@@ -9,6 +9,7 @@ use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage, AddressScope},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+    route::{RouteAddress, RouteAttribute, RouteMessage},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use std::ffi::CString;
@@ -69,6 +70,14 @@ pub fn link_by_name(name: &str) -> io::Result<Option<Link>> {
         rx_queues,
         kind,
     }))
+}
+
+/// The answer to a route lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteInfo {
+    pub oif: u32,
+    pub gateway: Option<IpAddr>,
+    pub src: Option<IpAddr>,
 }
 
 /// A kernel neighbour entry with a usable link-layer address.
@@ -167,6 +176,53 @@ impl Netlink {
                 });
             }
         })
+    }
+
+    /// The kernel's route to `dst` (like `ip route get`): output interface,
+    /// next-hop gateway if any, and preferred source address.
+    pub fn route_get(&mut self, dst: IpAddr) -> io::Result<Option<RouteInfo>> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut rm = RouteMessage::default();
+        let (fam, addr, len) = match dst {
+            IpAddr::V4(a) => (AddressFamily::Inet, RouteAddress::Inet(a), 32),
+            IpAddr::V6(a) => (AddressFamily::Inet6, RouteAddress::Inet6(a), 128),
+        };
+        rm.header.address_family = fam;
+        rm.header.destination_prefix_length = len;
+        rm.attributes.push(RouteAttribute::Destination(addr));
+        let mut hdr = NetlinkHeader::default();
+        hdr.flags = NLM_F_REQUEST;
+        hdr.sequence_number = self.seq;
+        let mut msg = NetlinkMessage::new(hdr, NetlinkPayload::from(RouteNetlinkMessage::GetRoute(rm)));
+        msg.finalize();
+        let mut out = vec![0u8; msg.header.length as usize];
+        msg.serialize(&mut out);
+        self.sock.send(&out, 0)?;
+        let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
+        let m: NetlinkMessage<RouteNetlinkMessage> = NetlinkMessage::deserialize(&self.buf[..n])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("netlink: {e}")))?;
+        let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) = m.payload else {
+            return Ok(None);
+        };
+        let ip = |a: &RouteAddress| match a {
+            RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
+            RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+            _ => None,
+        };
+        let mut info = RouteInfo {
+            oif: 0,
+            gateway: None,
+            src: None,
+        };
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Oif(i) => info.oif = *i,
+                RouteAttribute::Gateway(g) => info.gateway = ip(g),
+                RouteAttribute::PrefSource(p) => info.src = ip(p),
+                _ => {}
+            }
+        }
+        Ok((info.oif != 0).then_some(info))
     }
 
     /// The addresses (with their prefix) configured on `ifindex`, skipping

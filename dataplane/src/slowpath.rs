@@ -71,6 +71,22 @@ impl SlowPath {
         &self.name
     }
 
+    /// The device's fd, for poll(); reading is the control thread's job.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Reads one IP packet the kernel routed into the TUN (non-blocking).
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: reads into a valid, writable slice from our own fd.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
     /// Hands one IP packet to the kernel. Non-blocking: a full queue is an
     /// error the caller counts.
     #[inline]

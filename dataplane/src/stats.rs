@@ -52,6 +52,24 @@ counters! {
     DropTxRingFull = "drop_tx_ring_full",
     DropSlowPathFailed = "drop_slow_path_failed",
     DropNoTunnel = "drop_no_tunnel",
+    /// Tunnel: frames sealed and sent to a peer, and opened from one.
+    TunnelTx = "tunnel_tx",
+    TunnelRx = "tunnel_rx",
+    RxKeepalives = "rx_keepalives",
+    /// Tunnel: no session or path yet, handed to the control thread via the kernel.
+    SlowNoSession = "slow_no_session",
+    DropOuterMalformed = "drop_outer_malformed",
+    DropWgNotData = "drop_wg_not_data",
+    DropWgUnknownIndex = "drop_wg_unknown_index",
+    DropWgDecryptFailed = "drop_wg_decrypt_failed",
+    DropWgReplayed = "drop_wg_replayed",
+    DropWgExpired = "drop_wg_expired",
+    /// Cryptokey routing: the inner source is not in the peer's AllowedIPs.
+    DropNotAllowed = "drop_not_allowed",
+    DropInnerMalformed = "drop_inner_malformed",
+    DropTooBigForTunnel = "drop_too_big_for_tunnel",
+    /// TCP SYNs whose MSS was lowered to fit the tunnel.
+    MssClamped = "mss_clamped",
 }
 
 impl Counter {

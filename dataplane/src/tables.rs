@@ -4,10 +4,13 @@
 
 use crate::fib::{Fib, VnetId};
 use crate::fxhash::FxMap;
+use crate::tunnel::OuterPath;
+use crate::wg::session::Session;
 use crate::wire::MacAddr;
 use arc_swap::ArcSwap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 /// A LAN interface the dataplane sends and receives on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,12 +69,53 @@ impl NeighTable {
     }
 }
 
+/// Per-peer traffic counters, shared by the workers (one atomic add per
+/// peer per batch) and kept across table publications.
+#[derive(Debug, Default)]
+pub struct PeerStats {
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub rx_keepalives: AtomicU64,
+}
+
+/// What the workers know about a WireGuard peer.
+#[derive(Clone)]
+pub struct PeerRt {
+    pub vnet: VnetId,
+    /// The session to send on (current, or a next one the peer confirmed).
+    pub session: Option<Arc<Session>>,
+    /// How to reach the peer's endpoint on the uplink; None until the
+    /// endpoint and its next hop are known (the kernel path sends then).
+    pub path: Option<OuterPath>,
+    pub stats: Arc<PeerStats>,
+}
+
+impl std::fmt::Debug for PeerRt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerRt")
+            .field("vnet", &self.vnet)
+            .field("session", &self.session.as_ref().map(|s| s.local_index))
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
 /// One published snapshot.
 #[derive(Clone, Debug, Default)]
 pub struct Tables {
-    pub fib: Fib,
+    pub fib: Arc<Fib>,
     pub neigh: NeighTable,
     pub ports: Vec<Port>,
+    /// WireGuard peers, by peer id.
+    pub peers: Vec<PeerRt>,
+    /// Sessions by our receiver index.
+    pub sessions: FxMap<u32, Arc<Session>>,
+    /// The port WireGuard datagrams leave from and arrive on.
+    pub uplink: Option<u16>,
+    /// Our WireGuard listen port (0: none).
+    pub listen_port: u16,
 }
 
 /// The publication point shared by the control thread and the workers.

@@ -104,6 +104,100 @@ impl XskOptions {
 /// Frames that wait on a TX ring before the kernel is kicked under load.
 const KICK_THRESHOLD: u32 = 32;
 
+/// The uplink's receive path: WireGuard data datagrams to LAN frames.
+mod tunnel_rx {
+    use crate::fib::Target;
+    use crate::forward::Verdict;
+    use crate::stats::Counter;
+    use crate::tables::Tables;
+    use crate::tunnel::{parse_inner, parse_outer, to_lan_frame};
+    use crate::wg::WgError;
+    use crate::wg::messages::{DATA_HEADER_LEN, DATA_MIN_LEN, TYPE_DATA};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    /// A UDP datagram to our listen port carrying a data message?
+    #[inline]
+    pub fn is_wireguard(frame: &[u8], listen_port: u16) -> bool {
+        listen_port != 0
+            && parse_outer(frame).is_some_and(|r| {
+                let l4 = r.msg_start - 8;
+                u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]) == listen_port
+            })
+    }
+
+    /// Opens a data message and turns it into a LAN frame in place.
+    /// Returns the verdict and the frame's new length.
+    pub fn decapsulate(buf: &mut [u8], len: usize, t: &Tables, now: Duration) -> (Verdict, usize) {
+        let drop = |c| (Verdict::Drop(c), len);
+        let Some(r) = parse_outer(&buf[..len]) else {
+            return drop(Counter::DropOuterMalformed);
+        };
+        let msg = &mut buf[r.msg_start..r.msg_end];
+        if msg.len() < DATA_MIN_LEN || msg[0] != TYPE_DATA {
+            return drop(Counter::DropWgNotData);
+        }
+        let receiver = u32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]]);
+        let Some(session) = t.sessions.get(&receiver) else {
+            return drop(Counter::DropWgUnknownIndex);
+        };
+        let plain_len = match session.open(msg, now) {
+            Ok(p) => p.len(),
+            Err(WgError::Replayed) => return drop(Counter::DropWgReplayed),
+            Err(WgError::Expired) => return drop(Counter::DropWgExpired),
+            Err(_) => return drop(Counter::DropWgDecryptFailed),
+        };
+        let Some(peer) = t.peers.get(session.peer as usize) else {
+            return drop(Counter::DropWgUnknownIndex);
+        };
+        if plain_len == 0 {
+            peer.stats.rx_keepalives.fetch_add(1, Ordering::Relaxed);
+            return drop(Counter::RxKeepalives);
+        }
+        let start = r.msg_start + DATA_HEADER_LEN;
+        let Some(inner) = parse_inner(&buf[start..start + plain_len]) else {
+            return drop(Counter::DropInnerMalformed);
+        };
+        // Cryptokey routing: the source must route back to this very peer.
+        if !matches!(t.fib.lookup(peer.vnet, inner.src), Some((_, Target::Peer(p))) if p == session.peer) {
+            return drop(Counter::DropNotAllowed);
+        }
+        peer.stats.rx_packets.fetch_add(1, Ordering::Relaxed);
+        peer.stats.rx_bytes.fetch_add(inner.len as u64, Ordering::Relaxed);
+        enum Next {
+            Lan(u16, crate::wire::MacAddr, crate::wire::MacAddr),
+            Kernel(Counter),
+        }
+        let next = match t.fib.lookup(peer.vnet, inner.dst) {
+            Some((_, Target::Port(p))) => match t.ports.get(p as usize) {
+                None => Next::Kernel(Counter::SlowNoRoute),
+                Some(_) if inner.ttl <= 1 => Next::Kernel(Counter::SlowTtlExpired),
+                Some(out) if inner.len > out.mtu as usize => Next::Kernel(Counter::SlowTooBig),
+                Some(out) => match t.neigh.get(out.ifindex, inner.dst) {
+                    Some(mac) => Next::Lan(p, mac, out.mac),
+                    None => Next::Kernel(Counter::SlowNeighUnknown),
+                },
+            },
+            Some((_, Target::Local)) => Next::Kernel(Counter::SlowLocal),
+            _ => Next::Kernel(Counter::SlowNoRoute),
+        };
+        if let Some(up) = t.uplink.and_then(|u| t.ports.get(u as usize)) {
+            let _ = crate::tunnel::clamp_mss(
+                &mut buf[start..start + inner.len],
+                up.mtu.saturating_sub(crate::tunnel::TUNNEL_OVERHEAD),
+            );
+        }
+        match next {
+            Next::Lan(p, dst_mac, src_mac) => (Verdict::Tx(p), to_lan_frame(buf, start, inner.len, dst_mac, src_mac)),
+            Next::Kernel(c) => {
+                // Hand the inner packet, untouched, to the kernel.
+                buf.copy_within(start..start + inner.len, 0);
+                (Verdict::SlowPath(0, c), inner.len)
+            }
+        }
+    }
+}
+
 /// Loops a frame may wait on a TX ring for company before a kick.
 const KICK_AFTER_LOOPS: u32 = 8;
 
@@ -314,11 +408,13 @@ impl Worker {
             .collect();
 
         let mut empty_polls = 0u32;
+        let mut tunnel_pending: Vec<(FrameDesc, u32, usize, usize)> = Vec::with_capacity(batch * self.socks.len());
         while !stop.load(Ordering::Relaxed) {
             self.reclaim(&mut descs);
             self.refill();
 
             let snap = tables.load();
+            let now = crate::wg::Now::system().mono;
             let mut got = 0usize;
             for i in 0..self.socks.len() {
                 // SAFETY: descs are plain slots the RX ring writes into.
@@ -330,19 +426,34 @@ impl Worker {
                 tally.inc(Counter::RxBatches);
                 tally.add(Counter::RxPackets, n as u64);
                 let ingress = self.socks[i].port;
+                let from_uplink = snap.uplink == Some(ingress);
                 for d in descs.iter_mut().take(n) {
                     let (verdict, v6) = {
                         // SAFETY: the frame came off our RX ring, so the
                         // kernel is done with it and nothing else refers to it.
                         let mut data = unsafe { self.umem.data_mut(d) };
-                        let frame = data.contents_mut();
-                        tally.add(Counter::RxBytes, frame.len() as u64);
-                        let mut v = route_frame(frame, ingress, &snap);
-                        if let Verdict::SlowPath(l3, _) = v
-                            && slow.send(&frame[l3..]).is_err()
-                        {
-                            v = Verdict::Drop(Counter::DropSlowPathFailed);
-                        }
+                        let len = data.contents().len();
+                        tally.add(Counter::RxBytes, len as u64);
+                        let v = if from_uplink && tunnel_rx::is_wireguard(data.contents(), snap.listen_port) {
+                            // Open in place, using the frame's whole capacity.
+                            let cap = data.cursor().buf_len();
+                            data.cursor().set_pos(cap);
+                            let (v, new_len) = tunnel_rx::decapsulate(data.contents_mut(), len, &snap, now);
+                            data.cursor().set_pos(new_len);
+                            if matches!(v, Verdict::Tx(_) | Verdict::SlowPath(..)) {
+                                tally.inc(Counter::TunnelRx);
+                            }
+                            v
+                        } else {
+                            route_frame(data.contents_mut(), ingress, &snap)
+                        };
+                        let frame = data.contents();
+                        let v = match v {
+                            Verdict::SlowPath(l3, _) if slow.send(&frame[l3..]).is_err() => {
+                                Verdict::Drop(Counter::DropSlowPathFailed)
+                            }
+                            v => v,
+                        };
                         (v, frame.len() > 13 && frame[12] == 0x86)
                     };
                     match verdict {
@@ -356,12 +467,16 @@ impl Worker {
                                 self.free.push(*d);
                             }
                         },
+                        Verdict::Tunnel { peer, l3, ip_len } => tunnel_pending.push((*d, peer, l3, ip_len)),
                         Verdict::SlowPath(_, reason) | Verdict::Drop(reason) => {
                             tally.inc(reason);
                             self.free.push(*d);
                         }
                     }
                 }
+            }
+            if !tunnel_pending.is_empty() {
+                self.encapsulate_pending(&mut tunnel_pending, &snap, slow, now, &mut tally);
             }
             // Kick now if the rings were empty: nothing more is coming soon.
             self.transmit(&mut tally, got == 0);
@@ -438,6 +553,91 @@ impl Worker {
             s.unkicked = 0;
             s.unkicked_loops = 0;
         }
+    }
+
+    /// Seals every frame bound for a peer, one counter reservation per peer
+    /// per batch, and stages it on the uplink. Frames for a peer with no
+    /// session (or no known path) go to the kernel, whose routes send them
+    /// to the control thread through the slow-path TUN.
+    fn encapsulate_pending(
+        &mut self,
+        pending: &mut Vec<(FrameDesc, u32, usize, usize)>,
+        snap: &crate::tables::Tables,
+        slow: &SlowPath,
+        now: std::time::Duration,
+        tally: &mut Tally,
+    ) {
+        let uplink = snap.uplink.map(|u| u as usize).filter(|u| *u < self.socks.len());
+        let mut i = 0;
+        while i < pending.len() {
+            let peer = pending[i].1;
+            // This peer's frames in this batch: pending[i..j] after a stable
+            // partition (one peer is the common case, so usually all).
+            let mut j = i;
+            for k in i..pending.len() {
+                if pending[k].1 == peer {
+                    pending.swap(j, k);
+                    j += 1;
+                }
+            }
+            let rt = snap.peers.get(peer as usize);
+            let ready = rt.and_then(|r| Some((r.session.as_ref().filter(|s| s.can_send(now))?, r.path.as_ref()?, r)));
+            let first = match (ready, uplink) {
+                (Some((s, _, _)), Some(_)) => s.reserve((j - i) as u64).ok(),
+                _ => None,
+            };
+            for (k, (mut d, _, l3, ip_len)) in pending[i..j].iter().copied().enumerate() {
+                // SAFETY: the frame is ours (taken off an RX ring this batch).
+                let mut data = unsafe { self.umem.data_mut(&mut d) };
+                let (Some(counter), Some((session, path, rt)), Some(up)) = (first, ready, uplink) else {
+                    let frame = data.contents();
+                    let reason = if slow.send(&frame[l3..l3 + ip_len]).is_ok() {
+                        Counter::SlowNoSession
+                    } else {
+                        Counter::DropSlowPathFailed
+                    };
+                    tally.inc(reason);
+                    self.free.push(d);
+                    continue;
+                };
+                let tunnel_mtu = snap.ports[up].mtu.saturating_sub(crate::tunnel::TUNNEL_OVERHEAD);
+                if ip_len as u32 > tunnel_mtu {
+                    // TODO(ICMP): answer "fragmentation needed" / "packet too big".
+                    tally.inc(Counter::DropTooBigForTunnel);
+                    self.free.push(d);
+                    continue;
+                }
+                let cap = data.cursor().buf_len();
+                data.cursor().set_pos(cap);
+                let buf = data.contents_mut();
+                if crate::tunnel::clamp_mss(&mut buf[l3..l3 + ip_len], tunnel_mtu) {
+                    tally.inc(Counter::MssClamped);
+                }
+                if buf[l3] >> 4 == 6 {
+                    if let Ok(mut ip) = crate::wire::Ipv6Packet::new_checked(&mut buf[l3..l3 + ip_len]) {
+                        ip.decrement_hop_limit();
+                    }
+                } else if let Ok(mut ip) = crate::wire::Ipv4Packet::new_checked(&mut buf[l3..l3 + ip_len]) {
+                    ip.decrement_ttl();
+                }
+                match crate::tunnel::encapsulate(buf, l3, ip_len, session, counter + k as u64, path) {
+                    Ok(n) => {
+                        data.cursor().set_pos(n);
+                        rt.stats.tx_packets.fetch_add(1, Ordering::Relaxed);
+                        rt.stats.tx_bytes.fetch_add(ip_len as u64, Ordering::Relaxed);
+                        tally.inc(Counter::TunnelTx);
+                        self.socks[up].stage.push(d);
+                    }
+                    Err(_) => {
+                        // The counter is spent; the peer tolerates the gap.
+                        tally.inc(Counter::DropTooBigForTunnel);
+                        self.free.push(d);
+                    }
+                }
+            }
+            i = j;
+        }
+        pending.clear();
     }
 
     /// Without XDP_USE_NEED_WAKEUP on the socket (busy polling, or

@@ -388,3 +388,87 @@ pub fn xdp_attached(ns: &Netns, ifname: &str) -> Result<bool> {
     let s = ns.run(&["ip", "-d", "link", "show", "dev", ifname])?;
     Ok(s.contains("prog/xdp") || s.contains(" xdp"))
 }
+
+/// A WireGuard key pair from `wg genkey` / `wg pubkey` (base64).
+pub fn wg_keypair() -> Result<(String, String)> {
+    let private = host(&["wg", "genkey"])?.trim().to_string();
+    let mut child = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running wg pubkey (wireguard-tools)")?;
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(private.as_bytes())?;
+    let out = child.wait_with_output()?;
+    Ok((private, String::from_utf8_lossy(&out.stdout).trim().to_string()))
+}
+
+/// Two sites joined over an "internet" link:
+///
+/// ```text
+///  a (10.1.0.2 fd01::2) ─ lan0 [gwa] wan0 ══ wan0 [gwb] lan0 ─ b (10.2.0.2 fd02::2)
+///                          10.1.0.1   192.0.2.1   192.0.2.2   10.2.0.1
+///                          fd01::1    2001:db8::1 2001:db8::2 fd02::1
+/// ```
+/// The gateways do not forward between their LAN and the internet by
+/// themselves for the remote site: nothing but the tunnel reaches the far
+/// subnet (their kernels have no route to it).
+pub struct TwoSites {
+    pub a: Netns,
+    pub gwa: Netns,
+    pub gwb: Netns,
+    pub b: Netns,
+    pub keys_a: (String, String),
+    pub keys_b: (String, String),
+}
+
+impl TwoSites {
+    pub fn new() -> Result<Self> {
+        let t = TwoSites {
+            a: Netns::new("a")?,
+            gwa: Netns::new("ga")?,
+            gwb: Netns::new("gb")?,
+            b: Netns::new("b")?,
+            keys_a: wg_keypair()?,
+            keys_b: wg_keypair()?,
+        };
+        veth(&t.a, "eth0", &t.gwa, "lan0")?;
+        veth(&t.gwa, "wan0", &t.gwb, "wan0")?;
+        veth(&t.b, "eth0", &t.gwb, "lan0")?;
+        t.a.sh("ip addr add 10.1.0.2/24 dev eth0 && ip -6 addr add fd01::2/64 dev eth0 nodad && ip route add default via 10.1.0.1 && ip -6 route add default via fd01::1")?;
+        t.b.sh("ip addr add 10.2.0.2/24 dev eth0 && ip -6 addr add fd02::2/64 dev eth0 nodad && ip route add default via 10.2.0.1 && ip -6 route add default via fd02::1")?;
+        t.gwa.sh("ip addr add 10.1.0.1/24 dev lan0 && ip -6 addr add fd01::1/64 dev lan0 nodad && ip addr add 192.0.2.1/24 dev wan0 && ip -6 addr add 2001:db8::1/64 dev wan0 nodad")?;
+        t.gwb.sh("ip addr add 10.2.0.1/24 dev lan0 && ip -6 addr add fd02::1/64 dev lan0 nodad && ip addr add 192.0.2.2/24 dev wan0 && ip -6 addr add 2001:db8::2/64 dev wan0 nodad")?;
+        for gw in [&t.gwa, &t.gwb] {
+            gw.sysctl("net.ipv4.ip_forward", "1")?;
+            gw.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
+        Ok(t)
+    }
+
+    /// subway's config for gateway A (`for_a`) or B; `endpoint_v6` puts the
+    /// tunnel on IPv6 outside.
+    pub fn subway_config(&self, for_a: bool, endpoint_v6: bool, extra_peer: &str) -> String {
+        let (me, peer) = if for_a {
+            (&self.keys_a, &self.keys_b)
+        } else {
+            (&self.keys_b, &self.keys_a)
+        };
+        let (remote4, remote6, remote_net4, remote_net6) = if for_a {
+            ("192.0.2.2", "2001:db8::2", "10.2.0.0/24", "fd02::/64")
+        } else {
+            ("192.0.2.1", "2001:db8::1", "10.1.0.0/24", "fd01::/64")
+        };
+        let endpoint = if endpoint_v6 {
+            format!("[{remote6}]:51820")
+        } else {
+            format!("{remote4}:51820")
+        };
+        format!(
+            "[Interface]\nPrivateKey = {}\nListenPort = 51820\nUplink = wan0\n\n[Lan]\nInterface = lan0\n\n\
+             [Peer]\nPublicKey = {}\nEndpoint = {endpoint}\nAllowedIPs = {remote_net4}, {remote_net6}\n{extra_peer}\n",
+            me.0, peer.1
+        )
+    }
+}

@@ -41,8 +41,20 @@ fn tcp_echo(client: &subway_tests::Netns, server: &subway_tests::Netns, server_a
         let srv = s.spawn(move || {
             server.enter(move || -> Result<SocketAddr> {
                 let l = TcpListener::bind(bind)?;
+                l.set_nonblocking(true)?;
                 ready_tx.send(()).ok();
-                let (mut c, peer) = l.accept()?;
+                // Bounded: a client that never connects must not hang the test.
+                let t0 = std::time::Instant::now();
+                let (mut c, peer) = loop {
+                    match l.accept() {
+                        Ok(x) => break x,
+                        Err(_) if t0.elapsed() < Duration::from_secs(15) => {
+                            std::thread::sleep(Duration::from_millis(10))
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                };
+                c.set_nonblocking(false)?;
                 c.set_read_timeout(Some(Duration::from_secs(10)))?;
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {

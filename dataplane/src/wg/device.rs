@@ -426,10 +426,52 @@ impl Device {
         }))
     }
 
+    /// Traffic the workers carried for `peer` since the last call (the
+    /// fast path runs the same timer hooks as [`Device::send`] and
+    /// [`Device::receive`], in aggregate).
+    pub fn note_traffic(&mut self, peer: u32, sent_data: bool, received_data: bool, received_any: bool, now: Now) {
+        let Some(p) = self.peers.get_mut(peer as usize) else {
+            return;
+        };
+        if sent_data {
+            p.timers.data_sent(now.mono);
+            p.timers.any_authenticated_packet_sent();
+            p.timers.any_authenticated_packet_traversal(now.mono);
+            if p.current.as_ref().is_some_and(|s| Peer::rekey_due_on_send(s, now.mono)) {
+                p.want_handshake = true;
+            }
+        }
+        if received_data {
+            p.timers.data_received(now.mono);
+        }
+        if received_any {
+            p.timers.any_authenticated_packet_received();
+            p.timers.any_authenticated_packet_traversal(now.mono);
+            if p.current
+                .as_ref()
+                .is_some_and(|s| Peer::rekey_due_on_receive(s, now.mono))
+            {
+                p.want_handshake = true;
+            }
+        }
+    }
+
+    /// A counter that changes whenever sessions are added or removed.
+    pub fn generation(&self) -> u64 {
+        self.index.len() as u64 ^ ((self.index.keys().fold(0u64, |a, k| a.wrapping_add(*k as u64))) << 8)
+    }
+
     /// Runs every peer's timers and due rekeys; returns what to send.
     pub fn tick(&mut self, now: Now) -> Vec<Outgoing> {
         let mut out = Vec::new();
         for id in 0..self.peers.len() as u32 {
+            // A responder's next session the workers saw traffic on becomes current.
+            let p = &mut self.peers[id as usize];
+            if p.next.as_ref().is_some_and(|n| n.is_confirmed())
+                && let Some(dropped) = p.confirm_next()
+            {
+                self.index.remove(&dropped);
+            }
             let p = &mut self.peers[id as usize];
             let fired = p.timers.expired(now.mono);
             let mut initiate = false;

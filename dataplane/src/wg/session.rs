@@ -69,6 +69,17 @@ pub struct Session {
     confirmed: AtomicBool,
 }
 
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("local_index", &self.local_index)
+            .field("remote_index", &self.remote_index)
+            .field("peer", &self.peer)
+            .field("initiator", &self.initiator)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A packet buffer for batch encryption: the WireGuard message is built at
 /// `buf[..]`: header in `buf[..16]`, plaintext at `buf[16..16 + len]`, and
 /// room after it for padding and the tag.

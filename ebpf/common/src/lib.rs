@@ -161,10 +161,12 @@ pub enum XdpCounter {
     PassVlan,
     /// Passed: RX queue beyond MAX_QUEUES.
     PassQueueRange,
+    /// Passed: a WireGuard handshake or cookie message, for the control thread.
+    PassHandshake,
 }
 
 impl XdpCounter {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
     pub const ALL: [XdpCounter; Self::COUNT as usize] = [
         XdpCounter::Seen,
         XdpCounter::RedirectRoute,
@@ -181,6 +183,7 @@ impl XdpCounter {
         XdpCounter::PassNotForUs,
         XdpCounter::PassVlan,
         XdpCounter::PassQueueRange,
+        XdpCounter::PassHandshake,
     ];
 
     /// Name used in `subway show` and metrics.
@@ -201,6 +204,7 @@ impl XdpCounter {
             XdpCounter::PassNotForUs => "pass_not_for_us",
             XdpCounter::PassVlan => "pass_vlan",
             XdpCounter::PassQueueRange => "pass_queue_range",
+            XdpCounter::PassHandshake => "pass_handshake",
         }
     }
 }

@@ -157,9 +157,10 @@ fn classify_v4(ctx: &XdpContext, off: usize, ifindex: u32, iface: IfaceConf, que
     // WireGuard to us: UDP, first fragment (or none), to a listen address.
     let frag_off = u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff;
     if hdr[9] == IPPROTO_UDP && frag_off == 0 {
-        if let Some(port) = read_u16_be(ctx, off + ihl * 4 + 2) {
+        let l4 = off + ihl * 4;
+        if let Some(port) = read_u16_be(ctx, l4 + 2) {
             if is_listen(ListenKey::v4(dst, port), port) {
-                return Verdict::Redirect(queue_index(iface, queue), XdpCounter::RedirectListen);
+                return listen_verdict(ctx, l4, iface, queue);
             }
         }
     }
@@ -200,7 +201,7 @@ fn classify_v6(ctx: &XdpContext, off: usize, ifindex: u32, iface: IfaceConf, que
     if hdr[6] == IPPROTO_UDP {
         if let Some(port) = read_u16_be(ctx, off + 40 + 2) {
             if is_listen(ListenKey::v6(dst, port), port) {
-                return Verdict::Redirect(queue_index(iface, queue), XdpCounter::RedirectListen);
+                return listen_verdict(ctx, off + 40, iface, queue);
             }
         }
     }
@@ -215,6 +216,18 @@ fn classify_v6(ctx: &XdpContext, off: usize, ifindex: u32, iface: IfaceConf, que
     match ROUTES_V6.get(&key) {
         Some(steer) => steer_verdict(steer, hdr[7], ifindex, iface, queue),
         None => Verdict::Pass(XdpCounter::PassNoRoute),
+    }
+}
+
+/// WireGuard data messages (type 4) go to the workers; handshake and
+/// cookie messages to the kernel, where the control thread's UDP socket
+/// reads them.
+#[inline(always)]
+fn listen_verdict(ctx: &XdpContext, l4: usize, iface: IfaceConf, queue: u32) -> Verdict {
+    match ptr_at::<u8>(ctx, l4 + 8) {
+        // SAFETY: one byte checked to be inside the frame.
+        Some(p) if unsafe { *p } == 4 => Verdict::Redirect(queue_index(iface, queue), XdpCounter::RedirectListen),
+        _ => Verdict::Pass(XdpCounter::PassHandshake),
     }
 }
 

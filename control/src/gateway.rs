@@ -1,0 +1,294 @@
+//! The gateway's control thread: the WireGuard device (handshakes,
+//! cookies, timers), its UDP sockets on the listen port, the slow-path TUN
+//! reader, and the publication of sessions and paths to the workers.
+//!
+//! The workers carry data messages; everything else reaches this thread:
+//! handshake and cookie messages (the XDP program passes them to the
+//! kernel, which delivers them to our UDP socket), the packets the kernel
+//! routes into the TUN (first packets before a handshake, traffic the fast
+//! path could not finish, the gateway's own traffic), and data messages
+//! when the fast path is down.
+
+use crate::config::Config;
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use subway_dataplane::Dataplane;
+use subway_dataplane::fib::Target;
+use subway_dataplane::tables::PeerRt;
+use subway_dataplane::wg::Now;
+use subway_dataplane::wg::device::{Device, Outgoing, Received};
+use subway_dataplane::wg::peer::PeerConfig;
+
+pub struct Gateway {
+    dev: Device,
+    udp4: UdpSocket,
+    udp6: Option<UdpSocket>,
+    pub listen_port: u16,
+    last: Vec<(u64, u64, u64)>,
+    published: Vec<(Option<u32>, Option<subway_dataplane::tunnel::OuterPath>)>,
+    published_gen: u64,
+    /// Control-path outcomes by name (handshakes, refusals by reason).
+    pub events: BTreeMap<&'static str, u64>,
+    buf: Vec<u8>,
+}
+
+impl Gateway {
+    /// The device with the configured peers, and its UDP sockets.
+    pub fn new(cfg: &Config) -> Result<Gateway> {
+        let key = cfg.interface.private_key.context("[Interface] has no PrivateKey")?;
+        let mut dev = Device::new(key.0);
+        for p in &cfg.peers {
+            dev.add_peer(&PeerConfig {
+                public_key: p.public_key.0,
+                preshared_key: p.preshared_key.map(|k| k.0),
+                endpoint: p.endpoint,
+                allowed_ips: p.allowed_ips.iter().map(|(n, _)| *n).collect(),
+                persistent_keepalive: p.persistent_keepalive,
+            })
+            .with_context(|| format!("{}:{}: this peer has our own public key", cfg.path.display(), p.line))?;
+        }
+        let port = cfg.interface.listen_port.unwrap_or(0);
+        let udp4 = UdpSocket::bind(("0.0.0.0", port)).with_context(|| format!("binding UDP port {port}"))?;
+        let listen_port = udp4.local_addr()?.port();
+        let udp6 = bind_v6_only(listen_port).ok();
+        udp4.set_nonblocking(true)?;
+        if let Some(u) = &udp6 {
+            u.set_nonblocking(true)?;
+        }
+        Ok(Gateway {
+            dev,
+            udp4,
+            udp6,
+            listen_port,
+            last: vec![(0, 0, 0); cfg.peers.len()],
+            published: Vec::new(),
+            published_gen: u64::MAX,
+            events: BTreeMap::new(),
+            buf: vec![0u8; 65536],
+        })
+    }
+
+    pub fn fds(&self) -> Vec<i32> {
+        let mut v = vec![self.udp4.as_raw_fd()];
+        if let Some(u) = &self.udp6 {
+            v.push(u.as_raw_fd());
+        }
+        v
+    }
+
+    fn count(&mut self, what: &'static str) {
+        *self.events.entry(what).or_default() += 1;
+    }
+
+    fn send(&mut self, outs: Vec<Outgoing>) {
+        for o in outs {
+            let Some(to) = o.to else {
+                self.count("tx_no_endpoint");
+                continue;
+            };
+            let sock = if to.is_ipv4() {
+                Some(&self.udp4)
+            } else {
+                self.udp6.as_ref()
+            };
+            match sock.map(|s| s.send_to(&o.datagram, to)) {
+                Some(Ok(_)) => self.count("tx_datagrams"),
+                _ => self.count("tx_errors"),
+            }
+        }
+    }
+
+    /// One round: datagrams, TUN packets, traffic notes, timers, publication.
+    pub fn poll(&mut self, dp: &mut Dataplane) {
+        let now = Now::system();
+        self.read_udp(dp, now);
+        self.read_tun(dp, now);
+        let t = dp.tables();
+        for (id, rt) in t.peers.iter().enumerate() {
+            let cur = (
+                rt.stats.tx_packets.load(Ordering::Relaxed),
+                rt.stats.rx_packets.load(Ordering::Relaxed),
+                rt.stats.rx_keepalives.load(Ordering::Relaxed),
+            );
+            let last = self.last[id];
+            self.dev.note_traffic(
+                id as u32,
+                cur.0 != last.0,
+                cur.1 != last.1,
+                cur.1 != last.1 || cur.2 != last.2,
+                now,
+            );
+            self.last[id] = cur;
+        }
+        let outs = self.dev.tick(now);
+        self.send(outs);
+        self.publish(dp, now);
+    }
+
+    fn read_udp(&mut self, dp: &mut Dataplane, now: Now) {
+        for v6 in [false, true] {
+            for _ in 0..256 {
+                let sock = if v6 { self.udp6.as_ref() } else { Some(&self.udp4) };
+                let Some(sock) = sock else { break };
+                let (n, src) = match sock.recv_from(&mut self.buf) {
+                    Ok(x) => x,
+                    Err(_) => break,
+                };
+                let src = canonical(src);
+                let mut msg = self.buf[..n].to_vec();
+                match self.dev.receive(src, &mut msg, now) {
+                    Ok(Received::Send(outs)) => {
+                        self.count("handshake_messages_in");
+                        self.send(outs);
+                    }
+                    Ok(Received::CookieStored { .. }) => self.count("cookies_received"),
+                    Ok(Received::Keepalive { .. }) => self.count("keepalives_in_control"),
+                    Ok(Received::Data { start, end, .. }) => {
+                        // The fast path is down or skipped this one: the
+                        // kernel forwards the inner packet.
+                        self.count("data_in_control");
+                        if dp.slow_path().send(&msg[start..end]).is_err() {
+                            self.count("tun_write_errors");
+                        }
+                    }
+                    Err(e) => self.count(e.name()),
+                }
+            }
+        }
+    }
+
+    fn read_tun(&mut self, dp: &mut Dataplane, now: Now) {
+        let t = dp.tables();
+        for _ in 0..1024 {
+            let n = match dp.slow_path().recv(&mut self.buf) {
+                Ok(n) => n,
+                Err(_) => break,
+            };
+            let pkt = self.buf[..n].to_vec();
+            let Some(dst) = subway_dataplane::tunnel::parse_inner(&pkt).map(|i| i.dst) else {
+                self.count("tun_malformed");
+                continue;
+            };
+            match t.fib.lookup(0, dst) {
+                Some((_, Target::Peer(p))) => match self.dev.send(p, &pkt, now) {
+                    Ok(Some(o)) => self.send(vec![o]),
+                    Ok(None) => self.count("queued_for_handshake"),
+                    Err(e) => self.count(e.name()),
+                },
+                _ => self.count("tun_no_peer"),
+            }
+        }
+    }
+
+    /// Publishes sessions and paths when they changed.
+    fn publish(&mut self, dp: &mut Dataplane, now: Now) {
+        let mut want = Vec::with_capacity(self.dev.peers().len());
+        for p in self.dev.peers() {
+            let s = p.send_session(now.mono).map(|s| s.local_index);
+            let path = p.endpoint.and_then(|e| dp.outer_path(e, self.listen_port));
+            want.push((s, path));
+        }
+        let generation = self.dev.generation();
+        if want == self.published && generation == self.published_gen {
+            return;
+        }
+        let sessions: Vec<_> = self.dev.sessions().cloned().collect();
+        let send: Vec<_> = self
+            .dev
+            .peers()
+            .iter()
+            .map(|p| p.send_session(now.mono).cloned())
+            .collect();
+        dp.publish(|t| {
+            t.sessions = sessions.iter().map(|s| (s.local_index, Arc::clone(s))).collect();
+            for (i, rt) in t.peers.iter_mut().enumerate() {
+                *rt = PeerRt {
+                    session: send[i].clone(),
+                    path: want[i].1,
+                    ..rt.clone()
+                };
+            }
+        });
+        tracing::debug!(sessions = sessions.len(), "published sessions and paths");
+        self.published = want;
+        self.published_gen = generation;
+    }
+
+    /// Peers for `subway show`.
+    pub fn peers_json(&self, cfg: &Config, dp: &Dataplane) -> Value {
+        let now = Now::system();
+        let t = dp.tables();
+        let peers: Vec<Value> = self
+            .dev
+            .peers()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let st = t.peers.get(i).map(|r| r.stats.clone());
+                let ld = |f: fn(&subway_dataplane::tables::PeerStats) -> &std::sync::atomic::AtomicU64| {
+                    st.as_ref().map(|s| f(s).load(Ordering::Relaxed)).unwrap_or(0)
+                };
+                json!({
+                    "public_key": cfg.peers.get(i).map(|c| c.public_key.to_base64()),
+                    "endpoint": p.endpoint.map(|e| e.to_string()),
+                    "allowed_ips": p.allowed_ips.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+                    "latest_handshake_secs_ago": p.last_handshake.map(|h| now.mono.saturating_sub(h.mono).as_secs()),
+                    "session": p.send_session(now.mono).map(|s| s.local_index),
+                    "fast_path": t.peers.get(i).is_some_and(|r| r.session.is_some() && r.path.is_some()),
+                    "rx_packets": ld(|s| &s.rx_packets) + p.rx_packets,
+                    "rx_bytes": ld(|s| &s.rx_bytes) + p.rx_bytes,
+                    "tx_packets": ld(|s| &s.tx_packets) + p.tx_packets,
+                    "tx_bytes": ld(|s| &s.tx_bytes) + p.tx_bytes,
+                })
+            })
+            .collect();
+        json!(peers)
+    }
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        a => a,
+    }
+}
+
+fn bind_v6_only(port: u16) -> std::io::Result<UdpSocket> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a fresh socket, configured and bound before use.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let sock = UdpSocket::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&one as *const libc::c_int).cast(),
+            4,
+        );
+        let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+        sa.sin6_family = libc::AF_INET6 as u16;
+        sa.sin6_port = port.to_be();
+        if libc::bind(
+            fd,
+            (&sa as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as u32,
+        ) < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(sock)
+    }
+}

@@ -1,0 +1,385 @@
+//! Tunnel framing, in place in one frame buffer: a LAN frame becomes a
+//! WireGuard datagram to a peer (outer Ethernet, IPv4 or IPv6, UDP, then
+//! the sealed message), and a datagram from the uplink becomes a LAN frame.
+//! The inner packet moves once (a memmove of its bytes) and is sealed or
+//! opened where it lands.
+
+use crate::wg::WgError;
+use crate::wg::messages::DATA_HEADER_LEN;
+use crate::wg::session::Session;
+use crate::wire::{EtherType, EthernetFrame, Ipv4Packet, Ipv6Packet, MacAddr, UdpPacket, ethernet, ipv4, ipv6, udp};
+use std::net::{IpAddr, SocketAddr};
+
+/// Outer headers before the WireGuard message.
+pub const OUTER_V4: usize = 14 + 20 + 8;
+pub const OUTER_V6: usize = 14 + 40 + 8;
+
+/// Where a peer's datagrams go on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OuterPath {
+    pub src_mac: MacAddr,
+    pub dst_mac: MacAddr,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+}
+
+impl OuterPath {
+    pub fn header_len(&self) -> usize {
+        if self.dst.is_ipv4() { OUTER_V4 } else { OUTER_V6 }
+    }
+}
+
+/// Bytes a frame needs to carry an inner packet of `ip_len` bytes.
+pub fn encapsulated_len(path: &OuterPath, ip_len: usize) -> usize {
+    path.header_len() + Session::message_len(ip_len)
+}
+
+/// Seals the inner IP packet `buf[l3..l3 + ip_len]` with `counter` and
+/// builds the outer frame around it at the start of `buf`. Returns the
+/// frame's length. `buf` is the frame's whole capacity.
+pub fn encapsulate(
+    buf: &mut [u8],
+    l3: usize,
+    ip_len: usize,
+    session: &Session,
+    counter: u64,
+    path: &OuterPath,
+) -> Result<usize, WgError> {
+    let hdr = path.header_len();
+    if buf.len() < encapsulated_len(path, ip_len) || l3 + ip_len > buf.len() {
+        return Err(WgError::BufferTooSmall);
+    }
+    buf.copy_within(l3..l3 + ip_len, hdr + DATA_HEADER_LEN);
+    let n = session.seal(counter, &mut buf[hdr..], ip_len)?;
+    udp::emit(&mut buf[hdr - 8..], path.src.port(), path.dst.port(), n);
+    match (path.src.ip(), path.dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            // IPv4 allows "no UDP checksum", and WireGuard authenticates
+            // every byte of the payload anyway.
+            ipv4::emit(&mut buf[14..], s, d, udp::PROTOCOL, 64, 8 + n);
+            ethernet::emit(buf, path.dst_mac, path.src_mac, EtherType::IPV4);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            ipv6::emit(&mut buf[14..], s, d, udp::PROTOCOL, 64, 8 + n);
+            if let Ok(mut u) = UdpPacket::new_checked(&mut buf[54..54 + 8 + n]) {
+                u.fill_checksum_v6(s, d);
+            }
+            ethernet::emit(buf, path.dst_mac, path.src_mac, EtherType::IPV6);
+        }
+        _ => return Err(WgError::BadLength),
+    }
+    Ok(hdr + n)
+}
+
+/// A datagram received on the uplink: its source and where the WireGuard
+/// message lies in the frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Received {
+    pub src: SocketAddr,
+    pub msg_start: usize,
+    pub msg_end: usize,
+}
+
+/// Parses Ethernet / IP / UDP around a WireGuard message. Checksums are
+/// not checked: a veth may hand on partial ones, and WireGuard
+/// authenticates the message itself.
+pub fn parse_outer(frame: &[u8]) -> Option<Received> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.vlan_count() != 0 {
+        return None;
+    }
+    let l3 = eth.header_len();
+    match eth.ethertype() {
+        EtherType::IPV4 => {
+            let ip = Ipv4Packet::new_checked(&frame[l3..]).ok()?;
+            if ip.protocol() != udp::PROTOCOL || ip.is_fragment() {
+                return None;
+            }
+            let l4 = l3 + ip.header_len();
+            let u = UdpPacket::new_checked(&frame[l4..l3 + ip.total_len()]).ok()?;
+            let src = SocketAddr::new(IpAddr::V4(ip.src()), u.src_port());
+            Some(Received {
+                src,
+                msg_start: l4 + 8,
+                msg_end: l4 + u.len(),
+            })
+        }
+        EtherType::IPV6 => {
+            let ip = Ipv6Packet::new_checked(&frame[l3..]).ok()?;
+            if ip.next_header() != udp::PROTOCOL {
+                return None;
+            }
+            let l4 = l3 + 40;
+            let u = UdpPacket::new_checked(&frame[l4..l3 + ip.total_len()]).ok()?;
+            let src = SocketAddr::new(IpAddr::V6(ip.src()), u.src_port());
+            Some(Received {
+                src,
+                msg_start: l4 + 8,
+                msg_end: l4 + u.len(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The inner packet after decryption: version, source, destination, length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inner {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub len: usize,
+    pub ttl: u8,
+}
+
+/// Validates a decrypted inner packet (the padded plaintext).
+pub fn parse_inner(p: &[u8]) -> Option<Inner> {
+    match p.first()? >> 4 {
+        4 => {
+            let ip = Ipv4Packet::new_checked(p).ok()?;
+            Some(Inner {
+                src: ip.src().into(),
+                dst: ip.dst().into(),
+                len: ip.total_len(),
+                ttl: ip.ttl(),
+            })
+        }
+        6 => {
+            let ip = Ipv6Packet::new_checked(p).ok()?;
+            Some(Inner {
+                src: ip.src().into(),
+                dst: ip.dst().into(),
+                len: ip.total_len(),
+                ttl: ip.hop_limit(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Moves the inner packet at `buf[start..start + len]` to just after a new
+/// Ethernet header, decrements its TTL / hop limit, and returns the frame
+/// length.
+pub fn to_lan_frame(buf: &mut [u8], start: usize, len: usize, dst_mac: MacAddr, src_mac: MacAddr) -> usize {
+    buf.copy_within(start..start + len, 14);
+    let v6 = buf[14] >> 4 == 6;
+    ethernet::emit(
+        buf,
+        dst_mac,
+        src_mac,
+        if v6 { EtherType::IPV6 } else { EtherType::IPV4 },
+    );
+    if v6 {
+        if let Ok(mut ip) = Ipv6Packet::new_checked(&mut buf[14..14 + len]) {
+            ip.decrement_hop_limit();
+        }
+    } else if let Ok(mut ip) = Ipv4Packet::new_checked(&mut buf[14..14 + len]) {
+        ip.decrement_ttl();
+    }
+    14 + len
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wg::noise::SessionKeys;
+    use std::time::Duration;
+
+    fn sessions() -> (Session, Session) {
+        let k = |i: bool| SessionKeys {
+            send: if i { [1; 32] } else { [2; 32] }.into(),
+            recv: if i { [2; 32] } else { [1; 32] }.into(),
+            local_index: if i { 5 } else { 6 },
+            remote_index: if i { 6 } else { 5 },
+            initiator: i,
+        };
+        (
+            Session::new(&k(true), 0, Duration::ZERO),
+            Session::new(&k(false), 0, Duration::ZERO),
+        )
+    }
+
+    fn round_trip(path: OuterPath) {
+        let (a, b) = sessions();
+        let mut frame = vec![0u8; 2048];
+        ethernet::emit(&mut frame, MacAddr([1; 6]), MacAddr([2; 6]), EtherType::IPV4);
+        ipv4::emit(
+            &mut frame[14..],
+            "10.1.0.2".parse().unwrap(),
+            "10.2.0.2".parse().unwrap(),
+            17,
+            63,
+            100,
+        );
+        let inner: Vec<u8> = frame[14..134].to_vec();
+        let n = encapsulate(&mut frame, 14, 120, &a, 0, &path).unwrap();
+        assert_eq!(n, encapsulated_len(&path, 120));
+        let r = parse_outer(&frame[..n]).unwrap();
+        assert_eq!(r.src, path.src);
+        if path.dst.is_ipv6() {
+            let u = UdpPacket::new_checked(&frame[54..n]).unwrap();
+            assert!(u.verify_checksum_v6(
+                match path.src.ip() {
+                    IpAddr::V6(s) => s,
+                    _ => unreachable!(),
+                },
+                match path.dst.ip() {
+                    IpAddr::V6(d) => d,
+                    _ => unreachable!(),
+                }
+            ));
+        }
+        let plain_len = b
+            .open(&mut frame[r.msg_start..r.msg_end], Duration::ZERO)
+            .unwrap()
+            .len();
+        let start = r.msg_start + DATA_HEADER_LEN;
+        let info = parse_inner(&frame[start..start + plain_len]).unwrap();
+        assert_eq!(info.len, 120);
+        assert_eq!(&frame[start..start + 120], &inner[..]);
+        let len = to_lan_frame(&mut frame, start, info.len, MacAddr([9; 6]), MacAddr([8; 6]));
+        assert_eq!(len, 134);
+        let ip = Ipv4Packet::new_checked(&frame[14..len]).unwrap();
+        assert_eq!(ip.ttl(), 62);
+        assert!(ip.verify_checksum());
+    }
+
+    #[test]
+    fn round_trips_over_ipv4_and_ipv6() {
+        round_trip(OuterPath {
+            src_mac: MacAddr([3; 6]),
+            dst_mac: MacAddr([4; 6]),
+            src: "192.0.2.1:51820".parse().unwrap(),
+            dst: "192.0.2.2:51820".parse().unwrap(),
+        });
+        round_trip(OuterPath {
+            src_mac: MacAddr([3; 6]),
+            dst_mac: MacAddr([4; 6]),
+            src: "[2001:db8::1]:51820".parse().unwrap(),
+            dst: "[2001:db8::2]:51820".parse().unwrap(),
+        });
+    }
+
+    #[test]
+    fn refuses_small_buffers_and_bad_outer() {
+        let (a, _) = sessions();
+        let path = OuterPath {
+            src_mac: MacAddr([3; 6]),
+            dst_mac: MacAddr([4; 6]),
+            src: "192.0.2.1:51820".parse().unwrap(),
+            dst: "192.0.2.2:51820".parse().unwrap(),
+        };
+        let mut small = vec![0u8; 100];
+        assert_eq!(
+            encapsulate(&mut small, 14, 80, &a, 0, &path),
+            Err(WgError::BufferTooSmall)
+        );
+        assert_eq!(parse_outer(&[0u8; 20]), None);
+        assert_eq!(parse_inner(&[0x45]), None);
+    }
+}
+
+/// Bytes of outer headers and WireGuard framing to budget for, whichever
+/// the outer family: IPv6 (40) + UDP (8) + data header (16) + tag (16),
+/// as wg-quick's default MTU of 1420 does for a 1500-byte link.
+pub const TUNNEL_OVERHEAD: u32 = 80;
+
+/// Lowers the MSS option of a TCP SYN in `ip` (an IPv4 or IPv6 packet) so
+/// that segments fit a tunnel of `tunnel_mtu`, patching the checksum.
+/// Returns whether it changed anything.
+pub fn clamp_mss(ip: &mut [u8], tunnel_mtu: u32) -> bool {
+    let (l4, ip_hdr) = match ip.first().map(|b| b >> 4) {
+        Some(4) if ip.len() >= 20 => {
+            let frag = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
+            if ip[9] != 6 || frag != 0 {
+                return false;
+            }
+            ((ip[0] & 0x0f) as usize * 4, 20u32)
+        }
+        Some(6) if ip.len() >= 40 => {
+            if ip[6] != 6 {
+                return false;
+            }
+            (40, 40u32)
+        }
+        _ => return false,
+    };
+    let Some(tcp) = ip.get_mut(l4..) else { return false };
+    if tcp.len() < 20 || tcp[13] & 0x02 == 0 {
+        return false;
+    }
+    let max = tunnel_mtu.saturating_sub(ip_hdr + 20).min(u16::MAX as u32) as u16;
+    let doff = ((tcp[12] >> 4) as usize * 4).min(tcp.len());
+    let mut i = 20;
+    while i < doff {
+        match tcp[i] {
+            0 => break,
+            1 => i += 1,
+            kind => {
+                let Some(&len) = tcp.get(i + 1) else { break };
+                let len = len as usize;
+                if len < 2 || i + len > doff {
+                    break;
+                }
+                if kind == 2 && len == 4 {
+                    let mss = u16::from_be_bytes([tcp[i + 2], tcp[i + 3]]);
+                    if mss <= max {
+                        return false;
+                    }
+                    tcp[i + 2..i + 4].copy_from_slice(&max.to_be_bytes());
+                    let csum = u16::from_be_bytes([tcp[16], tcp[17]]);
+                    let new = crate::wire::checksum::update16(csum, mss, max);
+                    tcp[16..18].copy_from_slice(&new.to_be_bytes());
+                    return true;
+                }
+                i += len;
+            }
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod mss_tests {
+    use super::*;
+    use crate::wire::checksum;
+
+    fn syn_v4(mss: u16) -> Vec<u8> {
+        let mut p = vec![0u8; 20 + 24];
+        ipv4::emit(
+            &mut p,
+            "10.1.0.2".parse().unwrap(),
+            "10.2.0.2".parse().unwrap(),
+            6,
+            64,
+            24,
+        );
+        let t = &mut p[20..];
+        t[12] = 6 << 4; // 24-byte header
+        t[13] = 0x02; // SYN
+        t[20..24].copy_from_slice(&[2, 4, (mss >> 8) as u8, mss as u8]);
+        let ps = checksum::pseudo_v4("10.1.0.2".parse().unwrap(), "10.2.0.2".parse().unwrap(), 6, 24);
+        let c = !checksum::fold(checksum::add(ps, checksum::sum(t)));
+        t[16..18].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn clamps_and_keeps_the_checksum_valid() {
+        let mut p = syn_v4(1460);
+        assert!(clamp_mss(&mut p, 1420));
+        assert_eq!(u16::from_be_bytes([p[42], p[43]]), 1380);
+        let ps = checksum::pseudo_v4("10.1.0.2".parse().unwrap(), "10.2.0.2".parse().unwrap(), 6, 24);
+        assert_eq!(checksum::fold(checksum::add(ps, checksum::sum(&p[20..]))), 0xffff);
+        // Already small enough, or not a SYN: untouched.
+        let mut q = syn_v4(1200);
+        assert!(!clamp_mss(&mut q, 1420));
+        let mut r = syn_v4(1460);
+        r[33] = 0x10; // ACK only
+        assert!(!clamp_mss(&mut r, 1420));
+        // Garbage does not panic.
+        let mut junk = vec![0x45u8; 30];
+        junk[9] = 6;
+        junk[0] = 0x45;
+        let _ = clamp_mss(&mut junk, 1420);
+    }
+}

@@ -1,0 +1,157 @@
+//! Two sites joined through subway gateways over WireGuard, end to end in
+//! network namespaces: hosts on either side reach each other with their
+//! own addresses, both ways, over IPv4 and IPv6 inside and outside.
+
+use anyhow::{Context, Result};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+use subway_tests::{Netns, Subway, TwoSites, require_root};
+
+fn ping(ns: &Netns, dst: &str, count: u32) -> Result<()> {
+    let c = count.to_string();
+    ns.run(&["ping", "-c", &c, "-i", "0.1", "-W", "2", "-q", dst])
+        .map(|_| ())
+}
+
+/// Pings until one answer comes back (the first packets wait for the
+/// handshake), bounded to `secs` attempts.
+fn ping_until(ns: &Netns, dst: &str, secs: u32) -> Result<()> {
+    for _ in 0..secs {
+        if ns.output(&["ping", "-c", "1", "-W", "1", "-q", dst])?.status.success() {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("{dst} did not answer within {secs} attempts")
+}
+
+/// A TCP exchange from `client` to `server_addr` served in `server`;
+/// returns the source address the server saw.
+fn tcp_echo(client: &Netns, server: &Netns, server_addr: SocketAddr, bytes: usize) -> Result<SocketAddr> {
+    let bind: SocketAddr = match server_addr {
+        SocketAddr::V4(_) => format!("0.0.0.0:{}", server_addr.port()).parse()?,
+        SocketAddr::V6(_) => format!("[::]:{}", server_addr.port()).parse()?,
+    };
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| -> Result<SocketAddr> {
+        let srv = s.spawn(move || {
+            server.enter(move || -> Result<SocketAddr> {
+                let l = TcpListener::bind(bind)?;
+                l.set_nonblocking(true)?;
+                ready_tx.send(()).ok();
+                // Bounded: a client that never connects must not hang the test.
+                let t0 = std::time::Instant::now();
+                let (mut c, peer) = loop {
+                    match l.accept() {
+                        Ok(x) => break x,
+                        Err(_) if t0.elapsed() < Duration::from_secs(15) => {
+                            std::thread::sleep(Duration::from_millis(10))
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                };
+                c.set_nonblocking(false)?;
+                c.set_read_timeout(Some(Duration::from_secs(10)))?;
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = c.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    c.write_all(&buf[..n])?;
+                }
+                Ok(peer)
+            })
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .context("server did not start")?;
+        client.enter(move || -> Result<()> {
+            let mut c = TcpStream::connect_timeout(&server_addr, Duration::from_secs(5))?;
+            c.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let data: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+            let mut w = c.try_clone()?;
+            let d2 = data.clone();
+            let writer = std::thread::spawn(move || -> std::io::Result<()> {
+                w.write_all(&d2)?;
+                w.shutdown(std::net::Shutdown::Write)
+            });
+            let mut back = Vec::new();
+            c.read_to_end(&mut back)?;
+            writer.join().unwrap()?;
+            anyhow::ensure!(
+                back == data,
+                "echo differs: {} of {} bytes came back",
+                back.len(),
+                data.len()
+            );
+            Ok(())
+        })??;
+        srv.join().unwrap()?
+    })
+}
+
+#[test]
+fn two_sites_reach_each_other_through_subway_both_ways() -> Result<()> {
+    if !require_root("two_sites_reach_each_other_through_subway_both_ways") {
+        return Ok(());
+    }
+    let t = TwoSites::new()?;
+    let ga = Subway::start(&t.gwa, &t.subway_config(true, false, ""))?;
+    let gb = Subway::start(&t.gwb, &t.subway_config(false, false, ""))?;
+
+    let diag = || {
+        format!(
+            "A: {}\nB: {}\nA log:\n{}\nB log:\n{}",
+            ga.show().map(|v| v.to_string()).unwrap_or_default(),
+            gb.show().map(|v| v.to_string()).unwrap_or_default(),
+            ga.proc.log_text(),
+            gb.proc.log_text()
+        )
+    };
+    ping_until(&t.a, "10.2.0.2", 10).with_context(diag)?;
+    ping(&t.a, "10.2.0.2", 10)?;
+    ping(&t.b, "10.1.0.2", 10)?;
+    ping_until(&t.a, "fd02::2", 5)?;
+    ping(&t.b, "fd01::2", 5)?;
+
+    // The server sees the client's own address, and either side may open.
+    let seen = tcp_echo(&t.a, &t.b, "10.2.0.2:6001".parse()?, 256 * 1024)?;
+    assert_eq!(seen.ip().to_string(), "10.1.0.2");
+    let seen = tcp_echo(&t.b, &t.a, "10.1.0.2:6002".parse()?, 256 * 1024)?;
+    assert_eq!(seen.ip().to_string(), "10.2.0.2");
+    let seen = tcp_echo(&t.a, &t.b, "[fd02::2]:6003".parse()?, 64 * 1024)?;
+    assert_eq!(seen.ip().to_string(), "fd01::2");
+
+    // The data went through the workers' tunnel path.
+    for gw in [&ga, &gb] {
+        let s = gw.show()?;
+        let tx = s["totals"]["tunnel_tx"].as_u64().unwrap();
+        let rx = s["totals"]["tunnel_rx"].as_u64().unwrap();
+        assert!(tx > 100 && rx > 100, "tunnel_tx {tx}, tunnel_rx {rx}: {}", s["totals"]);
+        assert_eq!(s["peers"][0]["fast_path"], true, "{}", s["peers"]);
+        assert!(s["peers"][0]["latest_handshake_secs_ago"].as_u64().is_some());
+    }
+    Ok(())
+}
+
+#[test]
+fn the_tunnel_runs_over_ipv6_outside() -> Result<()> {
+    if !require_root("the_tunnel_runs_over_ipv6_outside") {
+        return Ok(());
+    }
+    let t = TwoSites::new()?;
+    let _ga = Subway::start(&t.gwa, &t.subway_config(true, true, ""))?;
+    let gb = Subway::start(&t.gwb, &t.subway_config(false, true, ""))?;
+    ping_until(&t.a, "10.2.0.2", 10)?;
+    ping(&t.a, "10.2.0.2", 5)?;
+    ping_until(&t.b, "fd01::2", 5)?;
+    let s = gb.show()?;
+    assert!(
+        s["peers"][0]["endpoint"].as_str().unwrap().starts_with("[2001:db8::1]"),
+        "{}",
+        s["peers"]
+    );
+    assert!(s["totals"]["tunnel_rx"].as_u64().unwrap() >= 5);
+    Ok(())
+}
