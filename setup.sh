@@ -49,6 +49,13 @@ else
   say "bpf-linker already installed"
 fi
 
+if ! command -v boringtun-cli >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/boringtun-cli" ]; then
+  say "building boringtun-cli, a reference WireGuard peer for the interop tests (about 2 minutes)"
+  cargo install boringtun-cli --locked
+else
+  say "boringtun-cli already installed"
+fi
+
 # bpffs is where aya may pin maps; mount it if the machine has not.
 if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
   say "mounting bpffs on /sys/fs/bpf"

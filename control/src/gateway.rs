@@ -42,6 +42,15 @@ impl Gateway {
     pub fn new(cfg: &Config) -> Result<Gateway> {
         let key = cfg.interface.private_key.context("[Interface] has no PrivateKey")?;
         let mut dev = Device::new(key.0);
+        // Test hook: SUBWAY_TEST_REKEY_AFTER_SECS shortens REKEY_AFTER_TIME so
+        // that tests see rekeys under traffic; production never sets it.
+        if let Some(secs) = std::env::var("SUBWAY_TEST_REKEY_AFTER_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            tracing::warn!("REKEY_AFTER_TIME shortened to {secs} s for testing");
+            dev.set_rekey_after(std::time::Duration::from_secs(secs));
+        }
         for p in &cfg.peers {
             dev.add_peer(&PeerConfig {
                 public_key: p.public_key.0,
@@ -239,6 +248,8 @@ impl Gateway {
                     "allowed_ips": p.allowed_ips.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
                     "latest_handshake_secs_ago": p.last_handshake.map(|h| now.mono.saturating_sub(h.mono).as_secs()),
                     "session": p.send_session(now.mono).map(|s| s.local_index),
+                    "session_initiator": p.send_session(now.mono).map(|s| s.initiator),
+                    "handshakes": p.handshakes,
                     "fast_path": t.peers.get(i).is_some_and(|r| r.session.is_some() && r.path.is_some()),
                     "rx_packets": ld(|s| &s.rx_packets) + p.rx_packets,
                     "rx_bytes": ld(|s| &s.rx_bytes) + p.rx_bytes,

@@ -110,9 +110,15 @@ impl Netns {
 
     /// Starts a background process inside, ended (by its pid) on drop.
     pub fn spawn(&self, args: &[&str], log: &Path) -> Result<Proc> {
+        self.spawn_env(args, log, &[])
+    }
+
+    /// As [`Netns::spawn`], with extra environment variables.
+    pub fn spawn_env(&self, args: &[&str], log: &Path, env: &[(&str, &str)]) -> Result<Proc> {
         let f = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = self
             .cmd(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(f.try_clone()?)
             .stderr(f)
@@ -288,16 +294,26 @@ impl Subway {
         Self::start_bin(ns, config_text, &workspace_bin("subway")?)
     }
 
+    /// As [`Subway::start`], with extra environment variables.
+    pub fn start_env(ns: &Netns, config_text: &str, env: &[(&str, &str)]) -> Result<Subway> {
+        Self::start_inner(ns, config_text, &workspace_bin("subway")?, env)
+    }
+
     /// As [`Subway::start`], with a given binary.
     pub fn start_bin(ns: &Netns, config_text: &str, bin: &Path) -> Result<Subway> {
+        Self::start_inner(ns, config_text, bin, &[])
+    }
+
+    fn start_inner(ns: &Netns, config_text: &str, bin: &Path, env: &[(&str, &str)]) -> Result<Subway> {
         let name = unique("gw");
         let dir = work_dir();
         let config = dir.join(format!("{name}.conf"));
         std::fs::write(&config, config_text)?;
         let log = dir.join(format!("{name}.log"));
-        let mut proc = ns.spawn(
+        let mut proc = ns.spawn_env(
             &[bin.to_str().unwrap(), "run", "--config", config.to_str().unwrap()],
             &log,
+            env,
         )?;
         let sock = PathBuf::from(format!("/run/subway/{name}.sock"));
         let t0 = Instant::now();
@@ -469,6 +485,116 @@ impl TwoSites {
             "[Interface]\nPrivateKey = {}\nListenPort = 51820\nUplink = wan0\n\n[Lan]\nInterface = lan0\n\n\
              [Peer]\nPublicKey = {}\nEndpoint = {endpoint}\nAllowedIPs = {remote_net4}, {remote_net6}\n{extra_peer}\n",
             me.0, peer.1
+        )
+    }
+}
+
+/// A standard WireGuard peer run in a namespace: wireguard-go (Debian's)
+/// or boringtun-cli, on a TUN, configured with `wg` like any wg-quick box.
+pub struct WgPeer {
+    pub ifname: String,
+    pub proc: Proc,
+}
+
+impl WgPeer {
+    /// Starts `impl_` ("wireguard-go" or "boringtun-cli") in `ns` and
+    /// configures it: our key, listen port, one peer, routes to its
+    /// allowed IPs through the tunnel interface.
+    pub fn start(
+        impl_: &str,
+        ns: &Netns,
+        private_key: &str,
+        listen_port: u16,
+        peer_public: &str,
+        peer_endpoint: &str,
+        allowed: &[&str],
+    ) -> Result<WgPeer> {
+        // /var/run/wireguard/NAME.sock is shared by every namespace: unique names.
+        let ifname = unique("wg");
+        let log = work_dir().join(format!("{ifname}.log"));
+        let bin = which(impl_)?;
+        let args: Vec<&str> = match impl_ {
+            "boringtun-cli" => vec![&bin, "--foreground", "--disable-drop-privileges", &ifname],
+            _ => vec![&bin, "-f", &ifname],
+        };
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &ns.name])
+            .args(&args)
+            .env("WG_PROCESS_FOREGROUND", "1")
+            .env("WG_SUDO", "true");
+        let f = std::fs::File::create(&log)?;
+        let child = c
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("starting {impl_}"))?;
+        let mut proc = Proc {
+            child: Some(child),
+            log,
+        };
+        let sock = PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"));
+        let t0 = Instant::now();
+        while !sock.exists() {
+            if !proc.alive() {
+                bail!("{impl_} exited:\n{}", proc.log_text());
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                bail!("{impl_} did not create {}:\n{}", sock.display(), proc.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let key_file = work_dir().join(format!("{ifname}.key"));
+        std::fs::write(&key_file, private_key)?;
+        let allowed_csv = allowed.join(",");
+        ns.run(&[
+            "wg",
+            "set",
+            &ifname,
+            "private-key",
+            key_file.to_str().unwrap(),
+            "listen-port",
+            &listen_port.to_string(),
+            "peer",
+            peer_public,
+            "endpoint",
+            peer_endpoint,
+            "allowed-ips",
+            &allowed_csv,
+        ])?;
+        ns.run(&["ip", "link", "set", &ifname, "up"])?;
+        for a in allowed {
+            let fam = if a.contains(':') { "-6" } else { "-4" };
+            ns.run(&["ip", fam, "route", "replace", a, "dev", &ifname])?;
+        }
+        Ok(WgPeer { ifname, proc })
+    }
+}
+
+/// The path of a program on PATH (or in ~/.cargo/bin).
+pub fn which(prog: &str) -> Result<String> {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let path = format!("{}:{home}/.cargo/bin", std::env::var("PATH").unwrap_or_default());
+    for d in path.split(':') {
+        let p = Path::new(d).join(prog);
+        if p.is_file() {
+            return Ok(p.to_string_lossy().into_owned());
+        }
+    }
+    bail!("{prog} is not installed: run ./setup.sh")
+}
+
+impl TwoSites {
+    /// Gateway B as a standard WireGuard box (`impl_`) instead of subway.
+    pub fn standard_b(&self, impl_: &str) -> Result<WgPeer> {
+        WgPeer::start(
+            impl_,
+            &self.gwb,
+            &self.keys_b.0,
+            51820,
+            &self.keys_a.1,
+            "192.0.2.1:51820",
+            &["10.1.0.0/24", "fd01::/64"],
         )
     }
 }

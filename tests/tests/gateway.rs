@@ -155,3 +155,156 @@ fn the_tunnel_runs_over_ipv6_outside() -> Result<()> {
     assert!(s["totals"]["tunnel_rx"].as_u64().unwrap() >= 5);
     Ok(())
 }
+
+/// subway at site A, a standard WireGuard implementation at site B.
+fn interop(impl_: &str, b_initiates: bool) -> Result<()> {
+    let t = TwoSites::new()?;
+    let ga = Subway::start(&t.gwa, &t.subway_config(true, false, ""))?;
+    let wg = t.standard_b(impl_)?;
+    let diag = || {
+        format!(
+            "subway: {}\n{impl_} log:\n{}",
+            ga.show().map(|v| v.to_string()).unwrap_or_default(),
+            wg.proc.log_text()
+        )
+    };
+    let (first, second) = if b_initiates { (&t.b, &t.a) } else { (&t.a, &t.b) };
+    let (first_dst, second_dst) = if b_initiates {
+        ("10.1.0.2", "10.2.0.2")
+    } else {
+        ("10.2.0.2", "10.1.0.2")
+    };
+    ping_until(first, first_dst, 10).with_context(diag)?;
+    ping(second, second_dst, 5).with_context(diag)?;
+    ping(&t.a, "fd02::2", 3).with_context(diag)?;
+    let seen = tcp_echo(&t.a, &t.b, "10.2.0.2:6101".parse()?, 256 * 1024).with_context(diag)?;
+    assert_eq!(seen.ip().to_string(), "10.1.0.2");
+    let seen = tcp_echo(&t.b, &t.a, "10.1.0.2:6102".parse()?, 256 * 1024).with_context(diag)?;
+    assert_eq!(seen.ip().to_string(), "10.2.0.2");
+    let s = ga.show()?;
+    assert!(s["totals"]["tunnel_rx"].as_u64().unwrap() > 50, "{}", s["totals"]);
+    assert!(s["totals"]["tunnel_tx"].as_u64().unwrap() > 50, "{}", s["totals"]);
+    // Who initiated the session in use: subway when A spoke first.
+    assert_eq!(s["peers"][0]["session_initiator"], !b_initiates, "{}", s["peers"]);
+    Ok(())
+}
+
+#[test]
+fn interop_wireguard_go_subway_initiates() -> Result<()> {
+    if !require_root("interop_wireguard_go_subway_initiates") {
+        return Ok(());
+    }
+    interop("wireguard-go", false)
+}
+
+#[test]
+fn interop_wireguard_go_initiates() -> Result<()> {
+    if !require_root("interop_wireguard_go_initiates") {
+        return Ok(());
+    }
+    interop("wireguard-go", true)
+}
+
+#[test]
+fn interop_boringtun_cli_subway_initiates() -> Result<()> {
+    if !require_root("interop_boringtun_cli_subway_initiates") {
+        return Ok(());
+    }
+    interop("boringtun-cli", false)
+}
+
+#[test]
+fn interop_boringtun_cli_initiates() -> Result<()> {
+    if !require_root("interop_boringtun_cli_initiates") {
+        return Ok(());
+    }
+    interop("boringtun-cli", true)
+}
+
+#[test]
+fn rekey_under_traffic_loses_nothing() -> Result<()> {
+    if !require_root("rekey_under_traffic_loses_nothing") {
+        return Ok(());
+    }
+    let t = TwoSites::new()?;
+    // Test hook: REKEY_AFTER_TIME shortened to 5 s (REKEY_TIMEOUT, the floor).
+    let env = [("SUBWAY_TEST_REKEY_AFTER_SECS", "5")];
+    let ga = Subway::start_env(&t.gwa, &t.subway_config(true, false, ""), &env)?;
+    let gb = Subway::start_env(&t.gwb, &t.subway_config(false, false, ""), &env)?;
+    ping_until(&t.a, "10.2.0.2", 10)?;
+    let before = ga.show()?["peers"][0]["handshakes"].as_u64().unwrap();
+    // 250 echo requests over 12.5 s cross at least two rekeys; not one may be lost.
+    let out = t.a.run(&["ping", "-c", "250", "-i", "0.05", "-W", "2", "10.2.0.2"])?;
+    assert!(out.contains("250 received"), "loss across rekeys:\n{out}");
+    let after = ga.show()?["peers"][0]["handshakes"].as_u64().unwrap();
+    assert!(after >= before + 2, "expected two rekeys, saw {before} -> {after}");
+    let sb = gb.show()?;
+    assert_eq!(sb["totals"]["drop_wg_unknown_index"], 0, "{}", sb["totals"]);
+    Ok(())
+}
+
+#[test]
+fn garbage_to_the_listen_port_is_counted_and_the_tunnel_keeps_working() -> Result<()> {
+    if !require_root("garbage_to_the_listen_port_is_counted_and_the_tunnel_keeps_working") {
+        return Ok(());
+    }
+    let t = TwoSites::new()?;
+    let ga = Subway::start(&t.gwa, &t.subway_config(true, false, ""))?;
+    let _gb = Subway::start(&t.gwb, &t.subway_config(false, false, ""))?;
+    ping_until(&t.a, "10.2.0.2", 10)?;
+    // From the internet side: random bytes, truncated and forged messages
+    // of every type, and replays of nothing in particular.
+    t.gwb.enter(|| -> Result<()> {
+        let s = std::net::UdpSocket::bind("192.0.2.2:40000")?;
+        let mut seed = 0x1234_5678u64;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for i in 0..400u32 {
+            let len = match i % 5 {
+                0 => 148,
+                1 => 92,
+                2 => 64,
+                3 => 32 + (rnd() % 200) as usize,
+                _ => (rnd() % 60) as usize,
+            };
+            let mut m: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
+            if !m.is_empty() && i % 5 < 4 {
+                m[0] = [1u8, 2, 3, 4][(i % 5) as usize % 4];
+                for b in m.iter_mut().take(4).skip(1) {
+                    *b = 0;
+                }
+            }
+            s.send_to(&m, "192.0.2.1:51820")?;
+        }
+        Ok(())
+    })??;
+    std::thread::sleep(Duration::from_millis(500));
+    let s = ga.show()?;
+    let control: u64 = s["control"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("wg_"))
+        .map(|(_, v)| v.as_u64().unwrap())
+        .sum();
+    let workers =
+        s["totals"]["drop_wg_unknown_index"].as_u64().unwrap() + s["totals"]["drop_wg_not_data"].as_u64().unwrap();
+    assert!(
+        control >= 200,
+        "handshake-type garbage refused by the control thread: {}",
+        s["control"]
+    );
+    assert!(
+        workers >= 70,
+        "data-type garbage dropped by the workers: {}",
+        s["totals"]
+    );
+    // Still up.
+    ping(&t.a, "10.2.0.2", 5)?;
+    ping(&t.b, "10.1.0.2", 5)?;
+    Ok(())
+}

@@ -58,6 +58,8 @@ pub struct Device {
     peers: Vec<Peer>,
     by_key: HashMap<[u8; 32], u32>,
     index: HashMap<u32, IndexEntry>,
+    /// REKEY_AFTER_TIME, shortened only by tests (see `set_rekey_after`).
+    rekey_after: Duration,
 }
 
 /// The source address of an inner IP packet and its length.
@@ -93,7 +95,14 @@ impl Device {
             peers: Vec::new(),
             by_key: HashMap::new(),
             index: HashMap::new(),
+            rekey_after: super::REKEY_AFTER_TIME,
         }
+    }
+
+    /// Shortens REKEY_AFTER_TIME, for tests that must see rekeys under
+    /// traffic within seconds. Never shorter than REKEY_TIMEOUT.
+    pub fn set_rekey_after(&mut self, d: Duration) {
+        self.rekey_after = d.max(REKEY_TIMEOUT);
     }
 
     /// Adds a peer; returns its id. A second peer with the same key is refused.
@@ -290,6 +299,7 @@ impl Device {
         let session = Arc::new(Session::new(&keys, peer, now.mono));
         let retired = p.install(session.clone());
         p.last_handshake = Some(now);
+        p.handshakes += 1;
         p.timers.handshake_complete();
         p.timers.session_derived(now.mono);
         p.timers.any_authenticated_packet_received();
@@ -329,6 +339,7 @@ impl Device {
         p.endpoint = Some(src);
         let retired = p.install(session.clone());
         p.last_handshake = Some(now);
+        p.handshakes += 1;
         p.timers.handshake_complete();
         p.timers.session_derived(now.mono);
         p.timers.any_authenticated_packet_received();
@@ -437,7 +448,10 @@ impl Device {
             p.timers.data_sent(now.mono);
             p.timers.any_authenticated_packet_sent();
             p.timers.any_authenticated_packet_traversal(now.mono);
-            if p.current.as_ref().is_some_and(|s| Peer::rekey_due_on_send(s, now.mono)) {
+            let rekey_after = self.rekey_after;
+            if p.current.as_ref().is_some_and(|s| {
+                Peer::rekey_due_on_send(s, now.mono) || (s.initiator && s.age(now.mono) >= rekey_after)
+            }) {
                 p.want_handshake = true;
             }
         }

@@ -51,6 +51,8 @@ pub struct Peer {
     pub(crate) want_handshake: bool,
     pub(crate) queue: VecDeque<Vec<u8>>,
     pub last_handshake: Option<Now>,
+    /// Handshakes completed with this peer, in either role.
+    pub handshakes: u64,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub rx_packets: u64,
@@ -83,6 +85,7 @@ impl Peer {
             want_handshake: false,
             queue: VecDeque::new(),
             last_handshake: None,
+            handshakes: 0,
             rx_bytes: 0,
             tx_bytes: 0,
             rx_packets: 0,
