@@ -244,6 +244,11 @@ impl Dataplane {
                 .map_err(|e| Error::io(format!("creating the slow-path TUN {}", tun_name(&cfg.name)), e))?,
         );
 
+        if let Some(up) = uplink.and_then(|u| ports.get(u as usize)) {
+            let mtu = up.mtu.saturating_sub(tunnel::TUNNEL_OVERHEAD).max(1280);
+            slow.set_mtu(mtu)
+                .map_err(|e| Error::io(format!("setting the MTU of {} to {mtu}", slow.name()), e))?;
+        }
         // The kernel's routes to the peers' prefixes point at the TUN, so
         // that what the kernel forwards or sends there (first packets before
         // a handshake, the gateway's own traffic) reaches the control thread

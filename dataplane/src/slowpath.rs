@@ -97,6 +97,40 @@ impl SlowPath {
     }
 }
 
+impl SlowPath {
+    /// Sets the TUN's MTU. For a gateway this is the tunnel's MTU, so that
+    /// the kernel fragments, or answers "fragmentation needed" / "packet
+    /// too big" for, what is too big for the tunnel.
+    pub fn set_mtu(&self, mtu: u32) -> io::Result<()> {
+        #[repr(C)]
+        struct IfReqMtu {
+            name: [libc::c_char; libc::IFNAMSIZ],
+            mtu: libc::c_int,
+            _pad: [u8; 20],
+        }
+        // SAFETY: an ordinary datagram socket used only for the ioctl below.
+        let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if s < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: s is a fresh fd we own.
+        let s = unsafe { OwnedFd::from_raw_fd(s) };
+        let mut req = IfReqMtu {
+            name: [0; libc::IFNAMSIZ],
+            mtu: mtu as libc::c_int,
+            _pad: [0; 20],
+        };
+        for (d, c) in req.name.iter_mut().zip(self.name.bytes()) {
+            *d = c as libc::c_char;
+        }
+        // SAFETY: SIOCSIFMTU takes an ifreq, which req is.
+        if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFMTU, &mut req) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 /// Sets IFF_UP on an interface.
 fn set_up(name: &str) -> io::Result<()> {
     #[repr(C)]

@@ -602,8 +602,16 @@ impl Worker {
                 };
                 let tunnel_mtu = snap.ports[up].mtu.saturating_sub(crate::tunnel::TUNNEL_OVERHEAD);
                 if ip_len as u32 > tunnel_mtu {
-                    // TODO(ICMP): answer "fragmentation needed" / "packet too big".
-                    tally.inc(Counter::DropTooBigForTunnel);
+                    // The kernel's route to the peer goes through the TUN,
+                    // whose MTU is the tunnel's: it fragments, or answers
+                    // "fragmentation needed" / "packet too big".
+                    let frame = data.contents();
+                    let reason = if slow.send(&frame[l3..l3 + ip_len]).is_ok() {
+                        Counter::SlowTooBig
+                    } else {
+                        Counter::DropSlowPathFailed
+                    };
+                    tally.inc(reason);
                     self.free.push(d);
                     continue;
                 }

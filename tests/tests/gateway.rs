@@ -308,3 +308,50 @@ fn garbage_to_the_listen_port_is_counted_and_the_tunnel_keeps_working() -> Resul
     ping(&t.b, "10.1.0.2", 5)?;
     Ok(())
 }
+
+#[test]
+fn too_big_for_the_tunnel_gets_icmp_and_tcp_fits_by_mss_clamping() -> Result<()> {
+    if !require_root("too_big_for_the_tunnel_gets_icmp_and_tcp_fits_by_mss_clamping") {
+        return Ok(());
+    }
+    let t = TwoSites::new()?;
+    let ga = Subway::start(&t.gwa, &t.subway_config(true, false, ""))?;
+    let _gb = Subway::start(&t.gwb, &t.subway_config(false, false, ""))?;
+    ping_until(&t.a, "10.2.0.2", 10)?;
+    // A TCP transfer of 4 MB between hosts with 1500-byte MTUs completes:
+    // their SYNs were clamped to fit the tunnel (before any ICMP taught
+    // the hosts the path MTU).
+    let seen = tcp_echo(&t.a, &t.b, "10.2.0.2:6201".parse()?, 4 << 20)?;
+    assert_eq!(seen.ip().to_string(), "10.1.0.2");
+    let s = ga.show()?;
+    assert!(s["totals"]["mss_clamped"].as_u64().unwrap() >= 1, "{}", s["totals"]);
+    // 1500-byte IPv4 packets with DF into a 1420-byte tunnel.
+    let out = t.a.output(&[
+        "ping", "-c", "3", "-i", "0.2", "-W", "1", "-M", "do", "-s", "1472", "10.2.0.2",
+    ])?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("mtu = 1420") || text.contains("mtu=1420"),
+        "no ICMP fragmentation needed:\n{text}"
+    );
+    // And 1500-byte IPv6 packets get "packet too big".
+    let out = t.a.output(&[
+        "ping", "-6", "-c", "3", "-i", "0.2", "-W", "1", "-M", "do", "-s", "1452", "fd02::2",
+    ])?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("mtu = 1420") || text.contains("mtu=1420"),
+        "no ICMPv6 packet too big:\n{text}"
+    );
+    let s = ga.show()?;
+    assert!(s["totals"]["slow_too_big"].as_u64().unwrap() >= 2, "{}", s["totals"]);
+    Ok(())
+}
