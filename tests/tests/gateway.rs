@@ -355,3 +355,121 @@ fn too_big_for_the_tunnel_gets_icmp_and_tcp_fits_by_mss_clamping() -> Result<()>
     assert!(s["totals"]["slow_too_big"].as_u64().unwrap() >= 2, "{}", s["totals"]);
     Ok(())
 }
+
+/// Three sites on one "internet" segment (a bridge), each gateway peering
+/// with both others.
+#[test]
+fn mesh_of_three_sites() -> Result<()> {
+    if !require_root("mesh_of_three_sites") {
+        return Ok(());
+    }
+    use subway_tests::{veth, wg_keypair};
+    let inet = Netns::new("in")?;
+    inet.sh("ip link add br0 type bridge && ip link set br0 up")?;
+    let mut hosts = Vec::new();
+    let mut gws = Vec::new();
+    let mut keys = Vec::new();
+    for i in 1..=3u8 {
+        let h = Netns::new(&format!("h{i}"))?;
+        let g = Netns::new(&format!("g{i}"))?;
+        veth(&h, "eth0", &g, "lan0")?;
+        veth(&g, "wan0", &inet, &format!("p{i}"))?;
+        inet.run(&["ip", "link", "set", &format!("p{i}"), "master", "br0"])?;
+        h.sh(&format!(
+            "ip addr add 10.{i}.0.2/24 dev eth0 && ip route add default via 10.{i}.0.1"
+        ))?;
+        g.sh(&format!(
+            "ip addr add 10.{i}.0.1/24 dev lan0 && ip addr add 192.0.2.{i}/24 dev wan0"
+        ))?;
+        g.sysctl("net.ipv4.ip_forward", "1")?;
+        hosts.push(h);
+        gws.push(g);
+        keys.push(wg_keypair()?);
+    }
+    let mut subways = Vec::new();
+    for i in 0..3usize {
+        let mut cfg = format!(
+            "[Interface]\nPrivateKey = {}\nListenPort = 51820\nUplink = wan0\n\n[Lan]\nInterface = lan0\n",
+            keys[i].0
+        );
+        for j in (0..3usize).filter(|j| *j != i) {
+            cfg += &format!(
+                "\n[Peer]\nPublicKey = {}\nEndpoint = 192.0.2.{}:51820\nAllowedIPs = 10.{}.0.0/24\n",
+                keys[j].1,
+                j + 1,
+                j + 1
+            );
+        }
+        subways.push(Subway::start(&gws[i], &cfg)?);
+    }
+    for i in 0..3usize {
+        for j in (0..3usize).filter(|j| *j != i) {
+            let dst = format!("10.{}.0.2", j + 1);
+            ping_until(&hosts[i], &dst, 10).with_context(|| format!("site {} -> site {}", i + 1, j + 1))?;
+            ping(&hosts[i], &dst, 3)?;
+        }
+    }
+    for s in &subways {
+        let v = s.show()?;
+        let peers = v["peers"].as_array().unwrap();
+        assert_eq!(peers.len(), 2);
+        assert!(peers.iter().all(|p| p["fast_path"] == true), "{}", v["peers"]);
+    }
+    Ok(())
+}
+
+/// One-armed: the gateway has one interface, which is both its LAN and
+/// its uplink; hosts reach the far site through a static route to it.
+#[test]
+fn one_armed_static_route_next_hop() -> Result<()> {
+    if !require_root("one_armed_static_route_next_hop") {
+        return Ok(());
+    }
+    use subway_tests::{veth, wg_keypair};
+    // One LAN segment: host a, gateway A (one arm), and gateway B's
+    // outside, as the site's router to "the internet" would be.
+    let seg = Netns::new("sg")?;
+    seg.sh("ip link add br0 type bridge && ip link set br0 up")?;
+    let a = Netns::new("a")?;
+    let gwa = Netns::new("ga")?;
+    let gwb = Netns::new("gb")?;
+    let b = Netns::new("b")?;
+    veth(&a, "eth0", &seg, "pa")?;
+    veth(&gwa, "eth0", &seg, "pg")?;
+    veth(&gwb, "wan0", &seg, "pw")?;
+    veth(&b, "eth0", &gwb, "lan0")?;
+    for p in ["pa", "pg", "pw"] {
+        seg.run(&["ip", "link", "set", p, "master", "br0"])?;
+    }
+    a.sh("ip addr add 10.1.0.2/24 dev eth0 && ip route add 10.2.0.0/24 via 10.1.0.1")?;
+    gwa.sh("ip addr add 10.1.0.1/24 dev eth0")?;
+    gwb.sh("ip addr add 10.1.0.3/24 dev wan0 && ip addr add 10.2.0.1/24 dev lan0")?;
+    b.sh("ip addr add 10.2.0.2/24 dev eth0 && ip route add default via 10.2.0.1")?;
+    gwa.sysctl("net.ipv4.ip_forward", "1")?;
+    gwb.sysctl("net.ipv4.ip_forward", "1")?;
+    let (ka, kb) = (wg_keypair()?, wg_keypair()?);
+    let cfg_a = format!(
+        "[Interface]\nPrivateKey = {}\nListenPort = 51820\nUplink = eth0\n\n[Lan]\nInterface = eth0\nSubnets = 10.1.0.0/24\n\n\
+         [Peer]\nPublicKey = {}\nEndpoint = 10.1.0.3:51820\nAllowedIPs = 10.2.0.0/24\n",
+        ka.0, kb.1
+    );
+    let cfg_b = format!(
+        "[Interface]\nPrivateKey = {}\nListenPort = 51820\nUplink = wan0\n\n[Lan]\nInterface = lan0\n\n\
+         [Peer]\nPublicKey = {}\nEndpoint = 10.1.0.1:51820\nAllowedIPs = 10.1.0.2/32\n",
+        kb.0, ka.1
+    );
+    let ga = Subway::start(&gwa, &cfg_a)?;
+    let _gb = Subway::start(&gwb, &cfg_b)?;
+    ping_until(&a, "10.2.0.2", 10)?;
+    ping(&a, "10.2.0.2", 5)?;
+    ping(&b, "10.1.0.2", 5)?;
+    let seen = tcp_echo(&b, &a, "10.1.0.2:6301".parse()?, 128 * 1024)?;
+    assert_eq!(seen.ip().to_string(), "10.2.0.2");
+    let s = ga.show()?;
+    assert!(
+        s["totals"]["tunnel_tx"].as_u64().unwrap() >= 5 && s["totals"]["tunnel_rx"].as_u64().unwrap() >= 5,
+        "{}",
+        s["totals"]
+    );
+    Ok(())
+}
