@@ -140,6 +140,9 @@ impl Gateway {
     }
 
     fn read_udp(&mut self, dp: &mut Dataplane, now: Now) {
+        // Replies go out only after the sessions they create are published:
+        // the peer's first data message must find them in the workers' table.
+        let mut replies = Vec::new();
         for v6 in [false, true] {
             for _ in 0..256 {
                 let sock = if v6 { self.udp6.as_ref() } else { Some(&self.udp4) };
@@ -153,7 +156,7 @@ impl Gateway {
                 match self.dev.receive(src, &mut msg, now) {
                     Ok(Received::Send(outs)) => {
                         self.count("handshake_messages_in");
-                        self.send(outs);
+                        replies.extend(outs);
                     }
                     Ok(Received::CookieStored { .. }) => self.count("cookies_received"),
                     Ok(Received::Keepalive { .. }) => self.count("keepalives_in_control"),
@@ -168,6 +171,10 @@ impl Gateway {
                     Err(e) => self.count(e.name()),
                 }
             }
+        }
+        if !replies.is_empty() {
+            self.publish(dp, now);
+            self.send(replies);
         }
     }
 

@@ -379,6 +379,30 @@ fn show(name: Option<String>, as_json: bool) -> Result<()> {
             .map(|(k, v)| format!("{k}={v}"))
             .collect()
     };
+    if let Some(port) = v["listen_port"].as_u64() {
+        println!("  listening on UDP {port}");
+    }
+    for p in v["peers"].as_array().into_iter().flatten() {
+        println!(
+            "  peer {}\n    endpoint {}, allowed ips {}\n    latest handshake {}, handshakes {}, fast path {}\n    transfer: {} packets / {} B received, {} packets / {} B sent",
+            p["public_key"].as_str().unwrap_or("?"),
+            p["endpoint"].as_str().unwrap_or("(none)"),
+            p["allowed_ips"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default(),
+            p["latest_handshake_secs_ago"]
+                .as_u64()
+                .map(|s| format!("{s} s ago"))
+                .unwrap_or_else(|| "never".into()),
+            p["handshakes"],
+            p["fast_path"],
+            p["rx_packets"],
+            p["rx_bytes"],
+            p["tx_packets"],
+            p["tx_bytes"],
+        );
+    }
     let drops = nonzero(&v["totals"], &|k| k.starts_with("drop_"));
     let slow = nonzero(&v["totals"], &|k| k.starts_with("slow_"));
     println!(

@@ -402,11 +402,11 @@ fn mesh_of_three_sites() -> Result<()> {
         }
         subways.push(Subway::start(&gws[i], &cfg)?);
     }
-    for i in 0..3usize {
+    for (i, host) in hosts.iter().enumerate() {
         for j in (0..3usize).filter(|j| *j != i) {
             let dst = format!("10.{}.0.2", j + 1);
-            ping_until(&hosts[i], &dst, 10).with_context(|| format!("site {} -> site {}", i + 1, j + 1))?;
-            ping(&hosts[i], &dst, 3)?;
+            ping_until(host, &dst, 10).with_context(|| format!("site {} -> site {}", i + 1, j + 1))?;
+            ping(host, &dst, 3)?;
         }
     }
     for s in &subways {
@@ -470,6 +470,49 @@ fn one_armed_static_route_next_hop() -> Result<()> {
         s["totals"]["tunnel_tx"].as_u64().unwrap() >= 5 && s["totals"]["tunnel_rx"].as_u64().unwrap() >= 5,
         "{}",
         s["totals"]
+    );
+    Ok(())
+}
+
+/// The README's quick start, run exactly as written (with this build's
+/// binary): two sites, ping both ways, `subway show`.
+#[test]
+fn readme_quick_start_works() -> Result<()> {
+    if !require_root("readme_quick_start_works") {
+        return Ok(());
+    }
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
+    let start = readme.find("<!-- quickstart:begin -->").context("quick start marker")?;
+    let end = readme
+        .find("<!-- quickstart:end -->")
+        .context("quick start end marker")?;
+    let block = &readme[start..end];
+    let script = block
+        .split_once("```sh\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(s, _)| s)
+        .context("no sh block in the quick start")?;
+    let bin = subway_tests::workspace_bin("subway")?;
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .env("SUBWAY", &bin)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the quick start failed:\n{text}");
+    assert!(
+        text.contains("5 packets transmitted, 5 received") || text.contains("5 received"),
+        "{text}"
+    );
+    assert!(text.contains("3 received"), "{text}");
+    assert!(
+        text.contains("instance site-a"),
+        "subway show printed nothing useful:\n{text}"
     );
     Ok(())
 }
