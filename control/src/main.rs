@@ -220,6 +220,7 @@ fn run(path: &Path) -> Result<()> {
     tracing::info!(instance = %cfg.name, slow_path = dp.slow_path_name(), "subway is running ({mode} mode); `subway show {}`", cfg.name);
 
     let started = Instant::now();
+    let mut rates = Rates::default();
     let mut fds = vec![ctl.fd(), dp.slow_path().fd()];
     if let Some(g) = &gw {
         fds.extend(g.fds());
@@ -241,6 +242,7 @@ fn run(path: &Path) -> Result<()> {
         if let Err(e) = dp.refresh_neighbours() {
             tracing::warn!("neighbour refresh: {e}");
         }
+        rates.sample(&dp);
         if let Some(g) = gw.as_mut() {
             g.poll(&mut dp);
         } else {
@@ -250,12 +252,12 @@ fn run(path: &Path) -> Result<()> {
             while dp.slow_path().recv(&mut b).is_ok() {}
         }
         ctl.serve(|req| match req {
-            "show" | "" => show_json(&cfg, &dp, gw.as_ref(), started).to_string(),
+            "show" | "" => show_json(&cfg, &dp, gw.as_ref(), &rates, started).to_string(),
             other => json!({"error": format!("unknown request {other:?}")}).to_string(),
         });
     }
     tracing::info!("stopping: detaching XDP and closing sockets");
-    let last = show_json(&cfg, &dp, gw.as_ref(), started);
+    let last = show_json(&cfg, &dp, gw.as_ref(), &rates, started);
     dp.stop();
     drop(dp);
     tracing::info!(totals = %last["totals"], "stopped");
@@ -270,7 +272,40 @@ fn counters_json(values: &[u64]) -> Value {
     Value::Object(m)
 }
 
-fn show_json(cfg: &Config, dp: &Dataplane, gw: Option<&gateway::Gateway>, started: Instant) -> Value {
+/// Per-worker packet rates over the last second or so.
+#[derive(Default)]
+struct Rates {
+    at: Option<Instant>,
+    last: Vec<(u64, u64)>,
+    pps: Vec<(f64, f64)>,
+}
+
+impl Rates {
+    fn sample(&mut self, dp: &Dataplane) {
+        let now = Instant::now();
+        let cur: Vec<(u64, u64)> = dp
+            .workers()
+            .iter()
+            .map(|w| (w.stats.get(Counter::RxPackets), w.stats.get(Counter::TxPackets)))
+            .collect();
+        match self.at {
+            Some(t) if now.duration_since(t).as_secs_f64() < 1.0 => return,
+            Some(t) => {
+                let dt = now.duration_since(t).as_secs_f64();
+                self.pps = cur
+                    .iter()
+                    .zip(&self.last)
+                    .map(|(c, l)| ((c.0 - l.0) as f64 / dt, (c.1 - l.1) as f64 / dt))
+                    .collect();
+            }
+            None => {}
+        }
+        self.at = Some(now);
+        self.last = cur;
+    }
+}
+
+fn show_json(cfg: &Config, dp: &Dataplane, gw: Option<&gateway::Gateway>, rates: &Rates, started: Instant) -> Value {
     let mut totals = vec![0u64; Counter::COUNT];
     let mut xsk_totals = [0u64; 6];
     let workers: Vec<Value> = dp
@@ -299,6 +334,8 @@ fn show_json(cfg: &Config, dp: &Dataplane, gw: Option<&gateway::Gateway>, starte
                 "mode": if w.info.zero_copy { "zero-copy" } else { "copy" },
                 "xdp_mode": w.xdp_mode, "interfaces": w.info.ports,
                 "counters": counters_json(&snap),
+                "rx_pps": rates.pps.get(w.info.id).map(|r| r.0.round()).unwrap_or(0.0),
+                "tx_pps": rates.pps.get(w.info.id).map(|r| r.1.round()).unwrap_or(0.0),
                 "xsk": xsk,
             })
         })
@@ -358,7 +395,7 @@ fn show(name: Option<String>, as_json: bool) -> Result<()> {
     for w in v["workers"].as_array().into_iter().flatten() {
         let c = &w["counters"];
         println!(
-            "  worker {} queue {} core {} {} XDP {}: rx {} pkts / {} B, tx {} pkts / {} B, batches {}",
+            "  worker {} queue {} core {} {} XDP {}: rx {} pkts / {} B, tx {} pkts / {} B, batches {}, now {} / {} pps",
             w["id"],
             w["queue"],
             w["core"],
@@ -368,7 +405,9 @@ fn show(name: Option<String>, as_json: bool) -> Result<()> {
             c["rx_bytes"],
             c["tx_packets"],
             c["tx_bytes"],
-            c["rx_batches"]
+            c["rx_batches"],
+            w["rx_pps"],
+            w["tx_pps"]
         );
     }
     let nonzero = |obj: &Value, pred: &dyn Fn(&str) -> bool| -> Vec<String> {

@@ -587,14 +587,31 @@ pub fn which(prog: &str) -> Result<String> {
 impl TwoSites {
     /// Gateway B as a standard WireGuard box (`impl_`) instead of subway.
     pub fn standard_b(&self, impl_: &str) -> Result<WgPeer> {
-        WgPeer::start(
-            impl_,
-            &self.gwb,
-            &self.keys_b.0,
-            51820,
-            &self.keys_a.1,
-            "192.0.2.1:51820",
-            &["10.1.0.0/24", "fd01::/64"],
-        )
+        self.standard(impl_, false)
+    }
+
+    /// Gateway A (`for_a`) or B as a standard WireGuard box (`impl_`).
+    pub fn standard(&self, impl_: &str, for_a: bool) -> Result<WgPeer> {
+        if for_a {
+            WgPeer::start(
+                impl_,
+                &self.gwa,
+                &self.keys_a.0,
+                51820,
+                &self.keys_b.1,
+                "192.0.2.2:51820",
+                &["10.2.0.0/24", "fd02::/64"],
+            )
+        } else {
+            WgPeer::start(
+                impl_,
+                &self.gwb,
+                &self.keys_b.0,
+                51820,
+                &self.keys_a.1,
+                "192.0.2.1:51820",
+                &["10.1.0.0/24", "fd01::/64"],
+            )
+        }
     }
 }

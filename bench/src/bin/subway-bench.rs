@@ -13,7 +13,7 @@ use std::time::Duration;
 use subway_bench::cpu::CpuTimes;
 use subway_bench::frames::Size;
 use subway_bench::report::{self, Row};
-use subway_tests::{Subway, TwoSubnets, profile_bin, require_root};
+use subway_tests::{Subway, TwoSites, TwoSubnets, profile_bin, require_root};
 
 #[derive(Parser, Debug)]
 #[command(about = "subway's benchmark harness (needs root; builds its own namespaces and removes them)")]
@@ -65,10 +65,84 @@ enum Cmd {
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
+    /// The encrypt direction of a WireGuard gateway: subway against
+    /// wireguard-go and boringtun-cli (kernel forwarding + TUN), packets/s
+    /// of ciphertext delivered at each size.
+    Tunnel {
+        /// Sizes (wire bytes of the inner frame) or imix, comma-separated.
+        #[arg(long, default_value = "64,512,1420")]
+        sizes: String,
+        /// Contenders, comma-separated.
+        #[arg(long, default_value = "subway,boringtun-cli,wireguard-go")]
+        contenders: String,
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        #[arg(long, default_value_t = 1)]
+        trials: usize,
+        #[arg(long, default_value_t = 0)]
+        fwd_core: usize,
+        #[arg(long, default_value_t = 1)]
+        gen_core: usize,
+        /// Smoke test: 64 bytes only, 1 second.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "release")]
+        profile: String,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::Tunnel {
+            sizes,
+            contenders,
+            duration,
+            trials,
+            fwd_core,
+            gen_core,
+            quick,
+            profile,
+            out,
+        } => {
+            if !require_root("subway-bench tunnel") {
+                bail!("run as root");
+            }
+            let sizes: Vec<Size> = if quick {
+                vec![Size::Fixed(64)]
+            } else {
+                sizes
+                    .split(',')
+                    .map(|s| Size::parse(s.trim()))
+                    .collect::<Result<_, _>>()
+                    .map_err(anyhow::Error::msg)?
+            };
+            let p = Params {
+                duration: if quick { 1.0 } else { duration },
+                count: 50_000_000,
+                rate: 0,
+                fwd_core,
+                gen_core,
+                trials: if quick { 1 } else { trials.max(1) },
+                tuning: String::new(),
+                napi_on_forwarder: false,
+                profile,
+            };
+            let contenders: Vec<&str> = contenders.split(',').map(str::trim).collect();
+            let rows = tunnel(&sizes, &contenders, &p)?;
+            let md = report::markdown(&rows, contenders.last().copied().unwrap_or("wireguard-go"), fwd_core);
+            println!("\n{md}");
+            let dir = out.join(date_stamp());
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("tunnel.md"), &md)?;
+            std::fs::write(dir.join("tunnel.csv"), report::csv(&rows))?;
+            eprintln!("results written to {}", dir.display());
+            if rows.iter().any(|r| r.delivered == 0) {
+                bail!("a contender delivered no packets");
+            }
+            Ok(())
+        }
         Cmd::Routed {
             sizes,
             duration,
@@ -296,4 +370,153 @@ fn routed(sizes: &[Size], p: &Params) -> Result<Vec<Row>> {
         rows.extend(report::median(ours));
     }
     Ok(rows)
+}
+
+/// One gateway contender at site A (the one measured) with the same kind at
+/// site B (for the handshake). Returns the guards to keep alive.
+enum Gw {
+    Subway(Subway),
+    Standard(subway_tests::WgPeer),
+}
+
+fn start_gw(t: &TwoSites, impl_: &str, for_a: bool, p: &Params) -> Result<Gw> {
+    Ok(match impl_ {
+        "subway" => {
+            let mut cfg = t.subway_config(for_a, false, "");
+            if for_a {
+                cfg += &format!("\n[Tuning]\nCores = {}\n", p.fwd_core);
+            }
+            Gw::Subway(Subway::start_bin(
+                if for_a { &t.gwa } else { &t.gwb },
+                &cfg,
+                &profile_bin("subway", &p.profile)?,
+            )?)
+        }
+        other => Gw::Standard(t.standard(other, for_a)?),
+    })
+}
+
+fn tunnel(sizes: &[Size], contenders: &[&str], p: &Params) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for size in sizes {
+        for c in contenders {
+            let mut trials = Vec::new();
+            for trial in 0..p.trials {
+                eprintln!("size {} {c} trial {}/{}", size.label(), trial + 1, p.trials);
+                let t = TwoSites::new()?;
+                let ga = start_gw(&t, c, true, p)?;
+                let _gb = start_gw(&t, c, false, p)?;
+                // Handshake with real traffic, then point site A's next hop for
+                // the far gateway at a MAC nobody has: the far gateway's wire
+                // counts the ciphertext and its kernel drops it at once, so its
+                // decryption costs nothing and only site A is measured.
+                let mut up = false;
+                for _ in 0..20 {
+                    if t.a
+                        .output(&["ping", "-c", "1", "-W", "1", "-q", "10.2.0.2"])?
+                        .status
+                        .success()
+                    {
+                        up = true;
+                        break;
+                    }
+                }
+                anyhow::ensure!(up, "{c}: the tunnel did not come up");
+                t.gwa.run(&[
+                    "ip",
+                    "neigh",
+                    "replace",
+                    "192.0.2.2",
+                    "lladdr",
+                    SINK_MAC,
+                    "dev",
+                    "wan0",
+                    "nud",
+                    "permanent",
+                ])?;
+                // No RPS here: the gateway's ingress (the kernel's receive and
+                // TUN write for the standard implementations, XDP and the
+                // AF_XDP copy for subway) runs on the sending core in both
+                // cases, and core `fwd_core` is left to the gateway process.
+                if std::env::var_os("SUBWAY_BENCH_RPS").is_some() {
+                    t.gwa.sh(&format!(
+                        "echo {:x} > /sys/class/net/lan0/queues/rx-0/rps_cpus",
+                        1u64 << p.fwd_core
+                    ))?;
+                }
+                if let Gw::Standard(w) = &ga {
+                    // Pin every thread of the userspace WireGuard to the forwarder core.
+                    let _ = std::process::Command::new("taskset")
+                        .args(["-a", "-p", "-c", &p.fwd_core.to_string(), &w.proc.pid().to_string()])
+                        .output();
+                    for pid in child_pids(w.proc.pid()) {
+                        let _ = std::process::Command::new("taskset")
+                            .args(["-a", "-p", "-c", &p.fwd_core.to_string(), &pid.to_string()])
+                            .output();
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(400));
+                let gw_mac = t.gwa.run(&["cat", "/sys/class/net/lan0/address"])?.trim().to_string();
+                let before = t.gwb.if_stat("wan0", "rx_packets")?;
+                let cpu0 = CpuTimes::now();
+                let pktgen = profile_bin("subway-pktgen", &p.profile)?;
+                let out = t.a.run(&[
+                    pktgen.to_str().unwrap(),
+                    "--iface",
+                    "eth0",
+                    "--dst-mac",
+                    &gw_mac,
+                    "--src-ip",
+                    "10.1.0.2",
+                    "--dst-ip",
+                    "10.2.0.99",
+                    "--size",
+                    &size.label(),
+                    "--duration",
+                    &p.duration.to_string(),
+                    "--count",
+                    &p.count.to_string(),
+                    "--core",
+                    &p.gen_core.to_string(),
+                ])?;
+                let cpu1 = CpuTimes::now();
+                std::thread::sleep(Duration::from_millis(300));
+                let delivered = t.gwb.if_stat("wan0", "rx_packets")? - before;
+                let g: serde_json::Value = serde_json::from_str(out.trim())?;
+                let row = Row {
+                    contender: c.to_string(),
+                    size: size.label(),
+                    sent: g["sent"].as_u64().unwrap_or(0),
+                    delivered,
+                    seconds: g["seconds"].as_f64().unwrap_or(p.duration),
+                    mean_wire_bytes: size.mean_wire_bytes(),
+                    cpu_busy: cpu1.busy_since(&cpu0),
+                };
+                eprintln!(
+                    "  {c:>14} {:>5}: offered {:.3} Mpps, ciphertext delivered {:.3} Mpps ({:.1}% loss)",
+                    row.size,
+                    row.sent as f64 / row.seconds / 1e6,
+                    row.mpps(),
+                    row.loss_pct()
+                );
+                if let Gw::Subway(s) = &ga
+                    && let Ok(v) = s.show()
+                {
+                    eprintln!("                 subway: {} {}", v["totals"]["tunnel_tx"], v["xsk"]);
+                }
+                trials.push(row);
+            }
+            rows.extend(report::median(trials));
+        }
+    }
+    Ok(rows)
+}
+
+/// Direct children of `pid` (the program behind `ip netns exec`).
+fn child_pids(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect()
 }
