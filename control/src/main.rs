@@ -177,6 +177,22 @@ fn dataplane_config(cfg: &Config) -> DataplaneConfig {
 fn run(path: &Path) -> Result<()> {
     let cfg = load(path)?;
     cfg.check_interfaces()?;
+    if let Some(l) = cfg.lans.iter().find(|l| l.vnet != "default") {
+        bail!(
+            "{}:{}: VNet = {} is parsed but separate VNETs are not carried yet; remove the VNet line to use the default VNET",
+            path.display(),
+            l.line,
+            l.vnet
+        );
+    }
+    if let Some(p) = cfg.peers.iter().find(|p| p.vnet != "default") {
+        bail!(
+            "{}:{}: VNet = {} is parsed but separate VNETs are not carried yet; remove the VNet line to use the default VNET",
+            path.display(),
+            p.line,
+            p.vnet
+        );
+    }
     // The device and its UDP sockets first: the listen port may be chosen
     // by the kernel, and the XDP program must know it.
     let mut gw = if cfg.peers.is_empty() {

@@ -212,6 +212,20 @@ impl Dataplane {
                 }
             },
         };
+        let uplink_addrs: Vec<std::net::IpAddr> = match uplink.and_then(|u| ports.get(u as usize)) {
+            Some(up) => netlink
+                .addresses(up.ifindex)
+                .map_err(|e| Error::io(format!("addresses of {}", up.name), e))?
+                .iter()
+                .map(|n| n.addr())
+                .collect(),
+            None => Vec::new(),
+        };
+        if uplink.is_some() && uplink_addrs.is_empty() {
+            return Err(Error::msg(
+                "the uplink has no IP address: WireGuard needs one to listen on",
+            ));
+        }
         for (vnet, host) in locals {
             // Two interfaces with one address is odd but harmless.
             let _ = fib.insert(vnet, host, Target::Local);
@@ -236,6 +250,7 @@ impl Dataplane {
                 .collect(),
             sessions: Default::default(),
             uplink,
+            uplink_addrs: uplink_addrs.clone(),
             listen_port: cfg.listen_port,
         });
 
@@ -272,8 +287,17 @@ impl Dataplane {
 
         // XDP maps first, attachment last: until then the kernel has it all.
         let mut xdp = XdpSteering::load()?;
+        // WireGuard is steered only when addressed to the uplink's own
+        // addresses: other traffic to the same port (a WireGuard server
+        // behind the gateway, LAN hosts talking to one) is not ours.
         if cfg.listen_port != 0 {
-            xdp.add_listen(subway_common::ListenKey::any(cfg.listen_port))?;
+            for a in &uplink_addrs {
+                let key = match a {
+                    std::net::IpAddr::V4(v4) => subway_common::ListenKey::v4(v4.octets(), cfg.listen_port),
+                    std::net::IpAddr::V6(v6) => subway_common::ListenKey::v6(v6.octets(), cfg.listen_port),
+                };
+                xdp.add_listen(key)?;
+            }
         }
         for (i, p) in ports.iter().enumerate() {
             xdp.set_iface(

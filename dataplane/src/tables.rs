@@ -116,6 +116,8 @@ pub struct Tables {
     pub uplink: Option<u16>,
     /// Our WireGuard listen port (0: none).
     pub listen_port: u16,
+    /// The uplink's own addresses: WireGuard is what is sent to them.
+    pub uplink_addrs: Vec<IpAddr>,
 }
 
 /// The publication point shared by the control thread and the workers.

@@ -76,6 +76,8 @@ pub fn encapsulate(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Received {
     pub src: SocketAddr,
+    /// The outer destination address (ours, for WireGuard to us).
+    pub dst: IpAddr,
     pub msg_start: usize,
     pub msg_end: usize,
 }
@@ -100,6 +102,7 @@ pub fn parse_outer(frame: &[u8]) -> Option<Received> {
             let src = SocketAddr::new(IpAddr::V4(ip.src()), u.src_port());
             Some(Received {
                 src,
+                dst: IpAddr::V4(ip.dst()),
                 msg_start: l4 + 8,
                 msg_end: l4 + u.len(),
             })
@@ -114,6 +117,7 @@ pub fn parse_outer(frame: &[u8]) -> Option<Received> {
             let src = SocketAddr::new(IpAddr::V6(ip.src()), u.src_port());
             Some(Received {
                 src,
+                dst: IpAddr::V6(ip.dst()),
                 msg_start: l4 + 8,
                 msg_end: l4 + u.len(),
             })

@@ -116,13 +116,13 @@ mod tunnel_rx {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
 
-    /// A UDP datagram to our listen port carrying a data message?
+    /// A UDP datagram to one of our uplink addresses and our listen port?
     #[inline]
-    pub fn is_wireguard(frame: &[u8], listen_port: u16) -> bool {
-        listen_port != 0
+    pub fn is_wireguard(frame: &[u8], t: &Tables) -> bool {
+        t.listen_port != 0
             && parse_outer(frame).is_some_and(|r| {
                 let l4 = r.msg_start - 8;
-                u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]) == listen_port
+                u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]) == t.listen_port && t.uplink_addrs.contains(&r.dst)
             })
     }
 
@@ -434,7 +434,7 @@ impl Worker {
                         let mut data = unsafe { self.umem.data_mut(d) };
                         let len = data.contents().len();
                         tally.add(Counter::RxBytes, len as u64);
-                        let v = if from_uplink && tunnel_rx::is_wireguard(data.contents(), snap.listen_port) {
+                        let v = if from_uplink && tunnel_rx::is_wireguard(data.contents(), &snap) {
                             // Open in place, using the frame's whole capacity.
                             let cap = data.cursor().buf_len();
                             data.cursor().set_pos(cap);

@@ -300,7 +300,7 @@ impl Device {
         let retired = p.install(session.clone());
         p.last_handshake = Some(now);
         p.handshakes += 1;
-        p.timers.handshake_complete();
+        // Our own initiation, if one is in flight, keeps its retransmit timer.
         p.timers.session_derived(now.mono);
         p.timers.any_authenticated_packet_received();
         p.timers.any_authenticated_packet_traversal(now.mono);
@@ -322,19 +322,12 @@ impl Device {
             return Err(WgError::UnknownIndex);
         };
         let p = &mut self.peers[peer as usize];
-        let pending = p.pending.take().ok_or(WgError::UnknownIndex)?;
-        if pending.local_index != receiver {
-            p.pending = Some(pending);
+        let Some(pending) = p.pending.as_mut().filter(|x| x.local_index == receiver) else {
             return Err(WgError::UnknownIndex);
-        }
-        let keys = match noise::consume_response(pending, m) {
-            Ok(k) => k,
-            Err(e) => {
-                // The pending state is consumed; a retransmission will follow.
-                self.index.remove(&receiver);
-                return Err(e);
-            }
         };
+        // A forged or corrupt response leaves the handshake in flight as it was.
+        let keys = noise::consume_response(pending, m)?;
+        p.pending = None;
         let session = Arc::new(Session::new(&keys, peer, now.mono));
         p.endpoint = Some(src);
         let retired = p.install(session.clone());
@@ -378,7 +371,10 @@ impl Device {
         let p = &mut self.peers[peer as usize];
         p.timers.any_authenticated_packet_received();
         p.timers.any_authenticated_packet_traversal(now.mono);
-        if Peer::rekey_due_on_receive(&session, now.mono) {
+        if p.current
+            .as_ref()
+            .is_some_and(|c| Peer::rekey_due_on_receive(c, now.mono))
+        {
             p.want_handshake = true;
         }
         let start = messages::DATA_HEADER_LEN;
@@ -387,9 +383,12 @@ impl Device {
         }
         let plain = &datagram[start..start + plain_len];
         let (src_ip, len) = inner_source(plain).ok_or(WgError::BadLength)?;
-        if !p.allows(src_ip) {
+        // Cryptokey routing as WireGuard does it: the longest AllowedIPs
+        // match for the source, over every peer, must be this peer.
+        if self.owner_of(src_ip) != Some(peer) {
             return Err(WgError::NotAllowed);
         }
+        let p = &mut self.peers[peer as usize];
         p.timers.data_received(now.mono);
         p.rx_packets += 1;
         p.rx_bytes += len as u64;
@@ -398,6 +397,20 @@ impl Device {
             start,
             end: start + len,
         })
+    }
+
+    /// The peer whose AllowedIPs hold the longest prefix matching `ip`.
+    pub fn owner_of(&self, ip: IpAddr) -> Option<u32> {
+        self.peers
+            .iter()
+            .flat_map(|p| {
+                p.allowed_ips
+                    .iter()
+                    .filter(|n| n.contains(&ip))
+                    .map(move |n| (n.prefix_len(), p.id))
+            })
+            .max_by_key(|(len, _)| *len)
+            .map(|(_, id)| id)
     }
 
     /// Encrypts `packet` (empty: a keepalive) for `peer`. Without a usable
@@ -472,7 +485,16 @@ impl Device {
 
     /// A counter that changes whenever sessions are added or removed.
     pub fn generation(&self) -> u64 {
-        self.index.len() as u64 ^ ((self.index.keys().fold(0u64, |a, k| a.wrapping_add(*k as u64))) << 8)
+        let mix = |k: u32| {
+            let mut z = (k as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        self.index
+            .iter()
+            .map(|(k, e)| mix(*k) ^ matches!(e, IndexEntry::Session { .. }) as u64)
+            .fold(self.index.len() as u64, u64::wrapping_add)
     }
 
     /// Runs every peer's timers and due rekeys; returns what to send.
@@ -485,6 +507,16 @@ impl Device {
                 && let Some(dropped) = p.confirm_next()
             {
                 self.index.remove(&dropped);
+            }
+            // Packets that waited for a handshake we answered go now.
+            let p = &mut self.peers[id as usize];
+            if !p.queue.is_empty() && p.send_session(now.mono).is_some() {
+                let queued: Vec<Vec<u8>> = p.queue.drain(..).collect();
+                for q in queued {
+                    if let Ok(Some(o)) = self.send(id, &q, now) {
+                        out.push(o);
+                    }
+                }
             }
             let p = &mut self.peers[id as usize];
             let fired = p.timers.expired(now.mono);
@@ -522,6 +554,8 @@ impl Device {
                 .last_initiation_sent
                 .is_some_and(|t| now.mono.saturating_sub(t) < REKEY_TIMEOUT);
             if p.want_handshake && p.pending.is_none() && !recently {
+                // A new attempt, not a retry: it gets its full retries.
+                p.timers.handshake_attempts = 0;
                 initiate = true;
             }
             if initiate
@@ -671,6 +705,62 @@ mod tests {
             b.receive(A.parse().unwrap(), &mut k, now).unwrap(),
             Received::Keepalive { peer: 0 }
         );
+    }
+
+    #[test]
+    fn a_forged_response_does_not_kill_the_handshake() {
+        let (mut a, mut b, now) = pair();
+        a.send(0, &[], now).unwrap();
+        let mut m1 = a.tick(now).remove(0).datagram;
+        let Received::Send(r) = b.receive(A.parse().unwrap(), &mut m1, now).unwrap() else {
+            panic!()
+        };
+        let genuine = r[0].datagram.clone();
+        // Same indices, valid mac1, garbage Noise payload.
+        let mut forged = genuine.clone();
+        forged[20] ^= 0xff;
+        let k = crate::wg::crypto::mac1_key(&a.public);
+        let m = crate::wg::crypto::mac(&k, &forged[..resp::MAC1]);
+        forged[resp::MAC1..resp::MAC1 + 16].copy_from_slice(&m);
+        assert_eq!(
+            a.receive(B.parse().unwrap(), &mut forged, now),
+            Err(WgError::HandshakeFailed)
+        );
+        assert!(matches!(
+            a.receive(B.parse().unwrap(), &mut genuine.clone(), now),
+            Ok(Received::Send(_))
+        ));
+    }
+
+    #[test]
+    fn cryptokey_routing_uses_the_longest_match_over_all_peers() {
+        let (mut a, mut b, now) = pair();
+        // A second peer of b's owns a more specific prefix inside a's.
+        b.peer_mut(0).unwrap().allowed_ips = vec!["10.0.0.0/8".parse().unwrap()];
+        b.add_peer(&PeerConfig {
+            public_key: [9u8; 32],
+            preshared_key: None,
+            endpoint: None,
+            allowed_ips: vec!["10.1.2.0/24".parse().unwrap()],
+            persistent_keepalive: None,
+        })
+        .unwrap();
+        connect(&mut a, &mut b, now);
+        let mut ok = a
+            .send(0, &ipv4([10, 1, 3, 1], [10, 2, 0, 5], b"x"), now)
+            .unwrap()
+            .unwrap()
+            .datagram;
+        assert!(matches!(
+            b.receive(A.parse().unwrap(), &mut ok, now),
+            Ok(Received::Data { .. })
+        ));
+        let mut spoof = a
+            .send(0, &ipv4([10, 1, 2, 7], [10, 2, 0, 5], b"x"), now)
+            .unwrap()
+            .unwrap()
+            .datagram;
+        assert_eq!(b.receive(A.parse().unwrap(), &mut spoof, now), Err(WgError::NotAllowed));
     }
 
     #[test]

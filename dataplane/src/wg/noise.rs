@@ -55,7 +55,11 @@ pub fn public_key(private: &[u8; 32]) -> [u8; 32] {
 fn seal_macs(msg: &mut [u8], mac1_off: usize, mac1_key: &[u8; 32], cookie: &mut CookieState, now: Duration) {
     let m1 = mac(mac1_key, &msg[..mac1_off]);
     msg[mac1_off..mac1_off + 16].copy_from_slice(&m1);
-    cookie.sent_mac1(m1);
+    // A cookie reply answers our initiation; a response's mac1 must not
+    // replace the one it would be sealed with.
+    if msg[0] == TYPE_INITIATION {
+        cookie.sent_mac1(m1);
+    }
     let m2 = cookie.mac2(&msg[..mac1_off + 16], now);
     msg[mac1_off + 16..mac1_off + 32].copy_from_slice(&m2);
 }
@@ -166,7 +170,9 @@ pub fn create_response(
 }
 
 /// Completes our initiation with the peer's response.
-pub fn consume_response(mut p: PendingInitiation, msg: &[u8; RESPONSE_LEN]) -> Result<SessionKeys, WgError> {
+/// On failure the pending initiation is left as it was (snow restores its
+/// state), so a forged response cannot kill a handshake in flight.
+pub fn consume_response(p: &mut PendingInitiation, msg: &[u8; RESPONSE_LEN]) -> Result<SessionKeys, WgError> {
     let mut empty = [0u8; 0];
     let n = p
         .state
@@ -199,7 +205,7 @@ mod tests {
         let now = Duration::from_secs(1);
         let (mut ca, mut cb) = (CookieState::default(), CookieState::default());
         let mut m1 = [0u8; INITIATION_LEN];
-        let pending = create_initiation(
+        let mut pending = create_initiation(
             &a_priv,
             &b_pub,
             &psk,
@@ -219,7 +225,7 @@ mod tests {
         assert_eq!(got.remote_index, 7);
         let mut m2 = [0u8; RESPONSE_LEN];
         let kb = create_response(got, &psk, &mac1_key(&a_pub), 9, &mut cb, now, &mut m2).unwrap();
-        let ka = consume_response(pending, &m2).unwrap();
+        let ka = consume_response(&mut pending, &m2).unwrap();
         assert_eq!(*ka.send, *kb.recv);
         assert_eq!(*ka.recv, *kb.send);
         assert_ne!(*ka.send, *ka.recv);
@@ -236,11 +242,11 @@ mod tests {
         let now = Duration::from_secs(1);
         let (mut ca, mut cb) = (CookieState::default(), CookieState::default());
         let mut m1 = [0u8; INITIATION_LEN];
-        let pending =
+        let mut pending =
             create_initiation(&a_priv, &b_pub, &[1; 32], &[0; 32], 7, [1; 12], &mut ca, now, &mut m1).unwrap();
         let got = consume_initiation(&b_priv, &m1).unwrap();
         let mut m2 = [0u8; RESPONSE_LEN];
         create_response(got, &[2; 32], &[0; 32], 9, &mut cb, now, &mut m2).unwrap();
-        assert!(consume_response(pending, &m2).is_err());
+        assert!(consume_response(&mut pending, &m2).is_err());
     }
 }

@@ -114,13 +114,20 @@ impl Peer {
     pub(crate) fn install(&mut self, s: Arc<Session>) -> Vec<u32> {
         let mut retired = Vec::new();
         if s.initiator {
-            if let Some(n) = self.next.take() {
-                retired.push(n.local_index);
-            }
             if let Some(p) = self.previous.take() {
                 retired.push(p.local_index);
             }
-            self.previous = self.current.take();
+            // An unconfirmed next may be what the peer is sending on right
+            // now (simultaneous handshakes): keep it as previous.
+            match self.next.take() {
+                Some(n) => {
+                    if let Some(c) = self.current.take() {
+                        retired.push(c.local_index);
+                    }
+                    self.previous = Some(n);
+                }
+                None => self.previous = self.current.take(),
+            }
             self.current = Some(s);
         } else {
             if let Some(n) = self.next.take() {

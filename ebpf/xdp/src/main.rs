@@ -154,9 +154,10 @@ fn classify_v4(ctx: &XdpContext, off: usize, ifindex: u32, iface: IfaceConf, que
         return Verdict::Pass(XdpCounter::PassMulticast);
     }
 
-    // WireGuard to us: UDP, first fragment (or none), to a listen address.
-    let frag_off = u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff;
-    if hdr[9] == IPPROTO_UDP && frag_off == 0 {
+    // WireGuard to us: UDP, unfragmented, to a listen address. Fragments
+    // go to the kernel, which reassembles them for the control thread.
+    let fragmented = u16::from_be_bytes([hdr[6], hdr[7]]) & 0x3fff != 0;
+    if hdr[9] == IPPROTO_UDP && !fragmented {
         let l4 = off + ihl * 4;
         if let Some(port) = read_u16_be(ctx, l4 + 2) {
             if is_listen(ListenKey::v4(dst, port), port) {
