@@ -25,4 +25,5 @@ fi
 # asserted; see README "Benchmarks" for the real run).
 if [ "${1:-}" != "--quick" ] && [ "$(id -u)" -eq 0 ]; then
   target/debug/subway-bench routed --quick --profile debug --out "${TMPDIR:-/tmp}/subway-bench-smoke"
+  target/debug/subway-bench tunnel --quick --profile debug --out "${TMPDIR:-/tmp}/subway-bench-smoke"
 fi
