@@ -14,8 +14,8 @@ APT_PACKAGES=(
   llvm-22-dev libpolly-22-dev clang-22 libelf-dev zlib1g-dev libzstd-dev libpcap-dev m4 pkg-config
   # namespaces, veths and the tests' tools
   iproute2 ethtool iputils-ping netcat-openbsd
-  # real WireGuard peers for the interop tests
-  wireguard-tools wireguard-go
+  # real WireGuard peers for the interop tests, iperf3 for the TCP benchmark
+  wireguard-tools wireguard-go iperf3
 )
 
 missing=()

@@ -66,8 +66,10 @@ impl Gateway {
         let listen_port = udp4.local_addr()?.port();
         let udp6 = bind_v6_only(listen_port).ok();
         udp4.set_nonblocking(true)?;
+        grow_rcvbuf(&udp4);
         if let Some(u) = &udp6 {
             u.set_nonblocking(true)?;
+            grow_rcvbuf(u);
         }
         Ok(Gateway {
             dev,
@@ -266,6 +268,18 @@ impl Gateway {
             })
             .collect();
         json!(peers)
+    }
+}
+
+/// A handshake burst (or flood) must queue, not overflow, between polls.
+fn grow_rcvbuf(s: &UdpSocket) {
+    let size: libc::c_int = 4 << 20;
+    // SAFETY: setsockopt with a pointer to a live c_int on our own socket.
+    unsafe {
+        let p = (&size as *const libc::c_int).cast();
+        if libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, p, 4) != 0 {
+            libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, p, 4);
+        }
     }
 }
 

@@ -8,6 +8,8 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -614,4 +616,88 @@ impl TwoSites {
             )
         }
     }
+}
+
+/// Pings `count` times, 50 ms apart; an error unless all answer.
+pub fn ping(ns: &Netns, dst: &str, count: u32) -> Result<()> {
+    let c = count.to_string();
+    ns.run(&["ping", "-c", &c, "-i", "0.05", "-W", "2", "-q", dst])
+        .map(|_| ())
+}
+
+/// Pings until one answer comes back (the first packets wait for the
+/// handshake), bounded to `secs` attempts.
+pub fn ping_until(ns: &Netns, dst: &str, secs: u32) -> Result<()> {
+    for _ in 0..secs {
+        if ns.output(&["ping", "-c", "1", "-W", "1", "-q", dst])?.status.success() {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("{dst} did not answer within {secs} attempts")
+}
+
+/// A TCP exchange from `client` to `server_addr` served in `server`;
+/// returns the source address the server saw.
+pub fn tcp_echo(client: &Netns, server: &Netns, server_addr: SocketAddr, bytes: usize) -> Result<SocketAddr> {
+    let bind: SocketAddr = match server_addr {
+        SocketAddr::V4(_) => format!("0.0.0.0:{}", server_addr.port()).parse()?,
+        SocketAddr::V6(_) => format!("[::]:{}", server_addr.port()).parse()?,
+    };
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| -> Result<SocketAddr> {
+        let srv = s.spawn(move || {
+            server.enter(move || -> Result<SocketAddr> {
+                let l = TcpListener::bind(bind)?;
+                l.set_nonblocking(true)?;
+                ready_tx.send(()).ok();
+                // Bounded: a client that never connects must not hang the test.
+                let t0 = std::time::Instant::now();
+                let (mut c, peer) = loop {
+                    match l.accept() {
+                        Ok(x) => break x,
+                        Err(_) if t0.elapsed() < Duration::from_secs(15) => {
+                            std::thread::sleep(Duration::from_millis(10))
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                };
+                c.set_nonblocking(false)?;
+                c.set_read_timeout(Some(Duration::from_secs(10)))?;
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = c.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    c.write_all(&buf[..n])?;
+                }
+                Ok(peer)
+            })
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .context("server did not start")?;
+        client.enter(move || -> Result<()> {
+            let mut c = TcpStream::connect_timeout(&server_addr, Duration::from_secs(5))?;
+            c.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let data: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+            let mut w = c.try_clone()?;
+            let d2 = data.clone();
+            let writer = std::thread::spawn(move || -> std::io::Result<()> {
+                w.write_all(&d2)?;
+                w.shutdown(std::net::Shutdown::Write)
+            });
+            let mut back = Vec::new();
+            c.read_to_end(&mut back)?;
+            writer.join().unwrap()?;
+            anyhow::ensure!(
+                back == data,
+                "echo differs: {} of {} bytes came back",
+                back.len(),
+                data.len()
+            );
+            Ok(())
+        })??;
+        srv.join().unwrap()?
+    })
 }

@@ -3,10 +3,8 @@
 //! Every test needs root; without it they say so and pass.
 
 use anyhow::{Context, Result};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
-use subway_tests::{Subway, TwoSubnets, require_root, workspace_bin, xdp_attached};
+use subway_tests::{Subway, TwoSubnets, ping, require_root, tcp_echo, workspace_bin, xdp_attached};
 
 fn forwarded_by_kernel(t: &TwoSubnets) -> Result<u64> {
     // Ip: ForwDatagrams from /proc/net/snmp inside the gateway.
@@ -21,78 +19,6 @@ fn forwarded_by_kernel(t: &TwoSubnets) -> Result<u64> {
         .position(|n| n == "ForwDatagrams")
         .context("ForwDatagrams")?;
     Ok(values.split_whitespace().nth(idx).context("value")?.parse()?)
-}
-
-fn ping(ns: &subway_tests::Netns, dst: &str, count: u32) -> Result<()> {
-    let c = count.to_string();
-    ns.run(&["ping", "-c", &c, "-i", "0.05", "-W", "2", "-q", dst])
-        .map(|_| ())
-}
-
-/// A TCP connection from `client` to `server_addr` in `server`: 256 KiB
-/// echoed back. Returns the source address the server saw.
-fn tcp_echo(client: &subway_tests::Netns, server: &subway_tests::Netns, server_addr: SocketAddr) -> Result<SocketAddr> {
-    let bind: SocketAddr = match server_addr {
-        SocketAddr::V4(_) => format!("0.0.0.0:{}", server_addr.port()).parse()?,
-        SocketAddr::V6(_) => format!("[::]:{}", server_addr.port()).parse()?,
-    };
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::scope(|s| -> Result<SocketAddr> {
-        let srv = s.spawn(move || {
-            server.enter(move || -> Result<SocketAddr> {
-                let l = TcpListener::bind(bind)?;
-                l.set_nonblocking(true)?;
-                ready_tx.send(()).ok();
-                // Bounded: a client that never connects must not hang the test.
-                let t0 = std::time::Instant::now();
-                let (mut c, peer) = loop {
-                    match l.accept() {
-                        Ok(x) => break x,
-                        Err(_) if t0.elapsed() < Duration::from_secs(15) => {
-                            std::thread::sleep(Duration::from_millis(10))
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                };
-                c.set_nonblocking(false)?;
-                c.set_read_timeout(Some(Duration::from_secs(10)))?;
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    let n = c.read(&mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    c.write_all(&buf[..n])?;
-                }
-                Ok(peer)
-            })
-        });
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .context("server did not start")?;
-        client.enter(move || -> Result<()> {
-            let mut c = TcpStream::connect_timeout(&server_addr, Duration::from_secs(5))?;
-            c.set_read_timeout(Some(Duration::from_secs(10)))?;
-            let data: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
-            let mut w = c.try_clone()?;
-            let d2 = data.clone();
-            let writer = std::thread::spawn(move || -> std::io::Result<()> {
-                w.write_all(&d2)?;
-                w.shutdown(std::net::Shutdown::Write)
-            });
-            let mut back = Vec::new();
-            c.read_to_end(&mut back)?;
-            writer.join().unwrap()?;
-            anyhow::ensure!(
-                back == data,
-                "echo differs: {} of {} bytes came back",
-                back.len(),
-                data.len()
-            );
-            Ok(())
-        })??;
-        srv.join().unwrap()?
-    })
 }
 
 #[test]
@@ -115,11 +41,11 @@ fn hosts_in_two_subnets_reach_each_other_through_the_af_xdp_path() -> Result<()>
     ping(&t.a, "fd02::2", 20)?;
     ping(&t.b, "fd01::2", 20)?;
     // TCP both ways; the server sees the client's own address (no NAT).
-    let seen = tcp_echo(&t.a, &t.b, "10.2.0.2:5001".parse()?)?;
+    let seen = tcp_echo(&t.a, &t.b, "10.2.0.2:5001".parse()?, 256 * 1024)?;
     assert_eq!(seen.ip().to_string(), "10.1.0.2");
-    let seen = tcp_echo(&t.b, &t.a, "10.1.0.2:5002".parse()?)?;
+    let seen = tcp_echo(&t.b, &t.a, "10.1.0.2:5002".parse()?, 256 * 1024)?;
     assert_eq!(seen.ip().to_string(), "10.2.0.2");
-    let seen = tcp_echo(&t.a, &t.b, "[fd02::2]:5003".parse()?)?;
+    let seen = tcp_echo(&t.a, &t.b, "[fd02::2]:5003".parse()?, 256 * 1024)?;
     assert_eq!(seen.ip().to_string(), "fd01::2");
 
     let after = gw.show()?;

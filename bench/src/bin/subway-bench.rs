@@ -65,6 +65,24 @@ enum Cmd {
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
+    /// One TCP stream (iperf3) host to host through two gateways of each
+    /// kind: subway, boringtun-cli, wireguard-go.
+    Tcp {
+        #[arg(long, default_value = "subway,boringtun-cli,wireguard-go")]
+        contenders: String,
+        /// Seconds per stream.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        #[arg(long, default_value_t = 3)]
+        trials: usize,
+        /// Smoke test: 1 second, 1 trial.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "release")]
+        profile: String,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
     /// The encrypt direction of a WireGuard gateway: subway against
     /// wireguard-go and boringtun-cli (kernel forwarding + TUN), packets/s
     /// of ciphertext delivered at each size.
@@ -95,6 +113,47 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::Tcp {
+            contenders,
+            seconds,
+            trials,
+            quick,
+            profile,
+            out,
+        } => {
+            if !require_root("subway-bench tcp") {
+                bail!("run as root");
+            }
+            let (seconds, trials) = if quick { (1, 1) } else { (seconds.max(1), trials.max(1)) };
+            let mut md = String::from("| contender | Gbit/s (median) | trials |\n|---|---:|---|\n");
+            let mut csv = String::from("contender,gbps_median,trials\n");
+            let mut any_zero = false;
+            for c in contenders.split(',').map(str::trim) {
+                let mut runs = Vec::new();
+                for trial in 0..trials {
+                    eprintln!("tcp {c} trial {}/{trials}", trial + 1);
+                    let gbps = tcp_stream(c, seconds, &profile)?;
+                    eprintln!("  {c:>14}: {gbps:.2} Gbit/s");
+                    runs.push(gbps);
+                }
+                runs.sort_by(|a, b| a.total_cmp(b));
+                let median = runs[runs.len() / 2];
+                any_zero |= median <= 0.0;
+                let list = runs.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" ");
+                md += &format!("| {c} | {median:.2} | {list} |\n");
+                csv += &format!("{c},{median:.3},{}\n", list.replace(' ', ";"));
+            }
+            println!("\n{md}");
+            let dir = out.join(date_stamp());
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("tcp.md"), &md)?;
+            std::fs::write(dir.join("tcp.csv"), &csv)?;
+            eprintln!("results written to {}", dir.display());
+            if any_zero {
+                bail!("a contender moved no data");
+            }
+            Ok(())
+        }
         Cmd::Tunnel {
             sizes,
             contenders,
@@ -268,10 +327,23 @@ fn pin_napi_threads(ifname: &str, core: usize) -> Result<usize> {
 }
 
 fn measure(t: &TwoSubnets, gw_mac: &str, contender: &str, size: &Size, p: &Params) -> Result<Row> {
+    offer(&t.a, gw_mac, (&t.b, "eth0"), contender, size, p)
+}
+
+/// Runs the generator in `source` (its eth0, to `gw_mac`, from 10.1.0.2 to
+/// SINK_IP) and counts what reaches the `sink` interface.
+fn offer(
+    source: &subway_tests::Netns,
+    gw_mac: &str,
+    sink: (&subway_tests::Netns, &str),
+    contender: &str,
+    size: &Size,
+    p: &Params,
+) -> Result<Row> {
     let pktgen = profile_bin("subway-pktgen", &p.profile)?;
-    let before = t.b.if_stat("eth0", "rx_packets")?;
+    let before = sink.0.if_stat(sink.1, "rx_packets")?;
     let cpu0 = CpuTimes::now();
-    let out = t.a.run(&[
+    let out = source.run(&[
         pktgen.to_str().unwrap(),
         "--iface",
         "eth0",
@@ -294,7 +366,7 @@ fn measure(t: &TwoSubnets, gw_mac: &str, contender: &str, size: &Size, p: &Param
     ])?;
     let cpu1 = CpuTimes::now();
     std::thread::sleep(Duration::from_millis(200));
-    let delivered = t.b.if_stat("eth0", "rx_packets")? - before;
+    let delivered = sink.0.if_stat(sink.1, "rx_packets")? - before;
     let g: Value = serde_json::from_str(out.trim()).with_context(|| format!("pktgen printed {out}"))?;
     let row = Row {
         contender: contender.to_string(),
@@ -382,10 +454,9 @@ enum Gw {
 fn start_gw(t: &TwoSites, impl_: &str, for_a: bool, p: &Params) -> Result<Gw> {
     Ok(match impl_ {
         "subway" => {
-            let mut cfg = t.subway_config(for_a, false, "");
-            if for_a {
-                cfg += &format!("\n[Tuning]\nCores = {}\n", p.fwd_core);
-            }
+            // Site A's worker on the forwarder core, site B's on the other.
+            let core = if for_a { p.fwd_core } else { p.gen_core };
+            let cfg = t.subway_config(for_a, false, "") + &format!("\n[Tuning]\nCores = {core}\n");
             Gw::Subway(Subway::start_bin(
                 if for_a { &t.gwa } else { &t.gwb },
                 &cfg,
@@ -457,48 +528,7 @@ fn tunnel(sizes: &[Size], contenders: &[&str], p: &Params) -> Result<Vec<Row>> {
                 }
                 std::thread::sleep(Duration::from_millis(400));
                 let gw_mac = t.gwa.run(&["cat", "/sys/class/net/lan0/address"])?.trim().to_string();
-                let before = t.gwb.if_stat("wan0", "rx_packets")?;
-                let cpu0 = CpuTimes::now();
-                let pktgen = profile_bin("subway-pktgen", &p.profile)?;
-                let out = t.a.run(&[
-                    pktgen.to_str().unwrap(),
-                    "--iface",
-                    "eth0",
-                    "--dst-mac",
-                    &gw_mac,
-                    "--src-ip",
-                    "10.1.0.2",
-                    "--dst-ip",
-                    "10.2.0.99",
-                    "--size",
-                    &size.label(),
-                    "--duration",
-                    &p.duration.to_string(),
-                    "--count",
-                    &p.count.to_string(),
-                    "--core",
-                    &p.gen_core.to_string(),
-                ])?;
-                let cpu1 = CpuTimes::now();
-                std::thread::sleep(Duration::from_millis(300));
-                let delivered = t.gwb.if_stat("wan0", "rx_packets")? - before;
-                let g: serde_json::Value = serde_json::from_str(out.trim())?;
-                let row = Row {
-                    contender: c.to_string(),
-                    size: size.label(),
-                    sent: g["sent"].as_u64().unwrap_or(0),
-                    delivered,
-                    seconds: g["seconds"].as_f64().unwrap_or(p.duration),
-                    mean_wire_bytes: size.mean_wire_bytes(),
-                    cpu_busy: cpu1.busy_since(&cpu0),
-                };
-                eprintln!(
-                    "  {c:>14} {:>5}: offered {:.3} Mpps, ciphertext delivered {:.3} Mpps ({:.1}% loss)",
-                    row.size,
-                    row.sent as f64 / row.seconds / 1e6,
-                    row.mpps(),
-                    row.loss_pct()
-                );
+                let row = offer(&t.a, &gw_mac, (&t.gwb, "wan0"), c, size, p)?;
                 if let Gw::Subway(s) = &ga
                     && let Ok(v) = s.show()
                 {
@@ -519,4 +549,42 @@ fn child_pids(pid: u32) -> Vec<u32> {
         .split_whitespace()
         .filter_map(|x| x.parse().ok())
         .collect()
+}
+
+/// One iperf3 TCP stream from a to b through two gateways of kind `c`;
+/// returns the receiver's Gbit/s.
+fn tcp_stream(c: &str, seconds: u32, profile: &str) -> Result<f64> {
+    let t = TwoSites::new()?;
+    let p = Params {
+        duration: 1.0,
+        count: 0,
+        rate: 0,
+        fwd_core: 0,
+        gen_core: 1,
+        trials: 1,
+        tuning: String::new(),
+        napi_on_forwarder: false,
+        profile: profile.to_string(),
+    };
+    let _ga = start_gw(&t, c, true, &p)?;
+    let _gb = start_gw(&t, c, false, &p)?;
+    let mut up = false;
+    for _ in 0..20 {
+        if t.a
+            .output(&["ping", "-c", "1", "-W", "1", "-q", "10.2.0.2"])?
+            .status
+            .success()
+        {
+            up = true;
+            break;
+        }
+    }
+    anyhow::ensure!(up, "{c}: the tunnel did not come up");
+    let log = subway_tests::work_dir().join(format!("{}-iperf3.log", subway_tests::unique("ip")));
+    let _server = t.b.spawn(&["iperf3", "-s", "-1", "-B", "10.2.0.2"], &log)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out =
+        t.a.run(&["iperf3", "-c", "10.2.0.2", "-t", &seconds.to_string(), "-J"])?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+    Ok(v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9)
 }
