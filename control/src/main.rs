@@ -3,6 +3,7 @@
 mod config;
 mod ctl;
 mod gateway;
+mod routes;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -55,6 +56,18 @@ enum Cmd {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Ask a running instance about its routes: which route and peer serve
+    /// an address, what each VNET routes, which prefixes overlap.
+    Route {
+        #[command(subcommand)]
+        query: RouteQuery,
+        /// Instance name; optional when only one instance runs.
+        #[arg(long, global = true)]
+        name: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// Show a running instance: workers (queue, core, mode, packet and
     /// byte counters), drops and slow-path hand-offs by reason, XDP
     /// counters.
@@ -66,6 +79,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum RouteQuery {
+    /// Every route, or those of one VNET.
+    List {
+        #[arg(long)]
+        vnet: Option<String>,
+    },
+    /// The route (and peer) serving ADDRESS, and the less specific routes
+    /// that would match next.
+    Get {
+        address: std::net::IpAddr,
+        #[arg(long, default_value = "default")]
+        vnet: String,
+    },
+    /// Every pair of overlapping prefixes, with their VNETs and owners.
+    Overlaps,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -81,6 +112,7 @@ fn main() {
         Cmd::Run { config } => run(&config),
         Cmd::Check { config } => check(&config),
         Cmd::Show { name, json } => show(name, json),
+        Cmd::Route { query, name, json } => route(name, query, json),
     };
     if let Err(e) = r {
         eprintln!("subway: {e:#}");
@@ -269,6 +301,7 @@ fn run(path: &Path) -> Result<()> {
         }
         ctl.serve(|req| match req {
             "show" | "" => show_json(&cfg, &dp, gw.as_ref(), &rates, started).to_string(),
+            q if q.starts_with("route ") => route_answer(&cfg, &dp, &q[6..]).to_string(),
             other => json!({"error": format!("unknown request {other:?}")}).to_string(),
         });
     }
@@ -382,8 +415,8 @@ fn show_json(cfg: &Config, dp: &Dataplane, gw: Option<&gateway::Gateway>, rates:
     })
 }
 
-fn show(name: Option<String>, as_json: bool) -> Result<()> {
-    let name = match name {
+fn instance_name(name: Option<String>) -> Result<String> {
+    Ok(match name {
         Some(n) => n,
         None => {
             let all = ctl::instances();
@@ -393,7 +426,93 @@ fn show(name: Option<String>, as_json: bool) -> Result<()> {
                 many => bail!("several instances run ({}): name one", many.join(", ")),
             }
         }
+    })
+}
+
+/// Answers "list [VNET]", "get ADDRESS VNET" or "overlaps".
+fn route_answer(cfg: &Config, dp: &Dataplane, q: &str) -> Value {
+    let t = dp.tables();
+    let views = routes::views(cfg, t.fib.routes(), &t.ports);
+    let mut words = q.split_whitespace();
+    match (words.next(), words.next(), words.next()) {
+        (Some("list"), vnet, _) => routes::list(&views, vnet),
+        (Some("get"), Some(addr), vnet) => match addr.parse() {
+            Ok(a) => routes::get(&views, a, vnet.unwrap_or("default")),
+            Err(_) => json!({"error": format!("{addr} is not an IP address")}),
+        },
+        (Some("overlaps"), _, _) => routes::overlaps(&views),
+        _ => json!({"error": format!("unknown route query {q:?}")}),
+    }
+}
+
+fn route(name: Option<String>, q: RouteQuery, as_json: bool) -> Result<()> {
+    let name = instance_name(name)?;
+    let req = match &q {
+        RouteQuery::List { vnet } => format!("route list {}", vnet.as_deref().unwrap_or("")),
+        RouteQuery::Get { address, vnet } => format!("route get {address} {vnet}"),
+        RouteQuery::Overlaps => "route overlaps".to_string(),
     };
+    let v: Value = serde_json::from_str(&ctl::request(&name, &req)?).context("the instance sent invalid JSON")?;
+    if let Some(e) = v.get("error") {
+        bail!("{}", e.as_str().unwrap_or("error"));
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let line = |r: &Value| {
+        format!(
+            "[{}] {} -> {} {}{}",
+            r["vnet"].as_str().unwrap_or("?"),
+            r["prefix"].as_str().unwrap_or("?"),
+            r["kind"].as_str().unwrap_or("?"),
+            r["via"].as_str().unwrap_or("?"),
+            r["endpoint"]
+                .as_str()
+                .map(|e| format!(" (endpoint {e})"))
+                .unwrap_or_default()
+        )
+    };
+    match q {
+        RouteQuery::List { .. } => {
+            for r in v.as_array().into_iter().flatten() {
+                println!("{}", line(r));
+            }
+        }
+        RouteQuery::Get { .. } => {
+            println!(
+                "{} in VNET {}: {}",
+                v["address"].as_str().unwrap_or("?"),
+                v["vnet"].as_str().unwrap_or("?"),
+                v["verdict"].as_str().unwrap_or("?")
+            );
+            if !v["route"].is_null() {
+                println!("  route: {}", line(&v["route"]));
+            }
+            for r in v["less_specific"].as_array().into_iter().flatten() {
+                println!("  then:  {}", line(r));
+            }
+        }
+        RouteQuery::Overlaps => {
+            let pairs = v.as_array().cloned().unwrap_or_default();
+            if pairs.is_empty() {
+                println!("no overlapping prefixes");
+            }
+            for p in pairs {
+                println!(
+                    "{}\n  overlaps {}\n  {}",
+                    line(&p["a"]),
+                    line(&p["b"]),
+                    p["resolution"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn show(name: Option<String>, as_json: bool) -> Result<()> {
+    let name = instance_name(name)?;
     let reply = ctl::request(&name, "show")?;
     let v: Value = serde_json::from_str(&reply).context("the instance sent invalid JSON")?;
     if as_json {

@@ -38,6 +38,27 @@ fn two_sites_reach_each_other_through_subway_both_ways() -> Result<()> {
     let seen = tcp_echo(&t.a, &t.b, "[fd02::2]:6003".parse()?, 64 * 1024)?;
     assert_eq!(seen.ip().to_string(), "fd01::2");
 
+    // Route questions to the running instance.
+    let bin = subway_tests::workspace_bin("subway")?;
+    let q = |args: &[&str]| -> Result<serde_json::Value> {
+        let mut a = vec![bin.to_str().unwrap(), "route"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["--name", &ga.name, "--json"]);
+        Ok(serde_json::from_str(&subway_tests::host(&a)?)?)
+    };
+    let got = q(&["get", "10.2.0.77"])?;
+    assert_eq!(got["route"]["kind"], "peer", "{got}");
+    assert_eq!(got["route"]["via"], t.keys_b.1.as_str(), "{got}");
+    assert_eq!(got["route"]["endpoint"], "192.0.2.2:51820", "{got}");
+    let got = q(&["get", "10.1.0.9"])?;
+    assert_eq!(got["route"]["via"], "lan0", "{got}");
+    assert!(q(&["list"])?.as_array().unwrap().len() >= 4);
+    assert_eq!(
+        q(&["overlaps"])?.as_array().unwrap().len(),
+        0,
+        "the sites' prefixes do not overlap"
+    );
+
     // The data went through the workers' tunnel path.
     for gw in [&ga, &gb] {
         let s = gw.show()?;

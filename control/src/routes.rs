@@ -1,0 +1,243 @@
+//! Route questions, answered from the running instance's FIB: which route
+//! and which peer serve an address, what every VNET routes, and which
+//! prefixes overlap where.
+
+use crate::config::Config;
+use ipnet::IpNet;
+use serde_json::{Value, json};
+use std::net::IpAddr;
+use subway_dataplane::fib::{Route, Target};
+use subway_dataplane::tables::Port;
+
+/// A route as an operator reads it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteView {
+    pub vnet: String,
+    pub prefix: IpNet,
+    /// "lan", "peer" or "local".
+    pub kind: &'static str,
+    /// The interface, the peer's public key, or "gateway".
+    pub via: String,
+    pub endpoint: Option<String>,
+}
+
+impl RouteView {
+    fn json(&self) -> Value {
+        json!({"vnet": self.vnet, "prefix": self.prefix.to_string(), "kind": self.kind, "via": self.via, "endpoint": self.endpoint})
+    }
+}
+
+pub fn views(cfg: &Config, routes: &[Route], ports: &[Port]) -> Vec<RouteView> {
+    let vnets = cfg.vnet_ids();
+    let mut v: Vec<RouteView> = routes
+        .iter()
+        .map(|r| {
+            let vnet = vnets
+                .get(r.vnet as usize)
+                .cloned()
+                .unwrap_or_else(|| r.vnet.to_string());
+            let (kind, via, endpoint) = match r.target {
+                Target::Port(p) => (
+                    "lan",
+                    ports.get(p as usize).map(|p| p.name.clone()).unwrap_or_default(),
+                    None,
+                ),
+                Target::Peer(id) => {
+                    let p = cfg.peers.get(id as usize);
+                    (
+                        "peer",
+                        p.map(|p| p.public_key.to_base64()).unwrap_or_default(),
+                        p.and_then(|p| p.endpoint).map(|e| e.to_string()),
+                    )
+                }
+                Target::Local => ("local", "gateway".to_string(), None),
+            };
+            RouteView {
+                vnet,
+                prefix: r.prefix,
+                kind,
+                via,
+                endpoint,
+            }
+        })
+        .collect();
+    v.sort_by(|a, b| {
+        (&a.vnet, a.prefix.addr(), a.prefix.prefix_len()).cmp(&(&b.vnet, b.prefix.addr(), b.prefix.prefix_len()))
+    });
+    v
+}
+
+/// `subway route list [--vnet V]`.
+pub fn list(views: &[RouteView], vnet: Option<&str>) -> Value {
+    json!(
+        views
+            .iter()
+            .filter(|r| vnet.is_none_or(|v| r.vnet == v))
+            .map(RouteView::json)
+            .collect::<Vec<_>>()
+    )
+}
+
+/// `subway route get ADDRESS [--vnet V]`: the longest match, then the less
+/// specific routes that would match if it went away.
+pub fn get(views: &[RouteView], addr: IpAddr, vnet: &str) -> Value {
+    let mut matches: Vec<&RouteView> = views
+        .iter()
+        .filter(|r| r.vnet == vnet && r.prefix.contains(&addr))
+        .collect();
+    matches.sort_by(|a, b| b.prefix.prefix_len().cmp(&a.prefix.prefix_len()));
+    match matches.split_first() {
+        None => {
+            json!({"address": addr.to_string(), "vnet": vnet, "route": null, "verdict": "no route: not steered, the kernel handles it"})
+        }
+        Some((best, rest)) => json!({
+            "address": addr.to_string(),
+            "vnet": vnet,
+            "route": best.json(),
+            "verdict": match best.kind {
+                "peer" => format!("tunneled to peer {}", best.via),
+                "lan" => format!("forwarded out of {}", best.via),
+                _ => "an address of the gateway itself: the kernel handles it".to_string(),
+            },
+            "less_specific": rest.iter().map(|r| r.json()).collect::<Vec<_>>(),
+        }),
+    }
+}
+
+/// `subway route overlaps`: every pair of prefixes that overlap, in one
+/// VNET (resolved by longest match) or across VNETs (kept apart).
+pub fn overlaps(views: &[RouteView]) -> Value {
+    let routed: Vec<&RouteView> = views.iter().filter(|r| r.kind != "local").collect();
+    let mut out = Vec::new();
+    for (i, a) in routed.iter().enumerate() {
+        for b in &routed[i + 1..] {
+            if a.prefix.contains(&b.prefix.network()) || b.prefix.contains(&a.prefix.network()) {
+                let same = a.vnet == b.vnet;
+                out.push(json!({
+                    "a": a.json(),
+                    "b": b.json(),
+                    "same_vnet": same,
+                    "resolution": if same { "longest prefix wins inside the VNET" } else { "separate VNETs: no interaction" },
+                }));
+            }
+        }
+    }
+    json!(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn v(vnet: &str, p: &str, kind: &'static str, via: &str) -> RouteView {
+        RouteView {
+            vnet: vnet.into(),
+            prefix: p.parse().unwrap(),
+            kind,
+            via: via.into(),
+            endpoint: None,
+        }
+    }
+
+    fn table() -> Vec<RouteView> {
+        vec![
+            v("default", "10.0.0.0/8", "peer", "HUB"),
+            v("default", "10.1.0.0/16", "peer", "SITE1"),
+            v("default", "10.1.2.0/24", "lan", "lan0"),
+            v("default", "10.1.2.1/32", "local", "gateway"),
+            v("red", "10.1.0.0/16", "peer", "RED"),
+            v("blue", "192.168.1.0/24", "peer", "BLUE"),
+        ]
+    }
+
+    #[test]
+    fn get_answers_the_longest_match_and_what_is_behind_it() {
+        let got = get(&table(), "10.1.2.9".parse().unwrap(), "default");
+        assert_eq!(
+            got,
+            json!({
+                "address": "10.1.2.9", "vnet": "default",
+                "route": {"vnet": "default", "prefix": "10.1.2.0/24", "kind": "lan", "via": "lan0", "endpoint": null},
+                "verdict": "forwarded out of lan0",
+                "less_specific": [
+                    {"vnet": "default", "prefix": "10.1.0.0/16", "kind": "peer", "via": "SITE1", "endpoint": null},
+                    {"vnet": "default", "prefix": "10.0.0.0/8", "kind": "peer", "via": "HUB", "endpoint": null},
+                ],
+            })
+        );
+        assert_eq!(
+            get(&table(), "10.1.9.9".parse().unwrap(), "red")["verdict"],
+            "tunneled to peer RED"
+        );
+        assert_eq!(get(&table(), "10.1.9.9".parse().unwrap(), "blue")["route"], Value::Null);
+        assert_eq!(
+            get(&table(), "10.1.2.1".parse().unwrap(), "default")["route"]["kind"],
+            "local"
+        );
+    }
+
+    #[test]
+    fn overlaps_within_and_across_vnets() {
+        let o = overlaps(&table());
+        let pairs: Vec<(String, String, bool)> = o
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["a"]["prefix"].as_str().unwrap().to_string(),
+                    p["b"]["prefix"].as_str().unwrap().to_string(),
+                    p["same_vnet"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            pairs,
+            vec![
+                ("10.0.0.0/8".into(), "10.1.0.0/16".into(), true),
+                ("10.0.0.0/8".into(), "10.1.2.0/24".into(), true),
+                ("10.0.0.0/8".into(), "10.1.0.0/16".into(), false),
+                ("10.1.0.0/16".into(), "10.1.2.0/24".into(), true),
+                ("10.1.0.0/16".into(), "10.1.0.0/16".into(), false),
+                ("10.1.2.0/24".into(), "10.1.0.0/16".into(), false),
+            ]
+        );
+    }
+
+    #[test]
+    fn list_filters_by_vnet_and_views_name_things() {
+        assert_eq!(list(&table(), Some("blue")).as_array().unwrap().len(), 1);
+        assert_eq!(list(&table(), None).as_array().unwrap().len(), 6);
+        let cfg = Config::parse(
+            Path::new("/etc/subway/x.conf"),
+            "[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\nUplink = wan0\n[Lan]\nInterface = lan0\n\
+             [Peer]\nPublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 10.2.0.0/24\n",
+        )
+        .unwrap();
+        let routes = vec![
+            Route {
+                vnet: 0,
+                prefix: "10.2.0.0/24".parse().unwrap(),
+                target: Target::Peer(0),
+            },
+            Route {
+                vnet: 0,
+                prefix: "10.1.0.0/24".parse().unwrap(),
+                target: Target::Port(0),
+            },
+        ];
+        let ports = vec![Port {
+            name: "lan0".into(),
+            ifindex: 3,
+            mac: Default::default(),
+            vnet: 0,
+            mtu: 1500,
+        }];
+        let vs = views(&cfg, &routes, &ports);
+        assert_eq!(vs[0].via, "lan0");
+        assert_eq!(vs[1].kind, "peer");
+        assert_eq!(vs[1].endpoint.as_deref(), Some("192.0.2.2:51820"));
+        assert_eq!(vs[1].via, "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=");
+    }
+}
