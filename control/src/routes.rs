@@ -85,7 +85,7 @@ pub fn get(views: &[RouteView], addr: IpAddr, vnet: &str) -> Value {
         .iter()
         .filter(|r| r.vnet == vnet && r.prefix.contains(&addr))
         .collect();
-    matches.sort_by(|a, b| b.prefix.prefix_len().cmp(&a.prefix.prefix_len()));
+    matches.sort_by_key(|r| std::cmp::Reverse(r.prefix.prefix_len()));
     match matches.split_first() {
         None => {
             json!({"address": addr.to_string(), "vnet": vnet, "route": null, "verdict": "no route: not steered, the kernel handles it"})
