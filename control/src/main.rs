@@ -4,6 +4,7 @@ mod config;
 mod ctl;
 mod gateway;
 mod routes;
+mod uapi;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -269,9 +270,23 @@ fn run(path: &Path) -> Result<()> {
 
     let started = Instant::now();
     let mut rates = Rates::default();
+    // `wg show NAME` works against a gateway.
+    let uapi = match &gw {
+        Some(_) => match uapi::UapiServer::bind(&cfg.name) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!("not serving the WireGuard UAPI (wg show): {e}");
+                None
+            }
+        },
+        None => None,
+    };
     let mut fds = vec![ctl.fd(), dp.slow_path().fd()];
     if let Some(g) = &gw {
         fds.extend(g.fds());
+    }
+    if let Some(u) = &uapi {
+        fds.push(u.fd());
     }
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
@@ -298,6 +313,15 @@ fn run(path: &Path) -> Result<()> {
             // routes there (nothing should be).
             let mut b = [0u8; 2048];
             while dp.slow_path().recv(&mut b).is_ok() {}
+        }
+        if let (Some(u), Some(g)) = (&uapi, gw.as_ref()) {
+            u.serve(|| {
+                let key = cfg.interface.private_key.map(|k| k.0).unwrap_or([0; 32]);
+                let keys: Vec<[u8; 32]> = cfg.peers.iter().map(|p| p.public_key.0).collect();
+                let psks: Vec<Option<[u8; 32]>> = cfg.peers.iter().map(|p| p.preshared_key.map(|k| k.0)).collect();
+                let kas: Vec<Option<u16>> = cfg.peers.iter().map(|p| p.persistent_keepalive).collect();
+                uapi::render(&key, g.listen_port, &g.peers_json(&cfg, &dp), &keys, &psks, &kas, subway_dataplane::wg::Now::system().unix)
+            });
         }
         ctl.serve(|req| match req {
             "show" | "" => show_json(&cfg, &dp, gw.as_ref(), &rates, started).to_string(),

@@ -59,6 +59,12 @@ fn two_sites_reach_each_other_through_subway_both_ways() -> Result<()> {
         "the sites' prefixes do not overlap"
     );
 
+    // The tools WireGuard users know: `wg show` reads subway's UAPI socket.
+    let wg = subway_tests::host(&["wg", "show", &ga.name])?;
+    assert!(wg.contains(&format!("peer: {}", t.keys_b.1)), "{wg}");
+    assert!(wg.contains("endpoint: 192.0.2.2:51820") && wg.contains("latest handshake") && wg.contains("transfer"), "{wg}");
+    assert!(wg.contains("listening port: 51820"), "{wg}");
+
     // The data went through the workers' tunnel path.
     for gw in [&ga, &gb] {
         let s = gw.show()?;
