@@ -101,6 +101,8 @@ pub struct Config {
     pub lans: Vec<LanSection>,
     pub peers: Vec<PeerSection>,
     pub tuning: Tuning,
+    /// Prometheus endpoint, if a [Metrics] section asks for one.
+    pub metrics: Option<(SocketAddr, usize)>,
     pub warnings: Vec<String>,
 }
 
@@ -125,6 +127,7 @@ enum Section {
     Lan,
     Peer,
     Tuning,
+    Metrics,
 }
 
 impl Config {
@@ -162,6 +165,7 @@ impl Config {
             lans: Vec::new(),
             peers: Vec::new(),
             tuning: Tuning::default(),
+            metrics: None,
             warnings: Vec::new(),
         };
         let mut section = Section::None;
@@ -207,6 +211,7 @@ impl Config {
                 Section::Lan => parse_lan(cfg, line, kv, &err),
                 Section::Peer => parse_peer(cfg, line, kv, &err),
                 Section::Tuning => parse_tuning(cfg, kv, &err),
+                Section::Metrics => parse_metrics(cfg, kv, &err),
             }
         };
 
@@ -237,6 +242,10 @@ impl Config {
                         Section::Interface
                     }
                     "lan" => Section::Lan,
+                    "metrics" => {
+                        cfg.metrics = Some(("127.0.0.1:9586".parse().unwrap(), lineno));
+                        Section::Metrics
+                    }
                     "peer" => Section::Peer,
                     "tuning" => {
                         if seen_tuning {
@@ -249,7 +258,7 @@ impl Config {
                         return Err(err(
                             lineno,
                             format!(
-                                "unknown section [{}]: subway knows [Interface], [Lan], [Peer] and [Tuning]",
+                                "unknown section [{}]: subway knows [Interface], [Lan], [Peer], [Tuning] and [Metrics]",
                                 &line[1..line.len() - 1]
                             ),
                         ));
@@ -589,6 +598,24 @@ fn parse_peer(
         persistent_keepalive: keepalive,
         vnet,
     });
+    Ok(())
+}
+
+fn parse_metrics(cfg: &mut Config, kv: Vec<(String, String, usize)>, err: &ErrFn) -> Result<(), ConfigError> {
+    for (k, v, line) in kv {
+        match k.to_ascii_lowercase().as_str() {
+            "listen" => {
+                let a: SocketAddr = v.parse().map_err(|_| {
+                    err(
+                        line,
+                        format!("Listen = {v}: expected ADDRESS:PORT, like 127.0.0.1:9586 or [::1]:9586"),
+                    )
+                })?;
+                cfg.metrics = Some((a, line));
+            }
+            _ => return Err(err(line, format!("unknown key `{k}` in [Metrics]: expected Listen"))),
+        }
+    }
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 mod config;
 mod ctl;
 mod gateway;
+mod metrics;
 mod routes;
 mod uapi;
 
@@ -281,7 +282,20 @@ fn run(path: &Path) -> Result<()> {
         },
         None => None,
     };
+    let metrics = match cfg.metrics {
+        Some((addr, line)) => Some(
+            metrics::MetricsServer::bind(addr)
+                .with_context(|| format!("{}:{line}: serving metrics on {addr}", cfg.path.display()))?,
+        ),
+        None => None,
+    };
+    if let Some((addr, _)) = cfg.metrics {
+        tracing::info!("Prometheus metrics on http://{addr}/metrics");
+    }
     let mut fds = vec![ctl.fd(), dp.slow_path().fd()];
+    if let Some(m) = &metrics {
+        fds.push(m.fd());
+    }
     if let Some(g) = &gw {
         fds.extend(g.fds());
     }
@@ -320,8 +334,19 @@ fn run(path: &Path) -> Result<()> {
                 let keys: Vec<[u8; 32]> = cfg.peers.iter().map(|p| p.public_key.0).collect();
                 let psks: Vec<Option<[u8; 32]>> = cfg.peers.iter().map(|p| p.preshared_key.map(|k| k.0)).collect();
                 let kas: Vec<Option<u16>> = cfg.peers.iter().map(|p| p.persistent_keepalive).collect();
-                uapi::render(&key, g.listen_port, &g.peers_json(&cfg, &dp), &keys, &psks, &kas, subway_dataplane::wg::Now::system().unix)
+                uapi::render(
+                    &key,
+                    g.listen_port,
+                    &g.peers_json(&cfg, &dp),
+                    &keys,
+                    &psks,
+                    &kas,
+                    subway_dataplane::wg::Now::system().unix,
+                )
             });
+        }
+        if let Some(m) = &metrics {
+            m.serve(|| metrics::render(&show_json(&cfg, &dp, gw.as_ref(), &rates, started)));
         }
         ctl.serve(|req| match req {
             "show" | "" => show_json(&cfg, &dp, gw.as_ref(), &rates, started).to_string(),

@@ -78,7 +78,15 @@ fn hex(b: &[u8]) -> String {
 }
 
 /// The `get=1` body from the device's keys and `subway show`'s peers.
-pub fn render(private_key: &[u8; 32], listen_port: u16, peers: &Value, keys: &[[u8; 32]], psks: &[Option<[u8; 32]>], keepalives: &[Option<u16>], now_unix: Duration) -> String {
+pub fn render(
+    private_key: &[u8; 32],
+    listen_port: u16,
+    peers: &Value,
+    keys: &[[u8; 32]],
+    psks: &[Option<[u8; 32]>],
+    keepalives: &[Option<u16>],
+    now_unix: Duration,
+) -> String {
     let mut s = format!("private_key={}\nlisten_port={listen_port}\n", hex(private_key));
     for (i, p) in peers.as_array().into_iter().flatten().enumerate() {
         let Some(k) = keys.get(i) else { continue };
@@ -89,14 +97,32 @@ pub fn render(private_key: &[u8; 32], listen_port: u16, peers: &Value, keys: &[[
         if let Some(e) = p["endpoint"].as_str() {
             let _ = writeln!(s, "endpoint={e}");
         }
-        for a in p["allowed_ips"].as_array().into_iter().flatten().filter_map(|a| a.as_str()) {
+        for a in p["allowed_ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str())
+        {
             let _ = writeln!(s, "allowed_ip={a}");
         }
         if let Some(age) = p["latest_handshake_secs_ago"].as_u64() {
-            let _ = writeln!(s, "last_handshake_time_sec={}\nlast_handshake_time_nsec=0", now_unix.as_secs().saturating_sub(age));
+            let _ = writeln!(
+                s,
+                "last_handshake_time_sec={}\nlast_handshake_time_nsec=0",
+                now_unix.as_secs().saturating_sub(age)
+            );
         }
-        let _ = writeln!(s, "rx_bytes={}\ntx_bytes={}", p["rx_bytes"].as_u64().unwrap_or(0), p["tx_bytes"].as_u64().unwrap_or(0));
-        let _ = writeln!(s, "persistent_keepalive_interval={}", keepalives.get(i).copied().flatten().unwrap_or(0));
+        let _ = writeln!(
+            s,
+            "rx_bytes={}\ntx_bytes={}",
+            p["rx_bytes"].as_u64().unwrap_or(0),
+            p["tx_bytes"].as_u64().unwrap_or(0)
+        );
+        let _ = writeln!(
+            s,
+            "persistent_keepalive_interval={}",
+            keepalives.get(i).copied().flatten().unwrap_or(0)
+        );
         s.push_str("protocol_version=1\n");
     }
     s
@@ -110,7 +136,15 @@ mod tests {
     #[test]
     fn renders_what_wg_show_reads() {
         let peers = json!([{"endpoint": "192.0.2.2:51820", "allowed_ips": ["10.2.0.0/24"], "latest_handshake_secs_ago": 5, "rx_bytes": 10, "tx_bytes": 20}]);
-        let s = render(&[1; 32], 51820, &peers, &[[2; 32]], &[None], &[Some(25)], Duration::from_secs(1000));
+        let s = render(
+            &[1; 32],
+            51820,
+            &peers,
+            &[[2; 32]],
+            &[None],
+            &[Some(25)],
+            Duration::from_secs(1000),
+        );
         assert_eq!(
             s,
             format!(

@@ -62,7 +62,10 @@ fn two_sites_reach_each_other_through_subway_both_ways() -> Result<()> {
     // The tools WireGuard users know: `wg show` reads subway's UAPI socket.
     let wg = subway_tests::host(&["wg", "show", &ga.name])?;
     assert!(wg.contains(&format!("peer: {}", t.keys_b.1)), "{wg}");
-    assert!(wg.contains("endpoint: 192.0.2.2:51820") && wg.contains("latest handshake") && wg.contains("transfer"), "{wg}");
+    assert!(
+        wg.contains("endpoint: 192.0.2.2:51820") && wg.contains("latest handshake") && wg.contains("transfer"),
+        "{wg}"
+    );
     assert!(wg.contains("listening port: 51820"), "{wg}");
 
     // The data went through the workers' tunnel path.
@@ -458,6 +461,53 @@ fn readme_quick_start_works() -> Result<()> {
     assert!(
         text.contains("instance site-a"),
         "subway show printed nothing useful:\n{text}"
+    );
+    Ok(())
+}
+
+/// Prometheus text on the configured address agrees with `subway show`.
+#[test]
+fn metrics_match_show() -> Result<()> {
+    if !require_root("metrics_match_show") {
+        return Ok(());
+    }
+    use std::io::{Read, Write};
+    let t = TwoSites::new()?;
+    let cfg = t.subway_config(true, false, "") + "\n[Metrics]\nListen = 127.0.0.1:9586\n";
+    let ga = Subway::start(&t.gwa, &cfg)?;
+    let _gb = Subway::start(&t.gwb, &t.subway_config(false, false, ""))?;
+    ping_until(&t.a, "10.2.0.2", 10)?;
+    ping(&t.a, "10.2.0.2", 5)?;
+    let scrape = t.gwa.enter(|| -> Result<String> {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9586")?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })??;
+    let show = ga.show()?;
+    assert!(scrape.starts_with("HTTP/1.1 200 OK"), "{scrape}");
+    let value = |prefix: &str| -> Option<u64> {
+        scrape
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    let key = t.keys_b.1.clone();
+    assert_eq!(
+        value(&format!("subway_peer_handshakes_total{{peer=\"{key}\"}}")),
+        show["peers"][0]["handshakes"].as_u64(),
+        "{scrape}"
+    );
+    assert_eq!(
+        value("subway_xdp_packets_total{reason=\"redirect_route\"}"),
+        show["xdp"]["redirect_route"].as_u64(),
+        "{scrape}"
+    );
+    assert!(
+        value("subway_worker_packets_total{worker=\"0\",counter=\"tunnel_tx\"}").unwrap_or(0) >= 5,
+        "{scrape}"
     );
     Ok(())
 }
