@@ -716,6 +716,17 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_parses_once_keys_are_filled_in() {
+        let text = include_str!("../dist/example.conf")
+            .replace("REPLACE_WITH_wg_genkey_OUTPUT", KEY_A)
+            .replace("REPLACE_WITH_THE_OTHER_SITE_PUBLIC_KEY", KEY_B);
+        let c = parse(&text).unwrap();
+        assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.metrics.map(|m| m.0.to_string()), Some("127.0.0.1:9586".into()));
+        assert_eq!(c.tuning.cores, Some(vec![2, 3]));
+    }
+
+    #[test]
     fn routed_mode_needs_only_lans() {
         let c = parse("[Lan]\nInterface = lan0\n[Lan]\ninterface = lan1\nsubnets = 10.2.0.0/24\n").unwrap();
         assert_eq!(c.lans.len(), 2);
