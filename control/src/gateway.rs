@@ -126,6 +126,15 @@ impl Gateway {
                 rt.stats.rx_packets.load(Ordering::Relaxed),
                 rt.stats.rx_keepalives.load(Ordering::Relaxed),
             );
+            let roamed = rt.stats.roamed_v4.swap(0, Ordering::Relaxed);
+            if let Some(a) = subway_dataplane::tables::PeerStats::unpack_v4(roamed)
+                && let Some(p) = self.dev.peer_mut(id as u32)
+                && p.endpoint != Some(SocketAddr::V4(a))
+            {
+                tracing::info!(peer = id, from = ?p.endpoint, to = %a, "peer roamed");
+                p.endpoint = Some(SocketAddr::V4(a));
+                self.count("roams");
+            }
             let last = self.last[id];
             self.dev.note_traffic(
                 id as u32,

@@ -78,6 +78,21 @@ pub struct PeerStats {
     pub tx_packets: AtomicU64,
     pub tx_bytes: AtomicU64,
     pub rx_keepalives: AtomicU64,
+    /// The latest authenticated source of the peer's datagrams when it is
+    /// not the published endpoint (IPv4 packed as 1<<63 | addr<<16 | port;
+    /// 0: none). The control thread follows the peer there (roaming).
+    pub roamed_v4: AtomicU64,
+}
+
+impl PeerStats {
+    /// Packs an IPv4 endpoint for `roamed_v4`.
+    pub fn pack_v4(a: std::net::SocketAddrV4) -> u64 {
+        1 << 63 | (u32::from(*a.ip()) as u64) << 16 | a.port() as u64
+    }
+
+    pub fn unpack_v4(v: u64) -> Option<std::net::SocketAddrV4> {
+        (v >> 63 == 1).then(|| std::net::SocketAddrV4::new(((v >> 16) as u32).into(), v as u16))
+    }
 }
 
 /// What the workers know about a WireGuard peer.

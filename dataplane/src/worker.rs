@@ -150,6 +150,16 @@ mod tunnel_rx {
         let Some(peer) = t.peers.get(session.peer as usize) else {
             return drop(Counter::DropWgUnknownIndex);
         };
+        // Authenticated: if it came from elsewhere than the published
+        // endpoint, the peer roamed; tell the control thread (IPv4; IPv6
+        // roaming is followed on handshakes).
+        if let (Some(path), std::net::SocketAddr::V4(src)) = (&peer.path, r.src)
+            && path.dst != r.src
+        {
+            peer.stats
+                .roamed_v4
+                .store(crate::tables::PeerStats::pack_v4(src), Ordering::Relaxed);
+        }
         if plain_len == 0 {
             peer.stats.rx_keepalives.fetch_add(1, Ordering::Relaxed);
             return drop(Counter::RxKeepalives);

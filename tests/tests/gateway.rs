@@ -511,3 +511,27 @@ fn metrics_match_show() -> Result<()> {
     );
     Ok(())
 }
+
+/// The far gateway's address changes (a NAT rebinding, a new uplink
+/// address): its data alone is enough for subway to follow it.
+#[test]
+fn a_peer_that_roams_is_followed_on_data() -> Result<()> {
+    if !require_root("a_peer_that_roams_is_followed_on_data") {
+        return Ok(());
+    }
+    let t = TwoSites::new()?;
+    let ga = Subway::start(&t.gwa, &t.subway_config(true, false, ""))?;
+    let _gb = Subway::start(&t.gwb, &t.subway_config(false, false, ""))?;
+    ping_until(&t.a, "10.2.0.2", 10)?;
+    // Site B's gateway moves to 192.0.2.22; its sessions stay.
+    t.gwb
+        .sh("ip addr del 192.0.2.2/24 dev wan0 && ip addr add 192.0.2.22/24 dev wan0")?;
+    std::thread::sleep(Duration::from_millis(300));
+    // B speaks first from its new address; A follows it there.
+    ping_until(&t.b, "10.1.0.2", 10)?;
+    ping(&t.a, "10.2.0.2", 5)?;
+    let s = ga.show()?;
+    assert_eq!(s["peers"][0]["endpoint"], "192.0.2.22:51820", "{}", s["peers"]);
+    assert!(s["control"]["roams"].as_u64().unwrap_or(0) >= 1, "{}", s["control"]);
+    Ok(())
+}
