@@ -99,6 +99,21 @@ enum RouteQuery {
     },
     /// Every pair of overlapping prefixes, with their VNETs and owners.
     Overlaps,
+    /// What the gateway would do with a packet arriving on a LAN of a
+    /// VNET, step by step, including why it would drop it.
+    Explain {
+        #[arg(long, default_value = "default")]
+        vnet: String,
+        #[arg(long)]
+        src: std::net::IpAddr,
+        #[arg(long)]
+        dst: std::net::IpAddr,
+        /// tcp, udp, icmp...
+        #[arg(long)]
+        proto: Option<String>,
+        #[arg(long)]
+        port: Option<u16>,
+    },
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -490,6 +505,27 @@ fn route_answer(cfg: &Config, dp: &Dataplane, q: &str) -> Value {
             Err(_) => json!({"error": format!("{addr} is not an IP address")}),
         },
         (Some("overlaps"), _, _) => routes::overlaps(&views),
+        (Some("explain"), Some(vnet), Some(src)) => {
+            let rest: Vec<&str> = words.collect();
+            let dst = rest.first().and_then(|d| d.parse().ok());
+            let proto = rest.get(1).copied().filter(|p| *p != "-");
+            let port = rest.get(2).and_then(|p| p.parse().ok());
+            match (src.parse(), dst) {
+                (Ok(src), Some(dst)) => routes::explain(
+                    cfg,
+                    &t,
+                    &routes::Probe {
+                        vnet,
+                        src,
+                        dst,
+                        proto,
+                        port,
+                    },
+                    subway_dataplane::wg::Now::system().mono,
+                ),
+                _ => json!({"error": "explain needs a source and a destination address"}),
+            }
+        }
         _ => json!({"error": format!("unknown route query {q:?}")}),
     }
 }
@@ -500,6 +536,17 @@ fn route(name: Option<String>, q: RouteQuery, as_json: bool) -> Result<()> {
         RouteQuery::List { vnet } => format!("route list {}", vnet.as_deref().unwrap_or("")),
         RouteQuery::Get { address, vnet } => format!("route get {address} {vnet}"),
         RouteQuery::Overlaps => "route overlaps".to_string(),
+        RouteQuery::Explain {
+            vnet,
+            src,
+            dst,
+            proto,
+            port,
+        } => format!(
+            "route explain {vnet} {src} {dst} {} {}",
+            proto.as_deref().unwrap_or("-"),
+            port.map(|p| p.to_string()).unwrap_or_default()
+        ),
     };
     let v: Value = serde_json::from_str(&ctl::request(&name, &req)?).context("the instance sent invalid JSON")?;
     if let Some(e) = v.get("error") {
@@ -541,6 +588,17 @@ fn route(name: Option<String>, q: RouteQuery, as_json: bool) -> Result<()> {
             for r in v["less_specific"].as_array().into_iter().flatten() {
                 println!("  then:  {}", line(r));
             }
+        }
+        RouteQuery::Explain { .. } => {
+            println!(
+                "{} in VNET {}:",
+                v["packet"].as_str().unwrap_or("?"),
+                v["vnet"].as_str().unwrap_or("?")
+            );
+            for (i, step) in v["steps"].as_array().into_iter().flatten().enumerate() {
+                println!("  {}. {}", i + 1, step.as_str().unwrap_or("?"));
+            }
+            println!("  => {}", v["verdict"].as_str().unwrap_or("?"));
         }
         RouteQuery::Overlaps => {
             let pairs = v.as_array().cloned().unwrap_or_default();

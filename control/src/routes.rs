@@ -125,6 +125,141 @@ pub fn overlaps(views: &[RouteView]) -> Value {
     json!(out)
 }
 
+/// `subway route explain --vnet V --src A --dst B [--proto P] [--port N]`:
+/// what the gateway does with such a packet arriving on a LAN of VNET V,
+/// step by step, and why it would drop it.
+/// The packet `route explain` follows.
+pub struct Probe<'a> {
+    pub vnet: &'a str,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: Option<&'a str>,
+    pub port: Option<u16>,
+}
+
+pub fn explain(cfg: &Config, t: &subway_dataplane::tables::Tables, probe: &Probe, now: std::time::Duration) -> Value {
+    let Probe {
+        vnet,
+        src,
+        dst,
+        proto,
+        port,
+    } = *probe;
+    let vnets = cfg.vnet_ids();
+    let Some(vid) = vnets.iter().position(|v| v == vnet).map(|v| v as u32) else {
+        return json!({"error": format!("no VNET named {vnet}: this instance has {}", vnets.join(", "))});
+    };
+    let mut steps: Vec<String> = Vec::new();
+    let verdict;
+    let multicast = match dst {
+        IpAddr::V4(a) => a.is_multicast() || a.is_broadcast(),
+        IpAddr::V6(a) => a.is_multicast() || (a.segments()[0] & 0xffc0) == 0xfe80,
+    };
+    let desc = format!(
+        "{} {src} -> {dst}{}",
+        proto.unwrap_or("ip"),
+        port.map(|p| format!(" port {p}")).unwrap_or_default()
+    );
+    if multicast {
+        steps.push("XDP: multicast, broadcast or link-local destination: passed to the kernel".into());
+        verdict = "handled by the kernel, not subway".to_string();
+    } else {
+        match t.fib.lookup(vid, dst) {
+            None => {
+                steps.push(format!(
+                    "XDP: {dst} matches no routed prefix in VNET {vnet}: passed to the kernel"
+                ));
+                verdict = "handled by the kernel, not subway".to_string();
+            }
+            Some((len, Target::Local)) => {
+                steps.push(format!(
+                    "XDP: {dst}/{len} is an address of the gateway: passed to the kernel"
+                ));
+                verdict = "delivered to the gateway itself by the kernel".to_string();
+            }
+            Some((len, Target::Port(p))) => {
+                let port_v = t.ports.get(p as usize);
+                let ifname = port_v.map(|p| p.name.as_str()).unwrap_or("?");
+                steps.push(format!(
+                    "XDP: {dst} matches a route of VNET {vnet}: redirected to the AF_XDP worker of its RX queue"
+                ));
+                steps.push(format!("FIB: longest match /{len} -> LAN interface {ifname}"));
+                match port_v.and_then(|pv| t.neigh.get(pv.ifindex, dst)) {
+                    Some(mac) => {
+                        steps.push(format!(
+                            "neighbour {dst} is {mac}: Ethernet rewritten, TTL - 1, sent on {ifname}"
+                        ));
+                        verdict = format!("forwarded out of {ifname} by the fast path");
+                    }
+                    None => {
+                        steps.push(format!(
+                            "neighbour {dst} unknown on {ifname}: this packet goes to the kernel (slow-path TUN), which resolves it; the next ones take the fast path"
+                        ));
+                        verdict = format!("forwarded out of {ifname} (first packet through the kernel)");
+                    }
+                }
+            }
+            Some((len, Target::Peer(id))) => {
+                let key = cfg
+                    .peers
+                    .get(id as usize)
+                    .map(|p| p.public_key.to_base64())
+                    .unwrap_or_default();
+                steps.push(format!(
+                    "XDP: {dst} matches a route of VNET {vnet}: redirected to the AF_XDP worker of its RX queue"
+                ));
+                steps.push(format!("FIB: longest match /{len} -> peer {key}"));
+                let rt = t.peers.get(id as usize);
+                let session = rt.and_then(|r| r.session.as_ref()).filter(|s| s.can_send(now));
+                let path = rt.and_then(|r| r.path);
+                match (session, path) {
+                    (Some(s), Some(p)) => {
+                        steps.push(format!(
+                            "session {} ({}) is up: sealed in place, sent from {} to {} via {}",
+                            s.local_index,
+                            if s.initiator {
+                                "we initiated"
+                            } else {
+                                "the peer initiated"
+                            },
+                            p.src,
+                            p.dst,
+                            p.dst_mac
+                        ));
+                        if proto == Some("tcp") {
+                            let mtu = t
+                                .uplink
+                                .and_then(|u| t.ports.get(u as usize))
+                                .map(|u| u.mtu.saturating_sub(subway_dataplane::tunnel::TUNNEL_OVERHEAD))
+                                .unwrap_or(1420);
+                            steps.push(format!("TCP SYNs have their MSS clamped to fit the tunnel MTU {mtu}"));
+                        }
+                        verdict = format!("tunneled to peer {key}");
+                    }
+                    (None, _) => {
+                        steps.push("no usable session: the packet is queued and a handshake starts (through the kernel route to the TUN)".into());
+                        verdict = format!("tunneled to peer {key} once the handshake completes");
+                    }
+                    (Some(_), None) => {
+                        steps.push("the peer's endpoint or its next hop is not known yet: sent by the control thread through the kernel".into());
+                        verdict = format!("tunneled to peer {key} (through the kernel path)");
+                    }
+                }
+                // The reply's cryptokey check at this gateway.
+                match t.fib.lookup(vid, src) {
+                    Some((_, Target::Port(_))) | Some((_, Target::Local)) => steps.push(format!(
+                        "replies from {dst} to {src} are accepted from that peer only if {dst}'s longest AllowedIPs match is that peer (cryptokey routing)"
+                    )),
+                    _ => steps.push(format!(
+                        "note: {src} is not a LAN address of VNET {vnet}: replies to it would not be routed back to a LAN"
+                    )),
+                }
+            }
+        }
+    }
+    json!({"vnet": vnet, "packet": desc, "steps": steps, "verdict": verdict})
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
