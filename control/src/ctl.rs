@@ -20,22 +20,31 @@ pub struct CtlServer {
     path: PathBuf,
 }
 
+/// Binds a non-blocking Unix socket at `path`, replacing a stale file left
+/// by a crash but refusing one a live process still answers on (`in_use`
+/// says who).
+pub fn bind_unix(path: &std::path::Path, in_use: &str) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{in_use} ({})", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
 impl CtlServer {
     pub fn bind(name: &str) -> std::io::Result<Self> {
-        std::fs::create_dir_all(RUN_DIR)?;
         let path = socket_path(name);
-        if path.exists() {
-            // A live instance answers; a stale file from a crash does not.
-            if UnixStream::connect(&path).is_ok() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    format!("an instance named {name} is already running ({})", path.display()),
-                ));
-            }
-            std::fs::remove_file(&path)?;
-        }
-        let listener = UnixListener::bind(&path)?;
-        listener.set_nonblocking(true)?;
+        let listener = bind_unix(&path, &format!("an instance named {name} is already running"))?;
         Ok(CtlServer { listener, path })
     }
 

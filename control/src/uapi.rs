@@ -6,7 +6,7 @@
 use serde_json::Value;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,20 +17,8 @@ pub struct UapiServer {
 
 impl UapiServer {
     pub fn bind(name: &str) -> std::io::Result<Self> {
-        let dir = PathBuf::from("/var/run/wireguard");
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join(format!("{name}.sock"));
-        if path.exists() {
-            if UnixStream::connect(&path).is_ok() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    format!("{} is in use by another WireGuard interface", path.display()),
-                ));
-            }
-            std::fs::remove_file(&path)?;
-        }
-        let listener = UnixListener::bind(&path)?;
-        listener.set_nonblocking(true)?;
+        let path = PathBuf::from("/var/run/wireguard").join(format!("{name}.sock"));
+        let listener = crate::ctl::bind_unix(&path, "in use by another WireGuard interface")?;
         Ok(UapiServer { listener, path })
     }
 

@@ -168,15 +168,7 @@ fn main() -> Result<()> {
             if !require_root("subway-bench tunnel") {
                 bail!("run as root");
             }
-            let sizes: Vec<Size> = if quick {
-                vec![Size::Fixed(64)]
-            } else {
-                sizes
-                    .split(',')
-                    .map(|s| Size::parse(s.trim()))
-                    .collect::<Result<_, _>>()
-                    .map_err(anyhow::Error::msg)?
-            };
+            let sizes = parse_sizes(&sizes, quick)?;
             let p = Params {
                 duration: if quick { 1.0 } else { duration },
                 count: 50_000_000,
@@ -190,17 +182,13 @@ fn main() -> Result<()> {
             };
             let contenders: Vec<&str> = contenders.split(',').map(str::trim).collect();
             let rows = tunnel(&sizes, &contenders, &p)?;
-            let md = report::markdown(&rows, contenders.last().copied().unwrap_or("wireguard-go"), fwd_core);
-            println!("\n{md}");
-            let dir = out.join(date_stamp());
-            std::fs::create_dir_all(&dir)?;
-            std::fs::write(dir.join("tunnel.md"), &md)?;
-            std::fs::write(dir.join("tunnel.csv"), report::csv(&rows))?;
-            eprintln!("results written to {}", dir.display());
-            if rows.iter().any(|r| r.delivered == 0) {
-                bail!("a contender delivered no packets");
-            }
-            Ok(())
+            write_results(
+                &out,
+                "tunnel",
+                &rows,
+                contenders.last().copied().unwrap_or("wireguard-go"),
+                fwd_core,
+            )
         }
         Cmd::Routed {
             sizes,
@@ -219,15 +207,7 @@ fn main() -> Result<()> {
             if !require_root("subway-bench routed") {
                 bail!("run as root");
             }
-            let sizes: Vec<Size> = if quick {
-                vec![Size::Fixed(64)]
-            } else {
-                sizes
-                    .split(',')
-                    .map(|s| Size::parse(s.trim()))
-                    .collect::<Result<_, _>>()
-                    .map_err(anyhow::Error::msg)?
-            };
+            let sizes = parse_sizes(&sizes, quick)?;
             let duration = if quick { 1.0 } else { duration };
             let trials = if quick { 1 } else { trials.max(1) };
             let p = Params {
@@ -242,19 +222,36 @@ fn main() -> Result<()> {
                 profile,
             };
             let rows = routed(&sizes, &p)?;
-            let md = report::markdown(&rows, "kernel", fwd_core);
-            println!("\n{md}");
-            let dir = out.join(date_stamp());
-            std::fs::create_dir_all(&dir)?;
-            std::fs::write(dir.join("routed.md"), &md)?;
-            std::fs::write(dir.join("routed.csv"), report::csv(&rows))?;
-            eprintln!("results written to {}", dir.display());
-            if rows.iter().any(|r| r.delivered == 0) {
-                bail!("a contender delivered no packets");
-            }
-            Ok(())
+            write_results(&out, "routed", &rows, "kernel", fwd_core)
         }
     }
+}
+
+fn parse_sizes(sizes: &str, quick: bool) -> Result<Vec<Size>> {
+    if quick {
+        return Ok(vec![Size::Fixed(64)]);
+    }
+    sizes
+        .split(',')
+        .map(|s| Size::parse(s.trim()))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Prints the table and writes NAME.md and NAME.csv under a dated folder;
+/// an error if any contender delivered nothing.
+fn write_results(out: &std::path::Path, name: &str, rows: &[Row], baseline: &str, fwd_core: usize) -> Result<()> {
+    let md = report::markdown(rows, baseline, fwd_core);
+    println!("\n{md}");
+    let dir = out.join(date_stamp());
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join(format!("{name}.md")), &md)?;
+    std::fs::write(dir.join(format!("{name}.csv")), report::csv(rows))?;
+    eprintln!("results written to {}", dir.display());
+    if rows.iter().any(|r| r.delivered == 0) {
+        bail!("a contender delivered no packets");
+    }
+    Ok(())
 }
 
 struct Params {
