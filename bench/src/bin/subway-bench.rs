@@ -104,6 +104,10 @@ enum Cmd {
         /// Smoke test: 64 bytes only, 1 second.
         #[arg(long)]
         quick: bool,
+        /// Search for the highest offered rate with loss under 0.1% (an
+        /// RFC 2544-style binary search, 7 probes) instead of saturating.
+        #[arg(long)]
+        search: bool,
         #[arg(long, default_value = "release")]
         profile: String,
         #[arg(long, default_value = "bench/results")]
@@ -162,6 +166,7 @@ fn main() -> Result<()> {
             fwd_core,
             gen_core,
             quick,
+            search,
             profile,
             out,
         } => {
@@ -178,6 +183,7 @@ fn main() -> Result<()> {
                 trials: if quick { 1 } else { trials.max(1) },
                 tuning: String::new(),
                 napi_on_forwarder: false,
+                search,
                 profile,
             };
             let contenders: Vec<&str> = contenders.split(',').map(str::trim).collect();
@@ -219,6 +225,7 @@ fn main() -> Result<()> {
                 trials,
                 tuning,
                 napi_on_forwarder,
+                search: false,
                 profile,
             };
             let rows = routed(&sizes, &p)?;
@@ -254,6 +261,7 @@ fn write_results(out: &std::path::Path, name: &str, rows: &[Row], baseline: &str
     Ok(())
 }
 
+#[derive(Clone)]
 struct Params {
     duration: f64,
     count: u64,
@@ -263,7 +271,42 @@ struct Params {
     trials: usize,
     tuning: String,
     napi_on_forwarder: bool,
+    /// Binary-search the loss-free rate instead of saturating.
+    search: bool,
     profile: String,
+}
+
+/// The highest offered rate with loss under 0.1%: one unlimited probe
+/// gives the ceiling, then `probes` halvings of the interval. Returns the
+/// best loss-free row (or the lowest probe's, if none was loss-free).
+fn search_loss_free(mut probe: impl FnMut(u64) -> Result<Row>, probes: usize) -> Result<Row> {
+    let top = probe(0)?;
+    if top.loss_pct() < 0.1 {
+        return Ok(top);
+    }
+    let (mut lo, mut hi) = (0u64, (top.sent as f64 / top.seconds) as u64);
+    let mut best: Option<Row> = None;
+    let mut last = top;
+    for _ in 0..probes {
+        let mid = (lo + hi) / 2;
+        if mid == 0 {
+            break;
+        }
+        let r = probe(mid)?;
+        eprintln!(
+            "    search: offered {:.3} Mpps -> loss {:.2}%",
+            mid as f64 / 1e6,
+            r.loss_pct()
+        );
+        if r.loss_pct() < 0.1 {
+            lo = mid;
+            best = Some(r.clone());
+        } else {
+            hi = mid;
+        }
+        last = r;
+    }
+    Ok(best.unwrap_or(last))
 }
 
 fn date_stamp() -> String {
@@ -525,7 +568,14 @@ fn tunnel(sizes: &[Size], contenders: &[&str], p: &Params) -> Result<Vec<Row>> {
                 }
                 std::thread::sleep(Duration::from_millis(400));
                 let gw_mac = t.gwa.run(&["cat", "/sys/class/net/lan0/address"])?.trim().to_string();
-                let row = offer(&t.a, &gw_mac, (&t.gwb, "wan0"), c, size, p)?;
+                let row = if p.search {
+                    search_loss_free(
+                        |rate| offer(&t.a, &gw_mac, (&t.gwb, "wan0"), c, size, &Params { rate, ..p.clone() }),
+                        7,
+                    )?
+                } else {
+                    offer(&t.a, &gw_mac, (&t.gwb, "wan0"), c, size, p)?
+                };
                 if let Gw::Subway(s) = &ga
                     && let Ok(v) = s.show()
                 {
@@ -561,6 +611,7 @@ fn tcp_stream(c: &str, seconds: u32, profile: &str) -> Result<f64> {
         trials: 1,
         tuning: String::new(),
         napi_on_forwarder: false,
+        search: false,
         profile: profile.to_string(),
     };
     let _ga = start_gw(&t, c, true, &p)?;
@@ -584,4 +635,34 @@ fn tcp_stream(c: &str, seconds: u32, profile: &str) -> Result<f64> {
         t.a.run(&["iperf3", "-c", "10.2.0.2", "-t", &seconds.to_string(), "-J"])?;
     let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
     Ok(v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A forwarder that carries at most `cap` packets/s.
+    fn fake(cap: f64, rate: u64) -> Row {
+        let offered = if rate == 0 { 2.0 * cap } else { rate as f64 };
+        Row {
+            contender: "fake".into(),
+            size: "64".into(),
+            sent: offered as u64,
+            delivered: offered.min(cap) as u64,
+            seconds: 1.0,
+            mean_wire_bytes: 64.0,
+            cpu_busy: vec![],
+        }
+    }
+
+    #[test]
+    fn search_converges_below_the_capacity() {
+        let r = search_loss_free(|rate| Ok(fake(500_000.0, rate)), 7).unwrap();
+        assert!(r.loss_pct() < 0.1);
+        let rate = r.sent as f64;
+        assert!(rate <= 500_000.0 && rate > 490_000.0 * 0.98, "found {rate}");
+        // A forwarder that keeps up with everything is measured once.
+        let r = search_loss_free(|rate| Ok(fake(f64::MAX / 4.0, rate)), 7).unwrap();
+        assert_eq!(r.loss_pct(), 0.0);
+    }
 }
