@@ -127,9 +127,10 @@ mod tunnel_rx {
     }
 
     /// Opens a data message and turns it into a LAN frame in place.
-    /// Returns the verdict and the frame's new length.
-    pub fn decapsulate(buf: &mut [u8], len: usize, t: &Tables, now: Duration) -> (Verdict, usize) {
-        let drop = |c| (Verdict::Drop(c), len);
+    /// Returns the verdict, the frame's new length, and the peer and inner
+    /// bytes to count (the caller adds them up per batch).
+    pub fn decapsulate(buf: &mut [u8], len: usize, t: &Tables, now: Duration) -> (Verdict, usize, Option<(u32, u64)>) {
+        let drop = |c| (Verdict::Drop(c), len, None);
         let Some(r) = parse_outer(&buf[..len]) else {
             return drop(Counter::DropOuterMalformed);
         };
@@ -172,8 +173,7 @@ mod tunnel_rx {
         if !matches!(t.fib.lookup(peer.vnet, inner.src), Some((_, Target::Peer(p))) if p == session.peer) {
             return drop(Counter::DropNotAllowed);
         }
-        peer.stats.rx_packets.fetch_add(1, Ordering::Relaxed);
-        peer.stats.rx_bytes.fetch_add(inner.len as u64, Ordering::Relaxed);
+        let counted = Some((session.peer, inner.len as u64));
         enum Next {
             Lan(u16, crate::wire::MacAddr, crate::wire::MacAddr),
             Kernel(Counter),
@@ -198,13 +198,50 @@ mod tunnel_rx {
             );
         }
         match next {
-            Next::Lan(p, dst_mac, src_mac) => (Verdict::Tx(p), to_lan_frame(buf, start, inner.len, dst_mac, src_mac)),
+            Next::Lan(p, dst_mac, src_mac) => (
+                Verdict::Tx(p),
+                to_lan_frame(buf, start, inner.len, dst_mac, src_mac),
+                counted,
+            ),
             Next::Kernel(c) => {
                 // Hand the inner packet, untouched, to the kernel.
                 buf.copy_within(start..start + inner.len, 0);
-                (Verdict::SlowPath(0, c), inner.len)
+                (Verdict::SlowPath(0, c), inner.len, counted)
             }
         }
+    }
+}
+
+/// Received-from-peer counts gathered during a batch: the peer counters
+/// are shared by every worker, so they get one add per run of packets from
+/// the same peer instead of one per packet.
+#[derive(Default)]
+struct PeerRx {
+    peer: Option<u32>,
+    packets: u64,
+    bytes: u64,
+}
+
+impl PeerRx {
+    #[inline]
+    fn add(&mut self, peer: u32, bytes: u64, t: &crate::tables::Tables) {
+        if self.peer != Some(peer) {
+            self.flush(t);
+            self.peer = Some(peer);
+        }
+        self.packets += 1;
+        self.bytes += bytes;
+    }
+
+    fn flush(&mut self, t: &crate::tables::Tables) {
+        if let Some(p) = self.peer.take()
+            && let Some(rt) = t.peers.get(p as usize)
+        {
+            rt.stats.rx_packets.fetch_add(self.packets, Ordering::Relaxed);
+            rt.stats.rx_bytes.fetch_add(self.bytes, Ordering::Relaxed);
+        }
+        self.packets = 0;
+        self.bytes = 0;
     }
 }
 
@@ -418,6 +455,7 @@ impl Worker {
             .collect();
 
         let mut empty_polls = 0u32;
+        let mut rx_acc = PeerRx::default();
         let mut tunnel_pending: Vec<(FrameDesc, u32, usize, usize)> = Vec::with_capacity(batch * self.socks.len());
         while !stop.load(Ordering::Relaxed) {
             self.reclaim(&mut descs);
@@ -448,8 +486,11 @@ impl Worker {
                             // Open in place, using the frame's whole capacity.
                             let cap = data.cursor().buf_len();
                             data.cursor().set_pos(cap);
-                            let (v, new_len) = tunnel_rx::decapsulate(data.contents_mut(), len, &snap, now);
+                            let (v, new_len, counted) = tunnel_rx::decapsulate(data.contents_mut(), len, &snap, now);
                             data.cursor().set_pos(new_len);
+                            if let Some((peer, bytes)) = counted {
+                                rx_acc.add(peer, bytes, &snap);
+                            }
                             if matches!(v, Verdict::Tx(_) | Verdict::SlowPath(..)) {
                                 tally.inc(Counter::TunnelRx);
                             }
@@ -485,6 +526,7 @@ impl Worker {
                     }
                 }
             }
+            rx_acc.flush(&snap);
             if !tunnel_pending.is_empty() {
                 self.encapsulate_pending(&mut tunnel_pending, &snap, slow, now, &mut tally);
             }
@@ -596,10 +638,12 @@ impl Worker {
                 (Some((s, _, _)), Some(_)) => s.reserve((j - i) as u64).ok(),
                 _ => None,
             };
+            // Peer counters are shared by the workers: one add per batch.
+            let (mut group_pkts, mut group_bytes) = (0u64, 0u64);
             for (k, (mut d, _, l3, ip_len)) in pending[i..j].iter().copied().enumerate() {
                 // SAFETY: the frame is ours (taken off an RX ring this batch).
                 let mut data = unsafe { self.umem.data_mut(&mut d) };
-                let (Some(counter), Some((session, path, rt)), Some(up)) = (first, ready, uplink) else {
+                let (Some(counter), Some((session, path, _)), Some(up)) = (first, ready, uplink) else {
                     let frame = data.contents();
                     let reason = if slow.send(&frame[l3..l3 + ip_len]).is_ok() {
                         Counter::SlowNoSession
@@ -641,8 +685,8 @@ impl Worker {
                 match crate::tunnel::encapsulate(buf, l3, ip_len, session, counter + k as u64, path) {
                     Ok(n) => {
                         data.cursor().set_pos(n);
-                        rt.stats.tx_packets.fetch_add(1, Ordering::Relaxed);
-                        rt.stats.tx_bytes.fetch_add(ip_len as u64, Ordering::Relaxed);
+                        group_pkts += 1;
+                        group_bytes += ip_len as u64;
                         tally.inc(Counter::TunnelTx);
                         self.socks[up].stage.push(d);
                     }
@@ -652,6 +696,12 @@ impl Worker {
                         self.free.push(d);
                     }
                 }
+            }
+            if let Some((_, _, rt)) = ready
+                && group_pkts > 0
+            {
+                rt.stats.tx_packets.fetch_add(group_pkts, Ordering::Relaxed);
+                rt.stats.tx_bytes.fetch_add(group_bytes, Ordering::Relaxed);
             }
             i = j;
         }
