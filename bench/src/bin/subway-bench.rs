@@ -521,18 +521,8 @@ fn tunnel(sizes: &[Size], contenders: &[&str], p: &Params) -> Result<Vec<Row>> {
                 // the far gateway at a MAC nobody has: the far gateway's wire
                 // counts the ciphertext and its kernel drops it at once, so its
                 // decryption costs nothing and only site A is measured.
-                let mut up = false;
-                for _ in 0..20 {
-                    if t.a
-                        .output(&["ping", "-c", "1", "-W", "1", "-q", "10.2.0.2"])?
-                        .status
-                        .success()
-                    {
-                        up = true;
-                        break;
-                    }
-                }
-                anyhow::ensure!(up, "{c}: the tunnel did not come up");
+                subway_tests::ping_until(&t.a, "10.2.0.2", 20)
+                    .with_context(|| format!("{c}: the tunnel did not come up"))?;
                 t.gwa.run(&[
                     "ip",
                     "neigh",
@@ -616,18 +606,7 @@ fn tcp_stream(c: &str, seconds: u32, profile: &str) -> Result<f64> {
     };
     let _ga = start_gw(&t, c, true, &p)?;
     let _gb = start_gw(&t, c, false, &p)?;
-    let mut up = false;
-    for _ in 0..20 {
-        if t.a
-            .output(&["ping", "-c", "1", "-W", "1", "-q", "10.2.0.2"])?
-            .status
-            .success()
-        {
-            up = true;
-            break;
-        }
-    }
-    anyhow::ensure!(up, "{c}: the tunnel did not come up");
+    subway_tests::ping_until(&t.a, "10.2.0.2", 20).with_context(|| format!("{c}: the tunnel did not come up"))?;
     let log = subway_tests::work_dir().join(format!("{}-iperf3.log", subway_tests::unique("ip")));
     let _server = t.b.spawn(&["iperf3", "-s", "-1", "-B", "10.2.0.2"], &log)?;
     std::thread::sleep(Duration::from_millis(300));
