@@ -57,7 +57,7 @@ impl Key32 {
     }
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InterfaceSection {
     pub line: usize,
     pub private_key: Option<Key32>,
@@ -65,7 +65,7 @@ pub struct InterfaceSection {
     pub uplink: Option<(String, usize)>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LanSection {
     pub line: usize,
     pub interface: String,
@@ -73,8 +73,11 @@ pub struct LanSection {
     pub vnet: String,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerSection {
+    /// The peer's id on the WireGuard device and in the FIB: its position
+    /// in the file at start, kept for its life across reloads and `wg set`.
+    pub id: u32,
     pub line: usize,
     pub public_key: Key32,
     pub preshared_key: Option<Key32>,
@@ -84,7 +87,7 @@ pub struct PeerSection {
     pub vnet: String,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Tuning {
     pub queues: Option<Vec<u32>>,
     pub cores: Option<Vec<usize>>,
@@ -104,6 +107,8 @@ pub struct Config {
     /// Prometheus endpoint, if a [Metrics] section asks for one.
     pub metrics: Option<(SocketAddr, usize)>,
     pub warnings: Vec<String>,
+    /// VNET names a running instance already numbered (see `vnet_ids`).
+    pub known_vnets: Vec<String>,
 }
 
 /// wg-quick keys that are valid there but mean nothing to subway.
@@ -167,6 +172,7 @@ impl Config {
             tuning: Tuning::default(),
             metrics: None,
             warnings: Vec::new(),
+            known_vnets: Vec::new(),
         };
         let mut section = Section::None;
         let mut seen_interface = false;
@@ -378,9 +384,15 @@ impl Config {
         Ok(())
     }
 
-    /// Dense VNET ids: `default` is 0, others in order of appearance.
+    /// Dense VNET ids: `default` is 0, others in order of appearance. A
+    /// reloaded config keeps the numbers of the VNETs it already had
+    /// (`known_vnets`), so the XDP program's keys stay valid.
     pub fn vnet_ids(&self) -> Vec<String> {
-        let mut v = vec!["default".to_string()];
+        let mut v = if self.known_vnets.is_empty() {
+            vec!["default".to_string()]
+        } else {
+            self.known_vnets.clone()
+        };
         for n in self
             .lans
             .iter()
@@ -590,6 +602,7 @@ fn parse_peer(
         )
     })?;
     cfg.peers.push(PeerSection {
+        id: cfg.peers.len() as u32,
         line: sline,
         public_key,
         preshared_key: psk,

@@ -9,7 +9,7 @@
 //! path could not finish, the gateway's own traffic), and data messages
 //! when the fast path is down.
 
-use crate::config::Config;
+use crate::config::{Config, PeerSection};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use subway_dataplane::Dataplane;
 use subway_dataplane::fib::Target;
+use subway_dataplane::stats::Counter;
 use subway_dataplane::tables::PeerRt;
 use subway_dataplane::wg::Now;
 use subway_dataplane::wg::device::{Device, Outgoing, Received};
@@ -51,15 +52,13 @@ impl Gateway {
             tracing::warn!("REKEY_AFTER_TIME shortened to {secs} s for testing");
             dev.set_rekey_after(std::time::Duration::from_secs(secs));
         }
+        let vnets = cfg.vnet_ids();
         for p in &cfg.peers {
-            dev.add_peer(&PeerConfig {
-                public_key: p.public_key.0,
-                preshared_key: p.preshared_key.map(|k| k.0),
-                endpoint: p.endpoint,
-                allowed_ips: p.allowed_ips.iter().map(|(n, _)| *n).collect(),
-                persistent_keepalive: p.persistent_keepalive,
-            })
-            .with_context(|| format!("{}:{}: this peer has our own public key", cfg.path.display(), p.line))?;
+            let vnet = vnets.iter().position(|v| *v == p.vnet).unwrap_or(0) as u32;
+            let id = dev
+                .add_peer(&peer_config(p, vnet))
+                .with_context(|| format!("{}:{}: this peer has our own public key", cfg.path.display(), p.line))?;
+            debug_assert_eq!(id, p.id);
         }
         let port = cfg.interface.listen_port.unwrap_or(0);
         let udp4 = UdpSocket::bind(("0.0.0.0", port)).with_context(|| format!("binding UDP port {port}"))?;
@@ -82,6 +81,43 @@ impl Gateway {
             events: BTreeMap::new(),
             buf: vec![0u8; 65536],
         })
+    }
+
+    /// Peer ids handed out so far (live and removed): the next new peer's id.
+    pub fn peer_slots(&self) -> u32 {
+        self.dev.peers().len() as u32
+    }
+
+    pub fn is_own_key(&self, key: &[u8; 32]) -> bool {
+        self.dev.public == *key
+    }
+
+    pub fn add_peer(&mut self, p: &PeerSection, vnet: u32) -> Result<()> {
+        let id = self
+            .dev
+            .add_peer(&peer_config(p, vnet))
+            .context("a peer with our own public key, or twice the same key")?;
+        anyhow::ensure!(id == p.id, "peer id {id} given, {} expected", p.id);
+        tracing::info!(peer = id, key = %p.public_key.to_base64(), "peer added");
+        Ok(())
+    }
+
+    pub fn remove_peer(&mut self, id: u32) {
+        if self.dev.remove_peer(id) {
+            tracing::info!(peer = id, "peer removed");
+        }
+    }
+
+    pub fn update_peer(&mut self, p: &PeerSection, vnet: u32) {
+        if self.dev.update_peer(p.id, &peer_config(p, vnet)) {
+            tracing::info!(peer = p.id, key = %p.public_key.to_base64(), "peer changed");
+        }
+    }
+
+    /// Publishes sessions and paths now (after peers changed).
+    pub fn publish_now(&mut self, dp: &mut Dataplane) {
+        self.published_gen = u64::MAX;
+        self.publish(dp, Now::system());
     }
 
     pub fn fds(&self) -> Vec<i32> {
@@ -119,7 +155,11 @@ impl Gateway {
         let now = Now::system();
         self.read_udp(dp, now);
         self.read_tun(dp, now);
+        self.read_punted(dp, now);
         let t = dp.tables();
+        if self.last.len() < t.peers.len() {
+            self.last.resize(t.peers.len(), (0, 0, 0));
+        }
         for (id, rt) in t.peers.iter().enumerate() {
             let cur = (
                 rt.stats.tx_packets.load(Ordering::Relaxed),
@@ -150,6 +190,25 @@ impl Gateway {
         self.publish(dp, now);
     }
 
+    /// Packets of non-default VNETs for peers without a session (the
+    /// default VNET's come through the kernel and the TUN).
+    fn read_punted(&mut self, dp: &mut Dataplane, now: Now) {
+        let mut outs = Vec::new();
+        let (dev, events) = (&mut self.dev, &mut self.events);
+        dp.serve_punted(|peer, pkt| {
+            let what = match dev.send(peer, pkt, now) {
+                Ok(Some(o)) => {
+                    outs.push(o);
+                    "vnet_sent_from_control"
+                }
+                Ok(None) => "queued_for_handshake",
+                Err(e) => e.name(),
+            };
+            *events.entry(what).or_default() += 1;
+        });
+        self.send(outs);
+    }
+
     fn read_udp(&mut self, dp: &mut Dataplane, now: Now) {
         // Replies go out only after the sessions they create are published:
         // the peer's first data message must find them in the workers' table.
@@ -171,12 +230,17 @@ impl Gateway {
                     }
                     Ok(Received::CookieStored { .. }) => self.count("cookies_received"),
                     Ok(Received::Keepalive { .. }) => self.count("keepalives_in_control"),
-                    Ok(Received::Data { start, end, .. }) => {
+                    Ok(Received::Data { peer, start, end }) => {
                         // The fast path is down or skipped this one: the
-                        // kernel forwards the inner packet.
+                        // kernel forwards the inner packet (default VNET),
+                        // or the control thread does (others).
                         self.count("data_in_control");
-                        if dp.slow_path().send(&msg[start..end]).is_err() {
-                            self.count("tun_write_errors");
+                        let vnet = self.dev.peer(peer).map_or(0, |p| p.vnet);
+                        let c = dp
+                            .slow_path()
+                            .hand_off(vnet, &msg[start..end], Counter::SlowNeighUnknown);
+                        if c != Counter::SlowNeighUnknown {
+                            self.count(c.name());
                         }
                     }
                     Err(e) => self.count(e.name()),
@@ -201,6 +265,7 @@ impl Gateway {
                 self.count("tun_malformed");
                 continue;
             };
+            // The TUN carries the default VNET only.
             match t.fib.lookup(0, dst) {
                 Some((_, Target::Peer(p))) => match self.dev.send(p, &pkt, now) {
                     Ok(Some(o)) => self.send(vec![o]),
@@ -235,8 +300,8 @@ impl Gateway {
             t.sessions = sessions.iter().map(|s| (s.local_index, Arc::clone(s))).collect();
             for (i, rt) in t.peers.iter_mut().enumerate() {
                 *rt = PeerRt {
-                    session: send[i].clone(),
-                    path: want[i].1,
+                    session: send.get(i).cloned().flatten(),
+                    path: want.get(i).and_then(|w| w.1),
                     ..rt.clone()
                 };
             }
@@ -246,22 +311,25 @@ impl Gateway {
         self.published_gen = generation;
     }
 
-    /// Peers for `subway show`.
+    /// Peers for `subway show`, in the configuration's order.
     pub fn peers_json(&self, cfg: &Config, dp: &Dataplane) -> Value {
         let now = Now::system();
         let t = dp.tables();
-        let peers: Vec<Value> = self
-            .dev
-            .peers()
+        let peers: Vec<Value> = cfg
+            .peers
             .iter()
-            .enumerate()
-            .map(|(i, p)| {
+            .filter_map(|c| Some((c.id as usize, c, self.dev.peer(c.id).filter(|p| !p.removed)?)))
+            .map(|(i, c, p)| {
                 let st = t.peers.get(i).map(|r| r.stats.clone());
                 let ld = |f: fn(&subway_dataplane::tables::PeerStats) -> &std::sync::atomic::AtomicU64| {
                     st.as_ref().map(|s| f(s).load(Ordering::Relaxed)).unwrap_or(0)
                 };
                 json!({
-                    "public_key": cfg.peers.get(i).map(|c| c.public_key.to_base64()),
+                    "public_key": c.public_key.to_base64(),
+                    "id": i,
+                    "vnet": c.vnet,
+                    "preshared_key": c.preshared_key.is_some(),
+                    "persistent_keepalive": c.persistent_keepalive,
                     "endpoint": p.endpoint.map(|e| e.to_string()),
                     "allowed_ips": p.allowed_ips.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
                     "latest_handshake_secs_ago": p.last_handshake.map(|h| now.mono.saturating_sub(h.mono).as_secs()),
@@ -277,6 +345,17 @@ impl Gateway {
             })
             .collect();
         json!(peers)
+    }
+}
+
+fn peer_config(p: &PeerSection, vnet: u32) -> PeerConfig {
+    PeerConfig {
+        public_key: p.public_key.0,
+        preshared_key: p.preshared_key.map(|k| k.0),
+        endpoint: p.endpoint,
+        allowed_ips: p.allowed_ips.iter().map(|(n, _)| *n).collect(),
+        persistent_keepalive: p.persistent_keepalive,
+        vnet,
     }
 }
 

@@ -3,6 +3,7 @@
 mod config;
 mod ctl;
 mod gateway;
+mod live;
 mod metrics;
 mod routes;
 mod uapi;
@@ -70,6 +71,14 @@ enum Cmd {
         #[arg(long, global = true)]
         json: bool,
     },
+    /// Re-read the running instance's configuration file and apply the
+    /// differences without a restart: peers added, removed or changed,
+    /// their AllowedIPs, LAN Subnets. Sessions of unchanged peers stay up.
+    /// An invalid file changes nothing. Same as SIGHUP.
+    Reload {
+        /// Instance name; optional when only one instance runs.
+        name: Option<String>,
+    },
     /// Show a running instance: workers (queue, core, mode, packet and
     /// byte counters), drops and slow-path hand-offs by reason, XDP
     /// counters.
@@ -117,9 +126,14 @@ enum RouteQuery {
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
+static HUP: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGHUP {
+        HUP.store(true, Ordering::Relaxed);
+    } else {
+        STOP.store(true, Ordering::Relaxed);
+    }
 }
 
 fn main() {
@@ -129,6 +143,7 @@ fn main() {
         Cmd::Run { config } => run(&config),
         Cmd::Check { config } => check(&config),
         Cmd::Show { name, json } => show(name, json),
+        Cmd::Reload { name } => reload_cmd(name),
         Cmd::Route { query, name, json } => route(name, query, json),
     };
     if let Err(e) = r {
@@ -192,7 +207,7 @@ fn check(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn dataplane_config(cfg: &Config) -> DataplaneConfig {
+pub(crate) fn dataplane_config(cfg: &Config) -> DataplaneConfig {
     let vnets = cfg.vnet_ids();
     let vnet_id = |n: &str| vnets.iter().position(|v| v == n).unwrap_or(0) as u32;
     DataplaneConfig {
@@ -216,6 +231,7 @@ fn dataplane_config(cfg: &Config) -> DataplaneConfig {
             .peers
             .iter()
             .map(|p| PeerRoutes {
+                id: p.id,
                 vnet: vnet_id(&p.vnet),
                 allowed_ips: p.allowed_ips.iter().map(|(n, _)| *n).collect(),
             })
@@ -224,36 +240,24 @@ fn dataplane_config(cfg: &Config) -> DataplaneConfig {
 }
 
 fn run(path: &Path) -> Result<()> {
-    let cfg = load(path)?;
+    let mut cfg = load(path)?;
     cfg.check_interfaces()?;
-    if let Some(l) = cfg.lans.iter().find(|l| l.vnet != "default") {
-        bail!(
-            "{}:{}: VNet = {} is parsed but separate VNETs are not carried yet; remove the VNet line to use the default VNET",
-            path.display(),
-            l.line,
-            l.vnet
-        );
-    }
-    if let Some(p) = cfg.peers.iter().find(|p| p.vnet != "default") {
-        bail!(
-            "{}:{}: VNet = {} is parsed but separate VNETs are not carried yet; remove the VNet line to use the default VNET",
-            path.display(),
-            p.line,
-            p.vnet
-        );
-    }
     // The device and its UDP sockets first: the listen port may be chosen
-    // by the kernel, and the XDP program must know it.
-    let mut gw = if cfg.peers.is_empty() {
-        None
-    } else {
+    // by the kernel, and the XDP program must know it. A gateway with a key
+    // and an uplink but no peers yet is a gateway too (peers come later).
+    let gateway_mode = !cfg.peers.is_empty() || (cfg.interface.private_key.is_some() && cfg.interface.uplink.is_some());
+    let mut gw = if gateway_mode {
         Some(gateway::Gateway::new(&cfg)?)
+    } else {
+        None
     };
-    // SAFETY: installing a handler that only stores to an atomic.
+    // SAFETY: installing a handler that only stores to atomics.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGHUP, on_signal as *const () as libc::sighandler_t);
     }
+    let mut reloads = Reloads::default();
     let ctl = ctl::CtlServer::bind(&cfg.name).context("opening the control socket")?;
     let mut dcfg = dataplane_config(&cfg);
     dcfg.listen_port = gw.as_ref().map(|g| g.listen_port).unwrap_or(0);
@@ -335,6 +339,10 @@ fn run(path: &Path) -> Result<()> {
             tracing::warn!("neighbour refresh: {e}");
         }
         rates.sample(&dp);
+        if HUP.swap(false, Ordering::Relaxed) {
+            let r = live::reload(&mut cfg, gw.as_mut(), &mut dp);
+            reloads.note("SIGHUP", &r);
+        }
         if let Some(g) = gw.as_mut() {
             g.poll(&mut dp);
         } else {
@@ -342,35 +350,63 @@ fn run(path: &Path) -> Result<()> {
             // routes there (nothing should be).
             let mut b = [0u8; 2048];
             while dp.slow_path().recv(&mut b).is_ok() {}
+            dp.serve_punted(|_, _| {});
         }
-        if let (Some(u), Some(g)) = (&uapi, gw.as_ref()) {
-            u.serve(|| {
-                let key = cfg.interface.private_key.map(|k| k.0).unwrap_or([0; 32]);
-                let keys: Vec<[u8; 32]> = cfg.peers.iter().map(|p| p.public_key.0).collect();
-                let psks: Vec<Option<[u8; 32]>> = cfg.peers.iter().map(|p| p.preshared_key.map(|k| k.0)).collect();
-                let kas: Vec<Option<u16>> = cfg.peers.iter().map(|p| p.persistent_keepalive).collect();
-                uapi::render(
-                    &key,
-                    g.listen_port,
-                    &g.peers_json(&cfg, &dp),
-                    &keys,
-                    &psks,
-                    &kas,
-                    subway_dataplane::wg::Now::system().unix,
-                )
+        if let Some(u) = &uapi {
+            u.serve(|req| match req {
+                uapi::Request::Get => {
+                    let Some(g) = gw.as_ref() else { return String::new() };
+                    let key = cfg.interface.private_key.map(|k| k.0).unwrap_or([0; 32]);
+                    let keys: Vec<[u8; 32]> = cfg.peers.iter().map(|p| p.public_key.0).collect();
+                    let psks: Vec<Option<[u8; 32]>> = cfg.peers.iter().map(|p| p.preshared_key.map(|k| k.0)).collect();
+                    let kas: Vec<Option<u16>> = cfg.peers.iter().map(|p| p.persistent_keepalive).collect();
+                    uapi::render(
+                        &key,
+                        g.listen_port,
+                        &g.peers_json(&cfg, &dp),
+                        &keys,
+                        &psks,
+                        &kas,
+                        subway_dataplane::wg::Now::system().unix,
+                    ) + "errno=0\n"
+                }
+                uapi::Request::Set(lines) => {
+                    let r = uapi::apply_set(&cfg, &lines).map_err(|(errno, msg)| {
+                        tracing::warn!("wg set refused: {msg}");
+                        errno
+                    });
+                    let errno = match r {
+                        Ok(new) => {
+                            let r = live::apply(&mut cfg, new, gw.as_mut(), &mut dp);
+                            let ok = r.is_ok();
+                            reloads.note("wg set", &r);
+                            if ok { 0 } else { libc::EINVAL }
+                        }
+                        Err(errno) => errno,
+                    };
+                    format!("errno={errno}\n")
+                }
             });
         }
         if let Some(m) = &metrics {
-            m.serve(|| metrics::render(&show_json(&cfg, &dp, gw.as_ref(), &rates, started)));
+            m.serve(|| metrics::render(&show_json(&cfg, &dp, gw.as_ref(), &rates, started, &reloads)));
         }
         ctl.serve(|req| match req {
-            "show" | "" => show_json(&cfg, &dp, gw.as_ref(), &rates, started).to_string(),
+            "show" | "" => show_json(&cfg, &dp, gw.as_ref(), &rates, started, &reloads).to_string(),
+            "reload" => {
+                let r = live::reload(&mut cfg, gw.as_mut(), &mut dp);
+                reloads.note("subway reload", &r);
+                match r {
+                    Ok(v) => v.to_string(),
+                    Err(e) => json!({"error": format!("{e:#}")}).to_string(),
+                }
+            }
             q if q.starts_with("route ") => route_answer(&cfg, &dp, &q[6..]).to_string(),
             other => json!({"error": format!("unknown request {other:?}")}).to_string(),
         });
     }
     tracing::info!("stopping: detaching XDP and closing sockets");
-    let last = show_json(&cfg, &dp, gw.as_ref(), &rates, started);
+    let last = show_json(&cfg, &dp, gw.as_ref(), &rates, started, &reloads);
     dp.stop();
     drop(dp);
     tracing::info!(totals = %last["totals"], "stopped");
@@ -418,7 +454,44 @@ impl Rates {
     }
 }
 
-fn show_json(cfg: &Config, dp: &Dataplane, gw: Option<&gateway::Gateway>, rates: &Rates, started: Instant) -> Value {
+/// Outcomes of live changes (reload, SIGHUP, `wg set`).
+#[derive(Default)]
+struct Reloads {
+    ok: u64,
+    failed: u64,
+    last_error: Option<String>,
+    last: Option<Value>,
+}
+
+impl Reloads {
+    fn note(&mut self, how: &str, r: &Result<Value>) {
+        match r {
+            Ok(v) => {
+                self.ok += 1;
+                self.last = Some(v.clone());
+                tracing::info!(changes = %v, "{how}: applied");
+            }
+            Err(e) => {
+                self.failed += 1;
+                self.last_error = Some(format!("{e:#}"));
+                tracing::error!("{how}: {e:#}");
+            }
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({"ok": self.ok, "failed": self.failed, "last_error": self.last_error, "last_changes": self.last})
+    }
+}
+
+fn show_json(
+    cfg: &Config,
+    dp: &Dataplane,
+    gw: Option<&gateway::Gateway>,
+    rates: &Rates,
+    started: Instant,
+    reloads: &Reloads,
+) -> Value {
     let mut totals = vec![0u64; Counter::COUNT];
     let mut xsk_totals = [0u64; 6];
     let workers: Vec<Value> = dp
@@ -476,6 +549,8 @@ fn show_json(cfg: &Config, dp: &Dataplane, gw: Option<&gateway::Gateway>, rates:
         "totals": counters_json(&totals),
         "xsk": XskStats::NAMES.iter().zip(xsk_totals).map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<String, Value>>(),
         "xdp": xdp,
+        "reloads": reloads.json(),
+        "vnet_slow_path": dp.punt_stats().fields().iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<String, Value>>(),
     })
 }
 
@@ -614,6 +689,39 @@ fn route(name: Option<String>, q: RouteQuery, as_json: bool) -> Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+fn reload_cmd(name: Option<String>) -> Result<()> {
+    let name = instance_name(name)?;
+    let v: Value = serde_json::from_str(&ctl::request(&name, "reload")?).context("the instance sent invalid JSON")?;
+    if let Some(e) = v.get("error") {
+        bail!("{}", e.as_str().unwrap_or("error"));
+    }
+    let list = |k: &str| {
+        let items: Vec<&str> = v[k]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str())
+            .collect();
+        if items.is_empty() {
+            "none".to_string()
+        } else {
+            items.join(", ")
+        }
+    };
+    println!("{name}: reloaded");
+    for (k, what) in [
+        ("peers_added", "peers added"),
+        ("peers_removed", "peers removed"),
+        ("peers_changed", "peers changed"),
+        ("routes_added", "routes added"),
+        ("routes_removed", "routes removed"),
+        ("routes_changed", "routes changed"),
+    ] {
+        println!("  {what}: {}", list(k));
     }
     Ok(())
 }

@@ -142,6 +142,44 @@ pub fn render(show: &Value) -> String {
             );
         }
     }
+    family(
+        &mut o,
+        "subway_worker_batch_size_average",
+        "gauge",
+        "Frames per non-empty RX batch since start, per worker.",
+    );
+    for w in show["workers"].as_array().into_iter().flatten() {
+        let c = &w["counters"];
+        let (pkts, batches) = (
+            c["rx_packets"].as_u64().unwrap_or(0),
+            c["rx_batches"].as_u64().unwrap_or(0),
+        );
+        let avg = if batches == 0 {
+            0.0
+        } else {
+            pkts as f64 / batches as f64
+        };
+        let _ = writeln!(o, "subway_worker_batch_size_average{{worker=\"{}\"}} {avg:.2}", w["id"]);
+    }
+    family(
+        &mut o,
+        "subway_reloads_total",
+        "counter",
+        "Live configuration changes (subway reload, SIGHUP, wg set) by result.",
+    );
+    for result in ["ok", "failed"] {
+        let n = show["reloads"][result].as_u64().unwrap_or(0);
+        let _ = writeln!(o, "subway_reloads_total{{result=\"{result}\"}} {n}");
+    }
+    family(
+        &mut o,
+        "subway_vnet_slow_path_total",
+        "counter",
+        "Non-default VNET packets the control thread finished or dropped, by outcome.",
+    );
+    for (k, v) in show["vnet_slow_path"].as_object().into_iter().flatten() {
+        let _ = writeln!(o, "subway_vnet_slow_path_total{{outcome=\"{}\"}} {}", label(k), v);
+    }
     o
 }
 

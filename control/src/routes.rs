@@ -43,7 +43,7 @@ pub fn views(cfg: &Config, routes: &[Route], ports: &[Port]) -> Vec<RouteView> {
                     None,
                 ),
                 Target::Peer(id) => {
-                    let p = cfg.peers.get(id as usize);
+                    let p = cfg.peers.iter().find(|p| p.id == id);
                     (
                         "peer",
                         p.map(|p| p.public_key.to_base64()).unwrap_or_default(),

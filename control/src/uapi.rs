@@ -1,8 +1,17 @@
-//! The cross-platform WireGuard userspace API, read side: the running
-//! instance answers `get=1` on /var/run/wireguard/NAME.sock, so that
-//! `wg show NAME` and `wg showconf NAME` work against subway unchanged.
-//! `set=1` is refused (errno EOPNOTSUPP) until live changes land.
+//! The cross-platform WireGuard userspace API: the running instance
+//! answers `get=1` and `set=1` on /var/run/wireguard/NAME.sock, so that
+//! `wg show`, `wg showconf`, `wg set` and `wg syncconf` work against subway
+//! unchanged. A `set` becomes a new configuration that goes through the
+//! same live-change path as `subway reload` (see `live.rs`).
+//!
+//! What a kernel WireGuard device would accept but subway cannot honour
+//! live (a new private key or listen port, a fwmark) is refused with
+//! EINVAL and logged, never silently ignored. Peers added by `wg set` join
+//! the default VNET. Changes made with `wg set` last until the next
+//! `subway reload`, which re-reads the file (as with wg-quick).
 
+use crate::config::{Config, Key32, PeerSection};
+use ipnet::IpNet;
 use serde_json::Value;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
@@ -27,27 +36,36 @@ impl UapiServer {
         self.listener.as_raw_fd()
     }
 
-    /// Serves pending requests; `state` renders the device as `get` wants it.
-    pub fn serve(&self, state: impl Fn() -> String) {
+    /// Serves pending requests; `answer` renders the device for a `get`
+    /// (ending in `errno=0`) or applies a `set` (answering `errno=N`).
+    pub fn serve(&self, mut answer: impl FnMut(Request) -> String) {
         while let Ok((stream, _)) = self.listener.accept() {
             let _ = stream.set_nonblocking(false);
             let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(500)));
             let mut r = BufReader::new(&stream);
             let mut first = String::new();
             if r.read_line(&mut first).is_err() {
                 continue;
             }
-            // Consume the rest of the request, up to the blank line.
+            // The rest of the request, up to the blank line (bounded).
+            let mut lines = Vec::new();
             let mut line = String::new();
-            while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) && line.trim() != "" {
+            while lines.len() < 65536 && r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                if line.trim().is_empty() {
+                    break;
+                }
+                lines.push(line.trim().to_string());
                 line.clear();
             }
             let reply = match first.trim() {
-                "get=1" => state() + "errno=0\n\n",
-                _ => "errno=95\n\n".to_string(),
+                "get=1" => answer(Request::Get),
+                "set=1" => answer(Request::Set(lines)),
+                _ => format!("errno={}\n", libc::EINVAL),
             };
             let mut w = &stream;
             let _ = w.write_all(reply.as_bytes());
+            let _ = w.write_all(b"\n");
         }
     }
 }
@@ -56,6 +74,127 @@ impl Drop for UapiServer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// A UAPI request.
+pub enum Request {
+    Get,
+    /// The `key=value` lines after `set=1`.
+    Set(Vec<String>),
+}
+
+fn unhex(v: &str) -> Option<[u8; 32]> {
+    if v.len() != 64 {
+        return None;
+    }
+    let mut k = [0u8; 32];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = u8::from_str_radix(v.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(k)
+}
+
+/// Applies a `set=1` request to a copy of `cfg`: the configuration the
+/// instance should run next, or (errno, why) when it cannot be honoured.
+/// As in the kernel, an AllowedIP given to one peer leaves any other peer
+/// of the same VNET that had it.
+pub fn apply_set(cfg: &Config, lines: &[String]) -> Result<Config, (i32, String)> {
+    let inval = |m: String| (libc::EINVAL, m);
+    let mut new = cfg.clone();
+    let mut cur: Option<usize> = None;
+    // Removed peers are dropped at the end, so that indices stay valid.
+    let mut remove = Vec::new();
+    for l in lines {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| inval(format!("malformed line {l:?}")))?;
+        match (k, cur) {
+            ("private_key", None) => {
+                if unhex(v) != new.interface.private_key.map(|k| k.0) {
+                    return Err(inval("changing the private key needs a restart (edit the file)".into()));
+                }
+            }
+            ("listen_port", None) => {
+                let port: u16 = v.parse().map_err(|_| inval(format!("bad listen_port {v}")))?;
+                if Some(port) != new.interface.listen_port {
+                    return Err(inval("changing the listen port needs a restart (edit the file)".into()));
+                }
+            }
+            ("fwmark", None) if v == "0" => {}
+            ("fwmark", None) => return Err(inval("subway does not set a fwmark".into())),
+            ("replace_peers", None) if v == "true" => {
+                remove.extend(0..new.peers.len());
+            }
+            ("public_key", _) => {
+                let key = unhex(v).ok_or_else(|| inval(format!("bad public_key {v}")))?;
+                cur = Some(match new.peers.iter().position(|p| p.public_key.0 == key) {
+                    Some(i) => {
+                        remove.retain(|r| *r != i);
+                        i
+                    }
+                    None => {
+                        new.peers.push(PeerSection {
+                            id: u32::MAX,
+                            line: 0,
+                            public_key: Key32(key),
+                            preshared_key: None,
+                            endpoint: None,
+                            allowed_ips: Vec::new(),
+                            persistent_keepalive: None,
+                            vnet: "default".into(),
+                        });
+                        new.peers.len() - 1
+                    }
+                });
+            }
+            (_, Some(i)) => match k {
+                "remove" if v == "true" => remove.push(i),
+                "update_only" if v == "true" => {
+                    if new.peers[i].id == u32::MAX {
+                        // Only update existing peers: forget this one.
+                        remove.push(i);
+                    }
+                }
+                "preshared_key" => {
+                    let psk = unhex(v).ok_or_else(|| inval(format!("bad preshared_key {v}")))?;
+                    new.peers[i].preshared_key = (psk != [0; 32]).then_some(Key32(psk));
+                }
+                "endpoint" => {
+                    let e = v
+                        .parse()
+                        .map_err(|_| inval(format!("bad endpoint {v}: give IP:port or [IPv6]:port")))?;
+                    new.peers[i].endpoint = Some(e);
+                }
+                "persistent_keepalive_interval" => {
+                    let s: u16 = v.parse().map_err(|_| inval(format!("bad keepalive {v}")))?;
+                    new.peers[i].persistent_keepalive = (s > 0).then_some(s);
+                }
+                "replace_allowed_ips" if v == "true" => new.peers[i].allowed_ips.clear(),
+                "allowed_ip" => {
+                    let net: IpNet = v.parse().map_err(|_| inval(format!("bad allowed_ip {v}")))?;
+                    let net = net.trunc();
+                    let vnet = new.peers[i].vnet.clone();
+                    for (j, p) in new.peers.iter_mut().enumerate() {
+                        if j != i && p.vnet == vnet {
+                            p.allowed_ips.retain(|(n, _)| *n != net);
+                        }
+                    }
+                    if !new.peers[i].allowed_ips.iter().any(|(n, _)| *n == net) {
+                        new.peers[i].allowed_ips.push((net, 0));
+                    }
+                }
+                "protocol_version" if v == "1" => {}
+                _ => return Err(inval(format!("unsupported peer key {k}={v}"))),
+            },
+            _ => return Err(inval(format!("unsupported key {k}={v}"))),
+        }
+    }
+    remove.sort_unstable();
+    remove.dedup();
+    for i in remove.into_iter().rev() {
+        new.peers.remove(i);
+    }
+    Ok(new)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -120,6 +259,96 @@ pub fn render(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn cfg() -> Config {
+        use base64::Engine;
+        let k = |b: u8| base64::engine::general_purpose::STANDARD.encode([b; 32]);
+        let text = format!(
+            "[Interface]\nPrivateKey = {}\nListenPort = 51820\nUplink = wan0\n[Lan]\nInterface = lan0\n\
+             [Peer]\nPublicKey = {}\nAllowedIPs = 10.2.0.0/24, 10.9.0.0/24\n\
+             [Peer]\nPublicKey = {}\nAllowedIPs = 10.3.0.0/24\nVNet = red\n",
+            k(1),
+            k(2),
+            k(3)
+        );
+        Config::parse(std::path::Path::new("gw.conf"), &text).unwrap()
+    }
+
+    fn set(c: &Config, lines: &[String]) -> Result<Config, (i32, String)> {
+        apply_set(c, lines)
+    }
+
+    #[test]
+    fn wg_set_adds_changes_moves_and_removes_peers() {
+        let c = cfg();
+        // `wg set gw peer K4 allowed-ips 10.9.0.0/24,10.4.0.0/24 endpoint ...`:
+        // a new peer, and 10.9.0.0/24 moves to it from peer 2.
+        let lines: Vec<String> = vec![
+            format!("public_key={}", "04".repeat(32)),
+            "endpoint=192.0.2.9:51820".into(),
+            "replace_allowed_ips=true".into(),
+            "allowed_ip=10.9.0.0/24".into(),
+            "allowed_ip=10.4.0.0/24".into(),
+        ];
+        let n = set(&c, &lines).unwrap();
+        assert_eq!(n.peers.len(), 3);
+        let nets = |p: &PeerSection| p.allowed_ips.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(nets(&n.peers[0]), vec!["10.2.0.0/24"]);
+        assert_eq!(nets(&n.peers[2]), vec!["10.9.0.0/24", "10.4.0.0/24"]);
+        assert_eq!((n.peers[2].id, n.peers[2].vnet.as_str()), (u32::MAX, "default"));
+        assert_eq!(n.peers[2].endpoint, Some("192.0.2.9:51820".parse().unwrap()));
+        // The red peer keeps its VNET; a prefix it shares with no one stays.
+        assert_eq!(
+            (n.peers[1].vnet.as_str(), nets(&n.peers[1])),
+            ("red", vec!["10.3.0.0/24".to_string()])
+        );
+        // `wg set gw peer K2 remove`.
+        let n = set(&c, &[format!("public_key={}", "02".repeat(32)), "remove=true".into()]).unwrap();
+        assert_eq!(n.peers.len(), 1);
+        assert_eq!(n.peers[0].public_key.0, [3; 32]);
+        // update_only on an unknown peer changes nothing.
+        let n = set(
+            &c,
+            &[format!("public_key={}", "05".repeat(32)), "update_only=true".into()],
+        )
+        .unwrap();
+        assert_eq!(n.peers, c.peers);
+        // Keepalive and preshared key (all zeros: none).
+        let n = set(
+            &c,
+            &[
+                format!("public_key={}", "02".repeat(32)),
+                "persistent_keepalive_interval=25".into(),
+                format!("preshared_key={}", "07".repeat(32)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(n.peers[0].persistent_keepalive, Some(25));
+        assert_eq!(n.peers[0].preshared_key.map(|k| k.0), Some([7; 32]));
+    }
+
+    #[test]
+    fn wg_set_refuses_what_needs_a_restart() {
+        let c = cfg();
+        let e = set(&c, &["listen_port=1234".into()]).unwrap_err();
+        assert_eq!(e.0, libc::EINVAL);
+        assert!(e.1.contains("restart"), "{}", e.1);
+        assert!(set(&c, &["listen_port=51820".into()]).is_ok());
+        assert!(set(&c, &[format!("private_key={}", "09".repeat(32))]).is_err());
+        assert!(set(&c, &[format!("private_key={}", "01".repeat(32))]).is_ok());
+        assert!(set(&c, &["fwmark=7".into()]).is_err());
+        assert!(
+            set(&c, &["allowed_ip=10.0.0.0/8".into()]).is_err(),
+            "a peer key before any peer"
+        );
+        assert!(
+            set(
+                &c,
+                &[format!("public_key={}", "02".repeat(32)), "endpoint=nowhere".into()]
+            )
+            .is_err()
+        );
+    }
 
     #[test]
     fn renders_what_wg_show_reads() {

@@ -9,6 +9,7 @@ pub mod fib;
 pub mod forward;
 pub mod fxhash;
 pub mod netlink;
+pub mod punt;
 pub mod slowpath;
 pub mod stats;
 pub mod tables;
@@ -62,19 +63,28 @@ pub struct DataplaneConfig {
     pub uplink: Option<String>,
     /// WireGuard listen port (0: no tunnel).
     pub listen_port: u16,
-    /// WireGuard peers, by id: their VNET and AllowedIPs.
+    /// WireGuard peers: their id, VNET and AllowedIPs.
     pub peers: Vec<PeerRoutes>,
 }
 
 /// The routes a peer owns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerRoutes {
+    /// The peer's id on the WireGuard device (stable while it exists).
+    pub id: u32,
     pub vnet: VnetId,
     pub allowed_ips: Vec<IpNet>,
 }
 
-/// The VNET of a dedicated uplink: no routes, WireGuard only.
-pub const UPLINK_VNET: VnetId = u32::MAX;
+/// What [`Dataplane::apply`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteChanges {
+    pub added: Vec<(VnetId, IpNet)>,
+    pub removed: Vec<(VnetId, IpNet)>,
+    pub retargeted: Vec<(VnetId, IpNet)>,
+}
+
+pub use subway_common::UPLINK_VNET;
 
 /// A started worker as the control thread sees it.
 pub struct WorkerHandle {
@@ -105,9 +115,12 @@ pub struct Dataplane {
     stop: Arc<AtomicBool>,
     workers: Vec<WorkerHandle>,
     tables: SharedTables,
+    lans: Vec<LanConfig>,
     netlink: Netlink,
     neigh_scratch: Vec<Neighbour>,
     slow: Arc<SlowPath>,
+    punt: punt::PuntServer,
+    undo: KernelUndo,
     // Dropped last: detaching XDP after the sockets close is harmless
     // (the redirect falls back to XDP_PASS).
     xdp: XdpSteering,
@@ -139,33 +152,10 @@ impl Dataplane {
 
         // Ports, their prefixes and the gateway's own addresses.
         let mut ports = Vec::new();
-        let mut fib = Fib::new();
-        let mut locals = Vec::new();
-        for (i, lan) in cfg.lans.iter().enumerate() {
+        for lan in &cfg.lans {
             let link = netlink::link_by_name(&lan.ifname)
                 .map_err(|e| Error::io(format!("reading interface {}", lan.ifname), e))?
                 .ok_or_else(|| Error::msg(format!("interface {} does not exist", lan.ifname)))?;
-            let addrs = netlink
-                .addresses(link.ifindex)
-                .map_err(|e| Error::io(format!("addresses of {}", lan.ifname), e))?;
-            let subnets: Vec<IpNet> = if lan.subnets.is_empty() {
-                addrs.iter().map(|a| a.trunc()).collect()
-            } else {
-                lan.subnets.clone()
-            };
-            if subnets.is_empty() {
-                return Err(Error::msg(format!(
-                    "{} has no address and no Subnets: give it an address or list the subnets behind it",
-                    lan.ifname
-                )));
-            }
-            for s in subnets {
-                fib.insert(lan.vnet, s, Target::Port(i as u16))
-                    .map_err(|e| Error::msg(format!("{}: {e}", lan.ifname)))?;
-            }
-            for a in addrs {
-                locals.push((lan.vnet, IpNet::from(a.addr())));
-            }
             if link.kind != 1 {
                 return Err(Error::msg(format!(
                     "{} is not an Ethernet interface (ARPHRD {}): subway routes Ethernet frames",
@@ -187,12 +177,7 @@ impl Dataplane {
                 vnet: lan.vnet,
             });
         }
-        for (id, p) in cfg.peers.iter().enumerate() {
-            for net in &p.allowed_ips {
-                fib.insert(p.vnet, *net, Target::Peer(id as u32))
-                    .map_err(|e| Error::msg(format!("peer {id} AllowedIPs: {e}")))?;
-            }
-        }
+        let fib = build_fib(&mut netlink, &cfg.lans, &ports, &cfg.peers)?;
         let uplink = match &cfg.uplink {
             None => None,
             Some(name) => match ports.iter().position(|p| &p.name == name) {
@@ -226,11 +211,24 @@ impl Dataplane {
                 "the uplink has no IP address: WireGuard needs one to listen on",
             ));
         }
-        for (vnet, host) in locals {
-            // Two interfaces with one address is odd but harmless.
-            let _ = fib.insert(vnet, host, Target::Local);
+        if let Some(up) = uplink.and_then(|u| ports.get(u as usize))
+            && up.vnet != 0
+            && up.vnet != UPLINK_VNET
+        {
+            return Err(Error::msg(format!(
+                "the uplink {} is a [Lan] of a non-default VNET: the tunnel's own traffic is routed by the kernel, \
+                 which serves the default VNET only; use a dedicated uplink or a default-VNET [Lan]",
+                up.name
+            )));
         }
         check_forwarding();
+
+        // Non-default VNETs: take their interfaces out of the kernel's
+        // routing (it has one table, the default VNET's), restored on stop.
+        let mut undo = KernelUndo::default();
+        for p in ports.iter().filter(|p| p.vnet != 0 && p.vnet != UPLINK_VNET) {
+            undo.isolate(&mut netlink, p)?;
+        }
 
         let mut neigh_scratch = Vec::new();
         let neigh = read_neighbours(&mut netlink, &ports, &mut neigh_scratch)?;
@@ -238,16 +236,7 @@ impl Dataplane {
             fib: Arc::new(fib.clone()),
             neigh,
             ports: ports.clone(),
-            peers: cfg
-                .peers
-                .iter()
-                .map(|p| tables::PeerRt {
-                    vnet: p.vnet,
-                    session: None,
-                    path: None,
-                    stats: Arc::default(),
-                })
-                .collect(),
+            peers: peer_rts(&[], &cfg.peers, &[]),
             sessions: Default::default(),
             uplink,
             uplink_addrs: uplink_addrs.clone(),
@@ -268,20 +257,9 @@ impl Dataplane {
         // that what the kernel forwards or sends there (first packets before
         // a handshake, the gateway's own traffic) reaches the control thread
         // and the tunnel, never the uplink in clear.
-        for p in &cfg.peers {
-            for net in p.allowed_ips.iter().filter(|_| p.vnet == 0) {
-                let fam = if net.addr().is_ipv4() { "-4" } else { "-6" };
-                let out = std::process::Command::new("ip")
-                    .args([fam, "route", "replace", &net.trunc().to_string(), "dev", slow.name()])
-                    .output()
-                    .map_err(|e| Error::io("running ip route", e))?;
-                if !out.status.success() {
-                    return Err(Error::msg(format!(
-                        "adding the kernel route {net} dev {}: {}",
-                        slow.name(),
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    )));
-                }
+        for r in fib.routes().iter().filter(|r| r.vnet == 0) {
+            if let Target::Peer(_) = r.target {
+                kernel_route("replace", r.prefix, slow.name())?;
             }
         }
 
@@ -311,21 +289,7 @@ impl Dataplane {
             )?;
         }
         for r in fib.routes() {
-            let steer = match r.target {
-                Target::Port(p) => Steer {
-                    action: STEER_REDIRECT,
-                    egress_ifindex: ports[p as usize].ifindex,
-                },
-                Target::Peer(_) => Steer {
-                    action: STEER_REDIRECT,
-                    egress_ifindex: 0,
-                },
-                Target::Local => Steer {
-                    action: STEER_LOCAL,
-                    egress_ifindex: 0,
-                },
-            };
-            xdp.set_route(r.vnet, r.prefix, steer)?;
+            xdp.set_route(r.vnet, r.prefix, steer(r.target, &ports))?;
         }
 
         let queues = match &cfg.queues {
@@ -401,9 +365,12 @@ impl Dataplane {
             stop: stop.clone(),
             workers: Vec::new(),
             tables: tables.clone(),
+            lans: cfg.lans.clone(),
             netlink,
             neigh_scratch,
             slow: slow.clone(),
+            punt: Default::default(),
+            undo,
             xdp,
         };
         for w in built {
@@ -466,6 +433,88 @@ impl Dataplane {
         })
     }
 
+    /// Applies new peers and LAN subnets while traffic flows: builds the
+    /// new FIB (nothing changes if that fails), adds the new XDP steering
+    /// entries, publishes the new tables (the workers switch at their next
+    /// batch), then removes the steering entries and kernel routes that are
+    /// gone. Unchanged routes are never touched, so their packets keep
+    /// flowing. `fresh` lists peer ids that are new: their counters start
+    /// at zero. The set of [Lan] interfaces cannot change here.
+    pub fn apply(&mut self, cfg: &DataplaneConfig, fresh: &[u32]) -> Result<RouteChanges> {
+        let same_lans = cfg.lans.len() == self.lans.len()
+            && cfg
+                .lans
+                .iter()
+                .zip(&self.lans)
+                .all(|(a, b)| a.ifname == b.ifname && a.vnet == b.vnet);
+        if !same_lans {
+            return Err(Error::msg(
+                "the [Lan] interfaces or their VNETs changed: that needs a restart (XDP and sockets are per interface)",
+            ));
+        }
+        let cur = self.tables.load_full();
+        let fib = build_fib(&mut self.netlink, &cfg.lans, &cur.ports, &cfg.peers)?;
+        let old: std::collections::HashMap<(VnetId, IpNet), Target> = cur
+            .fib
+            .routes()
+            .iter()
+            .map(|r| ((r.vnet, r.prefix), r.target))
+            .collect();
+        let new: std::collections::HashMap<(VnetId, IpNet), Target> =
+            fib.routes().iter().map(|r| ((r.vnet, r.prefix), r.target)).collect();
+        let mut ch = RouteChanges::default();
+        for r in fib.routes() {
+            let k = (r.vnet, r.prefix);
+            match old.get(&k) {
+                None => ch.added.push(k),
+                Some(t) if *t != r.target => ch.retargeted.push(k),
+                Some(_) => continue,
+            }
+            self.xdp.set_route(r.vnet, r.prefix, steer(r.target, &cur.ports))?;
+            if r.vnet == 0 && matches!(r.target, Target::Peer(_)) {
+                kernel_route("replace", r.prefix, self.slow.name())?;
+            }
+        }
+        let peers = peer_rts(&cur.peers, &cfg.peers, fresh);
+        self.publish(|t| {
+            t.fib = Arc::new(fib.clone());
+            t.peers = peers;
+        });
+        for (k, target) in &old {
+            if new.contains_key(k) {
+                continue;
+            }
+            ch.removed.push(*k);
+            self.xdp.remove_route(k.0, k.1)?;
+            if k.0 == 0 && matches!(target, Target::Peer(_)) {
+                let _ = kernel_route("del", k.1, self.slow.name());
+            }
+        }
+        // A prefix that moved from a peer to a LAN leaves the TUN.
+        for k in &ch.retargeted {
+            if k.0 == 0 && matches!(old.get(k), Some(Target::Peer(_))) && !matches!(new.get(k), Some(Target::Peer(_))) {
+                let _ = kernel_route("del", k.1, self.slow.name());
+            }
+        }
+        self.lans = cfg.lans.clone();
+        ch.added.sort();
+        ch.removed.sort();
+        ch.retargeted.sort();
+        Ok(ch)
+    }
+
+    /// Serves the packets of non-default VNETs that the workers handed to
+    /// the control thread: those for a LAN host wait for its neighbour
+    /// entry, those for a peer go to `to_peer(peer, packet)`.
+    pub fn serve_punted(&mut self, to_peer: impl FnMut(u32, &[u8])) {
+        let t = self.tables.load_full();
+        self.punt.serve(&self.slow, &t, &mut self.netlink, to_peer);
+    }
+
+    pub fn punt_stats(&self) -> punt::PuntStats {
+        self.punt.stats
+    }
+
     /// Re-reads the kernel's neighbour table and publishes new tables if
     /// anything changed. Returns whether it did.
     pub fn refresh_neighbours(&mut self) -> Result<bool> {
@@ -504,6 +553,73 @@ impl Dataplane {
             }
         }
         self.xdp.detach_all();
+        self.undo.run();
+    }
+}
+
+/// Changes made to the kernel's configuration, undone on stop (or when a
+/// start fails half-way).
+#[derive(Default)]
+struct KernelUndo {
+    steps: Vec<Vec<String>>,
+}
+
+impl KernelUndo {
+    /// Takes a non-default VNET's interface out of the kernel's routing:
+    /// no IPv4 forwarding of what arrives on it (the XDP program drops
+    /// what its VNET does not route, this covers the time without XDP),
+    /// and its connected prefixes out of the main table, so that the kernel
+    /// forwards nothing of the default VNET into it. ARP, NDP and the
+    /// gateway's own address keep working (they need no route).
+    fn isolate(&mut self, nl: &mut Netlink, port: &Port) -> Result<()> {
+        let fwd = format!("/proc/sys/net/ipv4/conf/{}/forwarding", port.name);
+        if let Ok(old) = std::fs::read_to_string(&fwd) {
+            std::fs::write(&fwd, "0").map_err(|e| Error::io(format!("writing {fwd}"), e))?;
+            self.steps.push(vec!["sysctl".into(), fwd, old.trim().to_string()]);
+        }
+        let addrs = nl
+            .addresses(port.ifindex)
+            .map_err(|e| Error::io(format!("addresses of {}", port.name), e))?;
+        for a in &addrs {
+            let fam = if a.addr().is_ipv4() { "-4" } else { "-6" };
+            let (net, dev, src) = (a.trunc().to_string(), port.name.clone(), a.addr().to_string());
+            let args = [
+                fam, "route", "del", &net, "dev", &dev, "proto", "kernel", "table", "main",
+            ];
+            let ok = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                tracing::info!("VNET interface {dev}: removed the kernel's route {net} from the main table");
+                // Appended: another interface may have the same prefix.
+                self.steps.push(
+                    [
+                        "ip", fam, "route", "append", &net, "dev", &dev, "proto", "kernel", "scope", "link", "src",
+                        &src,
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&mut self) {
+        for step in self.steps.drain(..).rev() {
+            if step[0] == "sysctl" {
+                let _ = std::fs::write(&step[1], &step[2]);
+            } else {
+                let _ = std::process::Command::new(&step[0]).args(&step[1..]).output();
+            }
+        }
+    }
+}
+
+impl Drop for KernelUndo {
+    fn drop(&mut self) {
+        self.run();
     }
 }
 
@@ -511,6 +627,113 @@ impl Drop for Dataplane {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The FIB for these LANs (their Subnets, or the prefixes of their
+/// addresses) and peers, with the gateway's own addresses as local routes.
+fn build_fib(netlink: &mut Netlink, lans: &[LanConfig], ports: &[Port], peers: &[PeerRoutes]) -> Result<Fib> {
+    let mut fib = Fib::new();
+    let mut locals = Vec::new();
+    for (i, lan) in lans.iter().enumerate() {
+        let port = ports
+            .get(i)
+            .ok_or_else(|| Error::msg(format!("{} has no port", lan.ifname)))?;
+        let addrs = netlink
+            .addresses(port.ifindex)
+            .map_err(|e| Error::io(format!("addresses of {}", lan.ifname), e))?;
+        let subnets: Vec<IpNet> = if lan.subnets.is_empty() {
+            addrs.iter().map(|a| a.trunc()).collect()
+        } else {
+            lan.subnets.clone()
+        };
+        if subnets.is_empty() {
+            return Err(Error::msg(format!(
+                "{} has no address and no Subnets: give it an address or list the subnets behind it",
+                lan.ifname
+            )));
+        }
+        for s in subnets {
+            fib.insert(lan.vnet, s, Target::Port(i as u16))
+                .map_err(|e| Error::msg(format!("{}: {e}", lan.ifname)))?;
+        }
+        for a in addrs {
+            locals.push((lan.vnet, IpNet::from(a.addr())));
+        }
+    }
+    for p in peers {
+        for net in &p.allowed_ips {
+            fib.insert(p.vnet, *net, Target::Peer(p.id))
+                .map_err(|e| Error::msg(format!("peer {} AllowedIPs: {e}", p.id)))?;
+        }
+    }
+    for (vnet, host) in locals {
+        // Two interfaces with one address is odd but harmless.
+        let _ = fib.insert(vnet, host, Target::Local);
+    }
+    Ok(fib)
+}
+
+/// The workers' view of the peers, indexed by id: what `old` knew about
+/// peers that stay (sessions, paths, counters), fresh entries for `fresh`
+/// ids and new ones, empty entries for ids no peer holds.
+fn peer_rts(old: &[tables::PeerRt], peers: &[PeerRoutes], fresh: &[u32]) -> Vec<tables::PeerRt> {
+    let len = peers
+        .iter()
+        .map(|p| p.id as usize + 1)
+        .max()
+        .unwrap_or(0)
+        .max(old.len());
+    let mut v: Vec<tables::PeerRt> = (0..len)
+        .map(|_| tables::PeerRt {
+            vnet: 0,
+            session: None,
+            path: None,
+            stats: Arc::default(),
+        })
+        .collect();
+    for p in peers {
+        let slot = &mut v[p.id as usize];
+        if let Some(o) = old.get(p.id as usize).filter(|_| !fresh.contains(&p.id)) {
+            *slot = o.clone();
+        }
+        slot.vnet = p.vnet;
+    }
+    v
+}
+
+/// How the XDP program steers a route's packets.
+fn steer(target: Target, ports: &[Port]) -> Steer {
+    match target {
+        Target::Port(p) => Steer {
+            action: STEER_REDIRECT,
+            egress_ifindex: ports.get(p as usize).map_or(0, |p| p.ifindex),
+        },
+        Target::Peer(_) => Steer {
+            action: STEER_REDIRECT,
+            egress_ifindex: 0,
+        },
+        Target::Local => Steer {
+            action: STEER_LOCAL,
+            egress_ifindex: 0,
+        },
+    }
+}
+
+/// `ip route {replace|del} PREFIX dev TUN`: the kernel's route to a
+/// default-VNET peer prefix goes to the control thread, never out in clear.
+fn kernel_route(op: &str, net: IpNet, tun: &str) -> Result<()> {
+    let fam = if net.addr().is_ipv4() { "-4" } else { "-6" };
+    let out = std::process::Command::new("ip")
+        .args([fam, "route", op, &net.trunc().to_string(), "dev", tun])
+        .output()
+        .map_err(|e| Error::io("running ip route", e))?;
+    if !out.status.success() {
+        return Err(Error::msg(format!(
+            "ip route {op} {net} dev {tun}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 fn read_neighbours(nl: &mut Netlink, ports: &[Port], scratch: &mut Vec<Neighbour>) -> Result<NeighTable> {

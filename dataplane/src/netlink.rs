@@ -225,6 +225,44 @@ impl Netlink {
         Ok((info.oif != 0).then_some(info))
     }
 
+    /// Asks the kernel to resolve `ip` on `ifindex` (ARP or NDP), as a
+    /// packet to it would (NTF_USE). Non-default VNETs use this: their
+    /// packets never go through the kernel's routing, but the kernel's
+    /// neighbour tables are per interface, so they serve every VNET.
+    pub fn resolve(&mut self, ifindex: u32, ip: IpAddr) -> io::Result<()> {
+        use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE};
+        use netlink_packet_route::neighbour::NeighbourFlags;
+        self.seq = self.seq.wrapping_add(1);
+        let mut nm = NeighbourMessage::default();
+        nm.header.family = if ip.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        nm.header.ifindex = ifindex;
+        nm.header.flags = NeighbourFlags::Use;
+        nm.header.state = NeighbourState::None;
+        nm.attributes.push(NeighbourAttribute::Destination(match ip {
+            IpAddr::V4(a) => NeighbourAddress::Inet(a),
+            IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+        }));
+        let mut hdr = NetlinkHeader::default();
+        hdr.flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK;
+        hdr.sequence_number = self.seq;
+        let mut msg = NetlinkMessage::new(hdr, NetlinkPayload::from(RouteNetlinkMessage::NewNeighbour(nm)));
+        msg.finalize();
+        let mut out = vec![0u8; msg.header.length as usize];
+        msg.serialize(&mut out);
+        self.sock.send(&out, 0)?;
+        let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
+        let m: NetlinkMessage<RouteNetlinkMessage> = NetlinkMessage::deserialize(&self.buf[..n])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("netlink: {e}")))?;
+        match m.payload {
+            NetlinkPayload::Error(e) if e.code.is_some() => Err(e.to_io()),
+            _ => Ok(()),
+        }
+    }
+
     /// The addresses (with their prefix) configured on `ifindex`, skipping
     /// link-local ones.
     pub fn addresses(&mut self, ifindex: u32) -> io::Result<Vec<IpNet>> {

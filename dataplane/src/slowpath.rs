@@ -6,7 +6,16 @@
 //!
 //! The device is not persistent: it disappears when the process exits,
 //! even on a crash.
+//!
+//! The kernel has one routing table, so it serves only the default VNET.
+//! Packets of other VNETs never enter it: the two kinds the control thread
+//! can finish (a peer without a session yet, a LAN neighbour not resolved
+//! yet) go to it through a bounded queue ([`SlowPath::take_punted`]); the
+//! rest are dropped and counted (`drop_vnet_no_kernel`).
 
+use crate::fib::VnetId;
+use crate::stats::Counter;
+use crossbeam::queue::ArrayQueue;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -22,10 +31,24 @@ struct IfReqFlags {
     _pad: [u8; 22],
 }
 
-/// A TUN device shared by every worker (each write is one packet).
+/// Packets of non-default VNETs waiting for the control thread.
+const PUNT_QUEUE: usize = 1024;
+
+/// An IP packet of a non-default VNET that the fast path could not finish.
+#[derive(Debug)]
+pub struct Punted {
+    pub vnet: VnetId,
+    /// Why: `SlowNoSession` or `SlowNeighUnknown`.
+    pub reason: Counter,
+    pub packet: Vec<u8>,
+}
+
+/// A TUN device shared by every worker (each write is one packet), and the
+/// queue of packets of other VNETs for the control thread.
 pub struct SlowPath {
     fd: OwnedFd,
     name: String,
+    punted: ArrayQueue<Punted>,
 }
 
 impl SlowPath {
@@ -64,6 +87,7 @@ impl SlowPath {
         Ok(SlowPath {
             fd,
             name: name.to_string(),
+            punted: ArrayQueue::new(PUNT_QUEUE),
         })
     }
 
@@ -98,6 +122,40 @@ impl SlowPath {
 }
 
 impl SlowPath {
+    /// Hands an IP packet the fast path cannot finish to whoever can, and
+    /// returns the counter to add: the kernel (through the TUN) for the
+    /// default VNET and the uplink, the control thread for other VNETs.
+    /// The second is the slow path of the slow path (first packets of a
+    /// flow): it copies the packet.
+    pub fn hand_off(&self, vnet: VnetId, packet: &[u8], reason: Counter) -> Counter {
+        if vnet == 0 || vnet == crate::UPLINK_VNET {
+            return if self.send(packet).is_ok() {
+                reason
+            } else {
+                Counter::DropSlowPathFailed
+            };
+        }
+        match reason {
+            Counter::SlowNoSession | Counter::SlowNeighUnknown => {
+                let p = Punted {
+                    vnet,
+                    reason,
+                    packet: packet.to_vec(),
+                };
+                match self.punted.push(p) {
+                    Ok(()) => reason,
+                    Err(_) => Counter::DropPuntQueueFull,
+                }
+            }
+            _ => Counter::DropVnetNoKernel,
+        }
+    }
+
+    /// The next packet of a non-default VNET handed to the control thread.
+    pub fn take_punted(&self) -> Option<Punted> {
+        self.punted.pop()
+    }
+
     /// Sets the TUN's MTU. For a gateway this is the tunnel's MTU, so that
     /// the kernel fragments, or answers "fragmentation needed" / "packet
     /// too big" for, what is too big for the tunnel.

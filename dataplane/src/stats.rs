@@ -68,6 +68,12 @@ counters! {
     DropNotAllowed = "drop_not_allowed",
     DropInnerMalformed = "drop_inner_malformed",
     DropTooBigForTunnel = "drop_too_big_for_tunnel",
+    /// A packet of a non-default VNET needed the kernel (TTL expiring, too
+    /// big for the next link, addressed to the gateway, no route): the
+    /// kernel's single routing table must never see another VNET's packets.
+    DropVnetNoKernel = "drop_vnet_no_kernel",
+    /// The queue to the control thread (non-default VNETs) was full.
+    DropPuntQueueFull = "drop_punt_queue_full",
     /// TCP SYNs whose MSS was lowered to fit the tunnel.
     MssClamped = "mss_clamped",
 }

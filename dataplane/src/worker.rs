@@ -46,7 +46,7 @@ impl std::str::FromStr for BindMode {
 }
 
 /// Socket and loop tuning, from `[Tuning]`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct XskOptions {
     /// Frames taken from a ring per call.
     pub batch_size: usize,
@@ -475,6 +475,7 @@ impl Worker {
                 tally.add(Counter::RxPackets, n as u64);
                 let ingress = self.socks[i].port;
                 let from_uplink = snap.uplink == Some(ingress);
+                let in_vnet = snap.ports.get(ingress as usize).map_or(0, |p| p.vnet);
                 for d in descs.iter_mut().take(n) {
                     let (verdict, v6) = {
                         // SAFETY: the frame came off our RX ring, so the
@@ -482,6 +483,7 @@ impl Worker {
                         let mut data = unsafe { self.umem.data_mut(d) };
                         let len = data.contents().len();
                         tally.add(Counter::RxBytes, len as u64);
+                        let mut vnet = in_vnet;
                         let v = if from_uplink && tunnel_rx::is_wireguard(data.contents(), &snap) {
                             // Open in place, using the frame's whole capacity.
                             let cap = data.cursor().buf_len();
@@ -490,6 +492,7 @@ impl Worker {
                             data.cursor().set_pos(new_len);
                             if let Some((peer, bytes)) = counted {
                                 rx_acc.add(peer, bytes, &snap);
+                                vnet = snap.peers.get(peer as usize).map_or(vnet, |p| p.vnet);
                             }
                             if matches!(v, Verdict::Tx(_) | Verdict::SlowPath(..)) {
                                 tally.inc(Counter::TunnelRx);
@@ -500,9 +503,10 @@ impl Worker {
                         };
                         let frame = data.contents();
                         let v = match v {
-                            Verdict::SlowPath(l3, _) if slow.send(&frame[l3..]).is_err() => {
-                                Verdict::Drop(Counter::DropSlowPathFailed)
-                            }
+                            Verdict::SlowPath(l3, reason) => match slow.hand_off(vnet, &frame[l3..], reason) {
+                                c if c == reason => v,
+                                c => Verdict::Drop(c),
+                            },
                             v => v,
                         };
                         (v, frame.len() > 13 && frame[12] == 0x86)
@@ -633,6 +637,7 @@ impl Worker {
                 }
             }
             let rt = snap.peers.get(peer as usize);
+            let vnet = rt.map_or(0, |r| r.vnet);
             let ready = rt.and_then(|r| Some((r.session.as_ref().filter(|s| s.can_send(now))?, r.path.as_ref()?, r)));
             let first = match (ready, uplink) {
                 (Some((s, _, _)), Some(_)) => s.reserve((j - i) as u64).ok(),
@@ -645,12 +650,7 @@ impl Worker {
                 let mut data = unsafe { self.umem.data_mut(&mut d) };
                 let (Some(counter), Some((session, path, _)), Some(up)) = (first, ready, uplink) else {
                     let frame = data.contents();
-                    let reason = if slow.send(&frame[l3..l3 + ip_len]).is_ok() {
-                        Counter::SlowNoSession
-                    } else {
-                        Counter::DropSlowPathFailed
-                    };
-                    tally.inc(reason);
+                    tally.inc(slow.hand_off(vnet, &frame[l3..l3 + ip_len], Counter::SlowNoSession));
                     self.free.push(d);
                     continue;
                 };
@@ -660,12 +660,7 @@ impl Worker {
                     // whose MTU is the tunnel's: it fragments, or answers
                     // "fragmentation needed" / "packet too big".
                     let frame = data.contents();
-                    let reason = if slow.send(&frame[l3..l3 + ip_len]).is_ok() {
-                        Counter::SlowTooBig
-                    } else {
-                        Counter::DropSlowPathFailed
-                    };
-                    tally.inc(reason);
+                    tally.inc(slow.hand_off(vnet, &frame[l3..l3 + ip_len], Counter::SlowTooBig));
                     self.free.push(d);
                     continue;
                 }

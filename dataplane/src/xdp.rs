@@ -100,6 +100,43 @@ impl XdpSteering {
         }
     }
 
+    /// Removes a steering route from `vnet` (absent: nothing to do).
+    pub fn remove_route(&mut self, vnet: u32, prefix: IpNet) -> Result<()> {
+        let prefix = prefix.trunc();
+        let r = match prefix {
+            IpNet::V4(n) => {
+                let mut m: LpmTrie<&mut MapData, V4Key, Steer> =
+                    LpmTrie::try_from(self.map_mut(maps::ROUTES_V4)?).ctx(|| "ROUTES_V4 map".into())?;
+                let key = Key::new(
+                    lpm_len(n.prefix_len() as u32),
+                    V4Key {
+                        vnet,
+                        addr: n.addr().octets(),
+                    },
+                );
+                m.remove(&key)
+            }
+            IpNet::V6(n) => {
+                let mut m: LpmTrie<&mut MapData, V6Key, Steer> =
+                    LpmTrie::try_from(self.map_mut(maps::ROUTES_V6)?).ctx(|| "ROUTES_V6 map".into())?;
+                let key = Key::new(
+                    lpm_len(n.prefix_len() as u32),
+                    V6Key {
+                        vnet,
+                        addr: n.addr().octets(),
+                    },
+                );
+                m.remove(&key)
+            }
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(Error::msg(format!("unsteering {prefix}: {e}"))),
+        }
+    }
+
     pub fn add_listen(&mut self, key: ListenKey) -> Result<()> {
         let mut m: HashMap<&mut MapData, ListenKey, u32> =
             HashMap::try_from(self.map_mut(maps::LISTEN)?).ctx(|| "LISTEN map".into())?;

@@ -105,6 +105,7 @@ fn devices() -> (Device, Device) {
         endpoint: ep.map(|e| e.parse().unwrap()),
         allowed_ips: vec![net.parse().unwrap()],
         persistent_keepalive: None,
+        vnet: 0,
     };
     a.add_peer(&cfg(pb, "0.0.0.0/0", Some(B))).unwrap();
     b.add_peer(&cfg(pa, "0.0.0.0/0", None)).unwrap();

@@ -54,6 +54,7 @@ impl Pair {
                     .unwrap(),
             ],
             persistent_keepalive: None,
+            vnet: 0,
         })
         .unwrap();
         let our_public = PublicKey::from(ours.public);

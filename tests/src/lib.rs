@@ -701,3 +701,171 @@ pub fn tcp_echo(client: &Netns, server: &Netns, server_addr: SocketAddr, bytes: 
         srv.join().unwrap()?
     })
 }
+
+/// What the sink of a [`UdpFlow`] saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowReport {
+    pub sent: u32,
+    pub received: u32,
+    /// Sequence numbers never received.
+    pub lost: u32,
+    pub duplicates: u32,
+    /// Datagrams that arrived after a higher sequence number.
+    pub reordered: u32,
+}
+
+/// A bounded UDP flow with sequence numbers, from a sender namespace to a
+/// sink namespace, at a fixed rate, checked at the sink for loss,
+/// duplicates and reordering. Runs in the background while a test changes
+/// things; [`UdpFlow::finish`] waits for it.
+pub struct UdpFlow {
+    sink: std::thread::JoinHandle<Result<(Vec<u32>, u32)>>,
+    sender: std::thread::JoinHandle<Result<u32>>,
+}
+
+fn in_netns<T: Send + 'static>(
+    name: String,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> std::thread::JoinHandle<Result<T>> {
+    std::thread::spawn(move || {
+        let path = format!("/var/run/netns/{name}");
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        // SAFETY: setns on a thread of our own with a valid netns fd.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {name}: {}", std::io::Error::last_os_error());
+        }
+        f()
+    })
+}
+
+impl UdpFlow {
+    /// Sends `count` datagrams of `size` bytes (at least 8) to `dst` at
+    /// `pps` from `from`, received by a socket bound in `sink`.
+    pub fn start(from: &Netns, sink: &Netns, dst: SocketAddr, count: u32, pps: u32, size: usize) -> Result<UdpFlow> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let bind: SocketAddr = match dst {
+            SocketAddr::V4(_) => format!("0.0.0.0:{}", dst.port()).parse()?,
+            SocketAddr::V6(_) => format!("[::]:{}", dst.port()).parse()?,
+        };
+        let period = Duration::from_secs_f64(1.0 / pps.max(1) as f64);
+        let sink = in_netns(sink.name.clone(), move || {
+            let s = std::net::UdpSocket::bind(bind)?;
+            s.set_read_timeout(Some(Duration::from_millis(200)))?;
+            ready_tx.send(()).ok();
+            let mut order = Vec::with_capacity(count as usize);
+            let mut buf = [0u8; 2048];
+            let mut last_rx = Instant::now();
+            let budget = period * count + Duration::from_secs(20);
+            let t0 = Instant::now();
+            let mut done_marker = 0;
+            // Until the sender says it is done and nothing came for 1 s, bounded.
+            while t0.elapsed() < budget {
+                match s.recv(&mut buf) {
+                    Ok(n) if n >= 8 => {
+                        last_rx = Instant::now();
+                        let seq = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+                        if seq == u32::MAX {
+                            done_marker += 1;
+                        } else {
+                            order.push(seq);
+                        }
+                    }
+                    _ => {
+                        if done_marker > 0 && last_rx.elapsed() > Duration::from_secs(1) {
+                            break;
+                        }
+                        if order.len() as u32 >= count && last_rx.elapsed() > Duration::from_secs(1) {
+                            break;
+                        }
+                    }
+                }
+            }
+            Ok((order, done_marker))
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .context("the flow's sink did not start")?;
+        let sender = in_netns(from.name.clone(), move || {
+            let s = std::net::UdpSocket::bind(match dst {
+                SocketAddr::V4(_) => "0.0.0.0:0",
+                SocketAddr::V6(_) => "[::]:0",
+            })?;
+            let mut buf = vec![0u8; size.max(8)];
+            let t0 = Instant::now();
+            for seq in 0..count {
+                let due = t0 + period * seq;
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                buf[..4].copy_from_slice(&seq.to_be_bytes());
+                s.send_to(&buf, dst)?;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            buf[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+            for _ in 0..3 {
+                let _ = s.send_to(&buf, dst);
+            }
+            Ok(count)
+        });
+        Ok(UdpFlow { sink, sender })
+    }
+
+    /// Waits for the flow to end and checks what the sink saw.
+    pub fn finish(self) -> Result<FlowReport> {
+        let sent = self.sender.join().map_err(|_| anyhow!("flow sender panicked"))??;
+        let (order, _) = self.sink.join().map_err(|_| anyhow!("flow sink panicked"))??;
+        let mut seen = vec![false; sent as usize];
+        let mut r = FlowReport {
+            sent,
+            received: order.len() as u32,
+            ..Default::default()
+        };
+        let mut highest: Option<u32> = None;
+        for &q in &order {
+            match seen.get_mut(q as usize) {
+                Some(s) if *s => r.duplicates += 1,
+                Some(s) => *s = true,
+                None => r.duplicates += 1,
+            }
+            if highest.is_some_and(|h| q < h) {
+                r.reordered += 1;
+            }
+            highest = highest.max(Some(q));
+        }
+        r.lost = seen.iter().filter(|s| !**s).count() as u32;
+        Ok(r)
+    }
+}
+
+/// ICMP echo requests this namespace's kernel has received (`InEchos`
+/// in /proc/net/snmp), to tell which of two hosts a ping reached.
+pub fn icmp_in_echos(ns: &Netns) -> Result<u64> {
+    let snmp = ns.run(&["cat", "/proc/net/snmp"])?;
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Icmp:"));
+    let (names, values) = (
+        lines.next().context("no Icmp header")?,
+        lines.next().context("no Icmp values")?,
+    );
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "InEchos")
+        .context("no InEchos in /proc/net/snmp")?;
+    values
+        .split_whitespace()
+        .nth(i)
+        .context("short Icmp line")?
+        .parse()
+        .context("parsing InEchos")
+}
+
+impl Subway {
+    /// Runs `subway ARGS...` against this instance (from the host: the
+    /// control socket is in /run/subway) and returns its stdout.
+    pub fn ctl(&self, args: &[&str]) -> Result<String> {
+        let bin = workspace_bin("subway")?;
+        let mut v = vec![bin.to_str().unwrap()];
+        v.extend_from_slice(args);
+        host(&v)
+    }
+}

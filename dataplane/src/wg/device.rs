@@ -105,7 +105,9 @@ impl Device {
         self.rekey_after = d.max(REKEY_TIMEOUT);
     }
 
-    /// Adds a peer; returns its id. A second peer with the same key is refused.
+    /// Adds a peer; returns its id: the next one, never reused, so that a
+    /// table snapshot a worker still holds can never mistake a new peer for
+    /// a removed one. A second peer with the same key is refused.
     pub fn add_peer(&mut self, cfg: &PeerConfig) -> Option<u32> {
         if self.by_key.contains_key(&cfg.public_key) || cfg.public_key == self.public {
             return None;
@@ -114,6 +116,58 @@ impl Device {
         self.peers.push(Peer::new(id, cfg));
         self.by_key.insert(cfg.public_key, id);
         Some(id)
+    }
+
+    /// Removes a peer: its sessions and handshake end at once (their
+    /// indices are forgotten, so its packets are refused from now on).
+    pub fn remove_peer(&mut self, id: u32) -> bool {
+        let Some(p) = self.peers.get_mut(id as usize).filter(|p| !p.removed) else {
+            return false;
+        };
+        let idx = p.zero_keys();
+        self.by_key.remove(&p.public_key);
+        let mut gone = Peer::new(
+            id,
+            &PeerConfig {
+                public_key: [0; 32],
+                preshared_key: None,
+                endpoint: None,
+                allowed_ips: Vec::new(),
+                persistent_keepalive: None,
+                vnet: 0,
+            },
+        );
+        gone.removed = true;
+        *p = gone;
+        self.forget(idx);
+        true
+    }
+
+    /// Applies a changed configuration to a peer in place (same public
+    /// key): its sessions stay up, as with `wg set`.
+    pub fn update_peer(&mut self, id: u32, cfg: &PeerConfig) -> bool {
+        let Some(p) = self
+            .peers
+            .get_mut(id as usize)
+            .filter(|p| !p.removed && p.public_key == cfg.public_key)
+        else {
+            return false;
+        };
+        if cfg.endpoint.is_some() {
+            p.endpoint = cfg.endpoint;
+        }
+        p.allowed_ips = cfg.allowed_ips.clone();
+        p.vnet = cfg.vnet;
+        *p.psk = cfg.preshared_key.unwrap_or([0; 32]);
+        let interval = cfg
+            .persistent_keepalive
+            .filter(|s| *s > 0)
+            .map(|s| Duration::from_secs(s as u64));
+        if p.timers.persistent_interval != interval {
+            p.timers.persistent_interval = interval;
+            p.timers.persistent_keepalive = None;
+        }
+        true
     }
 
     pub fn peer(&self, id: u32) -> Option<&Peer> {
@@ -385,7 +439,7 @@ impl Device {
         let (src_ip, len) = inner_source(plain).ok_or(WgError::BadLength)?;
         // Cryptokey routing as WireGuard does it: the longest AllowedIPs
         // match for the source, over every peer, must be this peer.
-        if self.owner_of(src_ip) != Some(peer) {
+        if self.owner_of(src_ip, self.peers[peer as usize].vnet) != Some(peer) {
             return Err(WgError::NotAllowed);
         }
         let p = &mut self.peers[peer as usize];
@@ -399,10 +453,12 @@ impl Device {
         })
     }
 
-    /// The peer whose AllowedIPs hold the longest prefix matching `ip`.
-    pub fn owner_of(&self, ip: IpAddr) -> Option<u32> {
+    /// The peer of VNET `vnet` whose AllowedIPs hold the longest prefix
+    /// matching `ip`.
+    pub fn owner_of(&self, ip: IpAddr, vnet: u32) -> Option<u32> {
         self.peers
             .iter()
+            .filter(|p| p.vnet == vnet && !p.removed)
             .flat_map(|p| {
                 p.allowed_ips
                     .iter()
@@ -591,6 +647,7 @@ mod tests {
             endpoint: Some("192.0.2.2:51820".parse().unwrap()),
             allowed_ips: vec!["10.2.0.0/24".parse().unwrap()],
             persistent_keepalive: None,
+            vnet: 0,
         })
         .unwrap();
         b.add_peer(&PeerConfig {
@@ -599,6 +656,7 @@ mod tests {
             endpoint: None,
             allowed_ips: vec!["10.1.0.0/24".parse().unwrap()],
             persistent_keepalive: None,
+            vnet: 0,
         })
         .unwrap();
         (
@@ -620,6 +678,84 @@ mod tests {
 
     const A: &str = "192.0.2.1:51820";
     const B: &str = "192.0.2.2:51820";
+
+    /// Runs a handshake a -> b (peer 0 on each side) and returns b's view
+    /// of one data packet from a.
+    fn handshake_and_send(a: &mut Device, b: &mut Device, pkt: &[u8], now: Now) -> Result<Received, WgError> {
+        a.send(0, pkt, now).unwrap();
+        let init = a.tick(now);
+        let mut m1 = init[0].datagram.clone();
+        let Received::Send(resp) = b.receive(A.parse().unwrap(), &mut m1, now).unwrap() else {
+            panic!()
+        };
+        let mut m2 = resp[0].datagram.clone();
+        let Received::Send(data) = a.receive(B.parse().unwrap(), &mut m2, now).unwrap() else {
+            panic!()
+        };
+        let mut d = data[0].datagram.clone();
+        b.receive(A.parse().unwrap(), &mut d, now)
+    }
+
+    #[test]
+    fn cryptokey_routing_compares_allowed_ips_within_one_vnet_only() {
+        let (mut a, mut b, now) = pair();
+        // Another peer of b, in another VNET, owns a longer prefix holding
+        // a's source: a's packets are still a's in its own VNET.
+        b.add_peer(&PeerConfig {
+            public_key: [0x77; 32],
+            preshared_key: None,
+            endpoint: None,
+            allowed_ips: vec!["10.1.0.0/25".parse().unwrap()],
+            persistent_keepalive: None,
+            vnet: 1,
+        })
+        .unwrap();
+        assert_eq!(b.owner_of("10.1.0.5".parse().unwrap(), 0), Some(0));
+        assert_eq!(b.owner_of("10.1.0.5".parse().unwrap(), 1), Some(1));
+        let pkt = ipv4([10, 1, 0, 5], [10, 2, 0, 5], b"red");
+        assert!(matches!(
+            handshake_and_send(&mut a, &mut b, &pkt, now),
+            Ok(Received::Data { peer: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn a_removed_peer_loses_its_sessions_and_an_updated_one_keeps_them() {
+        let (mut a, mut b, now) = pair();
+        let pkt = ipv4([10, 1, 0, 5], [10, 2, 0, 5], b"x");
+        assert!(handshake_and_send(&mut a, &mut b, &pkt, now).is_ok());
+        let sessions = b.sessions().count();
+        assert!(sessions >= 1);
+        // Update: new AllowedIPs, same key; the session stays.
+        let mut cfg = PeerConfig {
+            public_key: a.public,
+            preshared_key: None,
+            endpoint: None,
+            allowed_ips: vec!["10.1.0.0/16".parse().unwrap()],
+            persistent_keepalive: Some(25),
+            vnet: 0,
+        };
+        assert!(b.update_peer(0, &cfg));
+        assert_eq!(b.sessions().count(), sessions);
+        assert_eq!(b.peer(0).unwrap().allowed_ips, cfg.allowed_ips);
+        cfg.public_key = [9; 32];
+        assert!(!b.update_peer(0, &cfg), "another key is another peer");
+        // Remove: the sessions and the key go, the id is never reused.
+        assert!(b.remove_peer(0));
+        assert_eq!(b.sessions().count(), 0);
+        assert!(b.peer_by_key(&a.public).is_none());
+        assert!(!b.remove_peer(0));
+        let again = b
+            .add_peer(&PeerConfig {
+                public_key: a.public,
+                ..cfg.clone()
+            })
+            .unwrap();
+        assert_eq!(again, 1);
+        // a's data on the old session is refused now.
+        let mut d = a.send(0, &pkt, now).unwrap().unwrap().datagram;
+        assert!(b.receive(A.parse().unwrap(), &mut d, now).is_err());
+    }
 
     #[test]
     fn handshake_data_both_ways_and_queueing() {
@@ -743,6 +879,7 @@ mod tests {
             endpoint: None,
             allowed_ips: vec!["10.1.2.0/24".parse().unwrap()],
             persistent_keepalive: None,
+            vnet: 0,
         })
         .unwrap();
         connect(&mut a, &mut b, now);

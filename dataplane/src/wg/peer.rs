@@ -26,6 +26,9 @@ pub struct PeerConfig {
     pub endpoint: Option<SocketAddr>,
     pub allowed_ips: Vec<IpNet>,
     pub persistent_keepalive: Option<u16>,
+    /// The routing domain (VNET) the peer's AllowedIPs belong to:
+    /// cryptokey routing compares prefixes within one domain only.
+    pub vnet: u32,
 }
 
 pub struct Peer {
@@ -38,6 +41,10 @@ pub struct Peer {
     pub(crate) cookie_key: [u8; 32],
     pub endpoint: Option<SocketAddr>,
     pub allowed_ips: Vec<IpNet>,
+    pub vnet: u32,
+    /// Removed (`wg set ... remove`, a reload): the id stays reserved
+    /// until a new peer takes it, nothing else is left.
+    pub removed: bool,
     pub(crate) pending: Option<PendingInitiation>,
     pub(crate) last_initiation_sent: Option<Duration>,
     /// Greatest TAI64N seen in an initiation from this peer.
@@ -74,6 +81,8 @@ impl Peer {
             cookie_key: cookie_key(&cfg.public_key),
             endpoint: cfg.endpoint,
             allowed_ips: cfg.allowed_ips.clone(),
+            vnet: cfg.vnet,
+            removed: false,
             pending: None,
             last_initiation_sent: None,
             last_timestamp: [0; 12],

@@ -127,6 +127,18 @@ impl ListenKey {
     }
 }
 
+/// The VNET of a dedicated uplink: no routes, WireGuard only.
+pub const UPLINK_VNET: u32 = u32::MAX;
+
+impl IfaceConf {
+    /// An interface of a non-default VNET: the kernel must not route its
+    /// traffic (it has one routing table, the default VNET's).
+    #[inline(always)]
+    pub fn isolated(&self) -> bool {
+        self.vnet != 0 && self.vnet != UPLINK_VNET
+    }
+}
+
 /// Per-CPU counters of the XDP program, one per action and reason.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,10 +175,16 @@ pub enum XdpCounter {
     PassQueueRange,
     /// Passed: a WireGuard handshake or cookie message, for the control thread.
     PassHandshake,
+    /// Dropped: an interface of a non-default VNET, and no route of that
+    /// VNET covers the destination (the kernel's one routing table must
+    /// never forward another VNET's packets).
+    DropVnetNoRoute,
+    /// Dropped: a non-default VNET's packet and no AF_XDP socket to take it.
+    DropVnetNoSocket,
 }
 
 impl XdpCounter {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 18;
     pub const ALL: [XdpCounter; Self::COUNT as usize] = [
         XdpCounter::Seen,
         XdpCounter::RedirectRoute,
@@ -184,6 +202,8 @@ impl XdpCounter {
         XdpCounter::PassVlan,
         XdpCounter::PassQueueRange,
         XdpCounter::PassHandshake,
+        XdpCounter::DropVnetNoRoute,
+        XdpCounter::DropVnetNoSocket,
     ];
 
     /// Name used in `subway show` and metrics.
@@ -205,6 +225,8 @@ impl XdpCounter {
             XdpCounter::PassVlan => "pass_vlan",
             XdpCounter::PassQueueRange => "pass_queue_range",
             XdpCounter::PassHandshake => "pass_handshake",
+            XdpCounter::DropVnetNoRoute => "drop_vnet_no_route",
+            XdpCounter::DropVnetNoSocket => "drop_vnet_no_socket",
         }
     }
 }

@@ -45,13 +45,28 @@ pub fn subway_xdp(ctx: XdpContext) -> u32 {
             count(reason);
             xdp_action::XDP_PASS
         }
-        Verdict::Redirect(index, reason) => {
+        Verdict::Drop(reason) => {
+            count(reason);
+            xdp_action::XDP_DROP
+        }
+        Verdict::Redirect(index, reason, isolated) => {
             // The fallback action (low bits of flags) is XDP_PASS: with no
-            // socket at this index the kernel gets the frame, not a black hole.
-            match XSKS.redirect(index, xdp_action::XDP_PASS as u64) {
+            // socket at this index the kernel gets the frame, not a black
+            // hole. Except in non-default VNETs, which the kernel's single
+            // routing table cannot keep apart: there it is a drop.
+            let fallback = if isolated {
+                xdp_action::XDP_DROP
+            } else {
+                xdp_action::XDP_PASS
+            };
+            match XSKS.redirect(index, fallback as u64) {
                 Ok(action) => {
                     count(reason);
                     action
+                }
+                Err(_) if isolated => {
+                    count(XdpCounter::DropVnetNoSocket);
+                    xdp_action::XDP_DROP
                 }
                 Err(_) => {
                     count(XdpCounter::PassNoSocket);
@@ -64,7 +79,9 @@ pub fn subway_xdp(ctx: XdpContext) -> u32 {
 
 enum Verdict {
     Pass(XdpCounter),
-    Redirect(u32, XdpCounter),
+    Drop(XdpCounter),
+    /// To the AF_XDP socket at this index; the bool: a non-default VNET.
+    Redirect(u32, XdpCounter, bool),
 }
 
 #[inline(always)]
@@ -175,7 +192,7 @@ fn classify_v4(ctx: &XdpContext, off: usize, ifindex: u32, iface: IfaceConf, que
     );
     match ROUTES_V4.get(&key) {
         Some(steer) => steer_verdict(steer, hdr[8], ifindex, iface, queue),
-        None => Verdict::Pass(XdpCounter::PassNoRoute),
+        None => no_route(iface),
     }
 }
 
@@ -216,7 +233,7 @@ fn classify_v6(ctx: &XdpContext, off: usize, ifindex: u32, iface: IfaceConf, que
     );
     match ROUTES_V6.get(&key) {
         Some(steer) => steer_verdict(steer, hdr[7], ifindex, iface, queue),
-        None => Verdict::Pass(XdpCounter::PassNoRoute),
+        None => no_route(iface),
     }
 }
 
@@ -227,7 +244,9 @@ fn classify_v6(ctx: &XdpContext, off: usize, ifindex: u32, iface: IfaceConf, que
 fn listen_verdict(ctx: &XdpContext, l4: usize, iface: IfaceConf, queue: u32) -> Verdict {
     match ptr_at::<u8>(ctx, l4 + 8) {
         // SAFETY: one byte checked to be inside the frame.
-        Some(p) if unsafe { *p } == 4 => Verdict::Redirect(queue_index(iface, queue), XdpCounter::RedirectListen),
+        Some(p) if unsafe { *p } == 4 => {
+            Verdict::Redirect(queue_index(iface, queue), XdpCounter::RedirectListen, false)
+        }
         _ => Verdict::Pass(XdpCounter::PassHandshake),
     }
 }
@@ -243,13 +262,27 @@ fn steer_verdict(steer: &Steer, ttl: u8, ifindex: u32, iface: IfaceConf, queue: 
     if steer.action == STEER_LOCAL {
         return Verdict::Pass(XdpCounter::PassLocal);
     }
-    if steer.egress_ifindex == ifindex {
-        return Verdict::Pass(XdpCounter::PassSameIface);
+    let isolated = iface.isolated();
+    // A non-default VNET's packets never reach the kernel's forwarding:
+    // the worker decides, and counts, what the kernel would have done.
+    if !isolated {
+        if steer.egress_ifindex == ifindex {
+            return Verdict::Pass(XdpCounter::PassSameIface);
+        }
+        if ttl <= 1 {
+            return Verdict::Pass(XdpCounter::PassTtlExpired);
+        }
     }
-    if ttl <= 1 {
-        return Verdict::Pass(XdpCounter::PassTtlExpired);
+    Verdict::Redirect(queue_index(iface, queue), XdpCounter::RedirectRoute, isolated)
+}
+
+#[inline(always)]
+fn no_route(iface: IfaceConf) -> Verdict {
+    if iface.isolated() {
+        Verdict::Drop(XdpCounter::DropVnetNoRoute)
+    } else {
+        Verdict::Pass(XdpCounter::PassNoRoute)
     }
-    Verdict::Redirect(queue_index(iface, queue), XdpCounter::RedirectRoute)
 }
 
 /// XSKMAP index; `queue` was checked against MAX_QUEUES in classify.

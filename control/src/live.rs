@@ -1,0 +1,220 @@
+//! Live changes: `subway reload` / SIGHUP and `wg set` both produce a new
+//! configuration, and this applies the difference to the running gateway
+//! without touching what did not change: peers are matched by public key,
+//! an unchanged or changed peer keeps its id and its sessions, removed
+//! peers' sessions end, new peers get new ids. The dataplane builds the new
+//! FIB first (if that fails nothing changed), the workers switch to it
+//! atomically, and steering entries for unchanged prefixes are never
+//! touched, so their packets keep flowing.
+
+use crate::config::{Config, PeerSection};
+use crate::gateway::Gateway;
+use anyhow::{Result, bail};
+use serde_json::{Value, json};
+use subway_dataplane::Dataplane;
+
+/// What cannot change without a restart, as messages naming the line.
+pub fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
+    let mut v = Vec::new();
+    let at = |line: usize| format!("{}:{line}", new.path.display());
+    let (oi, ni) = (&old.interface, &new.interface);
+    if oi.private_key != ni.private_key {
+        v.push(format!("{}: PrivateKey changed", at(ni.line)));
+    }
+    if oi.listen_port != ni.listen_port {
+        v.push(format!("{}: ListenPort changed", at(ni.line)));
+    }
+    if oi.uplink.as_ref().map(|u| &u.0) != ni.uplink.as_ref().map(|u| &u.0) {
+        v.push(format!(
+            "{}: Uplink changed",
+            at(ni.uplink.as_ref().map_or(ni.line, |u| u.1))
+        ));
+    }
+    let lans = |c: &Config| {
+        c.lans
+            .iter()
+            .map(|l| (l.interface.clone(), l.vnet.clone()))
+            .collect::<Vec<_>>()
+    };
+    if lans(old) != lans(new) {
+        let line = new.lans.first().map_or(1, |l| l.line);
+        v.push(format!(
+            "{}: the [Lan] interfaces or their VNETs changed (Subnets may change live)",
+            at(line)
+        ));
+    }
+    if old.tuning != new.tuning {
+        v.push(format!("{}: [Tuning] changed", new.path.display()));
+    }
+    if old.metrics.map(|m| m.0) != new.metrics.map(|m| m.0) {
+        v.push(format!(
+            "{}: [Metrics] Listen changed",
+            at(new.metrics.map_or(1, |m| m.1))
+        ));
+    }
+    v
+}
+
+/// Gives `new`'s peers their ids: a peer already running (same public
+/// key) keeps its own, a new one takes the next free id. Returns the ids
+/// of new peers.
+pub fn assign_ids(old: &Config, new: &mut Config, next_id: u32) -> Vec<u32> {
+    let mut next = next_id;
+    let mut fresh = Vec::new();
+    for p in &mut new.peers {
+        match old.peers.iter().find(|o| o.public_key == p.public_key) {
+            Some(o) => p.id = o.id,
+            None => {
+                p.id = next;
+                fresh.push(next);
+                next += 1;
+            }
+        }
+    }
+    fresh
+}
+
+fn same_peer(a: &PeerSection, b: &PeerSection) -> bool {
+    let nets = |p: &PeerSection| p.allowed_ips.iter().map(|(n, _)| *n).collect::<Vec<_>>();
+    a.preshared_key == b.preshared_key
+        && a.endpoint == b.endpoint
+        && nets(a) == nets(b)
+        && a.persistent_keepalive == b.persistent_keepalive
+        && a.vnet == b.vnet
+}
+
+/// Applies `new` (peers, their routes, LAN subnets) to the running
+/// instance and makes it the current configuration. On error nothing
+/// changed.
+pub fn apply(cfg: &mut Config, mut new: Config, gw: Option<&mut Gateway>, dp: &mut Dataplane) -> Result<Value> {
+    let needs = restart_needed(cfg, &new);
+    if !needs.is_empty() {
+        bail!("not applied, these changes need a restart: {}", needs.join("; "));
+    }
+    new.known_vnets = cfg.vnet_ids();
+    let next_id = gw.as_ref().map_or(0, |g| g.peer_slots());
+    let fresh = assign_ids(cfg, &mut new, next_id);
+    if gw.is_none() && !new.peers.is_empty() {
+        bail!("not applied: this instance runs in routed mode (no peers at start); adding peers needs a restart");
+    }
+    if let Some(g) = gw.as_ref()
+        && let Some(p) = new.peers.iter().find(|p| g.is_own_key(&p.public_key.0))
+    {
+        bail!(
+            "not applied: peer {} has this gateway's own public key",
+            p.public_key.to_base64()
+        );
+    }
+    let mut dcfg = crate::dataplane_config(&new);
+    dcfg.listen_port = gw.as_ref().map_or(0, |g| g.listen_port);
+    // The dataplane first: if the new routes cannot be built, nothing changed.
+    let routes = dp
+        .apply(&dcfg, &fresh)
+        .map_err(|e| anyhow::anyhow!("not applied: {e}"))?;
+    let vnets = new.vnet_ids();
+    let vnet_id = |n: &str| vnets.iter().position(|v| v == n).unwrap_or(0) as u32;
+    let key = |p: &PeerSection| p.public_key.to_base64();
+    let mut added = Vec::new();
+    let mut removed = Vec::new();
+    let mut changed = Vec::new();
+    if let Some(g) = gw {
+        for o in &cfg.peers {
+            if !new.peers.iter().any(|p| p.public_key == o.public_key) {
+                g.remove_peer(o.id);
+                removed.push(key(o));
+            }
+        }
+        for p in &new.peers {
+            match cfg.peers.iter().find(|o| o.public_key == p.public_key) {
+                Some(o) if same_peer(o, p) => {}
+                Some(_) => {
+                    g.update_peer(p, vnet_id(&p.vnet));
+                    changed.push(key(p));
+                }
+                None => {
+                    g.add_peer(p, vnet_id(&p.vnet))?;
+                    added.push(key(p));
+                }
+            }
+        }
+        g.publish_now(dp);
+    }
+    let fmt = |v: &[(u32, ipnet::IpNet)]| {
+        v.iter()
+            .map(|(vn, n)| format!("{}:{n}", vnets.get(*vn as usize).map_or("?", |s| s.as_str())))
+            .collect::<Vec<_>>()
+    };
+    let summary = json!({
+        "peers_added": added,
+        "peers_removed": removed,
+        "peers_changed": changed,
+        "routes_added": fmt(&routes.added),
+        "routes_removed": fmt(&routes.removed),
+        "routes_changed": fmt(&routes.retargeted),
+    });
+    for w in &new.warnings {
+        tracing::warn!("{w}");
+    }
+    new.warnings.clear();
+    *cfg = new;
+    Ok(summary)
+}
+
+/// `subway reload`: re-reads the file the instance was started with.
+pub fn reload(cfg: &mut Config, gw: Option<&mut Gateway>, dp: &mut Dataplane) -> Result<Value> {
+    let new = Config::load(&cfg.path).map_err(|e| anyhow::anyhow!("not applied: {e}"))?;
+    new.check_interfaces()
+        .map_err(|e| anyhow::anyhow!("not applied: {e}"))?;
+    apply(cfg, new, gw, dp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn key(b: u8) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode([b; 32])
+    }
+
+    fn cfg(peers: &[(u8, &str)], extra: &str) -> Config {
+        let mut t = format!(
+            "[Interface]\nPrivateKey = {}\nListenPort = 51820\nUplink = wan0\n[Lan]\nInterface = lan0\n{extra}",
+            key(1)
+        );
+        for (k, nets) in peers {
+            t += &format!("[Peer]\nPublicKey = {}\nAllowedIPs = {nets}\n", key(*k));
+        }
+        Config::parse(Path::new("/etc/subway/gw.conf"), &t).unwrap()
+    }
+
+    #[test]
+    fn running_peers_keep_their_ids_and_new_ones_get_fresh_ids() {
+        let old = cfg(&[(2, "10.2.0.0/24"), (3, "10.3.0.0/24"), (4, "10.4.0.0/24")], "");
+        // 3 removed, 5 added before 2, 4 unchanged.
+        let mut new = cfg(&[(5, "10.5.0.0/24"), (2, "10.2.0.0/24"), (4, "10.4.0.0/25")], "");
+        let fresh = assign_ids(&old, &mut new, 3);
+        let ids: Vec<u32> = new.peers.iter().map(|p| p.id).collect();
+        assert_eq!(ids, vec![3, 0, 2]);
+        assert_eq!(fresh, vec![3]);
+        assert!(same_peer(&old.peers[0], &new.peers[1]));
+        assert!(!same_peer(&old.peers[2], &new.peers[2]), "AllowedIPs changed");
+    }
+
+    #[test]
+    fn interface_lan_tuning_and_metrics_changes_need_a_restart() {
+        let old = cfg(&[(2, "10.2.0.0/24")], "");
+        assert!(restart_needed(&old, &cfg(&[(3, "10.3.0.0/24")], "")).is_empty());
+        let t = cfg(&[(2, "10.2.0.0/24")], "[Tuning]\nBatchSize = 32\n");
+        let msgs = restart_needed(&old, &t);
+        assert_eq!(msgs.len(), 1, "{msgs:?}");
+        assert!(msgs[0].contains("[Tuning]"), "{msgs:?}");
+        let l = cfg(&[(2, "10.2.0.0/24")], "[Lan]\nInterface = lan1\nVNet = red\n");
+        let msgs = restart_needed(&old, &l);
+        assert!(
+            msgs[0].contains("/etc/subway/gw.conf:") && msgs[0].contains("[Lan]"),
+            "{msgs:?}"
+        );
+    }
+}

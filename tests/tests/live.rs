@@ -1,0 +1,191 @@
+//! Live changes on a running gateway: `subway reload`, SIGHUP and `wg set`
+//! change peers and routes while traffic flows through a peer that does
+//! not change, and none of that traffic is lost.
+
+use anyhow::{Context, Result};
+use std::time::Duration;
+use subway_tests::{Subway, TwoSites, UdpFlow, host, ping, ping_until, require_root, wg_keypair};
+
+fn peer_keys(show: &serde_json::Value) -> Vec<String> {
+    show["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["public_key"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn has_route(show: &serde_json::Value, prefix: &str) -> bool {
+    show["routes"].as_array().unwrap().iter().any(|r| r["prefix"] == prefix)
+}
+
+#[test]
+fn reload_changes_peers_and_routes_without_losing_a_packet_of_an_unchanged_peer() -> Result<()> {
+    if !require_root("reload_changes_peers_and_routes_without_losing_a_packet_of_an_unchanged_peer") {
+        return Ok(());
+    }
+    let t = TwoSites::new()?;
+    let (c, d) = (wg_keypair()?, wg_keypair()?);
+    let peer_c = format!(
+        "\n[Peer]\nPublicKey = {}\nEndpoint = 192.0.2.77:51820\nAllowedIPs = 10.98.0.0/24\n",
+        c.1
+    );
+    let ga = Subway::start(&t.gwa, &t.subway_config(true, false, &peer_c))?;
+    let gb = Subway::start(&t.gwb, &t.subway_config(false, false, ""))?;
+    ping_until(&t.a, "10.2.0.2", 10).with_context(|| ga.proc.log_text())?;
+    let before = ga.show()?;
+    assert_eq!(peer_keys(&before), vec![t.keys_b.1.clone(), c.1.clone()]);
+    let b_handshakes = before["peers"][0]["handshakes"].as_u64().unwrap();
+
+    // 4000 datagrams at 1000/s through peer B, which never changes.
+    let flow = UdpFlow::start(&t.a, &t.b, "10.2.0.2:7000".parse()?, 4000, 1000, 200)?;
+    std::thread::sleep(Duration::from_millis(600));
+
+    // 1. `subway reload`: C removed, D added, a LAN subnet added.
+    let peer_d = |nets: &str| {
+        format!(
+            "\n[Peer]\nPublicKey = {}\nEndpoint = 192.0.2.88:51820\nAllowedIPs = {nets}\n",
+            d.1
+        )
+    };
+    let v1 = t.subway_config(true, false, &peer_d("10.99.0.0/24")).replace(
+        "[Lan]\nInterface = lan0\n",
+        "[Lan]\nInterface = lan0\nSubnets = 10.1.0.0/24, 10.1.1.0/24\n",
+    );
+    std::fs::write(&ga.config, &v1)?;
+    let out = ga.ctl(&["reload", &ga.name])?;
+    assert!(out.contains("peers added: ") && out.contains(&d.1), "{out}");
+    assert!(out.contains("peers removed: ") && out.contains(&c.1), "{out}");
+    assert!(
+        out.contains("default:10.1.1.0/24") && out.contains("default:10.98.0.0/24"),
+        "{out}"
+    );
+    std::thread::sleep(Duration::from_millis(600));
+
+    // 2. SIGHUP: D's routes change.
+    std::fs::write(
+        &ga.config,
+        t.subway_config(true, false, &peer_d("10.99.0.0/24, 10.100.0.0/24")),
+    )?;
+    host(&["kill", "-HUP", &ga.proc.pid().to_string()])?;
+    std::thread::sleep(Duration::from_millis(600));
+
+    // 3. An invalid file changes nothing and says where and why.
+    std::fs::write(
+        &ga.config,
+        format!("{}\n[Peer]\nPublicKey = not-a-key\n", t.subway_config(true, false, "")),
+    )?;
+    let bin = subway_tests::workspace_bin("subway")?;
+    let out = std::process::Command::new(&bin).args(["reload", &ga.name]).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an invalid reload succeeded");
+    assert!(
+        err.contains(&format!("{}:", ga.config.display())) && err.contains("PublicKey"),
+        "{err}"
+    );
+
+    let r = flow.finish()?;
+    assert_eq!(
+        (r.received, r.lost, r.duplicates, r.reordered),
+        (4000, 0, 0, 0),
+        "{r:?}\n{}",
+        ga.proc.log_text()
+    );
+
+    let after = ga.show()?;
+    assert_eq!(peer_keys(&after), vec![t.keys_b.1.clone(), d.1.clone()]);
+    assert_eq!(
+        after["peers"][0]["handshakes"].as_u64().unwrap(),
+        b_handshakes,
+        "peer B's session was renegotiated"
+    );
+    for p in ["10.99.0.0/24", "10.100.0.0/24", "10.2.0.0/24"] {
+        assert!(has_route(&after, p), "{p} missing: {}", after["routes"]);
+    }
+    assert!(!has_route(&after, "10.98.0.0/24"), "{}", after["routes"]);
+    assert!(!has_route(&after, "10.1.1.0/24"), "{}", after["routes"]);
+    assert_eq!(after["reloads"]["ok"], 2, "{}", after["reloads"]);
+    assert_eq!(after["reloads"]["failed"], 1, "{}", after["reloads"]);
+    // The kernel's routes follow: a removed peer's prefix no longer goes
+    // to the tunnel, a new one does.
+    assert!(t.gwa.run(&["ip", "route", "show", "10.98.0.0/24"])?.trim().is_empty());
+    assert!(
+        t.gwa
+            .run(&["ip", "route", "show", "10.100.0.0/24"])?
+            .contains("dev sw-")
+    );
+    ping(&t.a, "10.2.0.2", 5)?;
+    drop(gb);
+    Ok(())
+}
+
+#[test]
+fn wg_set_changes_allowed_ips_and_peers_in_the_data_path() -> Result<()> {
+    if !require_root("wg_set_changes_allowed_ips_and_peers_in_the_data_path") {
+        return Ok(());
+    }
+    let t = TwoSites::new()?;
+    t.b.run(&["ip", "addr", "add", "10.2.0.200/24", "dev", "eth0"])?;
+    // A knows only the lower half of B's subnet.
+    let cfg_a = t
+        .subway_config(true, false, "")
+        .replace("AllowedIPs = 10.2.0.0/24", "AllowedIPs = 10.2.0.0/25");
+    let ga = Subway::start(&t.gwa, &cfg_a)?;
+    let _gb = Subway::start(&t.gwb, &t.subway_config(false, false, ""))?;
+    ping_until(&t.a, "10.2.0.2", 10).with_context(|| ga.proc.log_text())?;
+    let no =
+        t.a.output(&["ping", "-c", "2", "-i", "0.2", "-W", "1", "-q", "10.2.0.200"])?;
+    assert!(!no.status.success(), "10.2.0.200 is outside B's AllowedIPs");
+
+    // `wg set`: B now also owns the upper half.
+    host(&[
+        "wg",
+        "set",
+        &ga.name,
+        "peer",
+        &t.keys_b.1,
+        "allowed-ips",
+        "10.2.0.0/25,10.2.0.128/25,fd02::/64",
+    ])?;
+    ping_until(&t.a, "10.2.0.200", 5).with_context(|| ga.proc.log_text())?;
+    ping(&t.a, "10.2.0.200", 10)?;
+    let s = ga.show()?;
+    assert!(s["totals"]["tunnel_tx"].as_u64().unwrap() > 10, "{}", s["totals"]);
+    let wg = host(&["wg", "show", &ga.name, "allowed-ips"])?;
+    assert!(wg.contains("10.2.0.128/25"), "{wg}");
+
+    // A new peer, then its removal.
+    let e = wg_keypair()?;
+    host(&[
+        "wg",
+        "set",
+        &ga.name,
+        "peer",
+        &e.1,
+        "endpoint",
+        "192.0.2.50:51820",
+        "allowed-ips",
+        "10.50.0.0/24",
+    ])?;
+    let wg = host(&["wg", "show", &ga.name])?;
+    assert!(
+        wg.contains(&format!("peer: {}", e.1)) && wg.contains("192.0.2.50:51820"),
+        "{wg}"
+    );
+    let got: serde_json::Value =
+        serde_json::from_str(&ga.ctl(&["route", "get", "10.50.0.1", "--name", &ga.name, "--json"])?)?;
+    assert_eq!(got["route"]["via"], e.1.as_str(), "{got}");
+    host(&["wg", "set", &ga.name, "peer", &e.1, "remove"])?;
+    let wg = host(&["wg", "show", &ga.name])?;
+    assert!(!wg.contains(&e.1), "{wg}");
+
+    // What needs a restart is refused, and changes nothing.
+    let out = std::process::Command::new("wg")
+        .args(["set", &ga.name, "listen-port", "1234"])
+        .output()?;
+    assert!(!out.status.success(), "a new listen port was accepted");
+    ping(&t.a, "10.2.0.200", 3)?;
+    let s = ga.show()?;
+    assert_eq!(s["reloads"]["ok"], 3, "{}", s["reloads"]);
+    Ok(())
+}

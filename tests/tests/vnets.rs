@@ -1,0 +1,219 @@
+//! VNETs: two remote sites that use the same 10.0.0.0/24, behind one
+//! subway gateway, each reached from its own LAN in its own VNET; the two
+//! LANs even share 192.168.1.0/24 and the gateway's address on it. Nothing
+//! of one VNET may reach the other, nor the kernel's routing.
+//!
+//! ```text
+//!  hr 192.168.1.10 ─ lanr (red)  ┐                      ┌ sr: wireguard-go, 10.0.0.5 (red site)
+//!                                hub ─ wan0 ── wan ──┤
+//!  hb 192.168.1.10 ─ lanb (blue) ┘  172.16.0.1          └ sb: wireguard-go, 10.0.0.5 (blue site)
+//! ```
+
+use anyhow::{Context, Result};
+use subway_tests::{Netns, Subway, WgPeer, icmp_in_echos, ping, ping_until, require_root, veth, wg_keypair};
+
+struct Vnets {
+    hub: Netns,
+    hr: Netns,
+    hb: Netns,
+    _wan: Netns,
+    sr: Netns,
+    sb: Netns,
+    hub_keys: (String, String),
+    sr_keys: (String, String),
+    sb_keys: (String, String),
+}
+
+impl Vnets {
+    fn new() -> Result<Vnets> {
+        let t = Vnets {
+            hub: Netns::new("hub")?,
+            hr: Netns::new("hr")?,
+            hb: Netns::new("hb")?,
+            _wan: Netns::new("wan")?,
+            sr: Netns::new("sr")?,
+            sb: Netns::new("sb")?,
+            hub_keys: wg_keypair()?,
+            sr_keys: wg_keypair()?,
+            sb_keys: wg_keypair()?,
+        };
+        let wan = &t._wan;
+        veth(&t.hr, "eth0", &t.hub, "lanr")?;
+        veth(&t.hb, "eth0", &t.hub, "lanb")?;
+        veth(&t.hub, "wan0", wan, "toh")?;
+        veth(&t.sr, "wan0", wan, "tor")?;
+        veth(&t.sb, "wan0", wan, "tob")?;
+        for h in [&t.hr, &t.hb] {
+            h.sh("ip addr add 192.168.1.10/24 dev eth0 && ip route add default via 192.168.1.1")?;
+        }
+        t.hub.sh(
+            "ip addr add 192.168.1.1/24 dev lanr && ip addr add 192.168.1.1/24 dev lanb && \
+             ip addr add 172.16.0.1/24 dev wan0 && ip route add default via 172.16.0.254",
+        )?;
+        t.hub.sysctl("net.ipv4.ip_forward", "1")?;
+        wan.sh(
+            "ip addr add 172.16.0.254/24 dev toh && ip addr add 172.16.1.254/24 dev tor && \
+             ip addr add 172.16.2.254/24 dev tob",
+        )?;
+        wan.sysctl("net.ipv4.ip_forward", "1")?;
+        t.sr.sh("ip addr add 172.16.1.2/24 dev wan0 && ip route add default via 172.16.1.254")?;
+        t.sb.sh("ip addr add 172.16.2.2/24 dev wan0 && ip route add default via 172.16.2.254")?;
+        Ok(t)
+    }
+
+    fn site(&self, ns: &Netns, keys: &(String, String)) -> Result<WgPeer> {
+        let p = WgPeer::start(
+            "wireguard-go",
+            ns,
+            &keys.0,
+            51820,
+            &self.hub_keys.1,
+            "172.16.0.1:51820",
+            &["192.168.1.0/24"],
+        )?;
+        ns.run(&["ip", "addr", "add", "10.0.0.5/32", "dev", &p.ifname])?;
+        Ok(p)
+    }
+
+    fn config(&self) -> String {
+        format!(
+            "[Interface]\nPrivateKey = {}\nListenPort = 51820\nUplink = wan0\n\n\
+             [Lan]\nInterface = lanr\nVNet = red\n\n[Lan]\nInterface = lanb\nVNet = blue\n\n\
+             [Peer]\nPublicKey = {}\nEndpoint = 172.16.1.2:51820\nAllowedIPs = 10.0.0.0/24\nVNet = red\n\n\
+             [Peer]\nPublicKey = {}\nEndpoint = 172.16.2.2:51820\nAllowedIPs = 10.0.0.0/24, 10.7.0.0/24\nVNet = blue\n",
+            self.hub_keys.0, self.sr_keys.1, self.sb_keys.1
+        )
+    }
+}
+
+#[test]
+fn the_same_prefix_in_two_vnets_reaches_two_sites_without_cross_talk() -> Result<()> {
+    if !require_root("the_same_prefix_in_two_vnets_reaches_two_sites_without_cross_talk") {
+        return Ok(());
+    }
+    let t = Vnets::new()?;
+    let _r = t.site(&t.sr, &t.sr_keys)?;
+    let _b = t.site(&t.sb, &t.sb_keys)?;
+    let hub = Subway::start(&t.hub, &t.config())?;
+    let diag = || {
+        format!(
+            "show: {}\nlog:\n{}",
+            hub.show().map(|v| v.to_string()).unwrap_or_default(),
+            hub.proc.log_text()
+        )
+    };
+
+    // The kernel no longer routes the VNETs' LAN prefixes.
+    let main = t.hub.run(&["ip", "route", "show", "table", "main"])?;
+    assert!(!main.contains("192.168.1.0/24"), "{main}");
+
+    // A remote site opens first: the gateway must find the LAN host's MAC
+    // in the right VNET by itself (no packet from it yet).
+    let first = |site: &Netns| {
+        site.sh("for i in $(seq 1 10); do ping -c 1 -W 1 -q -I 10.0.0.5 192.168.1.10 && exit 0; done; exit 1")
+    };
+    let (hr0, hb0) = (icmp_in_echos(&t.hr)?, icmp_in_echos(&t.hb)?);
+    first(&t.sr).with_context(diag)?;
+    t.sr.run(&[
+        "ping",
+        "-c",
+        "10",
+        "-i",
+        "0.05",
+        "-W",
+        "2",
+        "-q",
+        "-I",
+        "10.0.0.5",
+        "192.168.1.10",
+    ])?;
+    let (hr1, hb1) = (icmp_in_echos(&t.hr)?, icmp_in_echos(&t.hb)?);
+    assert!(
+        hr1 - hr0 >= 11,
+        "the red host got {} echos from the red site",
+        hr1 - hr0
+    );
+    assert_eq!(hb1, hb0, "the blue host got echos from the red site");
+    first(&t.sb).with_context(diag)?;
+    t.sb.run(&[
+        "ping",
+        "-c",
+        "5",
+        "-i",
+        "0.05",
+        "-W",
+        "2",
+        "-q",
+        "-I",
+        "10.0.0.5",
+        "192.168.1.10",
+    ])?;
+    let (hr2, hb2) = (icmp_in_echos(&t.hr)?, icmp_in_echos(&t.hb)?);
+    assert_eq!(hr2, hr1, "the red host got echos from the blue site");
+    assert!(
+        hb2 - hb1 >= 6,
+        "the blue host got {} echos from the blue site",
+        hb2 - hb1
+    );
+    let s = hub.show()?;
+    assert!(
+        s["vnet_slow_path"]["sent_after_resolve"].as_u64().unwrap() >= 1,
+        "{}",
+        s["vnet_slow_path"]
+    );
+
+    // Each LAN reaches its own 10.0.0.5: counted at the two sites.
+    let (r0, b0) = (icmp_in_echos(&t.sr)?, icmp_in_echos(&t.sb)?);
+    ping_until(&t.hr, "10.0.0.5", 10).with_context(diag)?;
+    ping(&t.hr, "10.0.0.5", 20)?;
+    let (r1, b1) = (icmp_in_echos(&t.sr)?, icmp_in_echos(&t.sb)?);
+    assert!(r1 - r0 >= 21, "red site got {} echos from the red LAN", r1 - r0);
+    assert_eq!(b1, b0, "the blue site got echos from the red LAN");
+    ping_until(&t.hb, "10.0.0.5", 10).with_context(diag)?;
+    ping(&t.hb, "10.0.0.5", 20)?;
+    let (r2, b2) = (icmp_in_echos(&t.sr)?, icmp_in_echos(&t.sb)?);
+    assert_eq!(r2, r1, "the red site got echos from the blue LAN");
+    assert!(b2 - b1 >= 21, "blue site got {} echos from the blue LAN", b2 - b1);
+
+    // Red cannot reach blue's other prefix, nor anything through the
+    // kernel (the blue site's underlay address is routable from the hub).
+    let x0 = hub.xdp("drop_vnet_no_route")?;
+    for dst in ["10.7.0.1", "172.16.2.2", "172.16.0.254"] {
+        let out = t.hr.output(&["ping", "-c", "3", "-i", "0.05", "-W", "1", "-q", dst])?;
+        assert!(!out.status.success(), "the red LAN reached {dst}");
+    }
+    assert_eq!(icmp_in_echos(&t.sb)?, b2, "a red packet reached the blue site");
+    assert!(hub.xdp("drop_vnet_no_route")? >= x0 + 9, "{}", hub.show()?["xdp"]);
+
+    // Route questions answer per VNET.
+    let get = |vnet: &str| -> Result<serde_json::Value> {
+        let out = hub.ctl(&[
+            "route", "get", "10.0.0.5", "--vnet", vnet, "--name", &hub.name, "--json",
+        ])?;
+        Ok(serde_json::from_str(&out)?)
+    };
+    assert_eq!(get("red")?["route"]["via"], t.sr_keys.1.as_str());
+    assert_eq!(get("blue")?["route"]["via"], t.sb_keys.1.as_str());
+    let overlaps: serde_json::Value =
+        serde_json::from_str(&hub.ctl(&["route", "overlaps", "--name", &hub.name, "--json"])?)?;
+    assert!(
+        overlaps
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["a"]["prefix"] == "10.0.0.0/24"
+                && p["b"]["prefix"] == "10.0.0.0/24"
+                && p["a"]["vnet"] != p["b"]["vnet"]),
+        "{overlaps}"
+    );
+
+    // Stopping gives the kernel its routes back.
+    let (status, log) = hub.stop();
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    let main = t.hub.run(&["ip", "route", "show", "table", "main"])?;
+    assert!(
+        main.contains("192.168.1.0/24 dev lanr") && main.contains("192.168.1.0/24 dev lanb"),
+        "{main}"
+    );
+    Ok(())
+}
