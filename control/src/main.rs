@@ -576,6 +576,9 @@ fn route_answer(cfg: &Config, dp: &Dataplane, q: &str) -> Value {
     match (words.next(), words.next(), words.next()) {
         (Some("list"), vnet, _) => routes::list(&views, vnet),
         (Some("get"), Some(addr), vnet) => match addr.parse() {
+            Ok(_) if !cfg.vnet_ids().iter().any(|v| v == vnet.unwrap_or("default")) => json!({
+                "error": format!("no VNET named {}: this instance has {}", vnet.unwrap_or("default"), cfg.vnet_ids().join(", "))
+            }),
             Ok(a) => routes::get(&views, a, vnet.unwrap_or("default")),
             Err(_) => json!({"error": format!("{addr} is not an IP address")}),
         },

@@ -87,6 +87,10 @@ pub fn get(views: &[RouteView], addr: IpAddr, vnet: &str) -> Value {
         .collect();
     matches.sort_by_key(|r| std::cmp::Reverse(r.prefix.prefix_len()));
     match matches.split_first() {
+        None if vnet != "default" => json!({
+            "address": addr.to_string(), "vnet": vnet, "route": null,
+            "verdict": "no route: dropped (a non-default VNET's packets never reach the kernel's routing)",
+        }),
         None => {
             json!({"address": addr.to_string(), "vnet": vnet, "route": null, "verdict": "no route: not steered, the kernel handles it"})
         }
@@ -165,11 +169,23 @@ pub fn explain(cfg: &Config, t: &subway_dataplane::tables::Tables, probe: &Probe
         verdict = "handled by the kernel, not subway".to_string();
     } else {
         match t.fib.lookup(vid, dst) {
+            None if vid != 0 => {
+                steps.push(format!(
+                    "XDP: {dst} matches no routed prefix in VNET {vnet}: dropped (drop_vnet_no_route); a non-default VNET's packets never reach the kernel's routing"
+                ));
+                verdict = "dropped: no route in this VNET".to_string();
+            }
             None => {
                 steps.push(format!(
                     "XDP: {dst} matches no routed prefix in VNET {vnet}: passed to the kernel"
                 ));
                 verdict = "handled by the kernel, not subway".to_string();
+            }
+            Some((len, Target::Local)) if vid != 0 => {
+                steps.push(format!(
+                    "XDP: {dst}/{len} is an address of the gateway: passed to the kernel (ARP, NDP and ping work; the kernel cannot route replies within VNET {vnet})"
+                ));
+                verdict = "delivered to the gateway itself by the kernel".to_string();
             }
             Some((len, Target::Local)) => {
                 steps.push(format!(
@@ -191,6 +207,12 @@ pub fn explain(cfg: &Config, t: &subway_dataplane::tables::Tables, probe: &Probe
                         ));
                         verdict = format!("forwarded out of {ifname} by the fast path");
                     }
+                    None if vid != 0 => {
+                        steps.push(format!(
+                            "neighbour {dst} unknown on {ifname}: the control thread holds this packet (up to 3 per neighbour, 3 s) while the kernel resolves {dst} on {ifname}, then sends it there; the next ones take the fast path"
+                        ));
+                        verdict = format!("forwarded out of {ifname} (first packet once the neighbour answers)");
+                    }
                     None => {
                         steps.push(format!(
                             "neighbour {dst} unknown on {ifname}: this packet goes to the kernel (slow-path TUN), which resolves it; the next ones take the fast path"
@@ -202,7 +224,8 @@ pub fn explain(cfg: &Config, t: &subway_dataplane::tables::Tables, probe: &Probe
             Some((len, Target::Peer(id))) => {
                 let key = cfg
                     .peers
-                    .get(id as usize)
+                    .iter()
+                    .find(|p| p.id == id)
                     .map(|p| p.public_key.to_base64())
                     .unwrap_or_default();
                 steps.push(format!(
@@ -237,7 +260,11 @@ pub fn explain(cfg: &Config, t: &subway_dataplane::tables::Tables, probe: &Probe
                         verdict = format!("tunneled to peer {key}");
                     }
                     (None, _) => {
-                        steps.push("no usable session: the packet is queued and a handshake starts (through the kernel route to the TUN)".into());
+                        steps.push(if vid == 0 {
+                            "no usable session: the packet is queued and a handshake starts (through the kernel route to the TUN)".into()
+                        } else {
+                            "no usable session: the worker hands the packet to the control thread, which queues it and starts a handshake".into()
+                        });
                         verdict = format!("tunneled to peer {key} once the handshake completes");
                     }
                     (Some(_), None) => {
@@ -258,6 +285,173 @@ pub fn explain(cfg: &Config, t: &subway_dataplane::tables::Tables, probe: &Probe
         }
     }
     json!({"vnet": vnet, "packet": desc, "steps": steps, "verdict": verdict})
+}
+
+/// Golden tests: the JSON answers of a gateway with nested and overlapping
+/// prefixes across three VNETs, built by the same code a running instance
+/// uses (config parser, FIB builder, views, explain), compared with the
+/// files in `control/golden/`. `SUBWAY_UPDATE_GOLDEN=1 cargo test` rewrites
+/// them; review the diff before committing.
+#[cfg(test)]
+mod golden {
+    use super::*;
+    use std::path::{Path, PathBuf};
+    use subway_dataplane::PeerRoutes;
+    use subway_dataplane::tables::{NeighTable, PeerRt, Port, Tables};
+    use subway_dataplane::wire::MacAddr;
+
+    fn key(b: u8) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode([b; 32])
+    }
+
+    /// default: a LAN 10.1.0.0/16 with a nested /24 on a second LAN, a
+    /// hub peer owning 10.0.0.0/8 (which holds both), a site peer nested in
+    /// the hub's prefix. red and blue: the same LAN 192.168.1.0/24 and the
+    /// same remote 10.0.0.0/24, blue with a nested /25 to a second peer.
+    fn gateway() -> (Config, Tables) {
+        let text = format!(
+            "[Interface]\nPrivateKey = {}\nListenPort = 51820\nUplink = wan0\n\n\
+             [Lan]\nInterface = lan0\nSubnets = 10.1.0.0/16\n\n\
+             [Lan]\nInterface = lan1\nSubnets = 10.1.7.0/24\n\n\
+             [Lan]\nInterface = lanr\nSubnets = 192.168.1.0/24\nVNet = red\n\n\
+             [Lan]\nInterface = lanb\nSubnets = 192.168.1.0/24\nVNet = blue\n\n\
+             [Peer]\nPublicKey = {}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 10.0.0.0/8\n\n\
+             [Peer]\nPublicKey = {}\nEndpoint = 192.0.2.3:51820\nAllowedIPs = 10.2.0.0/16, 10.2.9.0/24\n\n\
+             [Peer]\nPublicKey = {}\nEndpoint = 192.0.2.4:51820\nAllowedIPs = 10.0.0.0/24\nVNet = red\n\n\
+             [Peer]\nPublicKey = {}\nEndpoint = 192.0.2.5:51820\nAllowedIPs = 10.0.0.0/24\nVNet = blue\n\n\
+             [Peer]\nPublicKey = {}\nEndpoint = 192.0.2.6:51820\nAllowedIPs = 10.0.0.128/25\nVNet = blue\n",
+            key(1),
+            key(2),
+            key(3),
+            key(4),
+            key(5),
+            key(6)
+        );
+        let cfg = Config::parse(Path::new("/etc/subway/hub.conf"), &text).unwrap();
+        let dcfg = crate::dataplane_config(&cfg);
+        let lans: Vec<(String, u32, Vec<ipnet::IpNet>)> = dcfg
+            .lans
+            .iter()
+            .map(|l| (l.ifname.clone(), l.vnet, l.subnets.clone()))
+            .collect();
+        let locals = [
+            (0, "10.1.0.1/32".parse().unwrap()),
+            (1, "192.168.1.1/32".parse().unwrap()),
+            (2, "192.168.1.1/32".parse().unwrap()),
+        ];
+        let fib = subway_dataplane::fib_from(&lans, &locals, &dcfg.peers).unwrap();
+        let ports = dcfg
+            .lans
+            .iter()
+            .enumerate()
+            .map(|(i, l)| Port {
+                name: l.ifname.clone(),
+                ifindex: 10 + i as u32,
+                mac: MacAddr([2, 0, 0, 0, 0, i as u8]),
+                vnet: l.vnet,
+                mtu: 1500,
+            })
+            .collect();
+        let mut neigh = NeighTable::default();
+        neigh.insert(10, "10.1.0.20".parse().unwrap(), MacAddr([2, 0, 0, 0, 1, 0x20]));
+        let peers = dcfg
+            .peers
+            .iter()
+            .map(|p: &PeerRoutes| PeerRt {
+                vnet: p.vnet,
+                session: None,
+                path: None,
+                stats: Default::default(),
+            })
+            .collect();
+        let t = Tables {
+            fib: std::sync::Arc::new(fib),
+            neigh,
+            ports,
+            peers,
+            ..Default::default()
+        };
+        (cfg, t)
+    }
+
+    fn check(name: &str, got: &Value) {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("golden")
+            .join(format!("{name}.json"));
+        let text = serde_json::to_string_pretty(got).unwrap() + "\n";
+        if std::env::var_os("SUBWAY_UPDATE_GOLDEN").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &text).unwrap();
+            return;
+        }
+        let want = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (SUBWAY_UPDATE_GOLDEN=1 creates it)", path.display()));
+        let want: Value = serde_json::from_str(&want).unwrap();
+        assert_eq!(got, &want, "{name} differs from {}:\n{text}", path.display());
+    }
+
+    #[test]
+    fn route_get_across_three_vnets() {
+        let (cfg, t) = gateway();
+        let views = views(&cfg, t.fib.routes(), &t.ports);
+        let answers: Vec<Value> = [
+            ("10.1.7.9", "default"),   // LAN /24 inside LAN /16 inside the hub's /8
+            ("10.2.9.1", "default"),   // the site's /24 inside its /16 inside the hub's /8
+            ("10.200.0.1", "default"), // only the hub
+            ("10.1.0.1", "default"),   // the gateway itself
+            ("172.16.0.1", "default"), // nothing: the kernel
+            ("10.0.0.5", "red"),       // same address, three answers
+            ("10.0.0.5", "blue"),
+            ("10.0.0.200", "blue"), // the nested /25
+            ("10.2.9.1", "red"),    // default's prefix is not red's
+        ]
+        .iter()
+        .map(|(a, v)| get(&views, a.parse().unwrap(), v))
+        .collect();
+        check("route_get", &json!(answers));
+    }
+
+    #[test]
+    fn route_overlaps_across_three_vnets() {
+        let (cfg, t) = gateway();
+        let views = views(&cfg, t.fib.routes(), &t.ports);
+        check("route_overlaps", &overlaps(&views));
+        check("route_list_blue", &list(&views, Some("blue")));
+    }
+
+    #[test]
+    fn route_explain_across_three_vnets() {
+        let (cfg, t) = gateway();
+        let now = std::time::Duration::from_secs(1000);
+        let probe = |vnet, src: &str, dst: &str, proto, port| {
+            explain(
+                &cfg,
+                &t,
+                &Probe {
+                    vnet,
+                    src: src.parse().unwrap(),
+                    dst: dst.parse().unwrap(),
+                    proto,
+                    port,
+                },
+                now,
+            )
+        };
+        let answers = json!([
+            probe("default", "10.1.0.20", "10.2.9.1", Some("tcp"), Some(443)),
+            probe("default", "10.2.9.1", "10.1.0.20", None, None),
+            probe("default", "10.2.9.1", "10.1.0.21", None, None),
+            probe("default", "10.1.0.20", "172.16.0.9", Some("udp"), Some(53)),
+            probe("default", "10.1.0.20", "224.0.0.251", None, None),
+            probe("red", "192.168.1.10", "10.0.0.5", Some("icmp"), None),
+            probe("red", "192.168.1.10", "10.2.9.1", None, None),
+            probe("blue", "192.168.1.10", "10.0.0.200", None, None),
+            probe("blue", "10.0.0.5", "192.168.1.10", None, None),
+            probe("green", "10.0.0.5", "192.168.1.10", None, None),
+        ]);
+        check("route_explain", &answers);
+    }
 }
 
 #[cfg(test)]

@@ -632,7 +632,7 @@ impl Drop for Dataplane {
 /// The FIB for these LANs (their Subnets, or the prefixes of their
 /// addresses) and peers, with the gateway's own addresses as local routes.
 fn build_fib(netlink: &mut Netlink, lans: &[LanConfig], ports: &[Port], peers: &[PeerRoutes]) -> Result<Fib> {
-    let mut fib = Fib::new();
+    let mut subnets_of = Vec::new();
     let mut locals = Vec::new();
     for (i, lan) in lans.iter().enumerate() {
         let port = ports
@@ -652,12 +652,27 @@ fn build_fib(netlink: &mut Netlink, lans: &[LanConfig], ports: &[Port], peers: &
                 lan.ifname
             )));
         }
-        for s in subnets {
-            fib.insert(lan.vnet, s, Target::Port(i as u16))
-                .map_err(|e| Error::msg(format!("{}: {e}", lan.ifname)))?;
-        }
+        subnets_of.push((lan.ifname.clone(), lan.vnet, subnets));
         for a in addrs {
             locals.push((lan.vnet, IpNet::from(a.addr())));
+        }
+    }
+    fib_from(&subnets_of, &locals, peers)
+}
+
+/// The FIB from each LAN's (name, VNET, subnets), the gateway's own
+/// addresses and the peers' AllowedIPs: what a running instance builds,
+/// without asking the kernel (the route queries' tests use it too).
+pub fn fib_from(
+    lans: &[(String, VnetId, Vec<IpNet>)],
+    locals: &[(VnetId, IpNet)],
+    peers: &[PeerRoutes],
+) -> Result<Fib> {
+    let mut fib = Fib::new();
+    for (i, (name, vnet, subnets)) in lans.iter().enumerate() {
+        for s in subnets {
+            fib.insert(*vnet, *s, Target::Port(i as u16))
+                .map_err(|e| Error::msg(format!("{name}: {e}")))?;
         }
     }
     for p in peers {
@@ -668,7 +683,7 @@ fn build_fib(netlink: &mut Netlink, lans: &[LanConfig], ports: &[Port], peers: &
     }
     for (vnet, host) in locals {
         // Two interfaces with one address is odd but harmless.
-        let _ = fib.insert(vnet, host, Target::Local);
+        let _ = fib.insert(*vnet, *host, Target::Local);
     }
     Ok(fib)
 }
