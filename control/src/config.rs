@@ -336,7 +336,8 @@ impl Config {
             ));
         }
         let mut keys: HashMap<Key32, usize> = HashMap::new();
-        let mut owners: HashMap<(&str, IpNet), usize> = HashMap::new();
+        // One owner per prefix and VNET, whether a LAN or a peer.
+        let mut owners: HashMap<(&str, IpNet), usize> = subnets;
         for p in &self.peers {
             if let Some(prev) = keys.insert(p.public_key, p.line) {
                 return Err(self.err(
@@ -348,7 +349,7 @@ impl Config {
                 if let Some(prev) = owners.insert((&p.vnet, net.trunc()), *line) {
                     return Err(self.err(
                         *line,
-                        format!("AllowedIPs {net} in VNET {} is already claimed at line {prev}: a prefix routes to one peer per VNET; remove one, or put the peers in different VNETs", p.vnet),
+                        format!("AllowedIPs {net} in VNET {} is already claimed at line {prev}: a prefix routes to one peer or LAN per VNET; remove one, or put them in different VNETs", p.vnet),
                     ));
                 }
             }
@@ -829,6 +830,9 @@ mod tests {
             "AllowedIPs = 10.2.0.0/24\nVNet = blue",
         );
         parse(&ok).unwrap();
+        // A LAN's subnet is an owner too.
+        let lan = text.replace("Interface = lan0\n", "Interface = lan0\nSubnets = 10.3.0.0/24\n");
+        expect_err(&lan, 12, "10.3.0.0/24 in VNET default is already claimed at line 4");
     }
 
     #[test]
