@@ -592,16 +592,17 @@ impl KernelUndo {
                 .is_ok_and(|o| o.status.success());
             if ok {
                 tracing::info!("VNET interface {dev}: removed the kernel's route {net} from the main table");
-                // Appended: another interface may have the same prefix.
-                self.steps.push(
-                    [
-                        "ip", fam, "route", "append", &net, "dev", &dev, "proto", "kernel", "scope", "link", "src",
-                        &src,
-                    ]
-                    .map(String::from)
-                    .to_vec(),
-                );
             }
+            // Restored on stop even when it was already gone (a run that
+            // died before restoring it); appended, because another
+            // interface may have the same prefix.
+            self.steps.push(
+                [
+                    "ip", fam, "route", "append", &net, "dev", &dev, "proto", "kernel", "scope", "link", "src", &src,
+                ]
+                .map(String::from)
+                .to_vec(),
+            );
         }
         Ok(())
     }

@@ -859,6 +859,18 @@ pub fn icmp_in_echos(ns: &Netns) -> Result<u64> {
         .context("parsing InEchos")
 }
 
+/// ICMPv6 echo requests this namespace's kernel has received.
+pub fn icmp6_in_echos(ns: &Netns) -> Result<u64> {
+    let snmp6 = ns.run(&["cat", "/proc/net/snmp6"])?;
+    snmp6
+        .lines()
+        .find_map(|l| l.strip_prefix("Icmp6InEchos"))
+        .context("no Icmp6InEchos in /proc/net/snmp6")?
+        .trim()
+        .parse()
+        .context("parsing Icmp6InEchos")
+}
+
 impl Subway {
     /// Runs `subway ARGS...` against this instance (from the host: the
     /// control socket is in /run/subway) and returns its stdout.

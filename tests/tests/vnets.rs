@@ -10,7 +10,9 @@
 //! ```
 
 use anyhow::{Context, Result};
-use subway_tests::{Netns, Subway, WgPeer, icmp_in_echos, ping, ping_until, require_root, veth, wg_keypair};
+use subway_tests::{
+    Netns, Subway, WgPeer, icmp_in_echos, icmp6_in_echos, ping, ping_until, require_root, veth, wg_keypair,
+};
 
 struct Vnets {
     hub: Netns,
@@ -44,10 +46,14 @@ impl Vnets {
         veth(&t.sr, "wan0", wan, "tor")?;
         veth(&t.sb, "wan0", wan, "tob")?;
         for h in [&t.hr, &t.hb] {
-            h.sh("ip addr add 192.168.1.10/24 dev eth0 && ip route add default via 192.168.1.1")?;
+            h.sh(
+                "ip addr add 192.168.1.10/24 dev eth0 && ip route add default via 192.168.1.1 && \
+                 ip -6 addr add fd00:1::10/64 dev eth0 nodad && ip -6 route add default via fd00:1::1",
+            )?;
         }
         t.hub.sh(
             "ip addr add 192.168.1.1/24 dev lanr && ip addr add 192.168.1.1/24 dev lanb && \
+             ip -6 addr add fd00:1::1/64 dev lanr nodad && ip -6 addr add fd00:1::1/64 dev lanb nodad && \
              ip addr add 172.16.0.1/24 dev wan0 && ip route add default via 172.16.0.254",
         )?;
         t.hub.sysctl("net.ipv4.ip_forward", "1")?;
@@ -69,9 +75,10 @@ impl Vnets {
             51820,
             &self.hub_keys.1,
             "172.16.0.1:51820",
-            &["192.168.1.0/24"],
+            &["192.168.1.0/24", "fd00:1::/64"],
         )?;
         ns.run(&["ip", "addr", "add", "10.0.0.5/32", "dev", &p.ifname])?;
+        ns.run(&["ip", "-6", "addr", "add", "fd10::5/128", "dev", &p.ifname, "nodad"])?;
         Ok(p)
     }
 
@@ -79,8 +86,8 @@ impl Vnets {
         format!(
             "[Interface]\nPrivateKey = {}\nListenPort = 51820\nUplink = wan0\n\n\
              [Lan]\nInterface = lanr\nVNet = red\n\n[Lan]\nInterface = lanb\nVNet = blue\n\n\
-             [Peer]\nPublicKey = {}\nEndpoint = 172.16.1.2:51820\nAllowedIPs = 10.0.0.0/24\nVNet = red\n\n\
-             [Peer]\nPublicKey = {}\nEndpoint = 172.16.2.2:51820\nAllowedIPs = 10.0.0.0/24, 10.7.0.0/24\nVNet = blue\n",
+             [Peer]\nPublicKey = {}\nEndpoint = 172.16.1.2:51820\nAllowedIPs = 10.0.0.0/24, fd10::/64\nVNet = red\n\n\
+             [Peer]\nPublicKey = {}\nEndpoint = 172.16.2.2:51820\nAllowedIPs = 10.0.0.0/24, 10.7.0.0/24, fd10::/64\nVNet = blue\n",
             self.hub_keys.0, self.sr_keys.1, self.sb_keys.1
         )
     }
@@ -106,6 +113,8 @@ fn the_same_prefix_in_two_vnets_reaches_two_sites_without_cross_talk() -> Result
     // The kernel no longer routes the VNETs' LAN prefixes.
     let main = t.hub.run(&["ip", "route", "show", "table", "main"])?;
     assert!(!main.contains("192.168.1.0/24"), "{main}");
+    let main6 = t.hub.run(&["ip", "-6", "route", "show", "table", "main"])?;
+    assert!(!main6.contains("fd00:1::/64"), "{main6}");
 
     // A remote site opens first: the gateway must find the LAN host's MAC
     // in the right VNET by itself (no packet from it yet).
@@ -175,6 +184,20 @@ fn the_same_prefix_in_two_vnets_reaches_two_sites_without_cross_talk() -> Result
     assert_eq!(r2, r1, "the red site got echos from the blue LAN");
     assert!(b2 - b1 >= 21, "blue site got {} echos from the blue LAN", b2 - b1);
 
+    // The same over IPv6: NDP on the right interface, each LAN to its site.
+    let (r0, b0) = (icmp6_in_echos(&t.sr)?, icmp6_in_echos(&t.sb)?);
+    let (hr0, hb0) = (icmp6_in_echos(&t.hr)?, icmp6_in_echos(&t.hb)?);
+    t.sb.sh("for i in $(seq 1 10); do ping -6 -c 1 -W 1 -q -I fd10::5 fd00:1::10 && exit 0; done; exit 1")
+        .with_context(diag)?;
+    ping_until(&t.hr, "fd10::5", 10).with_context(diag)?;
+    ping(&t.hr, "fd10::5", 10)?;
+    let (r1, b1) = (icmp6_in_echos(&t.sr)?, icmp6_in_echos(&t.sb)?);
+    let (hr1, hb1) = (icmp6_in_echos(&t.hr)?, icmp6_in_echos(&t.hb)?);
+    assert!(r1 - r0 >= 11, "red site got {} echos over IPv6", r1 - r0);
+    assert_eq!(b1, b0, "the blue site got IPv6 echos from the red LAN");
+    assert!(hb1 > hb0, "the blue host got no IPv6 echo from the blue site");
+    assert_eq!(hr1, hr0, "the red host got IPv6 echos from the blue site");
+
     // Red cannot reach blue's other prefix, nor anything through the
     // kernel (the blue site's underlay address is routable from the hub).
     let x0 = hub.xdp("drop_vnet_no_route")?;
@@ -214,6 +237,11 @@ fn the_same_prefix_in_two_vnets_reaches_two_sites_without_cross_talk() -> Result
     assert!(
         main.contains("192.168.1.0/24 dev lanr") && main.contains("192.168.1.0/24 dev lanb"),
         "{main}"
+    );
+    let main6 = t.hub.run(&["ip", "-6", "route", "show", "table", "main"])?;
+    assert!(
+        main6.contains("fd00:1::/64 dev lanr") && main6.contains("fd00:1::/64 dev lanb"),
+        "{main6}"
     );
     Ok(())
 }
