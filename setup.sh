@@ -12,10 +12,11 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 APT_PACKAGES=(
   # build chain for the eBPF program (bpf-linker) and libxdp (xsk-rs)
   llvm-22-dev libpolly-22-dev clang-22 libelf-dev zlib1g-dev libzstd-dev libpcap-dev m4 pkg-config
-  # namespaces, veths and the tests' tools
-  iproute2 ethtool iputils-ping netcat-openbsd
-  # real WireGuard peers for the interop tests, iperf3 for the TCP benchmark
-  wireguard-tools wireguard-go iperf3
+  # namespaces, veths and the tests' tools; nftables fences VNETs off from the kernel
+  iproute2 ethtool iputils-ping netcat-openbsd nftables
+  # real WireGuard peers for the interop tests, iperf3 for the TCP benchmark,
+  # gnuplot for the benchmark plots
+  wireguard-tools wireguard-go iperf3 gnuplot-nox
 )
 
 missing=()

@@ -56,13 +56,18 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
 }
 
 /// Gives `new`'s peers their ids: a peer already running (same public
-/// key) keeps its own, a new one takes the next free id. Returns the ids
-/// of new peers.
+/// key, same VNET) keeps its own, a new one takes the next free id (a peer
+/// moved to another VNET is a new peer: nothing queued or keyed in one
+/// VNET goes to another). Returns the ids of new peers.
 pub fn assign_ids(old: &Config, new: &mut Config, next_id: u32) -> Vec<u32> {
     let mut next = next_id;
     let mut fresh = Vec::new();
     for p in &mut new.peers {
-        match old.peers.iter().find(|o| o.public_key == p.public_key) {
+        match old
+            .peers
+            .iter()
+            .find(|o| o.public_key == p.public_key && o.vnet == p.vnet)
+        {
             Some(o) => p.id = o.id,
             None => {
                 p.id = next;
@@ -105,6 +110,11 @@ pub fn apply(cfg: &mut Config, mut new: Config, gw: Option<&mut Gateway>, dp: &m
             p.public_key.to_base64()
         );
     }
+    let mut keys: Vec<_> = new.peers.iter().map(|p| p.public_key.0).collect();
+    keys.sort_unstable();
+    if keys.windows(2).any(|w| w[0] == w[1]) {
+        bail!("not applied: two peers have the same public key");
+    }
     let mut dcfg = crate::dataplane_config(&new);
     dcfg.listen_port = gw.as_ref().map_or(0, |g| g.listen_port);
     // The dataplane first: if the new routes cannot be built, nothing changed.
@@ -117,22 +127,28 @@ pub fn apply(cfg: &mut Config, mut new: Config, gw: Option<&mut Gateway>, dp: &m
     let mut added = Vec::new();
     let mut removed = Vec::new();
     let mut changed = Vec::new();
+    // From here nothing may fail: the workers already use the new tables.
     if let Some(g) = gw {
         for o in &cfg.peers {
-            if !new.peers.iter().any(|p| p.public_key == o.public_key) {
+            if !new.peers.iter().any(|p| p.id == o.id) {
                 g.remove_peer(o.id);
                 removed.push(key(o));
             }
         }
         for p in &new.peers {
-            match cfg.peers.iter().find(|o| o.public_key == p.public_key) {
+            match cfg.peers.iter().find(|o| o.id == p.id) {
                 Some(o) if same_peer(o, p) => {}
                 Some(_) => {
                     g.update_peer(p, vnet_id(&p.vnet));
                     changed.push(key(p));
                 }
                 None => {
-                    g.add_peer(p, vnet_id(&p.vnet))?;
+                    // Keys were checked above (unique, not ours), so this
+                    // cannot fail; if it did, the peer would have routes
+                    // and no sessions: its packets wait, nothing leaks.
+                    if let Err(e) = g.add_peer(p, vnet_id(&p.vnet)) {
+                        tracing::error!("adding peer {}: {e:#}", key(p));
+                    }
                     added.push(key(p));
                 }
             }

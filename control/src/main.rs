@@ -407,7 +407,7 @@ fn run(path: &Path) -> Result<()> {
     }
     tracing::info!("stopping: detaching XDP and closing sockets");
     let last = show_json(&cfg, &dp, gw.as_ref(), &rates, started, &reloads);
-    dp.stop();
+    dp.stop_clean();
     drop(dp);
     tracing::info!(totals = %last["totals"], "stopped");
     Ok(())

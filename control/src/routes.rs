@@ -183,9 +183,9 @@ pub fn explain(cfg: &Config, t: &subway_dataplane::tables::Tables, probe: &Probe
             }
             Some((len, Target::Local)) if vid != 0 => {
                 steps.push(format!(
-                    "XDP: {dst}/{len} is an address of the gateway: passed to the kernel (ARP, NDP and ping work; the kernel cannot route replies within VNET {vnet})"
+                    "XDP: {dst}/{len} is an address of the gateway in VNET {vnet}: only ARP and NDP are answered there (the kernel could reply only through the default VNET's table); anything else is dropped (drop_vnet_local)"
                 ));
-                verdict = "delivered to the gateway itself by the kernel".to_string();
+                verdict = "dropped: the gateway answers only ARP and NDP in a non-default VNET".to_string();
             }
             Some((len, Target::Local)) => {
                 steps.push(format!(

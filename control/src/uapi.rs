@@ -48,10 +48,16 @@ impl UapiServer {
             if r.read_line(&mut first).is_err() {
                 continue;
             }
-            // The rest of the request, up to the blank line (bounded).
+            // The rest of the request, up to the blank line: bounded in
+            // lines and time, a slow client must not stall the control
+            // thread (handshakes and timers run there).
+            let deadline = std::time::Instant::now() + Duration::from_millis(500);
             let mut lines = Vec::new();
             let mut line = String::new();
-            while lines.len() < 65536 && r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+            while lines.len() < 65536
+                && std::time::Instant::now() < deadline
+                && r.read_line(&mut line).map(|n| n > 0).unwrap_or(false)
+            {
                 if line.trim().is_empty() {
                     break;
                 }
@@ -102,12 +108,19 @@ pub fn apply_set(cfg: &Config, lines: &[String]) -> Result<Config, (i32, String)
     let inval = |m: String| (libc::EINVAL, m);
     let mut new = cfg.clone();
     let mut cur: Option<usize> = None;
+    // A peer section skipped (update_only or remove of an unknown peer):
+    // its lines are ignored, as the kernel does.
+    let mut skipping = false;
     // Removed peers are dropped at the end, so that indices stay valid.
     let mut remove = Vec::new();
     for l in lines {
         let (k, v) = l
             .split_once('=')
             .ok_or_else(|| inval(format!("malformed line {l:?}")))?;
+        if skipping && k != "public_key" {
+            continue;
+        }
+        skipping = false;
         match (k, cur) {
             ("private_key", None) => {
                 if unhex(v) != new.interface.private_key.map(|k| k.0) {
@@ -148,13 +161,20 @@ pub fn apply_set(cfg: &Config, lines: &[String]) -> Result<Config, (i32, String)
                 });
             }
             (_, Some(i)) => match k {
-                "remove" if v == "true" => remove.push(i),
-                "update_only" if v == "true" => {
-                    if new.peers[i].id == u32::MAX {
-                        // Only update existing peers: forget this one.
+                "remove" | "update_only" if v == "true" && new.peers[i].id == u32::MAX => {
+                    // Not a running peer: forget it and its lines. It is
+                    // the last one pushed (its public_key line came just
+                    // before), so indices of the others stay valid.
+                    if i + 1 == new.peers.len() {
+                        new.peers.pop();
+                    } else {
                         remove.push(i);
                     }
+                    cur = None;
+                    skipping = true;
                 }
+                "remove" if v == "true" => remove.push(i),
+                "update_only" if v == "true" => {}
                 "preshared_key" => {
                     let psk = unhex(v).ok_or_else(|| inval(format!("bad preshared_key {v}")))?;
                     new.peers[i].preshared_key = (psk != [0; 32]).then_some(Key32(psk));
@@ -306,10 +326,16 @@ mod tests {
         let n = set(&c, &[format!("public_key={}", "02".repeat(32)), "remove=true".into()]).unwrap();
         assert_eq!(n.peers.len(), 1);
         assert_eq!(n.peers[0].public_key.0, [3; 32]);
-        // update_only on an unknown peer changes nothing.
+        // update_only on an unknown peer changes nothing, not even the
+        // AllowedIPs its lines name.
         let n = set(
             &c,
-            &[format!("public_key={}", "05".repeat(32)), "update_only=true".into()],
+            &[
+                format!("public_key={}", "05".repeat(32)),
+                "update_only=true".into(),
+                "replace_allowed_ips=true".into(),
+                "allowed_ip=10.2.0.0/24".into(),
+            ],
         )
         .unwrap();
         assert_eq!(n.peers, c.peers);

@@ -226,7 +226,11 @@ impl Dataplane {
         // Non-default VNETs: take their interfaces out of the kernel's
         // routing (it has one table, the default VNET's), restored on stop.
         let mut undo = KernelUndo::default();
-        for p in ports.iter().filter(|p| p.vnet != 0 && p.vnet != UPLINK_VNET) {
+        let isolated: Vec<&Port> = ports.iter().filter(|p| p.vnet != 0 && p.vnet != UPLINK_VNET).collect();
+        if !isolated.is_empty() {
+            undo.fence(&cfg.name, &isolated)?;
+        }
+        for p in isolated {
             undo.isolate(&mut netlink, p)?;
         }
 
@@ -361,6 +365,8 @@ impl Dataplane {
             .join(",");
 
         let stop = Arc::new(AtomicBool::new(false));
+        // Running from here: only a clean stop takes the fence down.
+        undo.clean = false;
         let mut dp = Dataplane {
             stop: stop.clone(),
             workers: Vec::new(),
@@ -468,24 +474,67 @@ impl Dataplane {
             match old.get(&k) {
                 None => ch.added.push(k),
                 Some(t) if *t != r.target => ch.retargeted.push(k),
-                Some(_) => continue,
+                Some(_) => {}
             }
-            self.xdp.set_route(r.vnet, r.prefix, steer(r.target, &cur.ports))?;
-            if r.vnet == 0 && matches!(r.target, Target::Peer(_)) {
-                kernel_route("replace", r.prefix, self.slow.name())?;
+        }
+        let per_family = |v4: bool| fib.routes().iter().filter(|r| r.prefix.addr().is_ipv4() == v4).count();
+        if per_family(true) > subway_common::MAX_ROUTES as usize
+            || per_family(false) > subway_common::MAX_ROUTES as usize
+        {
+            return Err(Error::msg(format!(
+                "more than {} routes of one family: the XDP program's tables hold no more",
+                subway_common::MAX_ROUTES
+            )));
+        }
+        // Before the switch: steer what is new or retargeted, and point the
+        // kernel's routes for new default-VNET peer prefixes at the TUN.
+        // Undone step by step if one fails, so that nothing changed.
+        let mut done: Vec<(VnetId, IpNet, bool)> = Vec::new();
+        let mut failed = None;
+        for k in ch.added.iter().chain(&ch.retargeted) {
+            let target = new[k];
+            if let Err(e) = self.xdp.set_route(k.0, k.1, steer(target, &cur.ports)) {
+                failed = Some(e);
+                break;
             }
+            let tun = k.0 == 0 && matches!(target, Target::Peer(_)) && !matches!(old.get(k), Some(Target::Peer(_)));
+            done.push((k.0, k.1, tun));
+            if tun && let Err(e) = kernel_route("replace", k.1, self.slow.name()) {
+                failed = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            for (vnet, net, tun) in done.into_iter().rev() {
+                match old.get(&(vnet, net)) {
+                    Some(t) => {
+                        let _ = self.xdp.set_route(vnet, net, steer(*t, &cur.ports));
+                    }
+                    None => {
+                        let _ = self.xdp.remove_route(vnet, net);
+                    }
+                }
+                if tun {
+                    let _ = kernel_route("del", net, self.slow.name());
+                }
+            }
+            return Err(e);
         }
         let peers = peer_rts(&cur.peers, &cfg.peers, fresh);
         self.publish(|t| {
             t.fib = Arc::new(fib.clone());
             t.peers = peers;
         });
+        // After the switch nothing may fail the change: what is gone is
+        // removed, and a failure to remove is logged.
         for (k, target) in &old {
             if new.contains_key(k) {
                 continue;
             }
             ch.removed.push(*k);
-            self.xdp.remove_route(k.0, k.1)?;
+            if let Err(e) = self.xdp.remove_route(k.0, k.1) {
+                tracing::warn!("removing the steering entry of {}: {e}", k.1);
+            }
             if k.0 == 0 && matches!(target, Target::Peer(_)) {
                 let _ = kernel_route("del", k.1, self.slow.name());
             }
@@ -544,6 +593,13 @@ impl Dataplane {
             .map(|w| w.info.id)
     }
 
+    /// Stops cleanly (SIGINT, SIGTERM): as [`Dataplane::stop`], and the
+    /// non-default VNETs' fence comes down too.
+    pub fn stop_clean(&mut self) {
+        self.undo.clean = true;
+        self.stop();
+    }
+
     /// Stops the workers and waits for them.
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -559,24 +615,91 @@ impl Dataplane {
 
 /// Changes made to the kernel's configuration, undone on stop (or when a
 /// start fails half-way).
-#[derive(Default)]
 struct KernelUndo {
     steps: Vec<Vec<String>>,
+    /// The nftables table that fences the VNET interfaces off.
+    fence: Option<String>,
+    /// Remove the fence too when undoing: a failed start or a clean stop.
+    /// After a crash of the running gateway the VNETs stay closed to the
+    /// kernel rather than open to each other.
+    clean: bool,
+}
+
+impl Default for KernelUndo {
+    fn default() -> Self {
+        KernelUndo {
+            steps: Vec::new(),
+            fence: None,
+            clean: true,
+        }
+    }
+}
+
+/// The nftables table of an instance: `subway_` and its name.
+pub fn fence_table(instance: &str) -> String {
+    let clean: String = instance
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("subway_{clean}")
 }
 
 impl KernelUndo {
-    /// Takes a non-default VNET's interface out of the kernel's routing:
-    /// no IPv4 forwarding of what arrives on it (the XDP program drops
-    /// what its VNET does not route, this covers the time without XDP),
-    /// and its connected prefixes out of the main table, so that the kernel
-    /// forwards nothing of the default VNET into it. ARP, NDP and the
-    /// gateway's own address keep working (they need no route).
-    fn isolate(&mut self, nl: &mut Netlink, port: &Port) -> Result<()> {
-        let fwd = format!("/proc/sys/net/ipv4/conf/{}/forwarding", port.name);
-        if let Ok(old) = std::fs::read_to_string(&fwd) {
-            std::fs::write(&fwd, "0").map_err(|e| Error::io(format!("writing {fwd}"), e))?;
-            self.steps.push(vec!["sysctl".into(), fwd, old.trim().to_string()]);
+    /// Fences the non-default VNETs' interfaces off from the kernel's
+    /// routing (it has one table, the default VNET's) with an nftables
+    /// table: nothing the kernel would forward into or out of them, and of
+    /// what is addressed to the gateway there only ICMPv6 (NDP) in and out
+    /// (ARP is not IP and is answered as usual). The XDP program already
+    /// drops all of that; the fence holds when XDP is not there (before
+    /// attach, after a crash: it stays until the next start or
+    /// `nft delete table inet subway_NAME`), for IPv6, whose forwarding the
+    /// kernel cannot turn off per interface, and when the kernel re-adds a
+    /// connected route on a link flap.
+    fn fence(&mut self, instance: &str, ports: &[&Port]) -> Result<()> {
+        let table = fence_table(instance);
+        let names = ports
+            .iter()
+            .map(|p| format!("\"{}\"", p.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rules = format!(
+            "table inet {table} {{\n\
+             chain forward {{ type filter hook forward priority -10; policy accept;\n\
+             iifname {{ {names} }} counter drop\n oifname {{ {names} }} counter drop\n }}\n\
+             chain input {{ type filter hook input priority -10; policy accept;\n\
+             iifname {{ {names} }} meta l4proto != ipv6-icmp counter drop\n }}\n\
+             chain output {{ type filter hook output priority -10; policy accept;\n\
+             oifname {{ {names} }} meta l4proto != ipv6-icmp counter drop\n }}\n}}\n"
+        );
+        // A table left by a run that died is replaced.
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", &table])
+            .output();
+        let mut child = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::io("running nft (apt-get install nftables): VNETs need it", e))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            let _ = stdin.write_all(rules.as_bytes());
         }
+        let out = child.wait_with_output().map_err(|e| Error::io("running nft", e))?;
+        if !out.status.success() {
+            return Err(Error::msg(format!(
+                "fencing the VNET interfaces off with nftables: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        tracing::info!("VNET interfaces {names}: fenced off from the kernel's routing (nft table inet {table})");
+        self.fence = Some(table);
+        Ok(())
+    }
+
+    /// Takes a non-default VNET's connected prefixes out of the main table,
+    /// so that the kernel's own traffic and routing never use them.
+    fn isolate(&mut self, nl: &mut Netlink, port: &Port) -> Result<()> {
         let addrs = nl
             .addresses(port.ifindex)
             .map_err(|e| Error::io(format!("addresses of {}", port.name), e))?;
@@ -608,11 +731,19 @@ impl KernelUndo {
     }
 
     fn run(&mut self) {
+        let clean = self.clean;
         for step in self.steps.drain(..).rev() {
-            if step[0] == "sysctl" {
-                let _ = std::fs::write(&step[1], &step[2]);
+            let _ = std::process::Command::new(&step[0]).args(&step[1..]).output();
+        }
+        if let Some(t) = self.fence.take() {
+            if clean {
+                let _ = std::process::Command::new("nft")
+                    .args(["delete", "table", "inet", &t])
+                    .output();
             } else {
-                let _ = std::process::Command::new(&step[0]).args(&step[1..]).output();
+                tracing::warn!(
+                    "leaving nft table inet {t} in place: the VNET interfaces stay fenced off until the next start"
+                );
             }
         }
     }

@@ -31,6 +31,10 @@ struct IfReqFlags {
     _pad: [u8; 22],
 }
 
+/// The VNET of a packet whose peer is not in the tables (a stale id): it
+/// belongs nowhere and is dropped.
+pub const NO_VNET: VnetId = u32::MAX - 1;
+
 /// Packets of non-default VNETs waiting for the control thread.
 const PUNT_QUEUE: usize = 1024;
 
@@ -128,6 +132,9 @@ impl SlowPath {
     /// The second is the slow path of the slow path (first packets of a
     /// flow): it copies the packet.
     pub fn hand_off(&self, vnet: VnetId, packet: &[u8], reason: Counter) -> Counter {
+        if vnet == NO_VNET {
+            return Counter::DropNoTunnel;
+        }
         if vnet == 0 || vnet == crate::UPLINK_VNET {
             return if self.send(packet).is_ok() {
                 reason

@@ -637,7 +637,7 @@ impl Worker {
                 }
             }
             let rt = snap.peers.get(peer as usize);
-            let vnet = rt.map_or(0, |r| r.vnet);
+            let vnet = rt.map_or(crate::slowpath::NO_VNET, |r| r.vnet);
             let ready = rt.and_then(|r| Some((r.session.as_ref().filter(|s| s.can_send(now))?, r.path.as_ref()?, r)));
             let first = match (ready, uplink) {
                 (Some((s, _, _)), Some(_)) => s.reserve((j - i) as u64).ok(),

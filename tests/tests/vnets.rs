@@ -208,6 +208,35 @@ fn the_same_prefix_in_two_vnets_reaches_two_sites_without_cross_talk() -> Result
     assert_eq!(icmp_in_echos(&t.sb)?, b2, "a red packet reached the blue site");
     assert!(hub.xdp("drop_vnet_no_route")? >= x0 + 9, "{}", hub.show()?["xdp"]);
 
+    // The gateway's own address in a VNET answers ARP and NDP only: the
+    // kernel would route its replies with the default VNET's table.
+    let l0 = hub.xdp("drop_vnet_local")?;
+    let out =
+        t.hr.output(&["ping", "-c", "2", "-i", "0.05", "-W", "1", "-q", "192.168.1.1"])?;
+    assert!(!out.status.success(), "the gateway answered a ping in VNET red");
+    assert!(hub.xdp("drop_vnet_local")? >= l0 + 2, "{}", hub.show()?["xdp"]);
+    let fence = t.hub.run(&["nft", "list", "tables"])?;
+    assert!(fence.contains("subway_"), "no nft fence: {fence}");
+
+    // A link flap makes the kernel put the VNET's connected route back in
+    // the main table: the fence still keeps the kernel out of the VNET.
+    t.hub.run(&["ip", "link", "set", "lanr", "down"])?;
+    t.hub.run(&["ip", "link", "set", "lanr", "up"])?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let main = t.hub.run(&["ip", "route", "show", "table", "main"])?;
+    assert!(
+        main.contains("192.168.1.0/24 dev lanr"),
+        "expected the kernel to re-add it: {main}"
+    );
+    let own = t.hub.output(&["ping", "-c", "1", "-W", "1", "-q", "192.168.1.10"])?;
+    assert!(!own.status.success(), "the kernel's own traffic reached VNET red");
+    for dst in ["172.16.2.2", "10.7.0.1"] {
+        let out = t.hr.output(&["ping", "-c", "2", "-i", "0.05", "-W", "1", "-q", dst])?;
+        assert!(!out.status.success(), "after a flap the red LAN reached {dst}");
+    }
+    assert_eq!(icmp_in_echos(&t.sb)?, b2, "a red packet reached the blue site");
+    ping_until(&t.hr, "10.0.0.5", 10).with_context(diag)?;
+
     // Route questions answer per VNET.
     let get = |vnet: &str| -> Result<serde_json::Value> {
         let out = hub.ctl(&[
@@ -230,9 +259,14 @@ fn the_same_prefix_in_two_vnets_reaches_two_sites_without_cross_talk() -> Result
         "{overlaps}"
     );
 
-    // Stopping gives the kernel its routes back.
+    // Stopping gives the kernel its routes back and takes the fence down.
     let (status, log) = hub.stop();
     assert!(status.is_some_and(|s| s.success()), "{log}");
+    let fence = t.hub.run(&["nft", "list", "tables"])?;
+    assert!(
+        !fence.contains("subway_"),
+        "the nft fence outlived a clean stop: {fence}"
+    );
     let main = t.hub.run(&["ip", "route", "show", "table", "main"])?;
     assert!(
         main.contains("192.168.1.0/24 dev lanr") && main.contains("192.168.1.0/24 dev lanb"),

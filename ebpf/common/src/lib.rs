@@ -181,10 +181,15 @@ pub enum XdpCounter {
     DropVnetNoRoute,
     /// Dropped: a non-default VNET's packet and no AF_XDP socket to take it.
     DropVnetNoSocket,
+    /// Dropped: on a non-default VNET's interface, addressed to the gateway
+    /// itself (or broadcast / multicast other than NDP and MLD). Only ARP
+    /// and NDP are answered there: the kernel could reply only through the
+    /// default VNET's routing table.
+    DropVnetLocal,
 }
 
 impl XdpCounter {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
     pub const ALL: [XdpCounter; Self::COUNT as usize] = [
         XdpCounter::Seen,
         XdpCounter::RedirectRoute,
@@ -204,6 +209,7 @@ impl XdpCounter {
         XdpCounter::PassHandshake,
         XdpCounter::DropVnetNoRoute,
         XdpCounter::DropVnetNoSocket,
+        XdpCounter::DropVnetLocal,
     ];
 
     /// Name used in `subway show` and metrics.
@@ -227,6 +233,7 @@ impl XdpCounter {
             XdpCounter::PassHandshake => "pass_handshake",
             XdpCounter::DropVnetNoRoute => "drop_vnet_no_route",
             XdpCounter::DropVnetNoSocket => "drop_vnet_no_socket",
+            XdpCounter::DropVnetLocal => "drop_vnet_local",
         }
     }
 }

@@ -35,6 +35,7 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
 
 #[xdp]
 pub fn subway_xdp(ctx: XdpContext) -> u32 {
@@ -146,7 +147,11 @@ fn classify(ctx: &XdpContext) -> Verdict {
 
     let queue = ctx.rx_queue_index();
     if queue >= subway_common::MAX_QUEUES {
-        return Verdict::Pass(XdpCounter::PassQueueRange);
+        return if iface.isolated() {
+            Verdict::Drop(XdpCounter::DropVnetNoSocket)
+        } else {
+            Verdict::Pass(XdpCounter::PassQueueRange)
+        };
     }
     match proto {
         ETH_P_IP => classify_v4(ctx, off, ifindex, iface, queue),
@@ -167,14 +172,20 @@ fn classify_v4(ctx: &XdpContext, off: usize, ifindex: u32, iface: IfaceConf, que
         return Verdict::Pass(XdpCounter::PassMalformed);
     }
     let dst = [hdr[16], hdr[17], hdr[18], hdr[19]];
+    let isolated = iface.isolated();
     if dst[0] >= 224 {
-        return Verdict::Pass(XdpCounter::PassMulticast);
+        return if isolated {
+            Verdict::Drop(XdpCounter::DropVnetLocal)
+        } else {
+            Verdict::Pass(XdpCounter::PassMulticast)
+        };
     }
 
     // WireGuard to us: UDP, unfragmented, to a listen address. Fragments
     // go to the kernel, which reassembles them for the control thread.
+    // Never from a non-default VNET: the uplink is the default VNET's.
     let fragmented = u16::from_be_bytes([hdr[6], hdr[7]]) & 0x3fff != 0;
-    if hdr[9] == IPPROTO_UDP && !fragmented {
+    if hdr[9] == IPPROTO_UDP && !fragmented && !isolated {
         let l4 = off + ihl * 4;
         if let Some(port) = read_u16_be(ctx, l4 + 2) {
             if is_listen(ListenKey::v4(dst, port), port) {
@@ -191,7 +202,7 @@ fn classify_v4(ctx: &XdpContext, off: usize, ifindex: u32, iface: IfaceConf, que
         },
     );
     match ROUTES_V4.get(&key) {
-        Some(steer) => steer_verdict(steer, hdr[8], ifindex, iface, queue),
+        Some(steer) => steer_verdict(steer, hdr[8], ifindex, iface, queue, false),
         None => no_route(iface),
     }
 }
@@ -208,15 +219,28 @@ fn classify_v6(ctx: &XdpContext, off: usize, ifindex: u32, iface: IfaceConf, que
     }
     let mut dst = [0u8; 16];
     dst.copy_from_slice(&hdr[24..40]);
+    let isolated = iface.isolated();
+    // Neighbour discovery (ICMPv6 133-137) and MLD (behind a hop-by-hop
+    // header) are what a non-default VNET's interface answers.
+    let icmp_type = match ptr_at::<u8>(ctx, off + 40) {
+        // SAFETY: 1 byte checked to be inside the frame.
+        Some(p) => unsafe { *p },
+        None => 0,
+    };
+    let nd = hdr[6] == IPPROTO_ICMPV6 && (133..=137).contains(&icmp_type);
     if dst[0] == 0xff {
-        return Verdict::Pass(XdpCounter::PassMulticast);
+        return if isolated && !nd && hdr[6] != 0 {
+            Verdict::Drop(XdpCounter::DropVnetLocal)
+        } else {
+            Verdict::Pass(XdpCounter::PassMulticast)
+        };
     }
     // Link-local destinations (fe80::/10) never leave the link.
     if dst[0] == 0xfe && (dst[1] & 0xc0) == 0x80 {
         return Verdict::Pass(XdpCounter::PassLocal);
     }
 
-    if hdr[6] == IPPROTO_UDP {
+    if hdr[6] == IPPROTO_UDP && !isolated {
         if let Some(port) = read_u16_be(ctx, off + 40 + 2) {
             if is_listen(ListenKey::v6(dst, port), port) {
                 return listen_verdict(ctx, off + 40, iface, queue);
@@ -232,7 +256,7 @@ fn classify_v6(ctx: &XdpContext, off: usize, ifindex: u32, iface: IfaceConf, que
         },
     );
     match ROUTES_V6.get(&key) {
-        Some(steer) => steer_verdict(steer, hdr[7], ifindex, iface, queue),
+        Some(steer) => steer_verdict(steer, hdr[7], ifindex, iface, queue, nd),
         None => no_route(iface),
     }
 }
@@ -258,11 +282,15 @@ fn is_listen(exact: ListenKey, port: u16) -> bool {
 }
 
 #[inline(always)]
-fn steer_verdict(steer: &Steer, ttl: u8, ifindex: u32, iface: IfaceConf, queue: u32) -> Verdict {
-    if steer.action == STEER_LOCAL {
-        return Verdict::Pass(XdpCounter::PassLocal);
-    }
+fn steer_verdict(steer: &Steer, ttl: u8, ifindex: u32, iface: IfaceConf, queue: u32, nd: bool) -> Verdict {
     let isolated = iface.isolated();
+    if steer.action == STEER_LOCAL {
+        return if isolated && !nd {
+            Verdict::Drop(XdpCounter::DropVnetLocal)
+        } else {
+            Verdict::Pass(XdpCounter::PassLocal)
+        };
+    }
     // A non-default VNET's packets never reach the kernel's forwarding:
     // the worker decides, and counts, what the kernel would have done.
     if !isolated {
