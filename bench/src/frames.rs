@@ -87,6 +87,31 @@ pub fn build(buf: &mut [u8], len: usize, spec: &FlowSpec, flow: u16) -> usize {
     len
 }
 
+/// Writes an Ethernet + IPv4 + UDP frame from `from` to `to` around
+/// `payload` (a WireGuard message) into `buf`; returns its length. UDP
+/// checksum 0, as WireGuard implementations send over IPv4.
+pub fn wrap_udp(
+    buf: &mut [u8],
+    spec: &FlowSpec,
+    from: std::net::SocketAddrV4,
+    to: std::net::SocketAddrV4,
+    payload: &[u8],
+) -> usize {
+    let len = HEADERS + payload.len();
+    ethernet::emit(buf, spec.dst_mac, spec.src_mac, EtherType::IPV4);
+    ipv4::emit(
+        &mut buf[14..],
+        *from.ip(),
+        *to.ip(),
+        udp::PROTOCOL,
+        64,
+        8 + payload.len(),
+    );
+    udp::emit(&mut buf[34..], from.port(), to.port(), payload.len());
+    buf[HEADERS..len].copy_from_slice(payload);
+    len
+}
+
 /// Stamps the sequence number into a built frame.
 #[inline(always)]
 pub fn stamp(buf: &mut [u8], seq: u64) {

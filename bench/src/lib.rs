@@ -3,4 +3,5 @@
 
 pub mod cpu;
 pub mod frames;
+pub mod latency;
 pub mod report;

@@ -83,10 +83,16 @@ enum Cmd {
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
-    /// The encrypt direction of a WireGuard gateway: subway against
-    /// wireguard-go and boringtun-cli (kernel forwarding + TUN), packets/s
-    /// of ciphertext delivered at each size.
+    /// A WireGuard gateway, subway against wireguard-go and boringtun-cli
+    /// (kernel forwarding + TUN), packets/s at each size. Encrypt: LAN
+    /// frames in, ciphertext counted on the far wire (the far gateway's
+    /// kernel drops it unread). Decrypt: the generator is the gateway's
+    /// peer, replaying packets it sealed before the clock started, with
+    /// fresh counters; plaintext counted on the LAN wire.
     Tunnel {
+        /// encrypt, decrypt, or both (comma-separated).
+        #[arg(long, default_value = "encrypt,decrypt")]
+        direction: String,
         /// Sizes (wire bytes of the inner frame) or imix, comma-separated.
         #[arg(long, default_value = "64,512,1420")]
         sizes: String,
@@ -159,6 +165,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Tunnel {
+            direction,
             sizes,
             contenders,
             duration,
@@ -187,14 +194,18 @@ fn main() -> Result<()> {
                 profile,
             };
             let contenders: Vec<&str> = contenders.split(',').map(str::trim).collect();
-            let rows = tunnel(&sizes, &contenders, &p)?;
-            write_results(
-                &out,
-                "tunnel",
-                &rows,
-                contenders.last().copied().unwrap_or("wireguard-go"),
-                fwd_core,
-            )
+            let baseline = contenders.last().copied().unwrap_or("wireguard-go");
+            let dir = out.join(date_stamp());
+            for d in direction.split(',').map(str::trim) {
+                let decrypt = match d {
+                    "encrypt" => false,
+                    "decrypt" => true,
+                    other => bail!("--direction {other}: encrypt or decrypt"),
+                };
+                let rows = tunnel(&sizes, &contenders, decrypt, &p)?;
+                write_results(&dir, &format!("tunnel-{d}"), &rows, baseline, fwd_core)?;
+            }
+            Ok(())
         }
         Cmd::Routed {
             sizes,
@@ -229,7 +240,7 @@ fn main() -> Result<()> {
                 profile,
             };
             let rows = routed(&sizes, &p)?;
-            write_results(&out, "routed", &rows, "kernel", fwd_core)
+            write_results(&out.join(date_stamp()), "routed", &rows, "kernel", fwd_core)
         }
     }
 }
@@ -247,11 +258,11 @@ fn parse_sizes(sizes: &str, quick: bool) -> Result<Vec<Size>> {
 
 /// Prints the table and writes NAME.md and NAME.csv under a dated folder;
 /// an error if any contender delivered nothing.
-fn write_results(out: &std::path::Path, name: &str, rows: &[Row], baseline: &str, fwd_core: usize) -> Result<()> {
+/// Writes NAME.md and NAME.csv into `dir` (a dated results folder).
+fn write_results(dir: &std::path::Path, name: &str, rows: &[Row], baseline: &str, fwd_core: usize) -> Result<()> {
     let md = report::markdown(rows, baseline, fwd_core);
     println!("\n{md}");
-    let dir = out.join(date_stamp());
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join(format!("{name}.md")), &md)?;
     std::fs::write(dir.join(format!("{name}.csv")), report::csv(rows))?;
     eprintln!("results written to {}", dir.display());
@@ -367,32 +378,54 @@ fn pin_napi_threads(ifname: &str, core: usize) -> Result<usize> {
 }
 
 fn measure(t: &TwoSubnets, gw_mac: &str, contender: &str, size: &Size, p: &Params) -> Result<Row> {
-    offer(&t.a, gw_mac, (&t.b, "eth0"), contender, size, p)
+    let g = Gen::plain(&t.a, gw_mac);
+    offer(&g, (&t.b, "eth0"), contender, size, p)
 }
 
-/// Runs the generator in `source` (its eth0, to `gw_mac`, from 10.1.0.2 to
-/// SINK_IP) and counts what reaches the `sink` interface.
-fn offer(
-    source: &subway_tests::Netns,
-    gw_mac: &str,
-    sink: (&subway_tests::Netns, &str),
-    contender: &str,
-    size: &Size,
-    p: &Params,
-) -> Result<Row> {
+/// Where the generator runs and what it sends.
+struct Gen<'a> {
+    ns: &'a subway_tests::Netns,
+    iface: &'a str,
+    dst_mac: String,
+    src_ip: &'a str,
+    dst_ip: &'a str,
+    /// Extra pktgen arguments (the decrypt direction's WireGuard peer).
+    extra: Vec<String>,
+}
+
+impl<'a> Gen<'a> {
+    /// Plain UDP from a LAN host (its eth0, from 10.1.0.2 to SINK_IP).
+    fn plain(ns: &'a subway_tests::Netns, gw_mac: &str) -> Gen<'a> {
+        Gen {
+            ns,
+            iface: "eth0",
+            dst_mac: gw_mac.to_string(),
+            src_ip: "10.1.0.2",
+            dst_ip: SINK_IP,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// Runs the generator and counts what reaches the `sink` interface. CPU
+/// time is counted from the moment the generator starts sending.
+fn offer(g: &Gen, sink: (&subway_tests::Netns, &str), contender: &str, size: &Size, p: &Params) -> Result<Row> {
+    use std::io::{BufRead, Read};
     let pktgen = profile_bin("subway-pktgen", &p.profile)?;
     let before = sink.0.if_stat(sink.1, "rx_packets")?;
-    let cpu0 = CpuTimes::now();
-    let out = source.run(&[
+    let mut args: Vec<String> = [
+        "netns",
+        "exec",
+        &g.ns.name,
         pktgen.to_str().unwrap(),
         "--iface",
-        "eth0",
+        g.iface,
         "--dst-mac",
-        gw_mac,
+        &g.dst_mac,
         "--src-ip",
-        "10.1.0.2",
+        g.src_ip,
         "--dst-ip",
-        SINK_IP,
+        g.dst_ip,
         "--size",
         &size.label(),
         "--duration",
@@ -403,8 +436,35 @@ fn offer(
         &p.rate.to_string(),
         "--core",
         &p.gen_core.to_string(),
-    ])?;
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(g.extra.iter().cloned());
+    let mut child = std::process::Command::new("ip")
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting subway-pktgen")?;
+    let mut err = std::io::BufReader::new(child.stderr.take().context("no stderr")?);
+    let mut line = String::new();
+    let mut log = String::new();
+    while err.read_line(&mut line)? > 0 {
+        log += &line;
+        if line.trim() == "sending" {
+            break;
+        }
+        line.clear();
+    }
+    let cpu0 = CpuTimes::now();
+    let mut out = String::new();
+    child.stdout.take().context("no stdout")?.read_to_string(&mut out)?;
+    err.read_to_string(&mut log)?;
+    let status = child.wait()?;
     let cpu1 = CpuTimes::now();
+    if !status.success() {
+        bail!("subway-pktgen failed ({status}):\n{log}");
+    }
     std::thread::sleep(Duration::from_millis(200));
     let delivered = sink.0.if_stat(sink.1, "rx_packets")? - before;
     let g: Value = serde_json::from_str(out.trim()).with_context(|| format!("pktgen printed {out}"))?;
@@ -507,15 +567,20 @@ fn start_gw(t: &TwoSites, impl_: &str, for_a: bool, p: &Params) -> Result<Gw> {
     })
 }
 
-fn tunnel(sizes: &[Size], contenders: &[&str], p: &Params) -> Result<Vec<Row>> {
+fn tunnel(sizes: &[Size], contenders: &[&str], decrypt: bool, p: &Params) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for size in sizes {
         for c in contenders {
             let mut trials = Vec::new();
             for trial in 0..p.trials {
-                eprintln!("size {} {c} trial {}/{}", size.label(), trial + 1, p.trials);
+                let what = if decrypt { "decrypt" } else { "encrypt" };
+                eprintln!("{what} size {} {c} trial {}/{}", size.label(), trial + 1, p.trials);
                 let t = TwoSites::new()?;
                 let ga = start_gw(&t, c, true, p)?;
+                if decrypt {
+                    trials.push(decrypt_once(&t, &ga, c, size, p)?);
+                    continue;
+                }
                 let _gb = start_gw(&t, c, false, p)?;
                 // Handshake with real traffic, then point site A's next hop for
                 // the far gateway at a MAC nobody has: the far gateway's wire
@@ -545,26 +610,24 @@ fn tunnel(sizes: &[Size], contenders: &[&str], p: &Params) -> Result<Vec<Row>> {
                         1u64 << p.fwd_core
                     ))?;
                 }
-                if let Gw::Standard(w) = &ga {
-                    // Pin every thread of the userspace WireGuard to the forwarder core.
-                    let _ = std::process::Command::new("taskset")
-                        .args(["-a", "-p", "-c", &p.fwd_core.to_string(), &w.proc.pid().to_string()])
-                        .output();
-                    for pid in child_pids(w.proc.pid()) {
-                        let _ = std::process::Command::new("taskset")
-                            .args(["-a", "-p", "-c", &p.fwd_core.to_string(), &pid.to_string()])
-                            .output();
-                    }
-                }
+                pin_standard(&ga, p.fwd_core);
                 std::thread::sleep(Duration::from_millis(400));
                 let gw_mac = t.gwa.run(&["cat", "/sys/class/net/lan0/address"])?.trim().to_string();
                 let row = if p.search {
                     search_loss_free(
-                        |rate| offer(&t.a, &gw_mac, (&t.gwb, "wan0"), c, size, &Params { rate, ..p.clone() }),
+                        |rate| {
+                            offer(
+                                &Gen::plain(&t.a, &gw_mac),
+                                (&t.gwb, "wan0"),
+                                c,
+                                size,
+                                &Params { rate, ..p.clone() },
+                            )
+                        },
                         7,
                     )?
                 } else {
-                    offer(&t.a, &gw_mac, (&t.gwb, "wan0"), c, size, p)?
+                    offer(&Gen::plain(&t.a, &gw_mac), (&t.gwb, "wan0"), c, size, p)?
                 };
                 if let Gw::Subway(s) = &ga
                     && let Ok(v) = s.show()
@@ -577,6 +640,119 @@ fn tunnel(sizes: &[Size], contenders: &[&str], p: &Params) -> Result<Vec<Row>> {
         }
     }
     Ok(rows)
+}
+
+/// Pins every thread of a userspace WireGuard to the forwarder core.
+fn pin_standard(gw: &Gw, core: usize) {
+    if let Gw::Standard(w) = gw {
+        for pid in std::iter::once(w.proc.pid()).chain(child_pids(w.proc.pid())) {
+            let _ = std::process::Command::new("taskset")
+                .args(["-a", "-p", "-c", &core.to_string(), &pid.to_string()])
+                .output();
+        }
+    }
+}
+
+/// Packets a decrypt-direction probe seals in advance at most (one UMEM
+/// frame each, 2 KiB: 2 GiB); a probe ends at this count or its duration.
+const DECRYPT_MAX_PACKETS: u64 = 1 << 20;
+
+/// One decrypt-direction measurement of gateway A (`ga`, already started):
+/// the generator in site B's gateway namespace is A's peer B (B's key and
+/// address), handshakes with A, and replays sealed packets to A's uplink;
+/// what A delivers on its LAN is counted on host a's wire. A resolves
+/// host a to a MAC nobody has, so a's kernel drops the plaintext unread
+/// (no replies to encrypt back).
+fn decrypt_once(t: &TwoSites, ga: &Gw, c: &str, size: &Size, p: &Params) -> Result<Row> {
+    t.gwa.run(&[
+        "ip",
+        "neigh",
+        "replace",
+        "10.1.0.2",
+        "lladdr",
+        SINK_MAC,
+        "dev",
+        "lan0",
+        "nud",
+        "permanent",
+    ])?;
+    pin_standard(ga, p.fwd_core);
+    std::thread::sleep(Duration::from_millis(400));
+    let wan_mac = t.gwa.run(&["cat", "/sys/class/net/wan0/address"])?.trim().to_string();
+    let g = Gen {
+        ns: &t.gwb,
+        iface: "wan0",
+        dst_mac: wan_mac,
+        src_ip: "10.2.0.2",
+        dst_ip: "10.1.0.2",
+        extra: [
+            "--wg-key",
+            &t.keys_b.0,
+            "--wg-peer",
+            &t.keys_a.1,
+            "--wg-listen",
+            "192.0.2.2:51820",
+            "--wg-endpoint",
+            "192.0.2.1:51820",
+        ]
+        .map(String::from)
+        .to_vec(),
+    };
+    let count = |rate: u64| -> u64 {
+        let by_time = if rate == 0 {
+            u64::MAX
+        } else {
+            (rate as f64 * p.duration) as u64 + 1
+        };
+        p.count.min(DECRYPT_MAX_PACKETS).min(by_time)
+    };
+    let row = if p.search {
+        search_loss_free(
+            |rate| {
+                offer(
+                    &g,
+                    (&t.a, "eth0"),
+                    c,
+                    size,
+                    &Params {
+                        rate,
+                        count: count(rate),
+                        ..p.clone()
+                    },
+                )
+            },
+            7,
+        )?
+    } else {
+        offer(
+            &g,
+            (&t.a, "eth0"),
+            c,
+            size,
+            &Params {
+                count: count(p.rate),
+                ..p.clone()
+            },
+        )?
+    };
+    if let Gw::Subway(s) = ga
+        && let Ok(v) = s.show()
+    {
+        eprintln!(
+            "                 subway: tunnel_rx {} drops {}",
+            v["totals"]["tunnel_rx"],
+            v["totals"]
+                .as_object()
+                .map(|m| m
+                    .iter()
+                    .filter(|(k, v)| k.starts_with("drop_") && v.as_u64() > Some(0))
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" "))
+                .unwrap_or_default()
+        );
+    }
+    Ok(row)
 }
 
 /// Direct children of `pid` (the program behind `ip netns exec`).

@@ -4,6 +4,14 @@
 //! number and recycles completed frames, so one core offers far more than
 //! a socket-based sender. Bounded by --count and --duration, optionally
 //! rate-limited. Prints one JSON line with what it sent.
+//!
+//! With `--wg-key` it is a WireGuard peer instead, for measuring a
+//! gateway's decrypt direction without an encrypting gateway in front: it
+//! makes a real handshake with the gateway (subway's own engine, over a
+//! UDP socket), seals `--count` packets of that session with consecutive
+//! counters before the clock starts, one UMEM frame each, and then sends
+//! each exactly once (a counter cannot be replayed), so the send loop
+//! costs what it costs for plain UDP.
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -53,6 +61,80 @@ struct Args {
     batch: usize,
     #[arg(long, default_value_t = 0)]
     queue: u32,
+    /// Decrypt-direction mode: our WireGuard private key (base64). The
+    /// inner packets go from --src-ip to --dst-ip; --dst-mac is the
+    /// gateway's uplink MAC.
+    #[arg(long)]
+    wg_key: Option<String>,
+    /// The gateway's public key (base64).
+    #[arg(long)]
+    wg_peer: Option<String>,
+    /// Our outer address and port (bound for the handshake; the gateway
+    /// must know it as our endpoint).
+    #[arg(long)]
+    wg_listen: Option<std::net::SocketAddrV4>,
+    /// The gateway's outer address and port.
+    #[arg(long)]
+    wg_endpoint: Option<std::net::SocketAddrV4>,
+}
+
+fn key(b64: &str, what: &str) -> Result<[u8; 32]> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .with_context(|| format!("{what}: not a base64 WireGuard key"))
+}
+
+/// A WireGuard session with the gateway under test, made by a real
+/// handshake over UDP.
+fn handshake(
+    private: [u8; 32],
+    peer: [u8; 32],
+    listen: std::net::SocketAddrV4,
+    endpoint: std::net::SocketAddrV4,
+) -> Result<subway_dataplane::wg::device::Device> {
+    use subway_dataplane::wg::Now;
+    use subway_dataplane::wg::device::{Device, Received};
+    use subway_dataplane::wg::peer::PeerConfig;
+    let mut dev = Device::new(private);
+    dev.add_peer(&PeerConfig {
+        public_key: peer,
+        preshared_key: None,
+        endpoint: Some(endpoint.into()),
+        allowed_ips: vec!["0.0.0.0/0".parse().unwrap()],
+        persistent_keepalive: None,
+        vnet: 0,
+    })
+    .context("the gateway's key is our own")?;
+    let sock = std::net::UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
+    sock.set_read_timeout(Some(Duration::from_millis(250)))?;
+    let mut buf = [0u8; 2048];
+    // Bounded: 20 initiations, 250 ms apart.
+    for _ in 0..20 {
+        let init = dev.initiate(0, Now::system()).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        sock.send_to(&init.datagram, endpoint)?;
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(250) {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                continue;
+            };
+            let mut msg = buf[..n].to_vec();
+            if let Ok(Received::Send(outs)) = dev.receive(from, &mut msg, Now::system()) {
+                for o in outs {
+                    sock.send_to(&o.datagram, endpoint)?;
+                }
+            }
+            if dev
+                .peer(0)
+                .is_some_and(|p| p.send_session(Now::system().mono).is_some())
+            {
+                return Ok(dev);
+            }
+        }
+    }
+    bail!("no handshake response from {endpoint} in 5 s")
 }
 
 fn main() -> Result<()> {
@@ -79,14 +161,25 @@ fn main() -> Result<()> {
         flows: a.flows.max(1),
     };
 
-    const FRAMES: u32 = 4096;
+    let wg = match (&a.wg_key, &a.wg_peer, a.wg_listen, a.wg_endpoint) {
+        (None, None, None, None) => None,
+        (Some(k), Some(p), Some(l), Some(e)) => Some((key(k, "--wg-key")?, key(p, "--wg-peer")?, l, e)),
+        _ => bail!("--wg-key, --wg-peer, --wg-listen and --wg-endpoint go together"),
+    };
+    // Each sealed frame is sent once: as many frames as packets (4 GB of
+    // UMEM at most), none recycled.
+    const MAX_SEALED: u64 = 2 << 20;
+    if wg.is_some() && a.count > MAX_SEALED {
+        bail!("--count is at most {MAX_SEALED} with --wg-key (one UMEM frame per sealed packet)");
+    }
+    let frames: u32 = if wg.is_some() { a.count.max(1) as u32 } else { 4096 };
     let ring = QueueSize::new(2048)?;
     let ucfg = UmemConfig::builder()
         .frame_size(FrameSize::new(2048)?)
         .fill_queue_size(ring)
         .comp_queue_size(ring)
         .build()?;
-    let (umem, mut descs) = Umem::new(ucfg, NonZeroU32::new(FRAMES).unwrap(), false).context("creating the UMEM")?;
+    let (umem, mut descs) = Umem::new(ucfg, NonZeroU32::new(frames).unwrap(), false).context("creating the UMEM")?;
     let zc = subway_dataplane::worker::probe_zero_copy(&a.iface, a.queue, &Default::default());
     let scfg = SocketConfig::builder()
         .rx_queue_size(ring)
@@ -109,24 +202,60 @@ fn main() -> Result<()> {
     // Build every frame once; remember each frame's length, which the
     // completion ring resets.
     let lens_cycle = size.frame_lens();
-    let mut lens = vec![0usize; FRAMES as usize];
+    let mut lens = vec![0usize; frames as usize];
     let mut scratch = [0u8; 2048];
-    for (i, d) in descs.iter_mut().enumerate() {
-        let len = frames::build(
-            &mut scratch,
-            lens_cycle[i % lens_cycle.len()],
-            &spec,
-            (i % spec.flows as usize) as u16,
-        );
-        // SAFETY: the frame is ours (not on any ring yet).
-        let mut data = unsafe { umem.data_mut(d) };
-        data.cursor().write_all(&scratch[..len])?;
-        lens[d.addr() / 2048] = len;
+    let mut sealed = false;
+    if let Some((private, peer, listen, endpoint)) = wg {
+        // The gateway's uplink MAC is --dst-mac; the inner frames are
+        // addressed as in plain mode, and only their IP packet is sealed.
+        let mut dev = handshake(private, peer, listen, endpoint)?;
+        let now = subway_dataplane::wg::Now::system();
+        let mut outer = [0u8; 2048];
+        for (i, d) in descs.iter_mut().enumerate() {
+            let len = frames::build(
+                &mut scratch,
+                lens_cycle[i % lens_cycle.len()],
+                &spec,
+                (i % spec.flows as usize) as u16,
+            );
+            frames::stamp(&mut scratch[..len], i as u64);
+            let o = dev
+                .send(0, &scratch[14..len], now)
+                .map_err(|e| anyhow::anyhow!("sealing: {e:?}"))?
+                .context("no session to seal with")?;
+            let n = frames::wrap_udp(&mut outer, &spec, listen, endpoint, &o.datagram);
+            // SAFETY: the frame is ours (not on any ring yet).
+            let mut data = unsafe { umem.data_mut(d) };
+            data.cursor().write_all(&outer[..n])?;
+            lens[d.addr() / 2048] = n;
+        }
+        sealed = true;
+    } else {
+        for (i, d) in descs.iter_mut().enumerate() {
+            let len = frames::build(
+                &mut scratch,
+                lens_cycle[i % lens_cycle.len()],
+                &spec,
+                (i % spec.flows as usize) as u16,
+            );
+            // SAFETY: the frame is ours (not on any ring yet).
+            let mut data = unsafe { umem.data_mut(d) };
+            data.cursor().write_all(&scratch[..len])?;
+            lens[d.addr() / 2048] = len;
+        }
     }
+    // Sealed frames go in order (consecutive counters), once each.
+    descs.reverse();
     let mut free: Vec<FrameDesc> = descs;
     let mut done = vec![FrameDesc::default(); 2048];
 
+    // The harness starts its CPU accounting here (sealing is not timed).
+    eprintln!("sending");
     let t0 = Instant::now();
+    let t0_unix_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
     let limit = Duration::from_secs_f64(a.duration);
     let mut sent: u64 = 0;
     let mut in_flight = 0usize;
@@ -135,6 +264,10 @@ fn main() -> Result<()> {
         let n = unsafe { comp.consume(&mut done) };
         in_flight -= n;
         for d in &mut done[..n] {
+            if sealed {
+                // Its counter is spent: never sent again.
+                continue;
+            }
             // SAFETY: completed, so ours again; restore its length.
             let len = lens[d.addr() / 2048];
             let mut data = unsafe { umem.data_mut(d) };
@@ -154,14 +287,28 @@ fn main() -> Result<()> {
             continue;
         }
         let start = free.len() - want;
-        for (k, d) in free[start..].iter_mut().enumerate() {
-            // SAFETY: a free frame, not on any ring.
-            let mut data = unsafe { umem.data_mut(d) };
-            frames::stamp(data.contents_mut(), sent + k as u64);
+        if sealed {
+            // The stack holds the next frames at its end, in reverse:
+            // hand them to the ring in counter order.
+            free[start..].reverse();
+        } else {
+            for (k, d) in free[start..].iter_mut().enumerate() {
+                // SAFETY: a free frame, not on any ring.
+                let mut data = unsafe { umem.data_mut(d) };
+                frames::stamp(data.contents_mut(), sent + k as u64);
+            }
         }
         // SAFETY: the frames are ours until completed.
         let put = unsafe { tx.produce(&free[start..]) };
-        free.truncate(start + (want - put));
+        if sealed && put < want {
+            // Back to stack order for what was not taken.
+            free[start + put..].reverse();
+            let rest: Vec<FrameDesc> = free[start + put..].to_vec();
+            free.truncate(start);
+            free.extend(rest);
+        } else {
+            free.truncate(start + (want - put));
+        }
         sent += put as u64;
         in_flight += put;
         if tx.needs_wakeup() {
@@ -177,7 +324,7 @@ fn main() -> Result<()> {
         in_flight -= unsafe { comp.consume(&mut done) };
     }
     println!(
-        "{{\"sent\":{sent},\"seconds\":{secs:.4},\"pps\":{:.0},\"size\":\"{}\",\"zero_copy\":{zc}}}",
+        "{{\"sent\":{sent},\"seconds\":{secs:.4},\"t0_unix_ns\":{t0_unix_ns},\"pps\":{:.0},\"size\":\"{}\",\"zero_copy\":{zc}}}",
         sent as f64 / secs,
         size.label()
     );
