@@ -26,8 +26,7 @@ else
   # Benchmark smoke tests: every contender must move packets (no speed is
   # asserted; see README "Benchmarks" for the real runs).
   if [ "$(id -u)" -eq 0 ]; then
-    target/debug/subway-bench routed --quick --profile debug --out "${TMPDIR:-/tmp}/subway-bench-smoke"
-    target/debug/subway-bench tunnel --quick --profile debug --out "${TMPDIR:-/tmp}/subway-bench-smoke"
+    target/debug/subway-bench all --quick --profile debug --out "${TMPDIR:-/tmp}/subway-bench-smoke"
   fi
 fi
 passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')

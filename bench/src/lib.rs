@@ -1,7 +1,9 @@
 //! subway's benchmark kit: frame templates for the packet generator,
 //! packet-size mixes, CPU accounting from /proc/stat, and result tables.
 
+pub mod ceiling;
 pub mod cpu;
 pub mod frames;
 pub mod latency;
+pub mod plot;
 pub mod report;

@@ -24,6 +24,66 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// The whole comparison in one run, one dated folder: the crypto-only
+    /// ceiling of a core, routed mode vs kernel forwarding (the AF_XDP
+    /// ceiling), the tunnel in both directions against boringtun-cli and
+    /// wireguard-go, one TCP stream through two gateways of each kind,
+    /// latency at a fixed load, the tuning sweep; tables, CSV, plots and
+    /// a summary.md. About 12 minutes on a 2-core VM; --quick: under 2.
+    All {
+        /// Smoke test: 64 bytes only, 1-second probes, one trial; asserts
+        /// only that every contender moved packets.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "release")]
+        profile: String,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// One-way latency percentiles, loss and reordering through two
+    /// gateways of each kind, at a fixed offered load.
+    Latency {
+        #[arg(long, default_value = "subway,boringtun-cli,wireguard-go")]
+        contenders: String,
+        #[arg(long, default_value = "64,1420")]
+        sizes: String,
+        /// Offered load, packets/s (light: the generator sleeps between
+        /// packets, and the gateways' idle behaviour is part of what is
+        /// measured).
+        #[arg(long, default_value_t = 5_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 4.0)]
+        duration: f64,
+        /// Extra [Tuning] lines for subway, e.g. "IdleSpin = 0".
+        #[arg(long, default_value = "")]
+        tuning: String,
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "release")]
+        profile: String,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// The crypto-only ceiling: data messages sealed and opened per second
+    /// by one core.
+    Crypto {
+        #[arg(long, default_value_t = 1.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 0)]
+        core: usize,
+    },
+    /// Which [Tuning] settings win on this box: batch size, ring size,
+    /// need_wakeup vs busy poll vs spinning, idle spin, the worker's core,
+    /// XDP driver vs generic mode, copy vs zero-copy; routed mode at 64
+    /// bytes (the AF_XDP path without crypto, where the knobs matter).
+    Tune {
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "release")]
+        profile: String,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
     /// subway routed mode vs kernel forwarding, packets/s at each size.
     Routed {
         /// Sizes (wire bytes) or imix, comma-separated.
@@ -53,6 +113,10 @@ enum Cmd {
         /// Extra [Tuning] lines for subway, e.g. "IdleSpin = 512".
         #[arg(long, default_value = "")]
         tuning: String,
+        /// Search for the highest rate with loss under 0.1% (RFC 2544
+        /// style) instead of saturating.
+        #[arg(long)]
+        search: bool,
         /// Thread the gateway's veth NAPI (XDP and the AF_XDP copy) and pin
         /// it to the forwarder core. By default it runs where the veth
         /// driver puts it, on the sending (generator's) core.
@@ -123,6 +187,57 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::All { quick, profile, out } => {
+            if !require_root("subway-bench all") {
+                bail!("run as root");
+            }
+            all(quick, &profile, &out)
+        }
+        Cmd::Latency {
+            contenders,
+            sizes,
+            rate,
+            duration,
+            tuning,
+            quick,
+            profile,
+            out,
+        } => {
+            if !require_root("subway-bench latency") {
+                bail!("run as root");
+            }
+            let sizes = parse_sizes(&sizes, quick)?;
+            let contenders: Vec<&str> = contenders.split(',').map(str::trim).collect();
+            let dur = if quick { 1.0 } else { duration };
+            let stats = latency(&contenders, &sizes, rate, dur, &tuning, &profile)?;
+            let dir = out.join(date_stamp());
+            std::fs::create_dir_all(&dir)?;
+            let md = latency_md(&stats, rate);
+            println!("\n{md}");
+            std::fs::write(dir.join("latency.md"), &md)?;
+            if let Some(png) = subway_bench::plot::latency(&dir, &stats, rate)? {
+                eprintln!("plot: {}", png.display());
+            }
+            eprintln!("results written to {}", dir.display());
+            check_latency(&stats)
+        }
+        Cmd::Crypto { secs, core } => {
+            let md = crypto_md(&crypto(&[64, 512, 1420], secs, core));
+            println!("{md}");
+            Ok(())
+        }
+        Cmd::Tune { quick, profile, out } => {
+            if !require_root("subway-bench tune") {
+                bail!("run as root");
+            }
+            let dir = out.join(date_stamp());
+            std::fs::create_dir_all(&dir)?;
+            let md = tune(quick, &profile)?;
+            println!("\n{md}");
+            std::fs::write(dir.join("tune.md"), &md)?;
+            eprintln!("results written to {}", dir.display());
+            Ok(())
+        }
         Cmd::Tcp {
             contenders,
             seconds,
@@ -217,6 +332,7 @@ fn main() -> Result<()> {
             trials,
             quick,
             tuning,
+            search,
             napi_on_forwarder,
             profile,
             out,
@@ -236,7 +352,7 @@ fn main() -> Result<()> {
                 trials,
                 tuning,
                 napi_on_forwarder,
-                search: false,
+                search,
                 profile,
             };
             let rows = routed(&sizes, &p)?;
@@ -498,50 +614,64 @@ fn routed(sizes: &[Size], p: &Params) -> Result<Vec<Row>> {
             {
                 let t = TwoSubnets::new()?;
                 let mac = prepare(&t, p.fwd_core)?;
-                kernel.push(measure(&t, &mac, "kernel", size, p)?);
+                kernel.push(if p.search {
+                    search_loss_free(
+                        |rate| measure(&t, &mac, "kernel", size, &Params { rate, ..p.clone() }),
+                        7,
+                    )?
+                } else {
+                    measure(&t, &mac, "kernel", size, p)?
+                });
             }
-            // subway routed mode, worker pinned to the forwarder core.
-            {
-                let t = TwoSubnets::new()?;
-                let mac = prepare(&t, p.fwd_core)?;
-                let gw = Subway::start_bin(
-                    &t.gw,
-                    &t.routed_config(&format!("Cores = {}\n{}", p.fwd_core, p.tuning.replace(';', "\n"))),
-                    &subway,
-                )?;
-                std::thread::sleep(Duration::from_millis(300));
-                // With XDP attached a veth receives in NAPI, which runs on
-                // the sender's core unless threaded: thread it and pin the
-                // thread to the forwarder core, so that the generator's core
-                // only generates, as with the kernel (RPS) above.
-                if p.napi_on_forwarder {
-                    t.gw.sh("echo 1 > /sys/class/net/lan0/threaded")?;
-                    anyhow::ensure!(pin_napi_threads("lan0", p.fwd_core)? > 0, "no NAPI thread for lan0");
-                }
-                let row = measure(&t, &mac, "subway", size, p)?;
-                let s = gw.show()?;
-                eprintln!(
-                    "           worker: rx {} in {} batches, {} idle sleeps, {} TX kicks, tx {} tx-ring-full drops {} slow path {}; AF_XDP: {}",
-                    s["totals"]["rx_packets"],
-                    s["totals"]["rx_batches"],
-                    s["totals"]["idle_polls"],
-                    s["totals"]["tx_wakeups"],
-                    s["totals"]["tx_packets"],
-                    s["totals"]["drop_tx_ring_full"],
-                    s["totals"]["slow_neigh_unknown"],
-                    s["xsk"]
-                );
-                ours.push(row);
-                let (status, log) = gw.stop();
-                if !status.map(|s| s.success()).unwrap_or(false) {
-                    bail!("subway did not stop cleanly:\n{log}");
-                }
-            }
+            ours.push(routed_subway(size, "subway", p, &subway)?);
         }
         rows.extend(report::median(kernel));
         rows.extend(report::median(ours));
     }
     Ok(rows)
+}
+
+/// subway's routed mode (no crypto: the AF_XDP path alone), worker pinned
+/// to the forwarder core, with `p.tuning` as extra [Tuning] lines.
+fn routed_subway(size: &Size, label: &str, p: &Params, subway: &std::path::Path) -> Result<Row> {
+    let t = TwoSubnets::new()?;
+    let mac = prepare(&t, p.fwd_core)?;
+    let gw = Subway::start_bin(
+        &t.gw,
+        &t.routed_config(&format!("Cores = {}\n{}", p.fwd_core, p.tuning.replace(';', "\n"))),
+        subway,
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    // With XDP attached a veth receives in NAPI, which runs on the sender's
+    // core unless threaded: thread it and pin the thread to the forwarder
+    // core, so that the generator's core only generates, as with the
+    // kernel (RPS).
+    if p.napi_on_forwarder {
+        t.gw.sh("echo 1 > /sys/class/net/lan0/threaded")?;
+        anyhow::ensure!(pin_napi_threads("lan0", p.fwd_core)? > 0, "no NAPI thread for lan0");
+    }
+    let row = if p.search {
+        search_loss_free(|rate| measure(&t, &mac, label, size, &Params { rate, ..p.clone() }), 7)?
+    } else {
+        measure(&t, &mac, label, size, p)?
+    };
+    let s = gw.show()?;
+    eprintln!(
+        "           worker: rx {} in {} batches, {} idle sleeps, {} TX kicks, tx {} tx-ring-full drops {} slow path {}; AF_XDP: {}",
+        s["totals"]["rx_packets"],
+        s["totals"]["rx_batches"],
+        s["totals"]["idle_polls"],
+        s["totals"]["tx_wakeups"],
+        s["totals"]["tx_packets"],
+        s["totals"]["drop_tx_ring_full"],
+        s["totals"]["slow_neigh_unknown"],
+        s["xsk"]
+    );
+    let (status, log) = gw.stop();
+    if !status.map(|s| s.success()).unwrap_or(false) {
+        bail!("subway did not stop cleanly:\n{log}");
+    }
+    Ok(row)
 }
 
 /// One gateway contender at site A (the one measured) with the same kind at
@@ -556,7 +686,8 @@ fn start_gw(t: &TwoSites, impl_: &str, for_a: bool, p: &Params) -> Result<Gw> {
         "subway" => {
             // Site A's worker on the forwarder core, site B's on the other.
             let core = if for_a { p.fwd_core } else { p.gen_core };
-            let cfg = t.subway_config(for_a, false, "") + &format!("\n[Tuning]\nCores = {core}\n");
+            let cfg = t.subway_config(for_a, false, "")
+                + &format!("\n[Tuning]\nCores = {core}\n{}\n", p.tuning.replace(';', "\n"));
             Gw::Subway(Subway::start_bin(
                 if for_a { &t.gwa } else { &t.gwb },
                 &cfg,
@@ -790,6 +921,499 @@ fn tcp_stream(c: &str, seconds: u32, profile: &str) -> Result<f64> {
         t.a.run(&["iperf3", "-c", "10.2.0.2", "-t", &seconds.to_string(), "-J"])?;
     let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
     Ok(v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9)
+}
+
+/// Latency through two gateways of each kind: a paced flow from host a to
+/// a socket on host b, timestamped by b's kernel.
+fn latency(
+    contenders: &[&str],
+    sizes: &[Size],
+    rate: u64,
+    duration: f64,
+    tuning: &str,
+    profile: &str,
+) -> Result<Vec<(String, String, subway_bench::latency::FlowStats)>> {
+    let mut out = Vec::new();
+    for size in sizes {
+        for c in contenders {
+            eprintln!("latency {c} size {} at {rate} pps", size.label());
+            let s = latency_once(c, size, rate, duration, tuning, profile)?;
+            eprintln!(
+                "  {c:>14}: received {}/{} lost {} reordered {} p50 {:.0} us p99 {:.0} us p99.9 {:.0} us",
+                s.received, s.sent, s.lost, s.reordered, s.p50_us, s.p99_us, s.p999_us
+            );
+            out.push((c.to_string(), size.label(), s));
+        }
+    }
+    Ok(out)
+}
+
+fn latency_once(
+    c: &str,
+    size: &Size,
+    rate: u64,
+    duration: f64,
+    tuning: &str,
+    profile: &str,
+) -> Result<subway_bench::latency::FlowStats> {
+    use std::io::{BufRead, Read};
+    let t = TwoSites::new()?;
+    let p = Params {
+        duration,
+        count: (rate as f64 * duration) as u64,
+        rate,
+        fwd_core: 0,
+        gen_core: 1,
+        trials: 1,
+        tuning: tuning.to_string(),
+        napi_on_forwarder: false,
+        search: false,
+        profile: profile.to_string(),
+    };
+    let ga = start_gw(&t, c, true, &p)?;
+    let gb = start_gw(&t, c, false, &p)?;
+    pin_standard(&ga, p.fwd_core);
+    pin_standard(&gb, p.gen_core);
+    subway_tests::ping_until(&t.a, "10.2.0.2", 20).with_context(|| format!("{c}: the tunnel did not come up"))?;
+    let records = subway_tests::work_dir().join(format!("{}.sink", subway_tests::unique("lat")));
+    let sink_bin = profile_bin("subway-sink", profile)?;
+    let mut sink = std::process::Command::new("ip")
+        .args(["netns", "exec", &t.b.name, sink_bin.to_str().unwrap()])
+        .args(["--bind", "10.2.0.2:9", "--idle", "1.5", "--duration"])
+        .arg(format!("{}", duration + 15.0))
+        .arg("--out")
+        .arg(&records)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting subway-sink")?;
+    let mut err = std::io::BufReader::new(sink.stderr.take().context("no stderr")?);
+    let mut line = String::new();
+    err.read_line(&mut line)?;
+    anyhow::ensure!(line.trim() == "ready", "subway-sink: {line}");
+    let gw_mac = t.gwa.run(&["cat", "/sys/class/net/lan0/address"])?.trim().to_string();
+    let g = Gen {
+        ns: &t.a,
+        iface: "eth0",
+        dst_mac: gw_mac,
+        src_ip: "10.1.0.2",
+        dst_ip: "10.2.0.2",
+        extra: Vec::new(),
+    };
+    // The sink counts at b's socket; the row's own counter (b's veth) is
+    // not what is reported here.
+    let row_json = offer_json(&g, size, &p)?;
+    let mut out = String::new();
+    sink.stdout.take().context("no stdout")?.read_to_string(&mut out)?;
+    let status = sink.wait()?;
+    anyhow::ensure!(status.success(), "subway-sink failed: {out}");
+    let data = std::fs::read(&records)?;
+    let _ = std::fs::remove_file(&records);
+    let sent = row_json["sent"].as_u64().unwrap_or(0);
+    let t0 = row_json["t0_unix_ns"].as_u64().unwrap_or(0);
+    Ok(subway_bench::latency::analyze(&data, sent, t0, rate))
+}
+
+/// Runs the generator and returns its JSON line (for the latency run,
+/// where the sink, not a wire counter, is the measure).
+fn offer_json(g: &Gen, size: &Size, p: &Params) -> Result<Value> {
+    let pktgen = profile_bin("subway-pktgen", &p.profile)?;
+    let mut args: Vec<String> = [
+        pktgen.to_str().unwrap(),
+        "--iface",
+        g.iface,
+        "--dst-mac",
+        &g.dst_mac,
+        "--src-ip",
+        g.src_ip,
+        "--dst-ip",
+        g.dst_ip,
+        "--size",
+        &size.label(),
+        "--duration",
+        &(p.duration + 1.0).to_string(),
+        "--count",
+        &p.count.to_string(),
+        "--rate",
+        &p.rate.to_string(),
+        "--core",
+        &p.gen_core.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(g.extra.iter().cloned());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = g.ns.run(&a)?;
+    serde_json::from_str(out.trim()).with_context(|| format!("pktgen printed {out}"))
+}
+
+fn latency_md(stats: &[(String, String, subway_bench::latency::FlowStats)], rate: u64) -> String {
+    let mut md = format!(
+        "One-way latency through two gateways of each kind at {rate} packets/s (kernel receive timestamp at the sink minus the paced send time):\n\n\
+         | size | contender | received / sent | lost | reordered | duplicates | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    for (c, size, s) in stats {
+        md += &format!(
+            "| {size} | {c} | {} / {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+            s.received, s.sent, s.lost, s.reordered, s.duplicates, s.p50_us, s.p90_us, s.p99_us, s.p999_us, s.max_us
+        );
+    }
+    md
+}
+
+/// Every contender must have carried the flow (a smoke test asserts
+/// movement, never a speed).
+fn check_latency(stats: &[(String, String, subway_bench::latency::FlowStats)]) -> Result<()> {
+    if let Some((c, size, _)) = stats.iter().find(|(_, _, s)| s.received == 0) {
+        bail!("{c} delivered nothing of the {size}-byte latency flow");
+    }
+    Ok(())
+}
+
+/// The crypto ceiling per size: (size label, seal/s, open/s), pinned to `core`.
+fn crypto(sizes: &[usize], secs: f64, core: usize) -> Vec<(usize, f64, f64)> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            core_affinity::set_for_current(core_affinity::CoreId { id: core });
+            sizes
+                .iter()
+                .map(|&size| {
+                    // Wire size of the inner frame -> its IP packet.
+                    let (seal, open) = subway_bench::ceiling::crypto_rates(size - 4 - 14, secs);
+                    eprintln!(
+                        "crypto {size}: seal {:.3} Mpps, open {:.3} Mpps",
+                        seal / 1e6,
+                        open / 1e6
+                    );
+                    (size, seal, open)
+                })
+                .collect()
+        })
+        .join()
+        .unwrap_or_default()
+    })
+}
+
+fn crypto_md(rows: &[(usize, f64, f64)]) -> String {
+    let mut md = String::from(
+        "Crypto-only ceiling of one core (subway's session: ChaCha20-Poly1305 from ring, no packet I/O):\n\n\
+         | size | seal Mpps | open Mpps | seal Gbit/s | open Gbit/s |\n|---|---:|---:|---:|---:|\n",
+    );
+    for (size, seal, open) in rows {
+        let bits = *size as f64 * 8.0 / 1e9;
+        md += &format!(
+            "| {size} | {:.3} | {:.3} | {:.2} | {:.2} |\n",
+            seal / 1e6,
+            open / 1e6,
+            seal * bits,
+            open * bits
+        );
+    }
+    md
+}
+
+/// The tuning sweep: one [Tuning] change at a time against the defaults,
+/// routed mode, 64 bytes, saturating; the median of trials.
+fn tune(quick: bool, profile: &str) -> Result<String> {
+    let subway = profile_bin("subway", profile)?;
+    let settings: Vec<(&str, String)> = vec![
+        (
+            "defaults (BatchSize 64, RingSize 2048, NeedWakeup, IdleSpin 512, XDP auto)",
+            String::new(),
+        ),
+        ("BatchSize = 16", "BatchSize = 16".into()),
+        ("BatchSize = 32", "BatchSize = 32".into()),
+        ("BatchSize = 128", "BatchSize = 128".into()),
+        ("RingSize = 512", "RingSize = 512".into()),
+        ("RingSize = 4096", "RingSize = 4096".into()),
+        ("NeedWakeup = false (always kick)", "NeedWakeup = false".into()),
+        ("BusyPoll = true", "BusyPoll = true".into()),
+        ("IdleSpin = 0", "IdleSpin = 0".into()),
+        ("IdleSpin = 4096", "IdleSpin = 4096".into()),
+        ("XdpMode = generic", "XdpMode = generic".into()),
+        ("XdpMode = driver", "XdpMode = driver".into()),
+        ("XskMode = zero-copy", "XskMode = zero-copy".into()),
+        ("worker on the generator's core", "@same-core".into()),
+    ];
+    let settings = if quick { settings[..2].to_vec() } else { settings };
+    let trials = if quick { 1 } else { 3 };
+    let size = Size::Fixed(64);
+    let mut results: Vec<(&str, Result<Row, String>)> = Vec::new();
+    for (label, tuning) in &settings {
+        let (fwd_core, tuning) = match tuning.as_str() {
+            "@same-core" => (1, String::new()),
+            t => (0, t.to_string()),
+        };
+        let p = Params {
+            duration: if quick { 1.0 } else { 2.0 },
+            count: 20_000_000,
+            rate: 0,
+            fwd_core,
+            gen_core: 1,
+            trials,
+            tuning,
+            napi_on_forwarder: false,
+            search: false,
+            profile: profile.to_string(),
+        };
+        eprintln!("tune: {label}");
+        let mut rows = Vec::new();
+        let mut err = None;
+        for _ in 0..trials {
+            match routed_subway(&size, label, &p, &subway) {
+                Ok(r) => rows.push(r),
+                Err(e) => {
+                    err = Some(format!("{e:#}").lines().next().unwrap_or("failed").to_string());
+                    break;
+                }
+            }
+        }
+        results.push((
+            label,
+            report::median(rows).ok_or(err.unwrap_or_else(|| "no result".into())),
+        ));
+    }
+    let base = results
+        .first()
+        .and_then(|(_, r)| r.as_ref().ok())
+        .map(|r| r.mpps())
+        .unwrap_or(0.0);
+    let mut md = String::from(
+        "Tuning sweep: subway routed mode (AF_XDP, no crypto), 64-byte frames, saturating, one change at a time, median of 3 runs:\n\n\
+         | setting | delivered Mpps | vs defaults | loss | worker core ns/pkt |\n|---|---:|---:|---:|---:|\n",
+    );
+    let mut best: Option<(&str, f64)> = None;
+    for (label, r) in &results {
+        match r {
+            Ok(r) => {
+                md += &format!(
+                    "| {label} | {:.3} | {:.2}x | {:.1}% | {:.0} |\n",
+                    r.mpps(),
+                    if base > 0.0 { r.mpps() / base } else { 0.0 },
+                    r.loss_pct(),
+                    r.ns_per_pkt(if label.contains("generator's core") { 1 } else { 0 })
+                );
+                if best.is_none_or(|(_, m)| r.mpps() > m) {
+                    best = Some((label, r.mpps()));
+                }
+            }
+            Err(e) => md += &format!("| {label} | not supported here | | | {} |\n", e.replace('|', "/")),
+        }
+    }
+    if let Some((label, m)) = best {
+        md += &format!(
+            "\nWinner on this box: **{label}** ({:.3} Mpps, {:.2}x the defaults). Differences under about 5% are within this VM's run-to-run noise.\n",
+            m,
+            if base > 0.0 { m / base } else { 0.0 }
+        );
+    }
+    Ok(md)
+}
+
+/// The whole comparison: see `Cmd::All`.
+fn all(quick: bool, profile: &str, out: &std::path::Path) -> Result<()> {
+    let started = std::time::Instant::now();
+    let dir = out.join(date_stamp());
+    std::fs::create_dir_all(&dir)?;
+    let step = |name: &str| eprintln!("\n=== {name} ({:.0} s elapsed)", started.elapsed().as_secs_f64());
+    let sizes: Vec<Size> = if quick {
+        vec![Size::Fixed(64)]
+    } else {
+        vec![Size::Fixed(64), Size::Fixed(512), Size::Fixed(1420)]
+    };
+    let contenders = ["subway", "boringtun-cli", "wireguard-go"];
+    let base = Params {
+        duration: if quick { 1.0 } else { 4.0 },
+        count: if quick { 300_000 } else { 50_000_000 },
+        rate: 0,
+        fwd_core: 0,
+        gen_core: 1,
+        trials: 1,
+        tuning: String::new(),
+        napi_on_forwarder: false,
+        search: false,
+        profile: profile.to_string(),
+    };
+
+    step("crypto-only ceiling of one core");
+    let crypto_sizes: Vec<usize> = sizes
+        .iter()
+        .map(|s| match s {
+            Size::Fixed(n) => *n,
+            Size::Imix => 64,
+        })
+        .collect();
+    let ceiling = crypto(&crypto_sizes, if quick { 0.2 } else { 1.0 }, base.fwd_core);
+    std::fs::write(dir.join("crypto.md"), crypto_md(&ceiling))?;
+
+    step("routed mode vs kernel forwarding (the AF_XDP ceiling)");
+    let routed_rows = routed(
+        &sizes,
+        &Params {
+            trials: if quick { 1 } else { 3 },
+            ..base.clone()
+        },
+    )?;
+    write_results(&dir, "routed", &routed_rows, "kernel", base.fwd_core)?;
+
+    step("tunnel, encrypt direction");
+    let enc = tunnel(&sizes, &contenders, false, &base)?;
+    write_results(&dir, "tunnel-encrypt", &enc, "wireguard-go", base.fwd_core)?;
+    step("tunnel, decrypt direction");
+    let dec = tunnel(&sizes, &contenders, true, &base)?;
+    write_results(&dir, "tunnel-decrypt", &dec, "wireguard-go", base.fwd_core)?;
+
+    step("one TCP stream through two gateways of each kind");
+    let mut tcp = Vec::new();
+    for c in contenders {
+        let mut runs = Vec::new();
+        for _ in 0..if quick { 1 } else { 3 } {
+            runs.push(tcp_stream(c, if quick { 1 } else { 4 }, profile)?);
+        }
+        runs.sort_by(|a, b| a.total_cmp(b));
+        eprintln!("  {c:>14}: {:.2} Gbit/s", runs[runs.len() / 2]);
+        tcp.push((c, runs[runs.len() / 2]));
+    }
+
+    step("latency at a fixed load");
+    let lat_rate = 5_000;
+    let lat_sizes: Vec<Size> = if quick {
+        vec![Size::Fixed(64)]
+    } else {
+        vec![Size::Fixed(64), Size::Fixed(1420)]
+    };
+    let lat = latency(
+        &contenders,
+        &lat_sizes,
+        lat_rate,
+        if quick { 1.0 } else { 4.0 },
+        "",
+        profile,
+    )?;
+    std::fs::write(dir.join("latency.md"), latency_md(&lat, lat_rate))?;
+
+    step("tuning sweep");
+    let tune_md = tune(quick, profile)?;
+    std::fs::write(dir.join("tune.md"), &tune_md)?;
+
+    step("plots and summary");
+    let mut plots = Vec::new();
+    for r in [
+        subway_bench::plot::throughput(&dir, &enc, &dec),
+        subway_bench::plot::latency(&dir, &lat, lat_rate),
+    ] {
+        match r {
+            Ok(Some(p)) => plots.push(p),
+            Ok(None) => eprintln!("gnuplot is not installed: no plots (./setup.sh installs it)"),
+            Err(e) => eprintln!("plot: {e}"),
+        }
+    }
+    let summary = summary_md(
+        &enc,
+        &dec,
+        &routed_rows,
+        &ceiling,
+        &tcp,
+        &lat,
+        lat_rate,
+        &plots,
+        quick,
+        started.elapsed(),
+    );
+    std::fs::write(dir.join("summary.md"), &summary)?;
+    println!("\n{summary}\n{}\n{tune_md}", crypto_md(&ceiling));
+    eprintln!(
+        "results written to {} in {:.0} s",
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    // A smoke test asserts movement only.
+    for r in enc.iter().chain(&dec).chain(&routed_rows) {
+        if r.delivered == 0 {
+            bail!("{} delivered no packets at {} bytes", r.contender, r.size);
+        }
+    }
+    if let Some((c, _)) = tcp.iter().find(|(_, g)| *g <= 0.0) {
+        bail!("{c} carried no TCP data");
+    }
+    check_latency(&lat)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn summary_md(
+    enc: &[Row],
+    dec: &[Row],
+    routed_rows: &[Row],
+    ceiling: &[(usize, f64, f64)],
+    tcp: &[(&str, f64)],
+    lat: &[(String, String, subway_bench::latency::FlowStats)],
+    lat_rate: u64,
+    plots: &[PathBuf],
+    quick: bool,
+    took: Duration,
+) -> String {
+    let mut md = format!(
+        "# subway-bench all{}\n\nOne run, same topology, cores and generator for every contender (2-core VM, veth, copy-mode AF_XDP; generator on core 1, the gateway under test on core 0). Took {:.0} s.\n\n",
+        if quick {
+            " --quick (smoke test: not a measurement)"
+        } else {
+            ""
+        },
+        took.as_secs_f64()
+    );
+    let find = |rows: &[Row], c: &str, size: &str| rows.iter().find(|r| r.contender == c && r.size == size).cloned();
+    for (name, rows, crypto_col) in [
+        ("Encrypt (LAN to tunnel)", enc, 1usize),
+        ("Decrypt (tunnel to LAN)", dec, 2),
+    ] {
+        md += &format!(
+            "## {name}\n\n| size | subway Mpps | Gbit/s | boringtun-cli Mpps | wireguard-go Mpps | subway vs the better | vs own routed (no crypto) | vs crypto-only core |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        );
+        let mut sizes: Vec<String> = Vec::new();
+        for r in rows {
+            if !sizes.contains(&r.size) {
+                sizes.push(r.size.clone());
+            }
+        }
+        for size in sizes {
+            let Some(s) = find(rows, "subway", &size) else { continue };
+            let bt = find(rows, "boringtun-cli", &size).map(|r| r.mpps()).unwrap_or(0.0);
+            let wg = find(rows, "wireguard-go", &size).map(|r| r.mpps()).unwrap_or(0.0);
+            let better = bt.max(wg);
+            let routed = find(routed_rows, "subway", &size).map(|r| r.mpps()).unwrap_or(0.0);
+            let ceil = ceiling
+                .iter()
+                .find(|c| c.0.to_string() == size)
+                .map(|c| if crypto_col == 1 { c.1 } else { c.2 } / 1e6)
+                .unwrap_or(0.0);
+            let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}x", a / b) } else { "-".into() };
+            md += &format!(
+                "| {size} | {:.3} | {:.2} | {bt:.3} | {wg:.3} | {} | {} | {} |\n",
+                s.mpps(),
+                s.gbps(),
+                ratio(s.mpps(), better),
+                ratio(s.mpps(), routed),
+                ratio(s.mpps(), ceil)
+            );
+        }
+        md.push('\n');
+    }
+    md += "## One TCP stream host to host through two gateways (iperf3)\n\n| contender | Gbit/s |\n|---|---:|\n";
+    for (c, g) in tcp {
+        md += &format!("| {c} | {g:.2} |\n");
+    }
+    md.push('\n');
+    md += &format!("## Latency\n\n{}\n", latency_md(lat, lat_rate));
+    if !plots.is_empty() {
+        md += "## Plots\n\n";
+        for p in plots {
+            if let Some(f) = p.file_name() {
+                md += &format!("![{}]({})\n", f.to_string_lossy(), f.to_string_lossy());
+            }
+        }
+    }
+    md
 }
 
 #[cfg(test)]

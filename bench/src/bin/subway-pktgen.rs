@@ -283,6 +283,18 @@ fn main() -> Result<()> {
             if in_flight > 0 {
                 let _ = tx.wakeup();
             }
+            // At low rates, sleep until shortly before the next packet is
+            // due instead of spinning: the core is shared with what is
+            // measured (latency runs), and a spinning generator would
+            // steal its time slices. The last stretch is spun, so sends
+            // stay within a few microseconds of their schedule.
+            if a.rate > 0 && in_flight == 0 {
+                let due = Duration::from_secs_f64((sent + 1) as f64 / a.rate as f64);
+                let gap = due.saturating_sub(t0.elapsed());
+                if gap > Duration::from_micros(150) {
+                    std::thread::sleep(gap - Duration::from_micros(80));
+                }
+            }
             std::hint::spin_loop();
             continue;
         }
