@@ -10,7 +10,12 @@ use std::path::{Path, PathBuf};
 fn gnuplot(dir: &Path, name: &str, script: &str) -> std::io::Result<Option<PathBuf>> {
     let gp = dir.join(format!("{name}.gp"));
     std::fs::write(&gp, script)?;
-    match std::process::Command::new("gnuplot").arg(&gp).current_dir(dir).output() {
+    // Run in `dir`: the script names its data files and output there.
+    match std::process::Command::new("gnuplot")
+        .arg(format!("{name}.gp"))
+        .current_dir(dir)
+        .output()
+    {
         Ok(o) if o.status.success() => Ok(Some(dir.join(format!("{name}.png")))),
         Ok(o) => Err(std::io::Error::other(format!(
             "gnuplot {}: {}",
@@ -96,7 +101,7 @@ pub fn throughput(dir: &Path, encrypt: &[Row], decrypt: &[Row]) -> std::io::Resu
 /// One-way latency percentiles per contender and size at a fixed load:
 /// `latency.png` (log scale).
 pub fn latency(dir: &Path, stats: &[(String, String, FlowStats)], rate: u64) -> std::io::Result<Option<PathBuf>> {
-    let mut dat = String::from("label p50 p90 p99 p99.9\n");
+    let mut dat = String::from("# label p50 p90 p99 p99.9\n");
     for (c, size, s) in stats {
         let _ = writeln!(
             dat,

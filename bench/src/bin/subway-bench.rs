@@ -1076,6 +1076,19 @@ fn latency_md(stats: &[(String, String, subway_bench::latency::FlowStats)], rate
     md
 }
 
+fn latency_csv(stats: &[(String, String, subway_bench::latency::FlowStats)], rate: u64) -> String {
+    let mut csv = String::from(
+        "size,contender,rate_pps,sent,received,lost,reordered,duplicates,p50_us,p90_us,p99_us,p999_us,max_us\n",
+    );
+    for (c, size, s) in stats {
+        csv += &format!(
+            "{size},{c},{rate},{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.1}\n",
+            s.sent, s.received, s.lost, s.reordered, s.duplicates, s.p50_us, s.p90_us, s.p99_us, s.p999_us, s.max_us
+        );
+    }
+    csv
+}
+
 /// Every contender must have carried the flow (a smoke test asserts
 /// movement, never a speed).
 fn check_latency(stats: &[(String, String, subway_bench::latency::FlowStats)]) -> Result<()> {
@@ -1358,6 +1371,17 @@ fn all(quick: bool, profile: &str, out: &std::path::Path) -> Result<()> {
         profile,
     )?;
     std::fs::write(dir.join("latency.md"), latency_md(&lat, lat_rate))?;
+    std::fs::write(dir.join("latency.csv"), latency_csv(&lat, lat_rate))?;
+    let mut tcp_csv = String::from("contender,gbps_median\n");
+    for (c, g) in &tcp {
+        tcp_csv += &format!("{c},{g:.3}\n");
+    }
+    std::fs::write(dir.join("tcp.csv"), tcp_csv)?;
+    let mut crypto_csv = String::from("size,seal_pps,open_pps\n");
+    for (size, seal, open) in &ceiling {
+        crypto_csv += &format!("{size},{seal:.0},{open:.0}\n");
+    }
+    std::fs::write(dir.join("crypto.csv"), crypto_csv)?;
 
     step("tuning sweep");
     let tune_md = tune(quick, profile)?;
