@@ -18,24 +18,11 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use std::hint::black_box;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use subway_dataplane::wg::noise::SessionKeys;
+use subway_bench::ceiling::keys;
 use subway_dataplane::wg::session::{Session, TxPacket};
 
 const SIZES: [usize; 3] = [64, 512, 1420];
 const BATCH: usize = 64;
-
-/// Fixed transport keys for one side of a session.
-fn keys(initiator: bool) -> SessionKeys {
-    let (a, b) = ([0x11u8; 32], [0x22u8; 32]);
-    let (send, recv) = if initiator { (a, b) } else { (b, a) };
-    SessionKeys {
-        send: send.into(),
-        recv: recv.into(),
-        local_index: if initiator { 1 } else { 2 },
-        remote_index: if initiator { 2 } else { 1 },
-        initiator,
-    }
-}
 
 /// An IPv4 packet of `len` bytes (boringtun looks at the header).
 fn ip_packet(len: usize) -> Vec<u8> {

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use subway_dataplane::wg::noise::SessionKeys;
 use subway_dataplane::wg::session::Session;
 
-fn keys(initiator: bool) -> SessionKeys {
+/// Fixed transport keys for one side of a test session (no handshake):
+/// the initiator's send key is the responder's receive key.
+pub fn keys(initiator: bool) -> SessionKeys {
     let (a, b) = ([0x11u8; 32], [0x22u8; 32]);
     let (send, recv) = if initiator { (a, b) } else { (b, a) };
     SessionKeys {

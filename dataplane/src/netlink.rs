@@ -140,6 +140,22 @@ impl Netlink {
         }
     }
 
+    /// Sends one request and reads the one message that answers it.
+    fn request(&mut self, req: RouteNetlinkMessage, flags: u16) -> io::Result<NetlinkMessage<RouteNetlinkMessage>> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut hdr = NetlinkHeader::default();
+        hdr.flags = flags;
+        hdr.sequence_number = self.seq;
+        let mut msg = NetlinkMessage::new(hdr, NetlinkPayload::from(req));
+        msg.finalize();
+        let mut out = vec![0u8; msg.header.length as usize];
+        msg.serialize(&mut out);
+        self.sock.send(&out, 0)?;
+        let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
+        NetlinkMessage::deserialize(&self.buf[..n])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("netlink: {e}")))
+    }
+
     /// Every neighbour entry with a link-layer address the kernel considers
     /// usable (not INCOMPLETE or FAILED).
     pub fn neighbours(&mut self, out: &mut Vec<Neighbour>) -> io::Result<()> {
@@ -181,7 +197,6 @@ impl Netlink {
     /// The kernel's route to `dst` (like `ip route get`): output interface,
     /// next-hop gateway if any, and preferred source address.
     pub fn route_get(&mut self, dst: IpAddr) -> io::Result<Option<RouteInfo>> {
-        self.seq = self.seq.wrapping_add(1);
         let mut rm = RouteMessage::default();
         let (fam, addr, len) = match dst {
             IpAddr::V4(a) => (AddressFamily::Inet, RouteAddress::Inet(a), 32),
@@ -190,17 +205,7 @@ impl Netlink {
         rm.header.address_family = fam;
         rm.header.destination_prefix_length = len;
         rm.attributes.push(RouteAttribute::Destination(addr));
-        let mut hdr = NetlinkHeader::default();
-        hdr.flags = NLM_F_REQUEST;
-        hdr.sequence_number = self.seq;
-        let mut msg = NetlinkMessage::new(hdr, NetlinkPayload::from(RouteNetlinkMessage::GetRoute(rm)));
-        msg.finalize();
-        let mut out = vec![0u8; msg.header.length as usize];
-        msg.serialize(&mut out);
-        self.sock.send(&out, 0)?;
-        let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
-        let m: NetlinkMessage<RouteNetlinkMessage> = NetlinkMessage::deserialize(&self.buf[..n])
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("netlink: {e}")))?;
+        let m = self.request(RouteNetlinkMessage::GetRoute(rm), NLM_F_REQUEST)?;
         let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) = m.payload else {
             return Ok(None);
         };
@@ -232,7 +237,6 @@ impl Netlink {
     pub fn resolve(&mut self, ifindex: u32, ip: IpAddr) -> io::Result<()> {
         use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE};
         use netlink_packet_route::neighbour::NeighbourFlags;
-        self.seq = self.seq.wrapping_add(1);
         let mut nm = NeighbourMessage::default();
         nm.header.family = if ip.is_ipv4() {
             AddressFamily::Inet
@@ -246,17 +250,10 @@ impl Netlink {
             IpAddr::V4(a) => NeighbourAddress::Inet(a),
             IpAddr::V6(a) => NeighbourAddress::Inet6(a),
         }));
-        let mut hdr = NetlinkHeader::default();
-        hdr.flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK;
-        hdr.sequence_number = self.seq;
-        let mut msg = NetlinkMessage::new(hdr, NetlinkPayload::from(RouteNetlinkMessage::NewNeighbour(nm)));
-        msg.finalize();
-        let mut out = vec![0u8; msg.header.length as usize];
-        msg.serialize(&mut out);
-        self.sock.send(&out, 0)?;
-        let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
-        let m: NetlinkMessage<RouteNetlinkMessage> = NetlinkMessage::deserialize(&self.buf[..n])
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("netlink: {e}")))?;
+        let m = self.request(
+            RouteNetlinkMessage::NewNeighbour(nm),
+            NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK,
+        )?;
         match m.payload {
             NetlinkPayload::Error(e) if e.code.is_some() => Err(e.to_io()),
             _ => Ok(()),

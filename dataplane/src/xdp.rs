@@ -76,25 +76,13 @@ impl XdpSteering {
             IpNet::V4(n) => {
                 let mut m: LpmTrie<&mut MapData, V4Key, Steer> =
                     LpmTrie::try_from(self.map_mut(maps::ROUTES_V4)?).ctx(|| "ROUTES_V4 map".into())?;
-                let key = Key::new(
-                    lpm_len(n.prefix_len() as u32),
-                    V4Key {
-                        vnet,
-                        addr: n.addr().octets(),
-                    },
-                );
+                let key = v4_key(vnet, n);
                 m.insert(&key, steer, 0).ctx(|| format!("steering {prefix}"))
             }
             IpNet::V6(n) => {
                 let mut m: LpmTrie<&mut MapData, V6Key, Steer> =
                     LpmTrie::try_from(self.map_mut(maps::ROUTES_V6)?).ctx(|| "ROUTES_V6 map".into())?;
-                let key = Key::new(
-                    lpm_len(n.prefix_len() as u32),
-                    V6Key {
-                        vnet,
-                        addr: n.addr().octets(),
-                    },
-                );
+                let key = v6_key(vnet, n);
                 m.insert(&key, steer, 0).ctx(|| format!("steering {prefix}"))
             }
         }
@@ -107,25 +95,13 @@ impl XdpSteering {
             IpNet::V4(n) => {
                 let mut m: LpmTrie<&mut MapData, V4Key, Steer> =
                     LpmTrie::try_from(self.map_mut(maps::ROUTES_V4)?).ctx(|| "ROUTES_V4 map".into())?;
-                let key = Key::new(
-                    lpm_len(n.prefix_len() as u32),
-                    V4Key {
-                        vnet,
-                        addr: n.addr().octets(),
-                    },
-                );
+                let key = v4_key(vnet, n);
                 m.remove(&key)
             }
             IpNet::V6(n) => {
                 let mut m: LpmTrie<&mut MapData, V6Key, Steer> =
                     LpmTrie::try_from(self.map_mut(maps::ROUTES_V6)?).ctx(|| "ROUTES_V6 map".into())?;
-                let key = Key::new(
-                    lpm_len(n.prefix_len() as u32),
-                    V6Key {
-                        vnet,
-                        addr: n.addr().octets(),
-                    },
-                );
+                let key = v6_key(vnet, n);
                 m.remove(&key)
             }
         };
@@ -211,4 +187,26 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
         .program_mut(subway_common::PROGRAM_NAME)
         .ok_or_else(|| Error::msg("XDP object has no program subway_xdp"))?;
     p.try_into().ctx(|| "subway_xdp is not an XDP program".into())
+}
+
+/// The LPM key of an IPv4 prefix in a VNET.
+fn v4_key(vnet: u32, n: ipnet::Ipv4Net) -> Key<V4Key> {
+    Key::new(
+        lpm_len(n.prefix_len() as u32),
+        V4Key {
+            vnet,
+            addr: n.addr().octets(),
+        },
+    )
+}
+
+/// The LPM key of an IPv6 prefix in a VNET.
+fn v6_key(vnet: u32, n: ipnet::Ipv6Net) -> Key<V6Key> {
+    Key::new(
+        lpm_len(n.prefix_len() as u32),
+        V6Key {
+            vnet,
+            addr: n.addr().octets(),
+        },
+    )
 }

@@ -533,16 +533,10 @@ impl<'a> Gen<'a> {
     }
 }
 
-/// Runs the generator and counts what reaches the `sink` interface. CPU
-/// time is counted from the moment the generator starts sending.
-fn offer(g: &Gen, sink: (&subway_tests::Netns, &str), contender: &str, size: &Size, p: &Params) -> Result<Row> {
-    use std::io::{BufRead, Read};
+/// subway-pktgen's command line for this generator, size and parameters.
+fn pktgen_args(g: &Gen, size: &Size, p: &Params) -> Result<Vec<String>> {
     let pktgen = profile_bin("subway-pktgen", &p.profile)?;
-    let before = sink.0.if_stat(sink.1, "rx_packets")?;
     let mut args: Vec<String> = [
-        "netns",
-        "exec",
-        &g.ns.name,
         pktgen.to_str().unwrap(),
         "--iface",
         g.iface,
@@ -568,6 +562,16 @@ fn offer(g: &Gen, sink: (&subway_tests::Netns, &str), contender: &str, size: &Si
     .map(String::from)
     .to_vec();
     args.extend(g.extra.iter().cloned());
+    Ok(args)
+}
+
+/// Runs the generator and counts what reaches the `sink` interface. CPU
+/// time is counted from the moment the generator starts sending.
+fn offer(g: &Gen, sink: (&subway_tests::Netns, &str), contender: &str, size: &Size, p: &Params) -> Result<Row> {
+    use std::io::{BufRead, Read};
+    let before = sink.0.if_stat(sink.1, "rx_packets")?;
+    let mut args: Vec<String> = vec!["netns".into(), "exec".into(), g.ns.name.clone()];
+    args.extend(pktgen_args(g, size, p)?);
     let mut child = std::process::Command::new("ip")
         .args(&args)
         .stdout(std::process::Stdio::piped())
@@ -1031,31 +1035,15 @@ fn latency_once(
 /// Runs the generator and returns its JSON line (for the latency run,
 /// where the sink, not a wire counter, is the measure).
 fn offer_json(g: &Gen, size: &Size, p: &Params) -> Result<Value> {
-    let pktgen = profile_bin("subway-pktgen", &p.profile)?;
-    let mut args: Vec<String> = [
-        pktgen.to_str().unwrap(),
-        "--iface",
-        g.iface,
-        "--dst-mac",
-        &g.dst_mac,
-        "--src-ip",
-        g.src_ip,
-        "--dst-ip",
-        g.dst_ip,
-        "--size",
-        &size.label(),
-        "--duration",
-        &(p.duration + 1.0).to_string(),
-        "--count",
-        &p.count.to_string(),
-        "--rate",
-        &p.rate.to_string(),
-        "--core",
-        &p.gen_core.to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(g.extra.iter().cloned());
+    // The count bounds the flow; the duration is only a safety margin.
+    let args = pktgen_args(
+        g,
+        size,
+        &Params {
+            duration: p.duration + 1.0,
+            ..p.clone()
+        },
+    )?;
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = g.ns.run(&a)?;
     serde_json::from_str(out.trim()).with_context(|| format!("pktgen printed {out}"))
