@@ -311,7 +311,7 @@ fn run(path: &Path) -> Result<()> {
     if let Some((addr, _)) = cfg.metrics {
         tracing::info!("Prometheus metrics on http://{addr}/metrics");
     }
-    let mut fds = vec![ctl.fd(), dp.slow_path().fd()];
+    let mut fds = vec![ctl.fd(), dp.slow_path().fd(), dp.slow_path().punt_fd()];
     if let Some(m) = &metrics {
         fds.push(m.fd());
     }

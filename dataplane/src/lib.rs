@@ -556,6 +556,7 @@ impl Dataplane {
     /// the control thread: those for a LAN host wait for its neighbour
     /// entry, those for a peer go to `to_peer(peer, packet)`.
     pub fn serve_punted(&mut self, to_peer: impl FnMut(u32, &[u8])) {
+        self.slow.clear_punt_signal();
         let t = self.tables.load_full();
         self.punt.serve(&self.slow, &t, &mut self.netlink, to_peer);
     }

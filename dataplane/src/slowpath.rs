@@ -53,6 +53,9 @@ pub struct SlowPath {
     fd: OwnedFd,
     name: String,
     punted: ArrayQueue<Punted>,
+    /// An eventfd the workers signal when they punt, so that the control
+    /// thread wakes at once instead of at its next timeout.
+    punt_event: OwnedFd,
 }
 
 impl SlowPath {
@@ -88,10 +91,17 @@ impl SlowPath {
         set_up(name)?;
         let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"), "0");
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "0");
+        // SAFETY: plain eventfd(2); the fd is owned below.
+        let ev = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if ev < 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(SlowPath {
             fd,
             name: name.to_string(),
             punted: ArrayQueue::new(PUNT_QUEUE),
+            // SAFETY: ev is a fresh fd we own.
+            punt_event: unsafe { OwnedFd::from_raw_fd(ev) },
         })
     }
 
@@ -150,7 +160,13 @@ impl SlowPath {
                     packet: packet.to_vec(),
                 };
                 match self.punted.push(p) {
-                    Ok(()) => reason,
+                    Ok(()) => {
+                        let one = 1u64.to_ne_bytes();
+                        // SAFETY: an 8-byte write to our own eventfd (first
+                        // packets only: the fast path never gets here).
+                        unsafe { libc::write(self.punt_event.as_raw_fd(), one.as_ptr().cast(), 8) };
+                        reason
+                    }
                     Err(_) => Counter::DropPuntQueueFull,
                 }
             }
@@ -161,6 +177,18 @@ impl SlowPath {
     /// The next packet of a non-default VNET handed to the control thread.
     pub fn take_punted(&self) -> Option<Punted> {
         self.punted.pop()
+    }
+
+    /// The fd that becomes readable when packets are punted (for poll()).
+    pub fn punt_fd(&self) -> std::os::fd::RawFd {
+        self.punt_event.as_raw_fd()
+    }
+
+    /// Resets the punt signal (call before draining the queue).
+    pub fn clear_punt_signal(&self) {
+        let mut b = [0u8; 8];
+        // SAFETY: an 8-byte read from our own non-blocking eventfd.
+        unsafe { libc::read(self.punt_event.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
     }
 
     /// Sets the TUN's MTU. For a gateway this is the tunnel's MTU, so that
