@@ -9,13 +9,22 @@
 //! tables are per interface, so they serve every VNET), then leave through
 //! an AF_PACKET socket on that interface. Bounded in count and time, like
 //! the kernel's own ARP queue.
+//!
+//! For the packets only a router's own stack would answer (too big for the
+//! next link, TTL expiring), the control thread sends the ICMP error itself
+//! ("fragmentation needed" / "packet too big", "time exceeded"), from the
+//! gateway's address in that VNET, routed back to the source within the
+//! VNET, rate-limited like the kernel's: path MTU discovery works across
+//! the tunnel in every VNET.
 
 use crate::fib::{Target, VnetId};
 use crate::netlink::Netlink;
 use crate::slowpath::SlowPath;
+use crate::stats::Counter;
 use crate::tables::Tables;
 use crate::tunnel::parse_inner;
-use crate::wire::{Ipv4Packet, Ipv6Packet};
+use crate::wire::icmp::{self, IcmpPacket};
+use crate::wire::{Ipv4Packet, Ipv6Packet, ipv4, ipv6};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -29,6 +38,88 @@ const MAX_HELD_PER_NEIGHBOUR: usize = 3;
 const HOLD_FOR: Duration = Duration::from_secs(3);
 /// How often resolution of one neighbour is asked for.
 const RESOLVE_EVERY: Duration = Duration::from_millis(500);
+/// ICMP errors per second at most (the kernel's default is similar).
+const ICMP_PER_SEC: u32 = 200;
+
+/// The ICMP error a router sends about a packet it cannot forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IcmpError {
+    /// Too big for the next link, whose MTU this is (IPv4: only with DF).
+    TooBig(u32),
+    /// TTL or hop limit would reach zero.
+    TimeExceeded,
+}
+
+/// Builds the ICMP (v4) or ICMPv6 error about `orig` from address `from`,
+/// quoting as much of `orig` as the minimum MTU allows. None when no error
+/// may be sent: `orig` is itself an ICMP error, a non-first fragment, from
+/// an unspecified or multicast source, an IPv4 packet without DF for
+/// TooBig (it could be fragmented; it is dropped), or `from` is of the
+/// other family.
+pub fn icmp_error(orig: &[u8], kind: IcmpError, from: IpAddr) -> Option<Vec<u8>> {
+    match (orig.first()? >> 4, from) {
+        (4, IpAddr::V4(from)) => {
+            let ip = Ipv4Packet::new_checked(orig).ok()?;
+            let src = ip.src();
+            if src.is_unspecified() || src.is_multicast() || src.is_broadcast() || ip.frag_offset() != 0 {
+                return None;
+            }
+            if matches!(kind, IcmpError::TooBig(_)) && !ip.dont_fragment() {
+                return None;
+            }
+            let hl = ((orig[0] & 0x0f) as usize) * 4;
+            if ip.protocol() == icmp::PROTOCOL_V4
+                && orig
+                    .get(hl)
+                    .is_some_and(|t| ![icmp::v4::ECHO_REQUEST, icmp::v4::ECHO_REPLY].contains(t))
+            {
+                return None;
+            }
+            let quote = &orig[..orig.len().min(ip.total_len()).min(576 - 28)];
+            let mut out = vec![0u8; 20 + 8 + quote.len()];
+            ipv4::emit(&mut out, from, src, icmp::PROTOCOL_V4, 64, 8 + quote.len());
+            let mut m = IcmpPacket::new_checked(&mut out[20..]).ok()?;
+            match kind {
+                IcmpError::TooBig(mtu) => {
+                    let mtu = (mtu.min(u16::MAX as u32) as u16).to_be_bytes();
+                    m.set_header(
+                        icmp::v4::DEST_UNREACHABLE,
+                        icmp::v4::CODE_FRAG_NEEDED,
+                        [0, 0, mtu[0], mtu[1]],
+                    )
+                }
+                IcmpError::TimeExceeded => m.set_header(icmp::v4::TIME_EXCEEDED, 0, [0; 4]),
+            }
+            out[28..].copy_from_slice(quote);
+            IcmpPacket::new_checked(&mut out[20..]).ok()?.fill_checksum_v4();
+            Some(out)
+        }
+        (6, IpAddr::V6(from)) => {
+            let ip = Ipv6Packet::new_checked(orig).ok()?;
+            let src = ip.src();
+            if src.is_unspecified() || src.is_multicast() {
+                return None;
+            }
+            if ip.next_header() == icmp::PROTOCOL_V6 && orig.get(40).is_some_and(|t| *t < 128) {
+                return None;
+            }
+            let quote = &orig[..orig.len().min(1280 - 48)];
+            let mut out = vec![0u8; 40 + 8 + quote.len()];
+            ipv6::emit(&mut out, from, src, icmp::PROTOCOL_V6, 64, 8 + quote.len());
+            let mut m = IcmpPacket::new_checked(&mut out[40..]).ok()?;
+            match kind {
+                IcmpError::TooBig(mtu) => m.set_header(icmp::v6::PACKET_TOO_BIG, 0, mtu.to_be_bytes()),
+                IcmpError::TimeExceeded => m.set_header(icmp::v6::TIME_EXCEEDED, 0, [0; 4]),
+            }
+            out[48..].copy_from_slice(quote);
+            IcmpPacket::new_checked(&mut out[40..])
+                .ok()?
+                .fill_checksum_v6(from, src);
+            Some(out)
+        }
+        _ => None,
+    }
+}
 
 struct Held {
     port: u16,
@@ -52,11 +143,18 @@ pub struct PuntStats {
     pub no_route: u64,
     /// Resolution requests (ARP / NDP) made.
     pub resolutions: u64,
+    /// ICMP errors sent (too big, time exceeded).
+    pub icmp_errors: u64,
+    /// Dropped without an ICMP error: rate limit, IPv4 without DF too big,
+    /// an error about an error, or no gateway address in the VNET.
+    pub icmp_suppressed: u64,
 }
 
 impl PuntStats {
-    pub fn fields(&self) -> [(&'static str, u64); 6] {
+    pub fn fields(&self) -> [(&'static str, u64); 8] {
         [
+            ("icmp_errors", self.icmp_errors),
+            ("icmp_suppressed", self.icmp_suppressed),
             ("to_peer", self.to_peer),
             ("sent_after_resolve", self.sent_after_resolve),
             ("unresolved", self.unresolved),
@@ -72,6 +170,8 @@ pub struct PuntServer {
     held: Vec<Held>,
     asked: BTreeMap<(u32, IpAddr), Instant>,
     raw: Option<OwnedFd>,
+    /// ICMP error budget: the second it counts, and what is left of it.
+    icmp_budget: (u64, u32),
     pub stats: PuntStats,
 }
 
@@ -82,29 +182,16 @@ impl PuntServer {
         let now = Instant::now();
         for _ in 0..1024 {
             let Some(p) = slow.take_punted() else { break };
-            match route(t, p.vnet, &p.packet) {
-                Some((Target::Peer(peer), _)) => {
-                    self.stats.to_peer += 1;
-                    to_peer(peer, &p.packet);
-                }
-                Some((Target::Port(port), next_hop)) => {
-                    let waiting = self
-                        .held
-                        .iter()
-                        .filter(|h| h.port == port && h.next_hop == next_hop)
-                        .count();
-                    if self.held.len() >= MAX_HELD || waiting >= MAX_HELD_PER_NEIGHBOUR {
-                        self.stats.overflow += 1;
-                        continue;
+            match p.reason {
+                Counter::SlowTooBig | Counter::SlowTtlExpired => {
+                    if let Some(err) = self.icmp_for(t, nl, p.vnet, &p.packet, p.reason) {
+                        self.stats.icmp_errors += 1;
+                        self.dispatch(t, p.vnet, err, now, &mut to_peer);
+                    } else {
+                        self.stats.icmp_suppressed += 1;
                     }
-                    self.held.push(Held {
-                        port,
-                        next_hop,
-                        since: now,
-                        packet: p.packet,
-                    });
                 }
-                _ => self.stats.no_route += 1,
+                _ => self.dispatch(t, p.vnet, p.packet, now, &mut to_peer),
             }
         }
         if self.held.is_empty() {
@@ -148,6 +235,87 @@ impl PuntServer {
             i += 1;
         }
         self.asked.retain(|_, t| now.duration_since(*t) < HOLD_FOR);
+    }
+
+    /// Sends `packet` where its VNET routes it: to a peer (the caller seals
+    /// it), or to a LAN host once its neighbour is known.
+    fn dispatch(
+        &mut self,
+        t: &Tables,
+        vnet: VnetId,
+        packet: Vec<u8>,
+        now: Instant,
+        to_peer: &mut impl FnMut(u32, &[u8]),
+    ) {
+        match route(t, vnet, &packet) {
+            Some((Target::Peer(peer), _)) => {
+                self.stats.to_peer += 1;
+                to_peer(peer, &packet);
+            }
+            Some((Target::Port(port), next_hop)) => {
+                let waiting = self
+                    .held
+                    .iter()
+                    .filter(|h| h.port == port && h.next_hop == next_hop)
+                    .count();
+                if self.held.len() >= MAX_HELD || waiting >= MAX_HELD_PER_NEIGHBOUR {
+                    self.stats.overflow += 1;
+                    return;
+                }
+                self.held.push(Held {
+                    port,
+                    next_hop,
+                    since: now,
+                    packet,
+                });
+            }
+            _ => self.stats.no_route += 1,
+        }
+    }
+
+    /// The ICMP error about `packet` (of `vnet`, punted for `reason`), from
+    /// the gateway's address in that VNET, within the rate limit.
+    fn icmp_for(
+        &mut self,
+        t: &Tables,
+        nl: &mut Netlink,
+        vnet: VnetId,
+        packet: &[u8],
+        reason: Counter,
+    ) -> Option<Vec<u8>> {
+        let sec = crate::wg::Now::system().mono.as_secs();
+        if self.icmp_budget.0 != sec {
+            self.icmp_budget = (sec, ICMP_PER_SEC);
+        }
+        if self.icmp_budget.1 == 0 {
+            return None;
+        }
+        let inner = parse_inner(packet)?;
+        let kind = if reason == Counter::SlowTtlExpired {
+            IcmpError::TimeExceeded
+        } else {
+            // The MTU of the link it did not fit: the tunnel's or a LAN's.
+            let mtu = match t.fib.lookup(vnet, inner.dst)? {
+                (_, Target::Port(p)) => t.ports.get(p as usize)?.mtu,
+                _ => t
+                    .uplink
+                    .and_then(|u| t.ports.get(u as usize))?
+                    .mtu
+                    .saturating_sub(crate::tunnel::TUNNEL_OVERHEAD),
+            };
+            IcmpError::TooBig(mtu)
+        };
+        // The gateway's address in this VNET, of the packet's family.
+        let from = t.ports.iter().filter(|p| p.vnet == vnet).find_map(|p| {
+            nl.addresses(p.ifindex)
+                .ok()?
+                .into_iter()
+                .map(|a| a.addr())
+                .find(|a| a.is_ipv4() == inner.src.is_ipv4())
+        })?;
+        let err = icmp_error(packet, kind, from)?;
+        self.icmp_budget.1 -= 1;
+        Some(err)
     }
 
     /// Sends an IP packet in an Ethernet frame on `ifindex`, with its TTL or
@@ -211,5 +379,97 @@ fn route(t: &Tables, vnet: VnetId, packet: &[u8]) -> Option<(Target, IpAddr)> {
         (_, Target::Port(p)) => Some((Target::Port(p), dst)),
         (_, Target::Peer(p)) => Some((Target::Peer(p), dst)),
         (_, Target::Local) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::icmp::IcmpPacket;
+
+    fn v4(df: bool, proto: u8, len: usize) -> Vec<u8> {
+        let mut p = vec![0u8; len];
+        ipv4::emit(
+            &mut p,
+            "192.168.1.10".parse().unwrap(),
+            "10.0.0.5".parse().unwrap(),
+            proto,
+            64,
+            len - 20,
+        );
+        if !df {
+            p[6] = 0;
+            let c = crate::wire::checksum::checksum(&{
+                let mut h = p[..20].to_vec();
+                h[10] = 0;
+                h[11] = 0;
+                h
+            });
+            p[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        p
+    }
+
+    #[test]
+    fn frag_needed_quotes_the_packet_and_says_the_mtu() {
+        let orig = v4(true, 17, 1500);
+        let e = icmp_error(&orig, IcmpError::TooBig(1420), "192.168.1.1".parse().unwrap()).unwrap();
+        let ip = Ipv4Packet::new_checked(&e[..]).unwrap();
+        assert_eq!(
+            (ip.src().to_string(), ip.dst().to_string()),
+            ("192.168.1.1".into(), "192.168.1.10".into())
+        );
+        assert!(ip.verify_checksum());
+        assert_eq!(e.len(), 576, "quote bounded by the minimum MTU");
+        let m = IcmpPacket::new_checked(&e[20..]).unwrap();
+        assert_eq!((m.msg_type(), m.code(), m.rest()), (3, 4, [0, 0, 0x05, 0x8c]));
+        assert!(m.verify_checksum_v4());
+        assert_eq!(&e[28..48], &orig[..20], "the original header is quoted");
+    }
+
+    #[test]
+    fn no_error_about_errors_fragments_or_packets_that_may_be_fragmented() {
+        let gw: IpAddr = "192.168.1.1".parse().unwrap();
+        assert!(
+            icmp_error(&v4(false, 17, 1500), IcmpError::TooBig(1420), gw).is_none(),
+            "no DF"
+        );
+        assert!(
+            icmp_error(&v4(false, 17, 100), IcmpError::TimeExceeded, gw).is_some(),
+            "TTL: DF or not"
+        );
+        let mut err = v4(true, 1, 100);
+        err[20] = 3; // an ICMP destination unreachable
+        assert!(icmp_error(&err, IcmpError::TimeExceeded, gw).is_none());
+        let mut echo = v4(true, 1, 100);
+        echo[20] = 8;
+        assert!(
+            icmp_error(&echo, IcmpError::TimeExceeded, gw).is_some(),
+            "pings get errors (traceroute)"
+        );
+        let v6gw: IpAddr = "fd00:1::1".parse().unwrap();
+        assert!(
+            icmp_error(&v4(true, 17, 100), IcmpError::TimeExceeded, v6gw).is_none(),
+            "family"
+        );
+    }
+
+    #[test]
+    fn packet_too_big_v6() {
+        let mut p = vec![0u8; 1500];
+        ipv6::emit(
+            &mut p,
+            "fd00:1::10".parse().unwrap(),
+            "fd10::5".parse().unwrap(),
+            17,
+            64,
+            1460,
+        );
+        let from: std::net::Ipv6Addr = "fd00:1::1".parse().unwrap();
+        let e = icmp_error(&p, IcmpError::TooBig(1420), from.into()).unwrap();
+        assert_eq!(e.len(), 1280);
+        let m = IcmpPacket::new_checked(&e[40..]).unwrap();
+        assert_eq!((m.msg_type(), m.rest()), (2, 1420u32.to_be_bytes()));
+        assert!(m.verify_checksum_v6(from, "fd00:1::10".parse().unwrap()));
     }
 }

@@ -8,10 +8,11 @@
 //! even on a crash.
 //!
 //! The kernel has one routing table, so it serves only the default VNET.
-//! Packets of other VNETs never enter it: the two kinds the control thread
-//! can finish (a peer without a session yet, a LAN neighbour not resolved
-//! yet) go to it through a bounded queue ([`SlowPath::take_punted`]); the
-//! rest are dropped and counted (`drop_vnet_no_kernel`).
+//! Packets of other VNETs never enter it: those the control thread can
+//! finish (a peer without a session yet, a LAN neighbour not resolved yet)
+//! or must answer with an ICMP error (too big, TTL expiring) go to it
+//! through a bounded queue ([`SlowPath::take_punted`]); the rest are
+//! dropped and counted (`drop_vnet_no_kernel`).
 
 use crate::fib::VnetId;
 use crate::stats::Counter;
@@ -42,7 +43,8 @@ const PUNT_QUEUE: usize = 1024;
 #[derive(Debug)]
 pub struct Punted {
     pub vnet: VnetId,
-    /// Why: `SlowNoSession` or `SlowNeighUnknown`.
+    /// Why: `SlowNoSession`, `SlowNeighUnknown` (finished by the control
+    /// thread), `SlowTooBig` or `SlowTtlExpired` (answered with ICMP).
     pub reason: Counter,
     pub packet: Vec<u8>,
 }
@@ -153,7 +155,7 @@ impl SlowPath {
             };
         }
         match reason {
-            Counter::SlowNoSession | Counter::SlowNeighUnknown => {
+            Counter::SlowNoSession | Counter::SlowNeighUnknown | Counter::SlowTooBig | Counter::SlowTtlExpired => {
                 let p = Punted {
                     vnet,
                     reason,

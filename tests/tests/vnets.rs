@@ -208,6 +208,32 @@ fn the_same_prefix_in_two_vnets_reaches_two_sites_without_cross_talk() -> Result
     assert_eq!(icmp_in_echos(&t.sb)?, b2, "a red packet reached the blue site");
     assert!(hub.xdp("drop_vnet_no_route")? >= x0 + 9, "{}", hub.show()?["xdp"]);
 
+    // A router's ICMP errors, from the gateway's address in the VNET:
+    // path MTU discovery and traceroute work across the tunnel.
+    let text =
+        |o: std::process::Output| String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    let big = text(t.hr.output(&["ping", "-M", "do", "-s", "1472", "-c", "1", "-W", "2", "10.0.0.5"])?);
+    assert!(
+        big.contains("192.168.1.1") && big.contains("mtu = 1420"),
+        "no frag-needed: {big}"
+    );
+    let big6 = text(t.hr.output(&["ping", "-6", "-M", "do", "-s", "1452", "-c", "1", "-W", "2", "fd10::5"])?);
+    assert!(
+        big6.contains("fd00:1::1") && big6.contains("mtu=1420"),
+        "no packet-too-big: {big6}"
+    );
+    let ttl = text(t.hr.output(&["ping", "-t", "1", "-c", "1", "-W", "2", "10.0.0.5"])?);
+    assert!(
+        ttl.contains("192.168.1.1") && ttl.contains("Time to live exceeded"),
+        "no time-exceeded: {ttl}"
+    );
+    let s = hub.show()?;
+    assert!(
+        s["vnet_slow_path"]["icmp_errors"].as_u64().unwrap() >= 3,
+        "{}",
+        s["vnet_slow_path"]
+    );
+
     // The gateway's own address in a VNET answers ARP and NDP only: the
     // kernel would route its replies with the default VNET's table.
     let l0 = hub.xdp("drop_vnet_local")?;
