@@ -26,6 +26,17 @@ impl CpuTimes {
         CpuTimes { cores }
     }
 
+    /// Busy time of each core since `earlier`, in nanoseconds.
+    pub fn busy_ns_since(&self, earlier: &CpuTimes) -> Vec<f64> {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        self.cores
+            .iter()
+            .zip(&earlier.cores)
+            .map(|((b1, _), (b0, _))| b1.saturating_sub(*b0) as f64 * 1e9 / hz)
+            .collect()
+    }
+
     /// Busy percentage of each core since `earlier`.
     pub fn busy_since(&self, earlier: &CpuTimes) -> Vec<f64> {
         self.cores

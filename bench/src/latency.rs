@@ -1,10 +1,11 @@
 //! What a sink saw of a rate-limited flow: loss, duplicates, reordering
 //! and one-way latency percentiles.
 //!
-//! The generator sends packet `seq` at `t0 + seq / rate` (it never runs
-//! ahead of that schedule, and a paced loop on an idle core is within a
-//! microsecond or two of it), so a packet's latency is its kernel receive
-//! timestamp at the sink minus its scheduled send time. Both clocks are
+//! The generator sends packet `seq` when `(seq + 1) / rate` seconds have
+//! passed since `t0` (its pacer releases a packet once the elapsed time
+//! allows one more; it never runs ahead, and a paced loop on an idle core
+//! is within a microsecond or two of it), so a packet's latency is its
+//! kernel receive timestamp at the sink minus that scheduled send time. Both clocks are
 //! the same host's CLOCK_REALTIME. This works for sealed packets too,
 //! whose payload cannot carry a send time.
 
@@ -20,6 +21,8 @@ pub struct FlowStats {
     pub duplicates: u64,
     /// Arrivals after a higher sequence number.
     pub reordered: u64,
+    /// Datagrams that are not of this flow (a sequence number beyond it).
+    pub stray: u64,
     /// Latency percentiles in microseconds: p50, p90, p99, p99.9, max.
     pub p50_us: f64,
     pub p90_us: f64,
@@ -41,20 +44,22 @@ pub fn analyze(records: &[u8], sent: u64, t0_ns: u64, rate: u64) -> FlowStats {
     for r in records.chunks_exact(RECORD) {
         let seq = u64::from_le_bytes(r[0..8].try_into().unwrap());
         let ts = u64::from_le_bytes(r[12..20].try_into().unwrap());
+        let Some(x) = seen.get_mut(seq as usize) else {
+            s.stray += 1;
+            continue;
+        };
         s.received += 1;
-        match seen.get_mut(seq as usize) {
-            Some(x) if !*x => *x = true,
-            _ => {
-                s.duplicates += 1;
-                continue;
-            }
+        if *x {
+            s.duplicates += 1;
+            continue;
         }
+        *x = true;
         if highest.is_some_and(|h| seq < h) {
             s.reordered += 1;
         }
         highest = highest.max(Some(seq));
         if rate > 0 && ts > 0 {
-            let sched = t0_ns as f64 + seq as f64 * 1e9 / rate as f64;
+            let sched = t0_ns as f64 + (seq + 1) as f64 * 1e9 / rate as f64;
             lat.push(((ts as f64 - sched) / 1e3).max(0.0));
         }
     }
@@ -88,7 +93,7 @@ mod tests {
 
     #[test]
     fn loss_duplicates_reordering_and_percentiles() {
-        // 1000 packets/s from t0 = 1 s: packet n is due at 1 s + n ms.
+        // 1000 packets/s from t0 = 1 s: packet n leaves at 1 s + (n + 1) ms.
         let t0 = 1_000_000_000u64;
         let mut r = Vec::new();
         // 0..100 arrive 50 us late, except 10 (10 ms late), 7 is lost,
@@ -98,16 +103,21 @@ mod tests {
                 continue;
             }
             let late = if seq == 10 { 10_000_000 } else { 50_000 };
-            r.extend(rec(seq, t0 + seq * 1_000_000 + late));
+            let due = t0 + (seq + 1) * 1_000_000;
+            r.extend(rec(seq, due + late));
             if seq == 20 {
-                r.extend(rec(seq, t0 + seq * 1_000_000 + late));
+                r.extend(rec(seq, due + late));
             }
             if seq == 32 {
-                r.extend(rec(31, t0 + 31 * 1_000_000 + 1_100_000));
+                r.extend(rec(31, t0 + 32 * 1_000_000 + 1_100_000));
             }
         }
+        r.extend(rec(5000, t0)); // not of this flow
         let s = analyze(&r, 100, t0, 1000);
-        assert_eq!((s.received, s.lost, s.duplicates, s.reordered), (100, 1, 1, 1));
+        assert_eq!(
+            (s.received, s.lost, s.duplicates, s.reordered, s.stray),
+            (100, 1, 1, 1, 1)
+        );
         assert!((s.p50_us - 50.0).abs() < 0.5, "{s:?}");
         assert!((s.max_us - 10_000.0).abs() < 0.5, "{s:?}");
         assert!(s.p99_us >= 50.0 && s.p99_us <= 10_000.0, "{s:?}");

@@ -11,6 +11,8 @@ pub struct Row {
     pub seconds: f64,
     pub mean_wire_bytes: f64,
     pub cpu_busy: Vec<f64>,
+    /// Busy nanoseconds of each core over the same window.
+    pub cpu_busy_ns: Vec<f64>,
 }
 
 impl Row {
@@ -23,11 +25,11 @@ impl Row {
     /// Nanoseconds of `core`'s time per delivered packet: the per-core
     /// cost, steadier than a rate on a shared, noisy machine.
     pub fn ns_per_pkt(&self, core: usize) -> f64 {
-        let busy = self.cpu_busy.get(core).copied().unwrap_or(0.0) / 100.0;
+        let busy = self.cpu_busy_ns.get(core).copied().unwrap_or(0.0);
         if self.delivered == 0 {
             0.0
         } else {
-            busy * self.seconds * 1e9 / self.delivered as f64
+            busy / self.delivered as f64
         }
     }
     pub fn loss_pct(&self) -> f64 {
@@ -121,6 +123,7 @@ mod tests {
             seconds: 1.0,
             mean_wire_bytes: 64.0,
             cpu_busy: vec![50.0, 100.0],
+            cpu_busy_ns: vec![0.5e9, 1e9],
         };
         let rows = vec![row("kernel", 400), row("subway", 800)];
         let md = markdown(&rows, "kernel", 0);

@@ -58,6 +58,10 @@ pub struct SlowPath {
     /// An eventfd the workers signal when they punt, so that the control
     /// thread wakes at once instead of at its next timeout.
     punt_event: OwnedFd,
+    /// Signalled since the control thread last drained: only the first
+    /// punt after a drain writes the eventfd (one syscall per drain, not
+    /// per packet).
+    punt_signalled: std::sync::atomic::AtomicBool,
 }
 
 impl SlowPath {
@@ -104,6 +108,7 @@ impl SlowPath {
             punted: ArrayQueue::new(PUNT_QUEUE),
             // SAFETY: ev is a fresh fd we own.
             punt_event: unsafe { OwnedFd::from_raw_fd(ev) },
+            punt_signalled: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -163,10 +168,11 @@ impl SlowPath {
                 };
                 match self.punted.push(p) {
                     Ok(()) => {
-                        let one = 1u64.to_ne_bytes();
-                        // SAFETY: an 8-byte write to our own eventfd (first
-                        // packets only: the fast path never gets here).
-                        unsafe { libc::write(self.punt_event.as_raw_fd(), one.as_ptr().cast(), 8) };
+                        if !self.punt_signalled.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                            let one = 1u64.to_ne_bytes();
+                            // SAFETY: an 8-byte write to our own eventfd.
+                            unsafe { libc::write(self.punt_event.as_raw_fd(), one.as_ptr().cast(), 8) };
+                        }
                         reason
                     }
                     Err(_) => Counter::DropPuntQueueFull,
@@ -186,8 +192,10 @@ impl SlowPath {
         self.punt_event.as_raw_fd()
     }
 
-    /// Resets the punt signal (call before draining the queue).
+    /// Resets the punt signal (call before draining the queue: a punt
+    /// after this signals again).
     pub fn clear_punt_signal(&self) {
+        self.punt_signalled.store(false, std::sync::atomic::Ordering::Release);
         let mut b = [0u8; 8];
         // SAFETY: an 8-byte read from our own non-blocking eventfd.
         unsafe { libc::read(self.punt_event.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
