@@ -354,6 +354,32 @@ mod tests {
     }
 
     #[test]
+    fn wg_syncconf_replaces_the_peer_set_and_keeps_running_peers() {
+        let c = cfg();
+        // What `wg syncconf` sends for a file holding peer 2 (new routes)
+        // and a new peer 6: peer 3 goes, 2 stays (its id and VNET kept).
+        let n = set(
+            &c,
+            &[
+                "replace_peers=true".into(),
+                format!("public_key={}", "02".repeat(32)),
+                "replace_allowed_ips=true".into(),
+                "allowed_ip=10.2.0.0/16".into(),
+                format!("public_key={}", "06".repeat(32)),
+                "replace_allowed_ips=true".into(),
+                "allowed_ip=10.6.0.0/24".into(),
+            ],
+        )
+        .unwrap();
+        let keys: Vec<u8> = n.peers.iter().map(|p| p.public_key.0[0]).collect();
+        assert_eq!(keys, vec![2, 6]);
+        assert_eq!(n.peers[0].id, c.peers[0].id);
+        assert_eq!(n.peers[0].allowed_ips.len(), 1);
+        assert_eq!(n.peers[0].allowed_ips[0].0.to_string(), "10.2.0.0/16");
+        assert_eq!(n.peers[1].id, u32::MAX, "a new peer, id given by the apply");
+    }
+
+    #[test]
     fn wg_set_refuses_what_needs_a_restart() {
         let c = cfg();
         let e = set(&c, &["listen_port=1234".into()]).unwrap_err();
