@@ -261,11 +261,13 @@ impl Dataplane {
         // that what the kernel forwards or sends there (first packets before
         // a handshake, the gateway's own traffic) reaches the control thread
         // and the tunnel, never the uplink in clear.
-        for r in fib.routes().iter().filter(|r| r.vnet == 0) {
-            if let Target::Peer(_) = r.target {
-                kernel_route("replace", r.prefix, slow.name())?;
-            }
-        }
+        let tun_nets: Vec<IpNet> = fib
+            .routes()
+            .iter()
+            .filter(|r| r.vnet == 0 && matches!(r.target, Target::Peer(_)))
+            .map(|r| r.prefix)
+            .collect();
+        kernel_routes("replace", &tun_nets, slow.name(), false)?;
 
         // XDP maps first, attachment last: until then the kernel has it all.
         let mut xdp = XdpSteering::load()?;
@@ -489,23 +491,31 @@ impl Dataplane {
         // Before the switch: steer what is new or retargeted, and point the
         // kernel's routes for new default-VNET peer prefixes at the TUN.
         // Undone step by step if one fails, so that nothing changed.
-        let mut done: Vec<(VnetId, IpNet, bool)> = Vec::new();
+        let mut done: Vec<(VnetId, IpNet)> = Vec::new();
         let mut failed = None;
         for k in ch.added.iter().chain(&ch.retargeted) {
-            let target = new[k];
-            if let Err(e) = self.xdp.set_route(k.0, k.1, steer(target, &cur.ports)) {
+            if let Err(e) = self.xdp.set_route(k.0, k.1, steer(new[k], &cur.ports)) {
                 failed = Some(e);
                 break;
             }
-            let tun = k.0 == 0 && matches!(target, Target::Peer(_)) && !matches!(old.get(k), Some(Target::Peer(_)));
-            done.push((k.0, k.1, tun));
-            if tun && let Err(e) = kernel_route("replace", k.1, self.slow.name()) {
-                failed = Some(e);
-                break;
-            }
+            done.push(*k);
+        }
+        // The kernel's routes of new default-VNET peer prefixes, in one go.
+        let tun_new: Vec<IpNet> = ch
+            .added
+            .iter()
+            .chain(&ch.retargeted)
+            .filter(|k| k.0 == 0 && matches!(new[*k], Target::Peer(_)) && !matches!(old.get(*k), Some(Target::Peer(_))))
+            .map(|k| k.1)
+            .collect();
+        if failed.is_none()
+            && let Err(e) = kernel_routes("replace", &tun_new, self.slow.name(), false)
+        {
+            let _ = kernel_routes("del", &tun_new, self.slow.name(), true);
+            failed = Some(e);
         }
         if let Some(e) = failed {
-            for (vnet, net, tun) in done.into_iter().rev() {
+            for (vnet, net) in done.into_iter().rev() {
                 match old.get(&(vnet, net)) {
                     Some(t) => {
                         let _ = self.xdp.set_route(vnet, net, steer(*t, &cur.ports));
@@ -513,9 +523,6 @@ impl Dataplane {
                     None => {
                         let _ = self.xdp.remove_route(vnet, net);
                     }
-                }
-                if tun {
-                    let _ = kernel_route("del", net, self.slow.name());
                 }
             }
             return Err(e);
@@ -527,6 +534,7 @@ impl Dataplane {
         });
         // After the switch nothing may fail the change: what is gone is
         // removed, and a failure to remove is logged.
+        let mut tun_gone = Vec::new();
         for (k, target) in &old {
             if new.contains_key(k) {
                 continue;
@@ -536,14 +544,17 @@ impl Dataplane {
                 tracing::warn!("removing the steering entry of {}: {e}", k.1);
             }
             if k.0 == 0 && matches!(target, Target::Peer(_)) {
-                let _ = kernel_route("del", k.1, self.slow.name());
+                tun_gone.push(k.1);
             }
         }
         // A prefix that moved from a peer to a LAN leaves the TUN.
         for k in &ch.retargeted {
             if k.0 == 0 && matches!(old.get(k), Some(Target::Peer(_))) && !matches!(new.get(k), Some(Target::Peer(_))) {
-                let _ = kernel_route("del", k.1, self.slow.name());
+                tun_gone.push(k.1);
             }
+        }
+        if let Err(e) = kernel_routes("del", &tun_gone, self.slow.name(), true) {
+            tracing::warn!("removing the kernel's routes of removed peer prefixes: {e}");
         }
         self.lans = cfg.lans.clone();
         ch.added.sort();
@@ -867,17 +878,40 @@ fn steer(target: Target, ports: &[Port]) -> Steer {
     }
 }
 
-/// `ip route {replace|del} PREFIX dev TUN`: the kernel's route to a
-/// default-VNET peer prefix goes to the control thread, never out in clear.
-fn kernel_route(op: &str, net: IpNet, tun: &str) -> Result<()> {
-    let fam = if net.addr().is_ipv4() { "-4" } else { "-6" };
-    let out = std::process::Command::new("ip")
-        .args([fam, "route", op, &net.trunc().to_string(), "dev", tun])
-        .output()
-        .map_err(|e| Error::io("running ip route", e))?;
+/// `ip route {replace|del} PREFIX dev TUN` for every prefix, in one `ip
+/// -batch` (thousands of peer prefixes cost one process, not thousands):
+/// the kernel's route to a default-VNET peer prefix goes to the control
+/// thread, never out in clear. `force` goes on past failing lines.
+fn kernel_routes(op: &str, nets: &[IpNet], tun: &str, force: bool) -> Result<()> {
+    use std::io::Write;
+    if nets.is_empty() {
+        return Ok(());
+    }
+    let mut script = String::new();
+    for n in nets {
+        script += &format!("route {op} {} dev {tun}\n", n.trunc());
+    }
+    let mut args = vec!["-batch", "-"];
+    if force {
+        args.insert(0, "-force");
+    }
+    let mut child = std::process::Command::new("ip")
+        .args(&args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::io("running ip -batch", e))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(script.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::io("running ip -batch", e))?;
     if !out.status.success() {
         return Err(Error::msg(format!(
-            "ip route {op} {net} dev {tun}: {}",
+            "ip route {op} ... dev {tun} ({} prefixes): {}",
+            nets.len(),
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
