@@ -306,8 +306,17 @@ impl Subway {
         Self::start_inner(ns, config_text, bin, &[])
     }
 
+    /// As [`Subway::start`], under a given instance name (a restart after
+    /// a crash uses the name of the instance that crashed).
+    pub fn start_as(ns: &Netns, name: &str, config_text: &str) -> Result<Subway> {
+        Self::start_named(ns, name.to_string(), config_text, &workspace_bin("subway")?, &[])
+    }
+
     fn start_inner(ns: &Netns, config_text: &str, bin: &Path, env: &[(&str, &str)]) -> Result<Subway> {
-        let name = unique("gw");
+        Self::start_named(ns, unique("gw"), config_text, bin, env)
+    }
+
+    fn start_named(ns: &Netns, name: String, config_text: &str, bin: &Path, env: &[(&str, &str)]) -> Result<Subway> {
         let dir = work_dir();
         let config = dir.join(format!("{name}.conf"));
         std::fs::write(&config, config_text)?;

@@ -305,3 +305,60 @@ fn the_same_prefix_in_two_vnets_reaches_two_sites_without_cross_talk() -> Result
     );
     Ok(())
 }
+
+/// A failed start leaves nothing behind (no fence, routes back, no XDP);
+/// a crash leaves the VNETs fenced off (fail closed) until the next start,
+/// which takes over.
+#[test]
+fn vnets_fail_closed_on_a_crash_and_a_failed_start_leaves_nothing() -> Result<()> {
+    if !require_root("vnets_fail_closed_on_a_crash_and_a_failed_start_leaves_nothing") {
+        return Ok(());
+    }
+    let t = Vnets::new()?;
+    let _r = t.site(&t.sr, &t.sr_keys)?;
+    let _b = t.site(&t.sb, &t.sb_keys)?;
+    let routes_before = t.hub.run(&["ip", "route", "show", "table", "main"])?;
+
+    // Fails after the fence is up: veth has one RX queue.
+    let err = Subway::start(&t.hub, &(t.config() + "\n[Tuning]\nQueues = 7\n"))
+        .err()
+        .context("start should fail")?;
+    assert!(format!("{err:#}").contains("queue 7"), "{err:#}");
+    assert!(
+        !t.hub.run(&["nft", "list", "tables"])?.contains("subway_"),
+        "fence left behind"
+    );
+    assert!(!subway_tests::xdp_attached(&t.hub, "lanr")?, "XDP left behind");
+    let routes_after = t.hub.run(&["ip", "route", "show", "table", "main"])?;
+    for r in ["192.168.1.0/24 dev lanr", "192.168.1.0/24 dev lanb"] {
+        assert!(
+            routes_before.contains(r) && routes_after.contains(r),
+            "{r}: {routes_after}"
+        );
+    }
+
+    // Running, then killed: XDP goes with the process, the fence stays.
+    let mut hub = Subway::start(&t.hub, &t.config())?;
+    ping_until(&t.hr, "10.0.0.5", 10).with_context(|| hub.proc.log_text())?;
+    t.hub.run(&["kill", "-9", &hub.proc.pid().to_string()])?;
+    let _ = hub.proc.stop(std::time::Duration::from_secs(2));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!subway_tests::xdp_attached(&t.hub, "lanr")?, "XDP outlived the process");
+    assert!(
+        t.hub.run(&["nft", "list", "tables"])?.contains("subway_"),
+        "the fence went with the crash"
+    );
+    // The kernel would route red's packets to the underlay now; the fence
+    // does not let it.
+    let out =
+        t.hr.output(&["ping", "-c", "2", "-i", "0.05", "-W", "1", "-q", "172.16.2.2"])?;
+    assert!(!out.status.success(), "after a crash the red LAN reached the underlay");
+
+    // The next start of the same instance takes over (and its fence).
+    let hub = Subway::start_as(&t.hub, &hub.name, &t.config())?;
+    ping_until(&t.hr, "10.0.0.5", 10).with_context(|| hub.proc.log_text())?;
+    let (status, log) = hub.stop();
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert!(!t.hub.run(&["nft", "list", "tables"])?.contains("subway_"));
+    Ok(())
+}
