@@ -776,8 +776,9 @@ fn show(name: Option<String>, as_json: bool) -> Result<()> {
     }
     for p in v["peers"].as_array().into_iter().flatten() {
         println!(
-            "  peer {}\n    endpoint {}, allowed ips {}\n    latest handshake {}, handshakes {}, fast path {}\n    transfer: {} packets / {} B received, {} packets / {} B sent",
+            "  peer {} (VNET {})\n    endpoint {}, allowed ips {}\n    latest handshake {}, handshakes {}, fast path {}\n    transfer: {} packets / {} B received, {} packets / {} B sent",
             p["public_key"].as_str().unwrap_or("?"),
+            p["vnet"].as_str().unwrap_or("default"),
             p["endpoint"].as_str().unwrap_or("(none)"),
             p["allowed_ips"]
                 .as_array()
@@ -819,6 +820,31 @@ fn show(name: Option<String>, as_json: bool) -> Result<()> {
             xsk.join(" ")
         }
     );
+    let vnet_slow = nonzero(&v["vnet_slow_path"], &|_| true);
+    if !vnet_slow.is_empty() {
+        println!("  non-default VNETs, control thread: {}", vnet_slow.join(" "));
+    }
+    let r = &v["reloads"];
+    if r["ok"].as_u64().unwrap_or(0) + r["failed"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "  live changes: {} applied, {} refused{}",
+            r["ok"],
+            r["failed"],
+            r["last_error"]
+                .as_str()
+                .map(|e| format!(" (last refusal: {e})"))
+                .unwrap_or_default()
+        );
+    }
+    println!("  interfaces:");
+    for i in v["interfaces"].as_array().into_iter().flatten() {
+        println!(
+            "    {} ({}) VNET {}",
+            i["name"].as_str().unwrap_or("?"),
+            i["mac"].as_str().unwrap_or("?"),
+            i["vnet"].as_str().unwrap_or("uplink only")
+        );
+    }
     println!("  routes:");
     for r in v["routes"].as_array().into_iter().flatten() {
         println!(

@@ -263,6 +263,14 @@ fn the_same_prefix_in_two_vnets_reaches_two_sites_without_cross_talk() -> Result
     assert_eq!(icmp_in_echos(&t.sb)?, b2, "a red packet reached the blue site");
     ping_until(&t.hr, "10.0.0.5", 10).with_context(diag)?;
 
+    // `subway show` says which VNET each interface and peer is in.
+    let text = hub.ctl(&["show", &hub.name])?;
+    assert!(
+        text.contains("lanr (") && text.contains("VNET red") && text.contains(&format!("{} (VNET blue)", t.sb_keys.1)),
+        "{text}"
+    );
+    assert!(text.contains("non-default VNETs, control thread:"), "{text}");
+
     // Route questions answer per VNET.
     let get = |vnet: &str| -> Result<serde_json::Value> {
         let out = hub.ctl(&[
