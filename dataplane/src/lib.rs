@@ -228,7 +228,24 @@ impl Dataplane {
         let mut undo = KernelUndo::default();
         let isolated: Vec<&Port> = ports.iter().filter(|p| p.vnet != 0 && p.vnet != UPLINK_VNET).collect();
         if !isolated.is_empty() {
-            undo.fence(&cfg.name, &isolated)?;
+            // The gateway's addresses that exist only in non-default VNETs:
+            // the kernel accepts a packet for any of its addresses on any
+            // interface, so the default VNET could otherwise reach them.
+            let mut vnet_only = Vec::new();
+            let mut elsewhere = Vec::new();
+            for p in &ports {
+                let addrs = netlink
+                    .addresses(p.ifindex)
+                    .map_err(|e| Error::io(format!("addresses of {}", p.name), e))?;
+                let into = if isolated.iter().any(|i| i.ifindex == p.ifindex) {
+                    &mut vnet_only
+                } else {
+                    &mut elsewhere
+                };
+                into.extend(addrs.iter().map(|a| a.addr()));
+            }
+            vnet_only.retain(|a| !elsewhere.contains(a));
+            undo.fence(&cfg.name, &isolated, &vnet_only)?;
         }
         for p in isolated {
             undo.isolate(&mut netlink, p)?;
@@ -667,19 +684,34 @@ impl KernelUndo {
     /// `nft delete table inet subway_NAME`), for IPv6, whose forwarding the
     /// kernel cannot turn off per interface, and when the kernel re-adds a
     /// connected route on a link flap.
-    fn fence(&mut self, instance: &str, ports: &[&Port]) -> Result<()> {
+    fn fence(&mut self, instance: &str, ports: &[&Port], vnet_only: &[std::net::IpAddr]) -> Result<()> {
         let table = fence_table(instance);
         let names = ports
             .iter()
             .map(|p| format!("\"{}\"", p.name))
             .collect::<Vec<_>>()
             .join(", ");
+        // The gateway's VNET-only addresses are not reachable from elsewhere.
+        let mut own = String::new();
+        for (family, v4) in [("ip", true), ("ip6", false)] {
+            let set: Vec<String> = vnet_only
+                .iter()
+                .filter(|a| a.is_ipv4() == v4)
+                .map(|a| a.to_string())
+                .collect();
+            if !set.is_empty() {
+                own += &format!(
+                    " {family} daddr {{ {} }} iifname != {{ {names} }} counter drop\n",
+                    set.join(", ")
+                );
+            }
+        }
         let rules = format!(
             "table inet {table} {{\n\
              chain forward {{ type filter hook forward priority -10; policy accept;\n\
              iifname {{ {names} }} counter drop\n oifname {{ {names} }} counter drop\n }}\n\
              chain input {{ type filter hook input priority -10; policy accept;\n\
-             iifname {{ {names} }} meta l4proto != ipv6-icmp counter drop\n }}\n\
+             iifname {{ {names} }} meta l4proto != ipv6-icmp counter drop\n{own} }}\n\
              chain output {{ type filter hook output priority -10; policy accept;\n\
              oifname {{ {names} }} meta l4proto != ipv6-icmp counter drop\n }}\n}}\n"
         );

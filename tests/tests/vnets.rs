@@ -243,6 +243,19 @@ fn the_same_prefix_in_two_vnets_reaches_two_sites_without_cross_talk() -> Result
     assert!(hub.xdp("drop_vnet_local")? >= l0 + 2, "{}", hub.show()?["xdp"]);
     let fence = t.hub.run(&["nft", "list", "tables"])?;
     assert!(fence.contains("subway_"), "no nft fence: {fence}");
+    // Nor from the default VNET (here the underlay, through the uplink):
+    // the kernel would accept a packet for any of its addresses anywhere.
+    t._wan
+        .run(&["ip", "route", "replace", "192.168.1.0/24", "via", "172.16.0.1"])?;
+    let out = t
+        ._wan
+        .output(&["ping", "-c", "2", "-i", "0.05", "-W", "1", "-q", "192.168.1.1"])?;
+    assert!(
+        !out.status.success(),
+        "the default VNET reached the gateway's red address"
+    );
+    // The uplink address itself still answers.
+    ping(&t._wan, "172.16.0.1", 2)?;
 
     // A link flap makes the kernel put the VNET's connected route back in
     // the main table: the fence still keeps the kernel out of the VNET.
