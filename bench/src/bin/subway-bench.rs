@@ -413,6 +413,37 @@ struct Params {
     flows: u16,
 }
 
+impl Params {
+    /// One trial, saturating, forwarder on core 0 and generator on core 1,
+    /// no extra tuning, one flow.
+    fn base(duration: f64, profile: &str) -> Params {
+        Params {
+            duration,
+            count: 50_000_000,
+            rate: 0,
+            fwd_core: 0,
+            gen_core: 1,
+            trials: 1,
+            tuning: String::new(),
+            napi_on_forwarder: false,
+            flows: 1,
+            search: false,
+            profile: profile.to_string(),
+        }
+    }
+}
+
+/// Gateways of kind `c` at both sites, each on one core (as subway's
+/// workers are pinned), with the tunnel up.
+fn two_gateways(t: &TwoSites, c: &str, p: &Params) -> Result<(Gw, Gw)> {
+    let ga = start_gw(t, c, true, p)?;
+    let gb = start_gw(t, c, false, p)?;
+    pin_standard(&ga, p.fwd_core);
+    pin_standard(&gb, p.gen_core);
+    subway_tests::ping_until(&t.a, "10.2.0.2", 20).with_context(|| format!("{c}: the tunnel did not come up"))?;
+    Ok((ga, gb))
+}
+
 /// The highest offered rate with loss under 0.1%: one unlimited probe
 /// gives the ceiling, then `probes` halvings of the interval. Returns the
 /// best loss-free row (or the lowest probe's, if none was loss-free).
@@ -943,25 +974,7 @@ fn child_pids(pid: u32) -> Vec<u32> {
 /// returns the receiver's Gbit/s.
 fn tcp_stream(c: &str, seconds: u32, profile: &str) -> Result<f64> {
     let t = TwoSites::new()?;
-    let p = Params {
-        duration: 1.0,
-        count: 0,
-        rate: 0,
-        fwd_core: 0,
-        gen_core: 1,
-        trials: 1,
-        tuning: String::new(),
-        napi_on_forwarder: false,
-        flows: 1,
-        search: false,
-        profile: profile.to_string(),
-    };
-    let ga = start_gw(&t, c, true, &p)?;
-    let gb = start_gw(&t, c, false, &p)?;
-    // One core per gateway, as subway's workers are pinned.
-    pin_standard(&ga, p.fwd_core);
-    pin_standard(&gb, p.gen_core);
-    subway_tests::ping_until(&t.a, "10.2.0.2", 20).with_context(|| format!("{c}: the tunnel did not come up"))?;
+    let _gateways = two_gateways(&t, c, &Params::base(1.0, profile))?;
     let log = subway_tests::work_dir().join(format!("{}-iperf3.log", subway_tests::unique("ip")));
     let _server = t.b.spawn(&["iperf3", "-s", "-1", "-B", "10.2.0.2"], &log)?;
     std::thread::sleep(Duration::from_millis(300));
@@ -1015,23 +1028,12 @@ fn latency_once(
     use std::io::{BufRead, Read};
     let t = TwoSites::new()?;
     let p = Params {
-        duration,
         count: (rate as f64 * duration) as u64,
         rate,
-        fwd_core: 0,
-        gen_core: 1,
-        trials: 1,
         tuning: tuning.to_string(),
-        napi_on_forwarder: false,
-        flows: 1,
-        search: false,
-        profile: profile.to_string(),
+        ..Params::base(duration, profile)
     };
-    let ga = start_gw(&t, c, true, &p)?;
-    let gb = start_gw(&t, c, false, &p)?;
-    pin_standard(&ga, p.fwd_core);
-    pin_standard(&gb, p.gen_core);
-    subway_tests::ping_until(&t.a, "10.2.0.2", 20).with_context(|| format!("{c}: the tunnel did not come up"))?;
+    let _gateways = two_gateways(&t, c, &p)?;
     let records = subway_tests::work_dir().join(format!("{}.sink", subway_tests::unique("lat")));
     let sink_bin = profile_bin("subway-sink", profile)?;
     struct KillOnDrop(std::process::Child);
@@ -1221,17 +1223,11 @@ fn tune(quick: bool, profile: &str) -> Result<String> {
                 t => (0, t.to_string()),
             };
             let p = Params {
-                duration: if quick { 1.0 } else { 2.0 },
                 count: 20_000_000,
-                rate: 0,
                 fwd_core,
-                gen_core: 1,
                 trials,
                 tuning,
-                napi_on_forwarder: false,
-                flows: 1,
-                search: false,
-                profile: profile.to_string(),
+                ..Params::base(if quick { 1.0 } else { 2.0 }, profile)
             };
             eprintln!("tune round {}/{trials}: {label}", round + 1);
             match routed_subway(&size, label, &p, &subway) {
@@ -1340,17 +1336,8 @@ fn all(quick: bool, profile: &str, out: &std::path::Path) -> Result<()> {
     };
     let contenders = ["subway", "boringtun-cli", "wireguard-go"];
     let base = Params {
-        duration: if quick { 1.0 } else { 4.0 },
         count: if quick { 300_000 } else { 50_000_000 },
-        rate: 0,
-        fwd_core: 0,
-        gen_core: 1,
-        trials: 1,
-        tuning: String::new(),
-        napi_on_forwarder: false,
-        flows: 1,
-        search: false,
-        profile: profile.to_string(),
+        ..Params::base(if quick { 1.0 } else { 4.0 }, profile)
     };
 
     step("crypto-only ceiling of one core");

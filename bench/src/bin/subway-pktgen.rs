@@ -204,45 +204,39 @@ fn main() -> Result<()> {
     let lens_cycle = size.frame_lens();
     let mut lens = vec![0usize; frames as usize];
     let mut scratch = [0u8; 2048];
-    let mut sealed = false;
-    if let Some((private, peer, listen, endpoint)) = wg {
-        // The gateway's uplink MAC is --dst-mac; the inner frames are
-        // addressed as in plain mode, and only their IP packet is sealed.
-        let mut dev = handshake(private, peer, listen, endpoint)?;
-        let now = subway_dataplane::wg::Now::system();
-        let mut outer = [0u8; 2048];
-        for (i, d) in descs.iter_mut().enumerate() {
-            let len = frames::build(
-                &mut scratch,
-                lens_cycle[i % lens_cycle.len()],
-                &spec,
-                (i % spec.flows as usize) as u16,
-            );
+    // Sealed: the inner frames are addressed as in plain mode, and only
+    // their IP packet is sealed for the gateway (whose uplink MAC is
+    // --dst-mac) and wrapped in UDP.
+    let mut sealer = match wg {
+        Some((private, peer, listen, endpoint)) => {
+            Some((handshake(private, peer, listen, endpoint)?, listen, endpoint))
+        }
+        None => None,
+    };
+    let sealed = sealer.is_some();
+    let now = subway_dataplane::wg::Now::system();
+    let mut outer = [0u8; 2048];
+    for (i, d) in descs.iter_mut().enumerate() {
+        let mut len = frames::build(
+            &mut scratch,
+            lens_cycle[i % lens_cycle.len()],
+            &spec,
+            (i % spec.flows as usize) as u16,
+        );
+        let mut frame = &scratch[..len];
+        if let Some((dev, listen, endpoint)) = sealer.as_mut() {
             frames::stamp(&mut scratch[..len], i as u64);
             let o = dev
                 .send(0, &scratch[14..len], now)
                 .map_err(|e| anyhow::anyhow!("sealing: {e:?}"))?
                 .context("no session to seal with")?;
-            let n = frames::wrap_udp(&mut outer, &spec, listen, endpoint, &o.datagram);
-            // SAFETY: the frame is ours (not on any ring yet).
-            let mut data = unsafe { umem.data_mut(d) };
-            data.cursor().write_all(&outer[..n])?;
-            lens[d.addr() / 2048] = n;
+            len = frames::wrap_udp(&mut outer, &spec, *listen, *endpoint, &o.datagram);
+            frame = &outer[..len];
         }
-        sealed = true;
-    } else {
-        for (i, d) in descs.iter_mut().enumerate() {
-            let len = frames::build(
-                &mut scratch,
-                lens_cycle[i % lens_cycle.len()],
-                &spec,
-                (i % spec.flows as usize) as u16,
-            );
-            // SAFETY: the frame is ours (not on any ring yet).
-            let mut data = unsafe { umem.data_mut(d) };
-            data.cursor().write_all(&scratch[..len])?;
-            lens[d.addr() / 2048] = len;
-        }
+        // SAFETY: the frame is ours (not on any ring yet).
+        let mut data = unsafe { umem.data_mut(d) };
+        data.cursor().write_all(frame)?;
+        lens[d.addr() / 2048] = len;
     }
     // Sealed frames go in order (consecutive counters), once each.
     descs.reverse();
