@@ -17,6 +17,8 @@ APT_PACKAGES=(
   # real WireGuard peers for the interop tests, iperf3 for the TCP benchmark,
   # gnuplot for the benchmark plots
   wireguard-tools wireguard-go iperf3 gnuplot-nox
+  # tcpdump: the fail-safe tests capture the uplink to prove nothing leaves in clear
+  tcpdump
 )
 
 missing=()

@@ -1,7 +1,7 @@
 //! subway's configuration file: a superset of wg-quick's format.
 //!
 //! ```text
-//! [Interface]            PrivateKey, ListenPort, Uplink (subway's)
+//! [Interface]            PrivateKey, ListenPort, Uplink, FailMode (subway's)
 //! [Lan]      (1 or more) Interface, Subnets, VNet
 //! [Peer]     (0 or more) PublicKey, PresharedKey, Endpoint, AllowedIPs,
 //!                        PersistentKeepalive, VNet
@@ -63,6 +63,10 @@ pub struct InterfaceSection {
     pub private_key: Option<Key32>,
     pub listen_port: Option<u16>,
     pub uplink: Option<(String, usize)>,
+    /// `FailMode = open`: the fail-safe fence on the peers' prefixes is
+    /// removed on a clean stop. The default (`closed`) keeps it in the
+    /// kernel after a clean stop too, until the next start or `subway down`.
+    pub fail_open: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -520,7 +524,29 @@ fn parse_interface(
             "privatekey" => cfg.interface.private_key = Some(parse_key(&v, "PrivateKey", line, err)?),
             "listenport" => cfg.interface.listen_port = Some(parse_num(&k, &v, line, err)?),
             "uplink" => cfg.interface.uplink = Some((v, line)),
-            _ => unknown(cfg, "Interface", &k, line, "PrivateKey, ListenPort, Uplink", err)?,
+            "failmode" => {
+                cfg.interface.fail_open = match v.to_ascii_lowercase().as_str() {
+                    "closed" => false,
+                    "open" => true,
+                    _ => {
+                        return Err(err(
+                            line,
+                            format!(
+                                "FailMode = {v}: expected `closed` (tunnelled prefixes stay refused by the kernel \
+                                 while subway is stopped) or `open` (the kernel routes them after a clean stop)"
+                            ),
+                        ));
+                    }
+                }
+            }
+            _ => unknown(
+                cfg,
+                "Interface",
+                &k,
+                line,
+                "PrivateKey, ListenPort, Uplink, FailMode",
+                err,
+            )?,
         }
     }
     Ok(())

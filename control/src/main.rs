@@ -52,6 +52,25 @@ enum Cmd {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Install the fail-safe table of an instance from its configuration
+    /// file, without starting it: the kernel refuses (ICMP administratively
+    /// prohibited) any packet for a peer's AllowedIPs that would leave in
+    /// clear. For boot, before the network is up (subway-fence@.service);
+    /// `subway run` installs it too, and `subway down` removes it.
+    Fence {
+        /// The configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Remove everything an instance that is not running left in the
+    /// kernel: its fail-safe table (tunnelled prefixes refused, VNET
+    /// interfaces fenced) and a stale control socket. Traffic for the
+    /// peers' prefixes is then routed by the kernel as if subway had never
+    /// run, in clear if a route leads out.
+    Down {
+        /// Instance name (the config file's stem).
+        name: String,
+    },
     /// Validate a configuration file (syntax, keys, prefixes, interfaces)
     /// without touching the network. Exit status 0 means valid.
     Check {
@@ -142,6 +161,8 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Run { config } => run(&config),
         Cmd::Check { config } => check(&config),
+        Cmd::Fence { config } => fence(&config),
+        Cmd::Down { name } => down(&name),
         Cmd::Show { name, json } => show(name, json),
         Cmd::Reload { name } => reload_cmd(name),
         Cmd::Route { query, name, json } => route(name, query, json),
@@ -207,6 +228,52 @@ fn check(path: &Path) -> Result<()> {
     Ok(())
 }
 
+fn fence(path: &Path) -> Result<()> {
+    let cfg = load(path)?;
+    let mut dcfg = dataplane_config(&cfg);
+    dcfg.listen_port = cfg.interface.listen_port.unwrap_or(0);
+    let f = subway_dataplane::fence_for_config(&dcfg)?;
+    subway_dataplane::failsafe::install(&f)?;
+    println!(
+        "{}: nft table inet {} installed: {} tunnelled prefix(es) refused anywhere but {}{}",
+        cfg.name,
+        f.table,
+        f.tunnelled.len(),
+        f.tun,
+        if f.vnet_ifaces.is_empty() {
+            String::new()
+        } else {
+            format!(", VNET interfaces {} fenced", f.vnet_ifaces.join(", "))
+        }
+    );
+    Ok(())
+}
+
+fn down(name: &str) -> Result<()> {
+    let sock = ctl::socket_path(name);
+    if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+        bail!(
+            "instance {name} is running ({}): stop it first (systemctl stop subway@{name}, or SIGTERM)",
+            sock.display()
+        );
+    }
+    if sock.exists() {
+        std::fs::remove_file(&sock).with_context(|| format!("removing the stale {}", sock.display()))?;
+        println!("removed the stale control socket {}", sock.display());
+    }
+    let table = subway_dataplane::failsafe::table_name(name);
+    let refused = subway_dataplane::failsafe::refused(&table);
+    if subway_dataplane::failsafe::remove(&table)? {
+        println!(
+            "removed nft table inet {table} ({} packet(s) refused while it stood): the kernel routes the peers' prefixes again",
+            refused.map_or("?".into(), |n| n.to_string())
+        );
+    } else {
+        println!("{name}: nothing left in the kernel (no nft table inet {table})");
+    }
+    Ok(())
+}
+
 pub(crate) fn dataplane_config(cfg: &Config) -> DataplaneConfig {
     let vnets = cfg.vnet_ids();
     let vnet_id = |n: &str| vnets.iter().position(|v| v == n).unwrap_or(0) as u32;
@@ -227,6 +294,7 @@ pub(crate) fn dataplane_config(cfg: &Config) -> DataplaneConfig {
         xdp_mode: cfg.tuning.xdp_mode,
         uplink: cfg.interface.uplink.as_ref().map(|(u, _)| u.clone()),
         listen_port: 0,
+        fail_open: cfg.interface.fail_open,
         peers: cfg
             .peers
             .iter()

@@ -5,6 +5,7 @@
 //! files or talks to users.
 
 pub mod error;
+pub mod failsafe;
 pub mod fib;
 pub mod forward;
 pub mod fxhash;
@@ -65,6 +66,8 @@ pub struct DataplaneConfig {
     pub listen_port: u16,
     /// WireGuard peers: their id, VNET and AllowedIPs.
     pub peers: Vec<PeerRoutes>,
+    /// `FailMode = open`: a clean stop removes the fail-safe table.
+    pub fail_open: bool,
 }
 
 /// The routes a peer owns.
@@ -221,17 +224,17 @@ impl Dataplane {
                 up.name
             )));
         }
-        check_forwarding();
-
-        // Non-default VNETs: take their interfaces out of the kernel's
-        // routing (it has one table, the default VNET's), restored on stop.
+        // Fail safe first: the fence on the tunnelled prefixes (and the
+        // VNET interfaces) is in the kernel before anything else changes,
+        // and stays if the start fails from here on.
         let mut undo = KernelUndo::default();
+        undo.fail_open = cfg.fail_open;
         let isolated: Vec<&Port> = ports.iter().filter(|p| p.vnet != 0 && p.vnet != UPLINK_VNET).collect();
+        // The gateway's addresses that exist only in non-default VNETs:
+        // the kernel accepts a packet for any of its addresses on any
+        // interface, so the default VNET could otherwise reach them.
+        let mut vnet_only = Vec::new();
         if !isolated.is_empty() {
-            // The gateway's addresses that exist only in non-default VNETs:
-            // the kernel accepts a packet for any of its addresses on any
-            // interface, so the default VNET could otherwise reach them.
-            let mut vnet_only = Vec::new();
             let mut elsewhere = Vec::new();
             for p in &ports {
                 let addrs = netlink
@@ -245,10 +248,25 @@ impl Dataplane {
                 into.extend(addrs.iter().map(|a| a.addr()));
             }
             vnet_only.retain(|a| !elsewhere.contains(a));
-            undo.fence(&cfg.name, &isolated, &vnet_only)?;
         }
-        for p in isolated {
+        undo.fence(failsafe::Fence {
+            table: failsafe::table_name(&cfg.name),
+            tun: tun_name(&cfg.name),
+            listen_port: cfg.listen_port,
+            tunnelled: failsafe::tunnelled(fib.routes()),
+            vnet_ifaces: isolated.iter().map(|p| p.name.clone()).collect(),
+            vnet_only_addrs: vnet_only,
+        })?;
+        // Non-default VNETs: take their interfaces out of the kernel's
+        // routing (it has one table, the default VNET's), restored on stop.
+        for p in &isolated {
             undo.isolate(&mut netlink, p)?;
+        }
+        // The kernel forwards for the slow path (first packets to a peer,
+        // unknown LAN neighbours): on the default VNET's LAN interfaces
+        // only, never box-wide.
+        for p in ports.iter().filter(|p| p.vnet == 0) {
+            undo.forwarding(&p.name, uplink.is_some_and(|u| ports[u as usize].ifindex == p.ifindex))?;
         }
 
         let mut neigh_scratch = Vec::new();
@@ -269,6 +287,7 @@ impl Dataplane {
                 .map_err(|e| Error::io(format!("creating the slow-path TUN {}", tun_name(&cfg.name)), e))?,
         );
 
+        tun_sysctls(slow.name())?;
         if let Some(up) = uplink.and_then(|u| ports.get(u as usize)) {
             let mtu = up.mtu.saturating_sub(tunnel::TUNNEL_OVERHEAD).max(1280);
             slow.set_mtu(mtu)
@@ -531,6 +550,21 @@ impl Dataplane {
             let _ = kernel_routes("del", &tun_new, self.slow.name(), true);
             failed = Some(e);
         }
+        // The fail-safe fence follows the peers' prefixes, in one nft
+        // transaction, before the switch: a new peer prefix is never routed
+        // by the kernel unfenced.
+        let mut fence = self.undo.fence.clone();
+        if failed.is_none()
+            && let Some(f) = fence.as_mut()
+        {
+            f.tunnelled = failsafe::tunnelled(fib.routes());
+            if self.undo.fence.as_ref().is_some_and(|cur| cur.tunnelled != f.tunnelled)
+                && let Err(e) = failsafe::update_tunnelled(f)
+            {
+                let _ = kernel_routes("del", &tun_new, self.slow.name(), true);
+                failed = Some(e);
+            }
+        }
         if let Some(e) = failed {
             for (vnet, net) in done.into_iter().rev() {
                 match old.get(&(vnet, net)) {
@@ -544,6 +578,8 @@ impl Dataplane {
             }
             return Err(e);
         }
+        self.undo.fence = fence;
+        self.undo.fail_open = cfg.fail_open;
         let peers = peer_rts(&cur.peers, &cfg.peers, fresh);
         self.publish(|t| {
             t.fib = Arc::new(fib.clone());
@@ -642,16 +678,25 @@ impl Dataplane {
     }
 }
 
+/// One change made to the kernel's configuration, and how to undo it.
+enum Undo {
+    /// A command to run (`ip route append ...`).
+    Cmd(Vec<String>),
+    /// A sysctl file and the value it had.
+    Sysctl(String, String),
+}
+
 /// Changes made to the kernel's configuration, undone on stop (or when a
-/// start fails half-way).
+/// start fails half-way), and the fail-safe table, which outlives them.
 struct KernelUndo {
-    steps: Vec<Vec<String>>,
-    /// The nftables table that fences the VNET interfaces off.
-    fence: Option<String>,
-    /// Remove the fence too when undoing: a failed start or a clean stop.
-    /// After a crash of the running gateway the VNETs stay closed to the
-    /// kernel rather than open to each other.
+    steps: Vec<Undo>,
+    /// The fail-safe table as last installed (see [`failsafe`]).
+    fence: Option<failsafe::Fence>,
+    /// A clean stop (or a failed start). A running gateway that exits on
+    /// an error keeps the fail-safe table even with `FailMode = open`.
     clean: bool,
+    /// `FailMode = open`: a clean stop removes the fail-safe table too.
+    fail_open: bool,
 }
 
 impl Default for KernelUndo {
@@ -660,85 +705,71 @@ impl Default for KernelUndo {
             steps: Vec::new(),
             fence: None,
             clean: true,
+            fail_open: false,
         }
     }
 }
 
 /// The nftables table of an instance: `subway_` and its name.
 pub fn fence_table(instance: &str) -> String {
-    let clean: String = instance
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    format!("subway_{clean}")
+    failsafe::table_name(instance)
 }
 
 impl KernelUndo {
-    /// Fences the non-default VNETs' interfaces off from the kernel's
-    /// routing (it has one table, the default VNET's) with an nftables
-    /// table: nothing the kernel would forward into or out of them, and of
-    /// what is addressed to the gateway there only ICMPv6 (NDP) in and out
-    /// (ARP is not IP and is answered as usual). The XDP program already
-    /// drops all of that; the fence holds when XDP is not there (before
-    /// attach, after a crash: it stays until the next start or
-    /// `nft delete table inet subway_NAME`), for IPv6, whose forwarding the
-    /// kernel cannot turn off per interface, and when the kernel re-adds a
-    /// connected route on a link flap.
-    fn fence(&mut self, instance: &str, ports: &[&Port], vnet_only: &[std::net::IpAddr]) -> Result<()> {
-        let table = fence_table(instance);
-        let names = ports
-            .iter()
-            .map(|p| format!("\"{}\"", p.name))
-            .collect::<Vec<_>>()
-            .join(", ");
-        // The gateway's VNET-only addresses are not reachable from elsewhere.
-        let mut own = String::new();
-        for (family, v4) in [("ip", true), ("ip6", false)] {
-            let set: Vec<String> = vnet_only
-                .iter()
-                .filter(|a| a.is_ipv4() == v4)
-                .map(|a| a.to_string())
-                .collect();
-            if !set.is_empty() {
-                own += &format!(
-                    " {family} daddr {{ {} }} iifname != {{ {names} }} counter drop\n",
-                    set.join(", ")
-                );
+    /// Installs the fail-safe table (replacing one a run that died left):
+    /// the tunnel fence, and the VNET fence when there are VNET interfaces.
+    fn fence(&mut self, f: failsafe::Fence) -> Result<()> {
+        failsafe::install(&f)?;
+        tracing::info!(
+            "fail-safe: nft table inet {} refuses {} tunnelled prefix(es) anywhere but {}{}",
+            f.table,
+            f.tunnelled.len(),
+            f.tun,
+            if f.vnet_ifaces.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; VNET interfaces {} fenced off from the kernel's routing",
+                    f.vnet_ifaces.join(", ")
+                )
             }
-        }
-        let rules = format!(
-            "table inet {table} {{\n\
-             chain forward {{ type filter hook forward priority -10; policy accept;\n\
-             iifname {{ {names} }} counter drop\n oifname {{ {names} }} counter drop\n }}\n\
-             chain input {{ type filter hook input priority -10; policy accept;\n\
-             iifname {{ {names} }} meta l4proto != ipv6-icmp counter drop\n{own} }}\n\
-             chain output {{ type filter hook output priority -10; policy accept;\n\
-             oifname {{ {names} }} meta l4proto != ipv6-icmp counter drop\n }}\n}}\n"
         );
-        // A table left by a run that died is replaced.
-        let _ = std::process::Command::new("nft")
-            .args(["delete", "table", "inet", &table])
-            .output();
-        let mut child = std::process::Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| Error::io("running nft (apt-get install nftables): VNETs need it", e))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            use std::io::Write;
-            let _ = stdin.write_all(rules.as_bytes());
-        }
-        let out = child.wait_with_output().map_err(|e| Error::io("running nft", e))?;
-        if !out.status.success() {
-            return Err(Error::msg(format!(
-                "fencing the VNET interfaces off with nftables: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        tracing::info!("VNET interfaces {names}: fenced off from the kernel's routing (nft table inet {table})");
-        self.fence = Some(table);
+        self.fence = Some(f);
         Ok(())
+    }
+
+    /// Turns a sysctl of one interface on, to be restored on stop.
+    fn sysctl_on(&mut self, path: String, what: &str) -> Result<()> {
+        let old = std::fs::read_to_string(&path)
+            .map_err(|e| Error::io(format!("reading {path}"), e))?
+            .trim()
+            .to_string();
+        if old == "1" {
+            return Ok(());
+        }
+        std::fs::write(&path, "1").map_err(|e| Error::io(format!("setting {path} to 1 ({what})"), e))?;
+        tracing::info!("{what}: set {} to 1 (was {old}; restored on stop)", sysctl_name(&path));
+        self.steps.push(Undo::Sysctl(path, old));
+        Ok(())
+    }
+
+    /// IPv4 and IPv6 forwarding for packets that arrive on `ifname`. IPv6
+    /// has had a per-interface switch (`force_forwarding`) since Linux
+    /// 6.17; before that only the box-wide one exists, and it is used.
+    fn forwarding(&mut self, ifname: &str, is_uplink: bool) -> Result<()> {
+        let what = format!("LAN {ifname}{}", if is_uplink { " (also the uplink)" } else { "" });
+        self.sysctl_on(format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding"), &what)?;
+        let v6 = format!("/proc/sys/net/ipv6/conf/{ifname}/force_forwarding");
+        if std::path::Path::new(&v6).exists() {
+            self.sysctl_on(v6, &what)
+        } else if std::path::Path::new(&format!("/proc/sys/net/ipv6/conf/{ifname}")).exists() {
+            self.sysctl_on(
+                "/proc/sys/net/ipv6/conf/all/forwarding".into(),
+                "this kernel has no per-interface IPv6 forwarding (force_forwarding, Linux 6.17)",
+            )
+        } else {
+            Ok(())
+        }
     }
 
     /// Takes a non-default VNET's connected prefixes out of the main table,
@@ -763,30 +794,38 @@ impl KernelUndo {
             // Restored on stop even when it was already gone (a run that
             // died before restoring it); appended, because another
             // interface may have the same prefix.
-            self.steps.push(
+            self.steps.push(Undo::Cmd(
                 [
                     "ip", fam, "route", "append", &net, "dev", &dev, "proto", "kernel", "scope", "link", "src", &src,
                 ]
                 .map(String::from)
                 .to_vec(),
-            );
+            ));
         }
         Ok(())
     }
 
     fn run(&mut self) {
-        let clean = self.clean;
         for step in self.steps.drain(..).rev() {
-            let _ = std::process::Command::new(&step[0]).args(&step[1..]).output();
+            match step {
+                Undo::Cmd(c) => {
+                    let _ = std::process::Command::new(&c[0]).args(&c[1..]).output();
+                }
+                Undo::Sysctl(path, old) => {
+                    let _ = std::fs::write(&path, old);
+                }
+            }
         }
-        if let Some(t) = self.fence.take() {
-            if clean {
-                let _ = std::process::Command::new("nft")
-                    .args(["delete", "table", "inet", &t])
-                    .output();
+        if let Some(f) = self.fence.take() {
+            if self.clean && self.fail_open {
+                if let Err(e) = failsafe::remove(&f.table) {
+                    tracing::warn!("removing nft table inet {}: {e}", f.table);
+                }
             } else {
                 tracing::warn!(
-                    "leaving nft table inet {t} in place: the VNET interfaces stay fenced off until the next start"
+                    "fail-safe: leaving nft table inet {} in place: tunnelled prefixes stay refused \
+                     (and VNET interfaces fenced off) until the next start or `subway down`",
+                    f.table
                 );
             }
         }
@@ -862,6 +901,33 @@ pub fn fib_from(
         let _ = fib.insert(*vnet, *host, Target::Local);
     }
     Ok(fib)
+}
+
+/// The fail-safe table for `cfg` as far as the config alone tells (at
+/// boot, before subway starts: `subway fence`). LANs without `Subnets`
+/// contribute no holes, so a LAN prefix inside a peer's prefix is refused
+/// too until subway starts and reads the interface's addresses: closed,
+/// never open. `subway run` replaces it with the exact table.
+pub fn fence_for_config(cfg: &DataplaneConfig) -> Result<failsafe::Fence> {
+    let lans: Vec<(String, VnetId, Vec<IpNet>)> = cfg
+        .lans
+        .iter()
+        .map(|l| (l.ifname.clone(), l.vnet, l.subnets.clone()))
+        .collect();
+    let fib = fib_from(&lans, &[], &cfg.peers)?;
+    Ok(failsafe::Fence {
+        table: failsafe::table_name(&cfg.name),
+        tun: tun_name(&cfg.name),
+        listen_port: cfg.listen_port,
+        tunnelled: failsafe::tunnelled(fib.routes()),
+        vnet_ifaces: cfg
+            .lans
+            .iter()
+            .filter(|l| l.vnet != 0 && l.vnet != UPLINK_VNET)
+            .map(|l| l.ifname.clone())
+            .collect(),
+        vnet_only_addrs: Vec::new(),
+    })
 }
 
 /// The workers' view of the peers, indexed by id: what `old` knew about
@@ -950,6 +1016,36 @@ fn kernel_routes(op: &str, nets: &[IpNet], tun: &str, force: bool) -> Result<()>
     Ok(())
 }
 
+/// `net.ipv4.conf.lan0.forwarding` for `/proc/sys/net/ipv4/conf/lan0/forwarding`.
+fn sysctl_name(path: &str) -> String {
+    path.trim_start_matches("/proc/sys/").replace('/', ".")
+}
+
+/// The slow-path TUN forwards what the workers and the control thread
+/// hand the kernel, without a reverse-path check: packets from LAN hosts
+/// come in through it (too big for the tunnel, no session yet), and even
+/// a loose check (systemd's default for new interfaces) loses the ICMP
+/// errors the kernel owes them. The kernel applies the stricter of `all`
+/// and the interface's value, so a box-wide `all` setting is named in a
+/// warning. The TUN is created anew each start: nothing is restored.
+fn tun_sysctls(tun: &str) -> Result<()> {
+    let mut v6 = format!("/proc/sys/net/ipv6/conf/{tun}/force_forwarding");
+    if !std::path::Path::new(&v6).exists() {
+        v6 = format!("/proc/sys/net/ipv6/conf/{tun}/forwarding");
+    }
+    for (path, value) in [
+        (format!("/proc/sys/net/ipv4/conf/{tun}/forwarding"), "1"),
+        (format!("/proc/sys/net/ipv4/conf/{tun}/rp_filter"), "0"),
+        (v6, "1"),
+    ] {
+        if std::path::Path::new(&path).exists() {
+            std::fs::write(&path, value)
+                .map_err(|e| Error::io(format!("setting {} to {value}", sysctl_name(&path)), e))?;
+        }
+    }
+    Ok(())
+}
+
 fn read_neighbours(nl: &mut Netlink, ports: &[Port], scratch: &mut Vec<Neighbour>) -> Result<NeighTable> {
     nl.neighbours(scratch)
         .map_err(|e| Error::io("dumping the neighbour table", e))?;
@@ -958,28 +1054,6 @@ fn read_neighbours(nl: &mut Netlink, ports: &[Port], scratch: &mut Vec<Neighbour
         t.insert(n.ifindex, n.ip, n.mac);
     }
     Ok(t)
-}
-
-fn check_forwarding() {
-    if std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter")
-        .map(|s| s.trim() == "1")
-        .unwrap_or(false)
-    {
-        tracing::warn!(
-            "net.ipv4.conf.all.rp_filter is 1 (strict): the kernel may drop packets handed to it through the \
-             slow-path TUN; set it to 0 or 2 (loose)"
-        );
-    }
-    for (path, what) in [
-        ("/proc/sys/net/ipv4/ip_forward", "net.ipv4.ip_forward"),
-        ("/proc/sys/net/ipv6/conf/all/forwarding", "net.ipv6.conf.all.forwarding"),
-    ] {
-        if std::fs::read_to_string(path).map(|s| s.trim() == "0").unwrap_or(false) {
-            tracing::warn!(
-                "{what} is 0: packets handed to the kernel slow path (unknown neighbour, TTL expiring) will not be forwarded; set it to 1"
-            );
-        }
-    }
 }
 
 #[cfg(test)]

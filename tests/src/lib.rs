@@ -474,6 +474,18 @@ impl TwoSites {
         Ok(t)
     }
 
+    /// Gateway A as an operator's box: forwarding off (as on a fresh
+    /// Debian install) and a default route to the internet (B's uplink),
+    /// so that anything the kernel sends in clear is not dropped for want
+    /// of a route but leaves, where a capture on B's uplink sees it.
+    pub fn a_as_a_fresh_box_with_a_default_route(&self) -> Result<()> {
+        self.gwa.sysctl("net.ipv4.ip_forward", "0")?;
+        self.gwa.sysctl("net.ipv6.conf.all.forwarding", "0")?;
+        self.gwa
+            .sh("ip route add default via 192.0.2.2 && ip -6 route add default via 2001:db8::2")?;
+        Ok(())
+    }
+
     /// subway's config for gateway A (`for_a`) or B; `endpoint_v6` puts the
     /// tunnel on IPv6 outside.
     pub fn subway_config(&self, for_a: bool, endpoint_v6: bool, extra_peer: &str) -> String {
@@ -497,6 +509,60 @@ impl TwoSites {
              [Peer]\nPublicKey = {}\nEndpoint = {endpoint}\nAllowedIPs = {remote_net4}, {remote_net6}\n{extra_peer}\n",
             me.0, peer.1
         )
+    }
+}
+
+/// tcpdump on an interface of a namespace, writing what matches a filter
+/// to a pcap file; ended by its pid.
+pub struct Capture {
+    proc: Proc,
+    file: PathBuf,
+}
+
+impl Capture {
+    /// Starts capturing on `ifname` in `ns` and waits until tcpdump listens.
+    pub fn start(ns: &Netns, ifname: &str, filter: &str) -> Result<Capture> {
+        let file = work_dir().join(format!("{}.pcap", unique("cap")));
+        let log = file.with_extension("log");
+        let bin = which("tcpdump")?;
+        let mut proc = ns.spawn(
+            &[
+                &bin,
+                "-Z",
+                "root",
+                "-i",
+                ifname,
+                "-nn",
+                "-U",
+                "-s",
+                "128",
+                "-w",
+                file.to_str().unwrap(),
+                filter,
+            ],
+            &log,
+        )?;
+        let t0 = Instant::now();
+        while !proc.log_text().contains("listening on") {
+            if !proc.alive() || t0.elapsed() > Duration::from_secs(10) {
+                bail!("tcpdump did not start:\n{}", proc.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Capture { proc, file })
+    }
+
+    /// The packets captured so far, one tcpdump line each.
+    pub fn packets(&self) -> Result<Vec<String>> {
+        let out = host(&["tcpdump", "-nn", "-r", self.file.to_str().unwrap()])?;
+        Ok(out.lines().map(String::from).collect())
+    }
+
+    /// Stops tcpdump and returns what it captured.
+    pub fn finish(mut self) -> Result<Vec<String>> {
+        // SIGTERM flushes the file (-U writes per packet anyway).
+        self.proc.stop(Duration::from_secs(3));
+        self.packets()
     }
 }
 
@@ -712,7 +778,7 @@ pub fn tcp_echo(client: &Netns, server: &Netns, server_addr: SocketAddr, bytes: 
 }
 
 /// What the sink of a [`UdpFlow`] saw.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct FlowReport {
     pub sent: u32,
     pub received: u32,
@@ -721,14 +787,48 @@ pub struct FlowReport {
     pub duplicates: u32,
     /// Datagrams that arrived after a higher sequence number.
     pub reordered: u32,
+    /// Each datagram's sequence number and arrival time at the sink.
+    pub arrivals: Vec<(u32, Instant)>,
 }
+
+impl std::fmt::Debug for FlowReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "sent {}, received {}, lost {}, duplicates {}, reordered {}",
+            self.sent, self.received, self.lost, self.duplicates, self.reordered
+        )
+    }
+}
+
+impl FlowReport {
+    /// Sequence numbers in `range` (within what was sent) that never arrived.
+    pub fn lost_in(&self, range: std::ops::Range<u32>) -> u32 {
+        let mut seen = vec![false; self.sent as usize];
+        for (q, _) in &self.arrivals {
+            if let Some(s) = seen.get_mut(*q as usize) {
+                *s = true;
+            }
+        }
+        let end = range.end.min(self.sent);
+        (range.start.min(end)..end).filter(|q| !seen[*q as usize]).count() as u32
+    }
+
+    /// The first datagram to arrive after `t`, and when.
+    pub fn first_after(&self, t: Instant) -> Option<(u32, Instant)> {
+        self.arrivals.iter().find(|(_, at)| *at > t).copied()
+    }
+}
+
+/// Sequence numbers in the order they arrived, with their arrival times.
+type Arrivals = Vec<(u32, Instant)>;
 
 /// A bounded UDP flow with sequence numbers, from a sender namespace to a
 /// sink namespace, at a fixed rate, checked at the sink for loss,
 /// duplicates and reordering. Runs in the background while a test changes
 /// things; [`UdpFlow::finish`] waits for it.
 pub struct UdpFlow {
-    sink: std::thread::JoinHandle<Result<(Vec<u32>, u32)>>,
+    sink: std::thread::JoinHandle<Result<(Arrivals, u32)>>,
     sender: std::thread::JoinHandle<Result<u32>>,
 }
 
@@ -776,7 +876,7 @@ impl UdpFlow {
                         if seq == u32::MAX {
                             done_marker += 1;
                         } else {
-                            order.push(seq);
+                            order.push((seq, last_rx));
                         }
                     }
                     _ => {
@@ -831,7 +931,7 @@ impl UdpFlow {
             ..Default::default()
         };
         let mut highest: Option<u32> = None;
-        for &q in &order {
+        for &(q, _) in &order {
             match seen.get_mut(q as usize) {
                 Some(s) if *s => r.duplicates += 1,
                 Some(s) => *s = true,
@@ -843,6 +943,7 @@ impl UdpFlow {
             highest = highest.max(Some(q));
         }
         r.lost = seen.iter().filter(|s| !**s).count() as u32;
+        r.arrivals = order;
         Ok(r)
     }
 }

@@ -11,7 +11,7 @@
 
 use anyhow::{Context, Result};
 use subway_tests::{
-    Netns, Subway, WgPeer, icmp_in_echos, icmp6_in_echos, ping, ping_until, require_root, veth, wg_keypair,
+    Capture, Netns, Subway, WgPeer, icmp_in_echos, icmp6_in_echos, ping, ping_until, require_root, veth, wg_keypair,
 };
 
 struct Vnets {
@@ -306,13 +306,24 @@ fn the_same_prefix_in_two_vnets_reaches_two_sites_without_cross_talk() -> Result
         "{overlaps}"
     );
 
-    // Stopping gives the kernel its routes back and takes the fence down.
+    // Stopping gives the kernel its routes back; the fence stays (FailMode
+    // = closed) until `subway down`.
+    let name = hub.name.clone();
     let (status, log) = hub.stop();
     assert!(status.is_some_and(|s| s.success()), "{log}");
     let fence = t.hub.run(&["nft", "list", "tables"])?;
     assert!(
+        fence.contains("subway_"),
+        "the nft fence went with a clean stop: {fence}"
+    );
+    let down = t
+        .hub
+        .run(&[subway_tests::workspace_bin("subway")?.to_str().unwrap(), "down", &name])?;
+    assert!(down.contains("removed nft table"), "{down}");
+    let fence = t.hub.run(&["nft", "list", "tables"])?;
+    assert!(
         !fence.contains("subway_"),
-        "the nft fence outlived a clean stop: {fence}"
+        "the nft fence outlived subway down: {fence}"
     );
     let main = t.hub.run(&["ip", "route", "show", "table", "main"])?;
     assert!(
@@ -327,9 +338,10 @@ fn the_same_prefix_in_two_vnets_reaches_two_sites_without_cross_talk() -> Result
     Ok(())
 }
 
-/// A failed start leaves nothing behind (no fence, routes back, no XDP);
-/// a crash leaves the VNETs fenced off (fail closed) until the next start,
-/// which takes over.
+/// A failed start leaves no XDP and the routes back, and the VNETs fenced
+/// off (fail closed); so does a crash, until the next start, which takes
+/// over. A capture on the underlay shows that nothing of red leaves the
+/// gateway's uplink, until `subway down`.
 #[test]
 fn vnets_fail_closed_on_a_crash_and_a_failed_start_leaves_nothing() -> Result<()> {
     if !require_root("vnets_fail_closed_on_a_crash_and_a_failed_start_leaves_nothing") {
@@ -341,13 +353,16 @@ fn vnets_fail_closed_on_a_crash_and_a_failed_start_leaves_nothing() -> Result<()
     let routes_before = t.hub.run(&["ip", "route", "show", "table", "main"])?;
 
     // Fails after the fence is up: veth has one RX queue.
-    let err = Subway::start(&t.hub, &(t.config() + "\n[Tuning]\nQueues = 7\n"))
+    // One instance name throughout: its fail-safe table is `subway_NAME`.
+    let name = subway_tests::unique("vn");
+    let table = format!("subway_{name}");
+    let err = Subway::start_as(&t.hub, &name, &(t.config() + "\n[Tuning]\nQueues = 7\n"))
         .err()
         .context("start should fail")?;
     assert!(format!("{err:#}").contains("queue 7"), "{err:#}");
     assert!(
-        !t.hub.run(&["nft", "list", "tables"])?.contains("subway_"),
-        "fence left behind"
+        t.hub.run(&["nft", "list", "tables"])?.contains(&table),
+        "a failed start took the fence down"
     );
     assert!(!subway_tests::xdp_attached(&t.hub, "lanr")?, "XDP left behind");
     let routes_after = t.hub.run(&["ip", "route", "show", "table", "main"])?;
@@ -359,27 +374,45 @@ fn vnets_fail_closed_on_a_crash_and_a_failed_start_leaves_nothing() -> Result<()
     }
 
     // Running, then killed: XDP goes with the process, the fence stays.
-    let mut hub = Subway::start(&t.hub, &t.config())?;
+    let mut hub = Subway::start_as(&t.hub, &name, &t.config())?;
     ping_until(&t.hr, "10.0.0.5", 10).with_context(|| hub.proc.log_text())?;
     t.hub.run(&["kill", "-9", &hub.proc.pid().to_string()])?;
     let _ = hub.proc.stop(std::time::Duration::from_secs(2));
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(!subway_tests::xdp_attached(&t.hub, "lanr")?, "XDP outlived the process");
     assert!(
-        t.hub.run(&["nft", "list", "tables"])?.contains("subway_"),
+        t.hub.run(&["nft", "list", "tables"])?.contains(&table),
         "the fence went with the crash"
     );
-    // The kernel would route red's packets to the underlay now; the fence
-    // does not let it.
-    let out =
-        t.hr.output(&["ping", "-c", "2", "-i", "0.05", "-W", "1", "-q", "172.16.2.2"])?;
-    assert!(!out.status.success(), "after a crash the red LAN reached the underlay");
+    // The kernel (ip_forward=1, a default route) would route red's packets
+    // to the underlay now; the fence does not let them out. Watched where
+    // they would arrive: the underlay's side of the gateway's uplink.
+    let cap = Capture::start(&t._wan, "toh", "src net 192.168.1.0/24 or src net fd00:1::/64")?;
+    let _ =
+        t.hr.output(&["ping", "-c", "5", "-i", "0.05", "-W", "1", "-q", "172.16.2.2"])?;
+    assert_eq!(
+        cap.packets()?,
+        Vec::<String>::new(),
+        "after a crash red left through the uplink"
+    );
 
     // The next start of the same instance takes over (and its fence).
-    let hub = Subway::start_as(&t.hub, &hub.name, &t.config())?;
+    let hub = Subway::start_as(&t.hub, &name, &t.config())?;
     ping_until(&t.hr, "10.0.0.5", 10).with_context(|| hub.proc.log_text())?;
     let (status, log) = hub.stop();
     assert!(status.is_some_and(|s| s.success()), "{log}");
-    assert!(!t.hub.run(&["nft", "list", "tables"])?.contains("subway_"));
+    assert!(t.hub.run(&["nft", "list", "tables"])?.contains(&table));
+    // `subway down` takes it away, and the capture sees what the kernel now
+    // forwards (what makes the check above able to fail).
+    t.hub
+        .run(&[subway_tests::workspace_bin("subway")?.to_str().unwrap(), "down", &name])?;
+    assert!(!t.hub.run(&["nft", "list", "tables"])?.contains(&table));
+    let _ =
+        t.hr.output(&["ping", "-c", "5", "-i", "0.05", "-W", "1", "-q", "172.16.2.2"])?;
+    let seen = cap.finish()?;
+    assert!(
+        seen.len() >= 5,
+        "without the fence red should leave through the uplink: {seen:?}"
+    );
     Ok(())
 }

@@ -108,12 +108,19 @@ impl Device {
     /// Adds a peer; returns its id: the next one, never reused, so that a
     /// table snapshot a worker still holds can never mistake a new peer for
     /// a removed one. A second peer with the same key is refused.
+    ///
+    /// A peer with an endpoint is handshaken at the next tick, without
+    /// waiting for traffic: after a restart the far side may still hold
+    /// its old session and would otherwise send into the void until its
+    /// own timers give up on it (REKEY_AFTER_TIME + REKEY_TIMEOUT).
     pub fn add_peer(&mut self, cfg: &PeerConfig) -> Option<u32> {
         if self.by_key.contains_key(&cfg.public_key) || cfg.public_key == self.public {
             return None;
         }
         let id = self.peers.len() as u32;
-        self.peers.push(Peer::new(id, cfg));
+        let mut peer = Peer::new(id, cfg);
+        peer.want_handshake = cfg.endpoint.is_some();
+        self.peers.push(peer);
         self.by_key.insert(cfg.public_key, id);
         Some(id)
     }
@@ -144,7 +151,8 @@ impl Device {
     }
 
     /// Applies a changed configuration to a peer in place (same public
-    /// key): its sessions stay up, as with `wg set`.
+    /// key): its sessions stay up, as with `wg set`. A new endpoint is
+    /// handshaken at the next tick (the sessions are kept meanwhile).
     pub fn update_peer(&mut self, id: u32, cfg: &PeerConfig) -> bool {
         let Some(p) = self
             .peers
@@ -153,8 +161,9 @@ impl Device {
         else {
             return false;
         };
-        if cfg.endpoint.is_some() {
+        if cfg.endpoint.is_some() && cfg.endpoint != p.endpoint {
             p.endpoint = cfg.endpoint;
+            p.want_handshake = true;
         }
         p.allowed_ips = cfg.allowed_ips.clone();
         p.vnet = cfg.vnet;
@@ -678,6 +687,31 @@ mod tests {
 
     const A: &str = "192.0.2.1:51820";
     const B: &str = "192.0.2.2:51820";
+
+    #[test]
+    fn a_peer_with_an_endpoint_is_handshaken_without_waiting_for_traffic() {
+        let (mut a, mut b, now) = pair();
+        let out = a.tick(now);
+        assert_eq!(out.len(), 1, "peer_configured: one initiation at the first tick");
+        assert_eq!(out[0].datagram[0], 1, "a handshake initiation");
+        assert_eq!(out[0].to, Some(B.parse().unwrap()));
+        // No endpoint, nothing to send to.
+        assert!(b.tick(now).is_empty());
+        // An endpoint learned from the config later (reload, wg set) starts one.
+        let cfg = PeerConfig {
+            public_key: a.public,
+            preshared_key: None,
+            endpoint: Some(A.parse().unwrap()),
+            allowed_ips: vec!["10.1.0.0/24".parse().unwrap()],
+            persistent_keepalive: None,
+            vnet: 0,
+        };
+        assert!(b.update_peer(0, &cfg));
+        assert_eq!(b.tick(now).len(), 1);
+        // The same endpoint again does not.
+        assert!(b.update_peer(0, &cfg));
+        assert!(!b.peer(0).unwrap().want_handshake);
+    }
 
     /// Runs a handshake a -> b (peer 0 on each side) and returns b's view
     /// of one data packet from a.

@@ -1,0 +1,353 @@
+//! The fail-safe state subway leaves in the kernel: one nftables table per
+//! instance, `inet subway_NAME`, that outlives the process.
+//!
+//! It holds two fences. The tunnel fence refuses (ICMP administratively
+//! prohibited, counted) every packet for a default-VNET peer prefix that
+//! would leave any interface but the instance's slow-path TUN: while
+//! subway runs the kernel routes those prefixes into the TUN, and when it
+//! is down (crashed, stopped, not yet started at boot) the kernel would
+//! otherwise send them in clear along its default route. The VNET fence
+//! keeps non-default VNETs' interfaces out of the kernel's single routing
+//! table. The table is installed before XDP and the TUN at start, replaced
+//! atomically, and removed only by a clean stop with `FailMode = open` or
+//! by `subway down`.
+//!
+//! What goes into the table is planned by pure functions (unit-tested);
+//! [`install`], [`update_tunnelled`] and [`remove`] run `nft`.
+
+use crate::error::{Error, Result};
+use crate::fib::{Route, Target};
+use ipnet::IpNet;
+use std::io::Write;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+
+/// The named counter of packets the tunnel fence refused.
+pub const REFUSED_COUNTER: &str = "tunnel_refused";
+
+/// The nftables table of an instance: `subway_` and its name.
+pub fn table_name(instance: &str) -> String {
+    let clean: String = instance
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("subway_{clean}")
+}
+
+/// What the table of one instance holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fence {
+    pub table: String,
+    /// The slow-path TUN: the only way out for tunnelled prefixes.
+    pub tun: String,
+    /// The WireGuard listen port: the instance's own handshakes and
+    /// keepalives may go to an endpoint inside a peer prefix (0: none).
+    pub listen_port: u16,
+    /// Default-VNET destinations that only a peer serves (see [`tunnelled`]).
+    pub tunnelled: Vec<IpNet>,
+    /// Interfaces of non-default VNETs, fenced off from the kernel.
+    pub vnet_ifaces: Vec<String>,
+    /// The gateway's addresses that exist only in non-default VNETs.
+    pub vnet_only_addrs: Vec<IpAddr>,
+}
+
+/// The default-VNET address space whose longest-prefix match in `routes`
+/// is a peer: each peer prefix minus the more specific LAN and local
+/// prefixes inside it (which may hold more specific peer prefixes again;
+/// those are in the result through their own entry). Nested results are
+/// folded into the wider one, so no two returned prefixes overlap.
+pub fn tunnelled(routes: &[Route]) -> Vec<IpNet> {
+    let default: Vec<&Route> = routes.iter().filter(|r| r.vnet == 0).collect();
+    let mut out = Vec::new();
+    for p in default.iter().filter(|r| matches!(r.target, Target::Peer(_))) {
+        let holes: Vec<IpNet> = default
+            .iter()
+            .filter(|r| !matches!(r.target, Target::Peer(_)))
+            .map(|r| r.prefix.trunc())
+            .filter(|q| q.prefix_len() > p.prefix.prefix_len() && p.prefix.contains(q))
+            .collect();
+        subtract(p.prefix.trunc(), &holes, &mut out);
+    }
+    out.sort_by_key(|n| (n.prefix_len(), n.network()));
+    out.dedup();
+    let mut folded: Vec<IpNet> = Vec::new();
+    for n in out {
+        if !folded.iter().any(|w| w.contains(&n)) {
+            folded.push(n);
+        }
+    }
+    folded.sort_by_key(|n| (n.addr().is_ipv6(), n.network(), n.prefix_len()));
+    folded
+}
+
+/// `net` minus every prefix in `holes` (each inside `net`), as prefixes:
+/// halves of `net` that touch no hole are kept whole.
+fn subtract(net: IpNet, holes: &[IpNet], out: &mut Vec<IpNet>) {
+    if holes.iter().any(|h| h.contains(&net)) {
+        return;
+    }
+    if !holes.iter().any(|h| net.contains(h)) {
+        out.push(net);
+        return;
+    }
+    let Ok(halves) = net.subnets(net.prefix_len() + 1) else {
+        return;
+    };
+    for half in halves {
+        let inside: Vec<IpNet> = holes
+            .iter()
+            .filter(|h| half.contains(*h) || h.contains(&half))
+            .copied()
+            .collect();
+        subtract(half, &inside, out);
+    }
+}
+
+fn quoted(names: &[String]) -> String {
+    names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ")
+}
+
+fn elements(nets: &[IpNet], v4: bool) -> String {
+    nets.iter()
+        .filter(|n| n.addr().is_ipv4() == v4)
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The two sets' element statements (nothing for an empty family).
+fn set_elements(table: &str, nets: &[IpNet]) -> String {
+    let mut s = String::new();
+    for (set, v4) in [("tunnel4", true), ("tunnel6", false)] {
+        let e = elements(nets, v4);
+        if !e.is_empty() {
+            s += &format!("add element inet {table} {set} {{ {e} }}\n");
+        }
+    }
+    s
+}
+
+impl Fence {
+    /// The whole table as one `nft -f` transaction that replaces any table
+    /// of the same name (left by a run that died) atomically.
+    pub fn ruleset(&self) -> String {
+        let t = &self.table;
+        let tun = format!("\"{}\"", self.tun);
+        let mut fwd = String::new();
+        let mut input = String::new();
+        let mut output = String::new();
+        if !self.vnet_ifaces.is_empty() {
+            let names = quoted(&self.vnet_ifaces);
+            fwd += &format!("  iifname {{ {names} }} counter drop\n  oifname {{ {names} }} counter drop\n");
+            input += &format!("  iifname {{ {names} }} meta l4proto != ipv6-icmp counter drop\n");
+            output += &format!("  oifname {{ {names} }} meta l4proto != ipv6-icmp counter drop\n");
+            // The kernel would accept a packet for any of its addresses on
+            // any interface: VNET-only addresses are not reachable from
+            // elsewhere.
+            for (family, v4) in [("ip", true), ("ip6", false)] {
+                let set: Vec<String> = self
+                    .vnet_only_addrs
+                    .iter()
+                    .filter(|a| a.is_ipv4() == v4)
+                    .map(|a| a.to_string())
+                    .collect();
+                if !set.is_empty() {
+                    input += &format!(
+                        "  {family} daddr {{ {} }} iifname != {{ {names} }} counter drop\n",
+                        set.join(", ")
+                    );
+                }
+            }
+        }
+        let refuse = format!(
+            "  ip daddr @tunnel4 counter name {REFUSED_COUNTER} reject with icmpx admin-prohibited\n  \
+             ip6 daddr @tunnel6 counter name {REFUSED_COUNTER} reject with icmpx admin-prohibited\n"
+        );
+        fwd += &format!("  oifname {tun} accept\n{refuse}");
+        output += &format!("  oifname {tun} accept\n");
+        if self.listen_port != 0 {
+            output += &format!("  udp sport {} accept\n", self.listen_port);
+        }
+        output += &refuse;
+        format!(
+            "table inet {t} {{}}\ndelete table inet {t}\n\
+             table inet {t} {{\n\
+             counter {REFUSED_COUNTER} {{}}\n\
+             set tunnel4 {{ type ipv4_addr; flags interval; auto-merge; }}\n\
+             set tunnel6 {{ type ipv6_addr; flags interval; auto-merge; }}\n\
+             chain forward {{ type filter hook forward priority -10; policy accept;\n{fwd} }}\n\
+             chain input {{ type filter hook input priority -10; policy accept;\n{input} }}\n\
+             chain output {{ type filter hook output priority -10; policy accept;\n{output} }}\n\
+             }}\n{}",
+            set_elements(t, &self.tunnelled)
+        )
+    }
+
+    /// The sets' new contents as one transaction (the rules and the
+    /// counter stay).
+    pub fn update_script(&self) -> String {
+        let t = &self.table;
+        format!(
+            "flush set inet {t} tunnel4\nflush set inet {t} tunnel6\n{}",
+            set_elements(t, &self.tunnelled)
+        )
+    }
+}
+
+fn nft(script: &str) -> Result<()> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            Error::io(
+                "running nft (apt-get install nftables): the fail-safe fence needs it",
+                e,
+            )
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(script.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(|e| Error::io("running nft", e))?;
+    if !out.status.success() {
+        return Err(Error::msg(format!(
+            "nft refused the fail-safe table: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Installs (or atomically replaces) the instance's table.
+pub fn install(f: &Fence) -> Result<()> {
+    nft(&f.ruleset())
+}
+
+/// Replaces the tunnelled prefixes of an installed table in one transaction.
+pub fn update_tunnelled(f: &Fence) -> Result<()> {
+    nft(&f.update_script())
+}
+
+/// Removes the instance's table; `Ok(false)` if there was none.
+pub fn remove(table: &str) -> Result<bool> {
+    if !exists(table) {
+        return Ok(false);
+    }
+    nft(&format!("delete table inet {table}\n"))?;
+    Ok(true)
+}
+
+/// Whether the instance's table is in the kernel.
+pub fn exists(table: &str) -> bool {
+    Command::new("nft")
+        .args(["list", "table", "inet", table])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Packets the tunnel fence has refused since the table was installed.
+pub fn refused(table: &str) -> Option<u64> {
+    let out = Command::new("nft")
+        .args(["list", "counter", "inet", table, REFUSED_COUNTER])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let after = text.split("packets ").nth(1)?;
+    after.split_whitespace().next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fib::Fib;
+
+    fn n(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn fib(entries: &[(u32, &str, Target)]) -> Fib {
+        let mut f = Fib::new();
+        for (vnet, p, t) in entries {
+            f.insert(*vnet, n(p), *t).unwrap();
+        }
+        f
+    }
+
+    #[test]
+    fn peer_prefixes_are_fenced() {
+        let f = fib(&[
+            (0, "10.1.0.0/24", Target::Port(0)),
+            (0, "10.2.0.0/24", Target::Peer(0)),
+            (0, "fd02::/64", Target::Peer(0)),
+        ]);
+        assert_eq!(tunnelled(f.routes()), vec![n("10.2.0.0/24"), n("fd02::/64")]);
+    }
+
+    #[test]
+    fn a_more_specific_lan_inside_a_peer_prefix_is_not_fenced() {
+        // Peer 10.0.0.0/8, LAN 10.1.0.0/16 inside it, and a second peer's
+        // 10.1.5.0/24 inside the LAN: exactly the peers' space.
+        let f = fib(&[
+            (0, "10.0.0.0/8", Target::Peer(0)),
+            (0, "10.1.0.0/16", Target::Port(0)),
+            (0, "10.1.0.1/32", Target::Local),
+            (0, "10.1.5.0/24", Target::Peer(1)),
+        ]);
+        let t = tunnelled(f.routes());
+        let covered = |a: &str| t.iter().any(|p| p.contains(&a.parse::<IpAddr>().unwrap()));
+        assert!(covered("10.200.0.1") && covered("10.0.0.1") && covered("10.1.5.7"));
+        assert!(!covered("10.1.0.2") && !covered("10.1.4.255") && !covered("10.1.6.0"));
+        assert!(!covered("11.0.0.1"));
+        // No two overlap (nft interval sets refuse that).
+        for (i, a) in t.iter().enumerate() {
+            for b in &t[i + 1..] {
+                assert!(!a.contains(b) && !b.contains(a), "{a} overlaps {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn nested_peer_prefixes_fold_and_other_vnets_stay_out() {
+        let f = fib(&[
+            (0, "10.0.0.0/8", Target::Peer(0)),
+            (0, "10.9.0.0/16", Target::Peer(1)),
+            (1, "192.168.0.0/16", Target::Peer(2)),
+        ]);
+        assert_eq!(tunnelled(f.routes()), vec![n("10.0.0.0/8")]);
+    }
+
+    #[test]
+    fn a_lan_equal_to_nothing_and_a_default_route_peer() {
+        // A full-tunnel peer (0.0.0.0/0) around a LAN: everything but the LAN.
+        let f = fib(&[(0, "0.0.0.0/0", Target::Peer(0)), (0, "10.1.0.0/24", Target::Port(0))]);
+        let t = tunnelled(f.routes());
+        assert_eq!(t.len(), 24, "{t:?}");
+        assert!(!t.iter().any(|p| p.contains(&"10.1.0.9".parse::<IpAddr>().unwrap())));
+        assert!(t.iter().any(|p| p.contains(&"10.1.1.0".parse::<IpAddr>().unwrap())));
+    }
+
+    #[test]
+    fn ruleset_lets_only_the_tun_and_our_port_carry_tunnelled_prefixes() {
+        let f = Fence {
+            table: table_name("site-a"),
+            tun: "sw-site-a".into(),
+            listen_port: 51820,
+            tunnelled: vec![n("10.2.0.0/24"), n("fd02::/64")],
+            vnet_ifaces: vec![],
+            vnet_only_addrs: vec![],
+        };
+        let r = f.ruleset();
+        assert!(r.starts_with("table inet subway_site_a {}\ndelete table inet subway_site_a\n"));
+        assert!(r.contains("oifname \"sw-site-a\" accept\n  ip daddr @tunnel4 counter name tunnel_refused reject"));
+        assert!(r.contains("udp sport 51820 accept"));
+        assert!(r.contains("add element inet subway_site_a tunnel4 { 10.2.0.0/24 }"));
+        assert!(r.contains("add element inet subway_site_a tunnel6 { fd02::/64 }"));
+        assert!(!r.contains("iifname {"), "no VNET fence without VNET interfaces");
+        let u = f.update_script();
+        assert!(u.starts_with("flush set inet subway_site_a tunnel4\nflush set inet subway_site_a tunnel6\n"));
+    }
+}

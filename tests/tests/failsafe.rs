@@ -1,0 +1,267 @@
+//! A gateway that fails safe, tried as an operator would: gateway A is a
+//! box with a default route to the internet and forwarding off, site B is
+//! a stock wireguard-go box, and a capture on B's uplink shows whatever A
+//! lets out in clear. subway is killed with SIGKILL and stopped cleanly
+//! mid-flow, and the fence is tried at boot before subway's first start.
+
+use anyhow::{Context, Result, ensure};
+use std::time::{Duration, Instant};
+use subway_tests::{Capture, Subway, TwoSites, UdpFlow, ping_until, require_root, workspace_bin};
+
+/// What the capture on B's uplink looks for: packets for site B's LAN,
+/// which only ever cross the internet inside the tunnel (UDP to 51820).
+const PLAINTEXT_TO_B: &str = "dst net 10.2.0.0/24 or dst net fd02::/64";
+
+fn refused(t: &TwoSites, name: &str) -> Result<u64> {
+    let table = format!("subway_{}", name.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+    let out = t
+        .gwa
+        .run(&["nft", "list", "counter", "inet", &table, "tunnel_refused"])?;
+    let after = out.split("packets ").nth(1).context("no packets in the counter")?;
+    Ok(after.split_whitespace().next().unwrap_or("0").parse()?)
+}
+
+fn sysctl(t: &TwoSites, key: &str) -> Result<String> {
+    Ok(t.gwa.run(&["sysctl", "-n", key])?.trim().to_string())
+}
+
+#[test]
+fn sigkill_mid_flow_leaks_nothing_and_a_restart_resumes() -> Result<()> {
+    if !require_root("sigkill_mid_flow_leaks_nothing_and_a_restart_resumes") {
+        return Ok(());
+    }
+    let t = TwoSites::new()?;
+    t.a_as_a_fresh_box_with_a_default_route()?;
+    let _far = t.standard_b("wireguard-go")?;
+    let cfg = t.subway_config(true, false, "");
+    let ga = Subway::start(&t.gwa, &cfg)?;
+    // A fresh box: subway turned forwarding on where it needs it, and only there.
+    assert_eq!(sysctl(&t, "net.ipv4.conf.lan0.forwarding")?, "1");
+    assert_eq!(sysctl(&t, "net.ipv4.ip_forward")?, "0", "box-wide forwarding stays off");
+    assert_eq!(
+        sysctl(&t, "net.ipv4.conf.wan0.forwarding")?,
+        "0",
+        "the uplink does not forward"
+    );
+    ping_until(&t.a, "10.2.0.2", 10).with_context(|| ga.proc.log_text())?;
+
+    let cap = Capture::start(&t.gwb, "wan0", PLAINTEXT_TO_B)?;
+    // 200 datagrams/s for 8 s; killed at 1.5 s, restarted 2.5 s later.
+    let flow = UdpFlow::start(&t.a, &t.b, "10.2.0.2:7001".parse()?, 1600, 200, 200)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let name = ga.name.clone();
+    let mut proc = ga.proc;
+    // SIGKILL to the child we started, by its pid.
+    t.gwa.run(&["kill", "-KILL", &proc.pid().to_string()])?;
+    let t_kill = Instant::now();
+    while proc.alive() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    // While it was down the kernel had a route (the default) and
+    // forwarding on lan0: the fence refused what it would have sent.
+    let refused_while_down = refused(&t, &name)?;
+    let ga = Subway::start_as(&t.gwa, &name, &cfg)?;
+    let t_back = Instant::now();
+    let r = flow.finish()?;
+    let leaked = cap.finish()?;
+    assert!(
+        leaked.is_empty(),
+        "{} packets for site B left A's uplink in clear, e.g. {:?}",
+        leaked.len(),
+        &leaked[..leaked.len().min(3)]
+    );
+    assert!(
+        refused_while_down >= 300,
+        "the fence counted {refused_while_down} refusals in 2.5 s at 200/s"
+    );
+    // Everything sent before the kill (1.5 s at 200/s, less a margin for
+    // the sender's start) arrived, and everything from one second after
+    // the flow resumed.
+    ensure!(r.lost_in(0..250) == 0, "lost before the kill: {}", r.lost_in(0..250));
+    let resumed = r
+        .first_after(t_back)
+        .with_context(|| format!("nothing arrived after the restart: {}", ga.proc.log_text()))?;
+    let tail = resumed.0 + 200..r.sent;
+    ensure!(
+        r.lost_in(tail.clone()) == 0,
+        "{} lost after the flow resumed (seq {tail:?}): received {} of {}",
+        r.lost_in(tail.clone()),
+        r.received,
+        r.sent
+    );
+    let _ = t_kill;
+    eprintln!(
+        "SIGKILL: {} refused by the fence while down, flow resumed {} ms after the restart was ready",
+        refused_while_down,
+        resumed.1.duration_since(t_back).as_millis()
+    );
+    Ok(())
+}
+
+#[test]
+fn at_boot_and_after_a_clean_stop_nothing_leaves_in_clear_until_subway_down() -> Result<()> {
+    if !require_root("at_boot_and_after_a_clean_stop_nothing_leaves_in_clear_until_subway_down") {
+        return Ok(());
+    }
+    let t = TwoSites::new()?;
+    t.a_as_a_fresh_box_with_a_default_route()?;
+    // A router box whose operator turned forwarding on box-wide: without a
+    // fence, its kernel forwards site A's traffic for B along the default
+    // route, in clear.
+    t.gwa.sysctl("net.ipv4.ip_forward", "1")?;
+    t.gwa.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    let _far = t.standard_b("wireguard-go")?;
+    let name = subway_tests::unique("fs");
+    let cfg_path = subway_tests::work_dir().join(format!("{name}.conf"));
+    let cfg = t.subway_config(true, false, "");
+    std::fs::write(&cfg_path, &cfg)?;
+    let bin = workspace_bin("subway")?;
+    let subway = |args: &[&str]| -> Result<String> {
+        let mut v = vec![bin.to_str().unwrap()];
+        v.extend_from_slice(args);
+        t.gwa.run(&v)
+    };
+    let cap = Capture::start(&t.gwb, "wan0", PLAINTEXT_TO_B)?;
+    let send = |n: u32, port: u16| -> Result<subway_tests::FlowReport> {
+        UdpFlow::start(&t.a, &t.b, format!("10.2.0.2:{port}").parse()?, n, 200, 100)?.finish()
+    };
+
+    // Boot: the fail-safe unit runs `subway fence` before the network.
+    let out = subway(&["fence", "--config", cfg_path.to_str().unwrap()])?;
+    assert!(out.contains("2 tunnelled prefix(es)"), "{out}");
+    let r = send(100, 7101)?;
+    assert_eq!(r.received, 0, "reached B before subway ever ran: {r:?}");
+    assert!(cap.packets()?.is_empty(), "left in clear at boot: {:?}", cap.packets()?);
+    assert!(refused(&t, &name)? >= 100);
+
+    // Running: the tunnel carries it.
+    let ga = Subway::start_as(&t.gwa, &name, &cfg)?;
+    ping_until(&t.a, "10.2.0.2", 10).with_context(|| ga.proc.log_text())?;
+    let r = send(200, 7102)?;
+    assert_eq!(r.lost, 0, "{r:?}");
+
+    // A clean stop (FailMode = closed by default) keeps the fence.
+    let (status, log) = ga.stop();
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert!(log.contains("leaving nft table inet"), "{log}");
+    let r = send(100, 7103)?;
+    assert_eq!(r.received, 0, "reached B after a clean stop: {r:?}");
+    assert!(
+        cap.packets()?.is_empty(),
+        "left in clear after a clean stop: {:?}",
+        cap.packets()?
+    );
+
+    // `subway down` takes it away: now the kernel routes in clear, and the
+    // capture sees it (which is what makes the checks above able to fail).
+    let out = subway(&["down", &name])?;
+    assert!(out.contains("removed nft table inet"), "{out}");
+    let r = send(50, 7104)?;
+    let leaked = cap.finish()?;
+    assert!(r.received > 0, "nothing got through after subway down: {r:?}");
+    assert!(
+        leaked.len() >= 40,
+        "after subway down the kernel's clear-text forwarding should show in the capture: {leaked:?}"
+    );
+
+    // FailMode = open: a clean stop removes the fence itself.
+    let open_cfg = cfg.replace("Uplink = wan0", "Uplink = wan0\nFailMode = open");
+    let ga = Subway::start_as(&t.gwa, &name, &open_cfg)?;
+    let (status, log) = ga.stop();
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert!(
+        !t.gwa
+            .run(&["nft", "list", "tables"])?
+            .contains(&format!("subway_{name}"))
+    );
+    Ok(())
+}
+
+#[test]
+fn a_fresh_box_forwards_and_a_clean_stop_restores_its_sysctls() -> Result<()> {
+    if !require_root("a_fresh_box_forwards_and_a_clean_stop_restores_its_sysctls") {
+        return Ok(());
+    }
+    let t = TwoSites::new()?;
+    t.a_as_a_fresh_box_with_a_default_route()?;
+    // New interfaces get loose reverse-path filtering, as systemd's
+    // sysctl defaults set on Debian; the slow-path TUN must not.
+    t.gwa.sysctl("net.ipv4.conf.default.rp_filter", "2")?;
+    let _far = t.standard_b("wireguard-go")?;
+    let ga = Subway::start(&t.gwa, &t.subway_config(true, false, ""))?;
+    // The far side speaks first: its first packets reach A's LAN through
+    // the kernel slow path (the neighbour is unknown), IPv4 and IPv6.
+    ping_until(&t.b, "10.1.0.2", 10).with_context(|| ga.proc.log_text())?;
+    // Too big for the tunnel: the kernel answers through the TUN.
+    let out =
+        t.a.output(&["ping", "-c", "2", "-W", "1", "-M", "do", "-s", "1472", "10.2.0.2"])?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("mtu = 1420") || text.contains("mtu=1420"),
+        "no frag-needed: {text}"
+    );
+    ping_until(&t.b, "fd01::2", 5).with_context(|| ga.proc.log_text())?;
+    ping_until(&t.a, "fd02::2", 5).with_context(|| ga.proc.log_text())?;
+    assert_eq!(sysctl(&t, "net.ipv6.conf.lan0.force_forwarding")?, "1");
+    assert_eq!(sysctl(&t, "net.ipv6.conf.all.forwarding")?, "0");
+    let log = ga.proc.log_text();
+    assert!(log.contains("net.ipv4.conf.lan0.forwarding to 1"), "{log}");
+    let (status, _) = ga.stop();
+    assert!(status.is_some_and(|s| s.success()));
+    assert_eq!(
+        sysctl(&t, "net.ipv4.conf.lan0.forwarding")?,
+        "0",
+        "restored on a clean stop"
+    );
+    assert_eq!(
+        sysctl(&t, "net.ipv6.conf.lan0.force_forwarding")?,
+        "0",
+        "restored on a clean stop"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_far_wireguard_go_that_kept_its_session_is_back_within_a_second_of_a_restart() -> Result<()> {
+    if !require_root("a_far_wireguard_go_that_kept_its_session_is_back_within_a_second_of_a_restart") {
+        return Ok(());
+    }
+    let t = TwoSites::new()?;
+    let _far = t.standard_b("wireguard-go")?;
+    let cfg = t.subway_config(true, false, "");
+    let ga = Subway::start(&t.gwa, &cfg)?;
+    ping_until(&t.b, "10.1.0.2", 10).with_context(|| ga.proc.log_text())?;
+    // The far side sends 200/s to A's LAN for 10 s; subway is killed at 2 s
+    // and started again at 4 s. wireguard-go keeps sending on its old
+    // session until something tells it otherwise.
+    let flow = UdpFlow::start(&t.b, &t.a, "10.1.0.2:7201".parse()?, 2000, 200, 100)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let name = ga.name.clone();
+    let mut proc = ga.proc;
+    t.gwa.run(&["kill", "-KILL", &proc.pid().to_string()])?;
+    while proc.alive() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let t_spawn = Instant::now();
+    let ga = Subway::start_as(&t.gwa, &name, &cfg)?;
+    let t_ready = Instant::now();
+    let r = flow.finish()?;
+    let (_, first) = r
+        .first_after(t_ready)
+        .with_context(|| format!("the far side's traffic never came back: {}", ga.proc.log_text()))?;
+    let from_ready = first.saturating_duration_since(t_ready);
+    let from_spawn = first.saturating_duration_since(t_spawn);
+    eprintln!(
+        "restart recovery with wireguard-go on the far side: {} ms from ready ({} ms from the process start)",
+        from_ready.as_millis(),
+        from_spawn.as_millis()
+    );
+    assert!(
+        from_ready < Duration::from_secs(1),
+        "the far side's traffic came back {} ms after subway was ready (goal: under 1 s)",
+        from_ready.as_millis()
+    );
+    Ok(())
+}
