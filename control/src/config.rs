@@ -774,6 +774,29 @@ mod tests {
         assert!(c.lans[0].subnets.is_empty());
     }
 
+    #[test]
+    fn fail_mode_is_closed_unless_open_is_asked_for() {
+        let base = "[Interface]\nListenPort = 51820\n{}\n[Lan]\nInterface = lan0\n";
+        assert!(!parse(&base.replace("{}", "")).unwrap().interface.fail_open);
+        assert!(
+            !parse(&base.replace("{}", "FailMode = Closed"))
+                .unwrap()
+                .interface
+                .fail_open
+        );
+        assert!(
+            parse(&base.replace("{}", "failmode = open"))
+                .unwrap()
+                .interface
+                .fail_open
+        );
+        expect_err(
+            &base.replace("{}", "FailMode = ajar"),
+            3,
+            "FailMode = ajar: expected `closed`",
+        );
+    }
+
     fn expect_err(text: &str, line: usize, needle: &str) {
         let e = parse(text).unwrap_err();
         assert_eq!(e.line, line, "{e}");

@@ -2,8 +2,9 @@
 //! /run/subway/NAME.sock. One request per connection, a line of text in,
 //! JSON out. Used by `subway show` (and by tests and scripts).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use crate::local::RequestServer;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,68 +14,35 @@ pub fn socket_path(name: &str) -> PathBuf {
     Path::new(RUN_DIR).join(format!("{name}.sock"))
 }
 
-/// The listening side, owned by the control thread. Removes its socket
-/// file on drop.
-pub struct CtlServer {
-    listener: UnixListener,
-    path: PathBuf,
-}
+/// The listening side, owned by the control thread (see `local.rs`: it
+/// never blocks on a client). Removes its socket file on drop.
+pub struct CtlServer(RequestServer);
 
-/// Binds a non-blocking Unix socket at `path`, replacing a stale file left
-/// by a crash but refusing one a live process still answers on (`in_use`
-/// says who).
-pub fn bind_unix(path: &std::path::Path, in_use: &str) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("{in_use} ({})", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
-}
+/// Longest control request (`route explain ...` is the longest).
+const MAX_REQUEST: usize = 4096;
 
 impl CtlServer {
     pub fn bind(name: &str) -> std::io::Result<Self> {
-        let path = socket_path(name);
-        let listener = bind_unix(&path, &format!("an instance named {name} is already running"))?;
-        Ok(CtlServer { listener, path })
+        RequestServer::bind(
+            socket_path(name),
+            &format!("an instance named {name} is already running"),
+            MAX_REQUEST,
+            |b| b.contains(&b'\n'),
+        )
+        .map(CtlServer)
     }
 
     pub fn fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.listener.as_raw_fd()
+        self.0.fd()
     }
 
-    /// Serves every pending connection with `answer(request line)`.
-    pub fn serve(&self, mut answer: impl FnMut(&str) -> String) {
-        while let Ok((stream, _)) = self.listener.accept() {
-            let _ = stream.set_nonblocking(false);
-            // A silent client must not hold up the control thread.
-            let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
-            let _ = stream.set_write_timeout(Some(Duration::from_millis(500)));
-            let mut line = String::new();
-            let mut r = BufReader::new(&stream);
-            if r.read_line(&mut line).is_err() {
-                continue;
-            }
-            let reply = answer(line.trim());
-            let mut w = &stream;
-            let _ = w.write_all(reply.as_bytes());
-        }
+    pub fn refused(&self) -> crate::local::Refusals {
+        self.0.refused
     }
-}
 
-impl Drop for CtlServer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+    /// Serves every complete request with `answer(request line)`.
+    pub fn serve(&mut self, mut answer: impl FnMut(&str) -> String) {
+        self.0.serve(|req| answer(req.lines().next().unwrap_or("").trim()));
     }
 }
 
@@ -95,7 +63,8 @@ pub fn request(name: &str, req: &str) -> std::io::Result<String> {
     Ok(out)
 }
 
-/// Names of the instances with a socket in the run directory.
+/// Names of the running instances: those with a socket in the run
+/// directory that answers (a crashed instance's stale socket does not).
 pub fn instances() -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(RUN_DIR)
         .map(|d| {
@@ -106,6 +75,7 @@ pub fn instances() -> Vec<String> {
                         .and_then(|n| n.strip_suffix(".sock"))
                         .map(str::to_string)
                 })
+                .filter(|n| crate::local::is_live(&socket_path(n)))
                 .collect()
         })
         .unwrap_or_default();

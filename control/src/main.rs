@@ -4,6 +4,7 @@ mod config;
 mod ctl;
 mod gateway;
 mod live;
+mod local;
 mod metrics;
 mod routes;
 mod uapi;
@@ -257,9 +258,12 @@ fn down(name: &str) -> Result<()> {
             sock.display()
         );
     }
-    if sock.exists() {
-        std::fs::remove_file(&sock).with_context(|| format!("removing the stale {}", sock.display()))?;
-        println!("removed the stale control socket {}", sock.display());
+    let uapi = PathBuf::from("/var/run/wireguard").join(format!("{name}.sock"));
+    for stale in [&sock, &uapi] {
+        if stale.exists() && !local::is_live(stale) {
+            std::fs::remove_file(stale).with_context(|| format!("removing the stale {}", stale.display()))?;
+            println!("removed the stale socket {}", stale.display());
+        }
     }
     let table = subway_dataplane::failsafe::table_name(name);
     let refused = subway_dataplane::failsafe::refused(&table);
@@ -326,7 +330,11 @@ fn run(path: &Path) -> Result<()> {
         libc::signal(libc::SIGHUP, on_signal as *const () as libc::sighandler_t);
     }
     let mut reloads = Reloads::default();
-    let ctl = ctl::CtlServer::bind(&cfg.name).context("opening the control socket")?;
+    // Files and sockets this process creates are its own (the UAPI socket
+    // answers with the private key); the sockets are also chmod 0600.
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(0o077) };
+    let mut ctl = ctl::CtlServer::bind(&cfg.name).context("opening the control socket")?;
     let mut dcfg = dataplane_config(&cfg);
     dcfg.listen_port = gw.as_ref().map(|g| g.listen_port).unwrap_or(0);
     let mut dp = Dataplane::start(&dcfg).with_context(|| format!("starting {}", cfg.name))?;
@@ -359,7 +367,7 @@ fn run(path: &Path) -> Result<()> {
     let started = Instant::now();
     let mut rates = Rates::default();
     // `wg show NAME` works against a gateway.
-    let uapi = match &gw {
+    let mut uapi = match &gw {
         Some(_) => match uapi::UapiServer::bind(&cfg.name) {
             Ok(u) => Some(u),
             Err(e) => {
@@ -369,7 +377,7 @@ fn run(path: &Path) -> Result<()> {
         },
         None => None,
     };
-    let metrics = match cfg.metrics {
+    let mut metrics = match cfg.metrics {
         Some((addr, line)) => Some(
             metrics::MetricsServer::bind(addr)
                 .with_context(|| format!("{}:{line}: serving metrics on {addr}", cfg.path.display()))?,
@@ -380,9 +388,6 @@ fn run(path: &Path) -> Result<()> {
         tracing::info!("Prometheus metrics on http://{addr}/metrics");
     }
     let mut fds = vec![ctl.fd(), dp.slow_path().fd(), dp.slow_path().punt_fd()];
-    if let Some(m) = &metrics {
-        fds.push(m.fd());
-    }
     if let Some(g) = &gw {
         fds.extend(g.fds());
     }
@@ -420,7 +425,7 @@ fn run(path: &Path) -> Result<()> {
             while dp.slow_path().recv(&mut b).is_ok() {}
             dp.serve_punted(|_, _| {});
         }
-        if let Some(u) = &uapi {
+        if let Some(u) = uapi.as_mut() {
             u.serve(|req| match req {
                 uapi::Request::Get => {
                     let Some(g) = gw.as_ref() else { return String::new() };
@@ -456,11 +461,25 @@ fn run(path: &Path) -> Result<()> {
                 }
             });
         }
-        if let Some(m) = &metrics {
+        if let Some(m) = metrics.as_mut() {
             m.serve(|| metrics::render(&show_json(&cfg, &dp, gw.as_ref(), &rates, started, &reloads)));
         }
+        // Clients the local sockets closed on, by reason (before serving:
+        // the server is busy answering).
+        let refused = |r: local::Refusals| {
+            json!({"not_permitted": r.not_permitted, "too_large": r.too_large,
+                   "timed_out": r.timed_out, "too_many": r.too_many})
+        };
+        let local_refused = json!({
+            "control": refused(ctl.refused()),
+            "uapi": uapi.as_ref().map(|u| refused(u.refused())),
+        });
         ctl.serve(|req| match req {
-            "show" | "" => show_json(&cfg, &dp, gw.as_ref(), &rates, started, &reloads).to_string(),
+            "show" | "" => {
+                let mut v = show_json(&cfg, &dp, gw.as_ref(), &rates, started, &reloads);
+                v["local_refused"] = local_refused.clone();
+                v.to_string()
+            }
             "reload" => {
                 let r = live::reload(&mut cfg, gw.as_mut(), &mut dp);
                 reloads.note("subway reload", &r);

@@ -5,44 +5,101 @@
 
 use serde_json::Value;
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
+/// Scrape connections served at once; more are closed at accept.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection's whole life (headers, the render, the reply), at most.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a scrape waits for the control thread to render.
+const RENDER_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The metrics endpoint: HTTP (hyper) on a thread of its own, so that no
+/// client, idle or slow, ever reaches the control thread. A scrape asks
+/// the control thread for the numbers through a channel and waits at most
+/// [`RENDER_TIMEOUT`]; the control thread answers between its rounds.
 pub struct MetricsServer {
-    listener: TcpListener,
+    requests: mpsc::Receiver<oneshot::Sender<String>>,
+}
+
+type Body = http_body_util::Full<bytes::Bytes>;
+
+fn reply(status: u16, body: String) -> hyper::Response<Body> {
+    let mut r = hyper::Response::new(Body::from(body));
+    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}
+
+async fn scrape(
+    req: hyper::Request<hyper::body::Incoming>,
+    ask: mpsc::Sender<oneshot::Sender<String>>,
+) -> Result<hyper::Response<Body>, std::convert::Infallible> {
+    if req.method() != hyper::Method::GET || !matches!(req.uri().path(), "/metrics" | "/") {
+        return Ok(reply(404, String::new()));
+    }
+    let (tx, rx) = oneshot::channel();
+    if ask.try_send(tx).is_err() {
+        return Ok(reply(503, "subway: too many scrapes waiting\n".into()));
+    }
+    Ok(match tokio::time::timeout(RENDER_TIMEOUT, rx).await {
+        Ok(Ok(body)) => reply(200, body),
+        _ => reply(503, "subway: the control thread did not answer in time\n".into()),
+    })
+}
+
+async fn accept_loop(listener: std::net::TcpListener, ask: mpsc::Sender<oneshot::Sender<String>>) {
+    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+        return;
+    };
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        // Over the cap the connection is closed at once.
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let ask = ask.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| scrape(req, ask.clone()));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(2))
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+            drop(permit);
+        });
+    }
 }
 
 impl MetricsServer {
+    /// Binds `addr` (errors are the caller's: a port in use is a config
+    /// error) and starts the serving thread.
     pub fn bind(addr: SocketAddr) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(addr)?;
+        let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
-        Ok(MetricsServer { listener })
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (ask, requests) = mpsc::channel(MAX_CONNECTIONS);
+        std::thread::Builder::new()
+            .name("subway-metrics".into())
+            .spawn(move || rt.block_on(accept_loop(listener, ask)))?;
+        Ok(MetricsServer { requests })
     }
 
-    pub fn fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.listener.as_raw_fd()
-    }
-
-    /// Answers pending scrapes with `body()`.
-    pub fn serve(&self, body: impl Fn() -> String) {
-        while let Ok((mut s, _)) = self.listener.accept() {
-            let _ = s.set_nonblocking(false);
-            let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-            let mut req = [0u8; 1024];
-            let n = s.read(&mut req).unwrap_or(0);
-            let line = String::from_utf8_lossy(&req[..n]);
-            let reply = if line.starts_with("GET /metrics") || line.starts_with("GET / ") {
-                let b = body();
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
-                    b.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
-            };
-            let _ = s.write_all(reply.as_bytes());
+    /// Answers the scrapes waiting for numbers with `body()` (called by
+    /// the control thread each round; returns at once when none wait).
+    pub fn serve(&mut self, body: impl Fn() -> String) {
+        while let Ok(tx) = self.requests.try_recv() {
+            let _ = tx.send(body());
         }
     }
 }

@@ -11,74 +11,51 @@
 //! `subway reload`, which re-reads the file (as with wg-quick).
 
 use crate::config::{Config, Key32, PeerSection};
+use crate::local::RequestServer;
 use ipnet::IpNet;
 use serde_json::Value;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub struct UapiServer {
-    listener: UnixListener,
-    path: PathBuf,
-}
+/// The UAPI socket's server (see `local.rs`: it never blocks on a client).
+pub struct UapiServer(RequestServer);
+
+/// Longest UAPI request: a `wg syncconf` of thousands of peers fits.
+const MAX_REQUEST: usize = 8 << 20;
 
 impl UapiServer {
     pub fn bind(name: &str) -> std::io::Result<Self> {
         let path = PathBuf::from("/var/run/wireguard").join(format!("{name}.sock"));
-        let listener = crate::ctl::bind_unix(&path, "in use by another WireGuard interface")?;
-        Ok(UapiServer { listener, path })
+        // A request ends with a blank line.
+        RequestServer::bind(path, "in use by another WireGuard interface", MAX_REQUEST, |b| {
+            b.ends_with(b"\n\n")
+        })
+        .map(UapiServer)
     }
 
     pub fn fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.listener.as_raw_fd()
+        self.0.fd()
     }
 
-    /// Serves pending requests; `answer` renders the device for a `get`
+    pub fn refused(&self) -> crate::local::Refusals {
+        self.0.refused
+    }
+
+    /// Serves complete requests; `answer` renders the device for a `get`
     /// (ending in `errno=0`) or applies a `set` (answering `errno=N`).
-    pub fn serve(&self, mut answer: impl FnMut(Request) -> String) {
-        while let Ok((stream, _)) = self.listener.accept() {
-            let _ = stream.set_nonblocking(false);
-            let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
-            let _ = stream.set_write_timeout(Some(Duration::from_millis(500)));
-            let mut r = BufReader::new(&stream);
-            let mut first = String::new();
-            if r.read_line(&mut first).is_err() {
-                continue;
-            }
-            // The rest of the request, up to the blank line: bounded in
-            // lines and time, a slow client must not stall the control
-            // thread (handshakes and timers run there).
-            let deadline = std::time::Instant::now() + Duration::from_millis(500);
-            let mut lines = Vec::new();
-            let mut line = String::new();
-            while lines.len() < 65536
-                && std::time::Instant::now() < deadline
-                && r.read_line(&mut line).map(|n| n > 0).unwrap_or(false)
-            {
-                if line.trim().is_empty() {
-                    break;
-                }
-                lines.push(line.trim().to_string());
-                line.clear();
-            }
-            let reply = match first.trim() {
+    pub fn serve(&mut self, mut answer: impl FnMut(Request) -> String) {
+        self.0.serve(|req| {
+            let mut lines = req.lines().map(str::trim);
+            let first = lines.next().unwrap_or("");
+            let rest: Vec<String> = lines.take_while(|l| !l.is_empty()).map(String::from).collect();
+            let reply = match first {
                 "get=1" => answer(Request::Get),
-                "set=1" => answer(Request::Set(lines)),
+                "set=1" => answer(Request::Set(rest)),
                 _ => format!("errno={}\n", libc::EINVAL),
             };
-            let mut w = &stream;
-            let _ = w.write_all(reply.as_bytes());
-            let _ = w.write_all(b"\n");
-        }
-    }
-}
-
-impl Drop for UapiServer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+            reply + "\n"
+        });
     }
 }
 

@@ -265,3 +265,103 @@ fn a_far_wireguard_go_that_kept_its_session_is_back_within_a_second_of_a_restart
     );
     Ok(())
 }
+
+/// Any local user can connect to the control and UAPI sockets and to the
+/// metrics port. Fifty idle connections to each, and one client sending a
+/// megabyte without a newline, delay neither `subway show`, `wg show`, a
+/// scrape, nor a handshake by more than 100 ms.
+#[test]
+fn idle_and_oversized_local_clients_stall_nothing() -> Result<()> {
+    if !require_root("idle_and_oversized_local_clients_stall_nothing") {
+        return Ok(());
+    }
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+    let t = TwoSites::new()?;
+    let cfg = t.subway_config(true, false, "") + "\n[Metrics]\nListen = 127.0.0.1:9586\n";
+    let ga = Subway::start(&t.gwa, &cfg)?;
+    let ctl = std::path::PathBuf::from(format!("/run/subway/{}.sock", ga.name));
+    let uapi = std::path::PathBuf::from(format!("/var/run/wireguard/{}.sock", ga.name));
+    for p in [&ctl, &uapi] {
+        let mode = std::fs::metadata(p)?.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is {mode:o}", p.display());
+    }
+    let timed = |f: &dyn Fn() -> Result<()>| -> Result<Duration> {
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            f()?;
+            v.push(t0.elapsed());
+        }
+        v.sort();
+        Ok(v[2])
+    };
+    let show = || ga.show().map(|_| ());
+    let wg_show = || t.gwa.run(&["wg", "show", &ga.name]).map(|_| ());
+    let scrape = || -> Result<()> {
+        let body = t.gwa.enter(|| -> Result<String> {
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9586")?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })??;
+        ensure!(body.starts_with("HTTP/1.1 200"), "{body}");
+        Ok(())
+    };
+    let before = [timed(&show)?, timed(&wg_show)?, timed(&scrape)?];
+
+    let idle_ctl: Vec<UnixStream> = (0..50)
+        .map(|_| UnixStream::connect(&ctl))
+        .collect::<std::io::Result<_>>()?;
+    let idle_uapi: Vec<UnixStream> = (0..50)
+        .map(|_| UnixStream::connect(&uapi))
+        .collect::<std::io::Result<_>>()?;
+    let idle_tcp = t.gwa.enter(|| -> std::io::Result<Vec<std::net::TcpStream>> {
+        (0..50)
+            .map(|_| std::net::TcpStream::connect("127.0.0.1:9586"))
+            .collect()
+    })??;
+    let mut big = UnixStream::connect(&ctl)?;
+    big.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let _ = big.write_all(&vec![b'x'; 1 << 20]);
+
+    let after = [timed(&show)?, timed(&wg_show)?, timed(&scrape)?];
+    // The far gateway starts now: its handshake at start is answered by A's
+    // control thread while all those clients hang on.
+    let gb = Subway::start(&t.gwb, &t.subway_config(false, false, ""))?;
+    let ready = Instant::now();
+    let mut handshake = None;
+    while ready.elapsed() < Duration::from_secs(5) {
+        if ga.show()?["peers"][0]["handshakes"].as_u64().unwrap_or(0) >= 1 {
+            handshake = Some(ready.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let handshake = handshake.with_context(|| format!("no handshake: {}", gb.proc.log_text()))?;
+    let refused = ga.show()?["local_refused"].clone();
+    eprintln!(
+        "median latency before/after 150 idle clients and a 1 MB one: show {:?}/{:?}, wg show {:?}/{:?}, scrape {:?}/{:?}; handshake seen {:?} after B was ready; refused {refused}",
+        before[0], after[0], before[1], after[1], before[2], after[2], handshake
+    );
+    for (what, b, a) in [
+        ("subway show", before[0], after[0]),
+        ("wg show", before[1], after[1]),
+        ("a scrape", before[2], after[2]),
+    ] {
+        assert!(
+            a < b + Duration::from_millis(100),
+            "{what}: {b:?} before, {a:?} with idle clients"
+        );
+    }
+    assert!(
+        handshake < Duration::from_millis(100),
+        "handshake seen {handshake:?} after B was ready"
+    );
+    assert!(refused["control"]["too_large"].as_u64() >= Some(1), "{refused}");
+    drop((idle_ctl, idle_uapi, idle_tcp));
+    Ok(())
+}
