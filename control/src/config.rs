@@ -146,7 +146,21 @@ impl Config {
             line: 0,
             msg: format!("cannot read the config file: {e}"),
         })?;
-        Self::parse(path, &text)
+        let mut cfg = Self::parse(path, &text)?;
+        // As wg-quick does: a private key others can read is no secret.
+        use std::os::unix::fs::PermissionsExt;
+        if cfg.interface.private_key.is_some()
+            && let Ok(m) = std::fs::metadata(path)
+            && m.permissions().mode() & 0o077 != 0
+        {
+            cfg.warnings.push(format!(
+                "{}: holds a private key and is readable by group or others (mode {:o}): chmod 600 {}",
+                path.display(),
+                m.permissions().mode() & 0o777,
+                path.display()
+            ));
+        }
+        Ok(cfg)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {

@@ -907,6 +907,29 @@ fn show(name: Option<String>, as_json: bool) -> Result<()> {
             xsk.join(" ")
         }
     );
+    // The control thread's own counters: handshakes in and out, cookie
+    // replies, rate limiting and refusals by reason (a handshake flood
+    // shows here, not among the workers' drops).
+    let control = nonzero(&v["control"], &|_| true);
+    println!(
+        "  control thread: {}",
+        if control.is_empty() {
+            "idle".into()
+        } else {
+            control.join(" ")
+        }
+    );
+    let refused: Vec<String> = ["control", "uapi"]
+        .iter()
+        .flat_map(|s| {
+            nonzero(&v["local_refused"][*s], &|_| true)
+                .into_iter()
+                .map(move |r| format!("{s}.{r}"))
+        })
+        .collect();
+    if !refused.is_empty() {
+        println!("  local clients closed: {}", refused.join(" "));
+    }
     let vnet_slow = nonzero(&v["vnet_slow_path"], &|_| true);
     if !vnet_slow.is_empty() {
         println!("  non-default VNETs, control thread: {}", vnet_slow.join(" "));

@@ -362,6 +362,19 @@ fn idle_and_oversized_local_clients_stall_nothing() -> Result<()> {
         "handshake seen {handshake:?} after B was ready"
     );
     assert!(refused["control"]["too_large"].as_u64() >= Some(1), "{refused}");
+    // The text view says so too, with the control thread's own counters.
+    let text = ga.ctl(&["show", &ga.name])?;
+    assert!(text.contains("local clients closed: control.too_large=1"), "{text}");
+    assert!(
+        text.contains("control thread: ") && text.contains("handshake_messages_in="),
+        "{text}"
+    );
+    // The kit writes configs 0644: a private key others can read is named.
+    assert!(
+        ga.proc.log_text().contains("readable by group or others (mode 644)"),
+        "{}",
+        ga.proc.log_text()
+    );
     drop((idle_ctl, idle_uapi, idle_tcp));
     Ok(())
 }

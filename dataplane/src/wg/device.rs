@@ -426,10 +426,14 @@ impl Device {
         let p = &mut self.peers[peer as usize];
         // Authenticated: the peer may have roamed.
         p.endpoint = Some(src);
-        if p.next.as_ref().is_some_and(|n| Arc::ptr_eq(n, &session))
-            && let Some(dropped) = p.confirm_next()
-        {
-            self.index.remove(&dropped);
+        if p.next.as_ref().is_some_and(|n| Arc::ptr_eq(n, &session)) {
+            // The responder's session is confirmed: the handshake is
+            // complete, and an initiation of ours still in flight (both
+            // sides started one, as both do at start) is not retried.
+            p.timers.handshake_complete();
+            if let Some(dropped) = p.confirm_next() {
+                self.index.remove(&dropped);
+            }
         }
         let p = &mut self.peers[peer as usize];
         p.timers.any_authenticated_packet_received();
@@ -568,10 +572,11 @@ impl Device {
         for id in 0..self.peers.len() as u32 {
             // A responder's next session the workers saw traffic on becomes current.
             let p = &mut self.peers[id as usize];
-            if p.next.as_ref().is_some_and(|n| n.is_confirmed())
-                && let Some(dropped) = p.confirm_next()
-            {
-                self.index.remove(&dropped);
+            if p.next.as_ref().is_some_and(|n| n.is_confirmed()) {
+                p.timers.handshake_complete();
+                if let Some(dropped) = p.confirm_next() {
+                    self.index.remove(&dropped);
+                }
             }
             // Packets that waited for a handshake we answered go now.
             let p = &mut self.peers[id as usize];
@@ -687,6 +692,48 @@ mod tests {
 
     const A: &str = "192.0.2.1:51820";
     const B: &str = "192.0.2.2:51820";
+
+    #[test]
+    fn both_sides_initiate_at_start_and_the_loser_does_not_retry() {
+        let (mut a, mut b, now) = pair();
+        // B knows A's endpoint too, and its initiation is lost (A is not up).
+        let cfg = PeerConfig {
+            public_key: a.public,
+            preshared_key: None,
+            endpoint: Some(A.parse().unwrap()),
+            allowed_ips: vec!["10.1.0.0/24".parse().unwrap()],
+            persistent_keepalive: None,
+            vnet: 0,
+        };
+        b.update_peer(0, &cfg);
+        assert_eq!(b.tick(now).len(), 1);
+        // A's initiation completes; its keepalive confirms B's session.
+        let mut init = a.tick(now)[0].datagram.clone();
+        let Received::Send(resp) = b.receive(A.parse().unwrap(), &mut init, now).unwrap() else {
+            panic!()
+        };
+        let mut m2 = resp[0].datagram.clone();
+        let Received::Send(ka) = a.receive(B.parse().unwrap(), &mut m2, now).unwrap() else {
+            panic!()
+        };
+        let mut k = ka[0].datagram.clone();
+        assert_eq!(
+            b.receive(A.parse().unwrap(), &mut k, now).unwrap(),
+            Received::Keepalive { peer: 0 }
+        );
+        assert_eq!(b.peer(0).unwrap().handshakes, 1);
+        // B's own initiation is not retransmitted REKEY_TIMEOUT later.
+        let later = Now {
+            mono: now.mono + REKEY_TIMEOUT * 2,
+            ..now
+        };
+        let out = b.tick(later);
+        assert!(
+            out.iter().all(|o| o.datagram[0] != 1),
+            "B retried its initiation: {} datagrams",
+            out.len()
+        );
+    }
 
     #[test]
     fn a_peer_with_an_endpoint_is_handshaken_without_waiting_for_traffic() {
