@@ -36,6 +36,10 @@ impl CtlServer {
         self.0.fd()
     }
 
+    pub fn pending_fds(&self) -> impl Iterator<Item = std::os::fd::RawFd> + '_ {
+        self.0.pending_fds()
+    }
+
     pub fn refused(&self) -> crate::local::Refusals {
         self.0.refused
     }

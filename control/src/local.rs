@@ -116,6 +116,11 @@ impl RequestServer {
         self.listener.as_raw_fd()
     }
 
+    /// The connections still waiting for (the rest of) their request.
+    pub fn pending_fds(&self) -> impl Iterator<Item = std::os::fd::RawFd> + '_ {
+        self.pending.iter().map(|p| p.stream.as_raw_fd())
+    }
+
     /// Accepts what is waiting, reads what has arrived, and answers every
     /// request that is complete with `answer(request)`. Never blocks but
     /// for writing a reply (at most [`WRITE_TIMEOUT`] each).

@@ -235,18 +235,7 @@ fn fence(path: &Path) -> Result<()> {
     dcfg.listen_port = cfg.interface.listen_port.unwrap_or(0);
     let f = subway_dataplane::fence_for_config(&dcfg)?;
     subway_dataplane::failsafe::install(&f)?;
-    println!(
-        "{}: nft table inet {} installed: {} tunnelled prefix(es) refused anywhere but {}{}",
-        cfg.name,
-        f.table,
-        f.tunnelled.len(),
-        f.tun,
-        if f.vnet_ifaces.is_empty() {
-            String::new()
-        } else {
-            format!(", VNET interfaces {} fenced", f.vnet_ifaces.join(", "))
-        }
-    );
+    println!("{}: installed: {}", cfg.name, f.summary());
     Ok(())
 }
 
@@ -394,15 +383,20 @@ fn run(path: &Path) -> Result<()> {
     if let Some(u) = &uapi {
         fds.push(u.fd());
     }
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|fd| libc::pollfd {
-            fd: *fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+    let pollfd = |fd: i32| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let mut pfds: Vec<libc::pollfd> = fds.iter().map(|fd| pollfd(*fd)).collect();
     while !STOP.load(Ordering::Relaxed) {
+        // Local clients whose request has not all arrived wake the loop
+        // when it does, not a round later.
+        pfds.truncate(fds.len());
+        pfds.extend(ctl.pending_fds().map(pollfd));
+        if let Some(u) = &uapi {
+            pfds.extend(u.pending_fds().map(pollfd));
+        }
         // SAFETY: valid pollfds; the timeout bounds timer and neighbour latency.
         unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 50) };
         if let Some(id) = dp.dead_worker() {

@@ -128,6 +128,24 @@ fn set_elements(table: &str, nets: &[IpNet]) -> String {
 }
 
 impl Fence {
+    /// One line for logs and `subway fence`: what the table holds.
+    pub fn summary(&self) -> String {
+        let vnets = if self.vnet_ifaces.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; VNET interfaces {} fenced off from the kernel's routing",
+                self.vnet_ifaces.join(", ")
+            )
+        };
+        format!(
+            "nft table inet {} refuses {} tunnelled prefix(es) anywhere but {}{vnets}",
+            self.table,
+            self.tunnelled.len(),
+            self.tun
+        )
+    }
+
     /// The whole table as one `nft -f` transaction that replaces any table
     /// of the same name (left by a run that died) atomically.
     pub fn ruleset(&self) -> String {

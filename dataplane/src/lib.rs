@@ -710,30 +710,12 @@ impl Default for KernelUndo {
     }
 }
 
-/// The nftables table of an instance: `subway_` and its name.
-pub fn fence_table(instance: &str) -> String {
-    failsafe::table_name(instance)
-}
-
 impl KernelUndo {
     /// Installs the fail-safe table (replacing one a run that died left):
     /// the tunnel fence, and the VNET fence when there are VNET interfaces.
     fn fence(&mut self, f: failsafe::Fence) -> Result<()> {
         failsafe::install(&f)?;
-        tracing::info!(
-            "fail-safe: nft table inet {} refuses {} tunnelled prefix(es) anywhere but {}{}",
-            f.table,
-            f.tunnelled.len(),
-            f.tun,
-            if f.vnet_ifaces.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "; VNET interfaces {} fenced off from the kernel's routing",
-                    f.vnet_ifaces.join(", ")
-                )
-            }
-        );
+        tracing::info!("fail-safe: {}", f.summary());
         self.fence = Some(f);
         Ok(())
     }
