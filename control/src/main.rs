@@ -4,6 +4,7 @@ mod config;
 mod ctl;
 mod gateway;
 mod live;
+mod liveness;
 mod local;
 mod metrics;
 mod routes;
@@ -354,6 +355,7 @@ fn run(path: &Path) -> Result<()> {
     tracing::info!(instance = %cfg.name, slow_path = dp.slow_path_name(), "subway is running ({mode} mode); `subway show {}`", cfg.name);
 
     let started = Instant::now();
+    let mut liveness = liveness::Liveness::new(&dp);
     let mut rates = Rates::default();
     // `wg show NAME` works against a gateway.
     let mut uapi = match &gw {
@@ -383,6 +385,8 @@ fn run(path: &Path) -> Result<()> {
     if let Some(u) = &uapi {
         fds.push(u.fd());
     }
+    // Every socket is bound: systemd (Type=notify) may start what waits for us.
+    liveness.ready(&format!("{mode} mode, {} worker(s)", dp.workers().len()));
     let pollfd = |fd: i32| libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -401,6 +405,9 @@ fn run(path: &Path) -> Result<()> {
         unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 50) };
         if let Some(id) = dp.dead_worker() {
             bail!("worker {id} stopped unexpectedly; exiting so that traffic falls back to the kernel");
+        }
+        if let Err(e) = liveness.check(&dp) {
+            bail!("{e}");
         }
         if let Err(e) = dp.refresh_neighbours() {
             tracing::warn!("neighbour refresh: {e}");
@@ -486,6 +493,7 @@ fn run(path: &Path) -> Result<()> {
             other => json!({"error": format!("unknown request {other:?}")}).to_string(),
         });
     }
+    liveness::Liveness::stopping();
     tracing::info!("stopping: detaching XDP and closing sockets");
     let last = show_json(&cfg, &dp, gw.as_ref(), &rates, started, &reloads);
     dp.stop_clean();

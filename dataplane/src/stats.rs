@@ -91,17 +91,30 @@ impl Counter {
 #[repr(align(64))]
 pub struct WorkerStats {
     values: [AtomicU64; Counter::COUNT],
+    /// Turns of the worker's loop: it moves at least every 50 ms (the
+    /// idle poll's bound) while the worker is alive and not wedged.
+    heartbeat: AtomicU64,
 }
 
 impl Default for WorkerStats {
     fn default() -> Self {
         WorkerStats {
             values: std::array::from_fn(|_| AtomicU64::new(0)),
+            heartbeat: AtomicU64::new(0),
         }
     }
 }
 
 impl WorkerStats {
+    /// Publishes the loop's turn count (the owning worker, once a turn).
+    #[inline(always)]
+    pub fn beat(&self, turns: u64) {
+        self.heartbeat.store(turns, Relaxed);
+    }
+    /// The last published turn count (for the control thread's liveness check).
+    pub fn heartbeat(&self) -> u64 {
+        self.heartbeat.load(Relaxed)
+    }
     pub fn get(&self, c: Counter) -> u64 {
         self.values[c as usize].load(Relaxed)
     }

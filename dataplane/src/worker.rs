@@ -455,9 +455,30 @@ impl Worker {
             .collect();
 
         let mut empty_polls = 0u32;
+        let mut turns = 0u64;
+        // Test hook: SUBWAY_TEST_WEDGE_WORKER_AFTER_SECS wedges worker 0
+        // (it stops turning, as a bug or a stuck syscall would) so that
+        // tests see the liveness check act; production never sets it.
+        let wedge_at = (self.info.id == 0)
+            .then(|| std::env::var("SUBWAY_TEST_WEDGE_WORKER_AFTER_SECS").ok())
+            .flatten()
+            .and_then(|v| v.parse().ok())
+            .map(|s| std::time::Instant::now() + std::time::Duration::from_secs(s));
         let mut rx_acc = PeerRx::default();
         let mut tunnel_pending: Vec<(FrameDesc, u32, usize, usize)> = Vec::with_capacity(batch * self.socks.len());
         while !stop.load(Ordering::Relaxed) {
+            turns += 1;
+            self.stats.beat(turns);
+            if wedge_at.is_some_and(|t| std::time::Instant::now() >= t) {
+                tracing::warn!(
+                    worker = self.info.id,
+                    "wedged on purpose (SUBWAY_TEST_WEDGE_WORKER_AFTER_SECS)"
+                );
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                break;
+            }
             self.reclaim(&mut descs);
             self.refill();
 

@@ -324,15 +324,26 @@ impl Subway {
     }
 
     fn start_named(ns: &Netns, name: String, config_text: &str, bin: &Path, env: &[(&str, &str)]) -> Result<Subway> {
+        Self::launch(ns, name, config_text, &[bin.to_str().unwrap()], env)
+    }
+
+    /// As [`Subway::start`], under a launcher (`setpriv ... --`) and with
+    /// extra environment variables.
+    pub fn start_under(ns: &Netns, launcher: &[&str], config_text: &str, env: &[(&str, &str)]) -> Result<Subway> {
+        let bin = workspace_bin("subway")?;
+        let mut cmd: Vec<&str> = launcher.to_vec();
+        cmd.push(bin.to_str().unwrap());
+        Self::launch(ns, unique("gw"), config_text, &cmd, env)
+    }
+
+    fn launch(ns: &Netns, name: String, config_text: &str, cmd: &[&str], env: &[(&str, &str)]) -> Result<Subway> {
         let dir = work_dir();
         let config = dir.join(format!("{name}.conf"));
         std::fs::write(&config, config_text)?;
         let log = dir.join(format!("{name}.log"));
-        let mut proc = ns.spawn_env(
-            &[bin.to_str().unwrap(), "run", "--config", config.to_str().unwrap()],
-            &log,
-            env,
-        )?;
+        let mut args = cmd.to_vec();
+        args.extend_from_slice(&["run", "--config", config.to_str().unwrap()]);
+        let mut proc = ns.spawn_env(&args, &log, env)?;
         let sock = PathBuf::from(format!("/run/subway/{name}.sock"));
         let t0 = Instant::now();
         loop {

@@ -378,3 +378,180 @@ fn idle_and_oversized_local_clients_stall_nothing() -> Result<()> {
     drop((idle_ctl, idle_uapi, idle_tcp));
     Ok(())
 }
+
+/// Collects what subway tells systemd through $NOTIFY_SOCKET.
+struct NotifySink {
+    path: std::path::PathBuf,
+    msgs: std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl NotifySink {
+    fn new() -> Result<NotifySink> {
+        let path = subway_tests::work_dir().join(format!("{}.notify", subway_tests::unique("sd")));
+        let sock = std::os::unix::net::UnixDatagram::bind(&path)?;
+        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let msgs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (m, st) = (msgs.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    m.lock()
+                        .unwrap()
+                        .push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+                }
+            }
+        });
+        Ok(NotifySink { path, msgs, stop })
+    }
+
+    fn count(&self, what: &str, since: Instant) -> usize {
+        let m = self.msgs.lock().unwrap();
+        m.iter()
+            .filter(|(t, s)| *t >= since && s.lines().any(|l| l == what))
+            .count()
+    }
+}
+
+impl Drop for NotifySink {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// systemd's view: READY=1 once up, WATCHDOG=1 while the control thread
+/// and every worker turn, nothing while the process is stopped; a worker
+/// that wedges stops the feeding, and the instance exits by itself,
+/// leaving no XDP behind and the fail-safe table in place. It also runs
+/// with only the capabilities the unit grants (no CAP_SYS_ADMIN).
+#[test]
+fn the_watchdog_is_fed_only_while_everything_turns() -> Result<()> {
+    if !require_root("the_watchdog_is_fed_only_while_everything_turns") {
+        return Ok(());
+    }
+    let t = TwoSites::new()?;
+    let _far = t.standard_b("wireguard-go")?;
+    let sink = NotifySink::new()?;
+    let env = [
+        ("NOTIFY_SOCKET", sink.path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "400000"),
+    ];
+    // The unit's capability set, nothing more.
+    let caps = [
+        "setpriv",
+        "--bounding-set=-all,+net_admin,+net_raw,+bpf,+perfmon,+ipc_lock",
+        "--",
+    ];
+    let ga = Subway::start_under(&t.gwa, &caps, &t.subway_config(true, false, ""), &env)?;
+    ping_until(&t.a, "10.2.0.2", 10).with_context(|| ga.proc.log_text())?;
+    assert_eq!(sink.count("READY=1", Instant::now() - Duration::from_secs(60)), 1);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let fed = sink.count("WATCHDOG=1", t0);
+    assert!(fed >= 3, "{fed} watchdog pings in 1 s at WATCHDOG_USEC=400000");
+    // A stopped process (its control thread with it) feeds nothing.
+    t.gwa.run(&["kill", "-STOP", &ga.proc.pid().to_string()])?;
+    std::thread::sleep(Duration::from_millis(100));
+    let t1 = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let while_stopped = sink.count("WATCHDOG=1", t1);
+    t.gwa.run(&["kill", "-CONT", &ga.proc.pid().to_string()])?;
+    assert_eq!(while_stopped, 0, "fed while stopped");
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(
+        sink.count("WATCHDOG=1", t1 + Duration::from_secs(1)) >= 1,
+        "not fed after SIGCONT"
+    );
+    let (status, log) = ga.stop();
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert!(sink.count("STOPPING=1", t0) >= 1);
+
+    // Worker 0 wedges 2 s after start: the feeding stops, and the instance
+    // exits by itself within the stall limit.
+    let sink = NotifySink::new()?;
+    let env = [
+        ("NOTIFY_SOCKET", sink.path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "400000"),
+        ("SUBWAY_TEST_WEDGE_WORKER_AFTER_SECS", "2"),
+    ];
+    let mut ga = Subway::start_under(&t.gwa, &[], &t.subway_config(true, false, ""), &env)?;
+    let t0 = Instant::now();
+    let mut exited = None;
+    while t0.elapsed() < Duration::from_secs(10) {
+        if !ga.proc.alive() {
+            exited = Some(t0.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = ga.proc.log_text();
+    let exited = exited.with_context(|| format!("a wedged worker did not end the process:\n{log}"))?;
+    assert!(log.contains("worker 0 made no progress"), "{log}");
+    let wedged_at = log
+        .lines()
+        .find(|l| l.contains("wedged on purpose"))
+        .context("the hook did not fire")?;
+    let _ = wedged_at;
+    // No feeding in the second before the exit (the worker had stopped).
+    let last_feed = sink
+        .msgs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, s)| s.contains("WATCHDOG=1"))
+        .map(|(t, _)| *t)
+        .max()
+        .context("never fed")?;
+    assert!(
+        t0 + exited - last_feed >= Duration::from_secs(2),
+        "fed {:?} before the exit",
+        t0 + exited - last_feed
+    );
+    assert!(!subway_tests::xdp_attached(&t.gwa, "lan0")?, "XDP outlived the process");
+    assert!(
+        t.gwa
+            .run(&["nft", "list", "tables"])?
+            .contains(&format!("subway_{}", ga.name))
+    );
+    Ok(())
+}
+
+/// The shipped systemd units are valid (systemd-analyze verify prints
+/// nothing, not even an ignored key) and the gateway's is hardened
+/// (exposure at most 4.0 of 10 by systemd-analyze security).
+#[test]
+fn the_shipped_systemd_units_verify_and_are_hardened() -> Result<()> {
+    let Ok(analyze) = subway_tests::which("systemd-analyze") else {
+        eprintln!("SKIP: no systemd-analyze on this machine");
+        return Ok(());
+    };
+    let bin = workspace_bin("subway")?;
+    let dist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../control/dist");
+    let dir = subway_tests::work_dir().join(subway_tests::unique("units"));
+    std::fs::create_dir_all(&dir)?;
+    for unit in ["subway@.service", "subway-fence@.service"] {
+        let text = std::fs::read_to_string(dist.join(unit))?.replace("/usr/local/bin/subway", bin.to_str().unwrap());
+        let path = dir.join(unit.replace("@.", "@site-a."));
+        std::fs::write(&path, text)?;
+        let out = std::process::Command::new(&analyze).arg("verify").arg(&path).output()?;
+        let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && said.trim().is_empty(), "{unit}: {said}");
+    }
+    let out = std::process::Command::new(&analyze)
+        .args(["security", "--offline=true"])
+        .arg(dir.join("subway@site-a.service"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split("exposure level for subway@site-a.service: ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .context("no exposure level")?
+        .parse()?;
+    assert!(score <= 4.0, "exposure {score}:\n{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
