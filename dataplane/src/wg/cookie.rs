@@ -30,6 +30,18 @@ pub struct CookieChecker {
     window_count: u32,
     forced_load: bool,
     buckets: HashMap<IpAddr, (f64, Duration)>,
+    last_sweep: Duration,
+}
+
+/// The rate limiter's notion of one source: an IPv4 address, an IPv6 /64.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(a) & !((1u128 << 64) - 1)).into()),
+        },
+    }
 }
 
 impl Drop for CookieChecker {
@@ -47,6 +59,7 @@ impl Default for CookieChecker {
             window_count: 0,
             forced_load: false,
             buckets: HashMap::new(),
+            last_sweep: Duration::ZERO,
         }
     }
 }
@@ -111,12 +124,26 @@ impl CookieChecker {
         ct_eq(&mac(&c, covered), mac2)
     }
 
-    /// Token bucket per source address, applied under load.
+    /// Token bucket per source, applied under load. A source is an IPv4
+    /// address or an IPv6 /64 (one host holds a whole /64 and could
+    /// otherwise take a fresh bucket per address). When the table is full,
+    /// entries idle for a second (their bucket is full again: forgetting
+    /// them loses nothing) are evicted; if none is, the newcomer is
+    /// refused. The table is never cleared: that would hand every limited
+    /// source a fresh burst.
     pub fn allow_source(&mut self, ip: IpAddr, now: Duration) -> bool {
-        if self.buckets.len() >= MAX_TRACKED_SOURCES && !self.buckets.contains_key(&ip) {
-            self.buckets.clear();
+        let key = source_key(ip);
+        if self.buckets.len() >= MAX_TRACKED_SOURCES && !self.buckets.contains_key(&key) {
+            if now.saturating_sub(self.last_sweep) >= Duration::from_millis(100) {
+                self.last_sweep = now;
+                self.buckets
+                    .retain(|_, (_, last)| now.saturating_sub(*last) < Duration::from_secs(1));
+            }
+            if self.buckets.len() >= MAX_TRACKED_SOURCES {
+                return false;
+            }
         }
-        let (tokens, last) = self.buckets.entry(ip).or_insert((PER_SOURCE_BURST, now));
+        let (tokens, last) = self.buckets.entry(key).or_insert((PER_SOURCE_BURST, now));
         let elapsed = now.saturating_sub(*last).as_secs_f64();
         *tokens = (*tokens + elapsed * PER_SOURCE_PER_SEC).min(PER_SOURCE_BURST);
         *last = now;
@@ -242,5 +269,30 @@ mod tests {
         let allowed = (0..50).filter(|_| c.allow_source(ip, t)).count();
         assert_eq!(allowed, PER_SOURCE_BURST as usize);
         assert!(c.allow_source(ip, t + Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn an_ipv6_64_is_one_source_and_a_full_table_evicts_instead_of_clearing() {
+        let mut c = CookieChecker::default();
+        let t = Duration::from_secs(5);
+        // Every address of one /64 draws from one bucket.
+        let allowed = (0..50u16)
+            .filter(|i| c.allow_source(format!("2001:db8:1:2::{i:x}").parse().unwrap(), t))
+            .count();
+        assert_eq!(allowed, PER_SOURCE_BURST as usize);
+        assert!(c.allow_source("2001:db8:1:3::1".parse().unwrap(), t), "another /64");
+        // A limited source stays limited however many others come.
+        let limited: IpAddr = "192.0.2.7".parse().unwrap();
+        while c.allow_source(limited, t) {}
+        for i in 0..MAX_TRACKED_SOURCES as u32 {
+            c.allow_source(IpAddr::V4((0x0a00_0000 + i).into()), t);
+        }
+        assert_eq!(c.buckets.len(), MAX_TRACKED_SOURCES);
+        assert!(!c.allow_source(limited, t), "the flood reset the limited source");
+        assert!(!c.allow_source("198.51.100.1".parse().unwrap(), t), "full of active sources: refused");
+        // A second later the idle entries go and newcomers get in.
+        let later = t + Duration::from_secs(2);
+        assert!(c.allow_source("198.51.100.1".parse().unwrap(), later));
+        assert!(c.buckets.len() < 10, "{}", c.buckets.len());
     }
 }
