@@ -191,7 +191,20 @@ impl PuntServer {
                         self.stats.icmp_suppressed += 1;
                     }
                 }
-                _ => self.dispatch(t, p.vnet, p.packet, now, &mut to_peer),
+                _ => {
+                    // Forwarded by the control thread: a router's hop, as
+                    // the workers make it (a packet at its last hop is
+                    // answered, never sent on with TTL 0).
+                    let mut packet = p.packet;
+                    if forward_hop(&mut packet) {
+                        self.dispatch(t, p.vnet, packet, now, &mut to_peer);
+                    } else if let Some(err) = self.icmp_for(t, nl, p.vnet, &packet, Counter::SlowTtlExpired) {
+                        self.stats.icmp_errors += 1;
+                        self.dispatch(t, p.vnet, err, now, &mut to_peer);
+                    } else {
+                        self.stats.icmp_suppressed += 1;
+                    }
+                }
             }
         }
         if self.held.is_empty() {
@@ -318,18 +331,12 @@ impl PuntServer {
         Some(err)
     }
 
-    /// Sends an IP packet in an Ethernet frame on `ifindex`, with its TTL or
-    /// hop limit decremented (it is being forwarded).
-    fn send(&mut self, ifindex: u32, dst: [u8; 6], src: [u8; 6], mut packet: Vec<u8>) -> std::io::Result<()> {
+    /// Sends an IP packet in an Ethernet frame on `ifindex` (its hop was
+    /// counted when it was taken in: [`forward_hop`]).
+    fn send(&mut self, ifindex: u32, dst: [u8; 6], src: [u8; 6], packet: Vec<u8>) -> std::io::Result<()> {
         let ethertype: u16 = if packet.first().is_some_and(|b| b >> 4 == 6) {
-            if let Ok(mut ip) = Ipv6Packet::new_checked(&mut packet[..]) {
-                ip.decrement_hop_limit();
-            }
             0x86dd
         } else {
-            if let Ok(mut ip) = Ipv4Packet::new_checked(&mut packet[..]) {
-                ip.decrement_ttl();
-            }
             0x0800
         };
         if self.raw.is_none() {
@@ -372,6 +379,29 @@ impl PuntServer {
     }
 }
 
+/// A router's hop for a packet the control thread forwards: false if its
+/// TTL or hop limit would reach zero (it is answered with time exceeded),
+/// else true with the TTL decremented (and the IPv4 checksum updated).
+fn forward_hop(packet: &mut [u8]) -> bool {
+    if packet.first().is_some_and(|b| b >> 4 == 6) {
+        match Ipv6Packet::new_checked(&mut packet[..]) {
+            Ok(mut ip) if ip.hop_limit() > 1 => {
+                ip.decrement_hop_limit();
+                true
+            }
+            _ => false,
+        }
+    } else {
+        match Ipv4Packet::new_checked(&mut packet[..]) {
+            Ok(mut ip) if ip.ttl() > 1 => {
+                ip.decrement_ttl();
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Where a packet of `vnet` goes: a peer, or a port and the next hop on it.
 fn route(t: &Tables, vnet: VnetId, packet: &[u8]) -> Option<(Target, IpAddr)> {
     let dst = parse_inner(packet)?.dst;
@@ -386,6 +416,29 @@ fn route(t: &Tables, vnet: VnetId, packet: &[u8]) -> Option<(Target, IpAddr)> {
 mod tests {
     use super::*;
     use crate::wire::icmp::IcmpPacket;
+
+    #[test]
+    fn the_control_thread_counts_a_hop_and_never_forwards_ttl_zero() {
+        let mut p = v4(true, 17, 40);
+        p[8] = 2;
+        Ipv4Packet::new_checked(&mut p[..]).unwrap().fill_checksum();
+        assert!(forward_hop(&mut p));
+        assert_eq!(p[8], 1);
+        assert!(
+            Ipv4Packet::new_checked(&p[..]).is_ok_and(|_| crate::wire::checksum::checksum(&p[..20]) == 0),
+            "header checksum updated"
+        );
+        assert!(!forward_hop(&mut p), "TTL 1 is answered, not forwarded");
+        let mut v6 = vec![0u8; 48];
+        v6[0] = 0x60;
+        v6[5] = 8;
+        v6[7] = 1;
+        assert!(!forward_hop(&mut v6), "hop limit 1");
+        v6[7] = 64;
+        assert!(forward_hop(&mut v6));
+        assert_eq!(v6[7], 63);
+        assert!(!forward_hop(&mut [0x45, 0, 0]), "malformed");
+    }
 
     fn v4(df: bool, proto: u8, len: usize) -> Vec<u8> {
         let mut p = vec![0u8; len];
