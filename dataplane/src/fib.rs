@@ -123,6 +123,21 @@ impl Fib {
         }
     }
 
+    /// Whether `dst`, matched by a LAN route of length `len`, is that
+    /// subnet's broadcast address (IPv4, prefixes up to /30: /31 and /32
+    /// have no broadcast address). Routers do not forward such directed
+    /// broadcasts (RFC 2644).
+    #[inline]
+    pub fn is_directed_broadcast(dst: IpAddr, len: u8) -> bool {
+        match dst {
+            IpAddr::V4(a) if len <= 30 => {
+                let host = u32::MAX >> len;
+                u32::from(a) & host == host
+            }
+            _ => false,
+        }
+    }
+
     /// Every route, in insertion order.
     pub fn routes(&self) -> &[Route] {
         &self.routes
@@ -131,6 +146,14 @@ impl Fib {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn directed_broadcasts_are_the_all_ones_host_of_v4_subnets_up_to_30() {
+        let b = |a: &str, len| Fib::is_directed_broadcast(a.parse().unwrap(), len);
+        assert!(b("10.1.0.255", 24) && b("10.1.255.255", 16) && b("10.1.0.3", 30));
+        assert!(!b("10.1.0.254", 24) && !b("10.1.0.1", 31) && !b("10.1.0.1", 32));
+        assert!(!b("fd01::ffff:ffff:ffff:ffff", 64), "IPv6 has no broadcast");
+    }
+
     use super::*;
 
     fn net(s: &str) -> IpNet {

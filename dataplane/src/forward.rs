@@ -3,7 +3,7 @@
 //! Ethernet, decrement TTL / hop limit. Pure logic over a byte slice, so it
 //! is unit-tested without sockets; the worker calls it once per frame.
 
-use crate::fib::Target;
+use crate::fib::{Fib, Target};
 use crate::stats::Counter;
 use crate::tables::Tables;
 use crate::wire::{EtherType, EthernetFrame, Ipv4Packet, Ipv6Packet};
@@ -71,6 +71,9 @@ pub fn route_frame(frame: &mut [u8], ingress: u16, t: &Tables) -> Verdict {
     };
 
     let out = match t.fib.lookup(vnet, dst) {
+        Some((len, Target::Port(_))) if Fib::is_directed_broadcast(dst, len) => {
+            return Verdict::Drop(Counter::DropDirectedBroadcast);
+        }
         Some((_, Target::Port(p))) => p,
         Some((_, Target::Local)) => return Verdict::SlowPath(l3, Counter::SlowLocal),
         Some((_, Target::Peer(peer))) => return Verdict::Tunnel { peer, l3, ip_len },

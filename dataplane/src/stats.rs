@@ -74,6 +74,9 @@ counters! {
     DropVnetNoKernel = "drop_vnet_no_kernel",
     /// The queue to the control thread (non-default VNETs) was full.
     DropPuntQueueFull = "drop_punt_queue_full",
+    /// For the broadcast address of a LAN subnet (a directed broadcast: a
+    /// router does not flood a LAN for a remote sender).
+    DropDirectedBroadcast = "drop_directed_broadcast",
     /// TCP SYNs whose MSS was lowered to fit the tunnel.
     MssClamped = "mss_clamped",
 }

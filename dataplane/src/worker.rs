@@ -177,8 +177,12 @@ mod tunnel_rx {
         enum Next {
             Lan(u16, crate::wire::MacAddr, crate::wire::MacAddr),
             Kernel(Counter),
+            Drop(Counter),
         }
         let next = match t.fib.lookup(peer.vnet, inner.dst) {
+            Some((len, Target::Port(_))) if crate::fib::Fib::is_directed_broadcast(inner.dst, len) => {
+                Next::Drop(Counter::DropDirectedBroadcast)
+            }
             Some((_, Target::Port(p))) => match t.ports.get(p as usize) {
                 None => Next::Kernel(Counter::SlowNoRoute),
                 Some(_) if inner.ttl <= 1 => Next::Kernel(Counter::SlowTtlExpired),
@@ -203,6 +207,7 @@ mod tunnel_rx {
                 to_lan_frame(buf, start, inner.len, dst_mac, src_mac),
                 counted,
             ),
+            Next::Drop(c) => (Verdict::Drop(c), len, counted),
             Next::Kernel(c) => {
                 // Hand the inner packet, untouched, to the kernel.
                 buf.copy_within(start..start + inner.len, 0);

@@ -203,6 +203,16 @@ fn a_fresh_box_forwards_and_a_clean_stop_restores_its_sysctls() -> Result<()> {
     );
     ping_until(&t.b, "fd01::2", 5).with_context(|| ga.proc.log_text())?;
     ping_until(&t.a, "fd02::2", 5).with_context(|| ga.proc.log_text())?;
+    // A directed broadcast from the far side is not flooded onto A's LAN.
+    let echos = subway_tests::icmp_in_echos(&t.a)?;
+    let _ =
+        t.b.output(&["ping", "-b", "-c", "3", "-i", "0.1", "-W", "1", "10.1.0.255"])?;
+    assert!(ga.total("drop_directed_broadcast")? >= 3, "{}", ga.show()?["totals"]);
+    assert_eq!(
+        subway_tests::icmp_in_echos(&t.a)?,
+        echos,
+        "a LAN host got the broadcast"
+    );
     assert_eq!(sysctl(&t, "net.ipv6.conf.lan0.force_forwarding")?, "1");
     assert_eq!(sysctl(&t, "net.ipv6.conf.all.forwarding")?, "0");
     let log = ga.proc.log_text();

@@ -289,7 +289,10 @@ mod tests {
         }
         assert_eq!(c.buckets.len(), MAX_TRACKED_SOURCES);
         assert!(!c.allow_source(limited, t), "the flood reset the limited source");
-        assert!(!c.allow_source("198.51.100.1".parse().unwrap(), t), "full of active sources: refused");
+        assert!(
+            !c.allow_source("198.51.100.1".parse().unwrap(), t),
+            "full of active sources: refused"
+        );
         // A second later the idle entries go and newcomers get in.
         let later = t + Duration::from_secs(2);
         assert!(c.allow_source("198.51.100.1".parse().unwrap(), later));
