@@ -114,6 +114,14 @@ impl Gateway {
         }
     }
 
+    /// The uplink was renumbered: new paths for the workers, and a
+    /// handshake with every peer so that they roam to the new address.
+    pub fn uplink_renumbered(&mut self, dp: &mut Dataplane) {
+        self.dev.local_address_changed();
+        self.count("uplink_renumbered");
+        self.publish_now(dp);
+    }
+
     /// Publishes sessions and paths now (after peers changed).
     pub fn publish_now(&mut self, dp: &mut Dataplane) {
         self.published_gen = u64::MAX;

@@ -382,6 +382,17 @@ fn run(path: &Path) -> Result<()> {
     if let Some(g) = &gw {
         fds.extend(g.fds());
     }
+    // The uplink's addresses may change under us (DHCP, SLAAC).
+    let mut addr_events = match subway_dataplane::netlink::AddressEvents::open() {
+        Ok(e) => {
+            fds.push(e.fd());
+            Some(e)
+        }
+        Err(e) => {
+            tracing::warn!("not following address changes (netlink): {e}");
+            None
+        }
+    };
     if let Some(u) = &uapi {
         fds.push(u.fd());
     }
@@ -408,6 +419,18 @@ fn run(path: &Path) -> Result<()> {
         }
         if let Err(e) = liveness.check(&dp) {
             bail!("{e}");
+        }
+        if addr_events.as_mut().is_some_and(|e| e.drain()) {
+            let port = gw.as_ref().map_or(0, |g| g.listen_port);
+            match dp.follow_uplink_addresses(port) {
+                Ok(Some(_)) => {
+                    if let Some(g) = gw.as_mut() {
+                        g.uplink_renumbered(&mut dp);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("following the uplink's addresses: {e}"),
+            }
         }
         if let Err(e) = dp.refresh_neighbours() {
             tracing::warn!("neighbour refresh: {e}");

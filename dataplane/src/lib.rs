@@ -629,6 +629,47 @@ impl Dataplane {
         self.punt.stats
     }
 
+    /// Follows the uplink's addresses (DHCP or SLAAC renumbering): if they
+    /// changed, the XDP program steers WireGuard to the new ones (added
+    /// before the switch, old ones removed after) and the workers get them
+    /// with the next tables. Returns the new addresses if they changed.
+    pub fn follow_uplink_addresses(&mut self, listen_port: u16) -> Result<Option<Vec<std::net::IpAddr>>> {
+        let cur = self.tables.load_full();
+        let Some(up) = cur.uplink.and_then(|u| cur.ports.get(u as usize)) else {
+            return Ok(None);
+        };
+        let now: Vec<std::net::IpAddr> = self
+            .netlink
+            .addresses(up.ifindex)
+            .map_err(|e| Error::io(format!("addresses of {}", up.name), e))?
+            .iter()
+            .map(|n| n.addr())
+            .collect();
+        if now == cur.uplink_addrs {
+            return Ok(None);
+        }
+        let key = |a: &std::net::IpAddr| match a {
+            std::net::IpAddr::V4(v4) => subway_common::ListenKey::v4(v4.octets(), listen_port),
+            std::net::IpAddr::V6(v6) => subway_common::ListenKey::v6(v6.octets(), listen_port),
+        };
+        if listen_port != 0 {
+            for a in now.iter().filter(|a| !cur.uplink_addrs.contains(a)) {
+                self.xdp.add_listen(key(a))?;
+            }
+        }
+        tracing::info!(uplink = %up.name, from = ?cur.uplink_addrs, to = ?now, "uplink addresses changed");
+        let gone: Vec<std::net::IpAddr> = cur.uplink_addrs.iter().filter(|a| !now.contains(a)).copied().collect();
+        self.publish(|t| t.uplink_addrs = now.clone());
+        if listen_port != 0 {
+            for a in &gone {
+                if let Err(e) = self.xdp.remove_listen(key(a)) {
+                    tracing::warn!("unsteering the old uplink address {a}: {e}");
+                }
+            }
+        }
+        Ok(Some(now))
+    }
+
     /// Re-reads the kernel's neighbour table and publishes new tables if
     /// anything changed. Returns whether it did.
     pub fn refresh_neighbours(&mut self) -> Result<bool> {

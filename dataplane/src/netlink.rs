@@ -95,6 +95,45 @@ pub struct Netlink {
     seq: u32,
 }
 
+/// A socket subscribed to the kernel's address changes (IPv4 and IPv6):
+/// readable when an address was added or removed anywhere.
+pub struct AddressEvents {
+    sock: Socket,
+    buf: Vec<u8>,
+}
+
+impl AddressEvents {
+    pub fn open() -> io::Result<Self> {
+        const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+        const RTMGRP_IPV6_IFADDR: u32 = 0x100;
+        let mut sock = Socket::new(NETLINK_ROUTE)?;
+        sock.bind(&SocketAddr::new(0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))?;
+        sock.set_non_blocking(true)?;
+        Ok(AddressEvents {
+            sock,
+            buf: vec![0; 16 * 1024],
+        })
+    }
+
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.sock.as_raw_fd()
+    }
+
+    /// Drains what arrived; true if anything did (the caller re-reads the
+    /// addresses it cares about: simpler and as cheap as parsing events).
+    pub fn drain(&mut self) -> bool {
+        let mut any = false;
+        while let Ok(n) = self.sock.recv(&mut &mut self.buf[..], 0) {
+            if n == 0 {
+                break;
+            }
+            any = true;
+        }
+        any
+    }
+}
+
 impl Netlink {
     pub fn open() -> io::Result<Self> {
         let mut sock = Socket::new(NETLINK_ROUTE)?;

@@ -119,6 +119,16 @@ impl XdpSteering {
         m.insert(key, 1, 0).ctx(|| format!("listen port {}", key.port))
     }
 
+    pub fn remove_listen(&mut self, key: ListenKey) -> Result<()> {
+        let mut m: HashMap<&mut MapData, ListenKey, u32> =
+            HashMap::try_from(self.map_mut(maps::LISTEN)?).ctx(|| "LISTEN map".into())?;
+        match m.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(Error::msg(format!("listen port {}: {e}", key.port))),
+        }
+    }
+
     /// Points XSKMAP slot `index` at an AF_XDP socket.
     pub fn set_xsk(&mut self, index: u32, fd: &impl AsRawFd) -> Result<()> {
         let mut m: XskMap<&mut MapData> = XskMap::try_from(self.map_mut(maps::XSKS)?).ctx(|| "XSKS map".into())?;

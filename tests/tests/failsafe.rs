@@ -565,3 +565,48 @@ fn the_shipped_systemd_units_verify_and_are_hardened() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// The uplink is renumbered under traffic (as DHCP or SLAAC would): subway
+/// follows from the kernel's address events, steers WireGuard on the new
+/// address in XDP, and handshakes so that a stock wireguard-go far side
+/// roams to it. Both directions resume, on the fast path.
+#[test]
+fn the_uplink_is_renumbered_under_traffic_and_both_directions_resume() -> Result<()> {
+    if !require_root("the_uplink_is_renumbered_under_traffic_and_both_directions_resume") {
+        return Ok(());
+    }
+    let t = TwoSites::new()?;
+    let _far = t.standard_b("wireguard-go")?;
+    let ga = Subway::start(&t.gwa, &t.subway_config(true, false, ""))?;
+    ping_until(&t.a, "10.2.0.2", 10).with_context(|| ga.proc.log_text())?;
+    // 200/s each way for 6 s; the address changes at 2 s.
+    let out = UdpFlow::start(&t.a, &t.b, "10.2.0.2:7301".parse()?, 1200, 200, 100)?;
+    let back = UdpFlow::start(&t.b, &t.a, "10.1.0.2:7302".parse()?, 1200, 200, 100)?;
+    std::thread::sleep(Duration::from_secs(2));
+    t.gwa.sh("ip addr del 192.0.2.1/24 dev wan0 && ip addr add 192.0.2.11/24 dev wan0")?;
+    let renumbered = Instant::now();
+    let listen_before = ga.xdp("redirect_listen")?;
+    let (out, back) = (out.finish()?, back.finish()?);
+    for (what, r) in [("A to B", &out), ("B to A", &back)] {
+        let resumed = r
+            .first_after(renumbered + Duration::from_millis(50))
+            .with_context(|| format!("{what}: nothing after the renumbering ({r:?}): {}", ga.proc.log_text()))?;
+        let tail = resumed.0 + 100..r.sent;
+        ensure!(
+            r.lost_in(tail.clone()) == 0,
+            "{what}: {} lost after it resumed ({r:?})",
+            r.lost_in(tail)
+        );
+        eprintln!(
+            "{what}: resumed {} ms after the renumbering, {} lost in all",
+            resumed.1.duration_since(renumbered).as_millis(),
+            r.lost
+        );
+    }
+    // B's datagrams now reach the new address through XDP, not the kernel.
+    assert!(ga.xdp("redirect_listen")? >= listen_before + 500, "{}", ga.show()?["xdp"]);
+    let s = ga.show()?;
+    // Two changes: the old address went, then the new one came.
+    assert!(s["control"]["uplink_renumbered"].as_u64() >= Some(1), "{}", s["control"]);
+    Ok(())
+}

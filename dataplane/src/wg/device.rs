@@ -179,6 +179,15 @@ impl Device {
         true
     }
 
+    /// Our own address changed (the uplink was renumbered): every peer
+    /// with an endpoint is handshaken at the next tick, so that it roams
+    /// to the new address by the ordinary WireGuard rules.
+    pub fn local_address_changed(&mut self) {
+        for p in self.peers.iter_mut().filter(|p| !p.removed && p.endpoint.is_some()) {
+            p.want_handshake = true;
+        }
+    }
+
     pub fn peer(&self, id: u32) -> Option<&Peer> {
         self.peers.get(id as usize)
     }
