@@ -246,7 +246,7 @@ impl Gateway {
                         let vnet = self.dev.peer(peer).map_or(0, |p| p.vnet);
                         let c = dp
                             .slow_path()
-                            .hand_off(vnet, &msg[start..end], Counter::SlowNeighUnknown);
+                            .hand_off(vnet, &msg[start..end], Counter::SlowNeighUnknown, now.mono);
                         if c != Counter::SlowNeighUnknown {
                             self.count(c.name());
                         }

@@ -1045,22 +1045,18 @@ fn sysctl_name(path: &str) -> String {
 }
 
 /// The slow-path TUN forwards what the workers and the control thread
-/// hand the kernel, without a reverse-path check: packets from LAN hosts
-/// come in through it (too big for the tunnel, no session yet), and even
-/// a loose check (systemd's default for new interfaces) loses the ICMP
-/// errors the kernel owes them. The kernel applies the stricter of `all`
-/// and the interface's value, so a box-wide `all` setting is named in a
-/// warning. The TUN is created anew each start: nothing is restored.
+/// hand the kernel. Its reverse-path check is off (`SlowPath::create`):
+/// packets from LAN hosts come in through it (too big for the tunnel, no
+/// session yet), and even a loose check loses the ICMP errors the kernel
+/// owes them. The kernel applies the stricter of `all` and the interface's
+/// value, so a box-wide `all` setting is named in a warning. The TUN is
+/// created anew each start: nothing is restored.
 fn tun_sysctls(tun: &str) -> Result<()> {
     let mut v6 = format!("/proc/sys/net/ipv6/conf/{tun}/force_forwarding");
     if !std::path::Path::new(&v6).exists() {
         v6 = format!("/proc/sys/net/ipv6/conf/{tun}/forwarding");
     }
-    for (path, value) in [
-        (format!("/proc/sys/net/ipv4/conf/{tun}/forwarding"), "1"),
-        (format!("/proc/sys/net/ipv4/conf/{tun}/rp_filter"), "0"),
-        (v6, "1"),
-    ] {
+    for (path, value) in [(format!("/proc/sys/net/ipv4/conf/{tun}/forwarding"), "1"), (v6, "1")] {
         if std::path::Path::new(&path).exists() {
             std::fs::write(&path, value)
                 .map_err(|e| Error::io(format!("setting {} to {value}", sysctl_name(&path)), e))?;

@@ -20,6 +20,7 @@ use crossbeam::queue::ArrayQueue;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
 
 const IFF_TUN: libc::c_short = 0x0001;
 const IFF_NO_PI: libc::c_short = 0x1000;
@@ -38,6 +39,44 @@ pub const NO_VNET: VnetId = u32::MAX - 1;
 
 /// Packets of non-default VNETs waiting for the control thread.
 const PUNT_QUEUE: usize = 1024;
+
+/// The slow path's budget per VNET, all workers together: a packet the fast
+/// path cannot finish costs a system call (a TUN write) or a copy to the
+/// control thread, so a scan of a LAN prefix with no neighbours, or a flood
+/// to a peer without a session, must not take the workers' time from the
+/// traffic the fast path carries. Beyond it packets are dropped and counted
+/// (`drop_slow_path_limited`).
+pub const SLOW_PATH_PER_SEC: u64 = 20_000;
+/// ...and the burst it allows (first packets of many flows at once).
+pub const SLOW_PATH_BURST: u64 = 1_024;
+/// VNETs with a budget of their own; higher ids (and the uplink) share the last.
+const BUDGETS: usize = 64;
+
+/// A GCRA token bucket on one atomic (the theoretical arrival time, in
+/// nanoseconds): lock-free, shared by the workers, touched only by packets
+/// that take the slow path.
+struct Budget(std::sync::atomic::AtomicU64);
+
+impl Budget {
+    const INTERVAL: u64 = 1_000_000_000 / SLOW_PATH_PER_SEC;
+    const TOLERANCE: u64 = Self::INTERVAL * SLOW_PATH_BURST;
+
+    fn allow(&self, now: Duration) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = now.as_nanos() as u64;
+        let mut tat = self.0.load(Relaxed);
+        loop {
+            let next = tat.max(now) + Self::INTERVAL;
+            if next - now > Self::TOLERANCE {
+                return false;
+            }
+            match self.0.compare_exchange_weak(tat, next, Relaxed, Relaxed) {
+                Ok(_) => return true,
+                Err(t) => tat = t,
+            }
+        }
+    }
+}
 
 /// An IP packet of a non-default VNET that the fast path could not finish.
 #[derive(Debug)]
@@ -62,6 +101,7 @@ pub struct SlowPath {
     /// punt after a drain writes the eventfd (one syscall per drain, not
     /// per packet).
     punt_signalled: std::sync::atomic::AtomicBool,
+    budgets: [Budget; BUDGETS],
 }
 
 impl SlowPath {
@@ -106,6 +146,7 @@ impl SlowPath {
             fd,
             name: name.to_string(),
             punted: ArrayQueue::new(PUNT_QUEUE),
+            budgets: std::array::from_fn(|_| Budget(std::sync::atomic::AtomicU64::new(0))),
             // SAFETY: ev is a fresh fd we own.
             punt_event: unsafe { OwnedFd::from_raw_fd(ev) },
             punt_signalled: std::sync::atomic::AtomicBool::new(false),
@@ -148,9 +189,12 @@ impl SlowPath {
     /// default VNET and the uplink, the control thread for other VNETs.
     /// The second is the slow path of the slow path (first packets of a
     /// flow): it copies the packet.
-    pub fn hand_off(&self, vnet: VnetId, packet: &[u8], reason: Counter) -> Counter {
+    pub fn hand_off(&self, vnet: VnetId, packet: &[u8], reason: Counter, now: Duration) -> Counter {
         if vnet == NO_VNET {
             return Counter::DropNoTunnel;
+        }
+        if !self.budgets[(vnet as usize).min(BUDGETS - 1)].allow(now) {
+            return Counter::DropSlowPathLimited;
         }
         if vnet == 0 || vnet == crate::UPLINK_VNET {
             return if self.send(packet).is_ok() {
@@ -268,4 +312,25 @@ fn set_up(name: &str) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn the_slow_path_budget_allows_a_burst_then_its_rate() {
+        let b = Budget(std::sync::atomic::AtomicU64::new(0));
+        let t = Duration::from_secs(100);
+        let burst = (0..5_000).filter(|_| b.allow(t)).count() as u64;
+        assert!((SLOW_PATH_BURST..=SLOW_PATH_BURST + 1).contains(&burst), "{burst}");
+        assert!(!b.allow(t));
+        // Offered without pause for the next second: the rate gets through.
+        let mut more = 0u64;
+        for ms in 1..=1000 {
+            let now = t + Duration::from_millis(ms);
+            more += (0..100).filter(|_| b.allow(now)).count() as u64;
+        }
+        assert!(more.abs_diff(SLOW_PATH_PER_SEC) <= 2, "{more}");
+    }
 }

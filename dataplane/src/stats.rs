@@ -74,6 +74,8 @@ counters! {
     DropVnetNoKernel = "drop_vnet_no_kernel",
     /// The queue to the control thread (non-default VNETs) was full.
     DropPuntQueueFull = "drop_punt_queue_full",
+    /// Beyond the slow path's budget for its VNET (see slowpath.rs).
+    DropSlowPathLimited = "drop_slow_path_limited",
     /// For the broadcast address of a LAN subnet (a directed broadcast: a
     /// router does not flood a LAN for a remote sender).
     DropDirectedBroadcast = "drop_directed_broadcast",

@@ -529,7 +529,7 @@ impl Worker {
                         };
                         let frame = data.contents();
                         let v = match v {
-                            Verdict::SlowPath(l3, reason) => match slow.hand_off(vnet, &frame[l3..], reason) {
+                            Verdict::SlowPath(l3, reason) => match slow.hand_off(vnet, &frame[l3..], reason, now) {
                                 c if c == reason => v,
                                 c => Verdict::Drop(c),
                             },
@@ -676,7 +676,7 @@ impl Worker {
                 let mut data = unsafe { self.umem.data_mut(&mut d) };
                 let (Some(counter), Some((session, path, _)), Some(up)) = (first, ready, uplink) else {
                     let frame = data.contents();
-                    tally.inc(slow.hand_off(vnet, &frame[l3..l3 + ip_len], Counter::SlowNoSession));
+                    tally.inc(slow.hand_off(vnet, &frame[l3..l3 + ip_len], Counter::SlowNoSession, now));
                     self.free.push(d);
                     continue;
                 };
@@ -686,7 +686,7 @@ impl Worker {
                     // whose MTU is the tunnel's: it fragments, or answers
                     // "fragmentation needed" / "packet too big".
                     let frame = data.contents();
-                    tally.inc(slow.hand_off(vnet, &frame[l3..l3 + ip_len], Counter::SlowTooBig));
+                    tally.inc(slow.hand_off(vnet, &frame[l3..l3 + ip_len], Counter::SlowTooBig, now));
                     self.free.push(d);
                     continue;
                 }
