@@ -810,6 +810,53 @@ pub fn tcp_echo(client: &Netns, server: &Netns, server_addr: SocketAddr, bytes: 
     })
 }
 
+/// The MSS a TCP server in `server` sees for a connection from `client`
+/// (TCP_MAXSEG on the accepted socket: the smaller of its own and the one
+/// the client's SYN announced, as it arrived).
+pub fn tcp_mss_seen(client: &Netns, server: &Netns, server_addr: SocketAddr) -> Result<u32> {
+    let bind: SocketAddr = match server_addr {
+        SocketAddr::V4(_) => format!("0.0.0.0:{}", server_addr.port()).parse()?,
+        SocketAddr::V6(_) => format!("[::]:{}", server_addr.port()).parse()?,
+    };
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let srv = in_netns(server.name.clone(), move || -> Result<u32> {
+        let l = TcpListener::bind(bind)?;
+        l.set_nonblocking(true)?;
+        ready_tx.send(()).ok();
+        let t0 = Instant::now();
+        let c = loop {
+            match l.accept() {
+                Ok((c, _)) => break c,
+                Err(_) if t0.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut mss: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: TCP_MAXSEG writes one int of the size we pass, on a valid fd.
+        let r = unsafe {
+            libc::getsockopt(
+                c.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_MAXSEG,
+                (&mut mss as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        anyhow::ensure!(r == 0, "getsockopt TCP_MAXSEG: {}", std::io::Error::last_os_error());
+        Ok(mss as u32)
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("the MSS server did not start")?;
+    client.enter(|| -> Result<()> {
+        let _c = TcpStream::connect_timeout(&server_addr, Duration::from_secs(5))?;
+        std::thread::sleep(Duration::from_millis(100));
+        Ok(())
+    })??;
+    srv.join().map_err(|_| anyhow!("MSS server panicked"))?
+}
+
 /// What the sink of a [`UdpFlow`] saw.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct FlowReport {

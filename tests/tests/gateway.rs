@@ -53,6 +53,26 @@ fn two_sites_reach_each_other_through_subway_both_ways() -> Result<()> {
     let got = q(&["get", "10.1.0.9"])?;
     assert_eq!(got["route"]["via"], "lan0", "{got}");
     assert!(q(&["list"])?.as_array().unwrap().len() >= 4);
+    // `route explain` on the running instance: A's host to B's, with a
+    // session up (the ping above) and the real neighbour of the reply.
+    let ex = q(&[
+        "explain", "--src", "10.1.0.2", "--dst", "10.2.0.2", "--proto", "tcp", "--port", "443",
+    ])?;
+    let steps = ex["steps"].to_string();
+    assert!(
+        ex["verdict"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("tunneled to peer") && v.contains(&t.keys_b.1)),
+        "{ex}"
+    );
+    assert!(
+        steps.contains("FIB: longest match /24 -> peer") && steps.contains("is up: sealed in place"),
+        "{ex}"
+    );
+    let back = q(&["explain", "--src", "10.2.0.2", "--dst", "10.1.0.2"])?;
+    assert_eq!(back["verdict"], "forwarded out of lan0 by the fast path", "{back}");
+    let outside = q(&["explain", "--src", "10.1.0.2", "--dst", "198.51.100.7"])?;
+    assert_eq!(outside["verdict"], "handled by the kernel, not subway", "{outside}");
     assert_eq!(
         q(&["overlaps"])?.as_array().unwrap().len(),
         0,
@@ -279,6 +299,25 @@ fn too_big_for_the_tunnel_gets_icmp_and_tcp_fits_by_mss_clamping() -> Result<()>
     assert_eq!(seen.ip().to_string(), "10.1.0.2");
     let s = ga.show()?;
     assert!(s["totals"]["mss_clamped"].as_u64().unwrap() >= 1, "{}", s["totals"]);
+    // The transfer never needed the kernel's "fragmentation needed": the
+    // SYN's MSS was enough (PMTUD would otherwise have rescued it).
+    assert_eq!(s["totals"]["slow_too_big"].as_u64(), Some(0), "{}", s["totals"]);
+    // The server saw the clamped MSS both ways round and in both families:
+    // the tunnel MTU (1420) less the IP and TCP headers, 1380 (v4) and 1360
+    // (v6); TCP_MAXSEG reports it less the TCP options in use (timestamps,
+    // 12 bytes). Unclamped it would be 1460 / 1440 less the same.
+    let clamped = |mss: u32, max: u32| mss <= max && mss + 40 >= max;
+    for (c, s, addr, max) in [
+        (&t.a, &t.b, "10.2.0.2:6202", 1380),
+        (&t.b, &t.a, "10.1.0.2:6203", 1380),
+        (&t.a, &t.b, "[fd02::2]:6204", 1360),
+    ] {
+        let mss = subway_tests::tcp_mss_seen(c, s, addr.parse()?)?;
+        assert!(
+            clamped(mss, max),
+            "{addr}: the server saw MSS {mss}, the clamp is {max}"
+        );
+    }
     // 1500-byte IPv4 packets with DF into a 1420-byte tunnel.
     let out = t.a.output(&[
         "ping", "-c", "3", "-i", "0.2", "-W", "1", "-M", "do", "-s", "1472", "10.2.0.2",
