@@ -1248,6 +1248,16 @@ fn tune(quick: bool, profile: &str) -> Result<String> {
             }
         }
     }
+    // Only a setting this box cannot offer may fail (zero-copy on a driver
+    // without it, refused by subway with its reason): any other failure is
+    // a broken run, and the sweep says so instead of making it a row.
+    for ((label, _), err) in settings.iter().zip(&errors) {
+        if let Some(why) = err
+            && !label.starts_with("XskMode = zero-copy")
+        {
+            bail!("tune: {label} failed: {why}");
+        }
+    }
     let results: Vec<(&str, Result<Row, String>)> = settings
         .iter()
         .zip(rows)
