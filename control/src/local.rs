@@ -174,6 +174,12 @@ impl RequestServer {
                 self.pending.swap_remove(i);
                 continue;
             }
+            if eof && p.buf.is_empty() {
+                // Connected and closed without a word: a liveness probe
+                // (`subway show` without a name checks every socket).
+                self.pending.swap_remove(i);
+                continue;
+            }
             if eof || (self.complete)(&p.buf) {
                 let p = self.pending.swap_remove(i);
                 let req = String::from_utf8_lossy(&p.buf).into_owned();
