@@ -205,3 +205,130 @@ fn wg_set_changes_allowed_ips_and_peers_in_the_data_path() -> Result<()> {
     assert_eq!(s["reloads"]["ok"], 3, "{}", s["reloads"]);
     Ok(())
 }
+
+/// Site A (subway) peers with two stock wireguard-go sites, B and C, on
+/// one "internet" segment. Sessions are up with both before anything
+/// changes, so that what the README promises is tried on live sessions: a
+/// changed peer keeps its session (no new handshake, no loss), a removed
+/// peer's session ends at once, and the real `wg syncconf` and `wg setconf`
+/// (which send `remove=true` and `replace_peers=true`) do what they do on
+/// a kernel WireGuard device.
+#[test]
+fn live_sessions_across_reload_syncconf_and_setconf() -> Result<()> {
+    if !require_root("live_sessions_across_reload_syncconf_and_setconf") {
+        return Ok(());
+    }
+    use subway_tests::{Netns, WgPeer, veth};
+    let inet = Netns::new("in")?;
+    inet.sh("ip link add br0 type bridge && ip link set br0 up")?;
+    let (mut hosts, mut gws) = (Vec::new(), Vec::new());
+    for i in 1..=3u8 {
+        let h = Netns::new(&format!("h{i}"))?;
+        let g = Netns::new(&format!("g{i}"))?;
+        veth(&h, "eth0", &g, "lan0")?;
+        veth(&g, "wan0", &inet, &format!("p{i}"))?;
+        inet.run(&["ip", "link", "set", &format!("p{i}"), "master", "br0"])?;
+        h.sh(&format!(
+            "ip addr add 10.{i}.0.2/24 dev eth0 && ip route add default via 10.{i}.0.1"
+        ))?;
+        g.sh(&format!(
+            "ip addr add 10.{i}.0.1/24 dev lan0 && ip addr add 192.0.2.{i}/24 dev wan0"
+        ))?;
+        g.sysctl("net.ipv4.ip_forward", "1")?;
+        hosts.push(h);
+        gws.push(g);
+    }
+    let (ka, kb, kc) = (wg_keypair()?, wg_keypair()?, wg_keypair()?);
+    let _b = WgPeer::start(
+        "wireguard-go",
+        &gws[1],
+        &kb.0,
+        51820,
+        &ka.1,
+        "192.0.2.1:51820",
+        &["10.1.0.0/24"],
+    )?;
+    let _c = WgPeer::start(
+        "wireguard-go",
+        &gws[2],
+        &kc.0,
+        51820,
+        &ka.1,
+        "192.0.2.1:51820",
+        &["10.1.0.0/24"],
+    )?;
+    let peer = |k: &str, n: u8, nets: &str| {
+        format!("\n[Peer]\nPublicKey = {k}\nEndpoint = 192.0.2.{n}:51820\nAllowedIPs = {nets}\n")
+    };
+    let head = format!(
+        "[Interface]\nPrivateKey = {}\nListenPort = 51820\nUplink = wan0\n\n[Lan]\nInterface = lan0\n",
+        ka.0
+    );
+    let ga = Subway::start(
+        &gws[0],
+        &(head.clone() + &peer(&kb.1, 2, "10.2.0.0/24") + &peer(&kc.1, 3, "10.3.0.0/24")),
+    )?;
+    let (a, b, c) = (&hosts[0], &hosts[1], &hosts[2]);
+    ping_until(a, "10.2.0.2", 10).with_context(|| ga.proc.log_text())?;
+    ping_until(a, "10.3.0.2", 10).with_context(|| ga.proc.log_text())?;
+    ping(c, "10.1.0.2", 3)?;
+    let handshakes = |key: &str| -> Result<Option<u64>> {
+        let s = ga.show()?;
+        Ok(s["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["public_key"] == key)
+            .and_then(|p| p["handshakes"].as_u64()))
+    };
+    let b0 = handshakes(&kb.1)?.context("B has no session")?;
+
+    // 1. reload: B changed (a second prefix), C removed, with a flow to B.
+    let flow = UdpFlow::start(a, b, "10.2.0.2:7501".parse()?, 1000, 500, 100)?;
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&ga.config, head.clone() + &peer(&kb.1, 2, "10.2.0.0/24, 10.22.0.0/24"))?;
+    let out = ga.ctl(&["reload", &ga.name])?;
+    assert!(out.contains("peers removed: ") && out.contains(&kc.1), "{out}");
+    let r = flow.finish()?;
+    assert_eq!((r.received, r.lost), (1000, 0), "B's flow across the reload: {r:?}");
+    assert_eq!(handshakes(&kb.1)?, Some(b0), "the changed peer B renegotiated");
+    // C's session is gone: its packets (on its old session) are refused.
+    let unknown = ga.total("drop_wg_unknown_index")?;
+    let no = c.output(&["ping", "-c", "3", "-i", "0.1", "-W", "1", "-q", "10.1.0.2"])?;
+    assert!(!no.status.success(), "a removed peer's session still carries traffic");
+    assert!(
+        ga.total("drop_wg_unknown_index")? >= unknown + 3,
+        "{}",
+        ga.show()?["totals"]
+    );
+
+    // 2. `wg syncconf` (wireguard-tools) with B and C: C is back, B keeps
+    // its session. subway handshakes with the re-added C at once.
+    // What `wg-quick strip` gives: the key and port, and the peers.
+    let conf = subway_tests::work_dir().join(format!("{}.wg", ga.name));
+    let iface = format!("[Interface]\nPrivateKey = {}\nListenPort = 51820\n", ka.0);
+    let wg_peer = |k: &str, n: u8, nets: &str| {
+        format!("\n[Peer]\nPublicKey = {k}\nEndpoint = 192.0.2.{n}:51820\nAllowedIPs = {nets}\n")
+    };
+    std::fs::write(
+        &conf,
+        iface.clone() + &wg_peer(&kb.1, 2, "10.2.0.0/24") + &wg_peer(&kc.1, 3, "10.3.0.0/24"),
+    )?;
+    host(&["wg", "syncconf", &ga.name, conf.to_str().unwrap()])?;
+    ping_until(c, "10.1.0.2", 5).with_context(|| ga.proc.log_text())?;
+    ping(a, "10.3.0.2", 3)?;
+    assert_eq!(handshakes(&kb.1)?, Some(b0), "syncconf renegotiated B");
+    let wg = host(&["wg", "show", &ga.name, "allowed-ips"])?;
+    assert!(wg.contains("10.3.0.0/24") && !wg.contains("10.22.0.0/24"), "{wg}");
+
+    // 3. `wg setconf` with B only: C goes again, B stays up.
+    std::fs::write(&conf, iface.clone() + &wg_peer(&kb.1, 2, "10.2.0.0/24"))?;
+    host(&["wg", "setconf", &ga.name, conf.to_str().unwrap()])?;
+    let wg = host(&["wg", "show", &ga.name])?;
+    assert!(!wg.contains(&kc.1) && wg.contains(&kb.1), "{wg}");
+    ping(a, "10.2.0.2", 5)?;
+    let no = a.output(&["ping", "-c", "2", "-i", "0.1", "-W", "1", "-q", "10.3.0.2"])?;
+    assert!(!no.status.success(), "C is still reachable after setconf without it");
+    assert_eq!(handshakes(&kb.1)?, Some(b0), "setconf renegotiated B");
+    Ok(())
+}
