@@ -733,6 +733,23 @@ pub fn ping(ns: &Netns, dst: &str, count: u32) -> Result<()> {
     }
 }
 
+/// Polls `cond` every 20 ms until it holds; an error naming `what` (and
+/// the last thing `cond` said) if it does not within `limit`. For waiting
+/// on the system under test instead of sleeping a fixed time.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let last = cond();
+        if matches!(last, Ok(true)) {
+            return Ok(());
+        }
+        if t0.elapsed() > limit {
+            bail!("{what}: not within {limit:?} (last: {last:?})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Pings until one answer comes back (the first packets wait for the
 /// handshake), bounded to `secs` attempts.
 pub fn ping_until(ns: &Netns, dst: &str, secs: u32) -> Result<()> {

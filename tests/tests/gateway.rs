@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use std::time::Duration;
-use subway_tests::{Netns, Subway, TwoSites, ping, ping_until, require_root, tcp_echo};
+use subway_tests::{Netns, Subway, TwoSites, UdpFlow, ping, ping_until, require_root, tcp_echo};
 
 #[test]
 fn two_sites_reach_each_other_through_subway_both_ways() -> Result<()> {
@@ -204,13 +204,31 @@ fn rekey_under_traffic_loses_nothing() -> Result<()> {
     let gb = Subway::start_env(&t.gwb, &t.subway_config(false, false, ""), &env)?;
     ping_until(&t.a, "10.2.0.2", 10)?;
     let before = ga.show()?["peers"][0]["handshakes"].as_u64().unwrap();
-    // 250 echo requests over 12.5 s cross at least two rekeys; not one may be lost.
-    let out = t.a.run(&["ping", "-c", "250", "-i", "0.05", "-W", "2", "10.2.0.2"])?;
-    assert!(out.contains("250 received"), "loss across rekeys:\n{out}");
+    // 2500 datagrams over 12.5 s cross at least two rekeys. What a rekey
+    // could lose is lost at a gateway, counted by name: none of that may
+    // happen. The hosts' own sockets on a loaded 2-core runner may drop a
+    // datagram now and then (not a rekey's doing): 0.5% is tolerated there.
+    // Both ways: whichever side initiated the session rekeys on its sends.
+    let ab = UdpFlow::start(&t.a, &t.b, "10.2.0.2:6301".parse()?, 2500, 200, 100)?;
+    let ba = UdpFlow::start(&t.b, &t.a, "10.1.0.2:6302".parse()?, 2500, 200, 100)?;
+    let (ab, ba) = (ab.finish()?, ba.finish()?);
     let after = ga.show()?["peers"][0]["handshakes"].as_u64().unwrap();
     assert!(after >= before + 2, "expected two rekeys, saw {before} -> {after}");
-    let sb = gb.show()?;
-    assert_eq!(sb["totals"]["drop_wg_unknown_index"], 0, "{}", sb["totals"]);
+    for (name, gw) in [("A", &ga), ("B", &gb)] {
+        let s = gw.show()?;
+        for c in [
+            "drop_wg_unknown_index",
+            "drop_wg_expired",
+            "drop_wg_decrypt_failed",
+            "drop_no_tunnel",
+            "drop_slow_path_limited",
+        ] {
+            assert_eq!(s["totals"][c], 0, "{name}: {c}: {}", s["totals"]);
+        }
+    }
+    for r in [&ab, &ba] {
+        assert!(r.lost * 200 <= r.sent, "loss across rekeys: {r:?}");
+    }
     Ok(())
 }
 
@@ -256,7 +274,18 @@ fn garbage_to_the_listen_port_is_counted_and_the_tunnel_keeps_working() -> Resul
         }
         Ok(())
     })??;
-    std::thread::sleep(Duration::from_millis(500));
+    // Until the control thread has refused the handshake-type garbage.
+    let refused = || -> Result<u64> {
+        let s = ga.show()?;
+        Ok(s["control"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.starts_with("wg_"))
+            .map(|(_, v)| v.as_u64().unwrap())
+            .sum())
+    };
+    subway_tests::wait_until("garbage refused", Duration::from_secs(5), || Ok(refused()? >= 200))?;
     let s = ga.show()?;
     let control: u64 = s["control"]
         .as_object()

@@ -68,7 +68,11 @@ fn reload_changes_peers_and_routes_without_losing_a_packet_of_an_unchanged_peer(
         t.subway_config(true, false, &peer_d("10.99.0.0/24, 10.100.0.0/24")),
     )?;
     host(&["kill", "-HUP", &ga.proc.pid().to_string()])?;
-    std::thread::sleep(Duration::from_millis(600));
+    // The next step rewrites the file: the SIGHUP must have read it first.
+    subway_tests::wait_until("the SIGHUP reload", Duration::from_secs(5), || {
+        Ok(ga.show()?["reloads"]["ok"].as_u64() == Some(2))
+    })?;
+    std::thread::sleep(Duration::from_millis(300));
 
     // 3. An invalid file changes nothing and says where and why.
     std::fs::write(

@@ -149,7 +149,9 @@ fn a_killed_dataplane_fails_open_to_the_kernel() -> Result<()> {
     ping(&t.a, "10.2.0.2", 2)?;
     // SAFETY: SIGKILL to the subway process this test started, by its pid.
     unsafe { libc::kill(gw.proc.pid() as i32, libc::SIGKILL) };
-    std::thread::sleep(Duration::from_millis(300));
+    subway_tests::wait_until("XDP detached after the crash", Duration::from_secs(5), || {
+        Ok(!xdp_attached(&t.gw, "lan0")?)
+    })?;
     ping(&t.a, "10.2.0.2", 3).context("traffic must flow through the kernel after a crash")?;
     assert!(
         !xdp_attached(&t.gw, "lan0")?,
@@ -253,7 +255,12 @@ fn malformed_frames_are_counted_and_dropped_without_harming_the_worker() -> Resu
     frames.push(f);
     let batch: Vec<Vec<u8>> = (0..10).flat_map(|_| frames.clone()).collect();
     t.a.enter(|| send_raw("eth0", &batch))??;
-    std::thread::sleep(Duration::from_millis(300));
+    // Until the last of them is counted (then the exact counts below).
+    let seen = before["xdp"]["seen"].as_u64().unwrap();
+    subway_tests::wait_until("the malformed frames counted", Duration::from_secs(5), || {
+        Ok(gw.show()?["xdp"]["seen"].as_u64().unwrap() >= seen + batch.len() as u64)
+    })?;
+    std::thread::sleep(Duration::from_millis(50));
 
     let after = gw.show()?;
     let d = |sec: &str, k: &str| after[sec][k].as_u64().unwrap() - before[sec][k].as_u64().unwrap();

@@ -261,7 +261,15 @@ fn the_same_prefix_in_two_vnets_reaches_two_sites_without_cross_talk() -> Result
     // the main table: the fence still keeps the kernel out of the VNET.
     t.hub.run(&["ip", "link", "set", "lanr", "down"])?;
     t.hub.run(&["ip", "link", "set", "lanr", "up"])?;
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    subway_tests::wait_until(
+        "the kernel re-adds the connected route",
+        std::time::Duration::from_secs(5),
+        || {
+            Ok(t.hub
+                .run(&["ip", "route", "show", "table", "main"])?
+                .contains("192.168.1.0/24 dev lanr"))
+        },
+    )?;
     let main = t.hub.run(&["ip", "route", "show", "table", "main"])?;
     assert!(
         main.contains("192.168.1.0/24 dev lanr"),
@@ -378,8 +386,12 @@ fn vnets_fail_closed_on_a_crash_and_a_failed_start_leaves_nothing() -> Result<()
     ping_until(&t.hr, "10.0.0.5", 10).with_context(|| hub.proc.log_text())?;
     t.hub.run(&["kill", "-9", &hub.proc.pid().to_string()])?;
     let _ = hub.proc.stop(std::time::Duration::from_secs(2));
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    assert!(!subway_tests::xdp_attached(&t.hub, "lanr")?, "XDP outlived the process");
+    subway_tests::wait_until(
+        "XDP detached after the crash",
+        std::time::Duration::from_secs(5),
+        || Ok(!subway_tests::xdp_attached(&t.hub, "lanr")?),
+    )
+    .context("XDP outlived the process")?;
     assert!(
         t.hub.run(&["nft", "list", "tables"])?.contains(&table),
         "the fence went with the crash"
