@@ -788,6 +788,80 @@ mod tests {
         assert!(c.lans[0].subnets.is_empty());
     }
 
+    /// Deterministic mutation fuzzing of the parser (fixed seed and
+    /// rounds): whatever the file holds, `parse` returns a config or an
+    /// error naming a line of the file, and never panics.
+    #[test]
+    fn fuzz_the_config_parser() {
+        let seed = include_str!("../dist/example.conf")
+            .replace("REPLACE_WITH_wg_genkey_OUTPUT", KEY_A)
+            .replace("REPLACE_WITH_THE_OTHER_SITE_PUBLIC_KEY", KEY_B)
+            + "\n[Peer]\nPublicKey = "
+            + KEY_A
+            + "\nAllowedIPs = 10.9.0.0/16, fd09::/48\nVNet = red\n\n[Lan]\nInterface = lan1\nVNet = red\nSubnets = 192.168.1.0/24\n";
+        let pieces = [
+            "[Peer]",
+            "[Lan]",
+            "[Interface]",
+            "[Tuning]",
+            "[Metrics]",
+            "=",
+            " = ",
+            "\n",
+            ",",
+            "/",
+            "/33",
+            "/129",
+            "0.0.0.0/0",
+            "::/0",
+            "VNet = ",
+            "Queues = 0-3",
+            "Cores = 9999999999",
+            "FailMode = ",
+            "\u{0}",
+            "é",
+            "#",
+            "AllowedIPs = ",
+            "Endpoint = [::1]:0",
+            "ListenPort = 70000",
+            "BatchSize = 0",
+            "RingSize = 3",
+        ];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let lines = seed.lines().count() + 64;
+        let (mut ok, mut refused) = (0, 0);
+        for _ in 0..10_000 {
+            let mut t: Vec<char> = seed.chars().collect();
+            for _ in 0..1 + rnd(4) {
+                let at = rnd(t.len() + 1);
+                match rnd(4) {
+                    0 if at < t.len() => {
+                        t.remove(at);
+                    }
+                    1 => t.splice(at..at, pieces[rnd(pieces.len())].chars()).for_each(drop),
+                    2 if at < t.len() => t.truncate(at),
+                    _ => t.insert(at.min(t.len()), char::from(32 + rnd(95) as u8)),
+                }
+            }
+            let text: String = t.into_iter().collect();
+            match parse(&text) {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    refused += 1;
+                    assert!(e.line <= lines, "{e}");
+                    assert!(e.to_string().starts_with("/etc/subway/site-a.conf"), "{e}");
+                }
+            }
+        }
+        assert!(ok > 50 && refused > 50, "{ok} parsed, {refused} refused");
+    }
+
     #[test]
     fn fail_mode_is_closed_unless_open_is_asked_for() {
         let base = "[Interface]\nListenPort = 51820\n{}\n[Lan]\nInterface = lan0\n";
