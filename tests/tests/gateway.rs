@@ -607,3 +607,31 @@ fn a_peer_that_roams_is_followed_on_data() -> Result<()> {
     assert!(s["control"]["roams"].as_u64().unwrap_or(0) >= 1, "{}", s["control"]);
     Ok(())
 }
+
+/// Cryptokey routing on the fast path: a stock wireguard-go far side
+/// encrypts whatever its kernel routes into the tunnel, including a packet
+/// whose source is outside the AllowedIPs subway has for it. subway drops
+/// it after decryption (`drop_not_allowed`) and the LAN host never sees it;
+/// the peer's genuine traffic still flows.
+#[test]
+fn cryptokey_routing_drops_a_source_outside_the_peers_allowed_ips() -> Result<()> {
+    if !require_root("cryptokey_routing_drops_a_source_outside_the_peers_allowed_ips") {
+        return Ok(());
+    }
+    let t = TwoSites::new()?;
+    let _wg = t.standard_b("wireguard-go")?;
+    let ga = Subway::start(&t.gwa, &t.subway_config(true, false, ""))?;
+    ping_until(&t.b, "10.1.0.2", 10).with_context(|| ga.proc.log_text())?;
+    // B's gateway owns an address outside 10.2.0.0/24 and pings from it:
+    // its route to 10.1.0.0/24 is the tunnel, so wireguard-go seals it.
+    t.gwb.run(&["ip", "addr", "add", "10.77.0.1/32", "dev", "lo"])?;
+    let (echos, dropped) = (subway_tests::icmp_in_echos(&t.a)?, ga.total("drop_not_allowed")?);
+    let out = t.gwb.output(&["ping", "-I", "10.77.0.1", "-c", "5", "-i", "0.1", "-W", "1", "-q", "10.1.0.2"])?;
+    assert!(!out.status.success(), "a spoofed source got an answer");
+    subway_tests::wait_until("the spoofed packets counted", Duration::from_secs(5), || {
+        Ok(ga.total("drop_not_allowed")? >= dropped + 5)
+    })?;
+    assert_eq!(subway_tests::icmp_in_echos(&t.a)?, echos, "the LAN host saw a spoofed packet");
+    ping(&t.b, "10.1.0.2", 5)?;
+    Ok(())
+}
