@@ -626,12 +626,28 @@ fn cryptokey_routing_drops_a_source_outside_the_peers_allowed_ips() -> Result<()
     // its route to 10.1.0.0/24 is the tunnel, so wireguard-go seals it.
     t.gwb.run(&["ip", "addr", "add", "10.77.0.1/32", "dev", "lo"])?;
     let (echos, dropped) = (subway_tests::icmp_in_echos(&t.a)?, ga.total("drop_not_allowed")?);
-    let out = t.gwb.output(&["ping", "-I", "10.77.0.1", "-c", "5", "-i", "0.1", "-W", "1", "-q", "10.1.0.2"])?;
+    let out = t.gwb.output(&[
+        "ping",
+        "-I",
+        "10.77.0.1",
+        "-c",
+        "5",
+        "-i",
+        "0.1",
+        "-W",
+        "1",
+        "-q",
+        "10.1.0.2",
+    ])?;
     assert!(!out.status.success(), "a spoofed source got an answer");
     subway_tests::wait_until("the spoofed packets counted", Duration::from_secs(5), || {
         Ok(ga.total("drop_not_allowed")? >= dropped + 5)
     })?;
-    assert_eq!(subway_tests::icmp_in_echos(&t.a)?, echos, "the LAN host saw a spoofed packet");
+    assert_eq!(
+        subway_tests::icmp_in_echos(&t.a)?,
+        echos,
+        "the LAN host saw a spoofed packet"
+    );
     ping(&t.b, "10.1.0.2", 5)?;
     Ok(())
 }

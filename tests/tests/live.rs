@@ -325,14 +325,30 @@ fn live_sessions_across_reload_syncconf_and_setconf() -> Result<()> {
     let wg = host(&["wg", "show", &ga.name, "allowed-ips"])?;
     assert!(wg.contains("10.3.0.0/24") && !wg.contains("10.22.0.0/24"), "{wg}");
 
-    // 3. `wg setconf` with B only: C goes again, B stays up.
-    std::fs::write(&conf, iface.clone() + &wg_peer(&kb.1, 2, "10.2.0.0/24"))?;
+    // 3. `wg syncconf` with B only: it sends `remove=true` for C.
+    let only_b = iface.clone() + &wg_peer(&kb.1, 2, "10.2.0.0/24");
+    std::fs::write(&conf, &only_b)?;
+    host(&["wg", "syncconf", &ga.name, conf.to_str().unwrap()])?;
+    let wg = host(&["wg", "show", &ga.name])?;
+    assert!(!wg.contains(&kc.1) && wg.contains(&kb.1), "{wg}");
+    let no = a.output(&["ping", "-c", "2", "-i", "0.1", "-W", "1", "-q", "10.3.0.2"])?;
+    assert!(!no.status.success(), "C is still reachable after syncconf without it");
+
+    // 4. `wg setconf` (replace_peers=true) with B and C: C is back; then
+    // with B only: C goes again. B stays up throughout.
+    std::fs::write(
+        &conf,
+        iface.clone() + &wg_peer(&kb.1, 2, "10.2.0.0/24") + &wg_peer(&kc.1, 3, "10.3.0.0/24"),
+    )?;
+    host(&["wg", "setconf", &ga.name, conf.to_str().unwrap()])?;
+    ping_until(a, "10.3.0.2", 5).with_context(|| ga.proc.log_text())?;
+    std::fs::write(&conf, &only_b)?;
     host(&["wg", "setconf", &ga.name, conf.to_str().unwrap()])?;
     let wg = host(&["wg", "show", &ga.name])?;
     assert!(!wg.contains(&kc.1) && wg.contains(&kb.1), "{wg}");
     ping(a, "10.2.0.2", 5)?;
     let no = a.output(&["ping", "-c", "2", "-i", "0.1", "-W", "1", "-q", "10.3.0.2"])?;
     assert!(!no.status.success(), "C is still reachable after setconf without it");
-    assert_eq!(handshakes(&kb.1)?, Some(b0), "setconf renegotiated B");
+    assert_eq!(handshakes(&kb.1)?, Some(b0), "syncconf or setconf renegotiated B");
     Ok(())
 }
