@@ -233,4 +233,50 @@ mod tests {
             "{msgs:?}"
         );
     }
+
+    /// Every branch: what needs a restart is named with its line, one
+    /// message each; what may change live (Subnets, FailMode, peers) is not.
+    #[test]
+    fn every_restart_needing_change_is_named_and_live_ones_are_not() {
+        let old = cfg(&[(2, "10.2.0.0/24")], "");
+        let with = |interface: &str, extra: &str| -> Config {
+            let t = format!(
+                "[Interface]\n{interface}\n[Lan]\nInterface = lan0\n{extra}[Peer]\nPublicKey = {}\nAllowedIPs = 10.2.0.0/24\n",
+                key(2)
+            );
+            Config::parse(Path::new("/etc/subway/gw.conf"), &t).unwrap()
+        };
+        let base = format!("PrivateKey = {}\nListenPort = 51820\nUplink = wan0", key(1));
+        assert!(restart_needed(&old, &with(&base, "")).is_empty(), "the same file");
+        let cases = [
+            (base.replace(&key(1), &key(9)), "", "PrivateKey changed"),
+            (base.replace("51820", "51821"), "", "ListenPort changed"),
+            (base.replace("wan0", "wan1"), "", "Uplink changed"),
+            (base.clone(), "[Lan]\nInterface = lan1\n", "the [Lan] interfaces"),
+            (base.clone(), "[Tuning]\nRingSize = 4096\n", "[Tuning] changed"),
+            (
+                base.clone(),
+                "[Metrics]\nListen = 127.0.0.1:9999\n",
+                "[Metrics] Listen changed",
+            ),
+        ];
+        for (interface, extra, want) in cases {
+            let msgs = restart_needed(&old, &with(&interface, extra));
+            assert_eq!(msgs.len(), 1, "{want}: {msgs:?}");
+            assert!(
+                msgs[0].contains(want) && msgs[0].starts_with("/etc/subway/gw.conf:"),
+                "{msgs:?}"
+            );
+        }
+        // Live: FailMode, a LAN's Subnets, the peers.
+        let live = with(
+            &(base.clone() + "\nFailMode = open"),
+            "Subnets = 10.1.0.0/24, 10.1.1.0/24\n",
+        );
+        assert!(
+            restart_needed(&old, &live).is_empty(),
+            "{:?}",
+            restart_needed(&old, &live)
+        );
+    }
 }
