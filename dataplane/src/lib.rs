@@ -684,6 +684,12 @@ impl Dataplane {
         Ok(true)
     }
 
+    /// Runs the XDP program on `frame` as if it arrived on `ifindex` (see
+    /// [`XdpSteering::test_run`]): for tests of the classification.
+    pub fn xdp_test_run(&self, frame: &[u8], ifindex: u32) -> Result<u32> {
+        self.xdp.test_run(frame, ifindex)
+    }
+
     /// The XDP program's counters, summed over CPUs.
     pub fn xdp_counters(&self) -> Result<Vec<(&'static str, u64)>> {
         let c = self.xdp.counters()?;

@@ -169,6 +169,75 @@ impl XdpSteering {
         }
     }
 
+    /// Runs the loaded program once on `frame` as if it arrived on
+    /// `ifindex`, RX queue 0 (BPF_PROG_TEST_RUN, in the caller's network
+    /// namespace; the interface must have an XDP program attached so that
+    /// its queue is registered). Returns the XDP action (XDP_PASS = 2,
+    /// XDP_REDIRECT = 4, ...). The redirect itself is not performed: this
+    /// tests the classification, on the real program and its real maps.
+    pub fn test_run(&self, frame: &[u8], ifindex: u32) -> Result<u32> {
+        use std::os::fd::AsFd;
+        let p = self
+            .ebpf
+            .program(subway_common::PROGRAM_NAME)
+            .ok_or_else(|| Error::msg("XDP object has no program subway_xdp"))?;
+        let fd = p.fd().ctx(|| "the XDP program's fd".into())?.as_fd().as_raw_fd();
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex.
+        let ctx: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+        let mut out = vec![0u8; frame.len() + 256];
+        // The test part of union bpf_attr (linux/bpf.h), in order.
+        #[repr(C)]
+        #[derive(Default)]
+        struct TestRun {
+            prog_fd: u32,
+            retval: u32,
+            data_size_in: u32,
+            data_size_out: u32,
+            data_in: u64,
+            data_out: u64,
+            repeat: u32,
+            duration: u32,
+            ctx_size_in: u32,
+            ctx_size_out: u32,
+            ctx_in: u64,
+            ctx_out: u64,
+            flags: u32,
+            cpu: u32,
+            batch_size: u32,
+            _pad: u32,
+        }
+        let mut attr = TestRun {
+            prog_fd: fd as u32,
+            data_size_in: frame.len() as u32,
+            data_size_out: out.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            data_out: out.as_mut_ptr() as u64,
+            repeat: 1,
+            ctx_size_in: std::mem::size_of_val(&ctx) as u32,
+            ctx_in: ctx.as_ptr() as u64,
+            ..Default::default()
+        };
+        const BPF_PROG_TEST_RUN: libc::c_long = 10;
+        // SAFETY: bpf(2) reads `attr` (of the size given) and the buffers it
+        // points to, which outlive the call; it writes only `attr` and `out`.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &mut attr as *mut TestRun,
+                std::mem::size_of::<TestRun>() as u32,
+            )
+        };
+        if r != 0 {
+            return Err(Error::io(
+                "BPF_PROG_TEST_RUN of the XDP program",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(attr.retval)
+    }
+
     /// The program's counters, summed over CPUs, indexed by [`XdpCounter`].
     pub fn counters(&self) -> Result<[u64; XdpCounter::COUNT as usize]> {
         let map = self
