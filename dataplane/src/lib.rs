@@ -249,14 +249,18 @@ impl Dataplane {
             }
             vnet_only.retain(|a| !elsewhere.contains(a));
         }
-        undo.fence(failsafe::Fence {
-            table: failsafe::table_name(&cfg.name),
-            tun: tun_name(&cfg.name),
-            listen_port: cfg.listen_port,
-            tunnelled: failsafe::tunnelled(fib.routes()),
-            vnet_ifaces: isolated.iter().map(|p| p.name.clone()).collect(),
-            vnet_only_addrs: vnet_only,
-        })?;
+        // Routed mode without VNETs has nothing to fence (and no peers can
+        // come later without a restart): no table.
+        if cfg.listen_port != 0 || !isolated.is_empty() {
+            undo.fence(failsafe::Fence {
+                table: failsafe::table_name(&cfg.name),
+                tun: tun_name(&cfg.name),
+                listen_port: cfg.listen_port,
+                tunnelled: failsafe::tunnelled(fib.routes()),
+                vnet_ifaces: isolated.iter().map(|p| p.name.clone()).collect(),
+                vnet_only_addrs: vnet_only,
+            })?;
+        }
         // Non-default VNETs: take their interfaces out of the kernel's
         // routing (it has one table, the default VNET's), restored on stop.
         for p in &isolated {

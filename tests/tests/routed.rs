@@ -289,6 +289,11 @@ fn a_failed_start_leaves_no_xdp_program_or_tun_behind() -> Result<()> {
     assert!(msg.contains("queue 7"), "the error should name the queue: {msg}");
     assert!(!xdp_attached(&t.gw, "lan0")? && !xdp_attached(&t.gw, "lan1")?);
     assert!(!t.gw.run(&["ip", "link"])?.contains("sw-"), "TUN left behind");
+    // Routed mode has nothing to fence: no table to leave behind either.
+    assert!(
+        !t.gw.run(&["nft", "list", "tables"])?.contains("subway_"),
+        "an empty fail-safe table left behind"
+    );
     ping(&t.a, "10.2.0.2", 2)?;
 
     // Now fail after XDP is attached to lan0: a bridge has no native XDP,
