@@ -1,0 +1,59 @@
+//! What the dataplane is asked to run: the LAN interfaces, the peers'
+//! routes and the tuning, as the control crate hands them over; and what a
+//! live change did.
+
+use crate::fib::VnetId;
+use crate::worker::XskOptions;
+use crate::xdp::XdpAttach;
+use ipnet::IpNet;
+
+/// A LAN interface to serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LanConfig {
+    pub ifname: String,
+    /// Prefixes reached through this interface; empty means the prefixes
+    /// of the addresses configured on it.
+    pub subnets: Vec<IpNet>,
+    pub vnet: VnetId,
+}
+
+/// Everything the dataplane needs to start.
+#[derive(Clone, Debug)]
+pub struct DataplaneConfig {
+    /// Instance name (the config file's stem); names the slow-path TUN.
+    pub name: String,
+    pub lans: Vec<LanConfig>,
+    /// RX queues to serve; `None` means every queue the ports have.
+    pub queues: Option<Vec<u32>>,
+    /// Cores to pin workers to, round-robin; `None` means every core.
+    pub cores: Option<Vec<usize>>,
+    pub xsk: XskOptions,
+    pub xdp_mode: XdpAttach,
+    /// The interface toward the peers; it may also be a [Lan] (one-armed).
+    pub uplink: Option<String>,
+    /// WireGuard listen port (0: no tunnel).
+    pub listen_port: u16,
+    /// WireGuard peers: their id, VNET and AllowedIPs.
+    pub peers: Vec<PeerRoutes>,
+    /// `FailMode = open`: a clean stop removes the fail-safe table.
+    pub fail_open: bool,
+}
+
+/// The routes a peer owns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerRoutes {
+    /// The peer's id on the WireGuard device (stable while it exists).
+    pub id: u32,
+    pub vnet: VnetId,
+    pub allowed_ips: Vec<IpNet>,
+}
+
+/// What [`Dataplane::apply`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteChanges {
+    pub added: Vec<(VnetId, IpNet)>,
+    pub removed: Vec<(VnetId, IpNet)>,
+    pub retargeted: Vec<(VnetId, IpNet)>,
+}
+
+pub use subway_common::UPLINK_VNET;

@@ -1,0 +1,247 @@
+//! Changes subway makes to the kernel's configuration while it runs, and
+//! their undo on stop: the routes that point the peers' prefixes at the
+//! slow-path TUN, the forwarding sysctls of the LANs and the TUN, the
+//! isolation of non-default VNETs' interfaces. The fail-safe table is
+//! installed from here too, but outlives the undo ([`crate::failsafe`]).
+
+use crate::error::{Error, Result};
+use crate::failsafe;
+use crate::netlink::Netlink;
+use crate::tables::Port;
+use ipnet::IpNet;
+
+/// The slow-path TUN's name for an instance: "sw-" and up to 12 characters.
+/// Long names keep 7 characters and a hash of the whole name, so that two
+/// instances on one host do not collide.
+pub fn tun_name(instance: &str) -> String {
+    let clean: String = instance
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .collect();
+    if clean.len() <= 12 {
+        return format!("sw-{clean}");
+    }
+    let h = instance
+        .bytes()
+        .fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193));
+    format!("sw-{}-{:04x}", &clean[..7], h & 0xffff)
+}
+
+/// One change made to the kernel's configuration, and how to undo it.
+pub(crate) enum Undo {
+    /// A command to run (`ip route append ...`).
+    Cmd(Vec<String>),
+    /// A sysctl file and the value it had.
+    Sysctl(String, String),
+}
+
+/// Changes made to the kernel's configuration, undone on stop (or when a
+/// start fails half-way), and the fail-safe table, which outlives them.
+pub(crate) struct KernelUndo {
+    steps: Vec<Undo>,
+    /// The fail-safe table as last installed (see [`failsafe`]).
+    pub(crate) fence: Option<failsafe::Fence>,
+    /// A clean stop (or a failed start). A running gateway that exits on
+    /// an error keeps the fail-safe table even with `FailMode = open`.
+    pub(crate) clean: bool,
+    /// `FailMode = open`: a clean stop removes the fail-safe table too.
+    pub(crate) fail_open: bool,
+}
+
+impl Default for KernelUndo {
+    fn default() -> Self {
+        KernelUndo {
+            steps: Vec::new(),
+            fence: None,
+            clean: true,
+            fail_open: false,
+        }
+    }
+}
+
+impl KernelUndo {
+    /// Installs the fail-safe table (replacing one a run that died left):
+    /// the tunnel fence, and the VNET fence when there are VNET interfaces.
+    pub(crate) fn fence(&mut self, f: failsafe::Fence) -> Result<()> {
+        failsafe::install(&f)?;
+        tracing::info!("fail-safe: {}", f.summary());
+        self.fence = Some(f);
+        Ok(())
+    }
+
+    /// Turns a sysctl of one interface on, to be restored on stop.
+    pub(crate) fn sysctl_on(&mut self, path: String, what: &str) -> Result<()> {
+        let old = std::fs::read_to_string(&path)
+            .map_err(|e| Error::io(format!("reading {path}"), e))?
+            .trim()
+            .to_string();
+        if old == "1" {
+            return Ok(());
+        }
+        std::fs::write(&path, "1").map_err(|e| Error::io(format!("setting {path} to 1 ({what})"), e))?;
+        tracing::info!("{what}: set {} to 1 (was {old}; restored on stop)", sysctl_name(&path));
+        self.steps.push(Undo::Sysctl(path, old));
+        Ok(())
+    }
+
+    /// IPv4 and IPv6 forwarding for packets that arrive on `ifname`. IPv6
+    /// has had a per-interface switch (`force_forwarding`) since Linux
+    /// 6.17; before that only the box-wide one exists, and it is used.
+    pub(crate) fn forwarding(&mut self, ifname: &str, is_uplink: bool) -> Result<()> {
+        let what = format!("LAN {ifname}{}", if is_uplink { " (also the uplink)" } else { "" });
+        self.sysctl_on(format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding"), &what)?;
+        let v6 = format!("/proc/sys/net/ipv6/conf/{ifname}/force_forwarding");
+        if std::path::Path::new(&v6).exists() {
+            self.sysctl_on(v6, &what)
+        } else if std::path::Path::new(&format!("/proc/sys/net/ipv6/conf/{ifname}")).exists() {
+            self.sysctl_on(
+                "/proc/sys/net/ipv6/conf/all/forwarding".into(),
+                "this kernel has no per-interface IPv6 forwarding (force_forwarding, Linux 6.17)",
+            )
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Takes a non-default VNET's connected prefixes out of the main table,
+    /// so that the kernel's own traffic and routing never use them.
+    pub(crate) fn isolate(&mut self, nl: &mut Netlink, port: &Port) -> Result<()> {
+        let addrs = nl
+            .addresses(port.ifindex)
+            .map_err(|e| Error::io(format!("addresses of {}", port.name), e))?;
+        for a in &addrs {
+            let fam = if a.addr().is_ipv4() { "-4" } else { "-6" };
+            let (net, dev, src) = (a.trunc().to_string(), port.name.clone(), a.addr().to_string());
+            let args = [
+                fam, "route", "del", &net, "dev", &dev, "proto", "kernel", "table", "main",
+            ];
+            let ok = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                tracing::info!("VNET interface {dev}: removed the kernel's route {net} from the main table");
+            }
+            // Restored on stop even when it was already gone (a run that
+            // died before restoring it); appended, because another
+            // interface may have the same prefix.
+            self.steps.push(Undo::Cmd(
+                [
+                    "ip", fam, "route", "append", &net, "dev", &dev, "proto", "kernel", "scope", "link", "src", &src,
+                ]
+                .map(String::from)
+                .to_vec(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn run(&mut self) {
+        for step in self.steps.drain(..).rev() {
+            match step {
+                Undo::Cmd(c) => {
+                    let _ = std::process::Command::new(&c[0]).args(&c[1..]).output();
+                }
+                Undo::Sysctl(path, old) => {
+                    let _ = std::fs::write(&path, old);
+                }
+            }
+        }
+        if let Some(f) = self.fence.take() {
+            if self.clean && self.fail_open {
+                if let Err(e) = failsafe::remove(&f.table) {
+                    tracing::warn!("removing nft table inet {}: {e}", f.table);
+                }
+            } else {
+                tracing::warn!(
+                    "fail-safe: leaving nft table inet {} in place: tunnelled prefixes stay refused \
+                     (and VNET interfaces fenced off) until the next start or `subway down`",
+                    f.table
+                );
+            }
+        }
+    }
+}
+
+impl Drop for KernelUndo {
+    fn drop(&mut self) {
+        self.run();
+    }
+}
+
+/// `ip route {replace|del} PREFIX dev TUN` for every prefix, in one `ip
+/// -batch` (thousands of peer prefixes cost one process, not thousands):
+/// the kernel's route to a default-VNET peer prefix goes to the control
+/// thread, never out in clear. `force` goes on past failing lines.
+pub(crate) fn kernel_routes(op: &str, nets: &[IpNet], tun: &str, force: bool) -> Result<()> {
+    use std::io::Write;
+    if nets.is_empty() {
+        return Ok(());
+    }
+    let mut script = String::new();
+    for n in nets {
+        script += &format!("route {op} {} dev {tun}\n", n.trunc());
+    }
+    let mut args = vec!["-batch", "-"];
+    if force {
+        args.insert(0, "-force");
+    }
+    let mut child = std::process::Command::new("ip")
+        .args(&args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::io("running ip -batch", e))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(script.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::io("running ip -batch", e))?;
+    if !out.status.success() {
+        return Err(Error::msg(format!(
+            "ip route {op} ... dev {tun} ({} prefixes): {}",
+            nets.len(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// `net.ipv4.conf.lan0.forwarding` for `/proc/sys/net/ipv4/conf/lan0/forwarding`.
+pub(crate) fn sysctl_name(path: &str) -> String {
+    path.trim_start_matches("/proc/sys/").replace('/', ".")
+}
+
+/// The slow-path TUN forwards what the workers and the control thread
+/// hand the kernel. Its reverse-path check is off (`SlowPath::create`):
+/// packets from LAN hosts come in through it (too big for the tunnel, no
+/// session yet), and even a loose check loses the ICMP errors the kernel
+/// owes them. The kernel applies the stricter of `all` and the interface's
+/// value, so a box-wide `all` setting is named in a warning. The TUN is
+/// created anew each start: nothing is restored.
+pub(crate) fn tun_sysctls(tun: &str) -> Result<()> {
+    let mut v6 = format!("/proc/sys/net/ipv6/conf/{tun}/force_forwarding");
+    if !std::path::Path::new(&v6).exists() {
+        v6 = format!("/proc/sys/net/ipv6/conf/{tun}/forwarding");
+    }
+    for (path, value) in [(format!("/proc/sys/net/ipv4/conf/{tun}/forwarding"), "1"), (v6, "1")] {
+        if std::path::Path::new(&path).exists() {
+            std::fs::write(&path, value)
+                .map_err(|e| Error::io(format!("setting {} to {value}", sysctl_name(&path)), e))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tun_names_fit_and_differ() {
+        assert_eq!(super::tun_name("site-a"), "sw-site-a");
+        let (a, b) = (super::tun_name("gateway-site-a"), super::tun_name("gateway-site-b"));
+        assert_ne!(a, b);
+        assert!(a.len() <= 15 && b.len() <= 15, "{a} {b}");
+    }
+}
