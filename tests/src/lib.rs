@@ -584,6 +584,40 @@ impl Capture {
     }
 }
 
+/// Sites on one "internet" segment (a bridge in namespace `inet`): site i
+/// (1-based) has a host 10.i.0.2 behind gateway 10.i.0.1, whose uplink is
+/// 192.0.2.i/24. The gateways forward (as wg-quick boxes are set up).
+pub struct SitesOnABridge {
+    pub inet: Netns,
+    pub hosts: Vec<Netns>,
+    pub gws: Vec<Netns>,
+}
+
+impl SitesOnABridge {
+    pub fn new(n: u8) -> Result<Self> {
+        let inet = Netns::new("in")?;
+        inet.sh("ip link add br0 type bridge && ip link set br0 up")?;
+        let (mut hosts, mut gws) = (Vec::new(), Vec::new());
+        for i in 1..=n {
+            let h = Netns::new(&format!("h{i}"))?;
+            let g = Netns::new(&format!("g{i}"))?;
+            veth(&h, "eth0", &g, "lan0")?;
+            veth(&g, "wan0", &inet, &format!("p{i}"))?;
+            inet.run(&["ip", "link", "set", &format!("p{i}"), "master", "br0"])?;
+            h.sh(&format!(
+                "ip addr add 10.{i}.0.2/24 dev eth0 && ip route add default via 10.{i}.0.1"
+            ))?;
+            g.sh(&format!(
+                "ip addr add 10.{i}.0.1/24 dev lan0 && ip addr add 192.0.2.{i}/24 dev wan0"
+            ))?;
+            g.sysctl("net.ipv4.ip_forward", "1")?;
+            hosts.push(h);
+            gws.push(g);
+        }
+        Ok(SitesOnABridge { inet, hosts, gws })
+    }
+}
+
 /// A standard WireGuard peer run in a namespace: wireguard-go (Debian's)
 /// or boringtun-cli, on a TUN, configured with `wg` like any wg-quick box.
 pub struct WgPeer {

@@ -385,29 +385,10 @@ fn mesh_of_three_sites() -> Result<()> {
     if !require_root("mesh_of_three_sites") {
         return Ok(());
     }
-    use subway_tests::{veth, wg_keypair};
-    let inet = Netns::new("in")?;
-    inet.sh("ip link add br0 type bridge && ip link set br0 up")?;
-    let mut hosts = Vec::new();
-    let mut gws = Vec::new();
-    let mut keys = Vec::new();
-    for i in 1..=3u8 {
-        let h = Netns::new(&format!("h{i}"))?;
-        let g = Netns::new(&format!("g{i}"))?;
-        veth(&h, "eth0", &g, "lan0")?;
-        veth(&g, "wan0", &inet, &format!("p{i}"))?;
-        inet.run(&["ip", "link", "set", &format!("p{i}"), "master", "br0"])?;
-        h.sh(&format!(
-            "ip addr add 10.{i}.0.2/24 dev eth0 && ip route add default via 10.{i}.0.1"
-        ))?;
-        g.sh(&format!(
-            "ip addr add 10.{i}.0.1/24 dev lan0 && ip addr add 192.0.2.{i}/24 dev wan0"
-        ))?;
-        g.sysctl("net.ipv4.ip_forward", "1")?;
-        hosts.push(h);
-        gws.push(g);
-        keys.push(wg_keypair()?);
-    }
+    use subway_tests::wg_keypair;
+    let sites = subway_tests::SitesOnABridge::new(3)?;
+    let (hosts, gws) = (&sites.hosts, &sites.gws);
+    let keys = (0..3).map(|_| wg_keypair()).collect::<Result<Vec<_>>>()?;
     let mut subways = Vec::new();
     for i in 0..3usize {
         let mut cfg = format!(

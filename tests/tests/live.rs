@@ -222,26 +222,9 @@ fn live_sessions_across_reload_syncconf_and_setconf() -> Result<()> {
     if !require_root("live_sessions_across_reload_syncconf_and_setconf") {
         return Ok(());
     }
-    use subway_tests::{Netns, WgPeer, veth};
-    let inet = Netns::new("in")?;
-    inet.sh("ip link add br0 type bridge && ip link set br0 up")?;
-    let (mut hosts, mut gws) = (Vec::new(), Vec::new());
-    for i in 1..=3u8 {
-        let h = Netns::new(&format!("h{i}"))?;
-        let g = Netns::new(&format!("g{i}"))?;
-        veth(&h, "eth0", &g, "lan0")?;
-        veth(&g, "wan0", &inet, &format!("p{i}"))?;
-        inet.run(&["ip", "link", "set", &format!("p{i}"), "master", "br0"])?;
-        h.sh(&format!(
-            "ip addr add 10.{i}.0.2/24 dev eth0 && ip route add default via 10.{i}.0.1"
-        ))?;
-        g.sh(&format!(
-            "ip addr add 10.{i}.0.1/24 dev lan0 && ip addr add 192.0.2.{i}/24 dev wan0"
-        ))?;
-        g.sysctl("net.ipv4.ip_forward", "1")?;
-        hosts.push(h);
-        gws.push(g);
-    }
+    use subway_tests::WgPeer;
+    let sites = subway_tests::SitesOnABridge::new(3)?;
+    let (hosts, gws) = (&sites.hosts, &sites.gws);
     let (ka, kb, kc) = (wg_keypair()?, wg_keypair()?, wg_keypair()?);
     let _b = WgPeer::start(
         "wireguard-go",
