@@ -19,7 +19,7 @@ use std::hint::black_box;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use subway_bench::ceiling::keys;
-use subway_dataplane::wg::session::{Session, TxPacket};
+use subway_dataplane::wg::session::Session;
 
 const SIZES: [usize; 3] = [64, 512, 1420];
 const BATCH: usize = 64;
@@ -64,17 +64,12 @@ fn seal(c: &mut Criterion) {
         let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; Session::message_len(size)]).collect();
         g.bench_with_input(BenchmarkId::new("subway", size), &size, |b, _| {
             b.iter(|| {
-                let mut pkts: Vec<TxPacket> = bufs
-                    .iter_mut()
-                    .map(|buf| {
-                        buf[16..16 + size].copy_from_slice(&plain);
-                        TxPacket {
-                            buf: &mut buf[..],
-                            len: size,
-                        }
-                    })
-                    .collect();
-                black_box(session.seal_batch(&mut pkts).unwrap());
+                // The worker's batch: one counter reservation, then a seal each.
+                let first = session.reserve(BATCH as u64).unwrap();
+                for (i, buf) in bufs.iter_mut().enumerate() {
+                    buf[16..16 + size].copy_from_slice(&plain);
+                    black_box(session.seal(first + i as u64, buf, size).unwrap());
+                }
             })
         });
         let (mut a, _) = tunn_pair();
@@ -169,17 +164,11 @@ fn seal_2threads(c: &mut Criterion) {
                             let mut bufs: Vec<Vec<u8>> =
                                 (0..BATCH).map(|_| vec![0u8; Session::message_len(size)]).collect();
                             for _ in 0..iters {
-                                let mut pkts: Vec<TxPacket> = bufs
-                                    .iter_mut()
-                                    .map(|buf| {
-                                        buf[16..16 + size].copy_from_slice(plain);
-                                        TxPacket {
-                                            buf: &mut buf[..],
-                                            len: size,
-                                        }
-                                    })
-                                    .collect();
-                                black_box(session.seal_batch(&mut pkts).unwrap());
+                                let first = session.reserve(BATCH as u64).unwrap();
+                                for (i, buf) in bufs.iter_mut().enumerate() {
+                                    buf[16..16 + size].copy_from_slice(plain);
+                                    black_box(session.seal(first + i as u64, buf, size).unwrap());
+                                }
                             }
                         });
                     }

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use subway_dataplane::{Dataplane, DataplaneConfig, LanConfig, PeerRoutes, stats::Counter, worker::XskStats};
+use subway_dataplane::{Dataplane, DataplaneConfig, LanConfig, PeerRoutes, stats::Counter, xsk::XskStats};
 
 /// subway: a site-to-site WireGuard gateway whose packet path runs in
 /// userspace on AF_XDP.

@@ -3,8 +3,8 @@
 //! live change did.
 
 use crate::fib::VnetId;
-use crate::worker::XskOptions;
 use crate::xdp::XdpAttach;
+use crate::xsk::XskOptions;
 use ipnet::IpNet;
 
 /// A LAN interface to serve.

@@ -144,6 +144,46 @@ impl Fib {
     }
 }
 
+/// Cryptokey routing, written once: which peer's AllowedIPs own an
+/// address, by longest prefix within a VNET, over peers only (LAN routes
+/// play no part, as in every WireGuard). The workers check a decrypted
+/// packet's source with it (published in the tables) and the WireGuard
+/// device checks the packets it opens itself with its own copy.
+#[derive(Clone, Debug, Default)]
+pub struct AllowedIps(Fib);
+
+impl AllowedIps {
+    /// From each peer's (id, VNET, AllowedIPs). When two peers list the
+    /// same prefix, the later one owns it (`wg set` moves a prefix to the
+    /// peer it is given to last).
+    pub fn new<'a>(peers: impl IntoIterator<Item = (u32, VnetId, &'a [IpNet])>) -> AllowedIps {
+        let peers: Vec<_> = peers.into_iter().collect();
+        let mut fib = Fib::new();
+        for (id, vnet, nets) in peers.into_iter().rev() {
+            for n in nets {
+                // A duplicate is owned by a later peer already.
+                let _ = fib.insert(vnet, *n, Target::Peer(id));
+            }
+        }
+        AllowedIps(fib)
+    }
+
+    /// The peer owning `ip` in `vnet`.
+    #[inline]
+    pub fn owner(&self, vnet: VnetId, ip: IpAddr) -> Option<u32> {
+        match self.0.lookup(vnet, ip)? {
+            (_, Target::Peer(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// May a packet from `src` arrive through `peer`?
+    #[inline]
+    pub fn allows(&self, vnet: VnetId, src: IpAddr, peer: u32) -> bool {
+        self.owner(vnet, src) == Some(peer)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -158,6 +198,23 @@ mod tests {
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn allowed_ips_own_sources_by_longest_prefix_per_vnet_and_the_later_peer_wins_a_duplicate() {
+        let a = [net("10.1.0.0/16"), net("fd01::/48")];
+        let b = [net("10.1.2.0/24")];
+        let c = [net("10.1.2.0/24")];
+        let allowed = AllowedIps::new([(0, 0, &a[..]), (1, 0, &b[..]), (2, 1, &a[..])]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(allowed.owner(0, ip("10.1.9.9")), Some(0));
+        assert_eq!(allowed.owner(0, ip("10.1.2.9")), Some(1));
+        assert_eq!(allowed.owner(0, ip("fd01::1")), Some(0));
+        assert_eq!(allowed.owner(1, ip("10.1.2.9")), Some(2), "VNETs are separate");
+        assert_eq!(allowed.owner(0, ip("10.2.0.1")), None);
+        assert!(allowed.allows(0, ip("10.1.2.9"), 1) && !allowed.allows(0, ip("10.1.2.9"), 0));
+        let dup = AllowedIps::new([(0, 0, &b[..]), (1, 0, &c[..])]);
+        assert_eq!(dup.owner(0, ip("10.1.2.1")), Some(1));
     }
 
     #[test]

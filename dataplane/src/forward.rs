@@ -37,7 +37,7 @@ pub fn route_frame(frame: &mut [u8], ingress: u16, t: &Tables) -> Verdict {
     let tagged = eth.vlan_count() > 0;
     let vnet = in_port.vnet;
 
-    let (dst, v6, ip_len) = match ethertype {
+    let (dst, ip_len) = match ethertype {
         EtherType::IPV4 => {
             let ip = match Ipv4Packet::new_checked(&frame[l3..]) {
                 Ok(p) => p,
@@ -52,7 +52,7 @@ pub fn route_frame(frame: &mut [u8], ingress: u16, t: &Tables) -> Verdict {
             if ip.ttl() <= 1 {
                 return Verdict::SlowPath(l3, Counter::SlowTtlExpired);
             }
-            (IpAddr::V4(ip.dst()), false, ip.total_len())
+            (IpAddr::V4(ip.dst()), ip.total_len())
         }
         EtherType::IPV6 => {
             let ip = match Ipv6Packet::new_checked(&frame[l3..]) {
@@ -65,7 +65,7 @@ pub fn route_frame(frame: &mut [u8], ingress: u16, t: &Tables) -> Verdict {
             if ip.hop_limit() <= 1 {
                 return Verdict::SlowPath(l3, Counter::SlowTtlExpired);
             }
-            (IpAddr::V6(ip.dst()), true, ip.total_len())
+            (IpAddr::V6(ip.dst()), ip.total_len())
         }
         _ => return Verdict::Drop(Counter::DropNotIp),
     };
@@ -94,13 +94,7 @@ pub fn route_frame(frame: &mut [u8], ingress: u16, t: &Tables) -> Verdict {
     // Commit: nothing below can fail, the headers were validated above.
     frame[0..6].copy_from_slice(&mac.0);
     frame[6..12].copy_from_slice(&out_port.mac.0);
-    if v6 {
-        if let Ok(mut ip) = Ipv6Packet::new_checked(&mut frame[l3..]) {
-            ip.decrement_hop_limit();
-        }
-    } else if let Ok(mut ip) = Ipv4Packet::new_checked(&mut frame[l3..]) {
-        ip.decrement_ttl();
-    }
+    crate::wire::ip::decrement_ttl(&mut frame[l3..]);
     Verdict::Tx(out)
 }
 
@@ -131,6 +125,7 @@ mod tests {
         }
         Tables {
             fib: fib.into(),
+            allowed: Default::default(),
             neigh,
             ports: vec![
                 Port {

@@ -11,9 +11,12 @@
 //! - [`host`]: changes to the kernel's configuration and their undo
 //!   (routes to the TUN, forwarding sysctls, VNET isolation), kept apart
 //!   from [`failsafe`], the nftables table that outlives the process.
-//! - [`xdp`]: the XDP program's loader and maps; [`worker`]: the per-queue
-//!   AF_XDP loop; [`forward`] and [`tunnel`]: the per-frame decisions;
-//!   [`fib`], [`tables`]: what the workers look up; [`slowpath`] and
+//! - [`xdp`]: the XDP program's loader and maps; [`xsk`]: a worker's
+//!   AF_XDP sockets, UMEM and rings; [`worker`]: the per-queue loop;
+//!   [`forward`]: LAN-to-LAN decisions; [`tunnel`]: the tunnel's framing,
+//!   its send ([`tunnel::tx`]) and receive ([`tunnel::rx`]) batch paths;
+//!   [`fib`], [`tables`]: what the workers look up (routes, cryptokey
+//!   routing's [`fib::AllowedIps`], neighbours, peers); [`slowpath`] and
 //!   [`punt`]: what the fast path hands on; [`netlink`]: the kernel's
 //!   routes, neighbours and addresses; [`stats`]: counters by name;
 //!   [`wg`]: the WireGuard engine (sans-IO); [`wire`]: packet views.
@@ -37,6 +40,7 @@ pub mod wg;
 pub mod wire;
 pub mod worker;
 pub mod xdp;
+pub mod xsk;
 
 pub use config::{DataplaneConfig, LanConfig, PeerRoutes, RouteChanges, UPLINK_VNET};
 pub use error::{Error, Result};
@@ -44,5 +48,6 @@ pub use host::tun_name;
 pub use lifecycle::{Dataplane, WorkerHandle};
 pub use plan::{fence_for_config, fib_from};
 pub use subway_common::MAX_QUEUES;
-pub use worker::{BindMode, WorkerInfo, XskOptions};
+pub use worker::WorkerInfo;
 pub use xdp::XdpAttach;
+pub use xsk::{BindMode, XskOptions};

@@ -8,12 +8,13 @@ use crate::error::{Error, Result};
 use crate::fib::{Target, VnetId};
 use crate::host::{KernelUndo, kernel_routes, tun_name, tun_sysctls};
 use crate::netlink::{self, Neighbour, Netlink};
-use crate::plan::{build_fib, peer_rts, steer};
+use crate::plan::{allowed_ips, build_fib, peer_rts, steer};
 use crate::slowpath::SlowPath;
 use crate::stats::WorkerStats;
 use crate::tables::{self, NeighTable, Port, SharedTables, Tables};
-use crate::worker::{self, Worker, WorkerInfo};
+use crate::worker::{Worker, WorkerInfo};
 use crate::xdp::XdpSteering;
+use crate::xsk;
 use crate::{failsafe, punt, tunnel};
 use ipnet::IpNet;
 use std::sync::Arc;
@@ -33,13 +34,13 @@ pub struct WorkerHandle {
 
 impl WorkerHandle {
     /// The kernel's AF_XDP counters of each of this worker's sockets.
-    pub fn xsk_stats(&self) -> Vec<(String, worker::XskStats)> {
+    pub fn xsk_stats(&self) -> Vec<(String, xsk::XskStats)> {
         if self.thread.is_none() {
             return Vec::new();
         }
         self.sockets
             .iter()
-            .map(|(n, fd)| (n.clone(), worker::XskStats::read(*fd).unwrap_or_default()))
+            .map(|(n, fd)| (n.clone(), xsk::XskStats::read(*fd).unwrap_or_default()))
             .collect()
     }
 }
@@ -192,6 +193,7 @@ impl Dataplane {
         let neigh = read_neighbours(&mut netlink, &ports, &mut neigh_scratch)?;
         let tables = tables::shared(Tables {
             fib: Arc::new(fib.clone()),
+            allowed: Arc::new(allowed_ips(&cfg.peers)),
             neigh,
             ports: ports.clone(),
             peers: peer_rts(&[], &cfg.peers, &[]),
@@ -500,8 +502,10 @@ impl Dataplane {
         self.undo.fence = fence;
         self.undo.fail_open = cfg.fail_open;
         let peers = peer_rts(&cur.peers, &cfg.peers, fresh);
+        let allowed = Arc::new(allowed_ips(&cfg.peers));
         self.publish(|t| {
             t.fib = Arc::new(fib.clone());
+            t.allowed = allowed;
             t.peers = peers;
         });
         // After the switch nothing may fail the change: what is gone is

@@ -78,6 +78,11 @@ pub fn fib_from(
     Ok(fib)
 }
 
+/// Cryptokey routing's table for the workers: the peers' AllowedIPs.
+pub fn allowed_ips(peers: &[PeerRoutes]) -> crate::fib::AllowedIps {
+    crate::fib::AllowedIps::new(peers.iter().map(|p| (p.id, p.vnet, &p.allowed_ips[..])))
+}
+
 /// The fail-safe table for `cfg` as far as the config alone tells (at
 /// boot, before subway starts: `subway fence`). LANs without `Subnets`
 /// contribute no holes, so a LAN prefix inside a peer's prefix is refused

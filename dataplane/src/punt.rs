@@ -57,7 +57,7 @@ pub enum IcmpError {
 /// TooBig (it could be fragmented; it is dropped), or `from` is of the
 /// other family.
 pub fn icmp_error(orig: &[u8], kind: IcmpError, from: IpAddr) -> Option<Vec<u8>> {
-    match (orig.first()? >> 4, from) {
+    match (crate::wire::ip::version(orig)?, from) {
         (4, IpAddr::V4(from)) => {
             let ip = Ipv4Packet::new_checked(orig).ok()?;
             let src = ip.src();
@@ -334,7 +334,7 @@ impl PuntServer {
     /// Sends an IP packet in an Ethernet frame on `ifindex` (its hop was
     /// counted when it was taken in: [`forward_hop`]).
     fn send(&mut self, ifindex: u32, dst: [u8; 6], src: [u8; 6], packet: Vec<u8>) -> std::io::Result<()> {
-        let ethertype: u16 = if packet.first().is_some_and(|b| b >> 4 == 6) {
+        let ethertype: u16 = if crate::wire::ip::version(&packet) == Some(6) {
             0x86dd
         } else {
             0x0800
@@ -383,22 +383,12 @@ impl PuntServer {
 /// TTL or hop limit would reach zero (it is answered with time exceeded),
 /// else true with the TTL decremented (and the IPv4 checksum updated).
 fn forward_hop(packet: &mut [u8]) -> bool {
-    if packet.first().is_some_and(|b| b >> 4 == 6) {
-        match Ipv6Packet::new_checked(&mut packet[..]) {
-            Ok(mut ip) if ip.hop_limit() > 1 => {
-                ip.decrement_hop_limit();
-                true
-            }
-            _ => false,
+    match crate::wire::IpPacket::new_checked(packet) {
+        Ok(mut ip) if ip.ttl() > 1 => {
+            ip.decrement_ttl();
+            true
         }
-    } else {
-        match Ipv4Packet::new_checked(&mut packet[..]) {
-            Ok(mut ip) if ip.ttl() > 1 => {
-                ip.decrement_ttl();
-                true
-            }
-            _ => false,
-        }
+        _ => false,
     }
 }
 

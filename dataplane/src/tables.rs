@@ -121,6 +121,8 @@ impl std::fmt::Debug for PeerRt {
 #[derive(Clone, Debug, Default)]
 pub struct Tables {
     pub fib: Arc<Fib>,
+    /// Cryptokey routing: the peers' AllowedIPs only.
+    pub allowed: Arc<crate::fib::AllowedIps>,
     pub neigh: NeighTable,
     pub ports: Vec<Port>,
     /// WireGuard peers, by peer id.

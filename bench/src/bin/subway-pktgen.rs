@@ -180,7 +180,7 @@ fn main() -> Result<()> {
         .comp_queue_size(ring)
         .build()?;
     let (umem, mut descs) = Umem::new(ucfg, NonZeroU32::new(frames).unwrap(), false).context("creating the UMEM")?;
-    let zc = subway_dataplane::worker::probe_zero_copy(&a.iface, a.queue, &Default::default());
+    let zc = subway_dataplane::xsk::probe_zero_copy(&a.iface, a.queue, &Default::default());
     let scfg = SocketConfig::builder()
         .rx_queue_size(ring)
         .tx_queue_size(ring)

@@ -12,6 +12,7 @@ use super::noise::{self, public_key};
 use super::peer::{MAX_QUEUED, Peer, PeerConfig};
 use super::session::Session;
 use super::{MAX_TIMER_HANDSHAKES, Now, REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX, WgError, random_u32};
+use crate::fib::AllowedIps;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -60,23 +61,14 @@ pub struct Device {
     index: HashMap<u32, IndexEntry>,
     /// REKEY_AFTER_TIME, shortened only by tests (see `set_rekey_after`).
     rekey_after: Duration,
+    /// Cryptokey routing over the peers' AllowedIPs.
+    allowed: AllowedIps,
 }
 
 /// The source address of an inner IP packet and its length.
 fn inner_source(p: &[u8]) -> Option<(IpAddr, usize)> {
-    match p.first()? >> 4 {
-        4 if p.len() >= 20 => {
-            let len = u16::from_be_bytes([p[2], p[3]]) as usize;
-            let src = IpAddr::from([p[12], p[13], p[14], p[15]]);
-            (len >= 20 && len <= p.len()).then_some((src, len))
-        }
-        6 if p.len() >= 40 => {
-            let len = 40 + u16::from_be_bytes([p[4], p[5]]) as usize;
-            let src: [u8; 16] = p[8..24].try_into().ok()?;
-            (len <= p.len()).then_some((IpAddr::from(src), len))
-        }
-        _ => None,
-    }
+    let ip = crate::wire::IpPacket::new_checked(p).ok()?;
+    Some((ip.src(), ip.total_len()))
 }
 
 fn jitter() -> Duration {
@@ -96,6 +88,7 @@ impl Device {
             by_key: HashMap::new(),
             index: HashMap::new(),
             rekey_after: super::REKEY_AFTER_TIME,
+            allowed: AllowedIps::default(),
         }
     }
 
@@ -122,6 +115,7 @@ impl Device {
         peer.want_handshake = cfg.endpoint.is_some();
         self.peers.push(peer);
         self.by_key.insert(cfg.public_key, id);
+        self.reindex_allowed();
         Some(id)
     }
 
@@ -147,6 +141,7 @@ impl Device {
         gone.removed = true;
         *p = gone;
         self.forget(idx);
+        self.reindex_allowed();
         true
     }
 
@@ -176,6 +171,7 @@ impl Device {
             p.timers.persistent_interval = interval;
             p.timers.persistent_keepalive = None;
         }
+        self.reindex_allowed();
         true
     }
 
@@ -476,19 +472,20 @@ impl Device {
     }
 
     /// The peer of VNET `vnet` whose AllowedIPs hold the longest prefix
-    /// matching `ip`.
+    /// matching `ip` (cryptokey routing: [`AllowedIps`]).
     pub fn owner_of(&self, ip: IpAddr, vnet: u32) -> Option<u32> {
-        self.peers
-            .iter()
-            .filter(|p| p.vnet == vnet && !p.removed)
-            .flat_map(|p| {
-                p.allowed_ips
-                    .iter()
-                    .filter(|n| n.contains(&ip))
-                    .map(move |n| (n.prefix_len(), p.id))
-            })
-            .max_by_key(|(len, _)| *len)
-            .map(|(_, id)| id)
+        self.allowed.owner(vnet, ip)
+    }
+
+    /// Rebuilds the AllowedIPs table after a peer was added, changed or
+    /// removed (control-thread work, never per packet).
+    fn reindex_allowed(&mut self) {
+        self.allowed = AllowedIps::new(
+            self.peers
+                .iter()
+                .filter(|p| !p.removed)
+                .map(|p| (p.id, p.vnet, &p.allowed_ips[..])),
+        );
     }
 
     /// Encrypts `packet` (empty: a keepalive) for `peer`. Without a usable

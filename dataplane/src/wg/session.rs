@@ -80,15 +80,6 @@ impl std::fmt::Debug for Session {
     }
 }
 
-/// A packet buffer for batch encryption: the WireGuard message is built at
-/// `buf[..]`: header in `buf[..16]`, plaintext at `buf[16..16 + len]`, and
-/// room after it for padding and the tag.
-pub struct TxPacket<'a> {
-    pub buf: &'a mut [u8],
-    /// In: plaintext length. Out: message length.
-    pub len: usize,
-}
-
 impl Session {
     pub fn new(keys: &SessionKeys, peer: u32, born: Duration) -> Session {
         Session {
@@ -163,20 +154,6 @@ impl Session {
         Ok(total)
     }
 
-    /// Seals a batch with one counter reservation. Returns how many were
-    /// sealed (all, unless a buffer is too small: that one and the rest
-    /// keep their plaintext and `len`).
-    pub fn seal_batch(&self, pkts: &mut [TxPacket<'_>]) -> Result<usize, WgError> {
-        let first = self.reserve(pkts.len() as u64)?;
-        for (i, p) in pkts.iter_mut().enumerate() {
-            match self.seal(first + i as u64, p.buf, p.len) {
-                Ok(n) => p.len = n,
-                Err(_) => return Ok(i),
-            }
-        }
-        Ok(pkts.len())
-    }
-
     /// Opens a data message in place (`msg` is the whole message). Returns
     /// the padded plaintext (the inner packet's own length field says how
     /// much of it is packet). Checks the replay window after authenticating.
@@ -205,16 +182,6 @@ impl Session {
             self.confirmed.store(true, Ordering::Relaxed);
         }
         Ok(&mut msg[DATA_HEADER_LEN..DATA_HEADER_LEN + plain_len])
-    }
-}
-
-impl Session {
-    /// Opens a batch of data messages for this session in place; each
-    /// result is the padded plaintext length or why it was refused.
-    pub fn open_batch(&self, msgs: &mut [&mut [u8]], now: Duration, results: &mut [Result<usize, WgError>]) {
-        for (m, r) in msgs.iter_mut().zip(results.iter_mut()) {
-            *r = self.open(m, now).map(|p| p.len());
-        }
     }
 }
 
@@ -293,18 +260,22 @@ mod tests {
     }
 
     #[test]
-    fn batch_open_reports_each_packet() {
+    fn each_message_opens_once_and_tampering_is_refused() {
         let (a, b) = pair();
         let mut bufs: Vec<Vec<u8>> = (0..4).map(|_| vec![0u8; Session::message_len(10)]).collect();
+        let first = a.reserve(4).unwrap();
+        assert_eq!((first, a.sent()), (0, 4), "one reservation for the batch");
         for (i, buf) in bufs.iter_mut().enumerate() {
-            a.seal(i as u64, buf, 10).unwrap();
+            a.seal(first + i as u64, buf, 10).unwrap();
+            assert_eq!(u64::from_le_bytes(buf[8..16].try_into().unwrap()), i as u64);
         }
         bufs[2][20] ^= 1;
         let dup = bufs[0].clone();
         bufs.push(dup);
-        let mut msgs: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
-        let mut res = vec![Ok(0); msgs.len()];
-        b.open_batch(&mut msgs, Duration::ZERO, &mut res);
+        let res: Vec<_> = bufs
+            .iter_mut()
+            .map(|m| b.open(m, Duration::ZERO).map(|p| p.len()))
+            .collect();
         assert_eq!(
             res,
             vec![
@@ -315,25 +286,6 @@ mod tests {
                 Err(WgError::Replayed)
             ]
         );
-    }
-
-    #[test]
-    fn batch_reserves_consecutive_counters() {
-        let (a, b) = pair();
-        let mut bufs: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; Session::message_len(64)]).collect();
-        let mut pkts: Vec<TxPacket> = bufs
-            .iter_mut()
-            .map(|b| TxPacket {
-                buf: &mut b[..],
-                len: 64,
-            })
-            .collect();
-        assert_eq!(a.seal_batch(&mut pkts).unwrap(), 8);
-        assert_eq!(a.sent(), 8);
-        for (i, buf) in bufs.iter_mut().enumerate() {
-            assert_eq!(u64::from_le_bytes(buf[8..16].try_into().unwrap()), i as u64);
-            assert!(b.open(buf, Duration::ZERO).is_ok());
-        }
     }
 
     #[test]

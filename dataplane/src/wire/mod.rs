@@ -7,12 +7,14 @@
 pub mod checksum;
 pub mod ethernet;
 pub mod icmp;
+pub mod ip;
 pub mod ipv4;
 pub mod ipv6;
 pub mod udp;
 
 pub use ethernet::{EtherType, EthernetFrame, MacAddr};
 pub use icmp::IcmpPacket;
+pub use ip::IpPacket;
 pub use ipv4::Ipv4Packet;
 pub use ipv6::Ipv6Packet;
 pub use udp::UdpPacket;

@@ -1,13 +1,20 @@
-//! Tunnel framing, in place in one frame buffer: a LAN frame becomes a
-//! WireGuard datagram to a peer (outer Ethernet, IPv4 or IPv6, UDP, then
-//! the sealed message), and a datagram from the uplink becomes a LAN frame.
-//! The inner packet moves once (a memmove of its bytes) and is sealed or
-//! opened where it lands.
+//! The tunnel: LAN packets to WireGuard datagrams and back, in place in
+//! one frame buffer. This file is the framing both directions share (outer
+//! Ethernet, IPv4 or IPv6, UDP around the sealed message; the inner packet
+//! moves once, a memmove of its bytes, and is sealed or opened where it
+//! lands; the MSS clamp). The two directions have a file each, as kernel
+//! WireGuard's send.c and receive.c: [`tx`] seals a peer's run of frames
+//! from a batch, [`rx`] opens a datagram and routes its inner packet.
+
+pub mod rx;
+pub mod tx;
 
 use crate::wg::WgError;
 use crate::wg::messages::DATA_HEADER_LEN;
 use crate::wg::session::Session;
-use crate::wire::{EtherType, EthernetFrame, Ipv4Packet, Ipv6Packet, MacAddr, UdpPacket, ethernet, ipv4, ipv6, udp};
+use crate::wire::{
+    EtherType, EthernetFrame, IpPacket, Ipv4Packet, Ipv6Packet, MacAddr, UdpPacket, ethernet, ip, ipv4, ipv6, udp,
+};
 use std::net::{IpAddr, SocketAddr};
 
 /// Outer headers before the WireGuard message.
@@ -137,27 +144,13 @@ pub struct Inner {
 
 /// Validates a decrypted inner packet (the padded plaintext).
 pub fn parse_inner(p: &[u8]) -> Option<Inner> {
-    match p.first()? >> 4 {
-        4 => {
-            let ip = Ipv4Packet::new_checked(p).ok()?;
-            Some(Inner {
-                src: ip.src().into(),
-                dst: ip.dst().into(),
-                len: ip.total_len(),
-                ttl: ip.ttl(),
-            })
-        }
-        6 => {
-            let ip = Ipv6Packet::new_checked(p).ok()?;
-            Some(Inner {
-                src: ip.src().into(),
-                dst: ip.dst().into(),
-                len: ip.total_len(),
-                ttl: ip.hop_limit(),
-            })
-        }
-        _ => None,
-    }
+    let ip = IpPacket::new_checked(p).ok()?;
+    Some(Inner {
+        src: ip.src(),
+        dst: ip.dst(),
+        len: ip.total_len(),
+        ttl: ip.ttl(),
+    })
 }
 
 /// Moves the inner packet at `buf[start..start + len]` to just after a new
@@ -165,20 +158,14 @@ pub fn parse_inner(p: &[u8]) -> Option<Inner> {
 /// length.
 pub fn to_lan_frame(buf: &mut [u8], start: usize, len: usize, dst_mac: MacAddr, src_mac: MacAddr) -> usize {
     buf.copy_within(start..start + len, 14);
-    let v6 = buf[14] >> 4 == 6;
+    let v6 = ip::version(&buf[14..]) == Some(6);
     ethernet::emit(
         buf,
         dst_mac,
         src_mac,
         if v6 { EtherType::IPV6 } else { EtherType::IPV4 },
     );
-    if v6 {
-        if let Ok(mut ip) = Ipv6Packet::new_checked(&mut buf[14..14 + len]) {
-            ip.decrement_hop_limit();
-        }
-    } else if let Ok(mut ip) = Ipv4Packet::new_checked(&mut buf[14..14 + len]) {
-        ip.decrement_ttl();
-    }
+    ip::decrement_ttl(&mut buf[14..14 + len]);
     14 + len
 }
 
@@ -291,7 +278,7 @@ pub const TUNNEL_OVERHEAD: u32 = 80;
 /// that segments fit a tunnel of `tunnel_mtu`, patching the checksum.
 /// Returns whether it changed anything.
 pub fn clamp_mss(ip: &mut [u8], tunnel_mtu: u32) -> bool {
-    let (l4, ip_hdr) = match ip.first().map(|b| b >> 4) {
+    let (l4, ip_hdr) = match ip::version(ip) {
         Some(4) if ip.len() >= 20 => {
             let frag = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
             if ip[9] != 6 || frag != 0 {
@@ -385,5 +372,170 @@ mod mss_tests {
         junk[9] = 6;
         junk[0] = 0x45;
         let _ = clamp_mss(&mut junk, 1420);
+    }
+}
+
+/// A tunnel between us and one peer, with both ends' sessions, and the
+/// tables a worker would see: what the rx and tx tests run on.
+#[cfg(test)]
+pub(crate) mod fixture {
+    use super::*;
+    use crate::fib::{AllowedIps, Fib, Target};
+    use crate::tables::{NeighTable, PeerRt, PeerStats, Port, Tables};
+    use crate::wg::noise::SessionKeys;
+    use ipnet::IpNet;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A host on our LAN (port 1), and one behind the peer.
+    pub const LAN_HOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 0, 2));
+    pub const FAR: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 2, 0, 2));
+    pub const LAN_HOST_V6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 2));
+    pub const FAR_V6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0xfd02, 0, 0, 0, 0, 0, 0, 2));
+    pub const HOST_MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x22]);
+    pub const LAN_MAC: MacAddr = MacAddr([2, 0, 0, 0, 1, 1]);
+    pub const UPLINK_MAC: MacAddr = MacAddr([2, 0, 0, 0, 1, 0]);
+    pub const FAR_MAC: MacAddr = MacAddr([2, 0, 0, 0, 2, 0]);
+
+    pub struct Fixture {
+        /// Our session with the peer (receiver index 5).
+        pub ours: Arc<Session>,
+        /// The peer's end of it.
+        pub theirs: Session,
+        /// Our path to the peer.
+        pub path: OuterPath,
+        pub session_known: bool,
+        pub path_known: bool,
+        pub lan_mtu: u32,
+        stats: Arc<PeerStats>,
+    }
+
+    impl Fixture {
+        pub fn new() -> Fixture {
+            let k = |i: bool| SessionKeys {
+                send: if i { [1; 32] } else { [2; 32] }.into(),
+                recv: if i { [2; 32] } else { [1; 32] }.into(),
+                local_index: if i { 5 } else { 6 },
+                remote_index: if i { 6 } else { 5 },
+                initiator: i,
+            };
+            Fixture {
+                ours: Arc::new(Session::new(&k(true), 0, Duration::ZERO)),
+                theirs: Session::new(&k(false), 0, Duration::ZERO),
+                path: OuterPath {
+                    src_mac: UPLINK_MAC,
+                    dst_mac: FAR_MAC,
+                    src: "192.0.2.1:51820".parse().unwrap(),
+                    dst: "192.0.2.2:51820".parse().unwrap(),
+                },
+                session_known: true,
+                path_known: true,
+                lan_mtu: 1500,
+                stats: Default::default(),
+            }
+        }
+
+        pub fn peer_stats(&self) -> &PeerStats {
+            &self.stats
+        }
+
+        /// The workers' snapshot: port 0 is the uplink, port 1 the LAN
+        /// (10.1.0.0/24, fd01::/64, the gateway at .1); peer 0 owns
+        /// 10.2.0.0/24 and fd02::/64.
+        pub fn tables(&self) -> Tables {
+            let mut fib = Fib::new();
+            let lan = [("10.1.0.0/24", Target::Port(1)), ("fd01::/64", Target::Port(1))];
+            let peer: [IpNet; 2] = ["10.2.0.0/24".parse().unwrap(), "fd02::/64".parse().unwrap()];
+            for (n, t) in lan {
+                fib.insert(0, n.parse().unwrap(), t).unwrap();
+            }
+            for n in peer {
+                fib.insert(0, n, Target::Peer(0)).unwrap();
+            }
+            fib.insert(0, "10.1.0.1/32".parse().unwrap(), Target::Local).unwrap();
+            let mut neigh = NeighTable::default();
+            neigh.insert(20, LAN_HOST, HOST_MAC);
+            neigh.insert(20, LAN_HOST_V6, HOST_MAC);
+            let port = |name: &str, ifindex, mac, vnet, mtu| Port {
+                name: name.into(),
+                ifindex,
+                mac,
+                vnet,
+                mtu,
+            };
+            let mut sessions = crate::fxhash::FxMap::default();
+            sessions.insert(5, self.ours.clone());
+            Tables {
+                fib: Arc::new(fib),
+                allowed: Arc::new(AllowedIps::new([(0, 0, &peer[..])])),
+                neigh,
+                ports: vec![
+                    port("wan0", 10, UPLINK_MAC, crate::config::UPLINK_VNET, 1500),
+                    port("lan0", 20, LAN_MAC, 0, self.lan_mtu),
+                ],
+                peers: vec![PeerRt {
+                    vnet: 0,
+                    session: self.session_known.then(|| self.ours.clone()),
+                    path: self.path_known.then_some(self.path),
+                    stats: self.stats.clone(),
+                }],
+                sessions,
+                uplink: Some(0),
+                listen_port: 51820,
+                uplink_addrs: vec![self.path.src.ip()],
+            }
+        }
+
+        /// A datagram from the peer (from `from`) carrying an IP packet
+        /// (see [`ip_frame`]); `None` as the packet sends a keepalive.
+        pub fn datagram(&self, from: SocketAddr, packet: Option<(IpAddr, IpAddr, u8, usize)>) -> (Vec<u8>, usize) {
+            let mut buf = vec![0u8; 2048];
+            let ip_len = match packet {
+                Some((src, dst, ttl, payload)) => ip_frame(&mut buf, src, dst, ttl, payload, false) - 14,
+                None => 0,
+            };
+            let back = OuterPath {
+                src_mac: FAR_MAC,
+                dst_mac: UPLINK_MAC,
+                src: from,
+                dst: self.path.src,
+            };
+            let counter = self.theirs.reserve(1).unwrap();
+            let n = encapsulate(&mut buf, 14, ip_len, &self.theirs, counter, &back).unwrap();
+            (buf, n)
+        }
+    }
+
+    /// Writes an Ethernet frame with an IP packet from `src` to `dst` at
+    /// the start of `buf`: a TCP SYN with an MSS option of 1460, or UDP
+    /// with `payload` bytes. Returns the frame's length.
+    pub fn ip_frame(buf: &mut [u8], src: IpAddr, dst: IpAddr, ttl: u8, payload: usize, syn: bool) -> usize {
+        let l4_len = if syn { 24 } else { 8 + payload };
+        let (proto, ethertype, l3_len) = (
+            if syn { 6 } else { 17 },
+            src.is_ipv6(),
+            if src.is_ipv6() { 40 } else { 20 },
+        );
+        ethernet::emit(
+            buf,
+            LAN_MAC,
+            HOST_MAC,
+            if ethertype { EtherType::IPV6 } else { EtherType::IPV4 },
+        );
+        match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => ipv4::emit(&mut buf[14..], s, d, proto, ttl, l4_len),
+            (IpAddr::V6(s), IpAddr::V6(d)) => ipv6::emit(&mut buf[14..], s, d, proto, ttl, l4_len),
+            _ => panic!("one family"),
+        }
+        let l4 = 14 + l3_len;
+        buf[l4..l4 + l4_len].fill(0);
+        if syn {
+            buf[l4 + 12] = 6 << 4;
+            buf[l4 + 13] = 0x02;
+            buf[l4 + 20..l4 + 24].copy_from_slice(&[2, 4, 0x05, 0xb4]);
+        } else {
+            buf[l4 + 4..l4 + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        }
+        l4 + l4_len
     }
 }

@@ -1,0 +1,178 @@
+//! The tunnel's send direction (kernel WireGuard's send.c): a LAN packet
+//! routed to a peer becomes a WireGuard datagram on the uplink. The worker
+//! groups a batch's frames by peer; each group is one [`PeerRun`]: one
+//! counter reservation on the session for the whole run (one atomic add),
+//! then per frame the MSS clamp, the router's hop and the seal, in place.
+//! Peer counters get one add per run. Pure logic over frame buffers and a
+//! table snapshot: unit-tested below without sockets.
+
+use super::{OuterPath, TUNNEL_OVERHEAD, clamp_mss, encapsulate};
+use crate::stats::{Counter, Tally};
+use crate::tables::{PeerRt, Tables};
+use crate::wg::session::Session;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// What became of one frame of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sealed {
+    /// A datagram of this many bytes, ready for the uplink.
+    Datagram(usize),
+    /// Too big for the tunnel: the kernel answers it (its route to the
+    /// peer goes through the TUN, whose MTU is the tunnel's: it fragments,
+    /// or answers "fragmentation needed" / "packet too big").
+    ToKernel(Counter),
+    Dropped(Counter),
+}
+
+/// One peer's frames in one batch, with counters reserved for all of them.
+pub struct PeerRun<'t> {
+    rt: &'t PeerRt,
+    session: &'t Session,
+    path: &'t OuterPath,
+    /// The counter of the run's first frame.
+    first: u64,
+    /// Largest inner packet the tunnel carries.
+    tunnel_mtu: u32,
+    packets: u64,
+    bytes: u64,
+}
+
+impl<'t> PeerRun<'t> {
+    /// Starts a run of `n` frames to `peer`. None when the peer cannot be
+    /// sent to from the fast path (no session that may send, no known path
+    /// to its endpoint, no uplink, counters exhausted): the frames go to the
+    /// kernel, whose route sends them to the control thread (counted as
+    /// `slow_no_session`), which queues them and starts a handshake.
+    pub fn begin(t: &'t Tables, peer: u32, n: usize, now: Duration) -> Option<PeerRun<'t>> {
+        let up = t.ports.get(t.uplink? as usize)?;
+        let rt = t.peers.get(peer as usize)?;
+        let session = rt.session.as_deref().filter(|s| s.can_send(now))?;
+        let path = rt.path.as_ref()?;
+        let first = session.reserve(n as u64).ok()?;
+        Some(PeerRun {
+            rt,
+            session,
+            path,
+            first,
+            tunnel_mtu: up.mtu.saturating_sub(TUNNEL_OVERHEAD),
+            packets: 0,
+            bytes: 0,
+        })
+    }
+
+    /// Seals the `k`-th frame of the run: the inner packet is
+    /// `buf[l3..l3 + ip_len]` and `buf` is the frame's whole capacity.
+    #[inline]
+    pub fn seal(&mut self, k: usize, buf: &mut [u8], l3: usize, ip_len: usize, tally: &mut Tally) -> Sealed {
+        if ip_len as u32 > self.tunnel_mtu {
+            return Sealed::ToKernel(Counter::SlowTooBig);
+        }
+        let Some(inner) = buf.get_mut(l3..l3 + ip_len) else {
+            return Sealed::Dropped(Counter::DropTooBigForTunnel);
+        };
+        if clamp_mss(inner, self.tunnel_mtu) {
+            tally.inc(Counter::MssClamped);
+        }
+        crate::wire::ip::decrement_ttl(inner);
+        match encapsulate(buf, l3, ip_len, self.session, self.first + k as u64, self.path) {
+            Ok(n) => {
+                self.packets += 1;
+                self.bytes += ip_len as u64;
+                tally.inc(Counter::TunnelTx);
+                Sealed::Datagram(n)
+            }
+            // The counter is spent; the peer tolerates the gap.
+            Err(_) => Sealed::Dropped(Counter::DropTooBigForTunnel),
+        }
+    }
+
+    /// Adds the run's packets to the peer's counters (shared by the
+    /// workers: one add per run, not per packet).
+    pub fn finish(self) {
+        if self.packets > 0 {
+            self.rt.stats.tx_packets.fetch_add(self.packets, Ordering::Relaxed);
+            self.rt.stats.tx_bytes.fetch_add(self.bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixture::{self, FAR, LAN_HOST, ip_frame};
+    use super::*;
+    use crate::wire::{IpPacket, ip};
+
+    #[test]
+    fn a_run_reserves_once_clamps_counts_a_hop_and_seals_what_the_peer_opens() {
+        let f = fixture::Fixture::new();
+        let t = f.tables();
+        let now = Duration::ZERO;
+        let mut tally = Tally::default();
+        let mut run = PeerRun::begin(&t, 0, 3, now).expect("a session and a path");
+        assert_eq!(f.ours.sent(), 3, "one reservation for the whole run");
+        let mut sealed = Vec::new();
+        for k in 0..3 {
+            let mut buf = vec![0u8; 2048];
+            let len = ip_frame(&mut buf, LAN_HOST, FAR, 64, 100, k == 1);
+            match run.seal(k, &mut buf, 14, len - 14, &mut tally) {
+                Sealed::Datagram(n) => sealed.push((buf, n)),
+                other => panic!("frame {k}: {other:?}"),
+            }
+        }
+        run.finish();
+        assert_eq!(tally.0[Counter::TunnelTx as usize], 3);
+        assert_eq!(tally.0[Counter::MssClamped as usize], 1, "the SYN's MSS was lowered");
+        assert_eq!(f.peer_stats().tx_packets.load(Ordering::Relaxed), 3);
+        for (k, (mut buf, n)) in sealed.into_iter().enumerate() {
+            let r = super::super::parse_outer(&buf[..n]).unwrap();
+            assert_eq!(r.src, f.path.src);
+            let counter = u64::from_le_bytes(buf[r.msg_start + 8..r.msg_start + 16].try_into().unwrap());
+            assert_eq!(counter, k as u64, "consecutive counters");
+            let plain = f.theirs.open(&mut buf[r.msg_start..r.msg_end], now).unwrap();
+            let ip = IpPacket::new_checked(&plain[..]).unwrap();
+            assert_eq!((ip.src(), ip.dst(), ip.ttl()), (LAN_HOST, FAR, 63), "one hop taken");
+            if let IpPacket::V4(v4) = &ip {
+                assert!(v4.verify_checksum());
+            }
+            if k == 1 {
+                let l4 = 20;
+                let mss = u16::from_be_bytes([plain[l4 + 22], plain[l4 + 23]]);
+                assert_eq!(mss, 1500 - 80 - 40, "clamped to the tunnel's MTU");
+            }
+        }
+    }
+
+    #[test]
+    fn too_big_goes_to_the_kernel_and_no_session_or_path_means_no_run() {
+        let mut f = fixture::Fixture::new();
+        let t = f.tables();
+        let mut tally = Tally::default();
+        let mut run = PeerRun::begin(&t, 0, 1, Duration::ZERO).unwrap();
+        let mut buf = vec![0u8; 2048];
+        let len = ip_frame(&mut buf, LAN_HOST, FAR, 64, 1500 - 80 - 20 - 8 + 1, false);
+        assert_eq!(
+            run.seal(0, &mut buf, 14, len - 14, &mut tally),
+            Sealed::ToKernel(Counter::SlowTooBig)
+        );
+        assert!(
+            ip::version(&buf[14..]).is_some(),
+            "the packet is left as it was for the kernel"
+        );
+        assert!(PeerRun::begin(&t, 7, 1, Duration::ZERO).is_none(), "no such peer");
+        f.path_known = false;
+        assert!(PeerRun::begin(&f.tables(), 0, 1, Duration::ZERO).is_none(), "no path");
+        f.path_known = true;
+        f.session_known = false;
+        assert!(
+            PeerRun::begin(&f.tables(), 0, 1, Duration::ZERO).is_none(),
+            "no session"
+        );
+        f.session_known = true;
+        let expired = crate::wg::REJECT_AFTER_TIME;
+        assert!(
+            PeerRun::begin(&f.tables(), 0, 1, expired).is_none(),
+            "an expired session"
+        );
+    }
+}
