@@ -1,8 +1,10 @@
 //! The control socket: a running instance answers requests on
-//! /run/subway/NAME.sock. One request per connection, a line of text in,
-//! JSON out. Used by `subway show` (and by tests and scripts).
+//! /run/subway/NAME.sock. One request per connection, a JSON line in
+//! (protocol.rs), JSON out. Used by `subway show`, `reload` and `route`
+//! (and by scripts).
 
 use crate::local::RequestServer;
+use crate::protocol::Request;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -50,8 +52,20 @@ impl CtlServer {
     }
 }
 
-/// Sends one request to instance `name` and returns the reply.
-pub fn request(name: &str, req: &str) -> std::io::Result<String> {
+/// Sends one request to instance `name` and returns its answer; an
+/// answer that is `{"error": ...}` is an error.
+pub fn ask(name: &str, req: &Request) -> anyhow::Result<serde_json::Value> {
+    let reply = request(name, &req.to_line())?;
+    let v: serde_json::Value =
+        serde_json::from_str(&reply).map_err(|e| anyhow::anyhow!("instance {name} sent invalid JSON ({e})"))?;
+    if let Some(e) = v.get("error") {
+        anyhow::bail!("{}", e.as_str().unwrap_or("error"));
+    }
+    Ok(v)
+}
+
+/// Sends one request line to instance `name` and returns the reply.
+fn request(name: &str, req: &str) -> std::io::Result<String> {
     let path = socket_path(name);
     let mut s = UnixStream::connect(&path).map_err(|e| {
         std::io::Error::new(

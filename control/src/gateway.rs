@@ -10,8 +10,8 @@
 //! when the fast path is down.
 
 use crate::config::{Config, PeerSection};
+use crate::status::PeerStatus;
 use anyhow::{Context, Result};
-use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -320,39 +320,39 @@ impl Gateway {
     }
 
     /// Peers for `subway show`, in the configuration's order.
-    pub fn peers_json(&self, cfg: &Config, dp: &Dataplane) -> Value {
+    /// Each configured peer as `subway show` and `wg show` report it.
+    pub fn peers_status(&self, cfg: &Config, dp: &Dataplane) -> Vec<PeerStatus> {
         let now = Now::system();
         let t = dp.tables();
-        let peers: Vec<Value> = cfg
-            .peers
+        cfg.peers
             .iter()
             .filter_map(|c| Some((c.id as usize, c, self.dev.peer(c.id).filter(|p| !p.removed)?)))
             .map(|(i, c, p)| {
-                let st = t.peers.get(i).map(|r| r.stats.clone());
+                let rt = t.peers.get(i);
                 let ld = |f: fn(&subway_dataplane::tables::PeerStats) -> &std::sync::atomic::AtomicU64| {
-                    st.as_ref().map(|s| f(s).load(Ordering::Relaxed)).unwrap_or(0)
+                    rt.map_or(0, |r| f(&r.stats).load(Ordering::Relaxed))
                 };
-                json!({
-                    "public_key": c.public_key.to_base64(),
-                    "id": i,
-                    "vnet": c.vnet,
-                    "preshared_key": c.preshared_key.is_some(),
-                    "persistent_keepalive": c.persistent_keepalive,
-                    "endpoint": p.endpoint.map(|e| e.to_string()),
-                    "allowed_ips": p.allowed_ips.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
-                    "latest_handshake_secs_ago": p.last_handshake.map(|h| now.mono.saturating_sub(h.mono).as_secs()),
-                    "session": p.send_session(now.mono).map(|s| s.local_index),
-                    "session_initiator": p.send_session(now.mono).map(|s| s.initiator),
-                    "handshakes": p.handshakes,
-                    "fast_path": t.peers.get(i).is_some_and(|r| r.session.is_some() && r.path.is_some()),
-                    "rx_packets": ld(|s| &s.rx_packets) + p.rx_packets,
-                    "rx_bytes": ld(|s| &s.rx_bytes) + p.rx_bytes,
-                    "tx_packets": ld(|s| &s.tx_packets) + p.tx_packets,
-                    "tx_bytes": ld(|s| &s.tx_bytes) + p.tx_bytes,
-                })
+                let session = p.send_session(now.mono);
+                PeerStatus {
+                    public_key: c.public_key.to_base64(),
+                    id: i,
+                    vnet: c.vnet.clone(),
+                    preshared_key: c.preshared_key.is_some(),
+                    persistent_keepalive: c.persistent_keepalive,
+                    endpoint: p.endpoint.map(|e| e.to_string()),
+                    allowed_ips: p.allowed_ips.iter().map(|n| n.to_string()).collect(),
+                    latest_handshake_secs_ago: p.last_handshake.map(|h| now.mono.saturating_sub(h.mono).as_secs()),
+                    session: session.map(|s| s.local_index),
+                    session_initiator: session.map(|s| s.initiator),
+                    handshakes: p.handshakes,
+                    fast_path: rt.is_some_and(|r| r.session.is_some() && r.path.is_some()),
+                    rx_packets: ld(|s| &s.rx_packets) + p.rx_packets,
+                    rx_bytes: ld(|s| &s.rx_bytes) + p.rx_bytes,
+                    tx_packets: ld(|s| &s.tx_packets) + p.tx_packets,
+                    tx_bytes: ld(|s| &s.tx_bytes) + p.tx_bytes,
+                }
             })
-            .collect();
-        json!(peers)
+            .collect()
     }
 }
 

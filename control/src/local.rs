@@ -54,12 +54,23 @@ pub fn is_live(path: &Path) -> bool {
 }
 
 /// What the server refused, by reason (for `subway show`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Refusals {
     pub not_permitted: u64,
     pub too_large: u64,
     pub timed_out: u64,
     pub too_many: u64,
+}
+
+impl Refusals {
+    pub fn named(&self) -> [(&'static str, u64); 4] {
+        [
+            ("not_permitted", self.not_permitted),
+            ("too_large", self.too_large),
+            ("timed_out", self.timed_out),
+            ("too_many", self.too_many),
+        ]
+    }
 }
 
 struct Pending {

@@ -1,9 +1,9 @@
 //! Prometheus metrics: the running instance serves the numbers of
 //! `subway show --json` as text exposition on `[Metrics] Listen` (loopback
-//! unless configured otherwise). Rendered from the same JSON, so the two
-//! always agree.
+//! unless configured otherwise). Rendered from the same typed [`Status`],
+//! so the two always agree.
 
-use serde_json::Value;
+use crate::status::{Counters, PeerStatus, Status};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -112,8 +112,8 @@ fn label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
-/// Prometheus text from `subway show --json`.
-pub fn render(show: &Value) -> String {
+/// Prometheus text from the instance's [`Status`].
+pub fn render(show: &Status) -> String {
     let mut o = String::new();
     family(
         &mut o,
@@ -121,67 +121,68 @@ pub fn render(show: &Value) -> String {
         "gauge",
         "Seconds since the instance started.",
     );
-    let _ = writeln!(o, "subway_uptime_seconds {}", show["uptime_secs"].as_u64().unwrap_or(0));
+    let _ = writeln!(o, "subway_uptime_seconds {}", show.uptime_secs);
     family(
         &mut o,
         "subway_worker_packets_total",
         "counter",
         "Per-worker counters by name (packets, bytes, drops and slow-path hand-offs by reason).",
     );
-    for w in show["workers"].as_array().into_iter().flatten() {
-        for (k, v) in w["counters"].as_object().into_iter().flatten() {
+    for w in &show.workers {
+        for (k, v) in &w.counters {
             let _ = writeln!(
                 o,
-                "subway_worker_packets_total{{worker=\"{}\",counter=\"{}\"}} {}",
-                w["id"],
-                label(k),
-                v
+                "subway_worker_packets_total{{worker=\"{}\",counter=\"{}\"}} {v}",
+                w.id,
+                label(k)
             );
         }
     }
-    family(
+    let by_label = |o: &mut String, name: &str, kind: &str, help: &str, key: &str, c: &Counters| {
+        family(o, name, kind, help);
+        for (k, v) in c {
+            let _ = writeln!(o, "{name}{{{key}=\"{}\"}} {v}", label(k));
+        }
+    };
+    by_label(
         &mut o,
         "subway_xdp_packets_total",
         "counter",
         "XDP program decisions by action and reason.",
+        "reason",
+        &show.xdp,
     );
-    for (k, v) in show["xdp"].as_object().into_iter().flatten() {
-        let _ = writeln!(o, "subway_xdp_packets_total{{reason=\"{}\"}} {}", label(k), v);
-    }
-    family(
+    by_label(
         &mut o,
         "subway_xsk_events_total",
         "counter",
         "The kernel's AF_XDP socket counters, summed.",
+        "counter",
+        &show.xsk,
     );
-    for (k, v) in show["xsk"].as_object().into_iter().flatten() {
-        let _ = writeln!(o, "subway_xsk_events_total{{counter=\"{}\"}} {}", label(k), v);
-    }
-    family(
+    by_label(
         &mut o,
         "subway_control_events_total",
         "counter",
         "Control-path events and refusals by name.",
+        "event",
+        &show.control,
     );
-    for (k, v) in show["control"].as_object().into_iter().flatten() {
-        let _ = writeln!(o, "subway_control_events_total{{event=\"{}\"}} {}", label(k), v);
-    }
-    for (field, help) in [
-        ("rx_bytes", "Bytes received from the peer (inner packets)."),
-        ("tx_bytes", "Bytes sent to the peer (inner packets)."),
-        ("rx_packets", "Packets received from the peer."),
-        ("tx_packets", "Packets sent to the peer."),
-        ("handshakes", "Handshakes completed with the peer."),
-    ] {
+    type Field = (&'static str, &'static str, fn(&PeerStatus) -> u64);
+    let fields: [Field; 5] = [
+        ("rx_bytes", "Bytes received from the peer (inner packets).", |p| {
+            p.rx_bytes
+        }),
+        ("tx_bytes", "Bytes sent to the peer (inner packets).", |p| p.tx_bytes),
+        ("rx_packets", "Packets received from the peer.", |p| p.rx_packets),
+        ("tx_packets", "Packets sent to the peer.", |p| p.tx_packets),
+        ("handshakes", "Handshakes completed with the peer.", |p| p.handshakes),
+    ];
+    for (field, help, get) in fields {
         let name = format!("subway_peer_{field}_total");
         family(&mut o, &name, "counter", help);
-        for p in show["peers"].as_array().into_iter().flatten() {
-            let _ = writeln!(
-                o,
-                "{name}{{peer=\"{}\"}} {}",
-                label(p["public_key"].as_str().unwrap_or("")),
-                p[field].as_u64().unwrap_or(0)
-            );
+        for p in &show.peers {
+            let _ = writeln!(o, "{name}{{peer=\"{}\"}} {}", label(&p.public_key), get(p));
         }
     }
     family(
@@ -190,12 +191,12 @@ pub fn render(show: &Value) -> String {
         "gauge",
         "Seconds since the latest handshake with the peer.",
     );
-    for p in show["peers"].as_array().into_iter().flatten() {
-        if let Some(age) = p["latest_handshake_secs_ago"].as_u64() {
+    for p in &show.peers {
+        if let Some(age) = p.latest_handshake_secs_ago {
             let _ = writeln!(
                 o,
                 "subway_peer_last_handshake_age_seconds{{peer=\"{}\"}} {age}",
-                label(p["public_key"].as_str().unwrap_or(""))
+                label(&p.public_key)
             );
         }
     }
@@ -205,18 +206,15 @@ pub fn render(show: &Value) -> String {
         "gauge",
         "Frames per non-empty RX batch since start, per worker.",
     );
-    for w in show["workers"].as_array().into_iter().flatten() {
-        let c = &w["counters"];
-        let (pkts, batches) = (
-            c["rx_packets"].as_u64().unwrap_or(0),
-            c["rx_batches"].as_u64().unwrap_or(0),
-        );
+    for w in &show.workers {
+        let c = |k: &str| w.counters.get(k).copied().unwrap_or(0);
+        let (pkts, batches) = (c("rx_packets"), c("rx_batches"));
         let avg = if batches == 0 {
             0.0
         } else {
             pkts as f64 / batches as f64
         };
-        let _ = writeln!(o, "subway_worker_batch_size_average{{worker=\"{}\"}} {avg:.2}", w["id"]);
+        let _ = writeln!(o, "subway_worker_batch_size_average{{worker=\"{}\"}} {avg:.2}", w.id);
     }
     family(
         &mut o,
@@ -224,37 +222,50 @@ pub fn render(show: &Value) -> String {
         "counter",
         "Live configuration changes (subway reload, SIGHUP, wg set) by result.",
     );
-    for result in ["ok", "failed"] {
-        let n = show["reloads"][result].as_u64().unwrap_or(0);
+    for (result, n) in [("ok", show.reloads.ok), ("failed", show.reloads.failed)] {
         let _ = writeln!(o, "subway_reloads_total{{result=\"{result}\"}} {n}");
     }
-    family(
+    by_label(
         &mut o,
         "subway_vnet_slow_path_total",
         "counter",
         "Non-default VNET packets the control thread finished or dropped, by outcome.",
+        "outcome",
+        &show.vnet_slow_path,
     );
-    for (k, v) in show["vnet_slow_path"].as_object().into_iter().flatten() {
-        let _ = writeln!(o, "subway_vnet_slow_path_total{{outcome=\"{}\"}} {}", label(k), v);
-    }
     o
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::status::WorkerStatus;
 
     #[test]
     fn renders_every_counter_with_labels() {
-        let show = json!({
-            "uptime_secs": 7,
-            "workers": [{"id": 0, "counters": {"rx_packets": 5, "drop_wg_replayed": 1}}],
-            "xdp": {"redirect_route": 9},
-            "xsk": {"rx_ring_full": 0},
-            "control": {"wg_bad_mac1": 2},
-            "peers": [{"public_key": "K=", "rx_bytes": 100, "tx_bytes": 200, "rx_packets": 1, "tx_packets": 2, "handshakes": 3, "latest_handshake_secs_ago": 4}],
-        });
+        let c = |kv: &[(&str, u64)]| kv.iter().map(|(k, v)| (k.to_string(), *v)).collect::<Counters>();
+        let show = Status {
+            uptime_secs: 7,
+            workers: vec![WorkerStatus {
+                id: 0,
+                counters: c(&[("rx_packets", 5), ("drop_wg_replayed", 1)]),
+                ..Default::default()
+            }],
+            xdp: c(&[("redirect_route", 9)]),
+            xsk: c(&[("rx_ring_full", 0)]),
+            control: c(&[("wg_bad_mac1", 2)]),
+            peers: vec![PeerStatus {
+                public_key: "K=".into(),
+                rx_bytes: 100,
+                tx_bytes: 200,
+                rx_packets: 1,
+                tx_packets: 2,
+                handshakes: 3,
+                latest_handshake_secs_ago: Some(4),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
         let t = render(&show);
         for line in [
             "subway_uptime_seconds 7",

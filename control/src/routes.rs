@@ -3,11 +3,49 @@
 //! prefixes overlap where.
 
 use crate::config::Config;
+use crate::protocol::RouteQuery;
 use ipnet::IpNet;
 use serde_json::{Value, json};
 use std::net::IpAddr;
 use subway_dataplane::fib::{Route, Target};
 use subway_dataplane::tables::Port;
+
+/// The running instance's answer to a route query.
+pub fn answer(cfg: &Config, dp: &subway_dataplane::Dataplane, q: &RouteQuery) -> Value {
+    let t = dp.tables();
+    let views = views(cfg, t.fib.routes(), &t.ports);
+    let known = |vnet: &str| cfg.vnet_ids().iter().any(|v| v == vnet);
+    let unknown = |vnet: &str| {
+        crate::protocol::error(format!(
+            "no VNET named {vnet}: this instance has {}",
+            cfg.vnet_ids().join(", ")
+        ))
+    };
+    match q {
+        RouteQuery::List { vnet } => list(&views, vnet.as_deref()),
+        RouteQuery::Get { vnet, .. } if !known(vnet) => unknown(vnet),
+        RouteQuery::Get { address, vnet } => get(&views, *address, vnet),
+        RouteQuery::Overlaps => overlaps(&views),
+        RouteQuery::Explain {
+            vnet,
+            src,
+            dst,
+            proto,
+            port,
+        } => explain(
+            cfg,
+            &t,
+            &Probe {
+                vnet,
+                src: *src,
+                dst: *dst,
+                proto: proto.as_deref(),
+                port: *port,
+            },
+            subway_dataplane::wg::Now::system().mono,
+        ),
+    }
+}
 
 /// A route as an operator reads it.
 #[derive(Clone, Debug, PartialEq)]
@@ -129,9 +167,6 @@ pub fn overlaps(views: &[RouteView]) -> Value {
     json!(out)
 }
 
-/// `subway route explain --vnet V --src A --dst B [--proto P] [--port N]`:
-/// what the gateway does with such a packet arriving on a LAN of VNET V,
-/// step by step, and why it would drop it.
 /// The packet `route explain` follows.
 pub struct Probe<'a> {
     pub vnet: &'a str,
@@ -141,6 +176,9 @@ pub struct Probe<'a> {
     pub port: Option<u16>,
 }
 
+/// `subway route explain --vnet V --src A --dst B [--proto P] [--port N]`:
+/// what the gateway does with such a packet arriving on a LAN of VNET V,
+/// step by step, and why it would drop it.
 pub fn explain(cfg: &Config, t: &subway_dataplane::tables::Tables, probe: &Probe, now: std::time::Duration) -> Value {
     let Probe {
         vnet,

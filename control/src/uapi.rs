@@ -12,8 +12,9 @@
 
 use crate::config::{Config, Key32, PeerSection};
 use crate::local::RequestServer;
+use crate::status::PeerStatus;
 use ipnet::IpNet;
-use serde_json::Value;
+
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -209,43 +210,33 @@ fn hex(b: &[u8]) -> String {
 pub fn render(
     private_key: &[u8; 32],
     listen_port: u16,
-    peers: &Value,
+    peers: &[PeerStatus],
     keys: &[[u8; 32]],
     psks: &[Option<[u8; 32]>],
     keepalives: &[Option<u16>],
     now_unix: Duration,
 ) -> String {
     let mut s = format!("private_key={}\nlisten_port={listen_port}\n", hex(private_key));
-    for (i, p) in peers.as_array().into_iter().flatten().enumerate() {
+    for (i, p) in peers.iter().enumerate() {
         let Some(k) = keys.get(i) else { continue };
         let _ = writeln!(s, "public_key={}", hex(k));
         if let Some(Some(psk)) = psks.get(i) {
             let _ = writeln!(s, "preshared_key={}", hex(psk));
         }
-        if let Some(e) = p["endpoint"].as_str() {
+        if let Some(e) = &p.endpoint {
             let _ = writeln!(s, "endpoint={e}");
         }
-        for a in p["allowed_ips"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|a| a.as_str())
-        {
+        for a in &p.allowed_ips {
             let _ = writeln!(s, "allowed_ip={a}");
         }
-        if let Some(age) = p["latest_handshake_secs_ago"].as_u64() {
+        if let Some(age) = p.latest_handshake_secs_ago {
             let _ = writeln!(
                 s,
                 "last_handshake_time_sec={}\nlast_handshake_time_nsec=0",
                 now_unix.as_secs().saturating_sub(age)
             );
         }
-        let _ = writeln!(
-            s,
-            "rx_bytes={}\ntx_bytes={}",
-            p["rx_bytes"].as_u64().unwrap_or(0),
-            p["tx_bytes"].as_u64().unwrap_or(0)
-        );
+        let _ = writeln!(s, "rx_bytes={}\ntx_bytes={}", p.rx_bytes, p.tx_bytes);
         let _ = writeln!(
             s,
             "persistent_keepalive_interval={}",
@@ -259,7 +250,6 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn cfg() -> Config {
         use base64::Engine;
@@ -385,7 +375,14 @@ mod tests {
 
     #[test]
     fn renders_what_wg_show_reads() {
-        let peers = json!([{"endpoint": "192.0.2.2:51820", "allowed_ips": ["10.2.0.0/24"], "latest_handshake_secs_ago": 5, "rx_bytes": 10, "tx_bytes": 20}]);
+        let peers = [PeerStatus {
+            endpoint: Some("192.0.2.2:51820".into()),
+            allowed_ips: vec!["10.2.0.0/24".into()],
+            latest_handshake_secs_ago: Some(5),
+            rx_bytes: 10,
+            tx_bytes: 20,
+            ..Default::default()
+        }];
         let s = render(
             &[1; 32],
             51820,

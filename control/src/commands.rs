@@ -1,0 +1,205 @@
+//! The commands a user runs against an instance or a config file, besides
+//! `subway run` (daemon.rs): check, fence, down, show, reload, route.
+//! Each is a client of the control socket (ctl.rs, protocol.rs) or of the
+//! kernel's fail-safe state, never of a running instance's memory.
+
+use crate::protocol::{Request, RouteQuery};
+use crate::status::Status;
+use crate::{ctl, local};
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+pub fn check(path: &Path) -> Result<()> {
+    let cfg = crate::load(path)?;
+    cfg.check_interfaces()?;
+    println!(
+        "{}: ok ({} LAN interface(s), {} peer(s), VNETs: {})",
+        path.display(),
+        cfg.lans.len(),
+        cfg.peers.len(),
+        cfg.vnet_ids().join(", ")
+    );
+    for p in &cfg.peers {
+        println!(
+            "  peer {} (line {}): endpoint {}, allowed {}, keepalive {}, preshared key {}, VNET {}",
+            p.public_key.to_base64(),
+            p.line,
+            p.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "none".into()),
+            p.allowed_ips
+                .iter()
+                .map(|(n, _)| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            p.persistent_keepalive
+                .map(|k| format!("{k}s"))
+                .unwrap_or_else(|| "off".into()),
+            if p.preshared_key.is_some() { "yes" } else { "no" },
+            p.vnet
+        );
+    }
+    Ok(())
+}
+
+pub fn fence(path: &Path) -> Result<()> {
+    let cfg = crate::load(path)?;
+    let mut dcfg = crate::dataplane_config(&cfg);
+    dcfg.listen_port = cfg.interface.listen_port.unwrap_or(0);
+    let f = subway_dataplane::fence_for_config(&dcfg)?;
+    subway_dataplane::failsafe::install(&f)?;
+    println!("{}: installed: {}", cfg.name, f.summary());
+    Ok(())
+}
+
+pub fn down(name: &str) -> Result<()> {
+    let sock = ctl::socket_path(name);
+    if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+        bail!(
+            "instance {name} is running ({}): stop it first (systemctl stop subway@{name}, or SIGTERM)",
+            sock.display()
+        );
+    }
+    let uapi = PathBuf::from("/var/run/wireguard").join(format!("{name}.sock"));
+    for stale in [&sock, &uapi] {
+        if stale.exists() && !local::is_live(stale) {
+            std::fs::remove_file(stale).with_context(|| format!("removing the stale {}", stale.display()))?;
+            println!("removed the stale socket {}", stale.display());
+        }
+    }
+    let table = subway_dataplane::failsafe::table_name(name);
+    let refused = subway_dataplane::failsafe::refused(&table);
+    if subway_dataplane::failsafe::remove(&table)? {
+        println!(
+            "removed nft table inet {table} ({} packet(s) refused while it stood): the kernel routes the peers' prefixes again",
+            refused.map_or("?".into(), |n| n.to_string())
+        );
+    } else {
+        println!("{name}: nothing left in the kernel (no nft table inet {table})");
+    }
+    Ok(())
+}
+
+fn instance_name(name: Option<String>) -> Result<String> {
+    Ok(match name {
+        Some(n) => n,
+        None => {
+            let all = ctl::instances();
+            match all.as_slice() {
+                [one] => one.clone(),
+                [] => bail!("no running instance found in {}", ctl::RUN_DIR),
+                many => bail!("several instances run ({}): name one", many.join(", ")),
+            }
+        }
+    })
+}
+
+pub fn route(name: Option<String>, q: RouteQuery, as_json: bool) -> Result<()> {
+    let name = instance_name(name)?;
+    let v = ctl::ask(&name, &Request::Route { query: q.clone() })?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let line = |r: &Value| {
+        format!(
+            "[{}] {} -> {} {}{}",
+            r["vnet"].as_str().unwrap_or("?"),
+            r["prefix"].as_str().unwrap_or("?"),
+            r["kind"].as_str().unwrap_or("?"),
+            r["via"].as_str().unwrap_or("?"),
+            r["endpoint"]
+                .as_str()
+                .map(|e| format!(" (endpoint {e})"))
+                .unwrap_or_default()
+        )
+    };
+    match q {
+        RouteQuery::List { .. } => {
+            for r in v.as_array().into_iter().flatten() {
+                println!("{}", line(r));
+            }
+        }
+        RouteQuery::Get { .. } => {
+            println!(
+                "{} in VNET {}: {}",
+                v["address"].as_str().unwrap_or("?"),
+                v["vnet"].as_str().unwrap_or("?"),
+                v["verdict"].as_str().unwrap_or("?")
+            );
+            if !v["route"].is_null() {
+                println!("  route: {}", line(&v["route"]));
+            }
+            for r in v["less_specific"].as_array().into_iter().flatten() {
+                println!("  then:  {}", line(r));
+            }
+        }
+        RouteQuery::Explain { .. } => {
+            println!(
+                "{} in VNET {}:",
+                v["packet"].as_str().unwrap_or("?"),
+                v["vnet"].as_str().unwrap_or("?")
+            );
+            for (i, step) in v["steps"].as_array().into_iter().flatten().enumerate() {
+                println!("  {}. {}", i + 1, step.as_str().unwrap_or("?"));
+            }
+            println!("  => {}", v["verdict"].as_str().unwrap_or("?"));
+        }
+        RouteQuery::Overlaps => {
+            let pairs = v.as_array().cloned().unwrap_or_default();
+            if pairs.is_empty() {
+                println!("no overlapping prefixes");
+            }
+            for p in pairs {
+                println!(
+                    "{}\n  overlaps {}\n  {}",
+                    line(&p["a"]),
+                    line(&p["b"]),
+                    p["resolution"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn reload(name: Option<String>) -> Result<()> {
+    let name = instance_name(name)?;
+    let v = ctl::ask(&name, &Request::Reload)?;
+    let list = |k: &str| {
+        let items: Vec<&str> = v[k]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str())
+            .collect();
+        if items.is_empty() {
+            "none".to_string()
+        } else {
+            items.join(", ")
+        }
+    };
+    println!("{name}: reloaded");
+    for (k, what) in [
+        ("peers_added", "peers added"),
+        ("peers_removed", "peers removed"),
+        ("peers_changed", "peers changed"),
+        ("routes_added", "routes added"),
+        ("routes_removed", "routes removed"),
+        ("routes_changed", "routes changed"),
+    ] {
+        println!("  {what}: {}", list(k));
+    }
+    Ok(())
+}
+
+pub fn show(name: Option<String>, as_json: bool) -> Result<()> {
+    let name = instance_name(name)?;
+    let v = ctl::ask(&name, &Request::Show)?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let st: Status = serde_json::from_value(v).context("the instance's status is not what this subway reads")?;
+    print!("{st}");
+    Ok(())
+}

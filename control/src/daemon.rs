@@ -1,0 +1,341 @@
+//! `subway run`: the control thread. It starts the dataplane and the
+//! WireGuard device, then loops: wait for a socket, a signal or the next
+//! round; `step` does the housekeeping (workers alive, liveness, uplink
+//! addresses, neighbours, handshakes and timers, SIGHUP); `on_uapi`,
+//! `on_ctl` and `on_metrics` answer local clients. The state a request
+//! may read or change ([`State`]) is kept apart from the sockets that
+//! carry requests ([`Io`]), so answering one borrows both without a lock.
+
+use crate::config::Config;
+use crate::protocol::{self, Request};
+use crate::status::{LocalRefused, Rates, Reloads, Status};
+use crate::{ctl, gateway, live, liveness, metrics, routes, uapi};
+use anyhow::{Context, Result, bail};
+use std::os::fd::RawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use subway_dataplane::Dataplane;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+static HUP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGHUP {
+        HUP.store(true, Ordering::Relaxed);
+    } else {
+        STOP.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What requests read and change: the config, the device, the dataplane.
+struct State {
+    cfg: Config,
+    gw: Option<gateway::Gateway>,
+    dp: Dataplane,
+    liveness: liveness::Liveness,
+    rates: Rates,
+    reloads: Reloads,
+    started: Instant,
+}
+
+/// The local sockets and event sources the loop waits on.
+struct Io {
+    ctl: ctl::CtlServer,
+    uapi: Option<uapi::UapiServer>,
+    metrics: Option<metrics::MetricsServer>,
+    addr_events: Option<subway_dataplane::netlink::AddressEvents>,
+    /// The fds every round waits on (the pending clients' are added).
+    fds: Vec<RawFd>,
+}
+
+/// Runs the instance configured in `path` until SIGINT or SIGTERM.
+pub fn run(path: &Path) -> Result<()> {
+    let (mut s, mut io) = start(path)?;
+    let pollfd = |fd: RawFd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let mut pfds: Vec<libc::pollfd> = Vec::new();
+    while !STOP.load(Ordering::Relaxed) {
+        // Local clients whose request has not all arrived wake the loop
+        // when it does, not a round later.
+        pfds.clear();
+        pfds.extend(io.fds.iter().copied().map(pollfd));
+        pfds.extend(io.ctl.pending_fds().map(pollfd));
+        if let Some(u) = &io.uapi {
+            pfds.extend(u.pending_fds().map(pollfd));
+        }
+        // SAFETY: valid pollfds; the timeout bounds timer and neighbour latency.
+        unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 50) };
+        s.step(&mut io)?;
+        s.on_uapi(&mut io);
+        s.on_metrics(&mut io);
+        s.on_ctl(&mut io);
+    }
+    liveness::Liveness::stopping();
+    tracing::info!("stopping: detaching XDP and closing sockets");
+    let last = s.status(&io);
+    s.dp.stop_clean();
+    drop(s);
+    tracing::info!(totals = ?last.totals.iter().filter(|(_, v)| **v > 0).collect::<Vec<_>>(), "stopped");
+    Ok(())
+}
+
+fn start(path: &Path) -> Result<(State, Io)> {
+    let cfg = crate::load(path)?;
+    cfg.check_interfaces()?;
+    // The device and its UDP sockets first: the listen port may be chosen
+    // by the kernel, and the XDP program must know it. A gateway with a key
+    // and an uplink but no peers yet is a gateway too (peers come later).
+    let gateway_mode = !cfg.peers.is_empty() || (cfg.interface.private_key.is_some() && cfg.interface.uplink.is_some());
+    let gw = if gateway_mode {
+        Some(gateway::Gateway::new(&cfg)?)
+    } else {
+        None
+    };
+    // SAFETY: installing a handler that only stores to atomics.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGHUP, on_signal as *const () as libc::sighandler_t);
+    }
+    // Files and sockets this process creates are its own (the UAPI socket
+    // answers with the private key); the sockets are also chmod 0600.
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(0o077) };
+    let ctl = ctl::CtlServer::bind(&cfg.name).context("opening the control socket")?;
+    let mut dcfg = crate::dataplane_config(&cfg);
+    dcfg.listen_port = gw.as_ref().map(|g| g.listen_port).unwrap_or(0);
+    let dp = Dataplane::start(&dcfg).with_context(|| format!("starting {}", cfg.name))?;
+    for w in dp.workers() {
+        tracing::info!(
+            "worker {}: queue {} core {} interfaces {} AF_XDP {} XDP {} batch {} ring {} {}",
+            w.info.id,
+            w.info.queue,
+            w.info.core.map(|c| c.to_string()).unwrap_or_else(|| "any".into()),
+            w.info.ports.join(","),
+            if w.info.zero_copy { "zero-copy" } else { "copy" },
+            w.xdp_mode,
+            dcfg.xsk.batch_size,
+            dcfg.xsk.ring_size,
+            if dcfg.xsk.busy_poll {
+                "busy-poll"
+            } else if dcfg.xsk.need_wakeup {
+                "need-wakeup"
+            } else {
+                "spin"
+            },
+        );
+    }
+    let mode = if gw.is_some() { "gateway" } else { "routed" };
+    if let Some(g) = &gw {
+        tracing::info!(listen_port = g.listen_port, peers = cfg.peers.len(), "WireGuard");
+    }
+    tracing::info!(instance = %cfg.name, slow_path = dp.slow_path_name(), "subway is running ({mode} mode); `subway show {}`", cfg.name);
+
+    // `wg show NAME` works against a gateway.
+    let uapi = match &gw {
+        Some(_) => match uapi::UapiServer::bind(&cfg.name) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!("not serving the WireGuard UAPI (wg show): {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    let metrics = match cfg.metrics {
+        Some((addr, line)) => {
+            let m = metrics::MetricsServer::bind(addr)
+                .with_context(|| format!("{}:{line}: serving metrics on {addr}", cfg.path.display()))?;
+            tracing::info!("Prometheus metrics on http://{addr}/metrics");
+            Some(m)
+        }
+        None => None,
+    };
+    let mut fds = vec![ctl.fd(), dp.slow_path().fd(), dp.slow_path().punt_fd()];
+    if let Some(g) = &gw {
+        fds.extend(g.fds());
+    }
+    // The uplink's addresses may change under us (DHCP, SLAAC).
+    let addr_events = match subway_dataplane::netlink::AddressEvents::open() {
+        Ok(e) => {
+            fds.push(e.fd());
+            Some(e)
+        }
+        Err(e) => {
+            tracing::warn!("not following address changes (netlink): {e}");
+            None
+        }
+    };
+    if let Some(u) = &uapi {
+        fds.push(u.fd());
+    }
+    let liveness = liveness::Liveness::new(&dp);
+    // Every socket is bound: systemd (Type=notify) may start what waits for us.
+    liveness.ready(&format!("{mode} mode, {} worker(s)", dp.workers().len()));
+    let state = State {
+        cfg,
+        gw,
+        dp,
+        liveness,
+        rates: Rates::default(),
+        reloads: Reloads::default(),
+        started: Instant::now(),
+    };
+    let io = Io {
+        ctl,
+        uapi,
+        metrics,
+        addr_events,
+        fds,
+    };
+    Ok((state, io))
+}
+
+impl State {
+    /// One round of housekeeping. An error ends the process (workers
+    /// died or stalled: traffic falls back to the kernel, tunnelled
+    /// prefixes stay fenced).
+    fn step(&mut self, io: &mut Io) -> Result<()> {
+        if let Some(id) = self.dp.dead_worker() {
+            bail!("worker {id} stopped unexpectedly; exiting so that traffic falls back to the kernel");
+        }
+        if let Err(e) = self.liveness.check(&self.dp) {
+            bail!("{e}");
+        }
+        if io.addr_events.as_mut().is_some_and(|e| e.drain()) {
+            let port = self.gw.as_ref().map_or(0, |g| g.listen_port);
+            match self.dp.follow_uplink_addresses(port) {
+                Ok(Some(_)) => {
+                    if let Some(g) = self.gw.as_mut() {
+                        g.uplink_renumbered(&mut self.dp);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("following the uplink's addresses: {e}"),
+            }
+        }
+        if let Err(e) = self.dp.refresh_neighbours() {
+            tracing::warn!("neighbour refresh: {e}");
+        }
+        self.rates.sample(&self.dp);
+        if HUP.swap(false, Ordering::Relaxed) {
+            let r = live::reload(&mut self.cfg, self.gw.as_mut(), &mut self.dp);
+            self.reloads.note("SIGHUP", &r);
+        }
+        if let Some(g) = self.gw.as_mut() {
+            g.poll(&mut self.dp);
+        } else {
+            // Routed mode: nothing reads the TUN; drain what the kernel
+            // routes there (nothing should be).
+            let mut b = [0u8; 2048];
+            while self.dp.slow_path().recv(&mut b).is_ok() {}
+            self.dp.serve_punted(|_, _| {});
+        }
+        Ok(())
+    }
+
+    /// `wg show` and `wg set` on the UAPI socket.
+    fn on_uapi(&mut self, io: &mut Io) {
+        let Some(u) = io.uapi.as_mut() else { return };
+        u.serve(|req| match req {
+            uapi::Request::Get => {
+                let Some(g) = self.gw.as_ref() else {
+                    return String::new();
+                };
+                let cfg = &self.cfg;
+                let key = cfg.interface.private_key.map(|k| k.0).unwrap_or([0; 32]);
+                let keys: Vec<[u8; 32]> = cfg.peers.iter().map(|p| p.public_key.0).collect();
+                let psks: Vec<Option<[u8; 32]>> = cfg.peers.iter().map(|p| p.preshared_key.map(|k| k.0)).collect();
+                let kas: Vec<Option<u16>> = cfg.peers.iter().map(|p| p.persistent_keepalive).collect();
+                uapi::render(
+                    &key,
+                    g.listen_port,
+                    &g.peers_status(cfg, &self.dp),
+                    &keys,
+                    &psks,
+                    &kas,
+                    subway_dataplane::wg::Now::system().unix,
+                ) + "errno=0\n"
+            }
+            uapi::Request::Set(lines) => {
+                let errno = match uapi::apply_set(&self.cfg, &lines) {
+                    Ok(new) => {
+                        let r = live::apply(&mut self.cfg, new, self.gw.as_mut(), &mut self.dp);
+                        let ok = r.is_ok();
+                        self.reloads.note("wg set", &r);
+                        if ok { 0 } else { libc::EINVAL }
+                    }
+                    Err((errno, msg)) => {
+                        tracing::warn!("wg set refused: {msg}");
+                        errno
+                    }
+                };
+                format!("errno={errno}\n")
+            }
+        });
+    }
+
+    /// Prometheus scrapes waiting for numbers.
+    fn on_metrics(&mut self, io: &mut Io) {
+        if let Some(m) = io.metrics.as_mut() {
+            let status = || metrics::render(&self.status_without_io());
+            m.serve(status);
+        }
+    }
+
+    /// Requests on the control socket (`subway show`, `reload`, `route`).
+    fn on_ctl(&mut self, io: &mut Io) {
+        // Clients the local sockets closed on, by reason (read before
+        // serving: the server is busy answering).
+        let local_refused = local_refused(io);
+        io.ctl.serve(|line| {
+            let answer = match Request::parse(line) {
+                Ok(Request::Show) => {
+                    let mut st = self.status_without_io();
+                    st.local_refused = local_refused.clone();
+                    serde_json::to_value(st).unwrap_or_else(protocol::error)
+                }
+                Ok(Request::Reload) => {
+                    let r = live::reload(&mut self.cfg, self.gw.as_mut(), &mut self.dp);
+                    self.reloads.note("subway reload", &r);
+                    r.unwrap_or_else(|e| protocol::error(format!("{e:#}")))
+                }
+                Ok(Request::Route { query }) => routes::answer(&self.cfg, &self.dp, &query),
+                Err(e) => protocol::error(e),
+            };
+            answer.to_string()
+        });
+    }
+
+    /// The instance's status, as `subway show` reports it.
+    fn status(&self, io: &Io) -> Status {
+        let mut st = self.status_without_io();
+        st.local_refused = local_refused(io);
+        st
+    }
+
+    fn status_without_io(&self) -> Status {
+        let vnets = self.cfg.vnet_ids();
+        let mut st = crate::status::dataplane_status(&self.dp, &vnets, &self.rates, &self.reloads);
+        st.name = self.cfg.name.clone();
+        st.mode = if self.gw.is_some() { "gateway" } else { "routed" }.into();
+        st.uptime_secs = self.started.elapsed().as_secs();
+        if let Some(g) = &self.gw {
+            st.listen_port = Some(g.listen_port);
+            st.peers = g.peers_status(&self.cfg, &self.dp);
+            st.control = g.events.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        }
+        st
+    }
+}
+
+fn local_refused(io: &Io) -> LocalRefused {
+    LocalRefused {
+        control: io.ctl.refused(),
+        uapi: io.uapi.as_ref().map(|u| u.refused()),
+    }
+}

@@ -1,0 +1,104 @@
+//! The control socket's protocol: a request is one [`Request`] as a JSON
+//! line; the answer is one JSON document, either the request's result or
+//! `{"error": "..."}`. The CLI and the daemon share these types, so a
+//! request the CLI can build is one the daemon can read.
+
+use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    /// The instance's [`crate::status::Status`].
+    Show,
+    /// Re-read the configuration file and apply it live.
+    Reload,
+    /// A question about routes.
+    Route { query: RouteQuery },
+}
+
+/// `subway route ...`: the CLI's subcommands are the protocol's queries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
+#[serde(tag = "query", rename_all = "snake_case")]
+pub enum RouteQuery {
+    /// Every route, or those of one VNET.
+    List {
+        #[arg(long)]
+        vnet: Option<String>,
+    },
+    /// The route (and peer) serving ADDRESS, and the less specific routes
+    /// that would match next.
+    Get {
+        address: IpAddr,
+        #[arg(long, default_value = "default")]
+        vnet: String,
+    },
+    /// Every pair of overlapping prefixes, with their VNETs and owners.
+    Overlaps,
+    /// What the gateway would do with a packet arriving on a LAN of a
+    /// VNET, step by step, including why it would drop it.
+    Explain {
+        #[arg(long, default_value = "default")]
+        vnet: String,
+        #[arg(long)]
+        src: IpAddr,
+        #[arg(long)]
+        dst: IpAddr,
+        /// tcp, udp, icmp...
+        #[arg(long)]
+        proto: Option<String>,
+        #[arg(long)]
+        port: Option<u16>,
+    },
+}
+
+impl Request {
+    /// The request as sent: one line.
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).expect("requests serialize")
+    }
+
+    pub fn parse(line: &str) -> Result<Request, String> {
+        serde_json::from_str(line).map_err(|e| format!("not a subway request ({e}): {line:?}"))
+    }
+}
+
+/// The answer to a request that failed.
+pub fn error(msg: impl std::fmt::Display) -> serde_json::Value {
+    serde_json::json!({ "error": msg.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_one_json_line_and_garbage_is_refused() {
+        for r in [
+            Request::Show,
+            Request::Reload,
+            Request::Route {
+                query: RouteQuery::Get {
+                    address: "10.1.0.2".parse().unwrap(),
+                    vnet: "blue".into(),
+                },
+            },
+            Request::Route {
+                query: RouteQuery::Explain {
+                    vnet: "default".into(),
+                    src: "10.1.0.2".parse().unwrap(),
+                    dst: "fd02::1".parse().unwrap(),
+                    proto: Some("tcp".into()),
+                    port: None,
+                },
+            },
+        ] {
+            let line = r.to_line();
+            assert!(!line.contains('\n'));
+            assert_eq!(Request::parse(&line), Ok(r));
+        }
+        assert_eq!(Request::parse(r#"{"request":"show"}"#), Ok(Request::Show));
+        assert!(Request::parse("show").is_err());
+        assert!(Request::parse(r#"{"request":"route","query":{"query":"get","address":"x"}}"#).is_err());
+    }
+}
