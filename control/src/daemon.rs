@@ -1,10 +1,13 @@
 //! `subway run`: the control thread. It starts the dataplane and the
-//! WireGuard device, then loops: wait for a socket, a signal or the next
-//! round; `step` does the housekeeping (workers alive, liveness, uplink
-//! addresses, neighbours, handshakes and timers, SIGHUP); `on_uapi`,
-//! `on_ctl` and `on_metrics` answer local clients. The state a request
-//! may read or change ([`State`]) is kept apart from the sockets that
-//! carry requests ([`Io`]), so answering one borrows both without a lock.
+//! WireGuard device, then loops: sleep until a socket is readable (local
+//! clients, WireGuard's UDP, the slow path, netlink's address, neighbour
+//! and route events, a metrics scrape's eventfd), a signal, or the next
+//! deadline ([`State::sleep_for`]); `step` does the housekeeping (workers
+//! alive, liveness, uplink addresses, neighbours, handshakes and timers,
+//! SIGHUP); `on_uapi`, `on_ctl` and `on_metrics` answer local clients.
+//! The state a request may read or change ([`State`]) is kept apart from
+//! the sockets that carry requests ([`Io`]), so answering one borrows both
+//! without a lock.
 
 use crate::config::Config;
 use crate::protocol::{self, Request};
@@ -14,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use subway_dataplane::Dataplane;
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -28,6 +31,12 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
+/// The longest sleep with nothing due: rates, worker and watchdog checks.
+const IDLE_MAX: Duration = Duration::from_secs(1);
+/// The round while the workers move a peer's traffic: WireGuard's timers
+/// (keepalive, rekey) learn of it from the control thread's notes.
+const TRAFFIC_TICK: Duration = Duration::from_millis(50);
+
 /// What requests read and change: the config, the device, the dataplane.
 struct State {
     cfg: Config,
@@ -37,6 +46,10 @@ struct State {
     rates: Rates,
     reloads: Reloads,
     started: Instant,
+    /// The workers moved a peer's traffic during the last round.
+    busy: bool,
+    /// Rounds of the loop, for `subway show` (wake-ups).
+    rounds: u64,
 }
 
 /// The local sockets and event sources the loop waits on.
@@ -67,8 +80,10 @@ pub fn run(path: &Path) -> Result<()> {
         if let Some(u) = &io.uapi {
             pfds.extend(u.pending_fds().map(pollfd));
         }
-        // SAFETY: valid pollfds; the timeout bounds timer and neighbour latency.
-        unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 50) };
+        let timeout = s.sleep_for().as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: valid pollfds.
+        unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
+        s.rounds += 1;
         s.step(&mut io)?;
         s.on_uapi(&mut io);
         s.on_metrics(&mut io);
@@ -173,6 +188,9 @@ fn start(path: &Path) -> Result<(State, Io)> {
     if let Some(u) = &uapi {
         fds.push(u.fd());
     }
+    fds.extend(metrics.as_ref().map(|m| m.fd()));
+    // Neighbours and routes change under us too (ARP, NDP, routing daemons).
+    fds.extend(dp.kernel_events_fd());
     let liveness = liveness::Liveness::new(&dp);
     // Every socket is bound: systemd (Type=notify) may start what waits for us.
     liveness.ready(&format!("{mode} mode, {} worker(s)", dp.workers().len()));
@@ -184,6 +202,8 @@ fn start(path: &Path) -> Result<(State, Io)> {
         rates: Rates::default(),
         reloads: Reloads::default(),
         started: Instant::now(),
+        busy: false,
+        rounds: 0,
     };
     let io = Io {
         ctl,
@@ -218,8 +238,8 @@ impl State {
                 Err(e) => tracing::warn!("following the uplink's addresses: {e}"),
             }
         }
-        if let Err(e) = self.dp.refresh_neighbours() {
-            tracing::warn!("neighbour refresh: {e}");
+        if let Err(e) = self.dp.follow_kernel() {
+            tracing::warn!("following neighbours and routes: {e}");
         }
         self.rates.sample(&self.dp);
         if HUP.swap(false, Ordering::Relaxed) {
@@ -227,7 +247,7 @@ impl State {
             self.reloads.note("SIGHUP", &r);
         }
         if let Some(g) = self.gw.as_mut() {
-            g.poll(&mut self.dp);
+            self.busy = g.poll(&mut self.dp);
         } else {
             // Routed mode: nothing reads the TUN; drain what the kernel
             // routes there (nothing should be).
@@ -236,6 +256,26 @@ impl State {
             self.dp.serve_punted(|_, _| {});
         }
         Ok(())
+    }
+
+    /// How long the loop may sleep when nothing arrives: a short round
+    /// while traffic moves, else until the device's next timer, at most
+    /// [`IDLE_MAX`] and half the watchdog's interval.
+    fn sleep_for(&self) -> Duration {
+        if self.busy {
+            return TRAFFIC_TICK;
+        }
+        let mut d = IDLE_MAX;
+        if let Some(every) = self.liveness.feed_every() {
+            d = d.min(every / 2);
+        }
+        if let Some(soon) = self.dp.punt_deadline() {
+            d = d.min(soon);
+        }
+        if let Some(at) = self.gw.as_ref().and_then(|g| g.next_deadline()) {
+            d = d.min(at.saturating_sub(subway_dataplane::wg::Now::system().mono));
+        }
+        d
     }
 
     /// `wg show` and `wg set` on the UAPI socket.
@@ -329,6 +369,7 @@ impl State {
             st.peers = g.peers_status(&self.cfg, &self.dp);
             st.control = g.events.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         }
+        st.control_wakeups = self.rounds;
         st
     }
 }

@@ -158,9 +158,18 @@ impl Gateway {
         }
     }
 
-    /// One round: datagrams, TUN packets, traffic notes, timers, publication.
-    pub fn poll(&mut self, dp: &mut Dataplane) {
+    /// When the device next needs a round without anything arriving
+    /// (monotonic time): its earliest timer.
+    pub fn next_deadline(&self) -> Option<std::time::Duration> {
+        self.dev.next_deadline(Now::system().mono)
+    }
+
+    /// One round: datagrams, TUN packets, traffic notes, timers,
+    /// publication. Returns whether the workers moved any peer's traffic
+    /// since the last round (the timers then want frequent notes).
+    pub fn poll(&mut self, dp: &mut Dataplane) -> bool {
         let now = Now::system();
+        let mut moved = false;
         self.read_udp(dp, now);
         self.read_tun(dp, now);
         self.read_punted(dp, now);
@@ -184,6 +193,7 @@ impl Gateway {
                 self.count("roams");
             }
             let last = self.last[id];
+            moved |= cur != last;
             self.dev.note_traffic(
                 id as u32,
                 cur.0 != last.0,
@@ -196,6 +206,7 @@ impl Gateway {
         let outs = self.dev.tick(now);
         self.send(outs);
         self.publish(dp, now);
+        moved
     }
 
     /// Packets of non-default VNETs for peers without a session (the

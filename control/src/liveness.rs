@@ -40,6 +40,11 @@ impl Liveness {
         }
     }
 
+    /// How often the watchdog wants feeding, if systemd asked for one.
+    pub fn feed_every(&self) -> Option<Duration> {
+        self.feed_every
+    }
+
     /// Tells systemd the instance is up (Type=notify).
     pub fn ready(&self, status: &str) {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(status)]);

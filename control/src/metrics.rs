@@ -6,6 +6,7 @@
 use crate::status::{Counters, PeerStatus, Status};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -23,6 +24,15 @@ const RENDER_TIMEOUT: Duration = Duration::from_millis(500);
 /// [`RENDER_TIMEOUT`]; the control thread answers between its rounds.
 pub struct MetricsServer {
     requests: mpsc::Receiver<oneshot::Sender<String>>,
+    /// Readable when a scrape waits: wakes the control thread's poll.
+    wake: Arc<OwnedFd>,
+}
+
+/// Makes the control thread's poll return (an eventfd write; never blocks).
+fn ring(wake: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: an 8-byte write from a live u64 to our eventfd.
+    unsafe { libc::write(wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
 type Body = http_body_util::Full<bytes::Bytes>;
@@ -40,6 +50,7 @@ fn reply(status: u16, body: String) -> hyper::Response<Body> {
 async fn scrape(
     req: hyper::Request<hyper::body::Incoming>,
     ask: mpsc::Sender<oneshot::Sender<String>>,
+    wake: Arc<OwnedFd>,
 ) -> Result<hyper::Response<Body>, std::convert::Infallible> {
     if req.method() != hyper::Method::GET || !matches!(req.uri().path(), "/metrics" | "/") {
         return Ok(reply(404, String::new()));
@@ -48,13 +59,14 @@ async fn scrape(
     if ask.try_send(tx).is_err() {
         return Ok(reply(503, "subway: too many scrapes waiting\n".into()));
     }
+    ring(&wake);
     Ok(match tokio::time::timeout(RENDER_TIMEOUT, rx).await {
         Ok(Ok(body)) => reply(200, body),
         _ => reply(503, "subway: the control thread did not answer in time\n".into()),
     })
 }
 
-async fn accept_loop(listener: std::net::TcpListener, ask: mpsc::Sender<oneshot::Sender<String>>) {
+async fn accept_loop(listener: std::net::TcpListener, ask: mpsc::Sender<oneshot::Sender<String>>, wake: Arc<OwnedFd>) {
     let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
         return;
     };
@@ -68,8 +80,9 @@ async fn accept_loop(listener: std::net::TcpListener, ask: mpsc::Sender<oneshot:
             continue;
         };
         let ask = ask.clone();
+        let wake = wake.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| scrape(req, ask.clone()));
+            let svc = hyper::service::service_fn(move |req| scrape(req, ask.clone(), wake.clone()));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(2))
@@ -89,15 +102,31 @@ impl MetricsServer {
         listener.set_nonblocking(true)?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let (ask, requests) = mpsc::channel(MAX_CONNECTIONS);
+        // SAFETY: eventfd(2) with valid flags; the fd is owned at once.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd nobody else owns.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let thread_wake = wake.clone();
         std::thread::Builder::new()
             .name("subway-metrics".into())
-            .spawn(move || rt.block_on(accept_loop(listener, ask)))?;
-        Ok(MetricsServer { requests })
+            .spawn(move || rt.block_on(accept_loop(listener, ask, thread_wake)))?;
+        Ok(MetricsServer { requests, wake })
+    }
+
+    /// Readable while scrapes wait (for the control loop's poll set).
+    pub fn fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
     }
 
     /// Answers the scrapes waiting for numbers with `body()` (called by
     /// the control thread each round; returns at once when none wait).
     pub fn serve(&mut self, body: impl Fn() -> String) {
+        let mut n = 0u64;
+        // SAFETY: an 8-byte read into a live u64 from our non-blocking eventfd.
+        unsafe { libc::read(self.wake.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
         while let Ok(tx) = self.requests.try_recv() {
             let _ = tx.send(body());
         }

@@ -25,6 +25,10 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     /// The control thread's events: handshakes, cookies, refusals.
     pub control: Counters,
+    /// Rounds of the control thread's loop since start (it sleeps until
+    /// something arrives or a timer is due).
+    #[serde(default)]
+    pub control_wakeups: u64,
     pub uptime_secs: u64,
     /// The slow-path TUN's name.
     pub slow_path: String,

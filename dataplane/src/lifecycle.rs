@@ -54,6 +54,13 @@ pub struct Dataplane {
     lans: Vec<LanConfig>,
     netlink: Netlink,
     neigh_scratch: Vec<Neighbour>,
+    /// The kernel's neighbour and route changes, followed as they come
+    /// (None if the subscription failed: then the table is re-read).
+    events: Option<netlink::RoutingEvents>,
+    neigh_changes: Vec<netlink::NeighbourChange>,
+    /// The kernel's answers to route lookups toward peers' endpoints,
+    /// until a route or an uplink address changes.
+    route_cache: std::collections::HashMap<std::net::IpAddr, Option<netlink::RouteInfo>>,
     slow: Arc<SlowPath>,
     punt: punt::PuntServer,
     undo: KernelUndo,
@@ -189,6 +196,12 @@ impl Dataplane {
             undo.forwarding(&p.name, uplink.is_some_and(|u| ports[u as usize].ifindex == p.ifindex))?;
         }
 
+        // Subscribed before the first dump, so no change falls between.
+        let events = netlink::RoutingEvents::open()
+            .inspect_err(|e| {
+                tracing::warn!("not following neighbour and route changes (netlink): {e}; re-reading them")
+            })
+            .ok();
         let mut neigh_scratch = Vec::new();
         let neigh = read_neighbours(&mut netlink, &ports, &mut neigh_scratch)?;
         let tables = tables::shared(Tables {
@@ -333,6 +346,9 @@ impl Dataplane {
             lans: cfg.lans.clone(),
             netlink,
             neigh_scratch,
+            events,
+            neigh_changes: Vec::new(),
+            route_cache: Default::default(),
             slow: slow.clone(),
             punt: Default::default(),
             undo,
@@ -383,7 +399,14 @@ impl Dataplane {
     pub fn outer_path(&mut self, dst: std::net::SocketAddr, listen_port: u16) -> Option<tunnel::OuterPath> {
         let t = self.tables.load();
         let up = t.ports.get(t.uplink? as usize)?;
-        let r = self.netlink.route_get(dst.ip()).ok()??;
+        let r = match self.route_cache.get(&dst.ip()) {
+            Some(r) => (*r)?,
+            None => {
+                let r = self.netlink.route_get(dst.ip()).ok().flatten();
+                self.route_cache.insert(dst.ip(), r);
+                r?
+            }
+        };
         if r.oif != up.ifindex {
             return None;
         }
@@ -548,6 +571,12 @@ impl Dataplane {
         self.punt.serve(&self.slow, &t, &mut self.netlink, to_peer);
     }
 
+    /// How soon [`Dataplane::serve_punted`] wants to run again without
+    /// anything arriving: packets held for a neighbour are retried.
+    pub fn punt_deadline(&self) -> Option<std::time::Duration> {
+        self.punt.holding().then_some(punt::RESOLVE_EVERY / 5)
+    }
+
     pub fn punt_stats(&self) -> punt::PuntStats {
         self.punt.stats
     }
@@ -581,6 +610,7 @@ impl Dataplane {
             }
         }
         tracing::info!(uplink = %up.name, from = ?cur.uplink_addrs, to = ?now, "uplink addresses changed");
+        self.route_cache.clear();
         let gone: Vec<std::net::IpAddr> = cur.uplink_addrs.iter().filter(|a| !now.contains(a)).copied().collect();
         self.publish(|t| t.uplink_addrs = now.clone());
         if listen_port != 0 {
@@ -595,6 +625,58 @@ impl Dataplane {
 
     /// Re-reads the kernel's neighbour table and publishes new tables if
     /// anything changed. Returns whether it did.
+    /// The fd that is readable when the kernel's neighbours or routes
+    /// changed (see [`Dataplane::follow_kernel`]).
+    pub fn kernel_events_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.events.as_ref().map(|e| e.fd())
+    }
+
+    /// Applies the kernel's neighbour changes to the workers' mirror, in
+    /// one publication for all that arrived, and forgets cached routes when
+    /// a route changed. The whole table is re-read only when events were
+    /// lost (or never subscribed). Returns whether the workers' neighbours
+    /// changed.
+    pub fn follow_kernel(&mut self) -> Result<bool> {
+        let Some(ev) = self.events.as_mut() else {
+            self.route_cache.clear();
+            return self.refresh_neighbours();
+        };
+        self.neigh_changes.clear();
+        match ev.drain(&mut self.neigh_changes) {
+            Ok(false) => {}
+            Ok(true) => self.route_cache.clear(),
+            Err(e) => {
+                tracing::warn!("neighbour and route events lost ({e}): re-reading the neighbour table");
+                self.route_cache.clear();
+                return self.refresh_neighbours();
+            }
+        }
+        if self.neigh_changes.is_empty() {
+            return Ok(false);
+        }
+        let cur = self.tables.load_full();
+        let mut neigh = cur.neigh.clone();
+        let mut changed = false;
+        for c in &self.neigh_changes {
+            match *c {
+                netlink::NeighbourChange::Usable(n)
+                    if cur.ports.iter().any(|p| p.ifindex == n.ifindex)
+                        && neigh.get(n.ifindex, n.ip) != Some(n.mac) =>
+                {
+                    neigh.insert(n.ifindex, n.ip, n.mac);
+                    changed = true;
+                }
+                netlink::NeighbourChange::Unusable { ifindex, ip } => changed |= neigh.remove(ifindex, ip),
+                _ => {}
+            }
+        }
+        if changed {
+            self.publish(|t| t.neigh = neigh);
+        }
+        Ok(changed)
+    }
+
+    /// Re-reads the whole neighbour table (a dump).
     pub fn refresh_neighbours(&mut self) -> Result<bool> {
         let cur = self.tables.load_full();
         let neigh = read_neighbours(&mut self.netlink, &cur.ports, &mut self.neigh_scratch)?;

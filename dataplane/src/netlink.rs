@@ -134,6 +134,119 @@ impl AddressEvents {
     }
 }
 
+/// What a neighbour message says about an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NeighbourChange {
+    /// Resolved: the fast path may send to it.
+    Usable(Neighbour),
+    /// Gone, failed or not resolved (yet): the fast path must not.
+    Unusable { ifindex: u32, ip: IpAddr },
+    /// Not an IP neighbour with an Ethernet address (bridge FDB, ...).
+    Other,
+}
+
+impl NeighbourChange {
+    /// The one reading of a neighbour message, for dumps and events.
+    /// `new` is false for RTM_DELNEIGH.
+    fn of(n: &NeighbourMessage, new: bool) -> NeighbourChange {
+        let mut ip = None;
+        let mut mac = None;
+        for a in &n.attributes {
+            match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(IpAddr::V4(*v4)),
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => ip = Some(IpAddr::V6(*v6)),
+                NeighbourAttribute::LinkLocalAddress(l) if l.len() == 6 => {
+                    let mut m = [0u8; 6];
+                    m.copy_from_slice(l);
+                    mac = Some(MacAddr(m));
+                }
+                _ => {}
+            }
+        }
+        let ifindex = n.header.ifindex;
+        let usable = new
+            && !matches!(
+                n.header.state,
+                NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None
+            );
+        match (ip, mac) {
+            (Some(ip), Some(mac)) if usable => NeighbourChange::Usable(Neighbour { ifindex, ip, mac }),
+            (Some(ip), _) => NeighbourChange::Unusable { ifindex, ip },
+            _ => NeighbourChange::Other,
+        }
+    }
+}
+
+/// A socket subscribed to the kernel's neighbour changes (ARP and NDP)
+/// and route changes: the control thread follows them instead of dumping
+/// the neighbour table and asking for routes every round.
+pub struct RoutingEvents {
+    sock: Socket,
+    buf: Vec<u8>,
+}
+
+impl RoutingEvents {
+    pub fn open() -> io::Result<Self> {
+        const RTMGRP_NEIGH: u32 = 0x4;
+        const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+        const RTMGRP_IPV6_ROUTE: u32 = 0x400;
+        let mut sock = Socket::new(NETLINK_ROUTE)?;
+        sock.bind(&SocketAddr::new(
+            0,
+            RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE,
+        ))?;
+        sock.set_non_blocking(true)?;
+        Ok(RoutingEvents {
+            sock,
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.sock.as_raw_fd()
+    }
+
+    /// Reads every neighbour change that arrived into `out`; returns
+    /// whether any route changed. An error (ENOBUFS: the kernel dropped
+    /// events because we were slow) means the caller must re-read
+    /// everything.
+    pub fn drain(&mut self, out: &mut Vec<NeighbourChange>) -> io::Result<bool> {
+        let mut routes = false;
+        loop {
+            let n = match self.sock.recv(&mut &mut self.buf[..], 0) {
+                Ok(0) => return Ok(routes),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(routes),
+                Err(e) => return Err(e),
+            };
+            let mut off = 0;
+            while off < n {
+                let Ok(m) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..n]) else {
+                    break;
+                };
+                let len = m.header.length as usize;
+                match m.payload {
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) => {
+                        out.push(NeighbourChange::of(&n, true))
+                    }
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(n)) => {
+                        out.push(NeighbourChange::of(&n, false))
+                    }
+                    NetlinkPayload::InnerMessage(
+                        RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_),
+                    ) => routes = true,
+                    _ => {}
+                }
+                if len == 0 {
+                    break;
+                }
+                off += len;
+            }
+        }
+    }
+}
+
 impl Netlink {
     pub fn open() -> io::Result<Self> {
         let mut sock = Socket::new(NETLINK_ROUTE)?;
@@ -200,35 +313,10 @@ impl Netlink {
     pub fn neighbours(&mut self, out: &mut Vec<Neighbour>) -> io::Result<()> {
         out.clear();
         self.dump(RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()), |m| {
-            let RouteNetlinkMessage::NewNeighbour(n) = m else {
-                return;
-            };
-            if matches!(
-                n.header.state,
-                NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None
-            ) {
-                return;
-            }
-            let mut ip = None;
-            let mut mac = None;
-            for a in &n.attributes {
-                match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(IpAddr::V4(*v4)),
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => ip = Some(IpAddr::V6(*v6)),
-                    NeighbourAttribute::LinkLocalAddress(l) if l.len() == 6 => {
-                        let mut m = [0u8; 6];
-                        m.copy_from_slice(l);
-                        mac = Some(MacAddr(m));
-                    }
-                    _ => {}
-                }
-            }
-            if let (Some(ip), Some(mac)) = (ip, mac) {
-                out.push(Neighbour {
-                    ifindex: n.header.ifindex,
-                    ip,
-                    mac,
-                });
+            if let RouteNetlinkMessage::NewNeighbour(n) = m
+                && let NeighbourChange::Usable(n) = NeighbourChange::of(&n, true)
+            {
+                out.push(n);
             }
         })
     }

@@ -37,7 +37,7 @@ const MAX_HELD_PER_NEIGHBOUR: usize = 3;
 /// How long a packet waits for its neighbour.
 const HOLD_FOR: Duration = Duration::from_secs(3);
 /// How often resolution of one neighbour is asked for.
-const RESOLVE_EVERY: Duration = Duration::from_millis(500);
+pub const RESOLVE_EVERY: Duration = Duration::from_millis(500);
 /// ICMP errors per second at most (the kernel's default is similar).
 const ICMP_PER_SEC: u32 = 200;
 
@@ -176,6 +176,12 @@ pub struct PuntServer {
 }
 
 impl PuntServer {
+    /// Packets wait for a neighbour: the caller should serve again within
+    /// [`RESOLVE_EVERY`] (to ask again, or give up after [`HOLD_FOR`]).
+    pub fn holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
     /// Drains the workers' queue and sends what waited for a neighbour that
     /// is now known. `to_peer(peer, packet)` takes packets for peers.
     pub fn serve(&mut self, slow: &SlowPath, t: &Tables, nl: &mut Netlink, mut to_peer: impl FnMut(u32, &[u8])) {

@@ -52,6 +52,15 @@ impl NeighTable {
             mac,
         );
     }
+    /// Forgets an entry; returns whether there was one.
+    pub fn remove(&mut self, ifindex: u32, ip: IpAddr) -> bool {
+        self.map
+            .remove(&NeighKey {
+                ifindex,
+                ip: ip_key(ip),
+            })
+            .is_some()
+    }
     #[inline]
     pub fn get(&self, ifindex: u32, ip: IpAddr) -> Option<MacAddr> {
         self.map

@@ -632,3 +632,65 @@ fn cryptokey_routing_drops_a_source_outside_the_peers_allowed_ips() -> Result<()
     ping(&t.b, "10.1.0.2", 5)?;
     Ok(())
 }
+
+/// The control thread sleeps until something arrives or a timer is due
+/// (it used to wake 20 times a second), and a neighbour the kernel learns
+/// reaches the workers' table from netlink's event, with no traffic and
+/// no periodic dump to bring it.
+#[test]
+fn an_idle_control_loop_sleeps_and_follows_neighbour_changes_as_they_come() -> Result<()> {
+    if !require_root("an_idle_control_loop_sleeps_and_follows_neighbour_changes_as_they_come") {
+        return Ok(());
+    }
+    let t = TwoSites::new()?;
+    let ga = Subway::start(&t.gwa, &t.subway_config(true, false, ""))?;
+    let gb = Subway::start(&t.gwb, &t.subway_config(false, false, ""))?;
+    ping_until(&t.a, "10.2.0.2", 10)?;
+    let wakeups = |s: &serde_json::Value| s["control_wakeups"].as_u64().context("control_wakeups");
+
+    // Idle: a session up, no traffic.
+    std::thread::sleep(Duration::from_secs(1));
+    let (s0, t0) = (ga.show()?, std::time::Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    let (s1, t1) = (ga.show()?, std::time::Instant::now());
+    let rate = (wakeups(&s1)? - wakeups(&s0)?) as f64 / (t1 - t0).as_secs_f64();
+    eprintln!("idle control loop: {rate:.1} wake-ups/s");
+    assert!(
+        rate < 5.0,
+        "an idle control loop woke {rate:.1} times a second (a 50 ms tick would be 20)"
+    );
+
+    // A neighbour appears and goes: the workers' table follows.
+    let neighbours = || -> Result<u64> { ga.show()?["neighbours"].as_u64().context("neighbours") };
+    let before = neighbours()?;
+    let at = std::time::Instant::now();
+    t.gwa.run(&[
+        "ip",
+        "neigh",
+        "replace",
+        "10.1.0.77",
+        "lladdr",
+        "02:00:00:00:00:77",
+        "dev",
+        "lan0",
+        "nud",
+        "permanent",
+    ])?;
+    subway_tests::wait_until(
+        "the new neighbour in the workers' table",
+        Duration::from_secs(2),
+        || Ok(neighbours()? == before + 1),
+    )?;
+    eprintln!(
+        "neighbour added: in the workers' table after {:?} (show round trips included)",
+        at.elapsed()
+    );
+    t.gwa.run(&["ip", "neigh", "del", "10.1.0.77", "dev", "lan0"])?;
+    subway_tests::wait_until(
+        "the neighbour gone from the workers' table",
+        Duration::from_secs(2),
+        || Ok(neighbours()? == before),
+    )?;
+    drop(gb);
+    Ok(())
+}

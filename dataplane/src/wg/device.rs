@@ -65,6 +65,16 @@ pub struct Device {
     allowed: AllowedIps,
 }
 
+/// When a wanted handshake (a peer added, an endpoint changed, a rekey
+/// asked for on receive) may start: not while one is under way, at most
+/// one initiation per REKEY_TIMEOUT, and only toward a known endpoint.
+fn wanted_handshake_at(p: &Peer) -> Option<Duration> {
+    if !p.want_handshake || p.pending.is_some() || p.endpoint.is_none() {
+        return None;
+    }
+    Some(p.last_initiation_sent.map_or(Duration::ZERO, |t| t + REKEY_TIMEOUT))
+}
+
 /// The source address of an inner IP packet and its length.
 fn inner_source(p: &[u8]) -> Option<(IpAddr, usize)> {
     let ip = crate::wire::IpPacket::new_checked(p).ok()?;
@@ -573,6 +583,26 @@ impl Device {
     }
 
     /// Runs every peer's timers and due rekeys; returns what to send.
+    /// When [`Device::tick`] next has work (monotonic time), if ever:
+    /// the earliest timer of any peer, or now if a peer waits for a
+    /// handshake or has packets queued for one. The driver sleeps until
+    /// then (or until a datagram, a packet or a traffic note arrives).
+    pub fn next_deadline(&self, now: Duration) -> Option<Duration> {
+        self.peers
+            .iter()
+            .filter(|p| !p.removed)
+            .filter_map(|p| {
+                if !p.queue.is_empty() && p.send_session(now).is_some() {
+                    return Some(now);
+                }
+                [p.timers.next_deadline(), wanted_handshake_at(p)]
+                    .into_iter()
+                    .flatten()
+                    .min()
+            })
+            .min()
+    }
+
     pub fn tick(&mut self, now: Now) -> Vec<Outgoing> {
         let mut out = Vec::new();
         for id in 0..self.peers.len() as u32 {
@@ -625,11 +655,7 @@ impl Device {
                 p.timers.handshake_attempts = 0;
                 initiate = true;
             }
-            // A wanted rekey, rate-limited to one initiation per REKEY_TIMEOUT.
-            let recently = p
-                .last_initiation_sent
-                .is_some_and(|t| now.mono.saturating_sub(t) < REKEY_TIMEOUT);
-            if p.want_handshake && p.pending.is_none() && !recently {
+            if wanted_handshake_at(p).is_some_and(|at| at <= now.mono) {
                 // A new attempt, not a retry: it gets its full retries.
                 p.timers.handshake_attempts = 0;
                 initiate = true;
@@ -687,6 +713,28 @@ mod tests {
                 unix: Duration::from_secs(1_700_000_000),
             },
         )
+    }
+
+    #[test]
+    fn the_next_deadline_is_now_while_a_handshake_waits_then_the_retransmit_and_none_when_idle() {
+        let (mut a, b, now) = pair();
+        assert!(
+            a.next_deadline(now.mono).is_some_and(|d| d <= now.mono),
+            "a peer with an endpoint waits for a handshake: due now"
+        );
+        assert_eq!(
+            b.next_deadline(now.mono),
+            None,
+            "nothing to do: sleep until something arrives"
+        );
+        let sent = a.tick(now);
+        assert_eq!(sent.len(), 1, "the initiation");
+        let d = a.next_deadline(now.mono).expect("the retransmit timer");
+        assert!(d >= now.mono + REKEY_TIMEOUT && d <= now.mono + REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX);
+        // Wanted again while the initiation is in flight: not before the
+        // retransmit (no busy loop on a handshake that cannot start yet).
+        a.local_address_changed();
+        assert_eq!(a.next_deadline(now.mono), Some(d));
     }
 
     fn ipv4(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
