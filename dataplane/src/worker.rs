@@ -230,6 +230,9 @@ impl Worker {
                         rx_acc.add(peer, bytes, snap);
                         vnet = snap.peers.get(peer as usize).map_or(vnet, |p| p.vnet);
                     }
+                    if matches!(v, Verdict::Tx(_) | Verdict::SlowPath(..)) {
+                        tally.inc(Counter::TunnelRx);
+                    }
                     v
                 } else {
                     route_frame(data.contents_mut(), ingress, snap)
