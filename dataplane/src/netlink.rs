@@ -102,22 +102,26 @@ pub struct AddressEvents {
     buf: Vec<u8>,
 }
 
+/// A non-blocking rtnetlink socket subscribed to multicast `groups`.
+fn subscribe(groups: u32) -> io::Result<Socket> {
+    let mut sock = Socket::new(NETLINK_ROUTE)?;
+    sock.bind(&SocketAddr::new(0, groups))?;
+    sock.set_non_blocking(true)?;
+    Ok(sock)
+}
+
 impl AddressEvents {
     pub fn open() -> io::Result<Self> {
         const RTMGRP_IPV4_IFADDR: u32 = 0x10;
         const RTMGRP_IPV6_IFADDR: u32 = 0x100;
-        let mut sock = Socket::new(NETLINK_ROUTE)?;
-        sock.bind(&SocketAddr::new(0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))?;
-        sock.set_non_blocking(true)?;
         Ok(AddressEvents {
-            sock,
+            sock: subscribe(RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)?,
             buf: vec![0; 16 * 1024],
         })
     }
 
     pub fn fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.sock.as_raw_fd()
+        std::os::fd::AsRawFd::as_raw_fd(&self.sock)
     }
 
     /// Drains what arrived; true if anything did (the caller re-reads the
@@ -190,21 +194,14 @@ impl RoutingEvents {
         const RTMGRP_NEIGH: u32 = 0x4;
         const RTMGRP_IPV4_ROUTE: u32 = 0x40;
         const RTMGRP_IPV6_ROUTE: u32 = 0x400;
-        let mut sock = Socket::new(NETLINK_ROUTE)?;
-        sock.bind(&SocketAddr::new(
-            0,
-            RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE,
-        ))?;
-        sock.set_non_blocking(true)?;
         Ok(RoutingEvents {
-            sock,
+            sock: subscribe(RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)?,
             buf: vec![0; 64 * 1024],
         })
     }
 
     pub fn fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.sock.as_raw_fd()
+        std::os::fd::AsRawFd::as_raw_fd(&self.sock)
     }
 
     /// Reads every neighbour change that arrived into `out`; returns
