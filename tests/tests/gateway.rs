@@ -107,7 +107,12 @@ fn the_tunnel_runs_over_ipv6_outside() -> Result<()> {
     }
     let t = TwoSites::new()?;
     let _ga = Subway::start(&t.gwa, &t.subway_config(true, true, ""))?;
-    let gb = Subway::start(&t.gwb, &t.subway_config(false, true, ""))?;
+    // B is not told where A is: it learns A's IPv6 endpoint from A's
+    // handshake (roaming on handshakes, over IPv6).
+    let b_cfg = t.subway_config(false, true, "");
+    let b_cfg = b_cfg.replace("Endpoint = [2001:db8::1]:51820\n", "");
+    assert!(!b_cfg.contains("Endpoint"), "{b_cfg}");
+    let gb = Subway::start(&t.gwb, &b_cfg)?;
     ping_until(&t.a, "10.2.0.2", 10)?;
     ping(&t.a, "10.2.0.2", 5)?;
     ping_until(&t.b, "fd01::2", 5)?;
