@@ -272,8 +272,9 @@ impl State {
         if let Some(soon) = self.dp.punt_deadline() {
             d = d.min(soon);
         }
-        if let Some(at) = self.gw.as_ref().and_then(|g| g.next_deadline()) {
-            d = d.min(at.saturating_sub(subway_dataplane::wg::Now::system().mono));
+        let now = subway_dataplane::wg::Now::system().mono;
+        if let Some(at) = self.gw.as_ref().and_then(|g| g.next_deadline(now)) {
+            d = d.min(at.saturating_sub(now));
         }
         d
     }

@@ -160,8 +160,8 @@ impl Gateway {
 
     /// When the device next needs a round without anything arriving
     /// (monotonic time): its earliest timer.
-    pub fn next_deadline(&self) -> Option<std::time::Duration> {
-        self.dev.next_deadline(Now::system().mono)
+    pub fn next_deadline(&self, now: std::time::Duration) -> Option<std::time::Duration> {
+        self.dev.next_deadline(now)
     }
 
     /// One round: datagrams, TUN packets, traffic notes, timers,

@@ -623,8 +623,6 @@ impl Dataplane {
         Ok(Some(now))
     }
 
-    /// Re-reads the kernel's neighbour table and publishes new tables if
-    /// anything changed. Returns whether it did.
     /// The fd that is readable when the kernel's neighbours or routes
     /// changed (see [`Dataplane::follow_kernel`]).
     pub fn kernel_events_fd(&self) -> Option<std::os::fd::RawFd> {
@@ -637,16 +635,17 @@ impl Dataplane {
     /// lost (or never subscribed). Returns whether the workers' neighbours
     /// changed.
     pub fn follow_kernel(&mut self) -> Result<bool> {
-        let Some(ev) = self.events.as_mut() else {
-            self.route_cache.clear();
-            return self.refresh_neighbours();
-        };
         self.neigh_changes.clear();
-        match ev.drain(&mut self.neigh_changes) {
+        let drained = match self.events.as_mut() {
+            Some(ev) => ev.drain(&mut self.neigh_changes).inspect_err(|e| {
+                tracing::warn!("neighbour and route events lost ({e}): re-reading the neighbour table")
+            }),
+            None => Err(std::io::ErrorKind::Unsupported.into()),
+        };
+        match drained {
             Ok(false) => {}
             Ok(true) => self.route_cache.clear(),
-            Err(e) => {
-                tracing::warn!("neighbour and route events lost ({e}): re-reading the neighbour table");
+            Err(_) => {
                 self.route_cache.clear();
                 return self.refresh_neighbours();
             }
@@ -676,8 +675,9 @@ impl Dataplane {
         Ok(changed)
     }
 
-    /// Re-reads the whole neighbour table (a dump).
-    pub fn refresh_neighbours(&mut self) -> Result<bool> {
+    /// Re-reads the whole neighbour table (a dump) and publishes it if
+    /// anything changed. Returns whether it did.
+    fn refresh_neighbours(&mut self) -> Result<bool> {
         let cur = self.tables.load_full();
         let neigh = read_neighbours(&mut self.netlink, &cur.ports, &mut self.neigh_scratch)?;
         if neigh == cur.neigh {

@@ -52,7 +52,6 @@ struct ToPeer {
 
 pub struct Worker {
     info: WorkerInfo,
-    opts: XskOptions,
     rings: Rings,
     stats: Arc<WorkerStats>,
 }
@@ -76,7 +75,6 @@ impl Worker {
         };
         Ok(Worker {
             info,
-            opts,
             rings,
             stats: Arc::new(WorkerStats::default()),
         })
@@ -111,7 +109,7 @@ impl Worker {
                 {
                     tracing::warn!(worker = self.info.id, core, "could not pin to core");
                 }
-                if self.opts.busy_poll {
+                if self.rings.opts().busy_poll {
                     self.rings.set_busy_poll();
                 }
                 self.run(&tables, &slow, &stop);
@@ -120,8 +118,9 @@ impl Worker {
     }
 
     fn run(&mut self, tables: &SharedTables, slow: &SlowPath, stop: &AtomicBool) {
-        let batch = self.opts.batch_size;
-        let mut descs = vec![FrameDesc::default(); batch.max(self.opts.ring_size as usize)];
+        let opts = *self.rings.opts();
+        let batch = opts.batch_size;
+        let mut descs = vec![FrameDesc::default(); batch.max(opts.ring_size as usize)];
         let mut tally = Tally::default();
         let mut empty_polls = 0u32;
         let mut turns = 0u64;
@@ -186,7 +185,7 @@ impl Worker {
                 // empty between bursts for microseconds, and a sleep and
                 // wakeup would cost more than the burst.
                 empty_polls = empty_polls.saturating_add(1);
-                if empty_polls > self.opts.idle_spin {
+                if empty_polls > opts.idle_spin {
                     self.rings.idle(&mut tally);
                 } else {
                     std::hint::spin_loop();

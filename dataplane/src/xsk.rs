@@ -240,6 +240,11 @@ impl Rings {
         self.zero_copy
     }
 
+    /// The socket and loop tuning these rings were made with.
+    pub fn opts(&self) -> &XskOptions {
+        &self.opts
+    }
+
     /// How many ports (sockets) this worker has.
     pub fn ports(&self) -> usize {
         self.socks.len()

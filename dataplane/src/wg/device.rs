@@ -762,19 +762,8 @@ mod tests {
         b.update_peer(0, &cfg);
         assert_eq!(b.tick(now).len(), 1);
         // A's initiation completes; its keepalive confirms B's session.
-        let mut init = a.tick(now)[0].datagram.clone();
-        let Received::Send(resp) = b.receive(A.parse().unwrap(), &mut init, now).unwrap() else {
-            panic!()
-        };
-        let mut m2 = resp[0].datagram.clone();
-        let Received::Send(ka) = a.receive(B.parse().unwrap(), &mut m2, now).unwrap() else {
-            panic!()
-        };
-        let mut k = ka[0].datagram.clone();
-        assert_eq!(
-            b.receive(A.parse().unwrap(), &mut k, now).unwrap(),
-            Received::Keepalive { peer: 0 }
-        );
+        let init = a.tick(now).remove(0).datagram;
+        complete(&mut a, &mut b, init, now);
         assert_eq!(b.peer(0).unwrap().handshakes, 1);
         // B's own initiation is not retransmitted REKEY_TIMEOUT later.
         let later = Now {
@@ -960,10 +949,16 @@ mod tests {
         assert_eq!(b.receive(A.parse().unwrap(), &mut bad, now), Err(WgError::BadMac1));
     }
 
-    /// Completes a handshake a -> b; returns b's first view of a.
+    /// Completes a handshake a -> b.
     fn connect(a: &mut Device, b: &mut Device, now: Now) {
         a.send(0, &[], now).unwrap();
-        let mut m1 = a.tick(now).remove(0).datagram;
+        let m1 = a.tick(now).remove(0).datagram;
+        complete(a, b, m1, now);
+    }
+
+    /// Completes the handshake a's initiation `m1` starts: b responds, a's
+    /// keepalive confirms b's session.
+    fn complete(a: &mut Device, b: &mut Device, mut m1: Vec<u8>, now: Now) {
         let Received::Send(r) = b.receive(A.parse().unwrap(), &mut m1, now).unwrap() else {
             panic!()
         };
