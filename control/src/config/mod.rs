@@ -1,0 +1,214 @@
+//! subway's configuration file: a superset of wg-quick's format.
+//!
+//! ```text
+//! [Interface]            PrivateKey, ListenPort, Uplink, FailMode (subway's)
+//! [Lan]      (1 or more) Interface, Subnets, VNet
+//! [Peer]     (0 or more) PublicKey, PresharedKey, Endpoint, AllowedIPs,
+//!                        PersistentKeepalive, VNet
+//! [Metrics]  (optional)  Listen
+//! [Tuning]   (optional)  Queues, Cores, BatchSize, RingSize, FrameSize,
+//!                        XskMode, XdpMode, BusyPoll, NeedWakeup, IdleSpin
+//! ```
+//!
+//! Keys and section names are case-insensitive, as in wg-quick. wg-quick
+//! keys subway does not use are accepted with a warning. Every error names
+//! the file and line, says what is wrong and what to do.
+//!
+//! - this file: the parsed types, loading a file, the check against the
+//!   host (`check_interfaces`) and the VNET numbering (`vnet_ids`);
+//! - `parse`: the file, line by line, into sections; keys given twice; the
+//!   rules that span sections;
+//! - `sections`: the keys of each section, one function per section;
+//! - `values`: the value syntaxes (keys, numbers, booleans, ranges,
+//!   prefixes, VNET names).
+
+mod parse;
+mod sections;
+mod values;
+
+#[cfg(test)]
+mod tests;
+
+use base64::Engine;
+use ipnet::IpNet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use subway_dataplane::{XdpAttach, XskOptions};
+
+/// A config error: where, what, and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub msg: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file.display(), self.msg)
+        } else {
+            write!(f, "{}:{}: {}", self.file.display(), self.line, self.msg)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A 32-byte Curve25519 key, from base64.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key32(pub [u8; 32]);
+
+impl fmt::Debug for Key32 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key32({})", base64::engine::general_purpose::STANDARD.encode(self.0))
+    }
+}
+
+impl Key32 {
+    pub fn to_base64(self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(self.0)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InterfaceSection {
+    pub line: usize,
+    pub private_key: Option<Key32>,
+    pub listen_port: Option<u16>,
+    pub uplink: Option<(String, usize)>,
+    /// `FailMode = open`: the fail-safe fence on the peers' prefixes is
+    /// removed on a clean stop. The default (`closed`) keeps it in the
+    /// kernel after a clean stop too, until the next start or `subway down`.
+    pub fail_open: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LanSection {
+    pub line: usize,
+    pub interface: String,
+    pub subnets: Vec<IpNet>,
+    pub vnet: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerSection {
+    /// The peer's id on the WireGuard device and in the FIB: its position
+    /// in the file at start, kept for its life across reloads and `wg set`.
+    pub id: u32,
+    pub line: usize,
+    pub public_key: Key32,
+    pub preshared_key: Option<Key32>,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<(IpNet, usize)>,
+    pub persistent_keepalive: Option<u16>,
+    pub vnet: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tuning {
+    pub queues: Option<Vec<u32>>,
+    pub cores: Option<Vec<usize>>,
+    pub xsk: XskOptions,
+    pub xdp_mode: XdpAttach,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    /// The instance name: the file's stem, as with wg-quick.
+    pub name: String,
+    pub interface: InterfaceSection,
+    pub lans: Vec<LanSection>,
+    pub peers: Vec<PeerSection>,
+    pub tuning: Tuning,
+    /// Prometheus endpoint, if a [Metrics] section asks for one.
+    pub metrics: Option<(SocketAddr, usize)>,
+    pub warnings: Vec<String>,
+    /// VNET names a running instance already numbered (see `vnet_ids`).
+    pub known_vnets: Vec<String>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            msg: format!("cannot read the config file: {e}"),
+        })?;
+        let mut cfg = Self::parse(path, &text)?;
+        // As wg-quick does: a private key others can read is no secret.
+        use std::os::unix::fs::PermissionsExt;
+        if cfg.interface.private_key.is_some()
+            && let Ok(m) = std::fs::metadata(path)
+            && m.permissions().mode() & 0o077 != 0
+        {
+            cfg.warnings.push(format!(
+                "{}: holds a private key and is readable by group or others (mode {:o}): chmod 600 {}",
+                path.display(),
+                m.permissions().mode() & 0o777,
+                path.display()
+            ));
+        }
+        Ok(cfg)
+    }
+
+    fn err(&self, line: usize, msg: String) -> ConfigError {
+        ConfigError {
+            file: self.path.clone(),
+            line,
+            msg,
+        }
+    }
+
+    /// Checks that every interface named in the file exists on this host.
+    pub fn check_interfaces(&self) -> Result<(), ConfigError> {
+        let link = |n: &str| subway_dataplane::netlink::link_by_name(n).ok().flatten();
+        for l in &self.lans {
+            match link(&l.interface) {
+                None => {
+                    let msg = format!("interface {} does not exist on this host: check `ip link`", l.interface);
+                    return Err(self.err(l.line, msg));
+                }
+                Some(k) if k.kind != 1 => {
+                    let msg = format!(
+                        "interface {} is not Ethernet: subway routes Ethernet frames",
+                        l.interface
+                    );
+                    return Err(self.err(l.line, msg));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some((u, line)) = &self.interface.uplink
+            && link(u).is_none()
+        {
+            let msg = format!("Uplink interface {u} does not exist on this host: check `ip link`");
+            return Err(self.err(*line, msg));
+        }
+        Ok(())
+    }
+
+    /// Dense VNET ids: `default` is 0, others in order of appearance. A
+    /// reloaded config keeps the numbers of the VNETs it already had
+    /// (`known_vnets`), so the XDP program's keys stay valid.
+    pub fn vnet_ids(&self) -> Vec<String> {
+        let mut v = if self.known_vnets.is_empty() {
+            vec!["default".to_string()]
+        } else {
+            self.known_vnets.clone()
+        };
+        for n in self
+            .lans
+            .iter()
+            .map(|l| &l.vnet)
+            .chain(self.peers.iter().map(|p| &p.vnet))
+        {
+            if !v.contains(n) {
+                v.push(n.clone());
+            }
+        }
+        v
+    }
+}

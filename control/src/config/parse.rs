@@ -1,0 +1,221 @@
+//! The file, line by line: section headers, `Key = Value` lines gathered
+//! per section and handed to that section's parser (`sections`), keys
+//! given twice, and the rules that span sections.
+
+use super::sections::{Entries, parse_interface, parse_lan, parse_metrics, parse_peer, parse_tuning};
+use super::{Config, ConfigError, InterfaceSection, Key32, Tuning};
+use ipnet::IpNet;
+use std::collections::HashMap;
+use std::path::Path;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Section {
+    None,
+    Interface,
+    Lan,
+    Peer,
+    Tuning,
+    Metrics,
+}
+
+impl Config {
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let err = |line: usize, msg: String| ConfigError {
+            file: path.to_path_buf(),
+            line,
+            msg,
+        };
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "subway".into());
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(err(
+                0,
+                format!(
+                    "the instance name {name:?} (the file's stem) may only use letters, digits, '-', '_' and '.'; rename the file"
+                ),
+            ));
+        }
+        let mut cfg = Config {
+            path: path.to_path_buf(),
+            name,
+            interface: InterfaceSection::default(),
+            lans: Vec::new(),
+            peers: Vec::new(),
+            tuning: Tuning::default(),
+            metrics: None,
+            warnings: Vec::new(),
+            known_vnets: Vec::new(),
+        };
+        let mut section = Section::None;
+        let mut seen_interface = false;
+        let mut seen_tuning = false;
+        // Raw key/values of the section being read, flushed at its end.
+        let mut pending: Entries = Vec::new();
+        let mut section_line = 0;
+
+        let flush = |cfg: &mut Config, section: Section, line: usize, kv: &mut Entries| -> Result<(), ConfigError> {
+            let kv = std::mem::take(kv);
+            // Lists may be split over lines; any other key twice is a mistake.
+            let mut seen: HashMap<String, usize> = HashMap::new();
+            for (k, _, l) in &kv {
+                let lk = k.to_ascii_lowercase();
+                if lk == "allowedips" || lk == "subnets" {
+                    continue;
+                }
+                if let Some(first) = seen.insert(lk, *l) {
+                    return Err(err(
+                        *l,
+                        format!("`{k}` is given twice in this section (first at line {first}): keep one"),
+                    ));
+                }
+            }
+            match section {
+                Section::None => {
+                    if let Some((k, _, l)) = kv.first() {
+                        return Err(err(
+                            *l,
+                            format!(
+                                "`{k}` is outside any section: put it under [Interface], [Lan], [Peer] or [Tuning]"
+                            ),
+                        ));
+                    }
+                    Ok(())
+                }
+                Section::Interface => parse_interface(cfg, line, kv, &err),
+                Section::Lan => parse_lan(cfg, line, kv, &err),
+                Section::Peer => parse_peer(cfg, line, kv, &err),
+                Section::Tuning => parse_tuning(cfg, kv, &err),
+                Section::Metrics => parse_metrics(cfg, kv, &err),
+            }
+        };
+
+        for (i, raw) in text.lines().enumerate() {
+            let lineno = i + 1;
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            if line.starts_with('[') {
+                if !line.ends_with(']') {
+                    return Err(err(
+                        lineno,
+                        format!("malformed section header `{line}`: write it as [Name]"),
+                    ));
+                }
+                flush(&mut cfg, section, section_line, &mut pending)?;
+                let name = line[1..line.len() - 1].trim().to_ascii_lowercase();
+                section = match name.as_str() {
+                    "interface" => {
+                        if seen_interface {
+                            return Err(err(
+                                lineno,
+                                "a second [Interface] section: merge it into the first".into(),
+                            ));
+                        }
+                        seen_interface = true;
+                        Section::Interface
+                    }
+                    "lan" => Section::Lan,
+                    "metrics" => {
+                        cfg.metrics = Some(("127.0.0.1:9586".parse().unwrap(), lineno));
+                        Section::Metrics
+                    }
+                    "peer" => Section::Peer,
+                    "tuning" => {
+                        if seen_tuning {
+                            return Err(err(lineno, "a second [Tuning] section: merge it into the first".into()));
+                        }
+                        seen_tuning = true;
+                        Section::Tuning
+                    }
+                    _ => {
+                        return Err(err(
+                            lineno,
+                            format!(
+                                "unknown section [{}]: subway knows [Interface], [Lan], [Peer], [Tuning] and [Metrics]",
+                                &line[1..line.len() - 1]
+                            ),
+                        ));
+                    }
+                };
+                section_line = lineno;
+                continue;
+            }
+            let Some((k, v)) = line.split_once('=') else {
+                return Err(err(lineno, format!("expected `Key = Value`, found `{line}`")));
+            };
+            let (k, v) = (k.trim(), v.trim());
+            if k.is_empty() {
+                return Err(err(lineno, "a value with no key before the `=`".into()));
+            }
+            pending.push((k.to_string(), v.to_string(), lineno));
+        }
+        flush(&mut cfg, section, section_line, &mut pending)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Rules that span sections.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.lans.is_empty() {
+            return Err(self.err(
+                0,
+                "no [Lan] section: add one with `Interface = IFNAME` for each interface facing a local subnet".into(),
+            ));
+        }
+        let mut ifaces: HashMap<&str, usize> = HashMap::new();
+        for l in &self.lans {
+            if let Some(prev) = ifaces.insert(&l.interface, l.line) {
+                return Err(self.err(
+                    l.line,
+                    format!(
+                        "interface {} is already a [Lan] at line {prev}: list it once",
+                        l.interface
+                    ),
+                ));
+            }
+        }
+        let mut subnets: HashMap<(&str, IpNet), usize> = HashMap::new();
+        for l in &self.lans {
+            for s in &l.subnets {
+                if let Some(prev) = subnets.insert((&l.vnet, s.trunc()), l.line) {
+                    return Err(self.err(l.line, format!("subnet {s} in VNET {} is also claimed by the [Lan] at line {prev}: each prefix belongs to one interface per VNET", l.vnet)));
+                }
+            }
+        }
+        if !self.peers.is_empty() && self.interface.uplink.is_none() {
+            return Err(self.err(
+                self.interface.line,
+                "peers are configured but [Interface] has no Uplink: add `Uplink = IFNAME`, the interface toward the peers".into(),
+            ));
+        }
+        if !self.peers.is_empty() && self.interface.private_key.is_none() {
+            return Err(self.err(
+                self.interface.line,
+                "peers are configured but [Interface] has no PrivateKey: generate one with `wg genkey`".into(),
+            ));
+        }
+        let mut keys: HashMap<Key32, usize> = HashMap::new();
+        // One owner per prefix and VNET, whether a LAN or a peer.
+        let mut owners: HashMap<(&str, IpNet), usize> = subnets;
+        for p in &self.peers {
+            if let Some(prev) = keys.insert(p.public_key, p.line) {
+                return Err(self.err(
+                    p.line,
+                    format!("this PublicKey is already the [Peer] at line {prev}: merge the two sections"),
+                ));
+            }
+            for (net, line) in &p.allowed_ips {
+                if let Some(prev) = owners.insert((&p.vnet, net.trunc()), *line) {
+                    return Err(self.err(
+                        *line,
+                        format!("AllowedIPs {net} in VNET {} is already claimed at line {prev}: a prefix routes to one peer or LAN per VNET; remove one, or put them in different VNETs", p.vnet),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}

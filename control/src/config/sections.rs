@@ -1,0 +1,235 @@
+//! The keys of each section: one parser per section, each given the
+//! section's `Key = Value` lines in file order.
+
+use super::values::{ErrFn, parse_bool, parse_key, parse_num, parse_prefixes, parse_ranges, vnet_name};
+use super::{Config, ConfigError, LanSection, PeerSection};
+use std::net::{SocketAddr, ToSocketAddrs};
+use subway_dataplane::{BindMode, XdpAttach};
+
+/// A section's `Key = Value` lines, in file order: (key, value, line).
+pub(super) type Entries = Vec<(String, String, usize)>;
+
+/// wg-quick keys that are valid there but mean nothing to subway.
+const WG_QUICK_IGNORED: &[&str] = &[
+    "address",
+    "dns",
+    "mtu",
+    "table",
+    "preup",
+    "postup",
+    "predown",
+    "postdown",
+    "saveconfig",
+    "fwmark",
+];
+
+fn unknown(cfg: &mut Config, section: &str, k: &str, line: usize, known: &str, err: &ErrFn) -> Result<(), ConfigError> {
+    if WG_QUICK_IGNORED.contains(&k.to_ascii_lowercase().as_str()) && section == "Interface" {
+        cfg.warnings.push(format!(
+            "{}:{line}: {k} is a wg-quick setting subway does not use; it is ignored",
+            cfg.path.display()
+        ));
+        return Ok(());
+    }
+    Err(err(
+        line,
+        format!("unknown key `{k}` in [{section}]: expected one of {known}"),
+    ))
+}
+
+pub(super) fn parse_interface(cfg: &mut Config, sline: usize, kv: Entries, err: &ErrFn) -> Result<(), ConfigError> {
+    cfg.interface.line = sline;
+    for (k, v, line) in kv {
+        match k.to_ascii_lowercase().as_str() {
+            "privatekey" => cfg.interface.private_key = Some(parse_key(&v, "PrivateKey", line, err)?),
+            "listenport" => cfg.interface.listen_port = Some(parse_num(&k, &v, line, err)?),
+            "uplink" => cfg.interface.uplink = Some((v, line)),
+            "failmode" => {
+                cfg.interface.fail_open = match v.to_ascii_lowercase().as_str() {
+                    "closed" => false,
+                    "open" => true,
+                    _ => {
+                        return Err(err(
+                            line,
+                            format!(
+                                "FailMode = {v}: expected `closed` (tunnelled prefixes stay refused by the kernel \
+                                 while subway is stopped) or `open` (the kernel routes them after a clean stop)"
+                            ),
+                        ));
+                    }
+                }
+            }
+            _ => unknown(
+                cfg,
+                "Interface",
+                &k,
+                line,
+                "PrivateKey, ListenPort, Uplink, FailMode",
+                err,
+            )?,
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn parse_lan(cfg: &mut Config, sline: usize, kv: Entries, err: &ErrFn) -> Result<(), ConfigError> {
+    let mut iface = None;
+    let mut subnets = Vec::new();
+    let mut vnet = "default".to_string();
+    for (k, v, line) in kv {
+        match k.to_ascii_lowercase().as_str() {
+            "interface" => {
+                if v.is_empty() || v.len() > 15 || v.contains(['/', ' ']) {
+                    return Err(err(line, format!("Interface `{v}` is not a valid interface name")));
+                }
+                iface = Some(v)
+            }
+            "subnets" => subnets.extend(parse_prefixes(&k, &v, line, err)?),
+            "vnet" => vnet = vnet_name(&v, line, err)?,
+            _ => unknown(cfg, "Lan", &k, line, "Interface, Subnets, VNet", err)?,
+        }
+    }
+    let interface = iface.ok_or_else(|| err(sline, "[Lan] has no Interface: add `Interface = IFNAME`".into()))?;
+    cfg.lans.push(LanSection {
+        line: sline,
+        interface,
+        subnets,
+        vnet,
+    });
+    Ok(())
+}
+
+pub(super) fn parse_peer(cfg: &mut Config, sline: usize, kv: Entries, err: &ErrFn) -> Result<(), ConfigError> {
+    let mut pk = None;
+    let mut psk = None;
+    let mut endpoint = None;
+    let mut allowed = Vec::new();
+    let mut keepalive = None;
+    let mut vnet = "default".to_string();
+    for (k, v, line) in kv {
+        match k.to_ascii_lowercase().as_str() {
+            "publickey" => pk = Some(parse_key(&v, "PublicKey", line, err)?),
+            "presharedkey" => psk = Some(parse_key(&v, "PresharedKey", line, err)?),
+            "endpoint" => {
+                let addr = v.to_socket_addrs().ok().and_then(|mut a| a.next()).ok_or_else(|| {
+                    err(
+                        line,
+                        format!("Endpoint `{v}` is not HOST:PORT (IPv6 as [addr]:port), or the host does not resolve"),
+                    )
+                })?;
+                endpoint = Some(addr);
+            }
+            "allowedips" => allowed.extend(parse_prefixes(&k, &v, line, err)?.into_iter().map(|n| (n, line))),
+            "persistentkeepalive" => {
+                keepalive = match v.to_ascii_lowercase().as_str() {
+                    "off" => None,
+                    _ => Some(parse_num::<u16>(&k, &v, line, err)?).filter(|s| *s > 0),
+                }
+            }
+            "vnet" => vnet = vnet_name(&v, line, err)?,
+            _ => unknown(
+                cfg,
+                "Peer",
+                &k,
+                line,
+                "PublicKey, PresharedKey, Endpoint, AllowedIPs, PersistentKeepalive, VNet",
+                err,
+            )?,
+        }
+    }
+    let public_key = pk.ok_or_else(|| {
+        err(
+            sline,
+            "[Peer] has no PublicKey: add the peer's `wg pubkey` output".into(),
+        )
+    })?;
+    cfg.peers.push(PeerSection {
+        id: cfg.peers.len() as u32,
+        line: sline,
+        public_key,
+        preshared_key: psk,
+        endpoint,
+        allowed_ips: allowed,
+        persistent_keepalive: keepalive,
+        vnet,
+    });
+    Ok(())
+}
+
+pub(super) fn parse_metrics(cfg: &mut Config, kv: Entries, err: &ErrFn) -> Result<(), ConfigError> {
+    for (k, v, line) in kv {
+        match k.to_ascii_lowercase().as_str() {
+            "listen" => {
+                let a: SocketAddr = v.parse().map_err(|_| {
+                    err(
+                        line,
+                        format!("Listen = {v}: expected ADDRESS:PORT, like 127.0.0.1:9586 or [::1]:9586"),
+                    )
+                })?;
+                cfg.metrics = Some((a, line));
+            }
+            _ => return Err(err(line, format!("unknown key `{k}` in [Metrics]: expected Listen"))),
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn parse_tuning(cfg: &mut Config, kv: Entries, err: &ErrFn) -> Result<(), ConfigError> {
+    let t = &mut cfg.tuning;
+    for (k, v, line) in kv {
+        match k.to_ascii_lowercase().as_str() {
+            "queues" => {
+                let q = parse_ranges(&k, &v, line, err)?;
+                if let Some(bad) = q.iter().find(|q| **q >= subway_common_max_queues()) {
+                    return Err(err(
+                        line,
+                        format!(
+                            "Queues: {bad} is beyond the highest queue subway serves ({})",
+                            subway_common_max_queues() - 1
+                        ),
+                    ));
+                }
+                let mut sorted = q.clone();
+                sorted.sort_unstable();
+                if sorted.windows(2).any(|w| w[0] == w[1]) {
+                    return Err(err(
+                        line,
+                        format!("Queues = {v} lists a queue twice: each queue gets one worker"),
+                    ));
+                }
+                t.queues = Some(q)
+            }
+            "cores" => {
+                t.cores = Some(
+                    parse_ranges(&k, &v, line, err)?
+                        .into_iter()
+                        .map(|c| c as usize)
+                        .collect(),
+                )
+            }
+            "batchsize" => t.xsk.batch_size = parse_num(&k, &v, line, err)?,
+            "ringsize" => t.xsk.ring_size = parse_num(&k, &v, line, err)?,
+            "framesize" => t.xsk.frame_size = parse_num(&k, &v, line, err)?,
+            "xskmode" => t.xsk.bind = v.parse::<BindMode>().map_err(|e| err(line, e))?,
+            "xdpmode" => t.xdp_mode = v.parse::<XdpAttach>().map_err(|e| err(line, e))?,
+            "busypoll" => t.xsk.busy_poll = parse_bool(&k, &v, line, err)?,
+            "needwakeup" => t.xsk.need_wakeup = parse_bool(&k, &v, line, err)?,
+            "idlespin" => t.xsk.idle_spin = parse_num(&k, &v, line, err)?,
+            _ => {
+                return Err(err(
+                    line,
+                    format!(
+                        "unknown key `{k}` in [Tuning]: expected one of Queues, Cores, BatchSize, RingSize, FrameSize, XskMode, XdpMode, BusyPoll, NeedWakeup, IdleSpin"
+                    ),
+                ));
+            }
+        }
+        // Defaults are valid, so the first invalid state is this line's doing.
+        t.xsk.validate().map_err(|e| err(line, format!("[Tuning]: {e}")))?;
+    }
+    Ok(())
+}
+
+fn subway_common_max_queues() -> u32 {
+    subway_dataplane::MAX_QUEUES
+}

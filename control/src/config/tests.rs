@@ -1,0 +1,277 @@
+//! The parser's tests: whole files in, a config or an error naming the
+//! line and the fix out.
+
+use super::{Config, ConfigError};
+use std::path::Path;
+use subway_dataplane::{BindMode, XdpAttach};
+
+const KEY_A: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+const KEY_B: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+const KEY_C: &str = "TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=";
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(Path::new("/etc/subway/site-a.conf"), text)
+}
+
+#[test]
+fn a_full_gateway_config() {
+    let c = parse(&format!(
+        "# site A\n[Interface]\nPrivateKey = {KEY_A}\nListenPort = 51820\nUplink = wan0\nAddress = 10.9.0.1/24\n\n\
+         [Lan]\nInterface = lan0\nSubnets = 10.1.0.0/24, fd01::/64\n\n\
+         [Peer]\nPublicKey = {KEY_B}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 10.2.0.0/24\nAllowedIPs = fd02::/64\nPersistentKeepalive = 25\n\n\
+         [Tuning]\nQueues = 0-1\nCores = 0,1\nBatchSize = 32\nXskMode = copy\nXdpMode = generic\nBusyPoll = on\n"
+    ))
+    .unwrap();
+    assert_eq!(c.name, "site-a");
+    assert_eq!(c.interface.listen_port, Some(51820));
+    assert_eq!(c.interface.uplink.as_ref().unwrap().0, "wan0");
+    assert_eq!(c.lans[0].subnets.len(), 2);
+    assert_eq!(c.peers[0].allowed_ips.len(), 2);
+    assert_eq!(c.peers[0].persistent_keepalive, Some(25));
+    assert_eq!(c.tuning.queues, Some(vec![0, 1]));
+    assert_eq!(c.tuning.xsk.batch_size, 32);
+    assert_eq!(c.tuning.xsk.bind, BindMode::Copy);
+    assert_eq!(c.tuning.xdp_mode, XdpAttach::Generic);
+    assert!(c.tuning.xsk.busy_poll);
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(c.warnings[0].contains(":6: Address"), "{:?}", c.warnings);
+}
+
+#[test]
+fn the_shipped_example_parses_once_keys_are_filled_in() {
+    let text = include_str!("../../dist/example.conf")
+        .replace("REPLACE_WITH_wg_genkey_OUTPUT", KEY_A)
+        .replace("REPLACE_WITH_THE_OTHER_SITE_PUBLIC_KEY", KEY_B);
+    let c = parse(&text).unwrap();
+    assert_eq!(c.peers.len(), 1);
+    assert_eq!(c.metrics.map(|m| m.0.to_string()), Some("127.0.0.1:9586".into()));
+    assert_eq!(c.tuning.cores, Some(vec![2, 3]));
+}
+
+#[test]
+fn routed_mode_needs_only_lans() {
+    let c = parse("[Lan]\nInterface = lan0\n[Lan]\ninterface = lan1\nsubnets = 10.2.0.0/24\n").unwrap();
+    assert_eq!(c.lans.len(), 2);
+    assert!(c.peers.is_empty());
+    assert!(c.lans[0].subnets.is_empty());
+}
+
+/// Deterministic mutation fuzzing of the parser (fixed seed and
+/// rounds): whatever the file holds, `parse` returns a config or an
+/// error naming a line of the file, and never panics.
+#[test]
+fn fuzz_the_config_parser() {
+    let seed = include_str!("../../dist/example.conf")
+        .replace("REPLACE_WITH_wg_genkey_OUTPUT", KEY_A)
+        .replace("REPLACE_WITH_THE_OTHER_SITE_PUBLIC_KEY", KEY_B)
+        + "\n[Peer]\nPublicKey = "
+        + KEY_A
+        + "\nAllowedIPs = 10.9.0.0/16, fd09::/48\nVNet = red\n\n[Lan]\nInterface = lan1\nVNet = red\nSubnets = 192.168.1.0/24\n";
+    let pieces = [
+        "[Peer]",
+        "[Lan]",
+        "[Interface]",
+        "[Tuning]",
+        "[Metrics]",
+        "=",
+        " = ",
+        "\n",
+        ",",
+        "/",
+        "/33",
+        "/129",
+        "0.0.0.0/0",
+        "::/0",
+        "VNet = ",
+        "Queues = 0-3",
+        "Cores = 9999999999",
+        "FailMode = ",
+        "\u{0}",
+        "é",
+        "#",
+        "AllowedIPs = ",
+        "Endpoint = [::1]:0",
+        "ListenPort = 70000",
+        "BatchSize = 0",
+        "RingSize = 3",
+    ];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    let lines = seed.lines().count() + 64;
+    let (mut ok, mut refused) = (0, 0);
+    for _ in 0..10_000 {
+        let mut t: Vec<char> = seed.chars().collect();
+        for _ in 0..1 + rnd(4) {
+            let at = rnd(t.len() + 1);
+            match rnd(4) {
+                0 if at < t.len() => {
+                    t.remove(at);
+                }
+                1 => t.splice(at..at, pieces[rnd(pieces.len())].chars()).for_each(drop),
+                2 if at < t.len() => t.truncate(at),
+                _ => t.insert(at.min(t.len()), char::from(32 + rnd(95) as u8)),
+            }
+        }
+        let text: String = t.into_iter().collect();
+        match parse(&text) {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                refused += 1;
+                assert!(e.line <= lines, "{e}");
+                assert!(e.to_string().starts_with("/etc/subway/site-a.conf"), "{e}");
+            }
+        }
+    }
+    assert!(ok > 50 && refused > 50, "{ok} parsed, {refused} refused");
+}
+
+#[test]
+fn fail_mode_is_closed_unless_open_is_asked_for() {
+    let base = "[Interface]\nListenPort = 51820\n{}\n[Lan]\nInterface = lan0\n";
+    assert!(!parse(&base.replace("{}", "")).unwrap().interface.fail_open);
+    assert!(
+        !parse(&base.replace("{}", "FailMode = Closed"))
+            .unwrap()
+            .interface
+            .fail_open
+    );
+    assert!(
+        parse(&base.replace("{}", "failmode = open"))
+            .unwrap()
+            .interface
+            .fail_open
+    );
+    expect_err(
+        &base.replace("{}", "FailMode = ajar"),
+        3,
+        "FailMode = ajar: expected `closed`",
+    );
+}
+
+fn expect_err(text: &str, line: usize, needle: &str) {
+    let e = parse(text).unwrap_err();
+    assert_eq!(e.line, line, "{e}");
+    assert!(e.to_string().contains(needle), "{e}");
+    assert!(e.to_string().starts_with("/etc/subway/site-a.conf:"), "{e}");
+}
+
+#[test]
+fn errors_name_the_line_and_the_fix() {
+    expect_err(
+        "[Lan]\nInterface = lan0\nColour = blue\n",
+        3,
+        "unknown key `Colour` in [Lan]",
+    );
+    expect_err("[Lan]\nInterface = lan0\n[Bogus]\n", 3, "unknown section [Bogus]");
+    expect_err(
+        "[Interface]\nPrivateKey = notbase64!\n[Lan]\nInterface = lan0\n",
+        2,
+        "not valid base64",
+    );
+    expect_err(
+        "[Interface]\nPrivateKey = AAAA\n[Lan]\nInterface = lan0\n",
+        2,
+        "3 bytes",
+    );
+    expect_err("[Lan]\nInterface = lan0\nSubnets = 10.0.0.0/33\n", 3, "not a prefix");
+    expect_err("[Lan]\nSubnets = 10.0.0.0/24\n", 1, "has no Interface");
+    expect_err("Interface = lan0\n", 1, "outside any section");
+    expect_err("[Lan]\nInterface lan0\n", 2, "expected `Key = Value`");
+    expect_err(
+        "[Tuning]\nRingSize = 1000\n[Lan]\nInterface = lan0\n",
+        2,
+        "power of two",
+    );
+    expect_err(
+        "[Tuning]\nXskMode = turbo\n[Lan]\nInterface = lan0\n",
+        2,
+        "auto, copy or zero-copy",
+    );
+    expect_err("[Interface]\nListenPort = 51820\n", 0, "no [Lan] section");
+    expect_err(
+        "[Lan]\nInterface = lan0\n[Lan]\nInterface = lan0\n",
+        3,
+        "already a [Lan] at line 1",
+    );
+    expect_err(
+        "[Lan]\nInterface = lan0\nInterface = lan1\n",
+        3,
+        "given twice in this section (first at line 2)",
+    );
+    expect_err(
+        "[Tuning]\nRingSize = 1000\nBatchSize = 32\n[Lan]\nInterface = lan0\n",
+        2,
+        "power of two",
+    );
+    expect_err(
+        "[Tuning]\nBatchSize = 32\nRingSize = 16\n[Lan]\nInterface = lan0\n",
+        3,
+        "power of two",
+    );
+    expect_err("[Tuning]\nQueues = 0,0\n[Lan]\nInterface = lan0\n", 2, "twice");
+    expect_err(
+        "[Tuning]\nQueues = 64\n[Lan]\nInterface = lan0\n",
+        2,
+        "beyond the highest queue",
+    );
+}
+
+#[test]
+fn a_prefix_claimed_by_two_peers_is_refused() {
+    let text = format!(
+        "[Interface]\nPrivateKey = {KEY_A}\nUplink = wan0\n[Lan]\nInterface = lan0\n\
+         [Peer]\nPublicKey = {KEY_B}\nAllowedIPs = 10.2.0.0/24\n\
+         [Peer]\nPublicKey = {KEY_C}\nAllowedIPs = 10.3.0.0/24, 10.2.0.0/24\n"
+    );
+    expect_err(&text, 11, "already claimed at line 8");
+    // The same prefix in another VNET is fine.
+    let ok = text.replace(
+        "AllowedIPs = 10.3.0.0/24, 10.2.0.0/24",
+        "AllowedIPs = 10.2.0.0/24\nVNet = blue",
+    );
+    parse(&ok).unwrap();
+    // A LAN's subnet is an owner too.
+    let lan = text.replace("Interface = lan0\n", "Interface = lan0\nSubnets = 10.3.0.0/24\n");
+    expect_err(&lan, 12, "10.3.0.0/24 in VNET default is already claimed at line 4");
+}
+
+#[test]
+fn peers_need_a_private_key_and_unique_public_keys() {
+    expect_err(
+        &format!("[Interface]\nUplink = wan0\n[Lan]\nInterface = lan0\n[Peer]\nPublicKey = {KEY_B}\n"),
+        1,
+        "no PrivateKey",
+    );
+    expect_err(
+        &format!("[Lan]\nInterface = lan0\n[Peer]\nPublicKey = {KEY_B}\n"),
+        0,
+        "no Uplink",
+    );
+    expect_err(
+        &format!(
+            "[Interface]\nPrivateKey = {KEY_A}\nUplink = wan0\n[Lan]\nInterface = lan0\n[Peer]\nPublicKey = {KEY_B}\n[Peer]\nPublicKey = {KEY_B}\n"
+        ),
+        8,
+        "already the [Peer] at line 6",
+    );
+}
+
+#[test]
+fn missing_interfaces_are_named() {
+    let c = parse("[Lan]\nInterface = nosuchif0\n").unwrap();
+    let e = c.check_interfaces().unwrap_err();
+    assert_eq!(e.line, 1);
+    assert!(e.msg.contains("nosuchif0 does not exist"), "{e}");
+}
+
+#[test]
+fn vnet_ids_are_dense_with_default_first() {
+    let c =
+        parse("[Lan]\nInterface = a\nVNet = red\n[Lan]\nInterface = b\n[Lan]\nInterface = c\nVNet = blue\n").unwrap();
+    assert_eq!(c.vnet_ids(), vec!["default", "red", "blue"]);
+}

@@ -1,0 +1,92 @@
+//! The value syntaxes shared by the sections: keys, booleans, numbers,
+//! comma lists, ranges, prefixes and VNET names.
+
+use super::{ConfigError, Key32};
+use base64::Engine;
+use ipnet::IpNet;
+
+pub(super) type ErrFn<'a> = dyn Fn(usize, String) -> ConfigError + 'a;
+
+pub(super) fn parse_key(v: &str, what: &str, line: usize, err: &ErrFn) -> Result<Key32, ConfigError> {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(v).map_err(|_| {
+        err(
+            line,
+            format!("{what} is not valid base64: paste the key as `wg genkey` / `wg pubkey` print it"),
+        )
+    })?;
+    let arr: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
+        err(
+            line,
+            format!(
+                "{what} decodes to {} bytes, a WireGuard key has 32: paste the whole key",
+                b.len()
+            ),
+        )
+    })?;
+    Ok(Key32(arr))
+}
+
+pub(super) fn parse_bool(k: &str, v: &str, line: usize, err: &ErrFn) -> Result<bool, ConfigError> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Ok(true),
+        "false" | "no" | "off" | "0" => Ok(false),
+        _ => Err(err(line, format!("{k} = {v}: use true or false"))),
+    }
+}
+
+pub(super) fn parse_num<T: std::str::FromStr>(k: &str, v: &str, line: usize, err: &ErrFn) -> Result<T, ConfigError> {
+    v.parse()
+        .map_err(|_| err(line, format!("{k} = {v}: expected a number")))
+}
+
+fn list(v: &str) -> impl Iterator<Item = &str> {
+    v.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// "0,2,4-7" -> [0,2,4,5,6,7]
+pub(super) fn parse_ranges(k: &str, v: &str, line: usize, err: &ErrFn) -> Result<Vec<u32>, ConfigError> {
+    let mut out = Vec::new();
+    for item in list(v) {
+        if let Some((a, b)) = item.split_once('-') {
+            let (a, b): (u32, u32) = (parse_num(k, a.trim(), line, err)?, parse_num(k, b.trim(), line, err)?);
+            if a > b || b - a > 1024 {
+                return Err(err(line, format!("{k} = {v}: range {item} is backwards or too long")));
+            }
+            out.extend(a..=b);
+        } else {
+            out.push(parse_num(k, item, line, err)?);
+        }
+    }
+    if out.is_empty() {
+        return Err(err(
+            line,
+            format!("{k} is empty: list numbers like 0,1 or a range like 0-3"),
+        ));
+    }
+    Ok(out)
+}
+
+pub(super) fn parse_prefixes(k: &str, v: &str, line: usize, err: &ErrFn) -> Result<Vec<IpNet>, ConfigError> {
+    list(v)
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    err(
+                        line,
+                        format!("{k}: `{s}` is not a prefix like 10.0.0.0/24 or fd00::/64"),
+                    )
+                })
+        })
+        .collect()
+}
+
+pub(super) fn vnet_name(v: &str, line: usize, err: &ErrFn) -> Result<String, ConfigError> {
+    if v.is_empty() || v.len() > 32 || !v.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)) {
+        return Err(err(
+            line,
+            format!("VNet `{v}`: use up to 32 letters, digits, '-' or '_'"),
+        ));
+    }
+    Ok(v.to_string())
+}
