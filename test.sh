@@ -40,7 +40,7 @@ else
 fi
 # Tests that could not run here (no root outside CI) are listed in
 # $SUBWAY_SKIP_LOG; in CI a missing privilege fails instead
-# (tests/src/lib.rs require_root).
+# (tests/src/env.rs require_root).
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '(; |bench smoke: )[0-9]+ failed' "$log" | grep -Eo '[0-9]+' | awk '{s+=$1} END {print s+0}')
 skipped=$(wc -l < "$skips")

@@ -6,7 +6,7 @@
 
 use anyhow::{Context, Result, ensure};
 use std::time::{Duration, Instant};
-use subway_tests::{Capture, Subway, TwoSites, UdpFlow, ping_until, require_root, workspace_bin};
+use subway_testkit::{Capture, Subway, TwoSites, UdpFlow, ping_until, require_root, workspace_bin};
 
 /// What the capture on B's uplink looks for: packets for site B's LAN,
 /// which only ever cross the internet inside the tunnel (UDP to 51820).
@@ -112,8 +112,8 @@ fn at_boot_and_after_a_clean_stop_nothing_leaves_in_clear_until_subway_down() ->
     t.gwa.sysctl("net.ipv4.ip_forward", "1")?;
     t.gwa.sysctl("net.ipv6.conf.all.forwarding", "1")?;
     let _far = t.standard_b("wireguard-go")?;
-    let name = subway_tests::unique("fs");
-    let cfg_path = subway_tests::work_dir().join(format!("{name}.conf"));
+    let name = subway_testkit::unique("fs");
+    let cfg_path = subway_testkit::work_dir().join(format!("{name}.conf"));
     let cfg = t.subway_config(true, false, "");
     std::fs::write(&cfg_path, &cfg)?;
     let bin = workspace_bin("subway")?;
@@ -123,7 +123,7 @@ fn at_boot_and_after_a_clean_stop_nothing_leaves_in_clear_until_subway_down() ->
         t.gwa.run(&v)
     };
     let cap = Capture::start(&t.gwb, "wan0", PLAINTEXT_TO_B)?;
-    let send = |n: u32, port: u16| -> Result<subway_tests::FlowReport> {
+    let send = |n: u32, port: u16| -> Result<subway_testkit::FlowReport> {
         UdpFlow::start(&t.a, &t.b, format!("10.2.0.2:{port}").parse()?, n, 200, 100)?.finish()
     };
 
@@ -204,12 +204,12 @@ fn a_fresh_box_forwards_and_a_clean_stop_restores_its_sysctls() -> Result<()> {
     ping_until(&t.b, "fd01::2", 5).with_context(|| ga.proc.log_text())?;
     ping_until(&t.a, "fd02::2", 5).with_context(|| ga.proc.log_text())?;
     // A directed broadcast from the far side is not flooded onto A's LAN.
-    let echos = subway_tests::icmp_in_echos(&t.a)?;
+    let echos = subway_testkit::icmp_in_echos(&t.a)?;
     let _ =
         t.b.output(&["ping", "-b", "-c", "3", "-i", "0.1", "-W", "1", "10.1.0.255"])?;
     assert!(ga.total("drop_directed_broadcast")? >= 3, "{}", ga.show()?["totals"]);
     assert_eq!(
-        subway_tests::icmp_in_echos(&t.a)?,
+        subway_testkit::icmp_in_echos(&t.a)?,
         echos,
         "a LAN host got the broadcast"
     );
@@ -398,7 +398,7 @@ struct NotifySink {
 
 impl NotifySink {
     fn new() -> Result<NotifySink> {
-        let path = subway_tests::work_dir().join(format!("{}.notify", subway_tests::unique("sd")));
+        let path = subway_testkit::work_dir().join(format!("{}.notify", subway_testkit::unique("sd")));
         let sock = std::os::unix::net::UnixDatagram::bind(&path)?;
         sock.set_read_timeout(Some(Duration::from_millis(100)))?;
         let msgs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -520,7 +520,10 @@ fn the_watchdog_is_fed_only_while_everything_turns() -> Result<()> {
         "fed {:?} before the exit",
         t0 + exited - last_feed
     );
-    assert!(!subway_tests::xdp_attached(&t.gwa, "lan0")?, "XDP outlived the process");
+    assert!(
+        !subway_testkit::xdp_attached(&t.gwa, "lan0")?,
+        "XDP outlived the process"
+    );
     assert!(
         t.gwa
             .run(&["nft", "list", "tables"])?
@@ -534,13 +537,13 @@ fn the_watchdog_is_fed_only_while_everything_turns() -> Result<()> {
 /// (exposure at most 4.0 of 10 by systemd-analyze security).
 #[test]
 fn the_shipped_systemd_units_verify_and_are_hardened() -> Result<()> {
-    let Ok(analyze) = subway_tests::which("systemd-analyze") else {
+    let Ok(analyze) = subway_testkit::which("systemd-analyze") else {
         eprintln!("SKIP: no systemd-analyze on this machine");
         return Ok(());
     };
     let bin = workspace_bin("subway")?;
     let dist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../control/dist");
-    let dir = subway_tests::work_dir().join(subway_tests::unique("units"));
+    let dir = subway_testkit::work_dir().join(subway_testkit::unique("units"));
     std::fs::create_dir_all(&dir)?;
     for unit in ["subway@.service", "subway-fence@.service"] {
         let text = std::fs::read_to_string(dist.join(unit))?.replace("/usr/local/bin/subway", bin.to_str().unwrap());
@@ -634,13 +637,13 @@ fn a_scan_of_absent_lan_hosts_does_not_collapse_forwarding() -> Result<()> {
     if !require_root("a_scan_of_absent_lan_hosts_does_not_collapse_forwarding") {
         return Ok(());
     }
-    let t = subway_tests::TwoSubnets::new()?;
+    let t = subway_testkit::TwoSubnets::new()?;
     let gw = Subway::start(&t.gw, &t.routed_config(""))?;
-    subway_tests::ping_until(&t.a, "10.2.0.2", 5)?;
-    subway_tests::ping(&t.a, "10.2.0.2", 3)?;
+    subway_testkit::ping_until(&t.a, "10.2.0.2", 5)?;
+    subway_testkit::ping(&t.a, "10.2.0.2", 3)?;
     let mac = t.gw.run(&["cat", "/sys/class/net/lan0/address"])?.trim().to_string();
     let pktgen = workspace_bin("subway-pktgen")?;
-    let log = subway_tests::work_dir().join(format!("{}.log", subway_tests::unique("scan")));
+    let log = subway_testkit::work_dir().join(format!("{}.log", subway_testkit::unique("scan")));
     let flow = UdpFlow::start(&t.a, &t.b, "10.2.0.2:7401".parse()?, 8000, 2000, 200)?;
     std::thread::sleep(Duration::from_millis(300));
     let mut scan = t.a.spawn(

@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use std::time::Duration;
-use subway_tests::{Netns, Subway, TwoSites, UdpFlow, ping, ping_until, require_root, tcp_echo};
+use subway_testkit::{Netns, Subway, TwoSites, UdpFlow, ping, ping_until, require_root, tcp_echo};
 
 #[test]
 fn two_sites_reach_each_other_through_subway_both_ways() -> Result<()> {
@@ -39,12 +39,12 @@ fn two_sites_reach_each_other_through_subway_both_ways() -> Result<()> {
     assert_eq!(seen.ip().to_string(), "fd01::2");
 
     // Route questions to the running instance.
-    let bin = subway_tests::workspace_bin("subway")?;
+    let bin = subway_testkit::workspace_bin("subway")?;
     let q = |args: &[&str]| -> Result<serde_json::Value> {
         let mut a = vec![bin.to_str().unwrap(), "route"];
         a.extend_from_slice(args);
         a.extend_from_slice(&["--name", &ga.name, "--json"]);
-        Ok(serde_json::from_str(&subway_tests::host(&a)?)?)
+        Ok(serde_json::from_str(&subway_testkit::host(&a)?)?)
     };
     let got = q(&["get", "10.2.0.77"])?;
     assert_eq!(got["route"]["kind"], "peer", "{got}");
@@ -80,7 +80,7 @@ fn two_sites_reach_each_other_through_subway_both_ways() -> Result<()> {
     );
 
     // The tools WireGuard users know: `wg show` reads subway's UAPI socket.
-    let wg = subway_tests::host(&["wg", "show", &ga.name])?;
+    let wg = subway_testkit::host(&["wg", "show", &ga.name])?;
     assert!(wg.contains(&format!("peer: {}", t.keys_b.1)), "{wg}");
     assert!(
         wg.contains("endpoint: 192.0.2.2:51820") && wg.contains("latest handshake") && wg.contains("transfer"),
@@ -290,7 +290,7 @@ fn garbage_to_the_listen_port_is_counted_and_the_tunnel_keeps_working() -> Resul
             .map(|(_, v)| v.as_u64().unwrap())
             .sum())
     };
-    subway_tests::wait_until("garbage refused", Duration::from_secs(5), || Ok(refused()? >= 200))?;
+    subway_testkit::wait_until("garbage refused", Duration::from_secs(5), || Ok(refused()? >= 200))?;
     let s = ga.show()?;
     let control: u64 = s["control"]
         .as_object()
@@ -346,7 +346,7 @@ fn too_big_for_the_tunnel_gets_icmp_and_tcp_fits_by_mss_clamping() -> Result<()>
         (&t.b, &t.a, "10.1.0.2:6203", 1380),
         (&t.a, &t.b, "[fd02::2]:6204", 1360),
     ] {
-        let mss = subway_tests::tcp_mss_seen(c, s, addr.parse()?)?;
+        let mss = subway_testkit::tcp_mss_seen(c, s, addr.parse()?)?;
         assert!(
             clamped(mss, max),
             "{addr}: the server saw MSS {mss}, the clamp is {max}"
@@ -390,8 +390,8 @@ fn mesh_of_three_sites() -> Result<()> {
     if !require_root("mesh_of_three_sites") {
         return Ok(());
     }
-    use subway_tests::wg_keypair;
-    let sites = subway_tests::SitesOnABridge::new(3)?;
+    use subway_testkit::wg_keypair;
+    let sites = subway_testkit::SitesOnABridge::new(3)?;
     let (hosts, gws) = (&sites.hosts, &sites.gws);
     let keys = (0..3).map(|_| wg_keypair()).collect::<Result<Vec<_>>>()?;
     let mut subways = Vec::new();
@@ -433,7 +433,7 @@ fn one_armed_static_route_next_hop() -> Result<()> {
     if !require_root("one_armed_static_route_next_hop") {
         return Ok(());
     }
-    use subway_tests::{veth, wg_keypair};
+    use subway_testkit::{veth, wg_keypair};
     // One LAN segment: host a, gateway A (one arm), and gateway B's
     // outside, as the site's router to "the internet" would be.
     let seg = Netns::new("sg")?;
@@ -500,7 +500,7 @@ fn readme_quick_start_works() -> Result<()> {
         .and_then(|(_, rest)| rest.split_once("```"))
         .map(|(s, _)| s)
         .context("no sh block in the quick start")?;
-    let bin = subway_tests::workspace_bin("subway")?;
+    let bin = subway_testkit::workspace_bin("subway")?;
     let out = std::process::Command::new("bash")
         .arg("-c")
         .arg(script)
@@ -611,7 +611,7 @@ fn cryptokey_routing_drops_a_source_outside_the_peers_allowed_ips() -> Result<()
     // B's gateway owns an address outside 10.2.0.0/24 and pings from it:
     // its route to 10.1.0.0/24 is the tunnel, so wireguard-go seals it.
     t.gwb.run(&["ip", "addr", "add", "10.77.0.1/32", "dev", "lo"])?;
-    let (echos, dropped) = (subway_tests::icmp_in_echos(&t.a)?, ga.total("drop_not_allowed")?);
+    let (echos, dropped) = (subway_testkit::icmp_in_echos(&t.a)?, ga.total("drop_not_allowed")?);
     let out = t.gwb.output(&[
         "ping",
         "-I",
@@ -626,11 +626,11 @@ fn cryptokey_routing_drops_a_source_outside_the_peers_allowed_ips() -> Result<()
         "10.1.0.2",
     ])?;
     assert!(!out.status.success(), "a spoofed source got an answer");
-    subway_tests::wait_until("the spoofed packets counted", Duration::from_secs(5), || {
+    subway_testkit::wait_until("the spoofed packets counted", Duration::from_secs(5), || {
         Ok(ga.total("drop_not_allowed")? >= dropped + 5)
     })?;
     assert_eq!(
-        subway_tests::icmp_in_echos(&t.a)?,
+        subway_testkit::icmp_in_echos(&t.a)?,
         echos,
         "the LAN host saw a spoofed packet"
     );
@@ -681,7 +681,7 @@ fn an_idle_control_loop_sleeps_and_follows_neighbour_changes_as_they_come() -> R
         "nud",
         "permanent",
     ])?;
-    subway_tests::wait_until(
+    subway_testkit::wait_until(
         "the new neighbour in the workers' table",
         Duration::from_secs(2),
         || Ok(neighbours()? == before + 1),
@@ -691,7 +691,7 @@ fn an_idle_control_loop_sleeps_and_follows_neighbour_changes_as_they_come() -> R
         at.elapsed()
     );
     t.gwa.run(&["ip", "neigh", "del", "10.1.0.77", "dev", "lan0"])?;
-    subway_tests::wait_until(
+    subway_testkit::wait_until(
         "the neighbour gone from the workers' table",
         Duration::from_secs(2),
         || Ok(neighbours()? == before),

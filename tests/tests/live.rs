@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use std::time::Duration;
-use subway_tests::{Subway, TwoSites, UdpFlow, host, ping, ping_until, require_root, wg_keypair};
+use subway_testkit::{Subway, TwoSites, UdpFlow, host, ping, ping_until, require_root, wg_keypair};
 
 fn peer_keys(show: &serde_json::Value) -> Vec<String> {
     show["peers"]
@@ -69,7 +69,7 @@ fn reload_changes_peers_and_routes_without_losing_a_packet_of_an_unchanged_peer(
     )?;
     host(&["kill", "-HUP", &ga.proc.pid().to_string()])?;
     // The next step rewrites the file: the SIGHUP must have read it first.
-    subway_tests::wait_until("the SIGHUP reload", Duration::from_secs(5), || {
+    subway_testkit::wait_until("the SIGHUP reload", Duration::from_secs(5), || {
         Ok(ga.show()?["reloads"]["ok"].as_u64() == Some(2))
     })?;
     std::thread::sleep(Duration::from_millis(300));
@@ -79,7 +79,7 @@ fn reload_changes_peers_and_routes_without_losing_a_packet_of_an_unchanged_peer(
         &ga.config,
         format!("{}\n[Peer]\nPublicKey = not-a-key\n", t.subway_config(true, false, "")),
     )?;
-    let bin = subway_tests::workspace_bin("subway")?;
+    let bin = subway_testkit::workspace_bin("subway")?;
     let out = std::process::Command::new(&bin).args(["reload", &ga.name]).output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "an invalid reload succeeded");
@@ -222,8 +222,8 @@ fn live_sessions_across_reload_syncconf_and_setconf() -> Result<()> {
     if !require_root("live_sessions_across_reload_syncconf_and_setconf") {
         return Ok(());
     }
-    use subway_tests::WgPeer;
-    let sites = subway_tests::SitesOnABridge::new(3)?;
+    use subway_testkit::WgPeer;
+    let sites = subway_testkit::SitesOnABridge::new(3)?;
     let (hosts, gws) = (&sites.hosts, &sites.gws);
     let (ka, kb, kc) = (wg_keypair()?, wg_keypair()?, wg_keypair()?);
     let _b = WgPeer::start(
@@ -292,7 +292,7 @@ fn live_sessions_across_reload_syncconf_and_setconf() -> Result<()> {
     // 2. `wg syncconf` (wireguard-tools) with B and C: C is back, B keeps
     // its session. subway handshakes with the re-added C at once.
     // What `wg-quick strip` gives: the key and port, and the peers.
-    let conf = subway_tests::work_dir().join(format!("{}.wg", ga.name));
+    let conf = subway_testkit::work_dir().join(format!("{}.wg", ga.name));
     let iface = format!("[Interface]\nPrivateKey = {}\nListenPort = 51820\n", ka.0);
     let wg_peer = |k: &str, n: u8, nets: &str| {
         format!("\n[Peer]\nPublicKey = {k}\nEndpoint = 192.0.2.{n}:51820\nAllowedIPs = {nets}\n")

@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use std::time::Duration;
-use subway_tests::{Subway, TwoSubnets, ping, require_root, tcp_echo, workspace_bin, xdp_attached};
+use subway_testkit::{Subway, TwoSubnets, ping, require_root, tcp_echo, workspace_bin, xdp_attached};
 
 fn forwarded_by_kernel(t: &TwoSubnets) -> Result<u64> {
     // Ip: ForwDatagrams from /proc/net/snmp inside the gateway.
@@ -40,8 +40,8 @@ fn hosts_in_two_subnets_reach_each_other_through_the_af_xdp_path() -> Result<()>
     };
     // Warm-up only: the assertions follow. An IPv6 first packet is
     // sometimes lost while both sides' neighbour discovery settles.
-    subway_tests::ping_until(&t.a, "10.2.0.2", 5).with_context(diag)?;
-    subway_tests::ping_until(&t.a, "fd02::2", 5).with_context(diag)?;
+    subway_testkit::ping_until(&t.a, "10.2.0.2", 5).with_context(diag)?;
+    subway_testkit::ping_until(&t.a, "fd02::2", 5).with_context(diag)?;
     ping(&t.a, "fd02::2", 2).with_context(diag)?;
     std::thread::sleep(Duration::from_millis(300));
     let kernel_before = forwarded_by_kernel(&t)?;
@@ -149,7 +149,7 @@ fn a_killed_dataplane_fails_open_to_the_kernel() -> Result<()> {
     ping(&t.a, "10.2.0.2", 2)?;
     // SAFETY: SIGKILL to the subway process this test started, by its pid.
     unsafe { libc::kill(gw.proc.pid() as i32, libc::SIGKILL) };
-    subway_tests::wait_until("XDP detached after the crash", Duration::from_secs(5), || {
+    subway_testkit::wait_until("XDP detached after the crash", Duration::from_secs(5), || {
         Ok(!xdp_attached(&t.gw, "lan0")?)
     })?;
     ping(&t.a, "10.2.0.2", 3).context("traffic must flow through the kernel after a crash")?;
@@ -257,7 +257,7 @@ fn malformed_frames_are_counted_and_dropped_without_harming_the_worker() -> Resu
     t.a.enter(|| send_raw("eth0", &batch))??;
     // Until the last of them is counted (then the exact counts below).
     let seen = before["xdp"]["seen"].as_u64().unwrap();
-    subway_tests::wait_until("the malformed frames counted", Duration::from_secs(5), || {
+    subway_testkit::wait_until("the malformed frames counted", Duration::from_secs(5), || {
         Ok(gw.show()?["xdp"]["seen"].as_u64().unwrap() >= seen + batch.len() as u64)
     })?;
     std::thread::sleep(Duration::from_millis(50));
@@ -315,8 +315,8 @@ fn a_failed_start_leaves_no_xdp_program_or_tun_behind() -> Result<()> {
 #[test]
 fn check_and_help_speak_to_the_user() -> Result<()> {
     let bin = workspace_bin("subway")?;
-    let dir = subway_tests::work_dir();
-    let bad = dir.join(format!("{}.conf", subway_tests::unique("bad")));
+    let dir = subway_testkit::work_dir();
+    let bad = dir.join(format!("{}.conf", subway_testkit::unique("bad")));
     std::fs::write(&bad, "[Lan]\nInterface = lan0\nSubnet = 10.0.0.0/24\n")?;
     let out = std::process::Command::new(&bin)
         .args(["check", "--config", bad.to_str().unwrap()])
@@ -328,7 +328,7 @@ fn check_and_help_speak_to_the_user() -> Result<()> {
         "{err}"
     );
     // lo exists but is not Ethernet.
-    let lo = dir.join(format!("{}.conf", subway_tests::unique("lo")));
+    let lo = dir.join(format!("{}.conf", subway_testkit::unique("lo")));
     std::fs::write(&lo, "[Lan]\nInterface = lo\n")?;
     let out = std::process::Command::new(&bin)
         .args(["check", "--config", lo.to_str().unwrap()])
@@ -343,7 +343,7 @@ fn check_and_help_speak_to_the_user() -> Result<()> {
     }
     if require_root("check_and_help_speak_to_the_user (valid config)") {
         let t = TwoSubnets::new()?;
-        let good = dir.join(format!("{}.conf", subway_tests::unique("good")));
+        let good = dir.join(format!("{}.conf", subway_testkit::unique("good")));
         std::fs::write(&good, t.routed_config("Queues = 0\nCores = 0"))?;
         let out =
             t.gw.output(&[bin.to_str().unwrap(), "check", "--config", good.to_str().unwrap()])?;

@@ -10,7 +10,7 @@
 //! ```
 
 use anyhow::{Context, Result};
-use subway_tests::{
+use subway_testkit::{
     Capture, Netns, Subway, WgPeer, icmp_in_echos, icmp6_in_echos, ping, ping_until, require_root, veth, wg_keypair,
 };
 
@@ -261,7 +261,7 @@ fn the_same_prefix_in_two_vnets_reaches_two_sites_without_cross_talk() -> Result
     // the main table: the fence still keeps the kernel out of the VNET.
     t.hub.run(&["ip", "link", "set", "lanr", "down"])?;
     t.hub.run(&["ip", "link", "set", "lanr", "up"])?;
-    subway_tests::wait_until(
+    subway_testkit::wait_until(
         "the kernel re-adds the connected route",
         std::time::Duration::from_secs(5),
         || {
@@ -324,9 +324,11 @@ fn the_same_prefix_in_two_vnets_reaches_two_sites_without_cross_talk() -> Result
         fence.contains("subway_"),
         "the nft fence went with a clean stop: {fence}"
     );
-    let down = t
-        .hub
-        .run(&[subway_tests::workspace_bin("subway")?.to_str().unwrap(), "down", &name])?;
+    let down = t.hub.run(&[
+        subway_testkit::workspace_bin("subway")?.to_str().unwrap(),
+        "down",
+        &name,
+    ])?;
     assert!(down.contains("removed nft table"), "{down}");
     let fence = t.hub.run(&["nft", "list", "tables"])?;
     assert!(
@@ -362,7 +364,7 @@ fn vnets_fail_closed_on_a_crash_and_a_failed_start_leaves_nothing() -> Result<()
 
     // Fails after the fence is up: veth has one RX queue.
     // One instance name throughout: its fail-safe table is `subway_NAME`.
-    let name = subway_tests::unique("vn");
+    let name = subway_testkit::unique("vn");
     let table = format!("subway_{name}");
     let err = Subway::start_as(&t.hub, &name, &(t.config() + "\n[Tuning]\nQueues = 7\n"))
         .err()
@@ -372,7 +374,7 @@ fn vnets_fail_closed_on_a_crash_and_a_failed_start_leaves_nothing() -> Result<()
         t.hub.run(&["nft", "list", "tables"])?.contains(&table),
         "a failed start took the fence down"
     );
-    assert!(!subway_tests::xdp_attached(&t.hub, "lanr")?, "XDP left behind");
+    assert!(!subway_testkit::xdp_attached(&t.hub, "lanr")?, "XDP left behind");
     let routes_after = t.hub.run(&["ip", "route", "show", "table", "main"])?;
     for r in ["192.168.1.0/24 dev lanr", "192.168.1.0/24 dev lanb"] {
         assert!(
@@ -386,10 +388,10 @@ fn vnets_fail_closed_on_a_crash_and_a_failed_start_leaves_nothing() -> Result<()
     ping_until(&t.hr, "10.0.0.5", 10).with_context(|| hub.proc.log_text())?;
     t.hub.run(&["kill", "-9", &hub.proc.pid().to_string()])?;
     let _ = hub.proc.stop(std::time::Duration::from_secs(2));
-    subway_tests::wait_until(
+    subway_testkit::wait_until(
         "XDP detached after the crash",
         std::time::Duration::from_secs(5),
-        || Ok(!subway_tests::xdp_attached(&t.hub, "lanr")?),
+        || Ok(!subway_testkit::xdp_attached(&t.hub, "lanr")?),
     )
     .context("XDP outlived the process")?;
     assert!(
@@ -416,8 +418,11 @@ fn vnets_fail_closed_on_a_crash_and_a_failed_start_leaves_nothing() -> Result<()
     assert!(t.hub.run(&["nft", "list", "tables"])?.contains(&table));
     // `subway down` takes it away, and the capture sees what the kernel now
     // forwards (what makes the check above able to fail).
-    t.hub
-        .run(&[subway_tests::workspace_bin("subway")?.to_str().unwrap(), "down", &name])?;
+    t.hub.run(&[
+        subway_testkit::workspace_bin("subway")?.to_str().unwrap(),
+        "down",
+        &name,
+    ])?;
     assert!(!t.hub.run(&["nft", "list", "tables"])?.contains(&table));
     let _ =
         t.hr.output(&["ping", "-c", "5", "-i", "0.05", "-W", "1", "-q", "172.16.2.2"])?;

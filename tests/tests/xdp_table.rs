@@ -7,7 +7,7 @@
 use anyhow::{Context, Result, bail};
 use subway_dataplane::wire::{EtherType, MacAddr, ethernet, ipv4, ipv6, udp};
 use subway_dataplane::{Dataplane, DataplaneConfig, LanConfig, PeerRoutes, XdpAttach, XskOptions};
-use subway_tests::{Netns, require_root, veth};
+use subway_testkit::{Netns, require_root, veth};
 
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
@@ -64,7 +64,7 @@ fn every_kind_of_frame_gets_its_action_and_its_named_counter() -> Result<()> {
         .args(["netns", "exec", &gw.name])
         .arg(&exe)
         .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
-        .env("SUBWAY_XDP_TABLE_INSTANCE", subway_tests::unique("xt"))
+        .env("SUBWAY_XDP_TABLE_INSTANCE", subway_testkit::unique("xt"))
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     if !out.status.success() || !text.contains("1 passed") {

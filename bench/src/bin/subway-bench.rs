@@ -13,7 +13,7 @@ use std::time::Duration;
 use subway_bench::cpu::CpuTimes;
 use subway_bench::frames::Size;
 use subway_bench::report::{self, Row};
-use subway_tests::{Subway, TwoSites, TwoSubnets, profile_bin, require_root};
+use subway_testkit::{Subway, TwoSites, TwoSubnets, profile_bin, require_root};
 
 #[derive(Parser, Debug)]
 #[command(about = "subway's benchmark harness (needs root; builds its own namespaces and removes them)")]
@@ -440,7 +440,7 @@ fn two_gateways(t: &TwoSites, c: &str, p: &Params) -> Result<(Gw, Gw)> {
     let gb = start_gw(t, c, false, p)?;
     pin_standard(&ga, p.fwd_core);
     pin_standard(&gb, p.gen_core);
-    subway_tests::ping_until(&t.a, "10.2.0.2", 20).with_context(|| format!("{c}: the tunnel did not come up"))?;
+    subway_testkit::ping_until(&t.a, "10.2.0.2", 20).with_context(|| format!("{c}: the tunnel did not come up"))?;
     Ok((ga, gb))
 }
 
@@ -541,7 +541,7 @@ fn measure(t: &TwoSubnets, gw_mac: &str, contender: &str, size: &Size, p: &Param
 
 /// Where the generator runs and what it sends.
 struct Gen<'a> {
-    ns: &'a subway_tests::Netns,
+    ns: &'a subway_testkit::Netns,
     iface: &'a str,
     dst_mac: String,
     src_ip: &'a str,
@@ -552,7 +552,7 @@ struct Gen<'a> {
 
 impl<'a> Gen<'a> {
     /// Plain UDP from a LAN host (its eth0, from 10.1.0.2 to SINK_IP).
-    fn plain(ns: &'a subway_tests::Netns, gw_mac: &str) -> Gen<'a> {
+    fn plain(ns: &'a subway_testkit::Netns, gw_mac: &str) -> Gen<'a> {
         Gen {
             ns,
             iface: "eth0",
@@ -598,7 +598,7 @@ fn pktgen_args(g: &Gen, size: &Size, p: &Params) -> Result<Vec<String>> {
 
 /// Runs the generator and counts what reaches the `sink` interface. CPU
 /// time is counted from the moment the generator starts sending.
-fn offer(g: &Gen, sink: (&subway_tests::Netns, &str), contender: &str, size: &Size, p: &Params) -> Result<Row> {
+fn offer(g: &Gen, sink: (&subway_testkit::Netns, &str), contender: &str, size: &Size, p: &Params) -> Result<Row> {
     use std::io::{BufRead, Read};
     let before = sink.0.if_stat(sink.1, "rx_packets")?;
     let mut args: Vec<String> = vec!["netns".into(), "exec".into(), g.ns.name.clone()];
@@ -744,7 +744,7 @@ fn routed_subway(size: &Size, label: &str, p: &Params, subway: &std::path::Path)
 /// site B (for the handshake). Returns the guards to keep alive.
 enum Gw {
     Subway(Subway),
-    Standard(subway_tests::WgPeer),
+    Standard(subway_testkit::WgPeer),
 }
 
 fn start_gw(t: &TwoSites, impl_: &str, for_a: bool, p: &Params) -> Result<Gw> {
@@ -786,7 +786,7 @@ fn tunnel(sizes: &[Size], contenders: &[&str], decrypt: bool, p: &Params) -> Res
                 // the far gateway at a MAC nobody has: the far gateway's wire
                 // counts the ciphertext and its kernel drops it at once, so its
                 // decryption costs nothing and only site A is measured.
-                subway_tests::ping_until(&t.a, "10.2.0.2", 20)
+                subway_testkit::ping_until(&t.a, "10.2.0.2", 20)
                     .with_context(|| format!("{c}: the tunnel did not come up"))?;
                 t.gwa.run(&[
                     "ip",
@@ -975,7 +975,7 @@ fn child_pids(pid: u32) -> Vec<u32> {
 fn tcp_stream(c: &str, seconds: u32, profile: &str) -> Result<f64> {
     let t = TwoSites::new()?;
     let _gateways = two_gateways(&t, c, &Params::base(1.0, profile))?;
-    let log = subway_tests::work_dir().join(format!("{}-iperf3.log", subway_tests::unique("ip")));
+    let log = subway_testkit::work_dir().join(format!("{}-iperf3.log", subway_testkit::unique("ip")));
     let _server = t.b.spawn(&["iperf3", "-s", "-1", "-B", "10.2.0.2"], &log)?;
     std::thread::sleep(Duration::from_millis(300));
     let out = t.a.run(&[
@@ -1034,7 +1034,7 @@ fn latency_once(
         ..Params::base(duration, profile)
     };
     let _gateways = two_gateways(&t, c, &p)?;
-    let records = subway_tests::work_dir().join(format!("{}.sink", subway_tests::unique("lat")));
+    let records = subway_testkit::work_dir().join(format!("{}.sink", subway_testkit::unique("lat")));
     let sink_bin = profile_bin("subway-sink", profile)?;
     struct KillOnDrop(std::process::Child);
     impl Drop for KillOnDrop {
