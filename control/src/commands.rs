@@ -135,14 +135,18 @@ pub fn route(name: Option<String>, q: RouteQuery, as_json: bool) -> Result<()> {
         }
         RouteQuery::Explain { .. } => {
             println!(
-                "{} in VNET {}:",
+                "{} in VNET {}, from {}:",
                 v["packet"].as_str().unwrap_or("?"),
-                v["vnet"].as_str().unwrap_or("?")
+                v["vnet"].as_str().unwrap_or("?"),
+                v["from"].as_str().unwrap_or("nowhere")
             );
             for (i, step) in v["steps"].as_array().into_iter().flatten().enumerate() {
                 println!("  {}. {}", i + 1, step.as_str().unwrap_or("?"));
             }
-            println!("  => {}", v["verdict"].as_str().unwrap_or("?"));
+            match v["counter"].as_str() {
+                Some(c) => println!("  => {} (counted as {c})", v["verdict"].as_str().unwrap_or("?")),
+                None => println!("  => {}", v["verdict"].as_str().unwrap_or("?")),
+            }
         }
         RouteQuery::Overlaps => {
             let pairs = v.as_array().cloned().unwrap_or_default();

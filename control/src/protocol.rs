@@ -35,8 +35,9 @@ pub enum RouteQuery {
     },
     /// Every pair of overlapping prefixes, with their VNETs and owners.
     Overlaps,
-    /// What the gateway would do with a packet arriving on a LAN of a
-    /// VNET, step by step, including why it would drop it.
+    /// What the gateway would do with a packet, step by step: the XDP
+    /// program and the workers' own decision functions run on the probe's
+    /// bytes (nothing is sent), including why it would be dropped.
     Explain {
         #[arg(long, default_value = "default")]
         vnet: String,
@@ -44,12 +45,33 @@ pub enum RouteQuery {
         src: IpAddr,
         #[arg(long)]
         dst: IpAddr,
-        /// tcp, udp, icmp...
+        /// tcp (a SYN), udp or icmp (an echo request).
         #[arg(long)]
         proto: Option<String>,
         #[arg(long)]
         port: Option<u16>,
+        /// TTL or hop limit as it arrives.
+        #[arg(long, default_value_t = 64)]
+        #[serde(default = "default_ttl")]
+        ttl: u8,
+        /// IP total length in bytes (default: just the headers).
+        #[arg(long)]
+        #[serde(default)]
+        size: Option<usize>,
+        /// An 802.1Q tag on the frame.
+        #[arg(long)]
+        #[serde(default)]
+        vlan: Option<u16>,
+        /// Where it arrives: a [Lan] interface, or a peer's public key
+        /// (default: where its source lives in the VNET).
+        #[arg(long)]
+        #[serde(default)]
+        from: Option<String>,
     },
+}
+
+fn default_ttl() -> u8 {
+    64
 }
 
 impl Request {
@@ -90,6 +112,10 @@ mod tests {
                     dst: "fd02::1".parse().unwrap(),
                     proto: Some("tcp".into()),
                     port: None,
+                    ttl: 1,
+                    size: Some(1500),
+                    vlan: None,
+                    from: Some("lan0".into()),
                 },
             },
         ] {

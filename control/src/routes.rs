@@ -8,7 +8,9 @@ use ipnet::IpNet;
 use serde_json::{Value, json};
 use std::net::IpAddr;
 use subway_dataplane::fib::{Route, Target};
-use subway_dataplane::tables::Port;
+use subway_dataplane::slowpath::Taker;
+use subway_dataplane::tables::{Port, Tables};
+use subway_dataplane::trace::{Ingress, Outcome, Probe, Proto, Trace};
 
 /// The running instance's answer to a route query.
 pub fn answer(cfg: &Config, dp: &subway_dataplane::Dataplane, q: &RouteQuery) -> Value {
@@ -26,24 +28,15 @@ pub fn answer(cfg: &Config, dp: &subway_dataplane::Dataplane, q: &RouteQuery) ->
         RouteQuery::Get { vnet, .. } if !known(vnet) => unknown(vnet),
         RouteQuery::Get { address, vnet } => get(&views, *address, vnet),
         RouteQuery::Overlaps => overlaps(&views),
-        RouteQuery::Explain {
-            vnet,
-            src,
-            dst,
-            proto,
-            port,
-        } => explain(
-            cfg,
-            &t,
-            &Probe {
-                vnet,
-                src: *src,
-                dst: *dst,
-                proto: proto.as_deref(),
-                port: *port,
-            },
-            subway_dataplane::wg::Now::system().mono,
-        ),
+        RouteQuery::Explain { vnet, .. } if !known(vnet) => unknown(vnet),
+        RouteQuery::Explain { .. } => match probe(cfg, &t, q) {
+            Ok(p) => {
+                let now = subway_dataplane::wg::Now::system().mono;
+                let tr = dp.explain(&p, now, &|id| peer_key(cfg, id));
+                explained(cfg, &t, q, &tr)
+            }
+            Err(e) => crate::protocol::error(e),
+        },
     }
 }
 
@@ -167,162 +160,103 @@ pub fn overlaps(views: &[RouteView]) -> Value {
     json!(out)
 }
 
-/// The packet `route explain` follows.
-pub struct Probe<'a> {
-    pub vnet: &'a str,
-    pub src: IpAddr,
-    pub dst: IpAddr,
-    pub proto: Option<&'a str>,
-    pub port: Option<u16>,
-}
-
-/// `subway route explain --vnet V --src A --dst B [--proto P] [--port N]`:
-/// what the gateway does with such a packet arriving on a LAN of VNET V,
-/// step by step, and why it would drop it.
-pub fn explain(cfg: &Config, t: &subway_dataplane::tables::Tables, probe: &Probe, now: std::time::Duration) -> Value {
-    let Probe {
+/// The packet a `route explain` query describes, on the tables `t`.
+pub fn probe(cfg: &Config, t: &Tables, q: &RouteQuery) -> Result<Probe, String> {
+    let RouteQuery::Explain {
         vnet,
         src,
         dst,
         proto,
         port,
-    } = *probe;
+        ttl,
+        size,
+        vlan,
+        from,
+    } = q
+    else {
+        return Err("not an explain query".into());
+    };
     let vnets = cfg.vnet_ids();
-    let Some(vid) = vnets.iter().position(|v| v == vnet).map(|v| v as u32) else {
-        return json!({"error": format!("no VNET named {vnet}: this instance has {}", vnets.join(", "))});
+    let vid = vnets
+        .iter()
+        .position(|v| v == vnet)
+        .ok_or_else(|| format!("no VNET named {vnet}: this instance has {}", vnets.join(", ")))?;
+    if src.is_ipv4() != dst.is_ipv4() {
+        return Err(format!("{src} and {dst} are of different IP versions"));
+    }
+    let proto = match proto.as_deref().unwrap_or("udp") {
+        "tcp" => Proto::Tcp(port.unwrap_or(80)),
+        "udp" => Proto::Udp(port.unwrap_or(53)),
+        "icmp" | "icmp6" | "icmpv6" | "ping" => Proto::Icmp,
+        other => return Err(format!("--proto {other}: use tcp, udp or icmp")),
     };
-    let mut steps: Vec<String> = Vec::new();
-    let verdict;
-    let multicast = match dst {
-        IpAddr::V4(a) => a.is_multicast() || a.is_broadcast(),
-        IpAddr::V6(a) => a.is_multicast() || (a.segments()[0] & 0xffc0) == 0xfe80,
+    let from = match from.as_deref() {
+        None => None,
+        Some(name) => Some(if let Some(i) = t.ports.iter().position(|p| p.name == name) {
+            Ingress::Lan(i as u16)
+        } else if let Some(p) = cfg.peers.iter().find(|p| p.public_key.to_base64() == name) {
+            Ingress::Peer(p.id)
+        } else {
+            return Err(format!(
+                "--from {name}: neither a [Lan] interface nor a peer's public key"
+            ));
+        }),
     };
+    Ok(Probe {
+        vnet: vid as u32,
+        src: *src,
+        dst: *dst,
+        proto,
+        ttl: *ttl,
+        size: size.unwrap_or(0),
+        vlan: *vlan,
+        from,
+    })
+}
+
+fn peer_key(cfg: &Config, id: u32) -> String {
+    cfg.peers
+        .iter()
+        .find(|p| p.id == id)
+        .map(|p| p.public_key.to_base64())
+        .unwrap_or_else(|| format!("#{id}"))
+}
+
+/// `subway route explain`'s answer: the probe, where it entered, the
+/// trace's steps, the verdict and the counter it would be counted under.
+pub fn explained(cfg: &Config, t: &Tables, q: &RouteQuery, tr: &Trace) -> Value {
+    let RouteQuery::Explain {
+        vnet,
+        src,
+        dst,
+        proto,
+        port,
+        ..
+    } = q
+    else {
+        return crate::protocol::error("not an explain query");
+    };
+    let port_name = |p: u16| t.ports.get(p as usize).map_or("?".to_string(), |p| p.name.clone());
     let desc = format!(
         "{} {src} -> {dst}{}",
-        proto.unwrap_or("ip"),
+        proto.as_deref().unwrap_or("udp"),
         port.map(|p| format!(" port {p}")).unwrap_or_default()
     );
-    if multicast {
-        steps.push("XDP: multicast, broadcast or link-local destination: passed to the kernel".into());
-        verdict = "handled by the kernel, not subway".to_string();
-    } else {
-        match t.fib.lookup(vid, dst) {
-            None if vid != 0 => {
-                steps.push(format!(
-                    "XDP: {dst} matches no routed prefix in VNET {vnet}: dropped (drop_vnet_no_route); a non-default VNET's packets never reach the kernel's routing"
-                ));
-                verdict = "dropped: no route in this VNET".to_string();
-            }
-            None => {
-                steps.push(format!(
-                    "XDP: {dst} matches no routed prefix in VNET {vnet}: passed to the kernel"
-                ));
-                verdict = "handled by the kernel, not subway".to_string();
-            }
-            Some((len, Target::Local)) if vid != 0 => {
-                steps.push(format!(
-                    "XDP: {dst}/{len} is an address of the gateway in VNET {vnet}: only ARP and NDP are answered there (the kernel could reply only through the default VNET's table); anything else is dropped (drop_vnet_local)"
-                ));
-                verdict = "dropped: the gateway answers only ARP and NDP in a non-default VNET".to_string();
-            }
-            Some((len, Target::Local)) => {
-                steps.push(format!(
-                    "XDP: {dst}/{len} is an address of the gateway: passed to the kernel"
-                ));
-                verdict = "delivered to the gateway itself by the kernel".to_string();
-            }
-            Some((len, Target::Port(p))) => {
-                let port_v = t.ports.get(p as usize);
-                let ifname = port_v.map(|p| p.name.as_str()).unwrap_or("?");
-                steps.push(format!(
-                    "XDP: {dst} matches a route of VNET {vnet}: redirected to the AF_XDP worker of its RX queue"
-                ));
-                steps.push(format!("FIB: longest match /{len} -> LAN interface {ifname}"));
-                match port_v.and_then(|pv| t.neigh.get(pv.ifindex, dst)) {
-                    Some(mac) => {
-                        steps.push(format!(
-                            "neighbour {dst} is {mac}: Ethernet rewritten, TTL - 1, sent on {ifname}"
-                        ));
-                        verdict = format!("forwarded out of {ifname} by the fast path");
-                    }
-                    None if vid != 0 => {
-                        steps.push(format!(
-                            "neighbour {dst} unknown on {ifname}: the control thread holds this packet (up to 3 per neighbour, 3 s) while the kernel resolves {dst} on {ifname}, then sends it there; the next ones take the fast path"
-                        ));
-                        verdict = format!("forwarded out of {ifname} (first packet once the neighbour answers)");
-                    }
-                    None => {
-                        steps.push(format!(
-                            "neighbour {dst} unknown on {ifname}: this packet goes to the kernel (slow-path TUN), which resolves it; the next ones take the fast path"
-                        ));
-                        verdict = format!("forwarded out of {ifname} (first packet through the kernel)");
-                    }
-                }
-            }
-            Some((len, Target::Peer(id))) => {
-                let key = cfg
-                    .peers
-                    .iter()
-                    .find(|p| p.id == id)
-                    .map(|p| p.public_key.to_base64())
-                    .unwrap_or_default();
-                steps.push(format!(
-                    "XDP: {dst} matches a route of VNET {vnet}: redirected to the AF_XDP worker of its RX queue"
-                ));
-                steps.push(format!("FIB: longest match /{len} -> peer {key}"));
-                let rt = t.peers.get(id as usize);
-                let session = rt.and_then(|r| r.session.as_ref()).filter(|s| s.can_send(now));
-                let path = rt.and_then(|r| r.path);
-                match (session, path) {
-                    (Some(s), Some(p)) => {
-                        steps.push(format!(
-                            "session {} ({}) is up: sealed in place, sent from {} to {} via {}",
-                            s.local_index,
-                            if s.initiator {
-                                "we initiated"
-                            } else {
-                                "the peer initiated"
-                            },
-                            p.src,
-                            p.dst,
-                            p.dst_mac
-                        ));
-                        if proto == Some("tcp") {
-                            let mtu = t
-                                .uplink
-                                .and_then(|u| t.ports.get(u as usize))
-                                .map(|u| u.mtu.saturating_sub(subway_dataplane::tunnel::TUNNEL_OVERHEAD))
-                                .unwrap_or(1420);
-                            steps.push(format!("TCP SYNs have their MSS clamped to fit the tunnel MTU {mtu}"));
-                        }
-                        verdict = format!("tunneled to peer {key}");
-                    }
-                    (None, _) => {
-                        steps.push(if vid == 0 {
-                            "no usable session: the packet is queued and a handshake starts (through the kernel route to the TUN)".into()
-                        } else {
-                            "no usable session: the worker hands the packet to the control thread, which queues it and starts a handshake".into()
-                        });
-                        verdict = format!("tunneled to peer {key} once the handshake completes");
-                    }
-                    (Some(_), None) => {
-                        steps.push("the peer's endpoint or its next hop is not known yet: sent by the control thread through the kernel".into());
-                        verdict = format!("tunneled to peer {key} (through the kernel path)");
-                    }
-                }
-                // The reply's cryptokey check at this gateway.
-                match t.fib.lookup(vid, src) {
-                    Some((_, Target::Port(_))) | Some((_, Target::Local)) => steps.push(format!(
-                        "replies from {dst} to {src} are accepted from that peer only if {dst}'s longest AllowedIPs match is that peer (cryptokey routing)"
-                    )),
-                    _ => steps.push(format!(
-                        "note: {src} is not a LAN address of VNET {vnet}: replies to it would not be routed back to a LAN"
-                    )),
-                }
-            }
-        }
-    }
-    json!({"vnet": vnet, "packet": desc, "steps": steps, "verdict": verdict})
+    let from = match tr.ingress {
+        Some(Ingress::Lan(p)) => json!(port_name(p)),
+        Some(Ingress::Peer(id)) => json!(format!("peer {}", peer_key(cfg, id))),
+        None => Value::Null,
+    };
+    let verdict = match tr.outcome {
+        Outcome::Lan(p) => format!("forwarded out of {} by the fast path", port_name(p)),
+        Outcome::Tunnel(id) => format!("tunneled to peer {} by the fast path", peer_key(cfg, id)),
+        Outcome::HandedOn(_, Taker::Kernel) => "handed to the kernel by the fast path".to_string(),
+        Outcome::HandedOn(_, _) => "handed to the control thread by the fast path".to_string(),
+        Outcome::Drop(_) | Outcome::XdpDrop(_) => "dropped".to_string(),
+        Outcome::XdpPass(_) => "handled by the kernel, not subway".to_string(),
+        Outcome::NoIngress => format!("VNET {vnet} has no LAN interface"),
+    };
+    json!({"vnet": vnet, "packet": desc, "from": from, "steps": tr.steps, "verdict": verdict, "counter": tr.counter()})
 }
 
 /// Golden tests: the JSON answers of a gateway with nested and overlapping
@@ -336,6 +270,7 @@ mod golden {
     use std::path::{Path, PathBuf};
     use subway_dataplane::PeerRoutes;
     use subway_dataplane::tables::{NeighTable, PeerRt, Port, Tables};
+    use subway_dataplane::trace::trace;
     use subway_dataplane::wire::MacAddr;
 
     fn key(b: u8) -> String {
@@ -405,6 +340,7 @@ mod golden {
             .collect();
         let t = Tables {
             fib: std::sync::Arc::new(fib),
+            allowed: std::sync::Arc::new(subway_dataplane::plan::allowed_ips(&dcfg.peers)),
             neigh,
             ports,
             peers,
@@ -467,31 +403,39 @@ mod golden {
     fn route_explain_across_three_vnets() {
         let (cfg, t) = gateway();
         let now = std::time::Duration::from_secs(1000);
-        let probe = |vnet, src: &str, dst: &str, proto, port| {
-            explain(
-                &cfg,
-                &t,
-                &Probe {
-                    vnet,
-                    src: src.parse().unwrap(),
-                    dst: dst.parse().unwrap(),
-                    proto,
-                    port,
-                },
-                now,
-            )
+        let probe = |vnet: &str, src: &str, dst: &str, proto: Option<&str>, port, extra: &[(&str, &str)]| {
+            let get = |k: &str| extra.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+            let q = RouteQuery::Explain {
+                vnet: vnet.into(),
+                src: src.parse().unwrap(),
+                dst: dst.parse().unwrap(),
+                proto: proto.map(Into::into),
+                port,
+                ttl: get("ttl").map_or(64, |v| v.parse().unwrap()),
+                size: get("size").map(|v| v.parse().unwrap()),
+                vlan: get("vlan").map(|v| v.parse().unwrap()),
+                from: get("from"),
+            };
+            match super::probe(&cfg, &t, &q) {
+                Ok(p) => explained(&cfg, &t, &q, &trace(&t, &p, now, &|id| peer_key(&cfg, id))),
+                Err(e) => json!({ "error": e }),
+            }
         };
         let answers = json!([
-            probe("default", "10.1.0.20", "10.2.9.1", Some("tcp"), Some(443)),
-            probe("default", "10.2.9.1", "10.1.0.20", None, None),
-            probe("default", "10.2.9.1", "10.1.0.21", None, None),
-            probe("default", "10.1.0.20", "172.16.0.9", Some("udp"), Some(53)),
-            probe("default", "10.1.0.20", "224.0.0.251", None, None),
-            probe("red", "192.168.1.10", "10.0.0.5", Some("icmp"), None),
-            probe("red", "192.168.1.10", "10.2.9.1", None, None),
-            probe("blue", "192.168.1.10", "10.0.0.200", None, None),
-            probe("blue", "10.0.0.5", "192.168.1.10", None, None),
-            probe("green", "10.0.0.5", "192.168.1.10", None, None),
+            probe("default", "10.1.0.20", "10.2.9.1", Some("tcp"), Some(443), &[]),
+            probe("default", "10.2.9.1", "10.1.0.20", None, None, &[]),
+            probe("default", "10.2.9.1", "10.1.0.21", None, None, &[]),
+            probe("default", "10.2.9.1", "10.1.0.20", None, None, &[("ttl", "1")]),
+            probe("default", "10.2.9.1", "10.1.0.20", None, None, &[("size", "1600")]),
+            probe("default", "10.1.0.20", "10.1.7.9", None, None, &[("vlan", "12")]),
+            probe("default", "10.1.0.20", "172.16.0.9", Some("udp"), Some(53), &[]),
+            probe("red", "192.168.1.10", "10.0.0.5", Some("icmp"), None, &[]),
+            probe("red", "192.168.1.10", "10.2.9.1", None, None, &[]),
+            probe("red", "192.168.1.10", "192.168.1.1", None, None, &[]),
+            probe("blue", "192.168.1.10", "10.0.0.200", None, None, &[]),
+            probe("blue", "10.0.0.5", "192.168.1.10", None, None, &[]),
+            probe("blue", "10.0.0.200", "192.168.1.10", None, None, &[("from", &key(5))]),
+            probe("green", "10.0.0.5", "192.168.1.10", None, None, &[]),
         ]);
         check("route_explain", &answers);
     }

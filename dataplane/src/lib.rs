@@ -17,7 +17,8 @@
 //!   its send ([`tunnel::tx`]) and receive ([`tunnel::rx`]) batch paths;
 //!   [`fib`], [`tables`]: what the workers look up (routes, cryptokey
 //!   routing's [`fib::AllowedIps`], neighbours, peers); [`slowpath`] and
-//!   [`punt`]: what the fast path hands on; [`netlink`]: the kernel's
+//!   [`punt`]: what the fast path hands on; [`trace`]: `route explain`
+//!   as a trace of the workers' own decision functions; [`netlink`]: the kernel's
 //!   routes, neighbours and addresses; [`stats`]: counters by name;
 //!   [`wg`]: the WireGuard engine (sans-IO); [`wire`]: packet views.
 
@@ -35,6 +36,7 @@ pub mod punt;
 pub mod slowpath;
 pub mod stats;
 pub mod tables;
+pub mod trace;
 pub mod tunnel;
 pub mod wg;
 pub mod wire;

@@ -15,7 +15,7 @@ use crate::tables::{self, NeighTable, Port, SharedTables, Tables};
 use crate::worker::{Worker, WorkerInfo};
 use crate::xdp::XdpSteering;
 use crate::xsk;
-use crate::{failsafe, punt, tunnel};
+use crate::{failsafe, punt, trace, tunnel};
 use ipnet::IpNet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -695,6 +695,75 @@ impl Dataplane {
         self.xdp.test_run(frame, ifindex)
     }
 
+    /// `subway route explain` on the running instance: the XDP program
+    /// runs on the probe's bytes (`BPF_PROG_TEST_RUN`: nothing is sent),
+    /// then, if it steers them to a worker, the workers' decisions on the
+    /// current tables ([`trace::trace`]). A probe from a peer is steered as
+    /// the datagram that carries it.
+    pub fn explain(
+        &self,
+        p: &trace::Probe,
+        now: std::time::Duration,
+        peer_name: &dyn Fn(u32) -> String,
+    ) -> trace::Trace {
+        let t = self.tables.load_full();
+        let ingress = p.from.or_else(|| trace::ingress_of(&t, p.vnet, p.src));
+        let (frame, port) = match ingress {
+            Some(trace::Ingress::Lan(i)) => match t.ports.get(i as usize) {
+                Some(port) => (trace::frame(p, port.mac), port),
+                None => return trace::trace(&t, p, now, peer_name),
+            },
+            Some(trace::Ingress::Peer(id)) => match carrier(&t, id) {
+                Some(c) => c,
+                None => return trace::trace(&t, p, now, peer_name),
+            },
+            None => return trace::trace(&t, p, now, peer_name),
+        };
+        let before = self.xdp.counters().unwrap_or([0; XdpCounter::COUNT as usize]);
+        let action = self.xdp.test_run(&frame, port.ifindex);
+        let after = self.xdp.counters().unwrap_or([0; XdpCounter::COUNT as usize]);
+        // The reason is the counter the run moved (with traffic flowing,
+        // others move too: the one that fits the action is named).
+        let moved = |prefix: &str| {
+            XdpCounter::ALL
+                .iter()
+                .filter(|k| k.name().starts_with(prefix) && after[**k as usize] > before[**k as usize])
+                .map(|k| k.name())
+                .next()
+                .unwrap_or("?")
+        };
+        let on = format!("XDP on {}", port.name);
+        match action {
+            Ok(4) => {
+                let mut tr = trace::trace(&t, p, now, peer_name);
+                tr.steps.insert(
+                    0,
+                    format!(
+                        "{on}: redirected to the AF_XDP socket of its RX queue ({})",
+                        moved("redirect_")
+                    ),
+                );
+                tr
+            }
+            Ok(1) => trace::Trace {
+                ingress,
+                steps: vec![format!("{on}: dropped ({})", moved("drop_"))],
+                outcome: trace::Outcome::XdpDrop(moved("drop_")),
+            },
+            Ok(_) => trace::Trace {
+                ingress,
+                steps: vec![format!("{on}: not steered, the kernel has it ({})", moved("pass_"))],
+                outcome: trace::Outcome::XdpPass(moved("pass_")),
+            },
+            Err(e) => {
+                let mut tr = trace::trace(&t, p, now, peer_name);
+                tr.steps
+                    .insert(0, format!("{on}: could not run the XDP program on the probe ({e})"));
+                tr
+            }
+        }
+    }
+
     /// The XDP program's counters, summed over CPUs.
     pub fn xdp_counters(&self) -> Result<Vec<(&'static str, u64)>> {
         let c = self.xdp.counters()?;
@@ -734,6 +803,31 @@ impl Drop for Dataplane {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The datagram that carries a probe from peer `id`: from its endpoint to
+/// the uplink's first address and our listen port, as a data message.
+fn carrier(t: &Tables, id: u32) -> Option<(Vec<u8>, &Port)> {
+    use crate::wire::{EtherType, ethernet, ipv4, ipv6, udp};
+    let up = t.ports.get(t.uplink? as usize)?;
+    let to = *t.uplink_addrs.first()?;
+    let from = t.peers.get(id as usize)?.path.map(|p| p.dst.ip()).unwrap_or(match to {
+        std::net::IpAddr::V4(_) => std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1)),
+        std::net::IpAddr::V6(_) => std::net::IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+    });
+    let msg = 32 + 16;
+    let l3 = if to.is_ipv6() { 40 } else { 20 };
+    let mut f = vec![0u8; 14 + l3 + 8 + msg];
+    let ethertype = if to.is_ipv6() { EtherType::IPV6 } else { EtherType::IPV4 };
+    ethernet::emit(&mut f, up.mac, trace::PROBE_MAC, ethertype);
+    match (from, to) {
+        (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => ipv4::emit(&mut f[14..], s, d, 17, 64, 8 + msg),
+        (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => ipv6::emit(&mut f[14..], s, d, 17, 64, 8 + msg),
+        _ => return None,
+    }
+    udp::emit(&mut f[14 + l3..], t.listen_port, t.listen_port, msg);
+    f[14 + l3 + 8] = crate::wg::messages::TYPE_DATA;
+    Some((f, up))
 }
 
 fn read_neighbours(nl: &mut Netlink, ports: &[Port], scratch: &mut Vec<Neighbour>) -> Result<NeighTable> {

@@ -184,45 +184,40 @@ impl SlowPath {
 }
 
 impl SlowPath {
-    /// Hands an IP packet the fast path cannot finish to whoever can, and
-    /// returns the counter to add: the kernel (through the TUN) for the
-    /// default VNET and the uplink, the control thread for other VNETs.
-    /// The second is the slow path of the slow path (first packets of a
-    /// flow): it copies the packet.
+    /// Hands an IP packet the fast path cannot finish to its [`taker`],
+    /// within its VNET's budget, and returns the counter to add. The
+    /// control thread is the slow path of the slow path (first packets of a
+    /// flow in a non-default VNET): it copies the packet.
     pub fn hand_off(&self, vnet: VnetId, packet: &[u8], reason: Counter, now: Duration) -> Counter {
-        if vnet == NO_VNET {
-            return Counter::DropNoTunnel;
+        let taker = taker(vnet, reason);
+        if let Taker::Drop(c) = taker {
+            return c;
         }
         if !self.budgets[(vnet as usize).min(BUDGETS - 1)].allow(now) {
             return Counter::DropSlowPathLimited;
         }
-        if vnet == 0 || vnet == crate::UPLINK_VNET {
+        if taker == Taker::Kernel {
             return if self.send(packet).is_ok() {
                 reason
             } else {
                 Counter::DropSlowPathFailed
             };
         }
-        match reason {
-            Counter::SlowNoSession | Counter::SlowNeighUnknown | Counter::SlowTooBig | Counter::SlowTtlExpired => {
-                let p = Punted {
-                    vnet,
-                    reason,
-                    packet: packet.to_vec(),
-                };
-                match self.punted.push(p) {
-                    Ok(()) => {
-                        if !self.punt_signalled.swap(true, std::sync::atomic::Ordering::AcqRel) {
-                            let one = 1u64.to_ne_bytes();
-                            // SAFETY: an 8-byte write to our own eventfd.
-                            unsafe { libc::write(self.punt_event.as_raw_fd(), one.as_ptr().cast(), 8) };
-                        }
-                        reason
-                    }
-                    Err(_) => Counter::DropPuntQueueFull,
+        let p = Punted {
+            vnet,
+            reason,
+            packet: packet.to_vec(),
+        };
+        match self.punted.push(p) {
+            Ok(()) => {
+                if !self.punt_signalled.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    let one = 1u64.to_ne_bytes();
+                    // SAFETY: an 8-byte write to our own eventfd.
+                    unsafe { libc::write(self.punt_event.as_raw_fd(), one.as_ptr().cast(), 8) };
                 }
+                reason
             }
-            _ => Counter::DropVnetNoKernel,
+            Err(_) => Counter::DropPuntQueueFull,
         }
     }
 
@@ -312,6 +307,36 @@ fn set_up(name: &str) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Who finishes a packet the fast path handed on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Taker {
+    /// The kernel, through the slow-path TUN (the default VNET and the
+    /// uplink: the kernel's routing table is theirs).
+    Kernel,
+    /// The control thread (other VNETs): it resolves neighbours, starts
+    /// handshakes and answers ICMP errors in the VNET.
+    ControlThread,
+    /// Nobody: dropped under this counter.
+    Drop(Counter),
+}
+
+/// Who takes a packet of `vnet` the fast path could not finish for
+/// `reason`. The workers and `route explain` both ask this.
+pub fn taker(vnet: VnetId, reason: Counter) -> Taker {
+    if vnet == NO_VNET {
+        return Taker::Drop(Counter::DropNoTunnel);
+    }
+    if vnet == 0 || vnet == crate::UPLINK_VNET {
+        return Taker::Kernel;
+    }
+    match reason {
+        Counter::SlowNoSession | Counter::SlowNeighUnknown | Counter::SlowTooBig | Counter::SlowTtlExpired => {
+            Taker::ControlThread
+        }
+        _ => Taker::Drop(Counter::DropVnetNoKernel),
+    }
 }
 
 #[cfg(test)]

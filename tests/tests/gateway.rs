@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use std::time::Duration;
-use subway_testkit::{Netns, Subway, TwoSites, UdpFlow, ping, ping_until, require_root, tcp_echo};
+use subway_testkit::{Netns, Subway, TwoSites, UdpFlow, ping, ping_until, require_root, tcp_echo, wait_until};
 
 #[test]
 fn two_sites_reach_each_other_through_subway_both_ways() -> Result<()> {
@@ -66,13 +66,46 @@ fn two_sites_reach_each_other_through_subway_both_ways() -> Result<()> {
         "{ex}"
     );
     assert!(
-        steps.contains("FIB: longest match /24 -> peer") && steps.contains("is up: sealed in place"),
+        steps.contains("XDP on lan0: redirected") && steps.contains("sealed for session"),
         "{ex}"
     );
+    assert_eq!(ex["counter"], "tunnel_tx", "{ex}");
+    // From B's side: steered as the datagram that carries it, opened,
+    // checked against B's AllowedIPs, out of lan0 to the real neighbour.
     let back = q(&["explain", "--src", "10.2.0.2", "--dst", "10.1.0.2"])?;
     assert_eq!(back["verdict"], "forwarded out of lan0 by the fast path", "{back}");
+    assert!(back["steps"].to_string().contains("XDP on wan0: redirected"), "{back}");
+    let forged = q(&[
+        "explain",
+        "--src",
+        "10.9.9.9",
+        "--dst",
+        "10.1.0.2",
+        "--from",
+        &t.keys_b.1,
+    ])?;
+    assert_eq!(forged["counter"], "drop_not_allowed", "{forged}");
     let outside = q(&["explain", "--src", "10.1.0.2", "--dst", "198.51.100.7"])?;
     assert_eq!(outside["verdict"], "handled by the kernel, not subway", "{outside}");
+    assert_eq!(outside["counter"], "pass_no_route", "{outside}");
+    let ttl1 = q(&["explain", "--src", "10.1.0.2", "--dst", "10.2.0.2", "--ttl", "1"])?;
+    assert_eq!(ttl1["counter"], "pass_ttl_expired", "{ttl1}");
+    // Too big for the tunnel: explain names the counter, and the fast path
+    // counts a real packet of that size under it (the kernel answers
+    // "fragmentation needed", so ping -M do fails: that is the point).
+    let big = q(&[
+        "explain", "--src", "10.1.0.2", "--dst", "10.2.0.2", "--proto", "icmp", "--size", "1500",
+    ])?;
+    assert_eq!(big["counter"], "slow_too_big", "{big}");
+    let too_big = |gw: &Subway| -> Result<u64> { Ok(gw.show()?["totals"]["slow_too_big"].as_u64().unwrap_or(0)) };
+    let before = too_big(&ga)?;
+    let _ =
+        t.a.output(&["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1472", "10.2.0.2"]);
+    wait_until(
+        "the fast path counts the too-big packet",
+        Duration::from_secs(3),
+        || Ok(too_big(&ga)? > before),
+    )?;
     assert_eq!(
         q(&["overlaps"])?.as_array().unwrap().len(),
         0,

@@ -68,32 +68,11 @@ pub fn decapsulate(buf: &mut [u8], len: usize, t: &Tables, now: Duration) -> (Ve
     let Some(inner) = parse_inner(&buf[start..start + plain_len]) else {
         return drop(Counter::DropInnerMalformed);
     };
-    // Cryptokey routing: the source must be in this peer's AllowedIPs.
-    if !t.allowed.allows(peer.vnet, inner.src, session.peer) {
+    let counted = Some((session.peer, inner.len as u64));
+    let next = deliver(t, session.peer, peer.vnet, &inner);
+    if next == Next::Drop(Counter::DropNotAllowed) {
         return drop(Counter::DropNotAllowed);
     }
-    let counted = Some((session.peer, inner.len as u64));
-    enum Next {
-        Lan(u16, crate::wire::MacAddr, crate::wire::MacAddr),
-        Kernel(Counter),
-        Drop(Counter),
-    }
-    let next = match t.fib.lookup(peer.vnet, inner.dst) {
-        Some((len, Target::Port(_))) if Fib::is_directed_broadcast(inner.dst, len) => {
-            Next::Drop(Counter::DropDirectedBroadcast)
-        }
-        Some((_, Target::Port(p))) => match t.ports.get(p as usize) {
-            None => Next::Kernel(Counter::SlowNoRoute),
-            Some(_) if inner.ttl <= 1 => Next::Kernel(Counter::SlowTtlExpired),
-            Some(out) if inner.len > out.mtu as usize => Next::Kernel(Counter::SlowTooBig),
-            Some(out) => match t.neigh.get(out.ifindex, inner.dst) {
-                Some(mac) => Next::Lan(p, mac, out.mac),
-                None => Next::Kernel(Counter::SlowNeighUnknown),
-            },
-        },
-        Some((_, Target::Local)) => Next::Kernel(Counter::SlowLocal),
-        _ => Next::Kernel(Counter::SlowNoRoute),
-    };
     if let Some(up) = t.uplink.and_then(|u| t.ports.get(u as usize)) {
         let _ = clamp_mss(
             &mut buf[start..start + inner.len],
@@ -101,7 +80,11 @@ pub fn decapsulate(buf: &mut [u8], len: usize, t: &Tables, now: Duration) -> (Ve
         );
     }
     match next {
-        Next::Lan(p, dst_mac, src_mac) => (
+        Next::Lan {
+            port: p,
+            dst_mac,
+            src_mac,
+        } => (
             Verdict::Tx(p),
             to_lan_frame(buf, start, inner.len, dst_mac, src_mac),
             counted,
@@ -112,6 +95,51 @@ pub fn decapsulate(buf: &mut [u8], len: usize, t: &Tables, now: Duration) -> (Ve
             buf.copy_within(start..start + inner.len, 0);
             (Verdict::SlowPath(0, c), inner.len, counted)
         }
+    }
+}
+
+/// Where a packet that came out of the tunnel goes next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Out of LAN port `port` by the fast path, to `dst_mac` from `src_mac`.
+    Lan {
+        port: u16,
+        dst_mac: crate::wire::MacAddr,
+        src_mac: crate::wire::MacAddr,
+    },
+    /// To the kernel (or, in a non-default VNET, the control thread).
+    Kernel(Counter),
+    Drop(Counter),
+}
+
+/// The decisions for an authenticated inner packet from `peer` (in VNET
+/// `vnet`): cryptokey routing (its source must be in the peer's
+/// AllowedIPs), then the route in the peer's VNET, TTL, the egress MTU and
+/// the neighbour. The worker and `route explain` both call this.
+#[inline]
+pub fn deliver(t: &Tables, peer: u32, vnet: crate::fib::VnetId, inner: &super::Inner) -> Next {
+    if !t.allowed.allows(vnet, inner.src, peer) {
+        return Next::Drop(Counter::DropNotAllowed);
+    }
+    match t.fib.lookup(vnet, inner.dst) {
+        Some((len, Target::Port(_))) if Fib::is_directed_broadcast(inner.dst, len) => {
+            Next::Drop(Counter::DropDirectedBroadcast)
+        }
+        Some((_, Target::Port(p))) => match t.ports.get(p as usize) {
+            None => Next::Kernel(Counter::SlowNoRoute),
+            Some(_) if inner.ttl <= 1 => Next::Kernel(Counter::SlowTtlExpired),
+            Some(out) if inner.len > out.mtu as usize => Next::Kernel(Counter::SlowTooBig),
+            Some(out) => match t.neigh.get(out.ifindex, inner.dst) {
+                Some(mac) => Next::Lan {
+                    port: p,
+                    dst_mac: mac,
+                    src_mac: out.mac,
+                },
+                None => Next::Kernel(Counter::SlowNeighUnknown),
+            },
+        },
+        Some((_, Target::Local)) => Next::Kernel(Counter::SlowLocal),
+        _ => Next::Kernel(Counter::SlowNoRoute),
     }
 }
 

@@ -25,37 +25,66 @@ pub enum Sealed {
     Dropped(Counter),
 }
 
+/// A peer the fast path can send to now: a session that may send, a
+/// known path to its endpoint, and the uplink's tunnel MTU. The worker
+/// starts its runs from it and `route explain` asks it the same questions.
+pub struct Ready<'t> {
+    pub rt: &'t PeerRt,
+    pub session: &'t Session,
+    pub path: &'t OuterPath,
+    /// Largest inner packet the tunnel carries.
+    pub tunnel_mtu: u32,
+}
+
+impl<'t> Ready<'t> {
+    /// None when the peer cannot be sent to from the fast path (no session
+    /// that may send, no known path to its endpoint, no uplink): its
+    /// packets go to the kernel, whose route sends them to the control
+    /// thread (counted as `slow_no_session`), which queues them and starts
+    /// a handshake.
+    pub fn of(t: &'t Tables, peer: u32, now: Duration) -> Option<Ready<'t>> {
+        let up = t.ports.get(t.uplink? as usize)?;
+        let rt = t.peers.get(peer as usize)?;
+        Some(Ready {
+            rt,
+            session: rt.session.as_deref().filter(|s| s.can_send(now))?,
+            path: rt.path.as_ref()?,
+            tunnel_mtu: up.mtu.saturating_sub(TUNNEL_OVERHEAD),
+        })
+    }
+
+    /// Whether an inner packet of `ip_len` bytes fits the tunnel; if not,
+    /// the kernel answers it (its route to the peer goes through the TUN,
+    /// whose MTU is the tunnel's: it fragments, or answers "fragmentation
+    /// needed" / "packet too big").
+    #[inline]
+    pub fn admits(&self, ip_len: usize) -> Result<(), Sealed> {
+        if ip_len as u32 > self.tunnel_mtu {
+            Err(Sealed::ToKernel(Counter::SlowTooBig))
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// One peer's frames in one batch, with counters reserved for all of them.
 pub struct PeerRun<'t> {
-    rt: &'t PeerRt,
-    session: &'t Session,
-    path: &'t OuterPath,
+    ready: Ready<'t>,
     /// The counter of the run's first frame.
     first: u64,
-    /// Largest inner packet the tunnel carries.
-    tunnel_mtu: u32,
     packets: u64,
     bytes: u64,
 }
 
 impl<'t> PeerRun<'t> {
-    /// Starts a run of `n` frames to `peer`. None when the peer cannot be
-    /// sent to from the fast path (no session that may send, no known path
-    /// to its endpoint, no uplink, counters exhausted): the frames go to the
-    /// kernel, whose route sends them to the control thread (counted as
-    /// `slow_no_session`), which queues them and starts a handshake.
+    /// Starts a run of `n` frames to `peer`: None when it is not
+    /// [`Ready`], or its session's counters are exhausted.
     pub fn begin(t: &'t Tables, peer: u32, n: usize, now: Duration) -> Option<PeerRun<'t>> {
-        let up = t.ports.get(t.uplink? as usize)?;
-        let rt = t.peers.get(peer as usize)?;
-        let session = rt.session.as_deref().filter(|s| s.can_send(now))?;
-        let path = rt.path.as_ref()?;
-        let first = session.reserve(n as u64).ok()?;
+        let ready = Ready::of(t, peer, now)?;
+        let first = ready.session.reserve(n as u64).ok()?;
         Some(PeerRun {
-            rt,
-            session,
-            path,
+            ready,
             first,
-            tunnel_mtu: up.mtu.saturating_sub(TUNNEL_OVERHEAD),
             packets: 0,
             bytes: 0,
         })
@@ -65,17 +94,24 @@ impl<'t> PeerRun<'t> {
     /// `buf[l3..l3 + ip_len]` and `buf` is the frame's whole capacity.
     #[inline]
     pub fn seal(&mut self, k: usize, buf: &mut [u8], l3: usize, ip_len: usize, tally: &mut Tally) -> Sealed {
-        if ip_len as u32 > self.tunnel_mtu {
-            return Sealed::ToKernel(Counter::SlowTooBig);
+        if let Err(refused) = self.ready.admits(ip_len) {
+            return refused;
         }
         let Some(inner) = buf.get_mut(l3..l3 + ip_len) else {
             return Sealed::Dropped(Counter::DropTooBigForTunnel);
         };
-        if clamp_mss(inner, self.tunnel_mtu) {
+        if clamp_mss(inner, self.ready.tunnel_mtu) {
             tally.inc(Counter::MssClamped);
         }
         crate::wire::ip::decrement_ttl(inner);
-        match encapsulate(buf, l3, ip_len, self.session, self.first + k as u64, self.path) {
+        match encapsulate(
+            buf,
+            l3,
+            ip_len,
+            self.ready.session,
+            self.first + k as u64,
+            self.ready.path,
+        ) {
             Ok(n) => {
                 self.packets += 1;
                 self.bytes += ip_len as u64;
@@ -91,8 +127,12 @@ impl<'t> PeerRun<'t> {
     /// workers: one add per run, not per packet).
     pub fn finish(self) {
         if self.packets > 0 {
-            self.rt.stats.tx_packets.fetch_add(self.packets, Ordering::Relaxed);
-            self.rt.stats.tx_bytes.fetch_add(self.bytes, Ordering::Relaxed);
+            self.ready
+                .rt
+                .stats
+                .tx_packets
+                .fetch_add(self.packets, Ordering::Relaxed);
+            self.ready.rt.stats.tx_bytes.fetch_add(self.bytes, Ordering::Relaxed);
         }
     }
 }
