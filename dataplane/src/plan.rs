@@ -3,7 +3,7 @@
 //! own addresses), the workers' view of the peers, how the XDP program
 //! steers each route, and the fail-safe table as far as the file tells.
 
-use crate::config::{DataplaneConfig, LanConfig, PeerRoutes, UPLINK_VNET};
+use crate::config::{DataplaneConfig, LanConfig, PeerRoutes, RouteChanges, UPLINK_VNET};
 use crate::error::{Error, Result};
 use crate::failsafe;
 use crate::fib::{Fib, Target, VnetId};
@@ -153,5 +153,201 @@ pub(crate) fn steer(target: Target, ports: &[Port]) -> Steer {
             action: STEER_LOCAL,
             egress_ifindex: 0,
         },
+    }
+}
+
+/// One steering entry a live change writes before the switch: the route's
+/// new target, and the old one it replaces (None: the route is new).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SteerStep {
+    pub key: (VnetId, IpNet),
+    pub target: Target,
+    pub old: Option<Target>,
+}
+
+/// What a live change does to the kernel and the XDP program, worked out
+/// from the old and new FIB alone (pure: unit-tested below). Before the
+/// switch: steer what is new or retargeted ([`RouteDiff::steer`]) and
+/// point the kernel's routes of prefixes that become a default-VNET peer's
+/// at the TUN ([`RouteDiff::tun_add`]); if one of those fails, undo with
+/// [`RouteDiff::rollback`]. After the switch (nothing may fail then):
+/// remove the steering of what is gone ([`RouteDiff::unsteer`]) and take
+/// the prefixes that stopped being a default-VNET peer's off the TUN
+/// ([`RouteDiff::tun_del`]). Unchanged routes are never touched.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteDiff {
+    pub changes: RouteChanges,
+    pub steer: Vec<SteerStep>,
+    pub tun_add: Vec<IpNet>,
+    pub unsteer: Vec<(VnetId, IpNet)>,
+    pub tun_del: Vec<IpNet>,
+}
+
+impl RouteDiff {
+    pub fn between(old: &Fib, new: &Fib) -> RouteDiff {
+        use std::collections::BTreeMap;
+        let map = |f: &Fib| -> BTreeMap<(VnetId, IpNet), Target> {
+            f.routes().iter().map(|r| ((r.vnet, r.prefix), r.target)).collect()
+        };
+        let (old, new) = (map(old), map(new));
+        // The kernel routes only the default VNET, and only its peer
+        // prefixes go to the TUN.
+        let tunnelled = |k: &(VnetId, IpNet), t: Option<&Target>| k.0 == 0 && matches!(t, Some(Target::Peer(_)));
+        let mut d = RouteDiff::default();
+        for (k, t) in &new {
+            let was = old.get(k);
+            match was {
+                None => d.changes.added.push(*k),
+                Some(o) if o != t => d.changes.retargeted.push(*k),
+                Some(_) => continue,
+            }
+            d.steer.push(SteerStep {
+                key: *k,
+                target: *t,
+                old: was.copied(),
+            });
+            if tunnelled(k, Some(t)) && !tunnelled(k, was) {
+                d.tun_add.push(k.1);
+            }
+        }
+        for (k, t) in &old {
+            let now = new.get(k);
+            if now.is_none() {
+                d.changes.removed.push(*k);
+                d.unsteer.push(*k);
+            }
+            if tunnelled(k, Some(t)) && !tunnelled(k, now) {
+                d.tun_del.push(k.1);
+            }
+        }
+        d
+    }
+
+    /// How to undo the first `done` steering writes, last first: each key
+    /// back to its old target, or removed if it was new.
+    pub fn rollback(&self, done: usize) -> impl Iterator<Item = ((VnetId, IpNet), Option<Target>)> + '_ {
+        self.steer[..done.min(self.steer.len())].iter().rev().map(|s| (s.key, s.old))
+    }
+}
+
+/// Refuses a FIB the XDP program's tables cannot hold.
+pub(crate) fn check_capacity(fib: &Fib) -> Result<()> {
+    let per_family = |v4: bool| fib.routes().iter().filter(|r| r.prefix.addr().is_ipv4() == v4).count();
+    if per_family(true) > subway_common::MAX_ROUTES as usize || per_family(false) > subway_common::MAX_ROUTES as usize {
+        return Err(Error::msg(format!(
+            "more than {} routes of one family: the XDP program's tables hold no more",
+            subway_common::MAX_ROUTES
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn fib(routes: &[(VnetId, &str, Target)]) -> Fib {
+        let mut f = Fib::new();
+        for (v, p, t) in routes {
+            f.insert(*v, p.parse().unwrap(), *t).unwrap();
+        }
+        f
+    }
+
+    fn k(v: VnetId, p: &str) -> (VnetId, IpNet) {
+        (v, p.parse().unwrap())
+    }
+
+    const LAN: Target = Target::Port(0);
+    const P1: Target = Target::Peer(1);
+    const P2: Target = Target::Peer(2);
+
+    fn old() -> Fib {
+        fib(&[
+            (0, "10.1.0.0/24", LAN),
+            (0, "10.2.0.0/24", P1),
+            (0, "10.3.0.0/24", P1),
+            (0, "10.4.0.0/24", P1),
+            (2, "10.2.0.0/24", P1),
+        ])
+    }
+
+    fn new() -> Fib {
+        fib(&[
+            (0, "10.1.0.0/24", LAN), // unchanged
+            (0, "10.2.0.0/24", P2),  // peer to peer: stays on the TUN
+            (0, "10.4.0.0/24", LAN), // peer to LAN: leaves the TUN
+            (0, "10.5.0.0/24", P2),  // new peer prefix: onto the TUN
+            (2, "10.6.0.0/24", P2),  // new, non-default VNET: never the kernel's
+                                     // 10.3.0.0/24 and VNET 2's 10.2.0.0/24 are gone
+        ])
+    }
+
+    #[test]
+    fn the_diff_classifies_every_route_and_touches_the_kernel_for_the_default_vnet_only() {
+        let d = RouteDiff::between(&old(), &new());
+        assert_eq!(d.changes.added, vec![k(0, "10.5.0.0/24"), k(2, "10.6.0.0/24")]);
+        assert_eq!(d.changes.retargeted, vec![k(0, "10.2.0.0/24"), k(0, "10.4.0.0/24")]);
+        assert_eq!(d.changes.removed, vec![k(0, "10.3.0.0/24"), k(2, "10.2.0.0/24")]);
+        let steered: Vec<_> = d.steer.iter().map(|s| s.key).collect();
+        assert!(!steered.contains(&k(0, "10.1.0.0/24")), "unchanged routes are not rewritten");
+        assert_eq!(d.tun_add, vec!["10.5.0.0/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            d.tun_del,
+            vec!["10.3.0.0/24".parse::<IpNet>().unwrap(), "10.4.0.0/24".parse().unwrap()]
+        );
+        assert_eq!(d.unsteer, d.changes.removed);
+        assert_eq!(RouteDiff::between(&new(), &new()), RouteDiff::default());
+    }
+
+    /// The XDP program's steering as a map, changed the way `apply` does.
+    fn steering(f: &Fib) -> BTreeMap<(VnetId, IpNet), Target> {
+        f.routes().iter().map(|r| ((r.vnet, r.prefix), r.target)).collect()
+    }
+
+    fn write(m: &mut BTreeMap<(VnetId, IpNet), Target>, key: (VnetId, IpNet), t: Option<Target>) {
+        match t {
+            Some(t) => m.insert(key, t),
+            None => m.remove(&key),
+        };
+    }
+
+    #[test]
+    fn steering_then_unsteering_reaches_the_new_fib_and_a_rollback_at_any_step_the_old_one() {
+        for (a, b) in [(old(), new()), (new(), old()), (old(), Fib::new()), (Fib::new(), new())] {
+            let d = RouteDiff::between(&a, &b);
+            // The change carried through.
+            let mut m = steering(&a);
+            for s in &d.steer {
+                write(&mut m, s.key, Some(s.target));
+            }
+            for key in &d.unsteer {
+                write(&mut m, *key, None);
+            }
+            assert_eq!(m, steering(&b));
+            // A failure after any number of writes (including none, and
+            // all of them, as when the kernel route or the fence fails).
+            for done in 0..=d.steer.len() {
+                let mut m = steering(&a);
+                for s in &d.steer[..done] {
+                    write(&mut m, s.key, Some(s.target));
+                }
+                for (key, t) in d.rollback(done) {
+                    write(&mut m, key, t);
+                }
+                assert_eq!(m, steering(&a), "rollback after {done} of {} writes", d.steer.len());
+            }
+        }
+    }
+
+    #[test]
+    fn a_fib_larger_than_the_xdp_tables_is_refused() {
+        let mut f = Fib::new();
+        for i in 0..=subway_common::MAX_ROUTES {
+            f.insert(0, IpNet::from(std::net::IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i))), P1).unwrap();
+        }
+        assert!(check_capacity(&f).unwrap_err().to_string().contains("routes of one family"));
+        assert!(check_capacity(&old()).is_ok());
     }
 }

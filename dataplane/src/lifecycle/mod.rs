@@ -1,0 +1,488 @@
+//! The running dataplane: its start ([`start`]: named steps, fail-safe
+//! first), live changes (`apply`: a [`RouteDiff`] and its side effects,
+//! rolled back if one fails before the switch), the housekeeping the
+//! control thread drives (neighbour and route events, punted packets, the
+//! uplink's addresses), `route explain` on the live XDP program, and stop.
+
+mod start;
+
+use crate::config::{DataplaneConfig, LanConfig, RouteChanges};
+use crate::error::{Error, Result};
+use crate::host::{KernelUndo, kernel_routes};
+use crate::netlink::{self, Neighbour, Netlink};
+use crate::plan::{RouteDiff, allowed_ips, build_fib, check_capacity, peer_rts, steer};
+use crate::slowpath::SlowPath;
+use crate::stats::WorkerStats;
+use crate::tables::{NeighTable, Port, SharedTables, Tables};
+use crate::worker::WorkerInfo;
+use crate::xdp::XdpSteering;
+use crate::xsk;
+use crate::{failsafe, punt, trace, tunnel};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use subway_common::XdpCounter;
+
+/// A started worker as the control thread sees it.
+pub struct WorkerHandle {
+    pub info: WorkerInfo,
+    pub xdp_mode: String,
+    pub stats: Arc<WorkerStats>,
+    /// (interface, socket fd), valid while the dataplane runs.
+    pub sockets: Vec<(String, std::os::fd::RawFd)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// The kernel's AF_XDP counters of each of this worker's sockets.
+    pub fn xsk_stats(&self) -> Vec<(String, xsk::XskStats)> {
+        if self.thread.is_none() {
+            return Vec::new();
+        }
+        self.sockets
+            .iter()
+            .map(|(n, fd)| (n.clone(), xsk::XskStats::read(*fd).unwrap_or_default()))
+            .collect()
+    }
+}
+
+/// The running packet path. Dropping it stops the workers, closes the
+/// sockets and detaches XDP.
+pub struct Dataplane {
+    stop: Arc<AtomicBool>,
+    workers: Vec<WorkerHandle>,
+    tables: SharedTables,
+    lans: Vec<LanConfig>,
+    netlink: Netlink,
+    neigh_scratch: Vec<Neighbour>,
+    /// The kernel's neighbour and route changes, followed as they come
+    /// (None if the subscription failed: then the table is re-read).
+    events: Option<netlink::RoutingEvents>,
+    neigh_changes: Vec<netlink::NeighbourChange>,
+    /// The kernel's answers to route lookups toward peers' endpoints,
+    /// until a route or an uplink address changes.
+    route_cache: std::collections::HashMap<std::net::IpAddr, Option<netlink::RouteInfo>>,
+    slow: Arc<SlowPath>,
+    punt: punt::PuntServer,
+    undo: KernelUndo,
+    // Dropped last: detaching XDP after the sockets close is harmless
+    // (the redirect falls back to XDP_PASS).
+    xdp: XdpSteering,
+}
+
+impl Dataplane {
+    pub fn workers(&self) -> &[WorkerHandle] {
+        &self.workers
+    }
+
+    pub fn tables(&self) -> Arc<Tables> {
+        self.tables.load_full()
+    }
+
+    pub fn slow_path_name(&self) -> &str {
+        self.slow.name()
+    }
+
+    pub fn slow_path(&self) -> &SlowPath {
+        &self.slow
+    }
+
+    /// Publishes new tables made by `f` from the current ones. Workers see
+    /// them from their next batch.
+    pub fn publish(&self, f: impl FnOnce(&mut Tables)) {
+        let mut next = (*self.tables.load_full()).clone();
+        f(&mut next);
+        self.tables.store(Arc::new(next));
+    }
+
+    /// Reads the kernel's route and neighbour entry toward `dst` and, if
+    /// it leaves through the uplink with a known next hop, the path.
+    pub fn outer_path(&mut self, dst: std::net::SocketAddr, listen_port: u16) -> Option<tunnel::OuterPath> {
+        let t = self.tables.load();
+        let up = t.ports.get(t.uplink? as usize)?;
+        let r = match self.route_cache.get(&dst.ip()) {
+            Some(r) => (*r)?,
+            None => {
+                let r = self.netlink.route_get(dst.ip()).ok().flatten();
+                self.route_cache.insert(dst.ip(), r);
+                r?
+            }
+        };
+        if r.oif != up.ifindex {
+            return None;
+        }
+        let hop = r.gateway.unwrap_or(dst.ip());
+        let mac = t.neigh.get(up.ifindex, hop)?;
+        let src = std::net::SocketAddr::new(r.src?, listen_port);
+        Some(tunnel::OuterPath {
+            src_mac: up.mac,
+            dst_mac: mac,
+            src,
+            dst,
+        })
+    }
+
+    /// Applies new peers and LAN subnets while traffic flows, as the
+    /// [`RouteDiff`] between the running FIB and the new one plans it:
+    /// nothing changes if the new FIB cannot be built; the new steering,
+    /// kernel routes and fail-safe fence go in before the switch (undone if
+    /// one fails); the workers switch at their next batch; what is gone is
+    /// removed after. `fresh` lists peer ids that are new: their counters
+    /// start at zero. The set of [Lan] interfaces cannot change here.
+    pub fn apply(&mut self, cfg: &DataplaneConfig, fresh: &[u32]) -> Result<RouteChanges> {
+        let same_lans = cfg.lans.len() == self.lans.len()
+            && cfg
+                .lans
+                .iter()
+                .zip(&self.lans)
+                .all(|(a, b)| a.ifname == b.ifname && a.vnet == b.vnet);
+        if !same_lans {
+            return Err(Error::msg(
+                "the [Lan] interfaces or their VNETs changed: that needs a restart (XDP and sockets are per interface)",
+            ));
+        }
+        let cur = self.tables.load_full();
+        let fib = build_fib(&mut self.netlink, &cfg.lans, &cur.ports, &cfg.peers)?;
+        check_capacity(&fib)?;
+        let diff = RouteDiff::between(&cur.fib, &fib);
+        self.before_switch(&diff, &fib, &cur.ports)?;
+        self.undo.fail_open = cfg.fail_open;
+        let peers = peer_rts(&cur.peers, &cfg.peers, fresh);
+        let allowed = Arc::new(allowed_ips(&cfg.peers));
+        self.publish(|t| {
+            t.fib = Arc::new(fib);
+            t.allowed = allowed;
+            t.peers = peers;
+        });
+        // After the switch nothing may fail the change: a failure to
+        // remove what is gone is logged.
+        for (vnet, net) in &diff.unsteer {
+            if let Err(e) = self.xdp.remove_route(*vnet, *net) {
+                tracing::warn!("removing the steering entry of {net}: {e}");
+            }
+        }
+        if let Err(e) = kernel_routes("del", &diff.tun_del, self.slow.name(), true) {
+            tracing::warn!("removing the kernel's routes of removed peer prefixes: {e}");
+        }
+        self.lans = cfg.lans.clone();
+        Ok(diff.changes)
+    }
+
+    /// A live change's steps before the switch: the steering entries, the
+    /// kernel's routes to the TUN, the fail-safe fence (one nft
+    /// transaction: a new peer prefix is never routed by the kernel
+    /// unfenced). On a failure, what was done is undone and the error
+    /// returned: nothing changed.
+    fn before_switch(&mut self, diff: &RouteDiff, fib: &crate::fib::Fib, ports: &[Port]) -> Result<()> {
+        let mut done = 0;
+        let mut result = Ok(());
+        for s in &diff.steer {
+            if let Err(e) = self.xdp.set_route(s.key.0, s.key.1, steer(s.target, ports)) {
+                result = Err(e);
+                break;
+            }
+            done += 1;
+        }
+        if result.is_ok() {
+            result = kernel_routes("replace", &diff.tun_add, self.slow.name(), false);
+            if result.is_ok()
+                && let Some(cur) = &self.undo.fence
+            {
+                let mut fence = cur.clone();
+                fence.tunnelled = failsafe::tunnelled(fib.routes());
+                if fence.tunnelled != cur.tunnelled {
+                    result = failsafe::update_tunnelled(&fence);
+                    if result.is_ok() {
+                        self.undo.fence = Some(fence);
+                    }
+                }
+            }
+            if result.is_err() {
+                let _ = kernel_routes("del", &diff.tun_add, self.slow.name(), true);
+            }
+        }
+        if result.is_err() {
+            for ((vnet, net), old) in diff.rollback(done) {
+                let _ = match old {
+                    Some(t) => self.xdp.set_route(vnet, net, steer(t, ports)),
+                    None => self.xdp.remove_route(vnet, net),
+                };
+            }
+        }
+        result
+    }
+
+    /// Serves the packets of non-default VNETs that the workers handed to
+    /// the control thread: those for a LAN host wait for its neighbour
+    /// entry, those for a peer go to `to_peer(peer, packet)`.
+    pub fn serve_punted(&mut self, to_peer: impl FnMut(u32, &[u8])) {
+        self.slow.clear_punt_signal();
+        let t = self.tables.load_full();
+        self.punt.serve(&self.slow, &t, &mut self.netlink, to_peer);
+    }
+
+    /// How soon [`Dataplane::serve_punted`] wants to run again without
+    /// anything arriving: packets held for a neighbour are retried.
+    pub fn punt_deadline(&self) -> Option<std::time::Duration> {
+        self.punt.holding().then_some(punt::RESOLVE_EVERY / 5)
+    }
+
+    pub fn punt_stats(&self) -> punt::PuntStats {
+        self.punt.stats
+    }
+
+    /// Follows the uplink's addresses (DHCP or SLAAC renumbering): if they
+    /// changed, the XDP program steers WireGuard to the new ones (added
+    /// before the switch, old ones removed after) and the workers get them
+    /// with the next tables. Returns the new addresses if they changed.
+    pub fn follow_uplink_addresses(&mut self, listen_port: u16) -> Result<Option<Vec<std::net::IpAddr>>> {
+        let cur = self.tables.load_full();
+        let Some(up) = cur.uplink.and_then(|u| cur.ports.get(u as usize)) else {
+            return Ok(None);
+        };
+        let now: Vec<std::net::IpAddr> = self
+            .netlink
+            .addresses(up.ifindex)
+            .map_err(|e| Error::io(format!("addresses of {}", up.name), e))?
+            .iter()
+            .map(|n| n.addr())
+            .collect();
+        if now == cur.uplink_addrs {
+            return Ok(None);
+        }
+        let key = |a: &std::net::IpAddr| start::listen_key(*a, listen_port);
+        if listen_port != 0 {
+            for a in now.iter().filter(|a| !cur.uplink_addrs.contains(a)) {
+                self.xdp.add_listen(key(a))?;
+            }
+        }
+        tracing::info!(uplink = %up.name, from = ?cur.uplink_addrs, to = ?now, "uplink addresses changed");
+        self.route_cache.clear();
+        let gone: Vec<std::net::IpAddr> = cur.uplink_addrs.iter().filter(|a| !now.contains(a)).copied().collect();
+        self.publish(|t| t.uplink_addrs = now.clone());
+        if listen_port != 0 {
+            for a in &gone {
+                if let Err(e) = self.xdp.remove_listen(key(a)) {
+                    tracing::warn!("unsteering the old uplink address {a}: {e}");
+                }
+            }
+        }
+        Ok(Some(now))
+    }
+
+    /// The fd that is readable when the kernel's neighbours or routes
+    /// changed (see [`Dataplane::follow_kernel`]).
+    pub fn kernel_events_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.events.as_ref().map(|e| e.fd())
+    }
+
+    /// Applies the kernel's neighbour changes to the workers' mirror, in
+    /// one publication for all that arrived, and forgets cached routes when
+    /// a route changed. The whole table is re-read only when events were
+    /// lost (or never subscribed). Returns whether the workers' neighbours
+    /// changed.
+    pub fn follow_kernel(&mut self) -> Result<bool> {
+        self.neigh_changes.clear();
+        let drained = match self.events.as_mut() {
+            Some(ev) => ev.drain(&mut self.neigh_changes).inspect_err(|e| {
+                tracing::warn!("neighbour and route events lost ({e}): re-reading the neighbour table")
+            }),
+            None => Err(std::io::ErrorKind::Unsupported.into()),
+        };
+        match drained {
+            Ok(false) => {}
+            Ok(true) => self.route_cache.clear(),
+            Err(_) => {
+                self.route_cache.clear();
+                return self.refresh_neighbours();
+            }
+        }
+        if self.neigh_changes.is_empty() {
+            return Ok(false);
+        }
+        let cur = self.tables.load_full();
+        let mut neigh = cur.neigh.clone();
+        let mut changed = false;
+        for c in &self.neigh_changes {
+            match *c {
+                netlink::NeighbourChange::Usable(n)
+                    if cur.ports.iter().any(|p| p.ifindex == n.ifindex)
+                        && neigh.get(n.ifindex, n.ip) != Some(n.mac) =>
+                {
+                    neigh.insert(n.ifindex, n.ip, n.mac);
+                    changed = true;
+                }
+                netlink::NeighbourChange::Unusable { ifindex, ip } => changed |= neigh.remove(ifindex, ip),
+                _ => {}
+            }
+        }
+        if changed {
+            self.publish(|t| t.neigh = neigh);
+        }
+        Ok(changed)
+    }
+
+    /// Re-reads the whole neighbour table (a dump) and publishes it if
+    /// anything changed. Returns whether it did.
+    fn refresh_neighbours(&mut self) -> Result<bool> {
+        let cur = self.tables.load_full();
+        let neigh = read_neighbours(&mut self.netlink, &cur.ports, &mut self.neigh_scratch)?;
+        if neigh == cur.neigh {
+            return Ok(false);
+        }
+        let mut next = (*cur).clone();
+        next.neigh = neigh;
+        self.tables.store(Arc::new(next));
+        Ok(true)
+    }
+
+    /// Runs the XDP program on `frame` as if it arrived on `ifindex` (see
+    /// [`XdpSteering::test_run`]): for tests of the classification.
+    pub fn xdp_test_run(&self, frame: &[u8], ifindex: u32) -> Result<u32> {
+        self.xdp.test_run(frame, ifindex)
+    }
+
+    /// `subway route explain` on the running instance: the XDP program
+    /// runs on the probe's bytes (`BPF_PROG_TEST_RUN`: nothing is sent),
+    /// then, if it steers them to a worker, the workers' decisions on the
+    /// current tables ([`trace::trace`]). A probe from a peer is steered as
+    /// the datagram that carries it.
+    pub fn explain(
+        &self,
+        p: &trace::Probe,
+        now: std::time::Duration,
+        peer_name: &dyn Fn(u32) -> String,
+    ) -> trace::Trace {
+        let t = self.tables.load_full();
+        let ingress = p.from.or_else(|| trace::ingress_of(&t, p.vnet, p.src));
+        let (frame, port) = match ingress {
+            Some(trace::Ingress::Lan(i)) => match t.ports.get(i as usize) {
+                Some(port) => (trace::frame(p, port.mac), port),
+                None => return trace::trace(&t, p, now, peer_name),
+            },
+            Some(trace::Ingress::Peer(id)) => match carrier(&t, id) {
+                Some(c) => c,
+                None => return trace::trace(&t, p, now, peer_name),
+            },
+            None => return trace::trace(&t, p, now, peer_name),
+        };
+        let before = self.xdp.counters().unwrap_or([0; XdpCounter::COUNT as usize]);
+        let action = self.xdp.test_run(&frame, port.ifindex);
+        let after = self.xdp.counters().unwrap_or([0; XdpCounter::COUNT as usize]);
+        // The reason is the counter the run moved (with traffic flowing,
+        // others move too: the one that fits the action is named).
+        let moved = |prefix: &str| {
+            XdpCounter::ALL
+                .iter()
+                .filter(|k| k.name().starts_with(prefix) && after[**k as usize] > before[**k as usize])
+                .map(|k| k.name())
+                .next()
+                .unwrap_or("?")
+        };
+        let on = format!("XDP on {}", port.name);
+        match action {
+            Ok(4) => {
+                let mut tr = trace::trace(&t, p, now, peer_name);
+                tr.steps.insert(
+                    0,
+                    format!(
+                        "{on}: redirected to the AF_XDP socket of its RX queue ({})",
+                        moved("redirect_")
+                    ),
+                );
+                tr
+            }
+            Ok(1) => trace::Trace {
+                ingress,
+                steps: vec![format!("{on}: dropped ({})", moved("drop_"))],
+                outcome: trace::Outcome::XdpDrop(moved("drop_")),
+            },
+            Ok(_) => trace::Trace {
+                ingress,
+                steps: vec![format!("{on}: not steered, the kernel has it ({})", moved("pass_"))],
+                outcome: trace::Outcome::XdpPass(moved("pass_")),
+            },
+            Err(e) => {
+                let mut tr = trace::trace(&t, p, now, peer_name);
+                tr.steps
+                    .insert(0, format!("{on}: could not run the XDP program on the probe ({e})"));
+                tr
+            }
+        }
+    }
+
+    /// The XDP program's counters, summed over CPUs.
+    pub fn xdp_counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        let c = self.xdp.counters()?;
+        Ok(XdpCounter::ALL.iter().map(|k| (k.name(), c[*k as usize])).collect())
+    }
+
+    /// A worker thread that has ended (it only ends when stopped, so this
+    /// is a crash), if any.
+    pub fn dead_worker(&self) -> Option<usize> {
+        self.workers
+            .iter()
+            .find(|w| w.thread.as_ref().is_some_and(|t| t.is_finished()))
+            .map(|w| w.info.id)
+    }
+
+    /// Stops cleanly (SIGINT, SIGTERM): as [`Dataplane::stop`], and the
+    /// non-default VNETs' fence comes down too.
+    pub fn stop_clean(&mut self) {
+        self.undo.clean = true;
+        self.stop();
+    }
+
+    /// Stops the workers and waits for them.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+        self.xdp.detach_all();
+        self.undo.run();
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The datagram that carries a probe from peer `id`: from its endpoint to
+/// the uplink's first address and our listen port, as a data message.
+fn carrier(t: &Tables, id: u32) -> Option<(Vec<u8>, &Port)> {
+    use crate::wire::{EtherType, ethernet, ipv4, ipv6, udp};
+    let up = t.ports.get(t.uplink? as usize)?;
+    let to = *t.uplink_addrs.first()?;
+    let from = t.peers.get(id as usize)?.path.map(|p| p.dst.ip()).unwrap_or(match to {
+        std::net::IpAddr::V4(_) => std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1)),
+        std::net::IpAddr::V6(_) => std::net::IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+    });
+    let msg = 32 + 16;
+    let l3 = if to.is_ipv6() { 40 } else { 20 };
+    let mut f = vec![0u8; 14 + l3 + 8 + msg];
+    let ethertype = if to.is_ipv6() { EtherType::IPV6 } else { EtherType::IPV4 };
+    ethernet::emit(&mut f, up.mac, trace::PROBE_MAC, ethertype);
+    match (from, to) {
+        (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => ipv4::emit(&mut f[14..], s, d, 17, 64, 8 + msg),
+        (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => ipv6::emit(&mut f[14..], s, d, 17, 64, 8 + msg),
+        _ => return None,
+    }
+    udp::emit(&mut f[14 + l3..], t.listen_port, t.listen_port, msg);
+    f[14 + l3 + 8] = crate::wg::messages::TYPE_DATA;
+    Some((f, up))
+}
+
+fn read_neighbours(nl: &mut Netlink, ports: &[Port], scratch: &mut Vec<Neighbour>) -> Result<NeighTable> {
+    nl.neighbours(scratch)
+        .map_err(|e| Error::io("dumping the neighbour table", e))?;
+    let mut t = NeighTable::default();
+    for n in scratch.iter().filter(|n| ports.iter().any(|p| p.ifindex == n.ifindex)) {
+        t.insert(n.ifindex, n.ip, n.mac);
+    }
+    Ok(t)
+}
