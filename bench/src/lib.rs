@@ -1,5 +1,6 @@
 //! subway's benchmark kit: frame templates for the packet generator,
-//! packet-size mixes, CPU accounting from /proc/stat, and result tables.
+//! packet-size mixes, CPU accounting from /proc/stat, result tables, and
+//! the scenarios subway-bench runs.
 
 pub mod ceiling;
 pub mod cpu;
@@ -7,3 +8,4 @@ pub mod frames;
 pub mod latency;
 pub mod plot;
 pub mod report;
+pub mod scenario;

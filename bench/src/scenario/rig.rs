@@ -1,0 +1,209 @@
+//! What the scenarios share to set up and drive a measurement: the
+//! generator (subway-pktgen in a namespace) and the wire counter that
+//! serves as the sink, and gateways of each kind at the two sites of a
+//! `TwoSites` topology, pinned like subway's workers.
+
+use super::Params;
+use crate::cpu::CpuTimes;
+use crate::frames::Size;
+use crate::report::Row;
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use std::time::Duration;
+use subway_testkit::{Netns, Subway, TwoSites, profile_bin};
+
+/// Destination used by the generator. The gateway resolves it to a MAC
+/// that is not b's: b's veth counts every frame (rx_packets, our sink
+/// counter) and its kernel drops it at once as "other host", so the sink
+/// costs next to nothing on the forwarder's core.
+pub(super) const SINK_IP: &str = "10.2.0.99";
+pub(super) const SINK_MAC: &str = "02:00:00:00:00:99";
+
+/// Where the generator runs and what it sends.
+pub(super) struct Gen<'a> {
+    pub(super) ns: &'a Netns,
+    pub(super) iface: &'a str,
+    pub(super) dst_mac: String,
+    pub(super) src_ip: &'a str,
+    pub(super) dst_ip: &'a str,
+    /// Extra pktgen arguments (the decrypt direction's WireGuard peer).
+    pub(super) extra: Vec<String>,
+}
+
+impl<'a> Gen<'a> {
+    /// Plain UDP from a LAN host (its eth0, from 10.1.0.2 to SINK_IP).
+    pub(super) fn plain(ns: &'a Netns, gw_mac: &str) -> Gen<'a> {
+        Gen {
+            ns,
+            iface: "eth0",
+            dst_mac: gw_mac.to_string(),
+            src_ip: "10.1.0.2",
+            dst_ip: SINK_IP,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// subway-pktgen's command line for this generator, size and parameters.
+pub(super) fn pktgen_args(g: &Gen, size: &Size, p: &Params) -> Result<Vec<String>> {
+    let pktgen = profile_bin("subway-pktgen", &p.profile)?;
+    let mut args: Vec<String> = [
+        pktgen.to_str().unwrap(),
+        "--iface",
+        g.iface,
+        "--dst-mac",
+        &g.dst_mac,
+        "--src-ip",
+        g.src_ip,
+        "--dst-ip",
+        g.dst_ip,
+        "--size",
+        &size.label(),
+        "--duration",
+        &p.duration.to_string(),
+        "--count",
+        &p.count.to_string(),
+        "--rate",
+        &p.rate.to_string(),
+        "--core",
+        &p.gen_core.to_string(),
+        "--flows",
+        &p.flows.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(g.extra.iter().cloned());
+    Ok(args)
+}
+
+/// Runs the generator and counts what reaches the `sink` interface. CPU
+/// time is counted from the moment the generator starts sending.
+pub(super) fn offer(g: &Gen, sink: (&Netns, &str), contender: &str, size: &Size, p: &Params) -> Result<Row> {
+    use std::io::{BufRead, Read};
+    let before = sink.0.if_stat(sink.1, "rx_packets")?;
+    let mut args: Vec<String> = vec!["netns".into(), "exec".into(), g.ns.name.clone()];
+    args.extend(pktgen_args(g, size, p)?);
+    let child = std::process::Command::new("ip")
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting subway-pktgen")?;
+    // Reaped on every path (an early return would leave it running).
+    let mut child = Reap(child);
+    let mut err = std::io::BufReader::new(child.0.stderr.take().context("no stderr")?);
+    let mut line = String::new();
+    let mut log = String::new();
+    // CPU time counts from "sending" to "sent": not the sealing before,
+    // nor the draining and teardown after.
+    let mut window = (None, None);
+    while err.read_line(&mut line)? > 0 {
+        log += &line;
+        match line.trim() {
+            "sending" => window.0 = Some(CpuTimes::now()),
+            "sent" => {
+                window.1 = Some(CpuTimes::now());
+                break;
+            }
+            _ => {}
+        }
+        line.clear();
+    }
+    let mut out = String::new();
+    child.0.stdout.take().context("no stdout")?.read_to_string(&mut out)?;
+    err.read_to_string(&mut log)?;
+    let status = child.0.wait()?;
+    if !status.success() {
+        bail!("subway-pktgen failed ({status}):\n{log}");
+    }
+    let (Some(cpu0), Some(cpu1)) = window else {
+        bail!("subway-pktgen did not report its send window:\n{log}");
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let delivered = sink.0.if_stat(sink.1, "rx_packets")? - before;
+    let g: Value = serde_json::from_str(out.trim()).with_context(|| format!("pktgen printed {out}"))?;
+    let row = Row {
+        contender: contender.to_string(),
+        size: size.label(),
+        sent: g["sent"].as_u64().unwrap_or(0),
+        delivered,
+        seconds: g["seconds"].as_f64().unwrap_or(p.duration),
+        mean_wire_bytes: size.mean_wire_bytes(),
+        cpu_busy: cpu1.busy_since(&cpu0),
+        cpu_busy_ns: cpu1.busy_ns_since(&cpu0),
+    };
+    eprintln!(
+        "  {contender:>8} {:>5}: offered {:.3} Mpps, delivered {:.3} Mpps ({:.1}% loss)",
+        row.size,
+        row.sent as f64 / row.seconds / 1e6,
+        row.mpps(),
+        row.loss_pct()
+    );
+    Ok(row)
+}
+
+/// A child process killed and reaped when dropped, so that no error path
+/// leaves it running.
+pub(super) struct Reap(pub(super) std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One gateway contender at site A (the one measured) with the same kind at
+/// site B (for the handshake). Returns the guards to keep alive.
+pub(super) enum Gw {
+    Subway(Subway),
+    Standard(subway_testkit::WgPeer),
+}
+
+pub(super) fn start_gw(t: &TwoSites, impl_: &str, for_a: bool, p: &Params) -> Result<Gw> {
+    Ok(match impl_ {
+        "subway" => {
+            // Site A's worker on the forwarder core, site B's on the other.
+            let core = if for_a { p.fwd_core } else { p.gen_core };
+            let cfg = t.subway_config(for_a, false, "")
+                + &format!("\n[Tuning]\nCores = {core}\n{}\n", p.tuning.replace(';', "\n"));
+            Gw::Subway(Subway::start_bin(
+                if for_a { &t.gwa } else { &t.gwb },
+                &cfg,
+                &profile_bin("subway", &p.profile)?,
+            )?)
+        }
+        other => Gw::Standard(t.standard(other, for_a)?),
+    })
+}
+
+/// Gateways of kind `c` at both sites, each on one core (as subway's
+/// workers are pinned), with the tunnel up.
+pub(super) fn two_gateways(t: &TwoSites, c: &str, p: &Params) -> Result<(Gw, Gw)> {
+    let ga = start_gw(t, c, true, p)?;
+    let gb = start_gw(t, c, false, p)?;
+    pin_standard(&ga, p.fwd_core);
+    pin_standard(&gb, p.gen_core);
+    subway_testkit::ping_until(&t.a, "10.2.0.2", 20).with_context(|| format!("{c}: the tunnel did not come up"))?;
+    Ok((ga, gb))
+}
+
+/// Pins every thread of a userspace WireGuard to the forwarder core.
+pub(super) fn pin_standard(gw: &Gw, core: usize) {
+    if let Gw::Standard(w) = gw {
+        for pid in std::iter::once(w.proc.pid()).chain(child_pids(w.proc.pid())) {
+            let _ = std::process::Command::new("taskset")
+                .args(["-a", "-p", "-c", &core.to_string(), &pid.to_string()])
+                .output();
+        }
+    }
+}
+
+/// Direct children of `pid` (the program behind `ip netns exec`).
+fn child_pids(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect()
+}
