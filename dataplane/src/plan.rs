@@ -226,7 +226,10 @@ impl RouteDiff {
     /// How to undo the first `done` steering writes, last first: each key
     /// back to its old target, or removed if it was new.
     pub fn rollback(&self, done: usize) -> impl Iterator<Item = ((VnetId, IpNet), Option<Target>)> + '_ {
-        self.steer[..done.min(self.steer.len())].iter().rev().map(|s| (s.key, s.old))
+        self.steer[..done.min(self.steer.len())]
+            .iter()
+            .rev()
+            .map(|s| (s.key, s.old))
     }
 }
 
@@ -291,7 +294,10 @@ mod tests {
         assert_eq!(d.changes.retargeted, vec![k(0, "10.2.0.0/24"), k(0, "10.4.0.0/24")]);
         assert_eq!(d.changes.removed, vec![k(0, "10.3.0.0/24"), k(2, "10.2.0.0/24")]);
         let steered: Vec<_> = d.steer.iter().map(|s| s.key).collect();
-        assert!(!steered.contains(&k(0, "10.1.0.0/24")), "unchanged routes are not rewritten");
+        assert!(
+            !steered.contains(&k(0, "10.1.0.0/24")),
+            "unchanged routes are not rewritten"
+        );
         assert_eq!(d.tun_add, vec!["10.5.0.0/24".parse::<IpNet>().unwrap()]);
         assert_eq!(
             d.tun_del,
@@ -345,9 +351,19 @@ mod tests {
     fn a_fib_larger_than_the_xdp_tables_is_refused() {
         let mut f = Fib::new();
         for i in 0..=subway_common::MAX_ROUTES {
-            f.insert(0, IpNet::from(std::net::IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i))), P1).unwrap();
+            f.insert(
+                0,
+                IpNet::from(std::net::IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i))),
+                P1,
+            )
+            .unwrap();
         }
-        assert!(check_capacity(&f).unwrap_err().to_string().contains("routes of one family"));
+        assert!(
+            check_capacity(&f)
+                .unwrap_err()
+                .to_string()
+                .contains("routes of one family")
+        );
         assert!(check_capacity(&old()).is_ok());
     }
 }
