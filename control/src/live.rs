@@ -118,9 +118,16 @@ pub fn apply(cfg: &mut Config, mut new: Config, gw: Option<&mut Gateway>, dp: &m
     let mut dcfg = crate::dataplane_config(&new);
     dcfg.listen_port = gw.as_ref().map_or(0, |g| g.listen_port);
     // The dataplane first: if the new routes cannot be built, nothing changed.
-    let routes = dp
-        .apply(&dcfg, &fresh)
-        .map_err(|e| anyhow::anyhow!("not applied: {e}"))?;
+    let routes = dp.apply(&dcfg, &fresh).map_err(|e| match e {
+        subway_dataplane::Error::NeedsRestart(why) => {
+            anyhow::anyhow!(
+                "not applied: {why}; restart the instance (systemctl restart subway@{})",
+                cfg.name
+            )
+        }
+        subway_dataplane::Error::Config(why) => anyhow::anyhow!("not applied: {why}; fix the file and reload again"),
+        e => anyhow::anyhow!("not applied, nothing changed: {e}"),
+    })?;
     let vnets = new.vnet_ids();
     let vnet_id = |n: &str| vnets.iter().position(|v| v == n).unwrap_or(0) as u32;
     let key = |p: &PeerSection| p.public_key.to_base64();

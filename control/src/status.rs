@@ -260,12 +260,7 @@ pub fn dataplane_status(dp: &Dataplane, vnet_names: &[String], rates: &Rates, re
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
         reloads: reloads.0.clone(),
-        vnet_slow_path: dp
-            .punt_stats()
-            .fields()
-            .iter()
-            .map(|(k, v)| (k.to_string(), *v))
-            .collect(),
+        vnet_slow_path: dp.punt_stats().named().map(|(k, v)| (k.to_string(), v)).collect(),
         ..Status::default()
     }
 }

@@ -230,7 +230,7 @@ fn nft(script: &str) -> Result<()> {
     }
     let out = child.wait_with_output().map_err(|e| Error::io("running nft", e))?;
     if !out.status.success() {
-        return Err(Error::msg(format!(
+        return Err(Error::Kernel(format!(
             "nft refused the fail-safe table: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         )));

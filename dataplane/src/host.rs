@@ -200,7 +200,7 @@ pub(crate) fn kernel_routes(op: &str, nets: &[IpNet], tun: &str, force: bool) ->
         .wait_with_output()
         .map_err(|e| Error::io("running ip -batch", e))?;
     if !out.status.success() {
-        return Err(Error::msg(format!(
+        return Err(Error::Kernel(format!(
             "ip route {op} ... dev {tun} ({} prefixes): {}",
             nets.len(),
             String::from_utf8_lossy(&out.stderr).trim()

@@ -27,7 +27,7 @@ pub(crate) fn build_fib(
     for (i, lan) in lans.iter().enumerate() {
         let port = ports
             .get(i)
-            .ok_or_else(|| Error::msg(format!("{} has no port", lan.ifname)))?;
+            .ok_or_else(|| Error::config(format!("{} has no port", lan.ifname)))?;
         let addrs = netlink
             .addresses(port.ifindex)
             .map_err(|e| Error::io(format!("addresses of {}", lan.ifname), e))?;
@@ -37,7 +37,7 @@ pub(crate) fn build_fib(
             lan.subnets.clone()
         };
         if subnets.is_empty() {
-            return Err(Error::msg(format!(
+            return Err(Error::config(format!(
                 "{} has no address and no Subnets: give it an address or list the subnets behind it",
                 lan.ifname
             )));
@@ -62,13 +62,13 @@ pub fn fib_from(
     for (i, (name, vnet, subnets)) in lans.iter().enumerate() {
         for s in subnets {
             fib.insert(*vnet, *s, Target::Port(i as u16))
-                .map_err(|e| Error::msg(format!("{name}: {e}")))?;
+                .map_err(|e| Error::config(format!("{name}: {e}")))?;
         }
     }
     for p in peers {
         for net in &p.allowed_ips {
             fib.insert(p.vnet, *net, Target::Peer(p.id))
-                .map_err(|e| Error::msg(format!("peer {} AllowedIPs: {e}", p.id)))?;
+                .map_err(|e| Error::config(format!("peer {} AllowedIPs: {e}", p.id)))?;
         }
     }
     for (vnet, host) in locals {
@@ -237,7 +237,7 @@ impl RouteDiff {
 pub(crate) fn check_capacity(fib: &Fib) -> Result<()> {
     let per_family = |v4: bool| fib.routes().iter().filter(|r| r.prefix.addr().is_ipv4() == v4).count();
     if per_family(true) > subway_common::MAX_ROUTES as usize || per_family(false) > subway_common::MAX_ROUTES as usize {
-        return Err(Error::msg(format!(
+        return Err(Error::config(format!(
             "more than {} routes of one family: the XDP program's tables hold no more",
             subway_common::MAX_ROUTES
         )));

@@ -128,40 +128,51 @@ struct Held {
     packet: Vec<u8>,
 }
 
-/// Outcomes, for `subway show`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PuntStats {
-    /// Handed to the caller for a peer without a session.
-    pub to_peer: u64,
-    /// Sent to a LAN host once its neighbour entry appeared.
-    pub sent_after_resolve: u64,
-    /// Dropped: the neighbour did not answer in time.
-    pub unresolved: u64,
-    /// Dropped: too many packets waiting.
-    pub overflow: u64,
-    /// Dropped: no route in the VNET any more, or malformed.
-    pub no_route: u64,
-    /// Resolution requests (ARP / NDP) made.
-    pub resolutions: u64,
-    /// ICMP errors sent (too big, time exceeded).
-    pub icmp_errors: u64,
-    /// Dropped without an ICMP error: rate limit, IPv4 without DF too big,
-    /// an error about an error, or no gateway address in the VNET.
-    pub icmp_suppressed: u64,
+subway_common::named_counters! {
+    /// The control thread's outcomes for non-default VNETs' punted
+    /// packets, for `subway show` and metrics.
+    #[repr(usize)]
+    pub enum PuntCounter {
+        /// ICMP errors sent (too big, time exceeded).
+        IcmpErrors = "icmp_errors",
+        /// Dropped without an ICMP error: rate limit, IPv4 without DF too
+        /// big, an error about an error, or no gateway address in the VNET.
+        IcmpSuppressed = "icmp_suppressed",
+        /// Handed to the caller for a peer without a session.
+        ToPeer = "to_peer",
+        /// Sent to a LAN host once its neighbour entry appeared.
+        SentAfterResolve = "sent_after_resolve",
+        /// Dropped: the neighbour did not answer in time.
+        Unresolved = "unresolved",
+        /// Dropped: too many packets waiting.
+        Overflow = "overflow",
+        /// Dropped: no route in the VNET any more, or malformed.
+        NoRoute = "no_route",
+        /// Resolution requests (ARP / NDP) made.
+        Resolutions = "resolutions",
+    }
+}
+
+/// The punt server's counts, by [`PuntCounter`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PuntStats([u64; PuntCounter::COUNT]);
+
+impl Default for PuntStats {
+    fn default() -> Self {
+        PuntStats([0; PuntCounter::COUNT])
+    }
 }
 
 impl PuntStats {
-    pub fn fields(&self) -> [(&'static str, u64); 8] {
-        [
-            ("icmp_errors", self.icmp_errors),
-            ("icmp_suppressed", self.icmp_suppressed),
-            ("to_peer", self.to_peer),
-            ("sent_after_resolve", self.sent_after_resolve),
-            ("unresolved", self.unresolved),
-            ("overflow", self.overflow),
-            ("no_route", self.no_route),
-            ("resolutions", self.resolutions),
-        ]
+    pub fn inc(&mut self, c: PuntCounter) {
+        self.0[c as usize] += 1;
+    }
+    pub fn get(&self, c: PuntCounter) -> u64 {
+        self.0[c as usize]
+    }
+    /// Every counter with its name, in declaration order.
+    pub fn named(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        PuntCounter::ALL.iter().map(|c| (c.name(), self.get(*c)))
     }
 }
 
@@ -191,10 +202,10 @@ impl PuntServer {
             match p.reason {
                 Counter::SlowTooBig | Counter::SlowTtlExpired => {
                     if let Some(err) = self.icmp_for(t, nl, p.vnet, &p.packet, p.reason) {
-                        self.stats.icmp_errors += 1;
+                        self.stats.inc(PuntCounter::IcmpErrors);
                         self.dispatch(t, p.vnet, err, now, &mut to_peer);
                     } else {
-                        self.stats.icmp_suppressed += 1;
+                        self.stats.inc(PuntCounter::IcmpSuppressed);
                     }
                 }
                 _ => {
@@ -205,10 +216,10 @@ impl PuntServer {
                     if forward_hop(&mut packet) {
                         self.dispatch(t, p.vnet, packet, now, &mut to_peer);
                     } else if let Some(err) = self.icmp_for(t, nl, p.vnet, &packet, Counter::SlowTtlExpired) {
-                        self.stats.icmp_errors += 1;
+                        self.stats.inc(PuntCounter::IcmpErrors);
                         self.dispatch(t, p.vnet, err, now, &mut to_peer);
                     } else {
-                        self.stats.icmp_suppressed += 1;
+                        self.stats.inc(PuntCounter::IcmpSuppressed);
                     }
                 }
             }
@@ -222,21 +233,21 @@ impl PuntServer {
             let h = &self.held[i];
             let Some(port) = t.ports.get(h.port as usize) else {
                 self.held.swap_remove(i);
-                self.stats.no_route += 1;
+                self.stats.inc(PuntCounter::NoRoute);
                 continue;
             };
             if let Some(mac) = t.neigh.get(port.ifindex, h.next_hop) {
                 let h = self.held.swap_remove(i);
                 if self.send(port.ifindex, mac.0, port.mac.0, h.packet).is_ok() {
-                    self.stats.sent_after_resolve += 1;
+                    self.stats.inc(PuntCounter::SentAfterResolve);
                 } else {
-                    self.stats.no_route += 1;
+                    self.stats.inc(PuntCounter::NoRoute);
                 }
                 continue;
             }
             if now.duration_since(h.since) > HOLD_FOR {
                 self.held.swap_remove(i);
-                self.stats.unresolved += 1;
+                self.stats.inc(PuntCounter::Unresolved);
                 continue;
             }
             let key = (port.ifindex, h.next_hop);
@@ -246,7 +257,7 @@ impl PuntServer {
                 .is_none_or(|t| now.duration_since(*t) >= RESOLVE_EVERY)
             {
                 self.asked.insert(key, now);
-                self.stats.resolutions += 1;
+                self.stats.inc(PuntCounter::Resolutions);
                 if let Err(e) = nl.resolve(port.ifindex, h.next_hop) {
                     tracing::debug!("resolving {} on {}: {e}", h.next_hop, port.name);
                 }
@@ -268,7 +279,7 @@ impl PuntServer {
     ) {
         match route(t, vnet, &packet) {
             Some((Target::Peer(peer), _)) => {
-                self.stats.to_peer += 1;
+                self.stats.inc(PuntCounter::ToPeer);
                 to_peer(peer, &packet);
             }
             Some((Target::Port(port), next_hop)) => {
@@ -278,7 +289,7 @@ impl PuntServer {
                     .filter(|h| h.port == port && h.next_hop == next_hop)
                     .count();
                 if self.held.len() >= MAX_HELD || waiting >= MAX_HELD_PER_NEIGHBOUR {
-                    self.stats.overflow += 1;
+                    self.stats.inc(PuntCounter::Overflow);
                     return;
                 }
                 self.held.push(Held {
@@ -288,7 +299,7 @@ impl PuntServer {
                     packet,
                 });
             }
-            _ => self.stats.no_route += 1,
+            _ => self.stats.inc(PuntCounter::NoRoute),
         }
     }
 

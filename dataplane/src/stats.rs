@@ -5,82 +5,69 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-macro_rules! counters {
-    ($( $(#[$doc:meta])* $id:ident = $name:literal ),* $(,)?) => {
-        /// Every counter a worker keeps.
-        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-        #[repr(usize)]
-        pub enum Counter { $( $(#[$doc])* $id ),* }
-        impl Counter {
-            pub const ALL: &'static [Counter] = &[$(Counter::$id),*];
-            pub const COUNT: usize = Self::ALL.len();
-            /// The name in `subway show`, JSON and metrics.
-            pub const fn name(self) -> &'static str {
-                match self { $(Counter::$id => $name),* }
-            }
-        }
-    };
-}
-
-counters! {
-    RxPackets = "rx_packets",
-    RxBytes = "rx_bytes",
-    TxPackets = "tx_packets",
-    TxBytes = "tx_bytes",
-    /// RX batches that held at least one frame.
-    RxBatches = "rx_batches",
-    /// Frames forwarded out of a LAN port by the fast path.
-    ForwardedV4 = "forwarded_v4",
-    ForwardedV6 = "forwarded_v6",
-    /// TX wakeup syscalls (sendto) issued.
-    TxWakeups = "tx_wakeups",
-    /// poll() calls while idle.
-    IdlePolls = "idle_polls",
-    /// Handed to the kernel through the slow-path TUN, by reason.
-    SlowNeighUnknown = "slow_neigh_unknown",
-    SlowTtlExpired = "slow_ttl_expired",
-    SlowNoRoute = "slow_no_route",
-    SlowVlan = "slow_vlan",
-    SlowTooBig = "slow_too_big",
-    SlowLocal = "slow_local",
-    /// Dropped, by reason.
-    DropEthTruncated = "drop_eth_truncated",
-    DropNotIp = "drop_not_ip",
-    DropIpv4Malformed = "drop_ipv4_malformed",
-    DropIpv4BadChecksum = "drop_ipv4_bad_checksum",
-    DropIpv6Malformed = "drop_ipv6_malformed",
-    DropTxRingFull = "drop_tx_ring_full",
-    DropSlowPathFailed = "drop_slow_path_failed",
-    DropNoTunnel = "drop_no_tunnel",
-    /// Tunnel: frames sealed and sent to a peer, and opened from one.
-    TunnelTx = "tunnel_tx",
-    TunnelRx = "tunnel_rx",
-    RxKeepalives = "rx_keepalives",
-    /// Tunnel: no session or path yet, handed to the control thread via the kernel.
-    SlowNoSession = "slow_no_session",
-    DropOuterMalformed = "drop_outer_malformed",
-    DropWgNotData = "drop_wg_not_data",
-    DropWgUnknownIndex = "drop_wg_unknown_index",
-    DropWgDecryptFailed = "drop_wg_decrypt_failed",
-    DropWgReplayed = "drop_wg_replayed",
-    DropWgExpired = "drop_wg_expired",
-    /// Cryptokey routing: the inner source is not in the peer's AllowedIPs.
-    DropNotAllowed = "drop_not_allowed",
-    DropInnerMalformed = "drop_inner_malformed",
-    DropTooBigForTunnel = "drop_too_big_for_tunnel",
-    /// A packet of a non-default VNET needed the kernel (TTL expiring, too
-    /// big for the next link, addressed to the gateway, no route): the
-    /// kernel's single routing table must never see another VNET's packets.
-    DropVnetNoKernel = "drop_vnet_no_kernel",
-    /// The queue to the control thread (non-default VNETs) was full.
-    DropPuntQueueFull = "drop_punt_queue_full",
-    /// Beyond the slow path's budget for its VNET (see slowpath.rs).
-    DropSlowPathLimited = "drop_slow_path_limited",
-    /// For the broadcast address of a LAN subnet (a directed broadcast: a
-    /// router does not flood a LAN for a remote sender).
-    DropDirectedBroadcast = "drop_directed_broadcast",
-    /// TCP SYNs whose MSS was lowered to fit the tunnel.
-    MssClamped = "mss_clamped",
+subway_common::named_counters! {
+    /// Every counter a worker keeps.
+    #[repr(usize)]
+    pub enum Counter {
+        RxPackets = "rx_packets",
+        RxBytes = "rx_bytes",
+        TxPackets = "tx_packets",
+        TxBytes = "tx_bytes",
+        /// RX batches that held at least one frame.
+        RxBatches = "rx_batches",
+        /// Frames forwarded out of a LAN port by the fast path.
+        ForwardedV4 = "forwarded_v4",
+        ForwardedV6 = "forwarded_v6",
+        /// TX wakeup syscalls (sendto) issued.
+        TxWakeups = "tx_wakeups",
+        /// poll() calls while idle.
+        IdlePolls = "idle_polls",
+        /// Handed to the kernel through the slow-path TUN, by reason.
+        SlowNeighUnknown = "slow_neigh_unknown",
+        SlowTtlExpired = "slow_ttl_expired",
+        SlowNoRoute = "slow_no_route",
+        SlowVlan = "slow_vlan",
+        SlowTooBig = "slow_too_big",
+        SlowLocal = "slow_local",
+        /// Dropped, by reason.
+        DropEthTruncated = "drop_eth_truncated",
+        DropNotIp = "drop_not_ip",
+        DropIpv4Malformed = "drop_ipv4_malformed",
+        DropIpv4BadChecksum = "drop_ipv4_bad_checksum",
+        DropIpv6Malformed = "drop_ipv6_malformed",
+        DropTxRingFull = "drop_tx_ring_full",
+        DropSlowPathFailed = "drop_slow_path_failed",
+        DropNoTunnel = "drop_no_tunnel",
+        /// Tunnel: frames sealed and sent to a peer, and opened from one.
+        TunnelTx = "tunnel_tx",
+        TunnelRx = "tunnel_rx",
+        RxKeepalives = "rx_keepalives",
+        /// Tunnel: no session or path yet, handed to the control thread via the kernel.
+        SlowNoSession = "slow_no_session",
+        DropOuterMalformed = "drop_outer_malformed",
+        DropWgNotData = "drop_wg_not_data",
+        DropWgUnknownIndex = "drop_wg_unknown_index",
+        DropWgDecryptFailed = "drop_wg_decrypt_failed",
+        DropWgReplayed = "drop_wg_replayed",
+        DropWgExpired = "drop_wg_expired",
+        /// Cryptokey routing: the inner source is not in the peer's AllowedIPs.
+        DropNotAllowed = "drop_not_allowed",
+        DropInnerMalformed = "drop_inner_malformed",
+        DropTooBigForTunnel = "drop_too_big_for_tunnel",
+        /// A packet of a non-default VNET needed the kernel (TTL expiring, too
+        /// big for the next link, addressed to the gateway, no route): the
+        /// kernel's single routing table must never see another VNET's packets.
+        DropVnetNoKernel = "drop_vnet_no_kernel",
+        /// The queue to the control thread (non-default VNETs) was full.
+        DropPuntQueueFull = "drop_punt_queue_full",
+        /// Beyond the slow path's budget for its VNET (see slowpath.rs).
+        DropSlowPathLimited = "drop_slow_path_limited",
+        /// For the broadcast address of a LAN subnet (a directed broadcast: a
+        /// router does not flood a LAN for a remote sender).
+        DropDirectedBroadcast = "drop_directed_broadcast",
+        /// TCP SYNs whose MSS was lowered to fit the tunnel.
+        MssClamped = "mss_clamped",
+    }
 }
 
 impl Counter {

@@ -47,9 +47,9 @@ impl XdpSteering {
     /// Loads the program and its maps into the kernel (not attached yet).
     pub fn load() -> Result<Self> {
         let mut ebpf =
-            Ebpf::load(XDP_OBJECT).ctx(|| "loading the XDP object (is this root, with bpffs and BTF?)".into())?;
+            Ebpf::load(XDP_OBJECT).xdp(|| "loading the XDP object (is this root, with bpffs and BTF?)".into())?;
         let prog: &mut Xdp = program(&mut ebpf)?;
-        prog.load().ctx(|| "verifying the XDP program".into())?;
+        prog.load().xdp(|| "verifying the XDP program".into())?;
         Ok(XdpSteering {
             ebpf,
             attached: Vec::new(),
@@ -59,14 +59,14 @@ impl XdpSteering {
     fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
         self.ebpf
             .map_mut(name)
-            .ok_or_else(|| Error::msg(format!("XDP object has no map {name}")))
+            .ok_or_else(|| Error::Xdp(format!("XDP object has no map {name}")))
     }
 
     pub fn set_iface(&mut self, ifindex: u32, conf: IfaceConf) -> Result<()> {
         let mut m: HashMap<&mut MapData, u32, IfaceConf> =
-            HashMap::try_from(self.map_mut(maps::IFACES)?).ctx(|| "IFACES map".into())?;
+            HashMap::try_from(self.map_mut(maps::IFACES)?).xdp(|| "IFACES map".into())?;
         m.insert(ifindex, conf, 0)
-            .ctx(|| format!("registering ifindex {ifindex}"))
+            .xdp(|| format!("registering ifindex {ifindex}"))
     }
 
     /// Adds (or replaces) a steering route in `vnet`.
@@ -75,15 +75,15 @@ impl XdpSteering {
         match prefix {
             IpNet::V4(n) => {
                 let mut m: LpmTrie<&mut MapData, V4Key, Steer> =
-                    LpmTrie::try_from(self.map_mut(maps::ROUTES_V4)?).ctx(|| "ROUTES_V4 map".into())?;
+                    LpmTrie::try_from(self.map_mut(maps::ROUTES_V4)?).xdp(|| "ROUTES_V4 map".into())?;
                 let key = v4_key(vnet, n);
-                m.insert(&key, steer, 0).ctx(|| format!("steering {prefix}"))
+                m.insert(&key, steer, 0).xdp(|| format!("steering {prefix}"))
             }
             IpNet::V6(n) => {
                 let mut m: LpmTrie<&mut MapData, V6Key, Steer> =
-                    LpmTrie::try_from(self.map_mut(maps::ROUTES_V6)?).ctx(|| "ROUTES_V6 map".into())?;
+                    LpmTrie::try_from(self.map_mut(maps::ROUTES_V6)?).xdp(|| "ROUTES_V6 map".into())?;
                 let key = v6_key(vnet, n);
-                m.insert(&key, steer, 0).ctx(|| format!("steering {prefix}"))
+                m.insert(&key, steer, 0).xdp(|| format!("steering {prefix}"))
             }
         }
     }
@@ -94,13 +94,13 @@ impl XdpSteering {
         let r = match prefix {
             IpNet::V4(n) => {
                 let mut m: LpmTrie<&mut MapData, V4Key, Steer> =
-                    LpmTrie::try_from(self.map_mut(maps::ROUTES_V4)?).ctx(|| "ROUTES_V4 map".into())?;
+                    LpmTrie::try_from(self.map_mut(maps::ROUTES_V4)?).xdp(|| "ROUTES_V4 map".into())?;
                 let key = v4_key(vnet, n);
                 m.remove(&key)
             }
             IpNet::V6(n) => {
                 let mut m: LpmTrie<&mut MapData, V6Key, Steer> =
-                    LpmTrie::try_from(self.map_mut(maps::ROUTES_V6)?).ctx(|| "ROUTES_V6 map".into())?;
+                    LpmTrie::try_from(self.map_mut(maps::ROUTES_V6)?).xdp(|| "ROUTES_V6 map".into())?;
                 let key = v6_key(vnet, n);
                 m.remove(&key)
             }
@@ -109,30 +109,30 @@ impl XdpSteering {
             Ok(()) => Ok(()),
             Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(e) => Err(Error::msg(format!("unsteering {prefix}: {e}"))),
+            Err(e) => Err(Error::Xdp(format!("unsteering {prefix}: {e}"))),
         }
     }
 
     pub fn add_listen(&mut self, key: ListenKey) -> Result<()> {
         let mut m: HashMap<&mut MapData, ListenKey, u32> =
-            HashMap::try_from(self.map_mut(maps::LISTEN)?).ctx(|| "LISTEN map".into())?;
-        m.insert(key, 1, 0).ctx(|| format!("listen port {}", key.port))
+            HashMap::try_from(self.map_mut(maps::LISTEN)?).xdp(|| "LISTEN map".into())?;
+        m.insert(key, 1, 0).xdp(|| format!("listen port {}", key.port))
     }
 
     pub fn remove_listen(&mut self, key: ListenKey) -> Result<()> {
         let mut m: HashMap<&mut MapData, ListenKey, u32> =
-            HashMap::try_from(self.map_mut(maps::LISTEN)?).ctx(|| "LISTEN map".into())?;
+            HashMap::try_from(self.map_mut(maps::LISTEN)?).xdp(|| "LISTEN map".into())?;
         match m.remove(&key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(e) => Err(Error::msg(format!("listen port {}: {e}", key.port))),
+            Err(e) => Err(Error::Xdp(format!("listen port {}: {e}", key.port))),
         }
     }
 
     /// Points XSKMAP slot `index` at an AF_XDP socket.
     pub fn set_xsk(&mut self, index: u32, fd: &impl AsRawFd) -> Result<()> {
-        let mut m: XskMap<&mut MapData> = XskMap::try_from(self.map_mut(maps::XSKS)?).ctx(|| "XSKS map".into())?;
-        m.set(index, fd.as_raw_fd(), 0).ctx(|| format!("XSKMAP slot {index}"))
+        let mut m: XskMap<&mut MapData> = XskMap::try_from(self.map_mut(maps::XSKS)?).xdp(|| "XSKS map".into())?;
+        m.set(index, fd.as_raw_fd(), 0).xdp(|| format!("XSKMAP slot {index}"))
     }
 
     /// Attaches to `ifname`; returns the mode that worked.
@@ -153,7 +153,7 @@ impl XdpSteering {
                 Err(e) => last = Some(format!("{name} mode: {e}")),
             }
         }
-        Err(Error::msg(format!(
+        Err(Error::Xdp(format!(
             "attaching XDP to {ifname}: {}",
             last.unwrap_or_default()
         )))
@@ -180,8 +180,8 @@ impl XdpSteering {
         let p = self
             .ebpf
             .program(subway_common::PROGRAM_NAME)
-            .ok_or_else(|| Error::msg("XDP object has no program subway_xdp"))?;
-        let fd = p.fd().ctx(|| "the XDP program's fd".into())?.as_fd().as_raw_fd();
+            .ok_or_else(|| Error::Xdp("XDP object has no program subway_xdp".into()))?;
+        let fd = p.fd().xdp(|| "the XDP program's fd".into())?.as_fd().as_raw_fd();
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
         // rx_queue_index, egress_ifindex.
         let ctx: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
@@ -239,13 +239,13 @@ impl XdpSteering {
     }
 
     /// The program's counters, summed over CPUs, indexed by [`XdpCounter`].
-    pub fn counters(&self) -> Result<[u64; XdpCounter::COUNT as usize]> {
+    pub fn counters(&self) -> Result<[u64; XdpCounter::COUNT]> {
         let map = self
             .ebpf
             .map(maps::COUNTERS)
-            .ok_or_else(|| Error::msg("XDP object has no COUNTERS map"))?;
-        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).ctx(|| "COUNTERS map".into())?;
-        let mut out = [0u64; XdpCounter::COUNT as usize];
+            .ok_or_else(|| Error::Xdp("XDP object has no COUNTERS map".into()))?;
+        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).xdp(|| "COUNTERS map".into())?;
+        let mut out = [0u64; XdpCounter::COUNT];
         for (i, slot) in out.iter_mut().enumerate() {
             if let Ok(v) = arr.get(&(i as u32), 0) {
                 *slot = v.iter().sum();
@@ -264,8 +264,8 @@ impl Drop for XdpSteering {
 fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
     let p = ebpf
         .program_mut(subway_common::PROGRAM_NAME)
-        .ok_or_else(|| Error::msg("XDP object has no program subway_xdp"))?;
-    p.try_into().ctx(|| "subway_xdp is not an XDP program".into())
+        .ok_or_else(|| Error::Xdp("XDP object has no program subway_xdp".into()))?;
+    p.try_into().xdp(|| "subway_xdp is not an XDP program".into())
 }
 
 /// The LPM key of an IPv4 prefix in a VNET.

@@ -129,7 +129,7 @@ pub struct Rings {
 }
 
 fn socket_config(opts: &XskOptions, zero_copy: bool) -> Result<SocketConfig> {
-    let q = QueueSize::new(opts.ring_size).ctx(|| "ring size".into())?;
+    let q = QueueSize::new(opts.ring_size).xsk(|| "ring size".into())?;
     let mut bind = if zero_copy {
         BindFlags::XDP_ZEROCOPY
     } else {
@@ -147,13 +147,13 @@ fn socket_config(opts: &XskOptions, zero_copy: bool) -> Result<SocketConfig> {
 }
 
 fn umem_config(opts: &XskOptions) -> Result<UmemConfig> {
-    let q = QueueSize::new(opts.ring_size).ctx(|| "ring size".into())?;
+    let q = QueueSize::new(opts.ring_size).xsk(|| "ring size".into())?;
     UmemConfig::builder()
-        .frame_size(FrameSize::new(opts.frame_size).ctx(|| "frame size".into())?)
+        .frame_size(FrameSize::new(opts.frame_size).xsk(|| "frame size".into())?)
         .fill_queue_size(q)
         .comp_queue_size(q)
         .build()
-        .ctx(|| "UMEM config".into())
+        .xsk(|| "UMEM config".into())
 }
 
 /// Can (ifname, queue) bind in zero-copy mode? Probed with a throwaway
@@ -177,9 +177,9 @@ impl Rings {
     /// first socket's mode. The fill rings are stocked before returning,
     /// so the first frames have somewhere to land once XDP redirects.
     pub fn new(worker: usize, queue: u32, ports: &[(u16, String)], opts: XskOptions) -> Result<Rings> {
-        opts.validate().map_err(Error::msg)?;
+        opts.validate().map_err(Error::config)?;
         if ports.iter().enumerate().any(|(i, (p, _))| *p as usize != i) {
-            return Err(Error::msg("worker ports must be given in port order"));
+            return Err(Error::Xsk("worker ports must be given in port order".into()));
         }
         let zero_copy = match opts.bind {
             BindMode::Copy => false,
@@ -188,21 +188,21 @@ impl Rings {
         };
         let frames = (ports.len() as u32) * opts.ring_size * 2;
         let (umem, descs) = Umem::new(umem_config(&opts)?, NonZeroU32::new(frames).unwrap(), false)
-            .ctx(|| format!("worker {worker}: creating a UMEM of {frames} frames"))?;
+            .xsk(|| format!("worker {worker}: creating a UMEM of {frames} frames"))?;
         let sc = socket_config(&opts, zero_copy)?;
         let mut socks = Vec::with_capacity(ports.len());
         for (port, ifname) in ports {
-            let iface = ifname.parse().ctx(|| format!("interface name {ifname:?}"))?;
+            let iface = ifname.parse().xsk(|| format!("interface name {ifname:?}"))?;
             // SAFETY: each (interface, queue) pair is bound once per UMEM,
             // and libxdp is told not to load a program of its own.
-            let (tx, rx, fq) = unsafe { Socket::new(sc, &umem, &iface, queue) }.ctx(|| {
+            let (tx, rx, fq) = unsafe { Socket::new(sc, &umem, &iface, queue) }.xsk(|| {
                 format!(
                     "binding an AF_XDP socket to {ifname} queue {queue} ({} mode)",
                     if zero_copy { "zero-copy" } else { "copy" }
                 )
             })?;
             let (fill, comp) =
-                fq.ok_or_else(|| Error::msg(format!("{ifname} queue {queue}: bound twice on one UMEM")))?;
+                fq.ok_or_else(|| Error::Xsk(format!("{ifname} queue {queue}: bound twice on one UMEM")))?;
             socks.push(PortXsk {
                 port: *port,
                 ifname: ifname.clone(),

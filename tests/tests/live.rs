@@ -99,6 +99,20 @@ fn reload_changes_peers_and_routes_without_losing_a_packet_of_an_unchanged_peer(
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("10.1.0.0/24"), "{err}");
 
+    // 5. A change only a restart can make (the LAN moves to another VNET):
+    // refused as such, with the file and line, nothing changed.
+    let moved = t
+        .subway_config(true, false, &peer_d("10.99.0.0/24, 10.100.0.0/24"))
+        .replace("Interface = lan0\n", "Interface = lan0\nVNet = red\n");
+    assert!(moved.contains("VNet = red"), "{moved}");
+    std::fs::write(&ga.config, &moved)?;
+    let out = std::process::Command::new(&bin).args(["reload", &ga.name]).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("need a restart") && err.contains(&format!("{}:", ga.config.display())),
+        "{err}"
+    );
+
     let r = flow.finish()?;
     assert_eq!(
         (r.received, r.lost, r.duplicates, r.reordered),
@@ -120,7 +134,7 @@ fn reload_changes_peers_and_routes_without_losing_a_packet_of_an_unchanged_peer(
     assert!(!has_route(&after, "10.98.0.0/24"), "{}", after["routes"]);
     assert!(!has_route(&after, "10.1.1.0/24"), "{}", after["routes"]);
     assert_eq!(after["reloads"]["ok"], 2, "{}", after["reloads"]);
-    assert_eq!(after["reloads"]["failed"], 2, "{}", after["reloads"]);
+    assert_eq!(after["reloads"]["failed"], 3, "{}", after["reloads"]);
     // The kernel's routes follow: a removed peer's prefix no longer goes
     // to the tunnel, a new one does.
     assert!(t.gwa.run(&["ip", "route", "show", "10.98.0.0/24"])?.trim().is_empty());

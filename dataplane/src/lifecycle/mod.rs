@@ -137,8 +137,9 @@ impl Dataplane {
                 .zip(&self.lans)
                 .all(|(a, b)| a.ifname == b.ifname && a.vnet == b.vnet);
         if !same_lans {
-            return Err(Error::msg(
-                "the [Lan] interfaces or their VNETs changed: that needs a restart (XDP and sockets are per interface)",
+            return Err(Error::NeedsRestart(
+                "the [Lan] interfaces or their VNETs changed: that needs a restart (XDP and sockets are per interface)"
+                    .into(),
             ));
         }
         let cur = self.tables.load_full();
@@ -366,9 +367,9 @@ impl Dataplane {
             },
             None => return trace::trace(&t, p, now, peer_name),
         };
-        let before = self.xdp.counters().unwrap_or([0; XdpCounter::COUNT as usize]);
+        let before = self.xdp.counters().unwrap_or([0; XdpCounter::COUNT]);
         let action = self.xdp.test_run(&frame, port.ifindex);
-        let after = self.xdp.counters().unwrap_or([0; XdpCounter::COUNT as usize]);
+        let after = self.xdp.counters().unwrap_or([0; XdpCounter::COUNT]);
         // The reason is the counter the run moved (with traffic flowing,
         // others move too: the one that fits the action is named).
         let moved = |prefix: &str| {

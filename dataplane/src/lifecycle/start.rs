@@ -26,7 +26,7 @@ use subway_common::IfaceConf;
 impl Dataplane {
     pub fn start(cfg: &DataplaneConfig) -> Result<Dataplane> {
         if cfg.lans.is_empty() {
-            return Err(Error::msg("no [Lan] interface configured"));
+            return Err(Error::config("no [Lan] interface configured"));
         }
         let mut netlink = Netlink::open().map_err(|e| Error::io("opening rtnetlink", e))?;
         let (ports, uplink) = open_ports(cfg)?;
@@ -104,7 +104,7 @@ fn open_ports(cfg: &DataplaneConfig) -> Result<(Vec<Port>, Option<u16>)> {
     let port = |name: &str, vnet, what: &str| -> Result<Port> {
         let link = netlink::link_by_name(name)
             .map_err(|e| Error::io(format!("reading interface {name}"), e))?
-            .ok_or_else(|| Error::msg(format!("{what}interface {name} does not exist")))?;
+            .ok_or_else(|| Error::config(format!("{what}interface {name} does not exist")))?;
         Ok(Port {
             mtu: link.mtu,
             name: name.to_string(),
@@ -117,16 +117,16 @@ fn open_ports(cfg: &DataplaneConfig) -> Result<(Vec<Port>, Option<u16>)> {
     for lan in &cfg.lans {
         let link = netlink::link_by_name(&lan.ifname)
             .map_err(|e| Error::io(format!("reading interface {}", lan.ifname), e))?
-            .ok_or_else(|| Error::msg(format!("interface {} does not exist", lan.ifname)))?;
+            .ok_or_else(|| Error::config(format!("interface {} does not exist", lan.ifname)))?;
         if link.kind != 1 {
-            return Err(Error::msg(format!(
+            return Err(Error::config(format!(
                 "{} is not an Ethernet interface (ARPHRD {}): subway routes Ethernet frames",
                 lan.ifname, link.kind
             )));
         }
         let room = cfg.xsk.frame_size as usize - 256;
         if link.mtu as usize + 14 + 4 > room {
-            return Err(Error::msg(format!(
+            return Err(Error::config(format!(
                 "{} has MTU {}, more than a {}-byte UMEM frame holds: set [Tuning] FrameSize = 4096 or lower the MTU",
                 lan.ifname, link.mtu, cfg.xsk.frame_size
             )));
@@ -147,7 +147,7 @@ fn open_ports(cfg: &DataplaneConfig) -> Result<(Vec<Port>, Option<u16>)> {
         && up.vnet != 0
         && up.vnet != UPLINK_VNET
     {
-        return Err(Error::msg(format!(
+        return Err(Error::config(format!(
             "the uplink {} is a [Lan] of a non-default VNET: the tunnel's own traffic is routed by the kernel, \
              which serves the default VNET only; use a dedicated uplink or a default-VNET [Lan]",
             up.name
@@ -168,7 +168,7 @@ fn uplink_addresses(netlink: &mut Netlink, ports: &[Port], uplink: Option<u16>) 
         .map(|n| n.addr())
         .collect();
     if addrs.is_empty() {
-        return Err(Error::msg(
+        return Err(Error::config(
             "the uplink has no IP address: WireGuard needs one to listen on",
         ));
     }
@@ -320,7 +320,7 @@ fn build_workers(cfg: &DataplaneConfig, ports: &[Port], xdp: &mut XdpSteering) -
         }
     };
     if let Some(q) = queues.iter().find(|q| **q >= subway_common::MAX_QUEUES) {
-        return Err(Error::msg(format!(
+        return Err(Error::config(format!(
             "queue {q} is above the supported maximum {}",
             subway_common::MAX_QUEUES - 1
         )));
@@ -346,7 +346,7 @@ fn build_workers(cfg: &DataplaneConfig, ports: &[Port], xdp: &mut XdpSteering) -
                 ..Default::default()
             }
             .xsk_index(*q)
-            .ok_or_else(|| Error::msg(format!("queue {q} is beyond the supported maximum")))?;
+            .ok_or_else(|| Error::config(format!("queue {q} is beyond the supported maximum")))?;
             xdp.set_xsk(idx, fd)?;
         }
         built.push(w);

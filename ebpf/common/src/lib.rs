@@ -139,103 +139,78 @@ impl IfaceConf {
     }
 }
 
-/// Per-CPU counters of the XDP program, one per action and reason.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum XdpCounter {
-    /// Every frame the program saw.
-    Seen = 0,
-    /// Redirected: destination in a steered prefix.
-    RedirectRoute,
-    /// Redirected: UDP to the gateway's listen address and port.
-    RedirectListen,
-    /// Passed: the interface is not one subway configured.
-    PassUnknownIface,
-    /// Passed: not IPv4 or IPv6 (ARP, LLDP, ...).
-    PassNotIp,
-    /// Passed: headers truncated or inconsistent; the kernel will judge.
-    PassMalformed,
-    /// Passed: multicast or broadcast destination (NDP, DHCP, ...).
-    PassMulticast,
-    /// Passed: no steered prefix matched.
-    PassNoRoute,
-    /// Passed: an address of the gateway itself.
-    PassLocal,
-    /// Passed: the route leaves through the interface it came in on.
-    PassSameIface,
-    /// Passed: TTL or hop limit would expire; the kernel sends the ICMP error.
-    PassTtlExpired,
-    /// Passed: no AF_XDP socket on this queue (dataplane down: fail open).
-    PassNoSocket,
-    /// Passed: destination MAC is another host's.
-    PassNotForUs,
-    /// Passed: VLAN-tagged (not routed by the fast path yet).
-    PassVlan,
-    /// Passed: RX queue beyond MAX_QUEUES.
-    PassQueueRange,
-    /// Passed: a WireGuard handshake or cookie message, for the control thread.
-    PassHandshake,
-    /// Dropped: an interface of a non-default VNET, and no route of that
-    /// VNET covers the destination (the kernel's one routing table must
-    /// never forward another VNET's packets).
-    DropVnetNoRoute,
-    /// Dropped: a non-default VNET's packet and no AF_XDP socket to take it.
-    DropVnetNoSocket,
-    /// Dropped: on a non-default VNET's interface, addressed to the gateway
-    /// itself (or broadcast / multicast other than NDP and MLD). Only ARP
-    /// and NDP are answered there: the kernel could reply only through the
-    /// default VNET's routing table.
-    DropVnetLocal,
+/// Declares a set of counters as an enum: each variant is a counter with
+/// the name `subway show`, its JSON and the metrics use, and the enum gets
+/// `ALL`, `COUNT` and `name()`. Every counter subway keeps is declared this
+/// way (the XDP program's here, the workers' and the control thread's in
+/// the dataplane), so there is one style of counter, indexed by variant.
+#[macro_export]
+macro_rules! named_counters {
+    ($(#[$meta:meta])* $vis:vis enum $Enum:ident {
+        $( $(#[$doc:meta])* $id:ident = $name:literal ),* $(,)?
+    }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        $vis enum $Enum { $( $(#[$doc])* $id ),* }
+        impl $Enum {
+            pub const ALL: &'static [$Enum] = &[$($Enum::$id),*];
+            pub const COUNT: usize = Self::ALL.len();
+            /// The name in `subway show`, JSON and metrics.
+            pub const fn name(self) -> &'static str {
+                match self { $($Enum::$id => $name),* }
+            }
+        }
+    };
 }
 
-impl XdpCounter {
-    pub const COUNT: u32 = 19;
-    pub const ALL: [XdpCounter; Self::COUNT as usize] = [
-        XdpCounter::Seen,
-        XdpCounter::RedirectRoute,
-        XdpCounter::RedirectListen,
-        XdpCounter::PassUnknownIface,
-        XdpCounter::PassNotIp,
-        XdpCounter::PassMalformed,
-        XdpCounter::PassMulticast,
-        XdpCounter::PassNoRoute,
-        XdpCounter::PassLocal,
-        XdpCounter::PassSameIface,
-        XdpCounter::PassTtlExpired,
-        XdpCounter::PassNoSocket,
-        XdpCounter::PassNotForUs,
-        XdpCounter::PassVlan,
-        XdpCounter::PassQueueRange,
-        XdpCounter::PassHandshake,
-        XdpCounter::DropVnetNoRoute,
-        XdpCounter::DropVnetNoSocket,
-        XdpCounter::DropVnetLocal,
-    ];
-
-    /// Name used in `subway show` and metrics.
-    pub const fn name(self) -> &'static str {
-        match self {
-            XdpCounter::Seen => "seen",
-            XdpCounter::RedirectRoute => "redirect_route",
-            XdpCounter::RedirectListen => "redirect_listen",
-            XdpCounter::PassUnknownIface => "pass_unknown_iface",
-            XdpCounter::PassNotIp => "pass_not_ip",
-            XdpCounter::PassMalformed => "pass_malformed",
-            XdpCounter::PassMulticast => "pass_multicast",
-            XdpCounter::PassNoRoute => "pass_no_route",
-            XdpCounter::PassLocal => "pass_local",
-            XdpCounter::PassSameIface => "pass_same_iface",
-            XdpCounter::PassTtlExpired => "pass_ttl_expired",
-            XdpCounter::PassNoSocket => "pass_no_socket",
-            XdpCounter::PassNotForUs => "pass_not_for_us",
-            XdpCounter::PassVlan => "pass_vlan",
-            XdpCounter::PassQueueRange => "pass_queue_range",
-            XdpCounter::PassHandshake => "pass_handshake",
-            XdpCounter::DropVnetNoRoute => "drop_vnet_no_route",
-            XdpCounter::DropVnetNoSocket => "drop_vnet_no_socket",
-            XdpCounter::DropVnetLocal => "drop_vnet_local",
-        }
-    }
+named_counters! {
+    /// Per-CPU counters of the XDP program, one per action and reason.
+    #[repr(u32)]
+    pub enum XdpCounter {
+        /// Every frame the program saw.
+        Seen = "seen",
+        /// Redirected: destination in a steered prefix.
+        RedirectRoute = "redirect_route",
+        /// Redirected: UDP to the gateway's listen address and port.
+        RedirectListen = "redirect_listen",
+        /// Passed: the interface is not one subway configured.
+        PassUnknownIface = "pass_unknown_iface",
+        /// Passed: not IPv4 or IPv6 (ARP, LLDP, ...).
+        PassNotIp = "pass_not_ip",
+        /// Passed: headers truncated or inconsistent; the kernel will judge.
+        PassMalformed = "pass_malformed",
+        /// Passed: multicast or broadcast destination (NDP, DHCP, ...).
+        PassMulticast = "pass_multicast",
+        /// Passed: no steered prefix matched.
+        PassNoRoute = "pass_no_route",
+        /// Passed: an address of the gateway itself.
+        PassLocal = "pass_local",
+        /// Passed: the route leaves through the interface it came in on.
+        PassSameIface = "pass_same_iface",
+        /// Passed: TTL or hop limit would expire; the kernel sends the ICMP error.
+        PassTtlExpired = "pass_ttl_expired",
+        /// Passed: no AF_XDP socket on this queue (dataplane down: fail open).
+        PassNoSocket = "pass_no_socket",
+        /// Passed: destination MAC is another host's.
+        PassNotForUs = "pass_not_for_us",
+        /// Passed: VLAN-tagged (not routed by the fast path yet).
+        PassVlan = "pass_vlan",
+        /// Passed: RX queue beyond MAX_QUEUES.
+        PassQueueRange = "pass_queue_range",
+        /// Passed: a WireGuard handshake or cookie message, for the control thread.
+        PassHandshake = "pass_handshake",
+        /// Dropped: an interface of a non-default VNET, and no route of that
+        /// VNET covers the destination (the kernel's one routing table must
+        /// never forward another VNET's packets).
+        DropVnetNoRoute = "drop_vnet_no_route",
+        /// Dropped: a non-default VNET's packet and no AF_XDP socket to take it.
+        DropVnetNoSocket = "drop_vnet_no_socket",
+        /// Dropped: on a non-default VNET's interface, addressed to the gateway
+        /// itself (or broadcast / multicast other than NDP and MLD). Only ARP
+        /// and NDP are answered there: the kernel could reply only through the
+        /// default VNET's routing table.
+        DropVnetLocal = "drop_vnet_local",
+}
 }
 
 #[cfg(feature = "user")]
