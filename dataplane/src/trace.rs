@@ -8,6 +8,9 @@
 //! program's part is run by the live instance on the same bytes
 //! ([`crate::Dataplane::explain`]); this module is pure and side-effect
 //! free (no counter is reserved, no packet is sent).
+//!
+//! About 360 lines of code; the rest is the agreement table test, which
+//! belongs next to the trace it checks.
 
 use crate::fib::{Target, VnetId};
 use crate::forward::{Verdict, route_frame};

@@ -3,6 +3,8 @@
 //! a stock wireguard-go box, and a capture on B's uplink shows whatever A
 //! lets out in clear. subway is killed with SIGKILL and stopped cleanly
 //! mid-flow, and the fence is tried at boot before subway's first start.
+//! One file for the fail-safe suite (it shares the capture and flow
+//! helpers below), hence its length.
 
 use anyhow::{Context, Result, ensure};
 use std::time::{Duration, Instant};

@@ -1,6 +1,8 @@
 //! Two sites joined through subway gateways over WireGuard, end to end in
 //! network namespaces: hosts on either side reach each other with their
 //! own addresses, both ways, over IPv4 and IPv6 inside and outside.
+//! One file for the two-site suite (interop with each standard peer,
+//! one-armed, IPv6 outside, route questions), hence its length.
 
 use anyhow::{Context, Result};
 use std::time::Duration;

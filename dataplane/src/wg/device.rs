@@ -4,6 +4,10 @@
 //!
 //! The control thread owns the device. Workers see only the sessions
 //! (shared by `Arc`), which [`Device::sessions`] lists for publication.
+//!
+//! Longer than ~600 lines because of its tests (the code is ~680 lines):
+//! the handshake, rekey, roaming and cookie scenarios run two devices
+//! against each other here, next to the state machine they check.
 
 use super::cookie::CookieChecker;
 use super::crypto::{mac1_key, tai64n};
