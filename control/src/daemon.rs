@@ -368,7 +368,7 @@ impl State {
         if let Some(g) = &self.gw {
             st.listen_port = Some(g.listen_port);
             st.peers = g.peers_status(&self.cfg, &self.dp);
-            st.control = g.events.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+            st.control = g.events.named().map(|(k, v)| (k.to_string(), v)).collect();
         }
         st.control_wakeups = self.rounds;
         st

@@ -12,7 +12,6 @@
 use crate::config::{Config, PeerSection};
 use crate::status::PeerStatus;
 use anyhow::{Context, Result};
-use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -21,9 +20,9 @@ use subway_dataplane::Dataplane;
 use subway_dataplane::fib::Target;
 use subway_dataplane::stats::Counter;
 use subway_dataplane::tables::PeerRt;
-use subway_dataplane::wg::Now;
 use subway_dataplane::wg::device::{Device, Outgoing, Received};
 use subway_dataplane::wg::peer::PeerConfig;
+use subway_dataplane::wg::{Now, WgError};
 
 pub struct Gateway {
     dev: Device,
@@ -33,8 +32,8 @@ pub struct Gateway {
     last: Vec<(u64, u64, u64)>,
     published: Vec<(Option<u32>, Option<subway_dataplane::tunnel::OuterPath>)>,
     published_gen: u64,
-    /// Control-path outcomes by name (handshakes, refusals by reason).
-    pub events: BTreeMap<&'static str, u64>,
+    /// Control-path outcomes (handshakes, refusals by reason).
+    pub events: Events,
     buf: Vec<u8>,
 }
 
@@ -78,7 +77,7 @@ impl Gateway {
             last: vec![(0, 0, 0); cfg.peers.len()],
             published: Vec::new(),
             published_gen: u64::MAX,
-            events: BTreeMap::new(),
+            events: Events::default(),
             buf: vec![0u8; 65536],
         })
     }
@@ -118,7 +117,7 @@ impl Gateway {
     /// handshake with every peer so that they roam to the new address.
     pub fn uplink_renumbered(&mut self, dp: &mut Dataplane) {
         self.dev.local_address_changed();
-        self.count("uplink_renumbered");
+        self.count(Event::UplinkRenumbered);
         self.publish_now(dp);
     }
 
@@ -136,14 +135,14 @@ impl Gateway {
         v
     }
 
-    fn count(&mut self, what: &'static str) {
-        *self.events.entry(what).or_default() += 1;
+    fn count(&mut self, what: impl Into<Outcome>) {
+        self.events.add(what.into());
     }
 
     fn send(&mut self, outs: Vec<Outgoing>) {
         for o in outs {
             let Some(to) = o.to else {
-                self.count("tx_no_endpoint");
+                self.count(Event::TxNoEndpoint);
                 continue;
             };
             let sock = if to.is_ipv4() {
@@ -152,8 +151,8 @@ impl Gateway {
                 self.udp6.as_ref()
             };
             match sock.map(|s| s.send_to(&o.datagram, to)) {
-                Some(Ok(_)) => self.count("tx_datagrams"),
-                _ => self.count("tx_errors"),
+                Some(Ok(_)) => self.count(Event::TxDatagrams),
+                _ => self.count(Event::TxErrors),
             }
         }
     }
@@ -190,7 +189,7 @@ impl Gateway {
             {
                 tracing::info!(peer = id, from = ?p.endpoint, to = %a, "peer roamed");
                 p.endpoint = Some(SocketAddr::V4(a));
-                self.count("roams");
+                self.count(Event::Roams);
             }
             let last = self.last[id];
             moved |= cur != last;
@@ -215,15 +214,14 @@ impl Gateway {
         let mut outs = Vec::new();
         let (dev, events) = (&mut self.dev, &mut self.events);
         dp.serve_punted(|peer, pkt| {
-            let what = match dev.send(peer, pkt, now) {
+            events.add(match dev.send(peer, pkt, now) {
                 Ok(Some(o)) => {
                     outs.push(o);
-                    "vnet_sent_from_control"
+                    Event::VnetSentFromControl.into()
                 }
-                Ok(None) => "queued_for_handshake",
-                Err(e) => e.name(),
-            };
-            *events.entry(what).or_default() += 1;
+                Ok(None) => Event::QueuedForHandshake.into(),
+                Err(e) => e.into(),
+            });
         });
         self.send(outs);
     }
@@ -244,25 +242,25 @@ impl Gateway {
                 let mut msg = self.buf[..n].to_vec();
                 match self.dev.receive(src, &mut msg, now) {
                     Ok(Received::Send(outs)) => {
-                        self.count("handshake_messages_in");
+                        self.count(Event::HandshakeMessagesIn);
                         replies.extend(outs);
                     }
-                    Ok(Received::CookieStored { .. }) => self.count("cookies_received"),
-                    Ok(Received::Keepalive { .. }) => self.count("keepalives_in_control"),
+                    Ok(Received::CookieStored { .. }) => self.count(Event::CookiesReceived),
+                    Ok(Received::Keepalive { .. }) => self.count(Event::KeepalivesInControl),
                     Ok(Received::Data { peer, start, end }) => {
                         // The fast path is down or skipped this one: the
                         // kernel forwards the inner packet (default VNET),
                         // or the control thread does (others).
-                        self.count("data_in_control");
+                        self.count(Event::DataInControl);
                         let vnet = self.dev.peer(peer).map_or(0, |p| p.vnet);
                         let c = dp
                             .slow_path()
                             .hand_off(vnet, &msg[start..end], Counter::SlowNeighUnknown, now.mono);
                         if c != Counter::SlowNeighUnknown {
-                            self.count(c.name());
+                            self.count(c);
                         }
                     }
-                    Err(e) => self.count(e.name()),
+                    Err(e) => self.count(e),
                 }
             }
         }
@@ -281,17 +279,17 @@ impl Gateway {
             };
             let pkt = self.buf[..n].to_vec();
             let Some(dst) = subway_dataplane::tunnel::parse_inner(&pkt).map(|i| i.dst) else {
-                self.count("tun_malformed");
+                self.count(Event::TunMalformed);
                 continue;
             };
             // The TUN carries the default VNET only.
             match t.fib.lookup(0, dst) {
                 Some((_, Target::Peer(p))) => match self.dev.send(p, &pkt, now) {
                     Ok(Some(o)) => self.send(vec![o]),
-                    Ok(None) => self.count("queued_for_handshake"),
-                    Err(e) => self.count(e.name()),
+                    Ok(None) => self.count(Event::QueuedForHandshake),
+                    Err(e) => self.count(e),
                 },
-                _ => self.count("tun_no_peer"),
+                _ => self.count(Event::TunNoPeer),
             }
         }
     }
@@ -429,5 +427,91 @@ fn bind_v6_only(port: u16) -> std::io::Result<UdpSocket> {
             return Err(std::io::Error::last_os_error());
         }
         Ok(sock)
+    }
+}
+
+subway_dataplane::named_counters! {
+    /// The control thread's own events, for `subway show` (`control`) and
+    /// the metrics.
+    #[repr(usize)]
+    pub enum Event {
+        UplinkRenumbered = "uplink_renumbered",
+        /// Datagrams for a peer without a known endpoint.
+        TxNoEndpoint = "tx_no_endpoint",
+        TxDatagrams = "tx_datagrams",
+        TxErrors = "tx_errors",
+        Roams = "roams",
+        /// A non-default VNET's packet sealed and sent by the control thread.
+        VnetSentFromControl = "vnet_sent_from_control",
+        QueuedForHandshake = "queued_for_handshake",
+        HandshakeMessagesIn = "handshake_messages_in",
+        CookiesReceived = "cookies_received",
+        KeepalivesInControl = "keepalives_in_control",
+        /// Data messages opened by the control thread (before the workers
+        /// have the session).
+        DataInControl = "data_in_control",
+        TunMalformed = "tun_malformed",
+        TunNoPeer = "tun_no_peer",
+    }
+}
+
+/// One thing the control thread counts: its own events, WireGuard's
+/// refusals, and the fast-path outcome of a packet it handed on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Own(Event),
+    Wg(WgError),
+    Data(Counter),
+}
+
+impl From<Event> for Outcome {
+    fn from(e: Event) -> Self {
+        Outcome::Own(e)
+    }
+}
+impl From<WgError> for Outcome {
+    fn from(e: WgError) -> Self {
+        Outcome::Wg(e)
+    }
+}
+impl From<Counter> for Outcome {
+    fn from(c: Counter) -> Self {
+        Outcome::Data(c)
+    }
+}
+
+/// The control thread's counts, each set indexed by its enum.
+#[derive(Clone, Debug)]
+pub struct Events {
+    own: [u64; Event::COUNT],
+    wg: [u64; WgError::COUNT],
+    data: [u64; Counter::COUNT],
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Events {
+            own: [0; Event::COUNT],
+            wg: [0; WgError::COUNT],
+            data: [0; Counter::COUNT],
+        }
+    }
+}
+
+impl Events {
+    pub fn add(&mut self, o: Outcome) {
+        match o {
+            Outcome::Own(e) => self.own[e as usize] += 1,
+            Outcome::Wg(e) => self.wg[e as usize] += 1,
+            Outcome::Data(c) => self.data[c as usize] += 1,
+        }
+    }
+
+    /// The counts above zero, by name.
+    pub fn named(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        let own = Event::ALL.iter().map(|e| (e.name(), self.own[*e as usize]));
+        let wg = WgError::ALL.iter().map(|e| (e.name(), self.wg[*e as usize]));
+        let data = Counter::ALL.iter().map(|c| (c.name(), self.data[*c as usize]));
+        own.chain(wg).chain(data).filter(|(_, v)| *v > 0)
     }
 }

@@ -72,61 +72,41 @@ impl Now {
     }
 }
 
-/// Why a WireGuard message was not accepted. Each is counted by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum WgError {
-    #[error("message too short or of the wrong size for its type")]
-    BadLength,
-    #[error("unknown message type")]
-    BadType,
-    #[error("mac1 does not authenticate the message")]
-    BadMac1,
-    #[error("under load and mac2 is missing or stale: a cookie reply was sent")]
-    CookieRequired,
-    #[error("handshake failed to decrypt or authenticate")]
-    HandshakeFailed,
-    #[error("the initiator's static key is not a configured peer")]
-    UnknownPeer,
-    #[error("replayed or old handshake initiation (TAI64N not newer)")]
-    ReplayedInitiation,
-    #[error("no session or handshake with this receiver index")]
-    UnknownIndex,
-    #[error("data packet failed to decrypt")]
-    DecryptFailed,
-    #[error("data packet counter already seen or too old")]
-    Replayed,
-    #[error("session expired (REJECT_AFTER_TIME or REJECT_AFTER_MESSAGES)")]
-    Expired,
-    #[error("no usable session for this peer")]
-    NoSession,
-    #[error("decrypted packet's source is not in the peer's allowed IPs")]
-    NotAllowed,
-    #[error("handshake rate limit for this source exceeded")]
-    RateLimited,
-    #[error("output buffer too small")]
-    BufferTooSmall,
-}
-
-impl WgError {
-    /// The counter name used in stats and metrics.
-    pub const fn name(self) -> &'static str {
-        match self {
-            WgError::BadLength => "wg_bad_length",
-            WgError::BadType => "wg_bad_type",
-            WgError::BadMac1 => "wg_bad_mac1",
-            WgError::CookieRequired => "wg_cookie_required",
-            WgError::HandshakeFailed => "wg_handshake_failed",
-            WgError::UnknownPeer => "wg_unknown_peer",
-            WgError::ReplayedInitiation => "wg_replayed_initiation",
-            WgError::UnknownIndex => "wg_unknown_index",
-            WgError::DecryptFailed => "wg_decrypt_failed",
-            WgError::Replayed => "wg_replayed",
-            WgError::Expired => "wg_expired",
-            WgError::NoSession => "wg_no_session",
-            WgError::NotAllowed => "wg_not_allowed",
-            WgError::RateLimited => "wg_rate_limited",
-            WgError::BufferTooSmall => "wg_buffer_too_small",
-        }
+subway_common::named_counters! {
+    /// Why a WireGuard message was not accepted. Each is counted by name
+    /// (the names are the counters' in stats and metrics).
+    #[derive(thiserror::Error)]
+    pub enum WgError {
+        #[error("message too short or of the wrong size for its type")]
+        BadLength = "wg_bad_length",
+        #[error("unknown message type")]
+        BadType = "wg_bad_type",
+        #[error("mac1 does not authenticate the message")]
+        BadMac1 = "wg_bad_mac1",
+        #[error("under load and mac2 is missing or stale: a cookie reply was sent")]
+        CookieRequired = "wg_cookie_required",
+        #[error("handshake failed to decrypt or authenticate")]
+        HandshakeFailed = "wg_handshake_failed",
+        #[error("the initiator's static key is not a configured peer")]
+        UnknownPeer = "wg_unknown_peer",
+        #[error("replayed or old handshake initiation (TAI64N not newer)")]
+        ReplayedInitiation = "wg_replayed_initiation",
+        #[error("no session or handshake with this receiver index")]
+        UnknownIndex = "wg_unknown_index",
+        #[error("data packet failed to decrypt")]
+        DecryptFailed = "wg_decrypt_failed",
+        #[error("data packet counter already seen or too old")]
+        Replayed = "wg_replayed",
+        #[error("session expired (REJECT_AFTER_TIME or REJECT_AFTER_MESSAGES)")]
+        Expired = "wg_expired",
+        #[error("no usable session for this peer")]
+        NoSession = "wg_no_session",
+        #[error("decrypted packet's source is not in the peer's allowed IPs")]
+        NotAllowed = "wg_not_allowed",
+        #[error("handshake rate limit for this source exceeded")]
+        RateLimited = "wg_rate_limited",
+        #[error("output buffer too small")]
+        BufferTooSmall = "wg_buffer_too_small",
     }
 }
 
