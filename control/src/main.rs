@@ -179,6 +179,14 @@ pub(crate) fn dataplane_config(cfg: &Config) -> DataplaneConfig {
                 ifname: l.interface.clone(),
                 subnets: l.subnets.clone(),
                 vnet: vnet_id(&l.vnet),
+                routes: l
+                    .routes
+                    .iter()
+                    .map(|(prefix, hops, _)| subway_dataplane::config::ViaRoute {
+                        prefix: *prefix,
+                        hops: hops.clone(),
+                    })
+                    .collect(),
             })
             .collect(),
         queues: cfg.tuning.queues.clone(),

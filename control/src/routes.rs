@@ -7,15 +7,15 @@ use crate::protocol::RouteQuery;
 use ipnet::IpNet;
 use serde_json::{Value, json};
 use std::net::IpAddr;
-use subway_dataplane::fib::{Route, Target};
+use subway_dataplane::fib::Target;
 use subway_dataplane::slowpath::Taker;
-use subway_dataplane::tables::{Port, Tables};
+use subway_dataplane::tables::Tables;
 use subway_dataplane::trace::{Ingress, Outcome, Probe, Proto, Trace};
 
 /// The running instance's answer to a route query.
 pub fn answer(cfg: &Config, dp: &subway_dataplane::Dataplane, q: &RouteQuery) -> Value {
     let t = dp.tables();
-    let views = views(cfg, t.fib.routes(), &t.ports);
+    let views = views(cfg, &t);
     let known = |vnet: &str| cfg.vnet_ids().iter().any(|v| v == vnet);
     let unknown = |vnet: &str| {
         crate::protocol::error(format!(
@@ -50,17 +50,35 @@ pub struct RouteView {
     /// The interface, the peer's public key, or "gateway".
     pub via: String,
     pub endpoint: Option<String>,
+    /// A route through LAN routers: each router and its MAC if the
+    /// neighbour mirror has it (the fast path forwards once it does).
+    pub next_hops: Vec<(String, Option<String>)>,
+    /// Where a route through routers comes from: "kernel" or "config".
+    pub source: Option<&'static str>,
 }
 
 impl RouteView {
     fn json(&self) -> Value {
-        json!({"vnet": self.vnet, "prefix": self.prefix.to_string(), "kind": self.kind, "via": self.via, "endpoint": self.endpoint})
+        let mut v = json!({"vnet": self.vnet, "prefix": self.prefix.to_string(), "kind": self.kind, "via": self.via, "endpoint": self.endpoint});
+        if let Some(src) = self.source {
+            v["source"] = json!(src);
+            v["next_hops"] = json!(
+                self.next_hops
+                    .iter()
+                    .map(|(hop, mac)| json!({"address": hop, "mac": mac, "resolved": mac.is_some()}))
+                    .collect::<Vec<_>>()
+            );
+        }
+        v
     }
 }
 
-pub fn views(cfg: &Config, routes: &[Route], ports: &[Port]) -> Vec<RouteView> {
+pub fn views(cfg: &Config, t: &Tables) -> Vec<RouteView> {
     let vnets = cfg.vnet_ids();
-    let mut v: Vec<RouteView> = routes
+    let ports = &t.ports;
+    let mut v: Vec<RouteView> = t
+        .fib
+        .routes()
         .iter()
         .map(|r| {
             let vnet = vnets
@@ -82,6 +100,31 @@ pub fn views(cfg: &Config, routes: &[Route], ports: &[Port]) -> Vec<RouteView> {
                     )
                 }
                 Target::Local => ("local", "gateway".to_string(), None),
+                Target::Via(_) => (
+                    "lan",
+                    t.fib
+                        .port_of(r.target)
+                        .and_then(|p| ports.get(p as usize))
+                        .map(|p| p.name.clone())
+                        .unwrap_or_default(),
+                    None,
+                ),
+            };
+            let (next_hops, source) = match r.target {
+                Target::Via(g) => match t.fib.group(g) {
+                    Some(grp) => {
+                        let ifindex = ports.get(grp.port as usize).map_or(0, |p| p.ifindex);
+                        (
+                            grp.hops
+                                .iter()
+                                .map(|h| (h.to_string(), t.neigh.get(ifindex, *h).map(|m| m.to_string())))
+                                .collect(),
+                            Some(grp.source.name()),
+                        )
+                    }
+                    None => (Vec::new(), None),
+                },
+                _ => (Vec::new(), None),
             };
             RouteView {
                 vnet,
@@ -89,6 +132,8 @@ pub fn views(cfg: &Config, routes: &[Route], ports: &[Port]) -> Vec<RouteView> {
                 kind,
                 via,
                 endpoint,
+                next_hops,
+                source,
             }
         })
         .collect();
@@ -373,7 +418,7 @@ mod golden {
     #[test]
     fn route_get_across_three_vnets() {
         let (cfg, t) = gateway();
-        let views = views(&cfg, t.fib.routes(), &t.ports);
+        let views = views(&cfg, &t);
         let answers: Vec<Value> = [
             ("10.1.7.9", "default"),   // LAN /24 inside LAN /16 inside the hub's /8
             ("10.2.9.1", "default"),   // the site's /24 inside its /16 inside the hub's /8
@@ -394,7 +439,7 @@ mod golden {
     #[test]
     fn route_overlaps_across_three_vnets() {
         let (cfg, t) = gateway();
-        let views = views(&cfg, t.fib.routes(), &t.ports);
+        let views = views(&cfg, &t);
         check("route_overlaps", &overlaps(&views));
         check("route_list_blue", &list(&views, Some("blue")));
     }
@@ -453,6 +498,8 @@ mod tests {
             kind,
             via: via.into(),
             endpoint: None,
+            next_hops: Vec::new(),
+            source: None,
         }
     }
 
@@ -531,26 +578,21 @@ mod tests {
              [Peer]\nPublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 10.2.0.0/24\n",
         )
         .unwrap();
-        let routes = vec![
-            Route {
+        let mut fib = subway_dataplane::fib::Fib::new();
+        fib.insert(0, "10.2.0.0/24".parse().unwrap(), Target::Peer(0)).unwrap();
+        fib.insert(0, "10.1.0.0/24".parse().unwrap(), Target::Port(0)).unwrap();
+        let t = Tables {
+            fib: fib.into(),
+            ports: vec![subway_dataplane::tables::Port {
+                name: "lan0".into(),
+                ifindex: 3,
+                mac: Default::default(),
                 vnet: 0,
-                prefix: "10.2.0.0/24".parse().unwrap(),
-                target: Target::Peer(0),
-            },
-            Route {
-                vnet: 0,
-                prefix: "10.1.0.0/24".parse().unwrap(),
-                target: Target::Port(0),
-            },
-        ];
-        let ports = vec![Port {
-            name: "lan0".into(),
-            ifindex: 3,
-            mac: Default::default(),
-            vnet: 0,
-            mtu: 1500,
-        }];
-        let vs = views(&cfg, &routes, &ports);
+                mtu: 1500,
+            }],
+            ..Default::default()
+        };
+        let vs = views(&cfg, &t);
         assert_eq!(vs[0].via, "lan0");
         assert_eq!(vs[1].kind, "peer");
         assert_eq!(vs[1].endpoint.as_deref(), Some("192.0.2.2:51820"));

@@ -15,6 +15,16 @@ pub struct LanConfig {
     /// of the addresses configured on it.
     pub subnets: Vec<IpNet>,
     pub vnet: VnetId,
+    /// Prefixes behind routers on this LAN (`Route = P via H`).
+    pub routes: Vec<ViaRoute>,
+}
+
+/// A prefix reached through one or more routers on a LAN (several: ECMP,
+/// each flow on one of them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ViaRoute {
+    pub prefix: IpNet,
+    pub hops: Vec<std::net::IpAddr>,
 }
 
 /// Everything the dataplane needs to start.

@@ -26,6 +26,51 @@ pub enum Target {
     Peer(u32),
     /// An address of the gateway itself: the kernel handles it.
     Local,
+    /// Out of a LAN interface through a router on it: the next-hop group
+    /// of this id ([`Fib::group`]).
+    Via(u32),
+}
+
+/// Where a route's next hops come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RouteSource {
+    /// The kernel's routing table (the operator's `ip route`, a routing
+    /// daemon), followed by netlink events.
+    Kernel,
+    /// A `Route =` line of a [Lan] in the config.
+    Config,
+}
+
+impl RouteSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            RouteSource::Kernel => "kernel",
+            RouteSource::Config => "config",
+        }
+    }
+}
+
+/// Routers on one LAN port that a route goes through: one next hop, or
+/// several (ECMP: each flow hashed to one of them, so it stays on it).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HopGroup {
+    pub port: u16,
+    pub hops: Vec<IpAddr>,
+    pub source: RouteSource,
+}
+
+impl HopGroup {
+    /// The next hop of the packet `ip` (an IPv4 or IPv6 packet): the only
+    /// one, or one chosen by a hash of its flow (addresses, protocol,
+    /// ports), the same for every packet of the flow.
+    #[inline]
+    pub fn hop_for(&self, ip: &[u8]) -> Option<IpAddr> {
+        match self.hops.len() {
+            0 => None,
+            1 => Some(self.hops[0]),
+            n => Some(self.hops[(crate::wire::ip::flow_hash(ip) % n as u64) as usize]),
+        }
+    }
 }
 
 /// A route as it was inserted, for listings and errors.
@@ -75,6 +120,7 @@ impl std::fmt::Debug for VnetFib {
 pub struct Fib {
     vnets: Vec<VnetFib>,
     routes: Vec<Route>,
+    groups: Vec<HopGroup>,
 }
 
 impl Fib {
@@ -101,6 +147,29 @@ impl Fib {
         v.table.insert(net, target);
         self.routes.push(Route { vnet, prefix, target });
         Ok(())
+    }
+
+    /// Adds a route through a LAN router (`target` a [`Target::Via`]),
+    /// taking the place of a LAN route of the same prefix (a Subnet that
+    /// is behind the router); a peer's or the gateway's own prefix is
+    /// refused.
+    pub fn insert_via(&mut self, vnet: VnetId, prefix: IpNet, target: Target) -> Result<(), FibError> {
+        match self.insert(vnet, prefix, target) {
+            Err(FibError::Duplicate {
+                existing: Target::Port(_) | Target::Via(_),
+                ..
+            }) => {
+                let prefix = prefix.trunc();
+                let net =
+                    IpNetwork::new(prefix.addr(), prefix.prefix_len()).expect("a truncated prefix is a valid network");
+                self.vnets[vnet as usize].table.insert(net, target);
+                if let Some(r) = self.routes.iter_mut().find(|r| r.vnet == vnet && r.prefix == prefix) {
+                    r.target = target;
+                }
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// The longest matching prefix length and its target.
@@ -141,6 +210,35 @@ impl Fib {
     /// Every route, in insertion order.
     pub fn routes(&self) -> &[Route] {
         &self.routes
+    }
+
+    /// The target for routes through `g`: an existing identical group's,
+    /// or a new one.
+    pub fn via(&mut self, g: HopGroup) -> Target {
+        let id = match self.groups.iter().position(|x| *x == g) {
+            Some(i) => i,
+            None => {
+                self.groups.push(g);
+                self.groups.len() - 1
+            }
+        };
+        Target::Via(id as u32)
+    }
+
+    /// The next-hop group of a [`Target::Via`].
+    #[inline]
+    pub fn group(&self, id: u32) -> Option<&HopGroup> {
+        self.groups.get(id as usize)
+    }
+
+    /// The LAN port a target leaves through, if it is a LAN's.
+    #[inline]
+    pub fn port_of(&self, t: Target) -> Option<u16> {
+        match t {
+            Target::Port(p) => Some(p),
+            Target::Via(g) => self.group(g).map(|g| g.port),
+            _ => None,
+        }
     }
 }
 

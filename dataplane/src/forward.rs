@@ -70,11 +70,17 @@ pub fn route_frame(frame: &mut [u8], ingress: u16, t: &Tables) -> Verdict {
         _ => return Verdict::Drop(Counter::DropNotIp),
     };
 
-    let out = match t.fib.lookup(vnet, dst) {
+    // The port, and the neighbour to send to: the destination itself on
+    // a LAN's subnet, or the router a `Via` route goes through.
+    let (out, hop) = match t.fib.lookup(vnet, dst) {
         Some((len, Target::Port(_))) if Fib::is_directed_broadcast(dst, len) => {
             return Verdict::Drop(Counter::DropDirectedBroadcast);
         }
-        Some((_, Target::Port(p))) => p,
+        Some((_, Target::Port(p))) => (p, dst),
+        Some((_, Target::Via(g))) => match t.fib.group(g).and_then(|g| Some((g.port, g.hop_for(&frame[l3..])?))) {
+            Some(via) => via,
+            None => return Verdict::SlowPath(l3, Counter::SlowNoRoute),
+        },
         Some((_, Target::Local)) => return Verdict::SlowPath(l3, Counter::SlowLocal),
         Some((_, Target::Peer(peer))) => return Verdict::Tunnel { peer, l3, ip_len },
         None => return Verdict::SlowPath(l3, Counter::SlowNoRoute),
@@ -87,7 +93,7 @@ pub fn route_frame(frame: &mut [u8], ingress: u16, t: &Tables) -> Verdict {
         // "packet too big".
         return Verdict::SlowPath(l3, Counter::SlowTooBig);
     }
-    let Some(mac) = t.neigh.get(out_port.ifindex, dst) else {
+    let Some(mac) = t.neigh.get(out_port.ifindex, hop) else {
         return Verdict::SlowPath(l3, Counter::SlowNeighUnknown);
     };
 

@@ -9,7 +9,7 @@ use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage, AddressScope},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
-    route::{RouteAddress, RouteAttribute, RouteMessage},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use std::ffi::CString;
@@ -78,6 +78,14 @@ pub struct RouteInfo {
     pub oif: u32,
     pub gateway: Option<IpAddr>,
     pub src: Option<IpAddr>,
+}
+
+/// A route of the kernel's main table through routers: its prefix and its
+/// next hops (interface, router address); several for a multipath route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayRoute {
+    pub prefix: IpNet,
+    pub hops: Vec<(u32, IpAddr)>,
 }
 
 /// A kernel neighbour entry with a usable link-layer address.
@@ -316,6 +324,72 @@ impl Netlink {
                 out.push(n);
             }
         })
+    }
+
+    /// The unicast routes of the main table that go through a router
+    /// (`ip route add P via H`, or what a routing daemon installs), IPv4
+    /// and IPv6, sorted.
+    pub fn gateway_routes(&mut self) -> io::Result<Vec<GatewayRoute>> {
+        let ip = |a: &RouteAddress| match a {
+            RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
+            RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+            _ => None,
+        };
+        let mut out = Vec::new();
+        self.dump(RouteNetlinkMessage::GetRoute(RouteMessage::default()), |m| {
+            let RouteNetlinkMessage::NewRoute(r) = m else { return };
+            let table = r
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(r.header.table as u32);
+            if table != 254 || r.header.kind != RouteType::Unicast {
+                return;
+            }
+            let mut dst = None;
+            let mut oif = 0;
+            let mut gw = None;
+            let mut hops = Vec::new();
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(d) => dst = ip(d),
+                    RouteAttribute::Oif(i) => oif = *i,
+                    RouteAttribute::Gateway(g) => gw = ip(g),
+                    RouteAttribute::MultiPath(nhs) => {
+                        for nh in nhs {
+                            let g = nh.attributes.iter().find_map(|a| match a {
+                                RouteAttribute::Gateway(g) => ip(g),
+                                _ => None,
+                            });
+                            if let Some(g) = g {
+                                hops.push((nh.interface_index, g));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(g) = gw {
+                hops.push((oif, g));
+            }
+            let len = r.header.destination_prefix_length;
+            let dst = dst.unwrap_or(if r.header.address_family == AddressFamily::Inet6 {
+                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+            });
+            if !hops.is_empty()
+                && let Ok(prefix) = IpNet::new(dst, len)
+            {
+                hops.sort();
+                out.push(GatewayRoute { prefix, hops });
+            }
+        })?;
+        out.sort_by_key(|r| (r.prefix.addr(), r.prefix.prefix_len()));
+        Ok(out)
     }
 
     /// The kernel's route to `dst` (like `ip route get`): output interface,

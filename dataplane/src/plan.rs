@@ -47,7 +47,68 @@ pub(crate) fn build_fib(
             locals.push((lan.vnet, IpNet::from(a.addr())));
         }
     }
-    fib_from(&subnets_of, &locals, peers)
+    let mut fib = fib_from(&subnets_of, &locals, peers)?;
+    let kernel = netlink
+        .gateway_routes()
+        .map_err(|e| Error::io("dumping the kernel's routes", e))?;
+    add_vias(&mut fib, lans, ports, &subnets_of, &kernel)?;
+    Ok(fib)
+}
+
+/// Routes through LAN routers: each [Lan]'s `Route =` lines, and in the
+/// default VNET the kernel's routes through a router on a [Lan] whose
+/// prefix lies inside that LAN's Subnets (the Subnets say what subway
+/// steers; the rest stays the kernel's). A configured route that cannot be
+/// added is refused; a kernel route that clashes with a peer's prefix is
+/// left to the kernel, with a warning.
+pub fn add_vias(
+    fib: &mut Fib,
+    lans: &[LanConfig],
+    ports: &[Port],
+    subnets_of: &[(String, VnetId, Vec<IpNet>)],
+    kernel: &[crate::netlink::GatewayRoute],
+) -> Result<()> {
+    use crate::fib::{HopGroup, RouteSource};
+    for (i, lan) in lans.iter().enumerate() {
+        for r in &lan.routes {
+            let t = fib.via(HopGroup {
+                port: i as u16,
+                hops: r.hops.clone(),
+                source: RouteSource::Config,
+            });
+            fib.insert_via(lan.vnet, r.prefix, t)
+                .map_err(|e| Error::config(format!("{}: Route {}: {e}", lan.ifname, r.prefix)))?;
+        }
+    }
+    for r in kernel {
+        let Some(i) = (0..lans.len()).find(|i| {
+            lans[*i].vnet == 0
+                && ports
+                    .get(*i)
+                    .is_some_and(|p| r.hops.iter().all(|(oif, _)| *oif == p.ifindex))
+        }) else {
+            continue;
+        };
+        if !subnets_of
+            .get(i)
+            .is_some_and(|s| s.2.iter().any(|s| s.contains(&r.prefix)))
+        {
+            continue;
+        }
+        let t = fib.via(HopGroup {
+            port: i as u16,
+            hops: r.hops.iter().map(|h| h.1).collect(),
+            source: RouteSource::Kernel,
+        });
+        if let Err(e) = fib.insert_via(0, r.prefix, t) {
+            tracing::warn!(
+                "the kernel's route {} through a router on {} is not followed: {e}",
+                r.prefix,
+                lans[i].ifname
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The FIB from each LAN's (name, VNET, subnets), the gateway's own
@@ -139,11 +200,14 @@ pub(crate) fn peer_rts(old: &[tables::PeerRt], peers: &[PeerRoutes], fresh: &[u3
 }
 
 /// How the XDP program steers a route's packets.
-pub(crate) fn steer(target: Target, ports: &[Port]) -> Steer {
+pub(crate) fn steer(target: Target, ports: &[Port], fib: &Fib) -> Steer {
     match target {
-        Target::Port(p) => Steer {
+        Target::Port(_) | Target::Via(_) => Steer {
             action: STEER_REDIRECT,
-            egress_ifindex: ports.get(p as usize).map_or(0, |p| p.ifindex),
+            egress_ifindex: fib
+                .port_of(target)
+                .and_then(|p| ports.get(p as usize))
+                .map_or(0, |p| p.ifindex),
         },
         Target::Peer(_) => Steer {
             action: STEER_REDIRECT,
@@ -186,37 +250,49 @@ pub struct RouteDiff {
 impl RouteDiff {
     pub fn between(old: &Fib, new: &Fib) -> RouteDiff {
         use std::collections::BTreeMap;
-        let map = |f: &Fib| -> BTreeMap<(VnetId, IpNet), Target> {
-            f.routes().iter().map(|r| ((r.vnet, r.prefix), r.target)).collect()
+        // A route through LAN routers compares as its port: what the XDP
+        // program and the kernel see (the routers are the workers' business,
+        // published with the new FIB).
+        let map = |f: &Fib| -> BTreeMap<(VnetId, IpNet), (Target, Target)> {
+            f.routes()
+                .iter()
+                .map(|r| {
+                    let seen = match r.target {
+                        Target::Via(_) => Target::Port(f.port_of(r.target).unwrap_or(u16::MAX)),
+                        t => t,
+                    };
+                    ((r.vnet, r.prefix), (seen, r.target))
+                })
+                .collect()
         };
         let (old, new) = (map(old), map(new));
         // The kernel routes only the default VNET, and only its peer
         // prefixes go to the TUN.
         let tunnelled = |k: &(VnetId, IpNet), t: Option<&Target>| k.0 == 0 && matches!(t, Some(Target::Peer(_)));
         let mut d = RouteDiff::default();
-        for (k, t) in &new {
+        for (k, (seen, t)) in &new {
             let was = old.get(k);
             match was {
                 None => d.changes.added.push(*k),
-                Some(o) if o != t => d.changes.retargeted.push(*k),
+                Some((o, _)) if o != seen => d.changes.retargeted.push(*k),
                 Some(_) => continue,
             }
             d.steer.push(SteerStep {
                 key: *k,
                 target: *t,
-                old: was.copied(),
+                old: was.map(|w| w.1),
             });
-            if tunnelled(k, Some(t)) && !tunnelled(k, was) {
+            if tunnelled(k, Some(seen)) && !tunnelled(k, was.map(|w| &w.0)) {
                 d.tun_add.push(k.1);
             }
         }
-        for (k, t) in &old {
+        for (k, (seen, _)) in &old {
             let now = new.get(k);
             if now.is_none() {
                 d.changes.removed.push(*k);
                 d.unsteer.push(*k);
             }
-            if tunnelled(k, Some(t)) && !tunnelled(k, now) {
+            if tunnelled(k, Some(seen)) && !tunnelled(k, now.map(|n| &n.0)) {
                 d.tun_del.push(k.1);
             }
         }

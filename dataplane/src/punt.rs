@@ -325,8 +325,8 @@ impl PuntServer {
             IcmpError::TimeExceeded
         } else {
             // The MTU of the link it did not fit: the tunnel's or a LAN's.
-            let mtu = match t.fib.lookup(vnet, inner.dst)? {
-                (_, Target::Port(p)) => t.ports.get(p as usize)?.mtu,
+            let mtu = match t.fib.lookup(vnet, inner.dst)?.1 {
+                out if t.fib.port_of(out).is_some() => t.ports.get(t.fib.port_of(out)? as usize)?.mtu,
                 _ => t
                     .uplink
                     .and_then(|u| t.ports.get(u as usize))?
@@ -409,11 +409,16 @@ fn forward_hop(packet: &mut [u8]) -> bool {
     }
 }
 
-/// Where a packet of `vnet` goes: a peer, or a port and the next hop on it.
+/// Where a packet of `vnet` goes: a peer, or a port and the next hop on
+/// it (the destination itself, or the router of a `Via` route).
 fn route(t: &Tables, vnet: VnetId, packet: &[u8]) -> Option<(Target, IpAddr)> {
     let dst = parse_inner(packet)?.dst;
     match t.fib.lookup(vnet, dst)? {
         (_, Target::Port(p)) => Some((Target::Port(p), dst)),
+        (_, Target::Via(g)) => {
+            let g = t.fib.group(g)?;
+            Some((Target::Port(g.port), g.hop_for(packet)?))
+        }
         (_, Target::Peer(p)) => Some((Target::Peer(p), dst)),
         (_, Target::Local) => None,
     }

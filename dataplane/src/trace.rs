@@ -104,8 +104,8 @@ impl Trace {
 /// the peer whose AllowedIPs do, in its VNET; else the VNET's first LAN.
 pub fn ingress_of(t: &Tables, vnet: VnetId, src: IpAddr) -> Option<Ingress> {
     match t.fib.lookup(vnet, src) {
-        Some((_, Target::Port(p))) => Some(Ingress::Lan(p)),
         Some((_, Target::Peer(id))) => Some(Ingress::Peer(id)),
+        Some((_, out)) if t.fib.port_of(out).is_some() => t.fib.port_of(out).map(Ingress::Lan),
         _ => t
             .ports
             .iter()
@@ -227,12 +227,11 @@ fn from_lan(
     let vnet = t.ports.get(port as usize).map_or(p.vnet, |p| p.vnet);
     match route_frame(&mut f, port, t) {
         Verdict::Tx(out) => {
-            let hop = t.ports.get(out as usize).and_then(|o| t.neigh.get(o.ifindex, p.dst));
+            let mac = MacAddr([f[0], f[1], f[2], f[3], f[4], f[5]]);
             steps.push(format!(
-                "route: {} is on {}; neighbour {}; Ethernet rewritten, TTL {} -> {}",
+                "route: {} {}; neighbour {mac}; Ethernet rewritten, TTL {} -> {}",
                 p.dst,
-                port_name(t, out),
-                hop.map(|m| m.to_string()).unwrap_or_default(),
+                where_to(t, vnet, p, out),
                 p.ttl,
                 p.ttl - 1
             ));
@@ -301,13 +300,13 @@ fn from_peer(t: &Tables, p: &Probe, peer: u32, peer_name: &dyn Fn(u32) -> String
         inner.len,
         p.ttl
     ));
-    match deliver(t, peer, vnet, &inner) {
+    match deliver(t, peer, vnet, &inner, &ip) {
         Next::Lan { port, dst_mac, .. } => {
             steps.push(format!(
-                "cryptokey routing: {} is in the peer's AllowedIPs; route: {} is on {}; neighbour {dst_mac}; TTL {} -> {}",
+                "cryptokey routing: {} is in the peer's AllowedIPs; route: {} {}; neighbour {dst_mac}; TTL {} -> {}",
                 p.src,
                 p.dst,
-                port_name(t, port),
+                where_to(t, vnet, p, port),
                 p.ttl,
                 p.ttl - 1
             ));
@@ -329,6 +328,28 @@ fn from_peer(t: &Tables, p: &Probe, peer: u32, peer_name: &dyn Fn(u32) -> String
             steps.push(format!("cryptokey routing: {} is in the peer's AllowedIPs", p.src));
             handed_on(vnet, c, steps)
         }
+    }
+}
+
+/// "is on lan0", or "via 10.1.0.254 on lan0 (kernel route)" for a route
+/// through a LAN router.
+fn where_to(t: &Tables, vnet: VnetId, p: &Probe, port: u16) -> String {
+    match t.fib.lookup(vnet, p.dst) {
+        Some((len, Target::Via(g))) => match t.fib.group(g) {
+            Some(g) => format!(
+                "matches /{len} via {} on {} ({} route{})",
+                g.hop_for(&ip_packet(p)).map(|h| h.to_string()).unwrap_or_default(),
+                port_name(t, port),
+                g.source.name(),
+                if g.hops.len() > 1 {
+                    format!(", one of {} next hops by flow hash", g.hops.len())
+                } else {
+                    String::new()
+                }
+            ),
+            None => format!("is on {}", port_name(t, port)),
+        },
+        _ => format!("is on {}", port_name(t, port)),
     }
 }
 

@@ -83,6 +83,7 @@ fn table(name: &str) -> Result<()> {
             ifname: "lan0".into(),
             subnets: Vec::new(),
             vnet: 0,
+            routes: Vec::new(),
         }],
         queues: None,
         cores: None,

@@ -90,6 +90,9 @@ pub struct LanSection {
     pub interface: String,
     pub subnets: Vec<IpNet>,
     pub vnet: String,
+    /// `Route = PREFIX via HOP [HOP...]`: prefixes behind routers on this
+    /// LAN, with their line.
+    pub routes: Vec<(IpNet, Vec<std::net::IpAddr>, usize)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -61,7 +61,7 @@ impl Config {
             let mut seen: HashMap<String, usize> = HashMap::new();
             for (k, _, l) in &kv {
                 let lk = k.to_ascii_lowercase();
-                if lk == "allowedips" || lk == "subnets" {
+                if lk == "allowedips" || lk == "subnets" || lk == "route" {
                     continue;
                 }
                 if let Some(first) = seen.insert(lk, *l) {
@@ -200,6 +200,56 @@ impl Config {
         let mut keys: HashMap<Key32, usize> = HashMap::new();
         // One owner per prefix and VNET, whether a LAN or a peer.
         let mut owners: HashMap<(&str, IpNet), usize> = subnets;
+        for l in &self.lans {
+            for (net, hops, line) in &l.routes {
+                if l.vnet == "default" {
+                    return Err(self.err(
+                        *line,
+                        format!(
+                            "Route {net} in the default VNET: there subway follows the kernel's routes; add it to the kernel \
+                             (`ip route add {net} via {} dev {}`) and list {net} in this [Lan]'s Subnets",
+                            hops[0], l.interface
+                        ),
+                    ));
+                }
+                if let Some(h) = hops
+                    .iter()
+                    .find(|h| !l.subnets.is_empty() && !l.subnets.iter().any(|s| s.contains(*h)))
+                {
+                    return Err(self.err(
+                        *line,
+                        format!(
+                            "Route {net}: the router {h} is not on {}'s Subnets ({}): a next hop must be a neighbour on that LAN",
+                            l.interface,
+                            l.subnets.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                }
+                if let Some(p) = self.peers.iter().find(|p| {
+                    p.vnet == l.vnet
+                        && p.allowed_ips
+                            .iter()
+                            .any(|(a, _)| a.contains(&net.network()) || net.contains(&a.network()))
+                }) {
+                    return Err(self.err(
+                        *line,
+                        format!(
+                            "Route {net} overlaps the AllowedIPs of the [Peer] at line {} in VNET {}: a prefix is behind a LAN router or a peer, not both",
+                            p.line, l.vnet
+                        ),
+                    ));
+                }
+                if let Some(prev) = owners.insert((&l.vnet, *net), *line) {
+                    return Err(self.err(
+                        *line,
+                        format!(
+                            "Route {net} in VNET {} is already claimed at line {prev}: one owner per prefix and VNET",
+                            l.vnet
+                        ),
+                    ));
+                }
+            }
+        }
         for p in &self.peers {
             if let Some(prev) = keys.insert(p.public_key, p.line) {
                 return Err(self.err(

@@ -76,6 +76,7 @@ pub(super) fn parse_lan(cfg: &mut Config, sline: usize, kv: Entries, err: &ErrFn
     let mut iface = None;
     let mut subnets = Vec::new();
     let mut vnet = "default".to_string();
+    let mut routes = Vec::new();
     for (k, v, line) in kv {
         match k.to_ascii_lowercase().as_str() {
             "interface" => {
@@ -86,7 +87,8 @@ pub(super) fn parse_lan(cfg: &mut Config, sline: usize, kv: Entries, err: &ErrFn
             }
             "subnets" => subnets.extend(parse_prefixes(&k, &v, line, err)?),
             "vnet" => vnet = vnet_name(&v, line, err)?,
-            _ => unknown(cfg, "Lan", &k, line, "Interface, Subnets, VNet", err)?,
+            "route" => routes.push(parse_route(&v, line, err)?),
+            _ => unknown(cfg, "Lan", &k, line, "Interface, Subnets, VNet, Route", err)?,
         }
     }
     let interface = iface.ok_or_else(|| err(sline, "[Lan] has no Interface: add `Interface = IFNAME`".into()))?;
@@ -95,8 +97,41 @@ pub(super) fn parse_lan(cfg: &mut Config, sline: usize, kv: Entries, err: &ErrFn
         interface,
         subnets,
         vnet,
+        routes,
     });
     Ok(())
+}
+
+/// `PREFIX via HOP [HOP...]` (hops separated by spaces or commas).
+fn parse_route(v: &str, line: usize, err: &ErrFn) -> Result<(ipnet::IpNet, Vec<std::net::IpAddr>, usize), ConfigError> {
+    let usage = "write `Route = PREFIX via ROUTER`, e.g. `Route = 10.1.5.0/24 via 10.1.0.254` (several routers: ECMP)";
+    let mut words = v.split([' ', ',', '\t']).filter(|w| !w.is_empty());
+    let (Some(prefix), Some(via)) = (words.next(), words.next()) else {
+        return Err(err(line, format!("Route `{v}`: {usage}")));
+    };
+    if !via.eq_ignore_ascii_case("via") {
+        return Err(err(line, format!("Route `{v}`: {usage}")));
+    }
+    let prefix: ipnet::IpNet = prefix
+        .parse()
+        .map_err(|_| err(line, format!("Route `{v}`: `{prefix}` is not a prefix; {usage}")))?;
+    let mut hops = Vec::new();
+    for w in words {
+        let hop: std::net::IpAddr = w
+            .parse()
+            .map_err(|_| err(line, format!("Route `{v}`: `{w}` is not an IP address; {usage}")))?;
+        if hop.is_ipv4() != prefix.addr().is_ipv4() {
+            return Err(err(
+                line,
+                format!("Route `{v}`: the router {hop} is not of the prefix's IP version"),
+            ));
+        }
+        hops.push(hop);
+    }
+    if hops.is_empty() {
+        return Err(err(line, format!("Route `{v}`: no router; {usage}")));
+    }
+    Ok((prefix.trunc(), hops, line))
 }
 
 pub(super) fn parse_peer(cfg: &mut Config, sline: usize, kv: Entries, err: &ErrFn) -> Result<(), ConfigError> {

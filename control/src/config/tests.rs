@@ -275,3 +275,57 @@ fn vnet_ids_are_dense_with_default_first() {
         parse("[Lan]\nInterface = a\nVNet = red\n[Lan]\nInterface = b\n[Lan]\nInterface = c\nVNet = blue\n").unwrap();
     assert_eq!(c.vnet_ids(), vec!["default", "red", "blue"]);
 }
+
+#[test]
+fn routes_through_lan_routers_are_parsed_and_refused_with_line_and_fix() {
+    let base = |route: &str, vnet: &str| {
+        format!(
+            "[Interface]\nPrivateKey = {KEY_A}\nListenPort = 51820\nUplink = wan0\n\n\
+             [Lan]\nInterface = lan0\nSubnets = 10.1.0.0/24, fd01::/64\nVNet = {vnet}\n{route}\n\n\
+             [Peer]\nPublicKey = {KEY_B}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 10.2.0.0/24\nVNet = {vnet}\n"
+        )
+    };
+    let c = parse(&base(
+        "Route = 10.1.5.0/24 via 10.1.0.254\nRoute = 10.1.6.0/24 via 10.1.0.253, 10.1.0.254\nRoute = fd05::/64 via fd01::fe",
+        "red",
+    ))
+    .unwrap();
+    let r = &c.lans[0].routes;
+    assert_eq!(r.len(), 3);
+    assert_eq!(r[1].1.len(), 2, "two routers: ECMP");
+    assert_eq!((r[0].2, r[2].0.to_string()), (10, "fd05::/64".to_string()));
+    for (route, vnet, line, want) in [
+        ("Route = 10.1.5.0/24 via 10.9.0.1", "red", 10, "not on lan0's Subnets"),
+        (
+            "Route = 10.2.0.0/25 via 10.1.0.254",
+            "red",
+            10,
+            "overlaps the AllowedIPs of the [Peer] at line 12",
+        ),
+        (
+            "Route = 10.1.5.0/24 via 10.1.0.254",
+            "default",
+            10,
+            "ip route add 10.1.5.0/24 via 10.1.0.254 dev lan0",
+        ),
+        ("Route = 10.1.5.0/24 10.1.0.254", "red", 10, "Route = PREFIX via ROUTER"),
+        (
+            "Route = 10.1.5.0/24 via fd01::fe",
+            "red",
+            10,
+            "not of the prefix's IP version",
+        ),
+        (
+            "Route = 10.1.0.0/24 via 10.1.0.254",
+            "red",
+            10,
+            "already claimed at line 7",
+        ),
+    ] {
+        let e = parse(&base(route, vnet)).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("site-a.conf:{line}:")) && e.contains(want),
+            "{route}: {e}"
+        );
+    }
+}

@@ -6,7 +6,7 @@
 
 mod start;
 
-use crate::config::{DataplaneConfig, LanConfig, RouteChanges};
+use crate::config::{DataplaneConfig, RouteChanges};
 use crate::error::{Error, Result};
 use crate::host::{KernelUndo, kernel_routes};
 use crate::netlink::{self, Neighbour, Netlink};
@@ -52,7 +52,9 @@ pub struct Dataplane {
     stop: Arc<AtomicBool>,
     workers: Vec<WorkerHandle>,
     tables: SharedTables,
-    lans: Vec<LanConfig>,
+    /// What runs: the config as last started or applied (the kernel's
+    /// route changes are applied against it).
+    running: DataplaneConfig,
     netlink: Netlink,
     neigh_scratch: Vec<Neighbour>,
     /// The kernel's neighbour and route changes, followed as they come
@@ -130,11 +132,11 @@ impl Dataplane {
     /// removed after. `fresh` lists peer ids that are new: their counters
     /// start at zero. The set of [Lan] interfaces cannot change here.
     pub fn apply(&mut self, cfg: &DataplaneConfig, fresh: &[u32]) -> Result<RouteChanges> {
-        let same_lans = cfg.lans.len() == self.lans.len()
+        let same_lans = cfg.lans.len() == self.running.lans.len()
             && cfg
                 .lans
                 .iter()
-                .zip(&self.lans)
+                .zip(&self.running.lans)
                 .all(|(a, b)| a.ifname == b.ifname && a.vnet == b.vnet);
         if !same_lans {
             return Err(Error::NeedsRestart(
@@ -146,7 +148,7 @@ impl Dataplane {
         let fib = build_fib(&mut self.netlink, &cfg.lans, &cur.ports, &cfg.peers)?;
         check_capacity(&fib)?;
         let diff = RouteDiff::between(&cur.fib, &fib);
-        self.before_switch(&diff, &fib, &cur.ports)?;
+        self.before_switch(&diff, &fib, &cur.fib, &cur.ports)?;
         self.undo.fail_open = cfg.fail_open;
         let peers = peer_rts(&cur.peers, &cfg.peers, fresh);
         let allowed = Arc::new(allowed_ips(&cfg.peers));
@@ -165,7 +167,7 @@ impl Dataplane {
         if let Err(e) = kernel_routes("del", &diff.tun_del, self.slow.name(), true) {
             tracing::warn!("removing the kernel's routes of removed peer prefixes: {e}");
         }
-        self.lans = cfg.lans.clone();
+        self.running = cfg.clone();
         Ok(diff.changes)
     }
 
@@ -174,11 +176,17 @@ impl Dataplane {
     /// transaction: a new peer prefix is never routed by the kernel
     /// unfenced). On a failure, what was done is undone and the error
     /// returned: nothing changed.
-    fn before_switch(&mut self, diff: &RouteDiff, fib: &crate::fib::Fib, ports: &[Port]) -> Result<()> {
+    fn before_switch(
+        &mut self,
+        diff: &RouteDiff,
+        fib: &crate::fib::Fib,
+        old: &crate::fib::Fib,
+        ports: &[Port],
+    ) -> Result<()> {
         let mut done = 0;
         let mut result = Ok(());
         for s in &diff.steer {
-            if let Err(e) = self.xdp.set_route(s.key.0, s.key.1, steer(s.target, ports)) {
+            if let Err(e) = self.xdp.set_route(s.key.0, s.key.1, steer(s.target, ports, fib)) {
                 result = Err(e);
                 break;
             }
@@ -203,9 +211,9 @@ impl Dataplane {
             }
         }
         if result.is_err() {
-            for ((vnet, net), old) in diff.rollback(done) {
-                let _ = match old {
-                    Some(t) => self.xdp.set_route(vnet, net, steer(t, ports)),
+            for ((vnet, net), was) in diff.rollback(done) {
+                let _ = match was {
+                    Some(t) => self.xdp.set_route(vnet, net, steer(t, ports, old)),
                     None => self.xdp.remove_route(vnet, net),
                 };
             }
@@ -292,9 +300,13 @@ impl Dataplane {
         };
         match drained {
             Ok(false) => {}
-            Ok(true) => self.route_cache.clear(),
+            Ok(true) => {
+                self.route_cache.clear();
+                self.follow_kernel_routes();
+            }
             Err(_) => {
                 self.route_cache.clear();
+                self.follow_kernel_routes();
                 return self.refresh_neighbours();
             }
         }
@@ -321,6 +333,21 @@ impl Dataplane {
             self.publish(|t| t.neigh = neigh);
         }
         Ok(changed)
+    }
+
+    /// A route changed in the kernel: the FIB is rebuilt against the
+    /// running config (the default VNET's routes through LAN routers follow
+    /// the kernel's) and applied like a reload, without loss.
+    fn follow_kernel_routes(&mut self) {
+        let cfg = self.running.clone();
+        match self.apply(&cfg, &[]) {
+            Ok(ch) if ch != RouteChanges::default() => tracing::info!(
+                added = ?ch.added, removed = ?ch.removed, retargeted = ?ch.retargeted,
+                "followed the kernel's routes"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("the kernel's routes changed but the FIB could not follow: {e}"),
+        }
     }
 
     /// Re-reads the whole neighbour table (a dump) and publishes it if

@@ -70,7 +70,7 @@ impl Dataplane {
             stop: stop.clone(),
             workers: Vec::new(),
             tables: tables.clone(),
-            lans: cfg.lans.clone(),
+            running: cfg.clone(),
             netlink,
             neigh_scratch,
             events,
@@ -280,7 +280,7 @@ fn load_steering(cfg: &DataplaneConfig, ports: &[Port], fib: &Fib, uplink_addrs:
         )?;
     }
     for r in fib.routes() {
-        xdp.set_route(r.vnet, r.prefix, steer(r.target, ports))?;
+        xdp.set_route(r.vnet, r.prefix, steer(r.target, ports, fib))?;
     }
     Ok(xdp)
 }

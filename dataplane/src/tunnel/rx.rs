@@ -69,7 +69,7 @@ pub fn decapsulate(buf: &mut [u8], len: usize, t: &Tables, now: Duration) -> (Ve
         return drop(Counter::DropInnerMalformed);
     };
     let counted = Some((session.peer, inner.len as u64));
-    let next = deliver(t, session.peer, peer.vnet, &inner);
+    let next = deliver(t, session.peer, peer.vnet, &inner, &buf[start..start + inner.len]);
     if next == Next::Drop(Counter::DropNotAllowed) {
         return drop(Counter::DropNotAllowed);
     }
@@ -117,29 +117,34 @@ pub enum Next {
 /// AllowedIPs), then the route in the peer's VNET, TTL, the egress MTU and
 /// the neighbour. The worker and `route explain` both call this.
 #[inline]
-pub fn deliver(t: &Tables, peer: u32, vnet: crate::fib::VnetId, inner: &super::Inner) -> Next {
+pub fn deliver(t: &Tables, peer: u32, vnet: crate::fib::VnetId, inner: &super::Inner, packet: &[u8]) -> Next {
     if !t.allowed.allows(vnet, inner.src, peer) {
         return Next::Drop(Counter::DropNotAllowed);
     }
-    match t.fib.lookup(vnet, inner.dst) {
+    let (p, hop) = match t.fib.lookup(vnet, inner.dst) {
         Some((len, Target::Port(_))) if Fib::is_directed_broadcast(inner.dst, len) => {
-            Next::Drop(Counter::DropDirectedBroadcast)
+            return Next::Drop(Counter::DropDirectedBroadcast);
         }
-        Some((_, Target::Port(p))) => match t.ports.get(p as usize) {
-            None => Next::Kernel(Counter::SlowNoRoute),
-            Some(_) if inner.ttl <= 1 => Next::Kernel(Counter::SlowTtlExpired),
-            Some(out) if inner.len > out.mtu as usize => Next::Kernel(Counter::SlowTooBig),
-            Some(out) => match t.neigh.get(out.ifindex, inner.dst) {
-                Some(mac) => Next::Lan {
-                    port: p,
-                    dst_mac: mac,
-                    src_mac: out.mac,
-                },
-                None => Next::Kernel(Counter::SlowNeighUnknown),
-            },
+        Some((_, Target::Port(p))) => (p, inner.dst),
+        Some((_, Target::Via(g))) => match t.fib.group(g).and_then(|g| Some((g.port, g.hop_for(packet)?))) {
+            Some(via) => via,
+            None => return Next::Kernel(Counter::SlowNoRoute),
         },
-        Some((_, Target::Local)) => Next::Kernel(Counter::SlowLocal),
-        _ => Next::Kernel(Counter::SlowNoRoute),
+        Some((_, Target::Local)) => return Next::Kernel(Counter::SlowLocal),
+        _ => return Next::Kernel(Counter::SlowNoRoute),
+    };
+    match t.ports.get(p as usize) {
+        None => Next::Kernel(Counter::SlowNoRoute),
+        Some(_) if inner.ttl <= 1 => Next::Kernel(Counter::SlowTtlExpired),
+        Some(out) if inner.len > out.mtu as usize => Next::Kernel(Counter::SlowTooBig),
+        Some(out) => match t.neigh.get(out.ifindex, hop) {
+            Some(mac) => Next::Lan {
+                port: p,
+                dst_mac: mac,
+                src_mac: out.mac,
+            },
+            None => Next::Kernel(Counter::SlowNeighUnknown),
+        },
     }
 }
 

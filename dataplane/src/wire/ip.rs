@@ -95,6 +95,39 @@ pub fn decrement_ttl(p: &mut [u8]) -> bool {
     }
 }
 
+/// A hash of the flow of the IP packet `p`: addresses, protocol and, for
+/// TCP, UDP and SCTP, the ports. IPv4 fragments after the first carry no
+/// ports and hash on the first three alone, as in Linux's L4 multipath
+/// hash. Spreads flows over next hops (ECMP) and keeps each flow on one.
+#[inline]
+pub fn flow_hash(p: &[u8]) -> u64 {
+    let (addrs, proto, l4) = match version(p) {
+        Some(4) if p.len() >= 20 => {
+            let frag = u16::from_be_bytes([p[6], p[7]]) & 0x1fff;
+            let l4 = if frag == 0 {
+                Some((p[0] & 0x0f) as usize * 4)
+            } else {
+                None
+            };
+            (&p[12..20], p[9], l4)
+        }
+        Some(6) if p.len() >= 40 => (&p[8..40], p[6], Some(40)),
+        _ => return 0,
+    };
+    let mut h = crate::fxhash::FxHasher::default();
+    use std::hash::Hasher;
+    h.write(addrs);
+    h.write_u8(proto);
+    if matches!(proto, 6 | 17 | 132)
+        && let Some(ports) = l4.and_then(|o| p.get(o..o + 4))
+    {
+        h.write(ports);
+    }
+    // FxHash's low bits are weak: fold the high half in.
+    let v = h.finish();
+    v ^ (v >> 32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +173,37 @@ mod tests {
         assert!(!decrement_ttl(&mut [0x45, 0, 0]));
         assert_eq!(version(&[0x60]), Some(6));
         assert_eq!(version(&[0x10]), None);
+    }
+
+    #[test]
+    fn a_flow_hashes_alike_and_flows_spread() {
+        let pkt = |sport: u16| {
+            let mut b = vec![0u8; 28];
+            crate::wire::ipv4::emit(
+                &mut b,
+                "10.1.0.2".parse().unwrap(),
+                "10.5.0.9".parse().unwrap(),
+                17,
+                64,
+                8,
+            );
+            b[20..22].copy_from_slice(&sport.to_be_bytes());
+            b
+        };
+        assert_eq!(super::flow_hash(&pkt(1000)), super::flow_hash(&pkt(1000)));
+        let mut ttl_changed = pkt(1000);
+        ttl_changed[8] = 3;
+        assert_eq!(
+            super::flow_hash(&pkt(1000)),
+            super::flow_hash(&ttl_changed),
+            "TTL is not part of a flow"
+        );
+        let on_first = (0..1000u16)
+            .filter(|p| super::flow_hash(&pkt(*p)).is_multiple_of(2))
+            .count();
+        assert!(
+            (350..650).contains(&on_first),
+            "{on_first} of 1000 flows on one of two hops"
+        );
     }
 }
