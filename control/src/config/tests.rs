@@ -319,7 +319,7 @@ fn routes_through_lan_routers_are_parsed_and_refused_with_line_and_fix() {
             "Route = 10.1.0.0/24 via 10.1.0.254",
             "red",
             10,
-            "already claimed at line 7",
+            "already claimed at line 6",
         ),
     ] {
         let e = parse(&base(route, vnet)).unwrap_err().to_string();
