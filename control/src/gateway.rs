@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use subway_dataplane::Dataplane;
 use subway_dataplane::fib::Target;
-use subway_dataplane::stats::Counter;
+use subway_dataplane::stats::{Counter, Counts};
 use subway_dataplane::tables::PeerRt;
 use subway_dataplane::wg::device::{Device, Outgoing, Received};
 use subway_dataplane::wg::peer::PeerConfig;
@@ -481,37 +481,25 @@ impl From<Counter> for Outcome {
 }
 
 /// The control thread's counts, each set indexed by its enum.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Events {
-    own: [u64; Event::COUNT],
-    wg: [u64; WgError::COUNT],
-    data: [u64; Counter::COUNT],
-}
-
-impl Default for Events {
-    fn default() -> Self {
-        Events {
-            own: [0; Event::COUNT],
-            wg: [0; WgError::COUNT],
-            data: [0; Counter::COUNT],
-        }
-    }
+    own: Counts<Event>,
+    wg: Counts<WgError>,
+    data: Counts<Counter>,
 }
 
 impl Events {
     pub fn add(&mut self, o: Outcome) {
         match o {
-            Outcome::Own(e) => self.own[e as usize] += 1,
-            Outcome::Wg(e) => self.wg[e as usize] += 1,
-            Outcome::Data(c) => self.data[c as usize] += 1,
+            Outcome::Own(e) => self.own.inc(e),
+            Outcome::Wg(e) => self.wg.inc(e),
+            Outcome::Data(c) => self.data.inc(c),
         }
     }
 
     /// The counts above zero, by name.
     pub fn named(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        let own = Event::ALL.iter().map(|e| (e.name(), self.own[*e as usize]));
-        let wg = WgError::ALL.iter().map(|e| (e.name(), self.wg[*e as usize]));
-        let data = Counter::ALL.iter().map(|c| (c.name(), self.data[*c as usize]));
-        own.chain(wg).chain(data).filter(|(_, v)| *v > 0)
+        let all = self.own.named().chain(self.wg.named()).chain(self.data.named());
+        all.filter(|(_, v)| *v > 0)
     }
 }

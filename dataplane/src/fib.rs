@@ -231,6 +231,21 @@ impl Fib {
         self.groups.get(id as usize)
     }
 
+    /// Where a LAN target sends the packet `ip` (to `dst`): its port, and
+    /// the neighbour on it, the destination itself or the router of a
+    /// `Via` route ([`HopGroup::hop_for`]). None for other targets.
+    #[inline]
+    pub fn next_hop(&self, t: Target, dst: IpAddr, ip: &[u8]) -> Option<(u16, IpAddr)> {
+        match t {
+            Target::Port(p) => Some((p, dst)),
+            Target::Via(g) => {
+                let g = self.group(g)?;
+                Some((g.port, g.hop_for(ip)?))
+            }
+            _ => None,
+        }
+    }
+
     /// The LAN port a target leaves through, if it is a LAN's.
     #[inline]
     pub fn port_of(&self, t: Target) -> Option<u16> {

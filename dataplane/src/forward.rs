@@ -76,13 +76,12 @@ pub fn route_frame(frame: &mut [u8], ingress: u16, t: &Tables) -> Verdict {
         Some((len, Target::Port(_))) if Fib::is_directed_broadcast(dst, len) => {
             return Verdict::Drop(Counter::DropDirectedBroadcast);
         }
-        Some((_, Target::Port(p))) => (p, dst),
-        Some((_, Target::Via(g))) => match t.fib.group(g).and_then(|g| Some((g.port, g.hop_for(&frame[l3..])?))) {
-            Some(via) => via,
-            None => return Verdict::SlowPath(l3, Counter::SlowNoRoute),
-        },
         Some((_, Target::Local)) => return Verdict::SlowPath(l3, Counter::SlowLocal),
         Some((_, Target::Peer(peer))) => return Verdict::Tunnel { peer, l3, ip_len },
+        Some((_, out)) => match t.fib.next_hop(out, dst, &frame[l3..]) {
+            Some(next) => next,
+            None => return Verdict::SlowPath(l3, Counter::SlowNoRoute),
+        },
         None => return Verdict::SlowPath(l3, Counter::SlowNoRoute),
     };
     let Some(out_port) = t.ports.get(out as usize) else {

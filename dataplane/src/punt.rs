@@ -154,27 +154,7 @@ subway_common::named_counters! {
 }
 
 /// The punt server's counts, by [`PuntCounter`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PuntStats([u64; PuntCounter::COUNT]);
-
-impl Default for PuntStats {
-    fn default() -> Self {
-        PuntStats([0; PuntCounter::COUNT])
-    }
-}
-
-impl PuntStats {
-    pub fn inc(&mut self, c: PuntCounter) {
-        self.0[c as usize] += 1;
-    }
-    pub fn get(&self, c: PuntCounter) -> u64 {
-        self.0[c as usize]
-    }
-    /// Every counter with its name, in declaration order.
-    pub fn named(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        PuntCounter::ALL.iter().map(|c| (c.name(), self.get(*c)))
-    }
-}
+pub type PuntStats = crate::stats::Counts<PuntCounter>;
 
 #[derive(Default)]
 pub struct PuntServer {
@@ -325,9 +305,9 @@ impl PuntServer {
             IcmpError::TimeExceeded
         } else {
             // The MTU of the link it did not fit: the tunnel's or a LAN's.
-            let mtu = match t.fib.lookup(vnet, inner.dst)?.1 {
-                out if t.fib.port_of(out).is_some() => t.ports.get(t.fib.port_of(out)? as usize)?.mtu,
-                _ => t
+            let mtu = match t.fib.port_of(t.fib.lookup(vnet, inner.dst)?.1) {
+                Some(p) => t.ports.get(p as usize)?.mtu,
+                None => t
                     .uplink
                     .and_then(|u| t.ports.get(u as usize))?
                     .mtu
@@ -414,13 +394,12 @@ fn forward_hop(packet: &mut [u8]) -> bool {
 fn route(t: &Tables, vnet: VnetId, packet: &[u8]) -> Option<(Target, IpAddr)> {
     let dst = parse_inner(packet)?.dst;
     match t.fib.lookup(vnet, dst)? {
-        (_, Target::Port(p)) => Some((Target::Port(p), dst)),
-        (_, Target::Via(g)) => {
-            let g = t.fib.group(g)?;
-            Some((Target::Port(g.port), g.hop_for(packet)?))
-        }
         (_, Target::Peer(p)) => Some((Target::Peer(p), dst)),
         (_, Target::Local) => None,
+        (_, out) => {
+            let (port, hop) = t.fib.next_hop(out, dst, packet)?;
+            Some((Target::Port(port), hop))
+        }
     }
 }
 

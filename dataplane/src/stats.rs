@@ -4,6 +4,7 @@
 //! a local [`Tally`] per packet and flush it once per batch.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+pub use subway_common::NamedCounter;
 
 subway_common::named_counters! {
     /// Every counter a worker keeps.
@@ -76,6 +77,36 @@ impl Counter {
     }
     pub fn is_slow_path(self) -> bool {
         self.name().starts_with("slow_")
+    }
+}
+
+/// Counts of one set of named counters kept by one thread (the control
+/// thread's punt server and events), indexed by the counter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Counts<C> {
+    values: Vec<u64>,
+    _set: std::marker::PhantomData<C>,
+}
+
+impl<C: NamedCounter> Default for Counts<C> {
+    fn default() -> Self {
+        Counts {
+            values: vec![0; C::ALL.len()],
+            _set: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<C: NamedCounter> Counts<C> {
+    pub fn inc(&mut self, c: C) {
+        self.values[c.index()] += 1;
+    }
+    pub fn get(&self, c: C) -> u64 {
+        self.values[c.index()]
+    }
+    /// Every counter with its name, in declaration order.
+    pub fn named(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        C::ALL.iter().map(|c| (c.name(), self.get(*c)))
     }
 }
 

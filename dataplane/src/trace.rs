@@ -18,7 +18,7 @@ use crate::slowpath::{Taker, taker};
 use crate::stats::Counter;
 use crate::tables::Tables;
 use crate::tunnel::rx::{Next, deliver};
-use crate::tunnel::tx::{Ready, Sealed};
+use crate::tunnel::tx::Ready;
 use crate::tunnel::{self, Inner};
 use crate::wire::{EtherType, MacAddr, ethernet, ipv4, ipv6, udp};
 use std::net::IpAddr;
@@ -103,16 +103,18 @@ impl Trace {
 /// Where a probe without `from` enters: the LAN holding its source, or
 /// the peer whose AllowedIPs do, in its VNET; else the VNET's first LAN.
 pub fn ingress_of(t: &Tables, vnet: VnetId, src: IpAddr) -> Option<Ingress> {
-    match t.fib.lookup(vnet, src) {
-        Some((_, Target::Peer(id))) => Some(Ingress::Peer(id)),
-        Some((_, out)) if t.fib.port_of(out).is_some() => t.fib.port_of(out).map(Ingress::Lan),
-        _ => t
-            .ports
-            .iter()
-            .position(|p| p.vnet == vnet && Some(p) != t.uplink.and_then(|u| t.ports.get(u as usize)))
-            .or_else(|| t.ports.iter().position(|p| p.vnet == vnet))
-            .map(|p| Ingress::Lan(p as u16)),
+    let found = t.fib.lookup(vnet, src).map(|(_, out)| out);
+    if let Some(Target::Peer(id)) = found {
+        return Some(Ingress::Peer(id));
     }
+    if let Some(p) = found.and_then(|out| t.fib.port_of(out)) {
+        return Some(Ingress::Lan(p));
+    }
+    t.ports
+        .iter()
+        .position(|p| p.vnet == vnet && Some(p) != t.uplink.and_then(|u| t.ports.get(u as usize)))
+        .or_else(|| t.ports.iter().position(|p| p.vnet == vnet))
+        .map(|p| Ingress::Lan(p as u16))
 }
 
 /// The MAC the probe's frame comes from.
@@ -254,14 +256,14 @@ fn from_lan(
                 return handed_on(vnet, Counter::SlowNoSession, steps);
             };
             match ready.admits(ip_len) {
-                Err(Sealed::ToKernel(c) | Sealed::Dropped(c)) => {
+                Err(c) => {
                     steps.push(format!(
                         "tunnel: {ip_len} bytes exceed the tunnel MTU {}",
                         ready.tunnel_mtu
                     ));
                     handed_on(vnet, c, steps)
                 }
-                Err(Sealed::Datagram(_)) | Ok(()) => {
+                Ok(()) => {
                     let mut inner = ip_packet(p);
                     if tunnel::clamp_mss(&mut inner, ready.tunnel_mtu) {
                         steps.push(format!(
@@ -416,7 +418,7 @@ mod tests {
     use crate::stats::Tally;
     use crate::tunnel::fixture::{FAR, FAR_V6, Fixture, LAN_HOST, LAN_HOST_V6};
     use crate::tunnel::rx::decapsulate;
-    use crate::tunnel::tx::PeerRun;
+    use crate::tunnel::tx::{PeerRun, Sealed};
 
     const NOW: Duration = Duration::from_secs(1);
 

@@ -236,8 +236,8 @@ impl Dataplane {
         self.punt.holding().then_some(punt::RESOLVE_EVERY / 5)
     }
 
-    pub fn punt_stats(&self) -> punt::PuntStats {
-        self.punt.stats
+    pub fn punt_stats(&self) -> &punt::PuntStats {
+        &self.punt.stats
     }
 
     /// Follows the uplink's addresses (DHCP or SLAAC renumbering): if they

@@ -101,23 +101,21 @@ impl Dataplane {
 /// Step 1: the [Lan] interfaces as ports (Ethernet, an MTU the UMEM
 /// frames hold), and the uplink: one of them, or a port of its own.
 fn open_ports(cfg: &DataplaneConfig) -> Result<(Vec<Port>, Option<u16>)> {
-    let port = |name: &str, vnet, what: &str| -> Result<Port> {
-        let link = netlink::link_by_name(name)
+    let link = |name: &str, what: &str| -> Result<netlink::Link> {
+        netlink::link_by_name(name)
             .map_err(|e| Error::io(format!("reading interface {name}"), e))?
-            .ok_or_else(|| Error::config(format!("{what}interface {name} does not exist")))?;
-        Ok(Port {
-            mtu: link.mtu,
-            name: name.to_string(),
-            ifindex: link.ifindex,
-            mac: link.mac,
-            vnet,
-        })
+            .ok_or_else(|| Error::config(format!("{what}interface {name} does not exist")))
+    };
+    let port = |link: netlink::Link, vnet| Port {
+        mtu: link.mtu,
+        name: link.name,
+        ifindex: link.ifindex,
+        mac: link.mac,
+        vnet,
     };
     let mut ports = Vec::new();
     for lan in &cfg.lans {
-        let link = netlink::link_by_name(&lan.ifname)
-            .map_err(|e| Error::io(format!("reading interface {}", lan.ifname), e))?
-            .ok_or_else(|| Error::config(format!("interface {} does not exist", lan.ifname)))?;
+        let link = link(&lan.ifname, "")?;
         if link.kind != 1 {
             return Err(Error::config(format!(
                 "{} is not an Ethernet interface (ARPHRD {}): subway routes Ethernet frames",
@@ -131,14 +129,14 @@ fn open_ports(cfg: &DataplaneConfig) -> Result<(Vec<Port>, Option<u16>)> {
                 lan.ifname, link.mtu, cfg.xsk.frame_size
             )));
         }
-        ports.push(port(&lan.ifname, lan.vnet, "")?);
+        ports.push(port(link, lan.vnet));
     }
     let uplink = match &cfg.uplink {
         None => None,
         Some(name) => match ports.iter().position(|p| &p.name == name) {
             Some(i) => Some(i as u16),
             None => {
-                ports.push(port(name, UPLINK_VNET, "uplink ")?);
+                ports.push(port(link(name, "uplink ")?, UPLINK_VNET));
                 Some((ports.len() - 1) as u16)
             }
         },

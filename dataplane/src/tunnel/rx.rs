@@ -125,13 +125,12 @@ pub fn deliver(t: &Tables, peer: u32, vnet: crate::fib::VnetId, inner: &super::I
         Some((len, Target::Port(_))) if Fib::is_directed_broadcast(inner.dst, len) => {
             return Next::Drop(Counter::DropDirectedBroadcast);
         }
-        Some((_, Target::Port(p))) => (p, inner.dst),
-        Some((_, Target::Via(g))) => match t.fib.group(g).and_then(|g| Some((g.port, g.hop_for(packet)?))) {
-            Some(via) => via,
+        Some((_, Target::Local)) => return Next::Kernel(Counter::SlowLocal),
+        Some((_, out)) => match t.fib.next_hop(out, inner.dst, packet) {
+            Some(next) => next,
             None => return Next::Kernel(Counter::SlowNoRoute),
         },
-        Some((_, Target::Local)) => return Next::Kernel(Counter::SlowLocal),
-        _ => return Next::Kernel(Counter::SlowNoRoute),
+        None => return Next::Kernel(Counter::SlowNoRoute),
     };
     match t.ports.get(p as usize) {
         None => Next::Kernel(Counter::SlowNoRoute),

@@ -58,9 +58,9 @@ impl<'t> Ready<'t> {
     /// whose MTU is the tunnel's: it fragments, or answers "fragmentation
     /// needed" / "packet too big").
     #[inline]
-    pub fn admits(&self, ip_len: usize) -> Result<(), Sealed> {
+    pub fn admits(&self, ip_len: usize) -> Result<(), Counter> {
         if ip_len as u32 > self.tunnel_mtu {
-            Err(Sealed::ToKernel(Counter::SlowTooBig))
+            Err(Counter::SlowTooBig)
         } else {
             Ok(())
         }
@@ -94,8 +94,8 @@ impl<'t> PeerRun<'t> {
     /// `buf[l3..l3 + ip_len]` and `buf` is the frame's whole capacity.
     #[inline]
     pub fn seal(&mut self, k: usize, buf: &mut [u8], l3: usize, ip_len: usize, tally: &mut Tally) -> Sealed {
-        if let Err(refused) = self.ready.admits(ip_len) {
-            return refused;
+        if let Err(reason) = self.ready.admits(ip_len) {
+            return Sealed::ToKernel(reason);
         }
         let Some(inner) = buf.get_mut(l3..l3 + ip_len) else {
             return Sealed::Dropped(Counter::DropTooBigForTunnel);

@@ -160,7 +160,24 @@ macro_rules! named_counters {
                 match self { $($Enum::$id => $name),* }
             }
         }
+        impl $crate::NamedCounter for $Enum {
+            const ALL: &'static [Self] = $Enum::ALL;
+            fn index(self) -> usize {
+                self as usize
+            }
+            fn name(self) -> &'static str {
+                $Enum::name(self)
+            }
+        }
     };
+}
+
+/// What [`named_counters!`] implements: a set of counters, each with an
+/// index and a name, for code that counts any such set.
+pub trait NamedCounter: Copy + 'static {
+    const ALL: &'static [Self];
+    fn index(self) -> usize;
+    fn name(self) -> &'static str;
 }
 
 named_counters! {
