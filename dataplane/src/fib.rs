@@ -227,6 +227,10 @@ impl Fib {
 
     /// The next-hop group of a [`Target::Via`].
     #[inline]
+    pub fn groups(&self) -> &[HopGroup] {
+        &self.groups
+    }
+
     pub fn group(&self, id: u32) -> Option<&HopGroup> {
         self.groups.get(id as usize)
     }

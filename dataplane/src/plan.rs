@@ -252,7 +252,7 @@ impl RouteDiff {
         use std::collections::BTreeMap;
         // A route through LAN routers compares as its port: what the XDP
         // program and the kernel see (the routers are the workers' business,
-        // published with the new FIB).
+        // published with the new FIB); new routers only count as a change.
         let map = |f: &Fib| -> BTreeMap<(VnetId, IpNet), (Target, Target)> {
             f.routes()
                 .iter()
@@ -265,6 +265,13 @@ impl RouteDiff {
                 })
                 .collect()
         };
+        fn routers(f: &Fib, t: Target) -> Option<&[std::net::IpAddr]> {
+            match t {
+                Target::Via(g) => f.group(g).map(|g| g.hops.as_slice()),
+                _ => None,
+            }
+        }
+        let (old_fib, new_fib) = (old, new);
         let (old, new) = (map(old), map(new));
         // The kernel routes only the default VNET, and only its peer
         // prefixes go to the TUN.
@@ -275,7 +282,12 @@ impl RouteDiff {
             match was {
                 None => d.changes.added.push(*k),
                 Some((o, _)) if o != seen => d.changes.retargeted.push(*k),
-                Some(_) => continue,
+                Some((_, o)) => {
+                    if routers(old_fib, *o) != routers(new_fib, *t) {
+                        d.changes.retargeted.push(*k);
+                    }
+                    continue;
+                }
             }
             d.steer.push(SteerStep {
                 key: *k,
@@ -381,6 +393,33 @@ mod tests {
         );
         assert_eq!(d.unsteer, d.changes.removed);
         assert_eq!(RouteDiff::between(&new(), &new()), RouteDiff::default());
+    }
+
+    #[test]
+    fn new_routers_for_a_prefix_are_a_change_that_steers_nothing() {
+        use crate::fib::{HopGroup, RouteSource};
+        let with = |groups: &[&[&str]]| {
+            let mut f = Fib::new();
+            f.insert(0, "10.1.0.0/24".parse().unwrap(), LAN).unwrap();
+            for (i, hops) in groups.iter().enumerate() {
+                let g = f.via(HopGroup {
+                    port: 0,
+                    hops: hops.iter().map(|h| h.parse().unwrap()).collect(),
+                    source: RouteSource::Config,
+                });
+                f.insert(0, format!("10.1.{}.0/24", i + 5).parse().unwrap(), g).unwrap();
+            }
+            f
+        };
+        let a = with(&[&["10.1.0.3"], &["10.1.0.3", "10.1.0.4"]]);
+        // The first prefix moves to r2; the second keeps its routers (in
+        // another group slot of the new FIB).
+        let b = with(&[&["10.1.0.4"], &["10.1.0.3", "10.1.0.4"]]);
+        let d = RouteDiff::between(&a, &b);
+        assert_eq!(d.changes.retargeted, vec![k(0, "10.1.5.0/24")]);
+        assert!(d.steer.is_empty() && d.unsteer.is_empty(), "{d:?}");
+        let c = with(&[&["10.1.0.3", "10.1.0.4"], &["10.1.0.3"]]);
+        assert_eq!(RouteDiff::between(&c, &c), RouteDiff::default());
     }
 
     /// The XDP program's steering as a map, changed the way `apply` does.

@@ -32,8 +32,9 @@ use std::time::{Duration, Instant};
 
 /// Packets waiting for a neighbour, in all.
 const MAX_HELD: usize = 256;
-/// Packets waiting for one neighbour (the kernel keeps 3 too).
-const MAX_HELD_PER_NEIGHBOUR: usize = 3;
+/// Packets waiting for one neighbour (the kernel's `unres_qlen_bytes`
+/// holds about a hundred; a few milliseconds of a busy flow fit in 32).
+const MAX_HELD_PER_NEIGHBOUR: usize = 32;
 /// How long a packet waits for its neighbour.
 const HOLD_FOR: Duration = Duration::from_secs(3);
 /// How often resolution of one neighbour is asked for.

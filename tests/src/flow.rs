@@ -44,6 +44,15 @@ impl FlowReport {
         (range.start.min(end)..end).filter(|q| !seen[*q as usize]).count() as u32
     }
 
+    /// The longest time between two arrivals at the sink.
+    pub fn longest_gap(&self) -> Duration {
+        self.arrivals
+            .windows(2)
+            .map(|w| w[1].1.duration_since(w[0].1))
+            .max()
+            .unwrap_or_default()
+    }
+
     /// The first datagram to arrive after `t`, and when.
     pub fn first_after(&self, t: Instant) -> Option<(u32, Instant)> {
         self.arrivals.iter().find(|(_, at)| *at > t).copied()

@@ -23,6 +23,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use subway_common::XdpCounter;
 
+/// How long a live change waits for new routers to answer ARP/NDP.
+const RESOLVE_FIRST_FOR: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// A started worker as the control thread sees it.
 pub struct WorkerHandle {
     pub info: WorkerInfo,
@@ -147,6 +150,8 @@ impl Dataplane {
         let cur = self.tables.load_full();
         let fib = build_fib(&mut self.netlink, &cfg.lans, &cur.ports, &cfg.peers)?;
         check_capacity(&fib)?;
+        self.resolve_routers_first(&fib);
+        let cur = self.tables.load_full();
         let diff = RouteDiff::between(&cur.fib, &fib);
         self.before_switch(&diff, &fib, &cur.fib, &cur.ports)?;
         self.undo.fail_open = cfg.fail_open;
@@ -169,6 +174,54 @@ impl Dataplane {
         }
         self.running = cfg.clone();
         Ok(diff.changes)
+    }
+
+    /// Make before break for the routers of non-default VNETs: a route
+    /// moved to a router whose MAC is unknown would have its packets held
+    /// by the control thread while it asks, and the hold is short. So the
+    /// new routers are asked for first, and the switch waits for their
+    /// answers, bounded by [`RESOLVE_FIRST_FOR`]. (The default VNET's
+    /// slow path is the kernel, which queues while it resolves.)
+    fn resolve_routers_first(&mut self, fib: &crate::fib::Fib) {
+        let cur = self.tables.load_full();
+        let unknown = |t: &Tables| -> Vec<(u32, std::net::IpAddr)> {
+            fib.groups()
+                .iter()
+                .filter_map(|g| {
+                    t.ports
+                        .get(g.port as usize)
+                        .filter(|p| p.vnet != 0)
+                        .map(|p| (p.ifindex, g))
+                })
+                .flat_map(|(ifindex, g)| g.hops.iter().map(move |h| (ifindex, *h)))
+                .filter(|(ifindex, h)| t.neigh.get(*ifindex, *h).is_none())
+                .collect()
+        };
+        let wanted = unknown(&cur);
+        if wanted.is_empty() {
+            return;
+        }
+        for (ifindex, hop) in &wanted {
+            if let Err(e) = self.netlink.resolve(*ifindex, *hop) {
+                tracing::debug!("resolving the router {hop}: {e}");
+            }
+        }
+        let deadline = std::time::Instant::now() + RESOLVE_FIRST_FOR;
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            if let Err(e) = self.refresh_neighbours() {
+                tracing::debug!("re-reading the neighbours: {e}");
+            }
+            if unknown(&self.tables.load()).is_empty() {
+                return;
+            }
+        }
+        for (_, hop) in unknown(&self.tables.load()) {
+            tracing::warn!(
+                "the router {hop} did not answer ARP/NDP within {} ms: its routes are switched anyway (packets wait for it on the slow path)",
+                RESOLVE_FIRST_FOR.as_millis()
+            );
+        }
     }
 
     /// A live change's steps before the switch: the steering entries, the
