@@ -46,6 +46,8 @@ pub(crate) struct KernelUndo {
     pub(crate) clean: bool,
     /// `FailMode = open`: a clean stop removes the fail-safe table too.
     pub(crate) fail_open: bool,
+    /// The default VNET's configured routes installed in the kernel.
+    lan_routes: Vec<LanRoute>,
 }
 
 impl Default for KernelUndo {
@@ -55,6 +57,7 @@ impl Default for KernelUndo {
             fence: None,
             clean: true,
             fail_open: false,
+            lan_routes: Vec::new(),
         }
     }
 }
@@ -137,6 +140,7 @@ impl KernelUndo {
     }
 
     pub(crate) fn run(&mut self) {
+        self.lan_routes_prune(&[]);
         for step in self.steps.drain(..).rev() {
             match step {
                 Undo::Cmd(c) => {
@@ -174,13 +178,20 @@ impl Drop for KernelUndo {
 /// the kernel's route to a default-VNET peer prefix goes to the control
 /// thread, never out in clear. `force` goes on past failing lines.
 pub(crate) fn kernel_routes(op: &str, nets: &[IpNet], tun: &str, force: bool) -> Result<()> {
+    let script: String = nets
+        .iter()
+        .map(|n| format!("route {op} {} dev {tun}\n", n.trunc()))
+        .collect();
+    ip_batch(&script, force)
+        .map_err(|e| Error::Kernel(format!("ip route {op} ... dev {tun} ({} prefixes): {e}", nets.len())))
+}
+
+/// Runs `ip -batch` on `script` (one command per line); an error carries
+/// ip's own message.
+fn ip_batch(script: &str, force: bool) -> std::result::Result<(), String> {
     use std::io::Write;
-    if nets.is_empty() {
+    if script.is_empty() {
         return Ok(());
-    }
-    let mut script = String::new();
-    for n in nets {
-        script += &format!("route {op} {} dev {tun}\n", n.trunc());
     }
     let mut args = vec!["-batch", "-"];
     if force {
@@ -192,21 +203,83 @@ pub(crate) fn kernel_routes(op: &str, nets: &[IpNet], tun: &str, force: bool) ->
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| Error::io("running ip -batch", e))?;
+        .map_err(|e| format!("running ip -batch: {e}"))?;
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(script.as_bytes());
     }
     let out = child
         .wait_with_output()
-        .map_err(|e| Error::io("running ip -batch", e))?;
+        .map_err(|e| format!("running ip -batch: {e}"))?;
     if !out.status.success() {
-        return Err(Error::Kernel(format!(
-            "ip route {op} ... dev {tun} ({} prefixes): {}",
-            nets.len(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
     }
     Ok(())
+}
+
+/// A default-VNET `Route` as the kernel's route: prefix, LAN, routers.
+pub(crate) type LanRoute = (IpNet, String, Vec<std::net::IpAddr>);
+
+/// `ip route` arguments for a LAN route: `P via H dev D`, or one
+/// `nexthop via H dev D` per router (the kernel's ECMP).
+fn lan_route_args((net, dev, hops): &LanRoute) -> String {
+    match hops.as_slice() {
+        [h] => format!("{} via {h} dev {dev}", net.trunc()),
+        _ => {
+            let nh: Vec<String> = hops.iter().map(|h| format!("nexthop via {h} dev {dev}")).collect();
+            format!("{} {}", net.trunc(), nh.join(" "))
+        }
+    }
+}
+
+impl KernelUndo {
+    /// The default VNET's configured routes in the kernel's main table too:
+    /// its slow path is the kernel, which must send the first packets (and
+    /// anything the workers hand it) through the same router. Routes new or
+    /// changed in `wanted` are replaced before a switch; [`Self::lan_routes_prune`]
+    /// removes the others after it. All are removed on stop.
+    pub(crate) fn lan_routes_add(&mut self, wanted: &[LanRoute]) -> Result<()> {
+        let new: Vec<&LanRoute> = wanted.iter().filter(|r| !self.lan_routes.contains(r)).collect();
+        let script: String = new
+            .iter()
+            .map(|r| format!("route replace {}\n", lan_route_args(r)))
+            .collect();
+        // Recorded first: a batch that fails half-way has added some, and
+        // what is recorded is removed by the next prune or on stop.
+        for r in &new {
+            self.lan_routes.push((*r).clone());
+        }
+        ip_batch(&script, false).map_err(|e| {
+            Error::Kernel(format!(
+                "adding the default VNET's configured routes to the kernel ({}): {e}",
+                script.trim().replace('\n', "; ")
+            ))
+        })?;
+        for r in new {
+            tracing::info!(
+                "kernel route {} (a configured Route of the default VNET)",
+                lan_route_args(r)
+            );
+        }
+        Ok(())
+    }
+
+    /// Removes the configured routes no longer in `wanted` (logged, never
+    /// an error: it runs after a switch).
+    pub(crate) fn lan_routes_prune(&mut self, wanted: &[LanRoute]) {
+        // A route replaced by a changed one (same prefix) is not removed:
+        // `replace` took its place.
+        let gone = |r: &LanRoute| !wanted.iter().any(|w| w.0 == r.0);
+        let script: String = self
+            .lan_routes
+            .iter()
+            .filter(|r| gone(r))
+            .map(|r| format!("route del {}\n", lan_route_args(r)))
+            .collect();
+        if let Err(e) = ip_batch(&script, true) {
+            tracing::warn!("removing configured routes from the kernel: {e}");
+        }
+        self.lan_routes.retain(|r| wanted.contains(r));
+    }
 }
 
 /// `net.ipv4.conf.lan0.forwarding` for `/proc/sys/net/ipv4/conf/lan0/forwarding`.

@@ -80,7 +80,13 @@ pub fn add_vias(
                 .map_err(|e| Error::config(format!("{}: Route {}: {e}", lan.ifname, r.prefix)))?;
         }
     }
-    for r in kernel {
+    // The default VNET's configured routes are in the kernel too: theirs
+    // is the config's answer.
+    let configured = default_vnet_routes(lans);
+    for r in kernel
+        .iter()
+        .filter(|r| !configured.iter().any(|c| c.0.trunc() == r.prefix))
+    {
         let Some(i) = (0..lans.len()).find(|i| {
             lans[*i].vnet == 0
                 && ports
@@ -109,6 +115,15 @@ pub fn add_vias(
         }
     }
     Ok(())
+}
+
+/// The default VNET's configured `Route`s, as the kernel's routes
+/// ([`crate::host::KernelUndo::lan_routes_add`]).
+pub(crate) fn default_vnet_routes(lans: &[LanConfig]) -> Vec<crate::host::LanRoute> {
+    lans.iter()
+        .filter(|l| l.vnet == 0)
+        .flat_map(|l| l.routes.iter().map(|r| (r.prefix, l.ifname.clone(), r.hops.clone())))
+        .collect()
 }
 
 /// The FIB from each LAN's (name, VNET, subnets), the gateway's own

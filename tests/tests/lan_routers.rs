@@ -572,3 +572,61 @@ fn a_router_that_never_answers_is_counted_and_asked_again_at_a_bounded_rate() ->
     ping(&t.b, "10.1.0.2", 2)?;
     Ok(())
 }
+
+#[test]
+fn a_configured_route_in_the_default_vnet_is_the_kernels_too_and_leaves_with_subway() -> Result<()> {
+    if !require_root("a_configured_route_in_the_default_vnet_is_the_kernels_too_and_leaves_with_subway") {
+        return Ok(());
+    }
+    let r = TwoRouters::new()?;
+    let t = &r.t;
+    let cfg = |routers: &str| {
+        t.subway_config(true, false, "").replace(
+            "Interface = lan0\n",
+            &format!("Interface = lan0\nRoute = 10.1.5.0/24 via {routers}\n"),
+        )
+    };
+    let kernel_route = || t.gwa.run(&["ip", "route", "show", "10.1.5.0/24"]).unwrap_or_default();
+    let ga = Subway::start(&t.gwa, &cfg("10.1.0.3"))?;
+    let _gb = Subway::start(&t.gwb, &r.config_b())?;
+    // The kernel, the slow path of the default VNET, has the route too.
+    assert!(kernel_route().contains("via 10.1.0.3 dev lan0"), "{}", kernel_route());
+    ping_until(&t.b, "10.1.5.10", 10)?;
+    ping(&r.h, "10.2.0.2", 3)?;
+    let route_of = || -> serde_json::Value {
+        serde_json::from_str(
+            &ga.ctl(&["route", "get", "10.1.5.10", "--name", &ga.name, "--json"])
+                .unwrap_or_default(),
+        )
+        .unwrap_or_default()
+    };
+    let got = route_of();
+    assert_eq!(got["route"]["source"], "config", "{got}");
+    let slow_before = slow_total(&ga);
+    ping(&t.b, "10.1.5.10", 5)?;
+    assert_eq!(
+        slow_total(&ga),
+        slow_before,
+        "pings through the router took the slow path"
+    );
+
+    // Reload to ECMP over both routers: the kernel's route follows.
+    std::fs::write(&ga.config, cfg("10.1.0.3 10.1.0.4"))?;
+    let out = ga.ctl(&["reload", &ga.name])?;
+    assert!(out.contains("default:10.1.5.0/24"), "{out}");
+    let k = kernel_route();
+    assert!(
+        k.contains("nexthop via 10.1.0.3") && k.contains("nexthop via 10.1.0.4"),
+        "{k}"
+    );
+    let got = route_of();
+    assert_eq!(got["route"]["next_hops"].as_array().map(|a| a.len()), Some(2), "{got}");
+    assert_eq!(got["route"]["source"], "config", "{got}");
+    ping(&t.b, "10.1.5.10", 3)?;
+
+    // A clean stop takes it out of the kernel again.
+    let (status, log) = ga.stop();
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert!(kernel_route().trim().is_empty(), "left behind: {}", kernel_route());
+    Ok(())
+}

@@ -202,16 +202,6 @@ impl Config {
         let mut owners: HashMap<(&str, IpNet), usize> = subnets;
         for l in &self.lans {
             for (net, hops, line) in &l.routes {
-                if l.vnet == "default" {
-                    return Err(self.err(
-                        *line,
-                        format!(
-                            "Route {net} in the default VNET: there subway follows the kernel's routes; add it to the kernel \
-                             (`ip route add {net} via {} dev {}`) and list {net} in this [Lan]'s Subnets",
-                            hops[0], l.interface
-                        ),
-                    ));
-                }
                 if let Some(h) = hops
                     .iter()
                     .find(|h| !l.subnets.is_empty() && !l.subnets.iter().any(|s| s.contains(*h)))

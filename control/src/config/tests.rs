@@ -294,6 +294,9 @@ fn routes_through_lan_routers_are_parsed_and_refused_with_line_and_fix() {
     assert_eq!(r.len(), 3);
     assert_eq!(r[1].1.len(), 2, "two routers: ECMP");
     assert_eq!((r[0].2, r[2].0.to_string()), (10, "fd05::/64".to_string()));
+    // The default VNET takes them too (subway adds them to the kernel).
+    let d = parse(&base("Route = 10.1.5.0/24 via 10.1.0.254", "default")).unwrap();
+    assert_eq!(d.lans[0].routes.len(), 1);
     for (route, vnet, line, want) in [
         ("Route = 10.1.5.0/24 via 10.9.0.1", "red", 10, "not on lan0's Subnets"),
         (
@@ -303,10 +306,10 @@ fn routes_through_lan_routers_are_parsed_and_refused_with_line_and_fix() {
             "overlaps the AllowedIPs of the [Peer] at line 12",
         ),
         (
-            "Route = 10.1.5.0/24 via 10.1.0.254",
+            "Route = 10.2.0.0/25 via 10.1.0.254",
             "default",
             10,
-            "ip route add 10.1.5.0/24 via 10.1.0.254 dev lan0",
+            "overlaps the AllowedIPs of the [Peer] at line 12",
         ),
         ("Route = 10.1.5.0/24 10.1.0.254", "red", 10, "Route = PREFIX via ROUTER"),
         (

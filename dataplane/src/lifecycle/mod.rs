@@ -10,7 +10,7 @@ use crate::config::{DataplaneConfig, RouteChanges};
 use crate::error::{Error, Result};
 use crate::host::{KernelUndo, kernel_routes};
 use crate::netlink::{self, Neighbour, Netlink};
-use crate::plan::{RouteDiff, allowed_ips, build_fib, check_capacity, peer_rts, steer};
+use crate::plan::{RouteDiff, allowed_ips, build_fib, check_capacity, default_vnet_routes, peer_rts, steer};
 use crate::slowpath::SlowPath;
 use crate::stats::WorkerStats;
 use crate::tables::{NeighTable, Port, SharedTables, Tables};
@@ -148,6 +148,10 @@ impl Dataplane {
             ));
         }
         let cur = self.tables.load_full();
+        // The default VNET's configured routes go into the kernel first:
+        // build_fib reads the kernel's routes and leaves those to the config.
+        let lan_routes = default_vnet_routes(&cfg.lans);
+        self.undo.lan_routes_add(&lan_routes)?;
         let fib = build_fib(&mut self.netlink, &cfg.lans, &cur.ports, &cfg.peers)?;
         check_capacity(&fib)?;
         self.resolve_routers_first(&fib);
@@ -172,6 +176,7 @@ impl Dataplane {
         if let Err(e) = kernel_routes("del", &diff.tun_del, self.slow.name(), true) {
             tracing::warn!("removing the kernel's routes of removed peer prefixes: {e}");
         }
+        self.undo.lan_routes_prune(&lan_routes);
         self.running = cfg.clone();
         Ok(diff.changes)
     }

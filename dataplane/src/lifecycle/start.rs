@@ -228,6 +228,7 @@ fn prepare_kernel(
     for p in ports.iter().filter(|p| p.vnet == 0) {
         undo.forwarding(&p.name, uplink.is_some_and(|u| ports[u as usize].ifindex == p.ifindex))?;
     }
+    undo.lan_routes_add(&crate::plan::default_vnet_routes(&cfg.lans))?;
     Ok(undo)
 }
 
