@@ -19,6 +19,8 @@ APT_PACKAGES=(
   wireguard-tools wireguard-go iperf3 gnuplot-nox
   # tcpdump: the fail-safe tests capture the uplink to prove nothing leaves in clear
   tcpdump
+  # keepalived: VRRP for an active/standby pair (the HA tests run it in namespaces)
+  keepalived
 )
 
 missing=()

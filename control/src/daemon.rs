@@ -12,7 +12,7 @@
 use crate::config::Config;
 use crate::protocol::{self, Request};
 use crate::status::{LocalRefused, Rates, Reloads, Status};
-use crate::{ctl, gateway, live, liveness, metrics, routes, uapi};
+use crate::{ctl, gateway, ha, live, liveness, metrics, routes, uapi};
 use anyhow::{Context, Result, bail};
 use std::os::fd::RawFd;
 use std::path::Path;
@@ -50,6 +50,8 @@ struct State {
     busy: bool,
     /// Rounds of the loop, for `subway show` (wake-ups).
     rounds: u64,
+    /// Active/standby ([HA]), if configured.
+    ha: Option<ha::Ha>,
 }
 
 /// The local sockets and event sources the loop waits on.
@@ -105,7 +107,7 @@ fn start(path: &Path) -> Result<(State, Io)> {
     // by the kernel, and the XDP program must know it. A gateway with a key
     // and an uplink but no peers yet is a gateway too (peers come later).
     let gateway_mode = !cfg.peers.is_empty() || (cfg.interface.private_key.is_some() && cfg.interface.uplink.is_some());
-    let gw = if gateway_mode {
+    let mut gw = if gateway_mode {
         Some(gateway::Gateway::new(&cfg)?)
     } else {
         None
@@ -123,7 +125,7 @@ fn start(path: &Path) -> Result<(State, Io)> {
     let ctl = ctl::CtlServer::bind(&cfg.name).context("opening the control socket")?;
     let mut dcfg = crate::dataplane_config(&cfg);
     dcfg.listen_port = gw.as_ref().map(|g| g.listen_port).unwrap_or(0);
-    let dp = Dataplane::start(&dcfg).with_context(|| format!("starting {}", cfg.name))?;
+    let mut dp = Dataplane::start(&dcfg).with_context(|| format!("starting {}", cfg.name))?;
     for w in dp.workers() {
         tracing::info!(
             "worker {}: queue {} core {} interfaces {} AF_XDP {} XDP {} batch {} ring {} {}",
@@ -144,6 +146,17 @@ fn start(path: &Path) -> Result<(State, Io)> {
             },
         );
     }
+    // HA: the role before the first handshake (a standby sends nothing).
+    let ha = match &cfg.ha {
+        Some(section) => {
+            let h = ha::Ha::new(section, &dp).context("reading this box's addresses for [HA]")?;
+            if let Some(g) = gw.as_mut() {
+                g.set_active(h.active, &mut dp);
+            }
+            Some(h)
+        }
+        None => None,
+    };
     let mode = if gw.is_some() { "gateway" } else { "routed" };
     if let Some(g) = &gw {
         tracing::info!(listen_port = g.listen_port, peers = cfg.peers.len(), "WireGuard");
@@ -204,6 +217,7 @@ fn start(path: &Path) -> Result<(State, Io)> {
         started: Instant::now(),
         busy: false,
         rounds: 0,
+        ha,
     };
     let io = Io {
         ctl,
@@ -227,6 +241,13 @@ impl State {
             bail!("{e}");
         }
         if io.addr_events.as_mut().is_some_and(|e| e.drain()) {
+            // A virtual address came or went: the role first, so that a
+            // new active box handshakes in this very round.
+            if let Some(active) = self.ha.as_mut().and_then(|h| h.update(&self.dp))
+                && let Some(g) = self.gw.as_mut()
+            {
+                g.set_active(active, &mut self.dp);
+            }
             let port = self.gw.as_ref().map_or(0, |g| g.listen_port);
             match self.dp.follow_uplink_addresses(port) {
                 Ok(Some(_)) => {
@@ -371,6 +392,7 @@ impl State {
             st.control = g.events.named().map(|(k, v)| (k.to_string(), v)).collect();
         }
         st.control_wakeups = self.rounds;
+        st.ha = self.ha.as_ref().map(|h| h.status());
         st
     }
 }

@@ -121,6 +121,19 @@ impl Gateway {
         self.publish_now(dp);
     }
 
+    /// HA: this box became the active one (handshake every peer now) or
+    /// the standby (drop every session, send nothing).
+    pub fn set_active(&mut self, active: bool, dp: &mut Dataplane) {
+        if self.dev.set_standby(!active, Now::system().mono) {
+            self.count(if active {
+                Event::BecameActive
+            } else {
+                Event::BecameStandby
+            });
+            self.publish_now(dp);
+        }
+    }
+
     /// Publishes sessions and paths now (after peers changed).
     pub fn publish_now(&mut self, dp: &mut Dataplane) {
         self.published_gen = u64::MAX;
@@ -436,6 +449,10 @@ subway_dataplane::named_counters! {
     #[repr(usize)]
     pub enum Event {
         UplinkRenumbered = "uplink_renumbered",
+        /// HA: this box became the active one.
+        BecameActive = "ha_became_active",
+        /// HA: this box became the standby.
+        BecameStandby = "ha_became_standby",
         /// Datagrams for a peer without a known endpoint.
         TxNoEndpoint = "tx_no_endpoint",
         TxDatagrams = "tx_datagrams",

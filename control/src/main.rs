@@ -15,6 +15,7 @@ mod config;
 mod ctl;
 mod daemon;
 mod gateway;
+mod ha;
 mod live;
 mod liveness;
 mod local;

@@ -151,6 +151,22 @@ pub fn render(show: &Status) -> String {
         "Seconds since the instance started.",
     );
     let _ = writeln!(o, "subway_uptime_seconds {}", show.uptime_secs);
+    if let Some(r) = &show.ha {
+        family(
+            &mut o,
+            "subway_ha_active",
+            "gauge",
+            "1 while this box is the active one of its HA pair, 0 while standby.",
+        );
+        let _ = writeln!(o, "subway_ha_active {}", (r.role == "active") as u8);
+        family(
+            &mut o,
+            "subway_ha_role_changes_total",
+            "counter",
+            "Changes of HA role since start.",
+        );
+        let _ = writeln!(o, "subway_ha_role_changes_total {}", r.changes);
+    }
     family(
         &mut o,
         "subway_worker_packets_total",

@@ -48,6 +48,9 @@ pub struct Status {
     pub vnet_slow_path: Counters,
     #[serde(default)]
     pub local_refused: LocalRefused,
+    /// Active/standby ([HA]), if configured.
+    #[serde(default)]
+    pub ha: Option<crate::ha::RoleStatus>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -285,6 +288,16 @@ impl fmt::Display for Status {
             "instance {} (pid {}, {} mode, up {}s), slow path {}",
             self.name, self.pid, self.mode, self.uptime_secs, self.slow_path
         )?;
+        if let Some(r) = &self.ha {
+            writeln!(
+                f,
+                "  role: {} for {}s ({}; {} change(s) since start)",
+                r.role.to_uppercase(),
+                r.since_secs,
+                r.why,
+                r.changes
+            )?;
+        }
         let opt = |v: Option<usize>| v.map_or("null".to_string(), |c| c.to_string());
         for w in &self.workers {
             let c = |k: &str| w.counters.get(k).copied().unwrap_or(0);

@@ -125,3 +125,23 @@ pub fn profile_bin(name: &str, profile: &str) -> Result<PathBuf> {
     }
     Ok(p)
 }
+
+/// The seconds into the (UTC) day of a line that starts with an RFC 3339
+/// time (`2026-12-02T16:14:18.337568`, as subway's log and `ip -ts
+/// monitor` print it; a leading `[` is skipped).
+pub fn log_time(line: &str) -> Option<f64> {
+    let line = line.trim_start_matches('[');
+    let t = line.get(11..26)?;
+    let h: f64 = t.get(0..2)?.parse().ok()?;
+    let m: f64 = t.get(3..5)?.parse().ok()?;
+    let s: f64 = t.get(6..)?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// Now, in seconds into the UTC day (to compare with [`log_time`]).
+pub fn wall_time_of_day() -> f64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs() % 86400) as f64 + d.subsec_nanos() as f64 * 1e-9
+}

@@ -20,12 +20,14 @@
 //! - `traffic`: [`ping`], [`ping_until`], [`tcp_echo`], [`tcp_mss_seen`],
 //!   [`icmp_in_echos`], [`icmp6_in_echos`], and [`wait_until`].
 //! - `flow`: [`UdpFlow`] and its [`FlowReport`].
+//! - `keepalived`: [`Keepalived`], VRRP in a namespace.
 //!
 //! The end-to-end tests that use the kit are in `tests/tests/`.
 
 mod capture;
 mod env;
 mod flow;
+mod keepalived;
 mod netns;
 mod proc;
 mod subway;
@@ -34,8 +36,11 @@ mod traffic;
 mod wg;
 
 pub use capture::Capture;
-pub use env::{host, is_root, profile_bin, require_root, unique, which, work_dir, workspace_bin};
+pub use env::{
+    host, is_root, log_time, profile_bin, require_root, unique, wall_time_of_day, which, work_dir, workspace_bin,
+};
 pub use flow::{FlowReport, UdpFlow};
+pub use keepalived::Keepalived;
 pub use netns::{Netns, veth, xdp_attached};
 pub use proc::Proc;
 pub use subway::Subway;

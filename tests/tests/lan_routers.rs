@@ -20,7 +20,8 @@
 use anyhow::{Context, Result};
 use std::time::{Duration, Instant};
 use subway_testkit::{
-    Capture, Netns, Subway, TwoSites, UdpFlow, host, ping, ping_until, require_root, tcp_echo, veth, wait_until,
+    Capture, Netns, Subway, TwoSites, UdpFlow, host, log_time, ping, ping_until, require_root, tcp_echo, veth,
+    wait_until,
 };
 
 /// TwoSites plus a host `h` behind `a`, which routes for it.
@@ -227,16 +228,6 @@ fn kernel_routes_through_a_lan_router_are_followed_as_they_come_and_go() -> Resu
         Ok(!route_of().contains("\"kernel\""))
     })?;
     Ok(())
-}
-
-/// The seconds into the day of a line that starts with an RFC 3339 time
-/// (`2026-12-02T16:14:18.337568`, as subway's log and `ip -ts` print it).
-fn time_of_day(line: &str) -> Option<f64> {
-    let t = line.get(11..26)?;
-    let h: f64 = t.get(0..2)?.parse().ok()?;
-    let m: f64 = t.get(3..5)?.parse().ok()?;
-    let s: f64 = t.get(6..)?.parse().ok()?;
-    Some(h * 3600.0 + m * 60.0 + s)
 }
 
 /// All the workers' slow-path counters of `gw`, summed.
@@ -481,13 +472,13 @@ fn a_next_hop_moved_in_the_kernel_is_followed_under_a_paced_flow() -> Result<()>
         .log_text()
         .lines()
         .find(|l| l.contains("10.1.5.0/24 via 10.1.0.4"))
-        .and_then(|l| time_of_day(l.trim_start_matches('[')));
+        .and_then(log_time);
     let followed = ga
         .proc
         .log_text()
         .lines()
         .filter(|l| l.contains("followed the kernel's routes"))
-        .filter_map(time_of_day)
+        .filter_map(log_time)
         .find(|t| event.is_some_and(|e| *t >= e));
     let share = match (event, followed) {
         (Some(e), Some(f)) => format!("{:.1} ms", (f - e) * 1e3),

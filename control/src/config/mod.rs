@@ -117,6 +117,16 @@ pub struct Tuning {
     pub xdp_mode: XdpAttach,
 }
 
+/// `[HA]`: this box is one of an active/standby pair that shares one
+/// WireGuard identity; keepalived (VRRP) moves the LAN's virtual address
+/// between them, and the box that holds it is the active one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HaSection {
+    pub line: usize,
+    /// The virtual addresses keepalived moves (`VirtualAddress`).
+    pub virtual_addresses: Vec<std::net::IpAddr>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub path: PathBuf,
@@ -128,6 +138,8 @@ pub struct Config {
     pub tuning: Tuning,
     /// Prometheus endpoint, if a [Metrics] section asks for one.
     pub metrics: Option<(SocketAddr, usize)>,
+    /// Active/standby with keepalived, if an [HA] section asks for it.
+    pub ha: Option<HaSection>,
     pub warnings: Vec<String>,
     /// VNET names a running instance already numbered (see `vnet_ids`).
     pub known_vnets: Vec<String>,

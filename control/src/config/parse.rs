@@ -2,7 +2,7 @@
 //! per section and handed to that section's parser (`sections`), keys
 //! given twice, and the rules that span sections.
 
-use super::sections::{Entries, parse_interface, parse_lan, parse_metrics, parse_peer, parse_tuning};
+use super::sections::{Entries, parse_ha, parse_interface, parse_lan, parse_metrics, parse_peer, parse_tuning};
 use super::{Config, ConfigError, InterfaceSection, Key32, Tuning};
 use ipnet::IpNet;
 use std::collections::HashMap;
@@ -16,6 +16,7 @@ enum Section {
     Peer,
     Tuning,
     Metrics,
+    Ha,
 }
 
 impl Config {
@@ -45,6 +46,7 @@ impl Config {
             peers: Vec::new(),
             tuning: Tuning::default(),
             metrics: None,
+            ha: None,
             warnings: Vec::new(),
             known_vnets: Vec::new(),
         };
@@ -88,6 +90,7 @@ impl Config {
                 Section::Peer => parse_peer(cfg, line, kv, &err),
                 Section::Tuning => parse_tuning(cfg, kv, &err),
                 Section::Metrics => parse_metrics(cfg, kv, &err),
+                Section::Ha => parse_ha(cfg, line, kv, &err),
             }
         };
 
@@ -123,6 +126,12 @@ impl Config {
                         Section::Metrics
                     }
                     "peer" => Section::Peer,
+                    "ha" => {
+                        if cfg.ha.is_some() {
+                            return Err(err(lineno, "a second [HA] section: merge it into the first".into()));
+                        }
+                        Section::Ha
+                    }
                     "tuning" => {
                         if seen_tuning {
                             return Err(err(lineno, "a second [Tuning] section: merge it into the first".into()));
@@ -134,7 +143,7 @@ impl Config {
                         return Err(err(
                             lineno,
                             format!(
-                                "unknown section [{}]: subway knows [Interface], [Lan], [Peer], [Tuning] and [Metrics]",
+                                "unknown section [{}]: subway knows [Interface], [Lan], [Peer], [HA], [Tuning] and [Metrics]",
                                 &line[1..line.len() - 1]
                             ),
                         ));

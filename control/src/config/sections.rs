@@ -2,7 +2,7 @@
 //! section's `Key = Value` lines in file order.
 
 use super::values::{ErrFn, parse_bool, parse_key, parse_num, parse_prefixes, parse_ranges, vnet_name};
-use super::{Config, ConfigError, LanSection, PeerSection};
+use super::{Config, ConfigError, HaSection, LanSection, PeerSection};
 use std::net::{SocketAddr, ToSocketAddrs};
 use subway_dataplane::{BindMode, XdpAttach};
 
@@ -188,6 +188,46 @@ pub(super) fn parse_peer(cfg: &mut Config, sline: usize, kv: Entries, err: &ErrF
         persistent_keepalive: keepalive,
         vnet,
     });
+    Ok(())
+}
+
+pub(super) fn parse_ha(cfg: &mut Config, sline: usize, kv: Entries, err: &ErrFn) -> Result<(), ConfigError> {
+    let mut ha = HaSection {
+        line: sline,
+        virtual_addresses: Vec::new(),
+    };
+    for (k, v, line) in kv {
+        match k.to_ascii_lowercase().as_str() {
+            "virtualaddress" => {
+                for w in v.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+                    // keepalived writes them as 10.1.0.1/24: the address is what counts.
+                    let a: std::net::IpAddr = w.split('/').next().unwrap_or(w).parse().map_err(|_| {
+                        err(
+                            line,
+                            format!(
+                                "VirtualAddress `{w}` is not an IP address: list the addresses keepalived's \
+                                 virtual_ipaddress moves, e.g. `VirtualAddress = 10.1.0.1, fd01::1`"
+                            ),
+                        )
+                    })?;
+                    if ha.virtual_addresses.contains(&a) {
+                        return Err(err(line, format!("VirtualAddress {a} is listed twice")));
+                    }
+                    ha.virtual_addresses.push(a);
+                }
+            }
+            _ => return Err(err(line, format!("unknown key `{k}` in [HA]: expected VirtualAddress"))),
+        }
+    }
+    if ha.virtual_addresses.is_empty() {
+        return Err(err(
+            sline,
+            "[HA] without a VirtualAddress: list the addresses keepalived moves to the active box \
+             (this box is active while it holds one of them)"
+                .into(),
+        ));
+    }
+    cfg.ha = Some(ha);
     Ok(())
 }
 

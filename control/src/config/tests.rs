@@ -332,3 +332,41 @@ fn routes_through_lan_routers_are_parsed_and_refused_with_line_and_fix() {
         );
     }
 }
+
+#[test]
+fn the_ha_section_names_the_virtual_addresses_and_bad_ones_are_refused_with_line_and_fix() {
+    let base = |ha: &str| {
+        format!(
+            "[Interface]\nPrivateKey = {KEY_A}\nListenPort = 51820\nUplink = wan0\n\n[Lan]\nInterface = lan0\n\n{ha}\n\
+             [Peer]\nPublicKey = {KEY_B}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 10.2.0.0/24\n"
+        )
+    };
+    let c = parse(&base("[HA]\nVirtualAddress = 10.1.0.1/24, fd01::1")).unwrap();
+    let ha = c.ha.expect("an [HA] section");
+    assert_eq!(ha.line, 9);
+    assert_eq!(
+        ha.virtual_addresses,
+        vec![
+            "10.1.0.1".parse::<std::net::IpAddr>().unwrap(),
+            "fd01::1".parse().unwrap()
+        ]
+    );
+    assert!(parse(&base("")).unwrap().ha.is_none());
+    for (ha, line, want) in [
+        ("[HA]\nVirtualAddress = 10.1.0", 10, "not an IP address"),
+        ("[HA]\nVirtualAddress = 10.1.0.1, 10.1.0.1", 10, "listed twice"),
+        ("[HA]\n", 9, "without a VirtualAddress"),
+        ("[HA]\nPriority = 100", 10, "unknown key `Priority` in [HA]"),
+        (
+            "[HA]\nVirtualAddress = 10.1.0.1\n[HA]\nVirtualAddress = 10.1.0.2",
+            11,
+            "a second [HA]",
+        ),
+    ] {
+        let e = parse(&base(ha)).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("site-a.conf:{line}:")) && e.contains(want),
+            "{ha}: {e}"
+        );
+    }
+}

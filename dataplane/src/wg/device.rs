@@ -15,6 +15,7 @@ use super::messages::{self, INITIATION_LEN, Message, RESPONSE_LEN, init, resp};
 use super::noise::{self, public_key};
 use super::peer::{MAX_QUEUED, Peer, PeerConfig};
 use super::session::Session;
+use super::timers::Timers;
 use super::{MAX_TIMER_HANDSHAKES, Now, REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX, WgError, random_u32};
 use crate::fib::AllowedIps;
 use std::collections::HashMap;
@@ -67,7 +68,21 @@ pub struct Device {
     rekey_after: Duration,
     /// Cryptokey routing over the peers' AllowedIPs.
     allowed: AllowedIps,
+    /// The standby of an HA pair ([`Device::set_standby`]).
+    standby: bool,
+    /// When this box last became active (HA), for [`ACTIVATION_WINDOW`].
+    activated: Option<Duration>,
 }
+
+/// After a box becomes active (HA), a peer without a session is asked
+/// again every [`ACTIVATION_RETRY`] instead of every REKEY_TIMEOUT, for
+/// this long: a lost first initiation, or one the peer refused because
+/// this box's clock is behind the other box's (its TAI64N was not newer
+/// than the last the peer saw for our key), costs a tenth of a second,
+/// not five. Peers accept an initiation every 20 ms at most, so this is
+/// well within what they take.
+pub const ACTIVATION_WINDOW: Duration = Duration::from_secs(3);
+pub const ACTIVATION_RETRY: Duration = Duration::from_millis(100);
 
 /// When a wanted handshake (a peer added, an endpoint changed, a rekey
 /// asked for on receive) may start: not while one is under way, at most
@@ -103,7 +118,56 @@ impl Device {
             index: HashMap::new(),
             rekey_after: super::REKEY_AFTER_TIME,
             allowed: AllowedIps::default(),
+            standby: false,
+            activated: None,
         }
+    }
+
+    /// HA: the standby shares the active box's private key, so it must
+    /// send nothing to the peers (an initiation would make them roam to
+    /// it) and hold no session: every key is wiped and every timer
+    /// stopped; it drops what it receives. Leaving standby (this box
+    /// became the active one) asks every peer with an endpoint for a
+    /// handshake at once, retried every [`ACTIVATION_RETRY`] for
+    /// [`ACTIVATION_WINDOW`], so that they roam to this box by the
+    /// ordinary WireGuard rules. Returns whether anything changed.
+    pub fn set_standby(&mut self, standby: bool, now: Duration) -> bool {
+        if self.standby == standby {
+            return false;
+        }
+        self.standby = standby;
+        if standby {
+            self.activated = None;
+            let mut gone = Vec::new();
+            for p in self.peers.iter_mut() {
+                gone.extend(p.zero_keys());
+                p.want_handshake = false;
+                p.timers = Timers::new(p.timers.persistent_interval);
+            }
+            self.forget(gone);
+        } else {
+            self.activated = Some(now);
+            for p in self.peers.iter_mut().filter(|p| !p.removed && p.endpoint.is_some()) {
+                p.want_handshake = true;
+                p.last_initiation_sent = None;
+                p.timers.handshake_attempts = 0;
+            }
+        }
+        true
+    }
+
+    pub fn is_standby(&self) -> bool {
+        self.standby
+    }
+
+    /// Within [`ACTIVATION_WINDOW`] of becoming active, when `p` (without a
+    /// session) may be asked again.
+    fn activation_retry_at(&self, p: &Peer, now: Duration) -> Option<Duration> {
+        let since = self.activated?;
+        if now.saturating_sub(since) > ACTIVATION_WINDOW || p.current.is_some() || p.endpoint.is_none() || p.removed {
+            return None;
+        }
+        Some(p.last_initiation_sent.map_or(now, |t| t + ACTIVATION_RETRY))
     }
 
     /// Shortens REKEY_AFTER_TIME, for tests that must see rekeys under
@@ -248,6 +312,9 @@ impl Device {
 
     /// Builds a handshake initiation to `peer` (timers and index updated).
     pub fn initiate(&mut self, peer: u32, now: Now) -> Result<Outgoing, WgError> {
+        if self.standby {
+            return Err(WgError::Standby);
+        }
         let pi = peer as usize;
         if pi >= self.peers.len() {
             return Err(WgError::UnknownPeer);
@@ -291,6 +358,9 @@ impl Device {
     /// Processes one datagram received from `src`. Data messages are
     /// decrypted in place in `datagram`.
     pub fn receive(&mut self, src: SocketAddr, datagram: &mut [u8], now: Now) -> Result<Received, WgError> {
+        if self.standby {
+            return Err(WgError::Standby);
+        }
         match Message::parse(datagram)? {
             Message::Initiation(m) => {
                 let m = *m;
@@ -506,6 +576,9 @@ impl Device {
     /// session the packet is queued (bounded) and a handshake is wanted:
     /// `Ok(None)`; call [`Device::tick`] to send the initiation.
     pub fn send(&mut self, peer: u32, packet: &[u8], now: Now) -> Result<Option<Outgoing>, WgError> {
+        if self.standby {
+            return Err(WgError::Standby);
+        }
         let p = self.peers.get_mut(peer as usize).ok_or(WgError::UnknownPeer)?;
         let Some(s) = p.send_session(now.mono).cloned() else {
             if !packet.is_empty() {
@@ -592,6 +665,9 @@ impl Device {
     /// handshake or has packets queued for one. The driver sleeps until
     /// then (or until a datagram, a packet or a traffic note arrives).
     pub fn next_deadline(&self, now: Duration) -> Option<Duration> {
+        if self.standby {
+            return None;
+        }
         self.peers
             .iter()
             .filter(|p| !p.removed)
@@ -599,16 +675,23 @@ impl Device {
                 if !p.queue.is_empty() && p.send_session(now).is_some() {
                     return Some(now);
                 }
-                [p.timers.next_deadline(), wanted_handshake_at(p)]
-                    .into_iter()
-                    .flatten()
-                    .min()
+                [
+                    p.timers.next_deadline(),
+                    wanted_handshake_at(p),
+                    self.activation_retry_at(p, now),
+                ]
+                .into_iter()
+                .flatten()
+                .min()
             })
             .min()
     }
 
     pub fn tick(&mut self, now: Now) -> Vec<Outgoing> {
         let mut out = Vec::new();
+        if self.standby {
+            return out;
+        }
         for id in 0..self.peers.len() as u32 {
             // A responder's next session the workers saw traffic on becomes current.
             let p = &mut self.peers[id as usize];
@@ -664,6 +747,11 @@ impl Device {
                 p.timers.handshake_attempts = 0;
                 initiate = true;
             }
+            let p = &self.peers[id as usize];
+            if self.activation_retry_at(p, now.mono).is_some_and(|at| at <= now.mono) {
+                initiate = true;
+            }
+            let p = &mut self.peers[id as usize];
             if initiate
                 && p.endpoint.is_some()
                 && let Ok(o) = self.initiate(id, now)
@@ -974,6 +1062,110 @@ mod tests {
         assert_eq!(
             b.receive(A.parse().unwrap(), &mut k, now).unwrap(),
             Received::Keepalive { peer: 0 }
+        );
+    }
+
+    /// An HA pair: `a` and a second box with `a`'s key (the standby),
+    /// at another address.
+    #[test]
+    fn a_standby_sends_and_accepts_nothing_and_takes_over_with_one_handshake() {
+        let (mut a, mut b, now) = pair();
+        let (mut s, _, _) = pair();
+        const S: &str = "192.0.2.3:51820";
+        assert!(s.set_standby(true, now.mono));
+        assert!(!s.set_standby(true, now.mono), "no change");
+        // The active box handshakes; the standby stays silent whatever happens.
+        let init = a.tick(now).remove(0).datagram;
+        complete(&mut a, &mut b, init, now);
+        assert!(s.tick(now).is_empty());
+        assert_eq!(s.next_deadline(now.mono), None);
+        assert_eq!(
+            s.send(0, &ipv4([10, 1, 0, 5], [10, 2, 0, 5], b"x"), now),
+            Err(WgError::Standby)
+        );
+        let mut from_b = b.send(0, &[], now).unwrap().unwrap().datagram;
+        assert_eq!(s.receive(B.parse().unwrap(), &mut from_b, now), Err(WgError::Standby));
+
+        // The active box dies; the standby becomes active 100 ms later and
+        // asks at once. Its first initiation is lost: asked again 100 ms
+        // later, not REKEY_TIMEOUT.
+        let t1 = Now {
+            mono: now.mono + Duration::from_millis(100),
+            unix: now.unix + Duration::from_millis(100),
+        };
+        assert!(s.set_standby(false, t1.mono));
+        assert!(s.next_deadline(t1.mono).is_some_and(|d| d <= t1.mono));
+        let lost = s.tick(t1);
+        assert_eq!(lost.len(), 1);
+        assert_eq!(lost[0].datagram[0], 1, "an initiation");
+        let t2 = Now {
+            mono: t1.mono + ACTIVATION_RETRY,
+            unix: t1.unix + ACTIVATION_RETRY,
+        };
+        assert_eq!(s.next_deadline(t1.mono), Some(t2.mono));
+        let mut m1 = s.tick(t2).remove(0).datagram;
+        // The far peer answers it and roams to the new box.
+        let Received::Send(r) = b.receive(S.parse().unwrap(), &mut m1, t2).unwrap() else {
+            panic!()
+        };
+        assert_eq!(b.peer(0).unwrap().endpoint, Some(S.parse().unwrap()));
+        let mut m2 = r[0].datagram.clone();
+        let Received::Send(k) = s.receive(B.parse().unwrap(), &mut m2, t2).unwrap() else {
+            panic!()
+        };
+        let mut k = k[0].datagram.clone();
+        assert_eq!(
+            b.receive(S.parse().unwrap(), &mut k, t2).unwrap(),
+            Received::Keepalive { peer: 0 }
+        );
+        // Done: no more activation retries.
+        assert!(
+            s.tick(Now {
+                mono: t2.mono + ACTIVATION_RETRY,
+                ..t2
+            })
+            .is_empty()
+        );
+
+        // The old active box comes back as standby: its keys are gone.
+        assert!(a.set_standby(true, t2.mono));
+        assert!(a.peer(0).unwrap().current.is_none() && a.sessions().next().is_none());
+    }
+
+    #[test]
+    fn a_new_active_box_whose_clock_is_behind_is_accepted_once_its_retries_pass_the_old_timestamp() {
+        let (mut a, mut b, now) = pair();
+        let (mut s, _, _) = pair();
+        s.set_standby(true, now.mono);
+        let init = a.tick(now).remove(0).datagram;
+        complete(&mut a, &mut b, init, now);
+        // s's clock is 250 ms behind a's: its first initiations carry an
+        // older TAI64N than the last b saw for this key, and b refuses them.
+        let skew = Duration::from_millis(250);
+        s.set_standby(false, now.mono);
+        let mut accepted_after = None;
+        for i in 0..10u32 {
+            let at = Now {
+                mono: now.mono + ACTIVATION_RETRY * i,
+                unix: now.unix + ACTIVATION_RETRY * i - skew,
+            };
+            let mut out = s.tick(at);
+            if out.is_empty() {
+                continue;
+            }
+            match b.receive("192.0.2.3:51820".parse().unwrap(), &mut out[0].datagram, at) {
+                Err(WgError::ReplayedInitiation) => {}
+                Ok(Received::Send(_)) => {
+                    accepted_after = Some(ACTIVATION_RETRY * i);
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let after = accepted_after.expect("never accepted within a second");
+        assert!(
+            after > skew && after <= skew + ACTIVATION_RETRY,
+            "accepted after {after:?}"
         );
     }
 

@@ -107,6 +107,8 @@ subway_common::named_counters! {
         RateLimited = "wg_rate_limited",
         #[error("output buffer too small")]
         BufferTooSmall = "wg_buffer_too_small",
+        #[error("this box is the standby of an HA pair: it sends and accepts nothing")]
+        Standby = "wg_standby",
     }
 }
 
