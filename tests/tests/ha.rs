@@ -47,13 +47,18 @@ impl Pair {
             t.a.run(&["ip", "link", "set", &format!("p{n}"), "master", "br0"])?;
             t.inet.run(&["ip", "link", "set", &format!("p{n}"), "master", "br0"])?;
             g.sh(&format!(
-                "ip addr add 10.1.0.1{n}/24 dev lan0 && ip addr add 192.0.2.1{n}/24 dev wan0"
+                "ip addr add 10.1.0.1{n}/24 dev lan0 && ip -6 addr add fd01::1{n}/64 dev lan0 nodad && \
+                 ip addr add 192.0.2.1{n}/24 dev wan0"
             ))?;
             g.sysctl("net.ipv4.ip_forward", "1")?;
+            g.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         }
         veth(&t.inet, "pb", &t.b, "wan0")?;
         t.inet.run(&["ip", "link", "set", "pb", "master", "br0"])?;
-        t.a.sh("ip addr add 10.1.0.2/24 dev br0 && ip route add default via 10.1.0.1")?;
+        t.a.sh(
+            "ip addr add 10.1.0.2/24 dev br0 && ip route add default via 10.1.0.1 && \
+             ip -6 addr add fd01::2/64 dev br0 nodad && ip -6 route add default via fd01::1",
+        )?;
         t.b.sh("ip addr add 192.0.2.2/24 dev wan0")?;
         Ok(t)
     }
@@ -62,8 +67,8 @@ impl Pair {
     fn config(&self) -> String {
         format!(
             "[Interface]\nPrivateKey = {}\nListenPort = 51820\nUplink = wan0\n\n[Lan]\nInterface = lan0\n\n\
-             [HA]\nVirtualAddress = 10.1.0.1\n\n\
-             [Peer]\nPublicKey = {}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 10.2.0.0/24\n",
+             [HA]\nVirtualAddress = 10.1.0.1, fd01::1\n\n\
+             [Peer]\nPublicKey = {}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 10.2.0.0/24, fd02::/64\n",
             self.site_keys.0, self.b_keys.1
         )
     }
@@ -78,9 +83,11 @@ impl Pair {
             51820,
             &self.site_keys.1,
             "192.0.2.11:51820",
-            &["10.1.0.0/24"],
+            &["10.1.0.0/24", "fd01::/64"],
         )?;
         self.b.run(&["ip", "addr", "add", "10.2.0.2/32", "dev", &p.ifname])?;
+        self.b
+            .run(&["ip", "-6", "addr", "add", "fd02::2/128", "dev", &p.ifname, "nodad"])?;
         Ok(p)
     }
 }
@@ -93,6 +100,7 @@ fn keepalived_config(tun: &str, priority: u8) -> String {
         "global_defs {{\n  vrrp_version 3\n  dynamic_interfaces\n  script_user root\n  enable_script_security\n}}\n\
          vrrp_instance site {{\n  state BACKUP\n  nopreempt\n  interface lan0\n  virtual_router_id 51\n  \
          priority {priority}\n  advert_int 0.03\n  virtual_ipaddress {{\n    10.1.0.1/24 dev lan0\n  }}\n  \
+         virtual_ipaddress_excluded {{\n    fd01::1/64 dev lan0\n  }}\n  \
          track_interface {{\n    {tun}\n    wan0\n  }}\n}}\n"
     )
 }
@@ -163,24 +171,46 @@ fn paced_tcp(
 struct Failover {
     to_b: FlowReport,
     to_a: FlowReport,
+    to_b6: FlowReport,
+    to_a6: FlowReport,
     /// From the failure to subway on the new box logging ACTIVE (VRRP's part).
     vrrp_ms: f64,
 }
 
 impl Failover {
+    fn flows(&self) -> [(&'static str, &FlowReport); 4] {
+        [
+            ("a->b IPv4", &self.to_b),
+            ("b->a IPv4", &self.to_a),
+            ("a->b IPv6", &self.to_b6),
+            ("b->a IPv6", &self.to_a6),
+        ]
+    }
+
     fn report(&self, what: &str) {
-        let gap = |r: &FlowReport| r.longest_gap().as_secs_f64() * 1e3;
         eprintln!(
-            "{what}: a->b longest gap {:.0} ms ({:?}); b->a longest gap {:.0} ms ({:?}); \
-             VRRP (failure to the new box's transition) {:.0} ms; subway's share {:.0} / {:.0} ms",
-            gap(&self.to_b),
-            self.to_b,
-            gap(&self.to_a),
-            self.to_a,
-            self.vrrp_ms,
-            gap(&self.to_b) - self.vrrp_ms,
-            gap(&self.to_a) - self.vrrp_ms,
+            "{what}: VRRP (failure to the new box's transition) {:.0} ms",
+            self.vrrp_ms
         );
+        for (dir, r) in self.flows() {
+            let gap = r.longest_gap().as_secs_f64() * 1e3;
+            eprintln!(
+                "  {dir}: longest gap {gap:.0} ms, subway's share {:.0} ms ({r:?})",
+                gap - self.vrrp_ms
+            );
+        }
+    }
+
+    /// Every flow resumed: generous bounds for a small shared machine
+    /// (the figures are in the report).
+    fn check(&self) {
+        for (dir, r) in self.flows() {
+            assert!(
+                r.longest_gap() < Duration::from_secs(1) && r.lost < 1000,
+                "{dir}: longest gap {:?} ({r:?})",
+                r.longest_gap()
+            );
+        }
     }
 }
 
@@ -189,6 +219,8 @@ impl Failover {
 fn failover_under_traffic(t: &Pair, g2: &Subway, fail: impl FnOnce() -> Result<()>) -> Result<Failover> {
     let to_b = UdpFlow::start(&t.a, &t.b, "10.2.0.2:7100".parse()?, 4000, 1000, 100)?;
     let to_a = UdpFlow::start(&t.b, &t.a, "10.1.0.2:7101".parse()?, 4000, 1000, 100)?;
+    let to_b6 = UdpFlow::start(&t.a, &t.b, "[fd02::2]:7104".parse()?, 4000, 1000, 100)?;
+    let to_a6 = UdpFlow::start(&t.b, &t.a, "[fd01::2]:7105".parse()?, 4000, 1000, 100)?;
     let (tcp, failed_at) = std::thread::scope(|s| -> Result<_> {
         let tcp = s.spawn(|| {
             paced_tcp(
@@ -206,6 +238,7 @@ fn failover_under_traffic(t: &Pair, g2: &Subway, fail: impl FnOnce() -> Result<(
         Ok((tcp, failed_at))
     })?;
     let (to_b, to_a) = (to_b.finish()?, to_a.finish()?);
+    let (to_b6, to_a6) = (to_b6.finish()?, to_a6.finish()?);
     let (bytes, seen) = tcp.context("the TCP stream across the failover")?;
     assert_eq!(bytes, 3000 * 1024, "the TCP stream lost data or was cut");
     assert_eq!(
@@ -218,6 +251,8 @@ fn failover_under_traffic(t: &Pair, g2: &Subway, fail: impl FnOnce() -> Result<(
     Ok(Failover {
         to_b,
         to_a,
+        to_b6,
+        to_a6,
         vrrp_ms: (active_at - failed_at) * 1e3,
     })
 }
@@ -275,13 +310,7 @@ fn the_standby_takes_over_when_the_active_subway_is_killed_and_the_recovered_box
         endpoint.contains("192.0.2.12:51820"),
         "the far side did not roam to g2: {endpoint}"
     );
-    for (dir, r) in [("a->b", &f.to_b), ("b->a", &f.to_a)] {
-        assert!(
-            r.longest_gap() < Duration::from_secs(1),
-            "{dir}: longest gap {:?} ({r:?})",
-            r.longest_gap()
-        );
-    }
+    f.check();
 
     // g1 comes back: its keepalived sees the TUN again, and with nopreempt
     // the box stays standby; traffic through g2 does not notice.
@@ -315,12 +344,6 @@ fn the_standby_takes_over_when_the_active_box_drops_off_the_network() -> Result<
     if !endpoint.contains("192.0.2.12:51820") {
         bail!("the far side did not roam to g2: {endpoint}");
     }
-    for (dir, r) in [("a->b", &f.to_b), ("b->a", &f.to_a)] {
-        assert!(
-            r.longest_gap() < Duration::from_secs(1),
-            "{dir}: longest gap {:?} ({r:?})",
-            r.longest_gap()
-        );
-    }
+    f.check();
     Ok(())
 }
