@@ -12,7 +12,7 @@
 use crate::config::Config;
 use crate::protocol::{self, Request};
 use crate::status::{LocalRefused, Rates, Reloads, Status};
-use crate::{ctl, gateway, live, liveness, metrics, routes, uapi};
+use crate::{ctl, gateway, health, live, liveness, metrics, routes, uapi};
 use anyhow::{Context, Result, bail};
 use std::os::fd::RawFd;
 use std::path::Path;
@@ -328,7 +328,8 @@ impl State {
         }
     }
 
-    /// Requests on the control socket (`subway show`, `reload`, `route`).
+    /// Requests on the control socket (`subway show`, `reload`, `route`,
+    /// `health`).
     fn on_ctl(&mut self, io: &mut Io) {
         // Clients the local sockets closed on, by reason (read before
         // serving: the server is busy answering).
@@ -346,6 +347,18 @@ impl State {
                     r.unwrap_or_else(|e| protocol::error(format!("{e:#}")))
                 }
                 Ok(Request::Route { query }) => routes::answer(&self.cfg, &self.dp, &query),
+                Ok(Request::Health {
+                    handshake_within_secs,
+                    stall_ms,
+                }) => {
+                    let peers = self.gw.as_ref().map(|g| g.peers_status(&self.cfg, &self.dp));
+                    let input = health::gather(&mut self.dp, &mut self.liveness, &peers.unwrap_or_default());
+                    let limits = health::Limits::new(handshake_within_secs, stall_ms);
+                    // Every box is active, since its start, until an
+                    // active/standby role exists to say otherwise.
+                    let h = health::verdict(&input, &limits, true, self.started, Instant::now());
+                    serde_json::to_value(h).unwrap_or_else(protocol::error)
+                }
                 Err(e) => protocol::error(e),
             };
             answer.to_string()

@@ -1,7 +1,8 @@
 //! `subway`: parses the command line and dispatches. Where things are:
 //! - [`daemon`]: `subway run`, the control thread's loop;
 //! - [`commands`]: the other commands (check, fence, down, show, reload,
-//!   route), clients of the control socket or of the kernel's state;
+//!   route, health), clients of the control socket or of the kernel's state;
+//! - [`health`]: the verdict `subway health` asks the control thread for;
 //! - [`protocol`] and [`ctl`]: the control socket's typed requests and the
 //!   socket itself; [`local`]: the server every local socket uses;
 //! - [`status`]: the typed status `show`, `show --json` and [`metrics`]
@@ -15,6 +16,7 @@ mod config;
 mod ctl;
 mod daemon;
 mod gateway;
+mod health;
 mod live;
 mod liveness;
 mod local;
