@@ -233,9 +233,12 @@ pub fn health(name: &str, handshake_within_secs: Option<u64>, stall_ms: Option<u
             Some(why) => (failed(format!("not running: {why}")), Some(why)),
             None => (failed(format!("cannot ask the instance: {e}")), None),
         },
+        Ok(reply) if reply.trim().is_empty() => (
+            failed("the instance closed the connection without answering".into()),
+            None,
+        ),
         Ok(reply) => {
             let h = match serde_json::from_str::<Value>(&reply) {
-                _ if reply.trim().is_empty() => failed("the instance closed the connection without answering".into()),
                 Ok(v) if v.get("error").is_some() => failed(format!(
                     "the instance cannot answer: {}",
                     v["error"].as_str().unwrap_or("error")
