@@ -1,14 +1,17 @@
 //! The commands a user runs against an instance or a config file, besides
-//! `subway run` (daemon.rs): check, fence, down, show, reload, route.
+//! `subway run` (daemon.rs): check, fence, down, show, reload, route,
+//! health.
 //! Each is a client of the control socket (ctl.rs, protocol.rs) or of the
 //! kernel's fail-safe state, never of a running instance's memory.
 
+use crate::health::Health;
 use crate::protocol::{Request, RouteQuery};
 use crate::status::Status;
 use crate::{ctl, local};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub fn check(path: &Path) -> Result<()> {
     let cfg = crate::load(path)?;
@@ -206,4 +209,74 @@ pub fn show(name: Option<String>, as_json: bool) -> Result<()> {
     let st: Status = serde_json::from_value(v).context("the instance's status is not what this subway reads")?;
     print!("{st}");
     Ok(())
+}
+
+/// How long `subway health` waits for the instance, all told: keepalived
+/// runs it every few seconds, and a control thread that cannot answer
+/// within a second is wedged.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `subway health NAME`: prints one line (or the JSON) and returns whether
+/// the instance can carry traffic; the exit status follows it.
+pub fn health(name: &str, handshake_within_secs: Option<u64>, stall_ms: Option<u64>, as_json: bool) -> bool {
+    let req = Request::Health {
+        handshake_within_secs,
+        stall_ms,
+    };
+    let failed = |reason: String| Health {
+        healthy: false,
+        reason: Some(reason),
+        checks: Vec::new(),
+    };
+    let (h, not_running) = match ctl::request_within(name, &req, HEALTH_TIMEOUT) {
+        Err(e) => match not_running(name, &e) {
+            Some(why) => (failed(format!("not running: {why}")), Some(why)),
+            None => (failed(format!("cannot ask the instance: {e}")), None),
+        },
+        Ok(reply) if reply.trim().is_empty() => (
+            failed("the instance closed the connection without answering".into()),
+            None,
+        ),
+        Ok(reply) => {
+            let h = match serde_json::from_str::<Value>(&reply) {
+                Ok(v) if v.get("error").is_some() => failed(format!(
+                    "the instance cannot answer: {}",
+                    v["error"].as_str().unwrap_or("error")
+                )),
+                Ok(v) => serde_json::from_value(v)
+                    .unwrap_or_else(|e| failed(format!("the instance's answer is not what this subway reads ({e})"))),
+                Err(e) => failed(format!("the instance sent invalid JSON ({e})")),
+            };
+            (h, None)
+        }
+    };
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&h).unwrap_or_default());
+    } else if let Some(why) = not_running {
+        println!("{name}: not running: {why}");
+    } else if h.healthy {
+        println!("{name}: healthy");
+    } else {
+        println!("{name}: unhealthy: {}", h.reason.as_deref().unwrap_or("?"));
+    }
+    h.healthy
+}
+
+/// Why instance `name` is not running, if `e` (from its control socket)
+/// says so: no socket, a stale one, or no answer in time.
+fn not_running(name: &str, e: &std::io::Error) -> Option<String> {
+    let path = ctl::socket_path(name);
+    let path = path.display();
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        NotFound => Some(format!("no control socket {path}")),
+        ConnectionRefused => Some(format!(
+            "{path} refuses connections (a stale socket: the process is gone)"
+        )),
+        TimedOut | WouldBlock => Some(format!(
+            "no answer on {path} within {} ms (the control thread is wedged or stopped)",
+            HEALTH_TIMEOUT.as_millis()
+        )),
+        _ => None,
+    }
 }

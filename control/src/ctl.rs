@@ -1,7 +1,7 @@
 //! The control socket: a running instance answers requests on
 //! /run/subway/NAME.sock. One request per connection, a JSON line in
-//! (protocol.rs), JSON out. Used by `subway show`, `reload` and `route`
-//! (and by scripts).
+//! (protocol.rs), JSON out. Used by `subway show`, `reload`, `route` and
+//! `health` (and by scripts).
 
 use crate::local::RequestServer;
 use crate::protocol::Request;
@@ -52,10 +52,13 @@ impl CtlServer {
     }
 }
 
+/// How long `show`, `reload` and `route` wait for an answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Sends one request to instance `name` and returns its answer; an
 /// answer that is `{"error": ...}` is an error.
 pub fn ask(name: &str, req: &Request) -> anyhow::Result<serde_json::Value> {
-    let reply = request(name, &req.to_line())?;
+    let reply = request(name, &req.to_line(), ASK_TIMEOUT)?;
     let v: serde_json::Value =
         serde_json::from_str(&reply).map_err(|e| anyhow::anyhow!("instance {name} sent invalid JSON ({e})"))?;
     if let Some(e) = v.get("error") {
@@ -64,8 +67,30 @@ pub fn ask(name: &str, req: &Request) -> anyhow::Result<serde_json::Value> {
     Ok(v)
 }
 
-/// Sends one request line to instance `name` and returns the reply.
-fn request(name: &str, req: &str) -> std::io::Result<String> {
+/// Sends one request to instance `name` and returns the reply, all of it
+/// (connect, send, answer) within `timeout`, or an error of kind
+/// `TimedOut`. A control thread that does not accept (wedged, or the
+/// process stopped) would otherwise hold a connect once the listen
+/// backlog is full, where a read timeout does not reach: the exchange
+/// runs on a thread of its own, left behind if it overruns (callers are
+/// one-shot commands that exit right after).
+pub fn request_within(name: &str, req: &Request, timeout: Duration) -> std::io::Result<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (name, line) = (name.to_string(), req.to_line());
+    std::thread::spawn(move || {
+        let _ = tx.send(request(&name, &line, timeout));
+    });
+    rx.recv_timeout(timeout).unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {} ms", timeout.as_millis()),
+        ))
+    })
+}
+
+/// Sends one request line to instance `name` and returns the reply,
+/// waiting at most `timeout` for each read.
+fn request(name: &str, req: &str, timeout: Duration) -> std::io::Result<String> {
     let path = socket_path(name);
     let mut s = UnixStream::connect(&path).map_err(|e| {
         std::io::Error::new(
@@ -73,7 +98,8 @@ fn request(name: &str, req: &str) -> std::io::Result<String> {
             format!("{}: {e} (is `subway run` running for {name}?)", path.display()),
         )
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
     s.write_all(format!("{req}\n").as_bytes())?;
     s.shutdown(std::net::Shutdown::Write)?;
     let mut out = String::new();

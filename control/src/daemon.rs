@@ -12,7 +12,7 @@
 use crate::config::Config;
 use crate::protocol::{self, Request};
 use crate::status::{LocalRefused, Rates, Reloads, Status};
-use crate::{ctl, gateway, ha, live, liveness, metrics, routes, uapi};
+use crate::{ctl, gateway, ha, health, live, liveness, metrics, routes, uapi};
 use anyhow::{Context, Result, bail};
 use std::os::fd::RawFd;
 use std::path::Path;
@@ -349,7 +349,8 @@ impl State {
         }
     }
 
-    /// Requests on the control socket (`subway show`, `reload`, `route`).
+    /// Requests on the control socket (`subway show`, `reload`, `route`,
+    /// `health`).
     fn on_ctl(&mut self, io: &mut Io) {
         // Clients the local sockets closed on, by reason (read before
         // serving: the server is busy answering).
@@ -367,6 +368,22 @@ impl State {
                     r.unwrap_or_else(|e| protocol::error(format!("{e:#}")))
                 }
                 Ok(Request::Route { query }) => routes::answer(&self.cfg, &self.dp, &query),
+                Ok(Request::Health {
+                    handshake_within_secs,
+                    stall_ms,
+                }) => {
+                    let peers = self.gw.as_ref().map(|g| g.peers_status(&self.cfg, &self.dp));
+                    let input = health::gather(&mut self.dp, &mut self.liveness, &peers.unwrap_or_default());
+                    let limits = health::Limits::new(handshake_within_secs, stall_ms);
+                    // A standby box is healthy without handshakes; an
+                    // active one is given the limit from when it became so.
+                    let (active, since) = match &self.ha {
+                        Some(h) => (h.active, h.since()),
+                        None => (true, self.started),
+                    };
+                    let h = health::verdict(&input, &limits, active, since, Instant::now());
+                    serde_json::to_value(h).unwrap_or_else(protocol::error)
+                }
                 Err(e) => protocol::error(e),
             };
             answer.to_string()

@@ -109,6 +109,11 @@ impl Ha {
         Some(active)
     }
 
+    /// When the current role began (the start, or the last change).
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
     pub fn status(&self) -> RoleStatus {
         RoleStatus {
             role: if self.active { "active" } else { "standby" }.into(),

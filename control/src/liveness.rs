@@ -6,6 +6,8 @@
 //! the instance exit on its own too (with or without systemd): its RX queue
 //! would otherwise be redirected into a socket nobody reads, a silent black
 //! hole; after the exit XDP is gone and the fail-safe table holds.
+//! `subway health` reads the same clocks ([`Liveness::still`]) against a
+//! shorter limit of its own.
 
 use std::time::{Duration, Instant};
 use subway_dataplane::Dataplane;
@@ -55,20 +57,32 @@ impl Liveness {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     }
 
+    /// Notes the workers' progress (a heartbeat that moved since the last
+    /// look restarts that worker's clock) and returns, by worker id, how
+    /// long each has been seen standing still. A look is the only clock:
+    /// a worker that stopped just after one is seen still from the next
+    /// (the control thread looks every round, at least once a second).
+    pub fn still(&mut self, dp: &Dataplane) -> Vec<(usize, Duration)> {
+        let now = Instant::now();
+        dp.workers()
+            .iter()
+            .zip(self.workers.iter_mut())
+            .map(|(w, (last, since))| {
+                let beat = w.stats.heartbeat();
+                if beat != *last {
+                    *last = beat;
+                    *since = now;
+                }
+                (w.info.id, now.duration_since(*since))
+            })
+            .collect()
+    }
+
     /// Called once per control round: notes the workers' progress, feeds
     /// the watchdog when everyone moved, and names a worker that stopped.
     pub fn check(&mut self, dp: &Dataplane) -> Result<(), String> {
+        let stalled = self.still(dp).into_iter().find(|(_, d)| *d > WORKER_STALL_LIMIT);
         let now = Instant::now();
-        let mut stalled = None;
-        for (w, (last, since)) in dp.workers().iter().zip(self.workers.iter_mut()) {
-            let beat = w.stats.heartbeat();
-            if beat != *last {
-                *last = beat;
-                *since = now;
-            } else if now.duration_since(*since) > WORKER_STALL_LIMIT {
-                stalled = Some((w.info.id, now.duration_since(*since)));
-            }
-        }
         if let Some((id, for_)) = stalled {
             return Err(format!(
                 "worker {id} made no progress for {} ms; exiting so that its queue is not a black hole \

@@ -1,7 +1,8 @@
 //! `subway`: parses the command line and dispatches. Where things are:
 //! - [`daemon`]: `subway run`, the control thread's loop;
 //! - [`commands`]: the other commands (check, fence, down, show, reload,
-//!   route), clients of the control socket or of the kernel's state;
+//!   route, health), clients of the control socket or of the kernel's state;
+//! - [`health`]: the verdict `subway health` asks the control thread for;
 //! - [`protocol`] and [`ctl`]: the control socket's typed requests and the
 //!   socket itself; [`local`]: the server every local socket uses;
 //! - [`status`]: the typed status `show`, `show --json` and [`metrics`]
@@ -16,6 +17,7 @@ mod ctl;
 mod daemon;
 mod gateway;
 mod ha;
+mod health;
 mod live;
 mod liveness;
 mod local;
@@ -113,6 +115,35 @@ enum Cmd {
         /// Instance name; optional when only one instance runs.
         name: Option<String>,
     },
+    /// Exit status 0 if a running instance can carry traffic now, else 1
+    /// with one line naming the reason (for keepalived's track_script).
+    ///
+    /// Checks, in this order, the first that fails being the reason: every
+    /// worker's loop turned within --stall-ms; the uplink is up with carrier
+    /// and the kernel routes every peer's endpoint through it; with
+    /// --handshake-within, some peer completed a handshake less than SECS
+    /// ago (not asked in the first SECS after the box became active: a
+    /// fresh box needs one round trip). Prints `NAME: healthy`, `NAME:
+    /// unhealthy: REASON`, or `NAME: not running: WHY` when the control
+    /// socket is missing, refuses connections or does not answer within
+    /// 1 s (a wedged control thread).
+    Health {
+        /// Instance name (the config file's stem).
+        name: String,
+        /// Require a handshake with some peer within the last SECS seconds.
+        /// With PersistentKeepalive an idle tunnel still renews its session
+        /// every 2 minutes (180 suits it); without, an idle tunnel makes no
+        /// handshakes.
+        #[arg(long, value_name = "SECS")]
+        handshake_within: Option<u64>,
+        /// Longest a worker's loop may stand still [default: 500].
+        #[arg(long, value_name = "MS")]
+        stall_ms: Option<u64>,
+        /// Print the instance's JSON answer (healthy, reason, checks)
+        /// instead of one line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a running instance: workers (queue, core, mode, packet and
     /// byte counters), drops and slow-path hand-offs by reason, XDP
     /// counters.
@@ -137,6 +168,16 @@ fn main() {
         Cmd::Show { name, json } => commands::show(name, json),
         Cmd::Reload { name } => commands::reload(name),
         Cmd::Route { query, name, json } => commands::route(name, query, json),
+        Cmd::Health {
+            name,
+            handshake_within,
+            stall_ms,
+            json,
+        } => std::process::exit(if commands::health(&name, handshake_within, stall_ms, json) {
+            0
+        } else {
+            1
+        }),
     };
     if let Err(e) = r {
         eprintln!("subway: {e:#}");

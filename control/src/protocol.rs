@@ -15,6 +15,17 @@ pub enum Request {
     Reload,
     /// A question about routes.
     Route { query: RouteQuery },
+    /// Can this box carry traffic? A [`crate::health::Health`]. Limits
+    /// left out take the daemon's defaults.
+    Health {
+        /// At least one peer completed a handshake within this many
+        /// seconds (checked only when given).
+        #[serde(default)]
+        handshake_within_secs: Option<u64>,
+        /// Longest a worker's loop may stand still, in milliseconds.
+        #[serde(default)]
+        stall_ms: Option<u64>,
+    },
 }
 
 /// `subway route ...`: the CLI's subcommands are the protocol's queries.
@@ -105,6 +116,14 @@ mod tests {
                     vnet: "blue".into(),
                 },
             },
+            Request::Health {
+                handshake_within_secs: Some(180),
+                stall_ms: None,
+            },
+            Request::Health {
+                handshake_within_secs: None,
+                stall_ms: Some(250),
+            },
             Request::Route {
                 query: RouteQuery::Explain {
                     vnet: "default".into(),
@@ -124,6 +143,14 @@ mod tests {
             assert_eq!(Request::parse(&line), Ok(r));
         }
         assert_eq!(Request::parse(r#"{"request":"show"}"#), Ok(Request::Show));
+        // A line without the optional limits (a script's, or an older CLI's).
+        assert_eq!(
+            Request::parse(r#"{"request":"health"}"#),
+            Ok(Request::Health {
+                handshake_within_secs: None,
+                stall_ms: None
+            })
+        );
         assert!(Request::parse("show").is_err());
         assert!(Request::parse(r#"{"request":"route","query":{"query":"get","address":"x"}}"#).is_err());
     }

@@ -47,7 +47,7 @@ pub mod xsk;
 pub use config::{DataplaneConfig, LanConfig, PeerRoutes, RouteChanges, UPLINK_VNET};
 pub use error::{Error, Result};
 pub use host::tun_name;
-pub use lifecycle::{Dataplane, WorkerHandle};
+pub use lifecycle::{Dataplane, UplinkNow, WorkerHandle};
 pub use plan::{fence_for_config, fib_from};
 pub use subway_common::{MAX_QUEUES, named_counters};
 pub use worker::WorkerInfo;

@@ -8,6 +8,7 @@ use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessa
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage, AddressScope},
+    link::{LinkAttribute, LinkFlags, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
 };
@@ -78,6 +79,16 @@ pub struct RouteInfo {
     pub oif: u32,
     pub gateway: Option<IpAddr>,
     pub src: Option<IpAddr>,
+}
+
+/// An interface's state as the kernel reports it (`ip link show`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkState {
+    pub name: String,
+    /// Administratively up (IFF_UP: `ip link set IF up`).
+    pub up: bool,
+    /// The lower layer is up (IFF_LOWER_UP: carrier, or a veth's far end up).
+    pub carrier: bool,
 }
 
 /// A route of the kernel's main table through routers: its prefix and its
@@ -428,6 +439,31 @@ impl Netlink {
         Ok((info.oif != 0).then_some(info))
     }
 
+    /// The state of interface `ifindex` as the kernel reports it now;
+    /// None when there is no such interface.
+    pub fn link_state(&mut self, ifindex: u32) -> io::Result<Option<LinkState>> {
+        let mut lm = LinkMessage::default();
+        lm.header.index = ifindex;
+        let m = self.request(RouteNetlinkMessage::GetLink(lm), NLM_F_REQUEST)?;
+        match m.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => Ok(Some(LinkState {
+                name: l
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        LinkAttribute::IfName(n) => Some(n.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| format!("ifindex {ifindex}")),
+                up: l.header.flags.contains(LinkFlags::Up),
+                carrier: l.header.flags.contains(LinkFlags::LowerUp),
+            })),
+            NetlinkPayload::Error(e) if e.code.is_some_and(|c| c.get() == -libc::ENODEV) => Ok(None),
+            NetlinkPayload::Error(e) if e.code.is_some() => Err(e.to_io()),
+            _ => Ok(None),
+        }
+    }
+
     /// Asks the kernel to resolve `ip` on `ifindex` (ARP or NDP), as a
     /// packet to it would (NTF_USE). Non-default VNETs use this: their
     /// packets never go through the kernel's routing, but the kernel's
@@ -498,6 +534,21 @@ mod tests {
         let lo = link_by_name("lo").unwrap().expect("lo exists");
         assert_eq!(lo.ifindex, 1);
         assert!(link_by_name("no-such-if0").unwrap().is_none());
+    }
+
+    #[test]
+    fn loopback_is_up_with_carrier_and_a_missing_link_is_none() {
+        let mut nl = Netlink::open().unwrap();
+        let lo = nl.link_state(1).unwrap().expect("lo exists");
+        assert_eq!(
+            lo,
+            LinkState {
+                name: "lo".into(),
+                up: true,
+                carrier: true
+            }
+        );
+        assert_eq!(nl.link_state(i32::MAX as u32).unwrap(), None);
     }
 
     #[test]

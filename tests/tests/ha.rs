@@ -15,8 +15,8 @@
 use anyhow::{Context, Result, bail};
 use std::time::Duration;
 use subway_testkit::{
-    FlowReport, Keepalived, Netns, Subway, UdpFlow, WgPeer, log_time, ping_until, require_root, veth, wait_until,
-    wall_time_of_day, wg_keypair,
+    FlowReport, Keepalived, Netns, Subway, UdpFlow, WgPeer, host, log_time, ping_until, require_root, veth, wait_until,
+    wall_time_of_day, wg_keypair, workspace_bin,
 };
 
 struct Pair {
@@ -96,12 +96,27 @@ impl Pair {
 /// with `nopreempt` (a recovered box does not take the address back),
 /// tracking subway's TUN and the uplink.
 fn keepalived_config(tun: &str, priority: u8) -> String {
+    keepalived_config_with(tun, priority, None)
+}
+
+/// As [`keepalived_config`], with `subway health` as a track_script.
+fn keepalived_config_with(tun: &str, priority: u8, health: Option<&str>) -> String {
+    let (script, track) = match health {
+        Some(cmd) => (
+            format!(
+                "vrrp_script subway_health {{\n  script \"{cmd}\"\n  interval 1\n  timeout 2\n  fall 1\n  rise 2\n}}\n"
+            ),
+            "  track_script {\n    subway_health\n  }\n".to_string(),
+        ),
+        None => (String::new(), String::new()),
+    };
     format!(
         "global_defs {{\n  vrrp_version 3\n  dynamic_interfaces\n  script_user root\n  enable_script_security\n}}\n\
+         {script}\
          vrrp_instance site {{\n  state BACKUP\n  nopreempt\n  interface lan0\n  virtual_router_id 51\n  \
          priority {priority}\n  advert_int 0.03\n  virtual_ipaddress {{\n    10.1.0.1/24 dev lan0\n  }}\n  \
          virtual_ipaddress_excluded {{\n    fd01::1/64 dev lan0\n  }}\n  \
-         track_interface {{\n    {tun}\n    wan0\n  }}\n}}\n"
+         track_interface {{\n    {tun}\n    wan0\n  }}\n{track}}}\n"
     )
 }
 
@@ -260,13 +275,23 @@ fn failover_under_traffic(t: &Pair, g2: &Subway, fail: impl FnOnce() -> Result<(
 /// Both boxes up with subway and keepalived, g1 active, g2 standby, the
 /// tunnel carrying traffic through g1.
 fn pair_up(t: &Pair) -> Result<(Subway, Subway, Keepalived, Keepalived, WgPeer)> {
+    pair_up_with(t, false)
+}
+
+/// As [`pair_up`]; `health`: keepalived also runs `subway health` on g1.
+fn pair_up_with(t: &Pair, health: bool) -> Result<(Subway, Subway, Keepalived, Keepalived, WgPeer)> {
     let cfg = t.config();
     let g1 = Subway::start(&t.g[0], &cfg)?;
     let g2 = Subway::start(&t.g[1], &cfg)?;
     assert_eq!(role(&g1), "standby", "no box holds the VIP before keepalived runs");
     let far = t.far_side()?;
     let tun = |gw: &Subway| gw.show().map(|s| s["slow_path"].as_str().unwrap_or("").to_string());
-    let k1 = Keepalived::start(&t.g[0], &keepalived_config(&tun(&g1)?, 150))?;
+    let bin = workspace_bin("subway")?;
+    let cmd = format!("{} health {}", bin.display(), g1.name);
+    let k1 = Keepalived::start(
+        &t.g[0],
+        &keepalived_config_with(&tun(&g1)?, 150, health.then_some(cmd.as_str())),
+    )?;
     wait_until(
         "g1 becomes active",
         Duration::from_secs(5),
@@ -345,5 +370,32 @@ fn the_standby_takes_over_when_the_active_box_drops_off_the_network() -> Result<
         bail!("the far side did not roam to g2: {endpoint}");
     }
     f.check();
+    Ok(())
+}
+
+#[test]
+fn a_box_that_cannot_reach_its_peers_gives_up_the_address_through_subway_health() -> Result<()> {
+    if !require_root("a_box_that_cannot_reach_its_peers_gives_up_the_address_through_subway_health") {
+        return Ok(());
+    }
+    let t = Pair::new()?;
+    let (g1, g2, k1, _k2, _far) = pair_up_with(&t, true)?;
+    // The standby is healthy though it has no handshake: it is not its job.
+    std::thread::sleep(Duration::from_millis(2500));
+    let bin = workspace_bin("subway")?;
+    let out = host(&[bin.to_str().unwrap(), "health", &g2.name, "--handshake-within", "2"])?;
+    assert!(out.contains("healthy"), "{out}");
+    // g1's route to the peer now leaves through the LAN, not the uplink:
+    // its links are up (track_interface sees nothing), but it cannot carry
+    // the tunnel. `subway health` says so and keepalived moves the address.
+    t.g[0].run(&["ip", "route", "add", "192.0.2.2/32", "via", "10.1.0.2", "dev", "lan0"])?;
+    wait_until(
+        "g2 becomes active",
+        Duration::from_secs(5),
+        || Ok(role(&g2) == "active"),
+    )
+    .with_context(|| k1.proc.log_text())?;
+    assert_eq!(role(&g1), "standby");
+    ping_until(&t.a, "10.2.0.2", 10)?;
     Ok(())
 }

@@ -127,6 +127,43 @@ impl Dataplane {
         })
     }
 
+    /// The uplink as the kernel sees it at this moment, for `subway health`:
+    /// its link state (None: the interface is gone) and, for each of `dsts`,
+    /// the interface the kernel's route to it leaves by (ifindex and name;
+    /// None: no route). Asks afresh, unlike [`Dataplane::outer_path`]'s
+    /// lookups, which are cached until a route event. None without an uplink.
+    pub fn uplink_now(&mut self, dsts: &[std::net::IpAddr]) -> Result<Option<UplinkNow>> {
+        let t = self.tables.load();
+        let Some(up) = t.uplink.and_then(|u| t.ports.get(u as usize)) else {
+            return Ok(None);
+        };
+        let link = self
+            .netlink
+            .link_state(up.ifindex)
+            .map_err(|e| Error::io("reading the uplink's state", e))?;
+        let mut routes = Vec::with_capacity(dsts.len());
+        for dst in dsts {
+            let r = self
+                .netlink
+                .route_get(*dst)
+                .map_err(|e| Error::io(format!("looking up the route to {dst}"), e))?;
+            routes.push(r.map(|r| {
+                let name = if r.oif == up.ifindex {
+                    up.name.clone()
+                } else {
+                    ifname(r.oif)
+                };
+                (r.oif, name)
+            }));
+        }
+        Ok(Some(UplinkNow {
+            name: up.name.clone(),
+            ifindex: up.ifindex,
+            link,
+            routes,
+        }))
+    }
+
     /// Applies new peers and LAN subnets while traffic flows, as the
     /// [`RouteDiff`] between the running FIB and the new one plans it:
     /// nothing changes if the new FIB cannot be built; the new steering,
@@ -536,6 +573,32 @@ impl Drop for Dataplane {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The uplink as the kernel sees it now ([`Dataplane::uplink_now`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UplinkNow {
+    pub name: String,
+    pub ifindex: u32,
+    /// None: the interface is gone.
+    pub link: Option<netlink::LinkState>,
+    /// Per destination asked about: the interface (ifindex, name) its
+    /// route leaves by, None without a route.
+    pub routes: Vec<Option<(u32, String)>>,
+}
+
+/// An interface's name, or `ifindex N` if it has none (any more).
+fn ifname(ifindex: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf holds IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return format!("ifindex {ifindex}");
+    }
+    // SAFETY: on success if_indextoname wrote a NUL-terminated name into buf.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// The datagram that carries a probe from peer `id`: from its endpoint to
