@@ -12,7 +12,7 @@
 use crate::config::Config;
 use crate::protocol::{self, Request};
 use crate::status::{LocalRefused, Rates, Reloads, Status};
-use crate::{ctl, gateway, ha, health, live, liveness, metrics, routes, uapi};
+use crate::{ctl, gateway, ha, health, live, liveness, metrics, probe, routes, uapi};
 use anyhow::{Context, Result, bail};
 use std::os::fd::RawFd;
 use std::path::Path;
@@ -52,6 +52,8 @@ struct State {
     rounds: u64,
     /// Active/standby ([HA]), if configured.
     ha: Option<ha::Ha>,
+    /// Route groups' probes, if any peer is in one.
+    probes: Option<probe::Probes>,
 }
 
 /// The local sockets and event sources the loop waits on.
@@ -204,6 +206,10 @@ fn start(path: &Path) -> Result<(State, Io)> {
     fds.extend(metrics.as_ref().map(|m| m.fd()));
     // Neighbours and routes change under us too (ARP, NDP, routing daemons).
     fds.extend(dp.kernel_events_fd());
+    let probes = gw.as_ref().and_then(|_| probe::Probes::new(&cfg));
+    if let Some(p) = &probes {
+        fds.extend(p.fds());
+    }
     let liveness = liveness::Liveness::new(&dp);
     // Every socket is bound: systemd (Type=notify) may start what waits for us.
     liveness.ready(&format!("{mode} mode, {} worker(s)", dp.workers().len()));
@@ -218,6 +224,7 @@ fn start(path: &Path) -> Result<(State, Io)> {
         busy: false,
         rounds: 0,
         ha,
+        probes,
     };
     let io = Io {
         ctl,
@@ -267,6 +274,7 @@ impl State {
             let r = live::reload(&mut self.cfg, self.gw.as_mut(), &mut self.dp);
             self.reloads.note("SIGHUP", &r);
         }
+        self.probe();
         if let Some(g) = self.gw.as_mut() {
             self.busy = g.poll(&mut self.dp);
         } else {
@@ -277,6 +285,26 @@ impl State {
             self.dp.serve_punted(|_, _| {});
         }
         Ok(())
+    }
+
+    /// Route groups: answers read, misses counted, due probes sent; a
+    /// member that went up or down moves its group's prefixes.
+    fn probe(&mut self) {
+        let (Some(p), Some(g)) = (self.probes.as_mut(), self.gw.as_mut()) else {
+            return;
+        };
+        let mut changed = p.receive();
+        let (due, moved) = p.tick(&self.dp, Instant::now(), |peer| g.rx_packets(peer, &self.dp));
+        changed |= moved;
+        for (peer, pkt) in due {
+            g.send_packet(peer, &pkt);
+        }
+        if changed {
+            match self.dp.set_peers_up(&p.states()) {
+                Ok(ch) => tracing::warn!(retargeted = ?ch.retargeted, "route groups: prefixes moved"),
+                Err(e) => tracing::warn!("route groups: the FIB could not follow the peers' health: {e}"),
+            }
+        }
     }
 
     /// How long the loop may sleep when nothing arrives: a short round
@@ -292,6 +320,9 @@ impl State {
         }
         if let Some(soon) = self.dp.punt_deadline() {
             d = d.min(soon);
+        }
+        if let Some(at) = self.probes.as_ref().and_then(|p| p.next_at()) {
+            d = d.min(at.saturating_duration_since(Instant::now()));
         }
         let now = subway_dataplane::wg::Now::system().mono;
         if let Some(at) = self.gw.as_ref().and_then(|g| g.next_deadline(now)) {
@@ -367,7 +398,12 @@ impl State {
                     self.reloads.note("subway reload", &r);
                     r.unwrap_or_else(|e| protocol::error(format!("{e:#}")))
                 }
-                Ok(Request::Route { query }) => routes::answer(&self.cfg, &self.dp, &query),
+                Ok(Request::Route { query }) => {
+                    let probes = self.probes.as_ref();
+                    routes::answer(&self.cfg, &self.dp, &query, |peer| {
+                        probes.and_then(|p| p.status(peer)).map(|s| (s.up, s.why))
+                    })
+                }
                 Ok(Request::Health {
                     handshake_within_secs,
                     stall_ms,
@@ -406,6 +442,11 @@ impl State {
         if let Some(g) = &self.gw {
             st.listen_port = Some(g.listen_port);
             st.peers = g.peers_status(&self.cfg, &self.dp);
+            for p in &mut st.peers {
+                let c = self.cfg.peers.iter().find(|c| c.id as usize == p.id);
+                p.priority = c.and_then(|c| c.group.as_ref()).map(|g| g.priority);
+                p.probe = self.probes.as_ref().and_then(|pr| pr.status(p.id as u32));
+            }
             st.control = g.events.named().map(|(k, v)| (k.to_string(), v)).collect();
         }
         st.control_wakeups = self.rounds;

@@ -17,7 +17,6 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use subway_dataplane::Dataplane;
-use subway_dataplane::fib::Target;
 use subway_dataplane::stats::{Counter, Counts};
 use subway_dataplane::tables::PeerRt;
 use subway_dataplane::wg::device::{Device, Outgoing, Received};
@@ -132,6 +131,27 @@ impl Gateway {
             });
             self.publish_now(dp);
         }
+    }
+
+    /// Seals an IP packet the control thread made (a route group's probe)
+    /// for `peer` and sends it, or queues it for a handshake.
+    pub fn send_packet(&mut self, peer: u32, pkt: &[u8]) {
+        self.count(Event::ProbesSent);
+        match self.dev.send(peer, pkt, Now::system()) {
+            Ok(Some(o)) => self.send(vec![o]),
+            Ok(None) => self.count(Event::QueuedForHandshake),
+            Err(e) => self.count(e),
+        }
+    }
+
+    /// Data packets received from `peer` so far (workers and this thread).
+    pub fn rx_packets(&self, peer: u32, dp: &Dataplane) -> u64 {
+        let t = dp.tables();
+        let fast = t
+            .peers
+            .get(peer as usize)
+            .map_or(0, |r| r.stats.rx_packets.load(Ordering::Relaxed));
+        fast + self.dev.peer(peer).map_or(0, |p| p.rx_packets)
     }
 
     /// Publishes sessions and paths now (after peers changed).
@@ -297,11 +317,16 @@ impl Gateway {
             };
             // The TUN carries the default VNET only.
             match t.fib.lookup(0, dst) {
-                Some((_, Target::Peer(p))) => match self.dev.send(p, &pkt, now) {
-                    Ok(Some(o)) => self.send(vec![o]),
-                    Ok(None) => self.count(Event::QueuedForHandshake),
-                    Err(e) => self.count(e),
-                },
+                Some((_, tt)) if tt.is_tunnel() => {
+                    match t.fib.peer_for(tt, &pkt).map(|p| self.dev.send(p, &pkt, now)) {
+                        None => self.count(Event::TunNoPeer),
+                        Some(r) => match r {
+                            Ok(Some(o)) => self.send(vec![o]),
+                            Ok(None) => self.count(Event::QueuedForHandshake),
+                            Err(e) => self.count(e),
+                        },
+                    }
+                }
                 _ => self.count(Event::TunNoPeer),
             }
         }
@@ -372,6 +397,8 @@ impl Gateway {
                     rx_bytes: ld(|s| &s.rx_bytes) + p.rx_bytes,
                     tx_packets: ld(|s| &s.tx_packets) + p.tx_packets,
                     tx_bytes: ld(|s| &s.tx_bytes) + p.tx_bytes,
+                    priority: None,
+                    probe: None,
                 }
             })
             .collect()
@@ -449,6 +476,8 @@ subway_dataplane::named_counters! {
     #[repr(usize)]
     pub enum Event {
         UplinkRenumbered = "uplink_renumbered",
+        /// Route groups' probes sent.
+        ProbesSent = "probes_sent",
         /// HA: this box became the active one.
         BecameActive = "ha_became_active",
         /// HA: this box became the standby.

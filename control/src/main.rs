@@ -22,6 +22,7 @@ mod live;
 mod liveness;
 mod local;
 mod metrics;
+mod probe;
 mod protocol;
 mod routes;
 mod status;
@@ -245,6 +246,8 @@ pub(crate) fn dataplane_config(cfg: &Config) -> DataplaneConfig {
                 id: p.id,
                 vnet: vnet_id(&p.vnet),
                 allowed_ips: p.allowed_ips.iter().map(|(n, _)| *n).collect(),
+                priority: p.group.as_ref().map(|g| g.priority),
+                up: true,
             })
             .collect(),
     }

@@ -230,6 +230,35 @@ pub fn render(show: &Status) -> String {
             let _ = writeln!(o, "{name}{{peer=\"{}\"}} {}", label(&p.public_key), get(p));
         }
     }
+    if show.peers.iter().any(|p| p.probe.is_some()) {
+        family(
+            &mut o,
+            "subway_peer_up",
+            "gauge",
+            "Route group members: 1 while the peer answers its probes, 0 while it is down.",
+        );
+        for p in &show.peers {
+            if let Some(pr) = &p.probe {
+                let _ = writeln!(o, "subway_peer_up{{peer=\"{}\"}} {}", label(&p.public_key), pr.up as u8);
+            }
+        }
+        family(
+            &mut o,
+            "subway_peer_health_changes_total",
+            "counter",
+            "Route group members: changes between up and down (each moves the group's prefixes).",
+        );
+        for p in &show.peers {
+            if let Some(pr) = &p.probe {
+                let _ = writeln!(
+                    o,
+                    "subway_peer_health_changes_total{{peer=\"{}\"}} {}",
+                    label(&p.public_key),
+                    pr.changes
+                );
+            }
+        }
+    }
     family(
         &mut o,
         "subway_peer_last_handshake_age_seconds",

@@ -12,10 +12,17 @@ use subway_dataplane::slowpath::Taker;
 use subway_dataplane::tables::Tables;
 use subway_dataplane::trace::{Ingress, Outcome, Probe, Proto, Trace};
 
-/// The running instance's answer to a route query.
-pub fn answer(cfg: &Config, dp: &subway_dataplane::Dataplane, q: &RouteQuery) -> Value {
+/// The running instance's answer to a route query; `health(peer)` is a
+/// route group member's health (up, and why).
+pub fn answer(
+    cfg: &Config,
+    dp: &subway_dataplane::Dataplane,
+    q: &RouteQuery,
+    health: impl Fn(u32) -> Option<(bool, String)>,
+) -> Value {
     let t = dp.tables();
-    let views = views(cfg, &t);
+    let mut views = views(cfg, &t);
+    add_groups(cfg, &mut views, health);
     let known = |vnet: &str| cfg.vnet_ids().iter().any(|v| v == vnet);
     let unknown = |vnet: &str| {
         crate::protocol::error(format!(
@@ -55,11 +62,47 @@ pub struct RouteView {
     pub next_hops: Vec<(String, Option<String>)>,
     /// Where a route through routers comes from: "kernel" or "config".
     pub source: Option<&'static str>,
+    /// A route group's members (a prefix several peers share): each
+    /// peer's key, priority, health and whether it carries the prefix now.
+    pub group: Vec<Value>,
+}
+
+/// Fills in the route groups: for a prefix several peers of its VNET
+/// share, every member, and which of them carry it now and why.
+pub fn add_groups(cfg: &Config, views: &mut [RouteView], health: impl Fn(u32) -> Option<(bool, String)>) {
+    for v in views.iter_mut().filter(|v| v.kind == "peer" || v.kind == "peers") {
+        let members: Vec<&crate::config::PeerSection> = cfg
+            .peers
+            .iter()
+            .filter(|p| p.vnet == v.vnet && p.allowed_ips.iter().any(|(n, _)| n.trunc() == v.prefix.trunc()))
+            .collect();
+        if members.len() < 2 {
+            continue;
+        }
+        let carrying: Vec<&str> = v.via.split(',').collect();
+        v.group = members
+            .iter()
+            .map(|p| {
+                let key = p.public_key.to_base64();
+                let (up, why) = health(p.id).unwrap_or((true, "not probed".into()));
+                json!({
+                    "peer": key,
+                    "priority": p.group.as_ref().map(|g| g.priority),
+                    "up": up,
+                    "active": carrying.contains(&key.as_str()),
+                    "why": why,
+                })
+            })
+            .collect();
+    }
 }
 
 impl RouteView {
     fn json(&self) -> Value {
         let mut v = json!({"vnet": self.vnet, "prefix": self.prefix.to_string(), "kind": self.kind, "via": self.via, "endpoint": self.endpoint});
+        if !self.group.is_empty() {
+            v["group"] = json!(self.group);
+        }
         if let Some(src) = self.source {
             v["source"] = json!(src);
             v["next_hops"] = json!(
@@ -99,6 +142,18 @@ pub fn views(cfg: &Config, t: &Tables) -> Vec<RouteView> {
                         p.and_then(|p| p.endpoint).map(|e| e.to_string()),
                     )
                 }
+                Target::Peers(set) => (
+                    "peers",
+                    t.fib
+                        .peer_set(set)
+                        .unwrap_or_default()
+                        .iter()
+                        .filter_map(|id| cfg.peers.iter().find(|p| p.id == *id))
+                        .map(|p| p.public_key.to_base64())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    None,
+                ),
                 Target::Local => ("local", "gateway".to_string(), None),
                 Target::Via(_) => (
                     "lan",
@@ -134,6 +189,7 @@ pub fn views(cfg: &Config, t: &Tables) -> Vec<RouteView> {
                 endpoint,
                 next_hops,
                 source,
+                group: Vec::new(),
             }
         })
         .collect();
@@ -500,6 +556,7 @@ mod tests {
             endpoint: None,
             next_hops: Vec::new(),
             source: None,
+            group: Vec::new(),
         }
     }
 

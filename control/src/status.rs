@@ -73,6 +73,12 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     pub tx_packets: u64,
     pub tx_bytes: u64,
+    /// A route group member's priority.
+    #[serde(default)]
+    pub priority: Option<u8>,
+    /// A route group member's health, from its probes.
+    #[serde(default)]
+    pub probe: Option<crate::probe::ProbeStatus>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -338,6 +344,19 @@ impl fmt::Display for Status {
                 p.tx_packets,
                 p.tx_bytes,
             )?;
+            if let Some(pr) = &p.probe {
+                writeln!(
+                    f,
+                    "    route group: priority {}, {} ({}), probe {} every {} ms, rtt {}, {} change(s)",
+                    p.priority.unwrap_or(0),
+                    if pr.up { "UP" } else { "DOWN" },
+                    pr.why,
+                    pr.target,
+                    pr.interval_ms,
+                    pr.rtt_ms.map_or("-".to_string(), |r| format!("{r:.1} ms")),
+                    pr.changes
+                )?;
+            }
         }
         writeln!(
             f,

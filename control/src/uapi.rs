@@ -137,6 +137,7 @@ pub fn apply_set(cfg: &Config, lines: &[String]) -> Result<Config, (i32, String)
                             allowed_ips: Vec::new(),
                             persistent_keepalive: None,
                             vnet: "default".into(),
+                            group: None,
                         });
                         new.peers.len() - 1
                     }

@@ -56,6 +56,11 @@ pub struct PeerRoutes {
     pub id: u32,
     pub vnet: VnetId,
     pub allowed_ips: Vec<IpNet>,
+    /// A route group member's priority: where several peers list one
+    /// prefix, the healthy ones of the highest priority carry it.
+    pub priority: Option<u8>,
+    /// Healthy (probes answered); a peer outside a route group always is.
+    pub up: bool,
 }
 
 /// What [`Dataplane::apply`] changed.

@@ -16,7 +16,7 @@
 //! [`install`], [`update_tunnelled`] and [`remove`] run `nft`.
 
 use crate::error::{Error, Result};
-use crate::fib::{Route, Target};
+use crate::fib::Route;
 use ipnet::IpNet;
 use std::io::Write;
 use std::net::IpAddr;
@@ -59,10 +59,10 @@ pub struct Fence {
 pub fn tunnelled(routes: &[Route]) -> Vec<IpNet> {
     let default: Vec<&Route> = routes.iter().filter(|r| r.vnet == 0).collect();
     let mut out = Vec::new();
-    for p in default.iter().filter(|r| matches!(r.target, Target::Peer(_))) {
+    for p in default.iter().filter(|r| r.target.is_tunnel()) {
         let holes: Vec<IpNet> = default
             .iter()
-            .filter(|r| !matches!(r.target, Target::Peer(_)))
+            .filter(|r| !r.target.is_tunnel())
             .map(|r| r.prefix.trunc())
             .filter(|q| q.prefix_len() > p.prefix.prefix_len() && p.prefix.contains(q))
             .collect();
@@ -281,7 +281,7 @@ pub fn refused(table: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fib::Fib;
+    use crate::fib::{Fib, Target};
 
     fn n(s: &str) -> IpNet {
         s.parse().unwrap()

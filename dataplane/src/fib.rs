@@ -29,6 +29,31 @@ pub enum Target {
     /// Out of a LAN interface through a router on it: the next-hop group
     /// of this id ([`Fib::group`]).
     Via(u32),
+    /// Into the tunnel to one of several peers of a route group sharing
+    /// the prefix with equal priority: the peer set of this id
+    /// ([`Fib::peer_set`]), one peer per flow ([`Fib::peer_for`]).
+    Peers(u32),
+}
+
+impl Target {
+    /// Into the tunnel (one peer, or one of a set).
+    #[inline]
+    pub fn is_tunnel(self) -> bool {
+        matches!(self, Target::Peer(_) | Target::Peers(_))
+    }
+}
+
+/// The peer of a flow among a set: rendezvous hashing (the peer with the
+/// highest hash of flow and peer), so that a peer leaving or joining the
+/// set moves only its own flows, never another peer's.
+#[inline]
+pub fn rendezvous(set: &[u32], flow: u64) -> Option<u32> {
+    set.iter().copied().max_by_key(|p| {
+        let mut z = flow ^ (*p as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
 }
 
 /// Where a route's next hops come from.
@@ -121,6 +146,7 @@ pub struct Fib {
     vnets: Vec<VnetFib>,
     routes: Vec<Route>,
     groups: Vec<HopGroup>,
+    peer_sets: Vec<Vec<u32>>,
 }
 
 impl Fib {
@@ -250,6 +276,37 @@ impl Fib {
         }
     }
 
+    /// The target for routes shared by the peers `set` (sorted): an
+    /// existing identical set's, or a new one.
+    pub fn peers(&mut self, mut set: Vec<u32>) -> Target {
+        set.sort_unstable();
+        set.dedup();
+        let id = match self.peer_sets.iter().position(|x| *x == set) {
+            Some(i) => i,
+            None => {
+                self.peer_sets.push(set);
+                self.peer_sets.len() - 1
+            }
+        };
+        Target::Peers(id as u32)
+    }
+
+    /// The peers of a [`Target::Peers`].
+    pub fn peer_set(&self, id: u32) -> Option<&[u32]> {
+        self.peer_sets.get(id as usize).map(|s| s.as_slice())
+    }
+
+    /// The peer a tunnel target sends the packet `ip` to: its peer, or the
+    /// flow's peer of a set ([`rendezvous`]). None for other targets.
+    #[inline]
+    pub fn peer_for(&self, t: Target, ip: &[u8]) -> Option<u32> {
+        match t {
+            Target::Peer(p) => Some(p),
+            Target::Peers(s) => rendezvous(self.peer_set(s)?, crate::wire::ip::flow_hash(ip)),
+            _ => None,
+        }
+    }
+
     /// The LAN port a target leaves through, if it is a LAN's.
     #[inline]
     pub fn port_of(&self, t: Target) -> Option<u16> {
@@ -270,22 +327,29 @@ impl Fib {
 pub struct AllowedIps(Fib);
 
 impl AllowedIps {
-    /// From each peer's (id, VNET, AllowedIPs). When two peers list the
-    /// same prefix, the later one owns it (`wg set` moves a prefix to the
-    /// peer it is given to last).
+    /// From each peer's (id, VNET, AllowedIPs). A prefix several peers
+    /// list is theirs together (a route group: a packet from it may come
+    /// through any of them).
     pub fn new<'a>(peers: impl IntoIterator<Item = (u32, VnetId, &'a [IpNet])>) -> AllowedIps {
-        let peers: Vec<_> = peers.into_iter().collect();
-        let mut fib = Fib::new();
-        for (id, vnet, nets) in peers.into_iter().rev() {
+        let mut owners: std::collections::BTreeMap<(VnetId, IpNet), Vec<u32>> = Default::default();
+        for (id, vnet, nets) in peers {
             for n in nets {
-                // A duplicate is owned by a later peer already.
-                let _ = fib.insert(vnet, *n, Target::Peer(id));
+                owners.entry((vnet, n.trunc())).or_default().push(id);
             }
+        }
+        let mut fib = Fib::new();
+        for ((vnet, n), ids) in owners {
+            let t = match ids.as_slice() {
+                [id] => Target::Peer(*id),
+                _ => fib.peers(ids),
+            };
+            let _ = fib.insert(vnet, n, t);
         }
         AllowedIps(fib)
     }
 
-    /// The peer owning `ip` in `vnet`.
+    /// The only peer owning `ip` in `vnet` (None as well when a route
+    /// group shares it: see [`AllowedIps::allows`]).
     #[inline]
     pub fn owner(&self, vnet: VnetId, ip: IpAddr) -> Option<u32> {
         match self.0.lookup(vnet, ip)? {
@@ -297,7 +361,11 @@ impl AllowedIps {
     /// May a packet from `src` arrive through `peer`?
     #[inline]
     pub fn allows(&self, vnet: VnetId, src: IpAddr, peer: u32) -> bool {
-        self.owner(vnet, src) == Some(peer)
+        match self.0.lookup(vnet, src) {
+            Some((_, Target::Peer(p))) => p == peer,
+            Some((_, Target::Peers(s))) => self.0.peer_set(s).is_some_and(|s| s.contains(&peer)),
+            _ => false,
+        }
     }
 }
 
@@ -318,7 +386,7 @@ mod tests {
     }
 
     #[test]
-    fn allowed_ips_own_sources_by_longest_prefix_per_vnet_and_the_later_peer_wins_a_duplicate() {
+    fn allowed_ips_own_sources_by_longest_prefix_per_vnet_and_a_shared_prefix_is_every_sharers() {
         let a = [net("10.1.0.0/16"), net("fd01::/48")];
         let b = [net("10.1.2.0/24")];
         let c = [net("10.1.2.0/24")];
@@ -330,8 +398,30 @@ mod tests {
         assert_eq!(allowed.owner(1, ip("10.1.2.9")), Some(2), "VNETs are separate");
         assert_eq!(allowed.owner(0, ip("10.2.0.1")), None);
         assert!(allowed.allows(0, ip("10.1.2.9"), 1) && !allowed.allows(0, ip("10.1.2.9"), 0));
-        let dup = AllowedIps::new([(0, 0, &b[..]), (1, 0, &c[..])]);
-        assert_eq!(dup.owner(0, ip("10.1.2.1")), Some(1));
+        // A route group: both peers may send from it, no other.
+        let dup = AllowedIps::new([(0, 0, &b[..]), (1, 0, &c[..]), (2, 0, &a[..])]);
+        assert_eq!(dup.owner(0, ip("10.1.2.1")), None, "no single owner");
+        assert!(dup.allows(0, ip("10.1.2.1"), 0) && dup.allows(0, ip("10.1.2.1"), 1));
+        assert!(!dup.allows(0, ip("10.1.2.1"), 2) && dup.allows(0, ip("10.1.3.1"), 2));
+    }
+
+    #[test]
+    fn a_flow_keeps_its_peer_of_a_set_and_a_peer_leaving_moves_only_its_own_flows() {
+        let flows: Vec<u64> = (0..2000u64).map(|i| i.wrapping_mul(0x2545_f491_4f6c_dd1d)).collect();
+        let before: Vec<u32> = flows.iter().map(|f| rendezvous(&[1, 2, 3], *f).unwrap()).collect();
+        // Spread: every peer carries a fair share.
+        for p in [1, 2, 3] {
+            let n = before.iter().filter(|x| **x == p).count();
+            assert!((500..=830).contains(&n), "peer {p} has {n} of 2000 flows");
+        }
+        // Peer 2 leaves: its flows move, the others' stay where they were.
+        let after: Vec<u32> = flows.iter().map(|f| rendezvous(&[1, 3], *f).unwrap()).collect();
+        for (b, a) in before.iter().zip(&after) {
+            if *b != 2 {
+                assert_eq!(a, b, "a flow of a healthy peer moved");
+            }
+        }
+        assert_eq!(rendezvous(&[], 7), None);
     }
 
     #[test]

@@ -77,7 +77,12 @@ pub fn route_frame(frame: &mut [u8], ingress: u16, t: &Tables) -> Verdict {
             return Verdict::Drop(Counter::DropDirectedBroadcast);
         }
         Some((_, Target::Local)) => return Verdict::SlowPath(l3, Counter::SlowLocal),
-        Some((_, Target::Peer(peer))) => return Verdict::Tunnel { peer, l3, ip_len },
+        Some((_, to)) if to.is_tunnel() => {
+            return match t.fib.peer_for(to, &frame[l3..]) {
+                Some(peer) => Verdict::Tunnel { peer, l3, ip_len },
+                None => Verdict::SlowPath(l3, Counter::SlowNoRoute),
+            };
+        }
         Some((_, out)) => match t.fib.next_hop(out, dst, &frame[l3..]) {
             Some(next) => next,
             None => return Verdict::SlowPath(l3, Counter::SlowNoRoute),

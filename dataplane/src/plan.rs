@@ -141,11 +141,35 @@ pub fn fib_from(
                 .map_err(|e| Error::config(format!("{name}: {e}")))?;
         }
     }
+    // A prefix of one peer routes to it; one several peers list (a route
+    // group) to the healthy ones of the highest priority (all of them if
+    // none is healthy), shared by flow if there are several.
+    let mut owners: std::collections::BTreeMap<(VnetId, IpNet), Vec<&PeerRoutes>> = Default::default();
     for p in peers {
         for net in &p.allowed_ips {
-            fib.insert(p.vnet, *net, Target::Peer(p.id))
-                .map_err(|e| Error::config(format!("peer {} AllowedIPs: {e}", p.id)))?;
+            owners.entry((p.vnet, *net)).or_default().push(p);
         }
+    }
+    for ((vnet, net), group) in owners {
+        let target = match group.as_slice() {
+            [p] => Target::Peer(p.id),
+            _ => {
+                let up: Vec<&&PeerRoutes> = group.iter().filter(|p| p.up).collect();
+                let live = if up.is_empty() { group.iter().collect() } else { up };
+                let best = live.iter().map(|p| p.priority.unwrap_or(0)).max().unwrap_or(0);
+                let chosen: Vec<u32> = live
+                    .iter()
+                    .filter(|p| p.priority.unwrap_or(0) == best)
+                    .map(|p| p.id)
+                    .collect();
+                match chosen.as_slice() {
+                    [id] => Target::Peer(*id),
+                    _ => fib.peers(chosen),
+                }
+            }
+        };
+        fib.insert(vnet, net, target)
+            .map_err(|e| Error::config(format!("peer AllowedIPs {net}: {e}")))?;
     }
     for (vnet, host) in locals {
         // Two interfaces with one address is odd but harmless.
@@ -224,7 +248,7 @@ pub(crate) fn steer(target: Target, ports: &[Port], fib: &Fib) -> Steer {
                 .and_then(|p| ports.get(p as usize))
                 .map_or(0, |p| p.ifindex),
         },
-        Target::Peer(_) => Steer {
+        Target::Peer(_) | Target::Peers(_) => Steer {
             action: STEER_REDIRECT,
             egress_ifindex: 0,
         },
@@ -290,7 +314,7 @@ impl RouteDiff {
         let (old, new) = (map(old), map(new));
         // The kernel routes only the default VNET, and only its peer
         // prefixes go to the TUN.
-        let tunnelled = |k: &(VnetId, IpNet), t: Option<&Target>| k.0 == 0 && matches!(t, Some(Target::Peer(_)));
+        let tunnelled = |k: &(VnetId, IpNet), t: Option<&Target>| k.0 == 0 && t.is_some_and(|t| t.is_tunnel());
         let mut d = RouteDiff::default();
         for (k, (seen, t)) in &new {
             let was = old.get(k);
@@ -408,6 +432,50 @@ mod tests {
         );
         assert_eq!(d.unsteer, d.changes.removed);
         assert_eq!(RouteDiff::between(&new(), &new()), RouteDiff::default());
+    }
+
+    #[test]
+    fn a_route_group_goes_to_its_healthy_peers_of_the_highest_priority() {
+        let peer = |id: u32, priority: u8, up: bool| PeerRoutes {
+            id,
+            vnet: 0,
+            allowed_ips: vec!["10.2.0.0/24".parse().unwrap()],
+            priority: Some(priority),
+            up,
+        };
+        let target = |peers: &[PeerRoutes]| {
+            let f = fib_from(&[], &[], peers).unwrap();
+            let t = f.lookup(0, "10.2.0.1".parse().unwrap()).unwrap().1;
+            match t {
+                Target::Peers(s) => f.peer_set(s).unwrap().to_vec(),
+                Target::Peer(p) => vec![p],
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            target(&[peer(0, 200, true), peer(1, 100, true)]),
+            vec![0],
+            "active/standby"
+        );
+        assert_eq!(
+            target(&[peer(0, 200, false), peer(1, 100, true)]),
+            vec![1],
+            "failed over"
+        );
+        assert_eq!(
+            target(&[peer(0, 200, false), peer(1, 100, false)]),
+            vec![0],
+            "all down: the preferred"
+        );
+        assert_eq!(
+            target(&[peer(0, 100, true), peer(1, 100, true), peer(2, 50, true)]),
+            vec![0, 1],
+            "ECMP"
+        );
+        assert_eq!(
+            target(&[peer(0, 100, true), peer(1, 100, false), peer(2, 50, true)]),
+            vec![0]
+        );
     }
 
     #[test]

@@ -395,7 +395,7 @@ fn forward_hop(packet: &mut [u8]) -> bool {
 fn route(t: &Tables, vnet: VnetId, packet: &[u8]) -> Option<(Target, IpAddr)> {
     let dst = parse_inner(packet)?.dst;
     match t.fib.lookup(vnet, dst)? {
-        (_, Target::Peer(p)) => Some((Target::Peer(p), dst)),
+        (_, to) if to.is_tunnel() => Some((Target::Peer(t.fib.peer_for(to, packet)?), dst)),
         (_, Target::Local) => None,
         (_, out) => {
             let (port, hop) = t.fib.next_hop(out, dst, packet)?;

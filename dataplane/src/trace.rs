@@ -104,8 +104,10 @@ impl Trace {
 /// the peer whose AllowedIPs do, in its VNET; else the VNET's first LAN.
 pub fn ingress_of(t: &Tables, vnet: VnetId, src: IpAddr) -> Option<Ingress> {
     let found = t.fib.lookup(vnet, src).map(|(_, out)| out);
-    if let Some(Target::Peer(id)) = found {
-        return Some(Ingress::Peer(id));
+    match found {
+        Some(Target::Peer(id)) => return Some(Ingress::Peer(id)),
+        Some(Target::Peers(s)) => return t.fib.peer_set(s)?.first().map(|id| Ingress::Peer(*id)),
+        _ => {}
     }
     if let Some(p) = found.and_then(|out| t.fib.port_of(out)) {
         return Some(Ingress::Lan(p));

@@ -95,6 +95,8 @@ fn table(name: &str) -> Result<()> {
             id: 0,
             vnet: 0,
             allowed_ips: vec!["10.2.0.0/24".parse()?, "fd02::/64".parse()?],
+            priority: None,
+            up: true,
         }],
         fail_open: true,
     };

@@ -107,7 +107,30 @@ pub struct PeerSection {
     pub allowed_ips: Vec<(IpNet, usize)>,
     pub persistent_keepalive: Option<u16>,
     pub vnet: String,
+    /// A member of a route group (`Priority`, `Probe`): its prefixes are
+    /// shared with other peers of the VNET.
+    pub group: Option<GroupMember>,
 }
+
+/// How a peer takes part in a route group: the same prefixes on several
+/// [Peer]s of one VNET (a far site with two gateways of its own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupMember {
+    /// Higher is preferred; equal priorities share the traffic (ECMP, each
+    /// flow on one peer).
+    pub priority: u8,
+    pub priority_line: usize,
+    /// An address behind the peer that answers ICMP echo, probed through
+    /// its tunnel.
+    pub probe: Option<(std::net::IpAddr, usize)>,
+    pub probe_interval: std::time::Duration,
+    /// Probes missed in a row before the peer is down.
+    pub probe_misses: u32,
+}
+
+/// Defaults of a route group member's probing.
+pub const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+pub const PROBE_MISSES: u32 = 2;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Tuning {

@@ -258,11 +258,73 @@ impl Config {
             }
             for (net, line) in &p.allowed_ips {
                 if let Some(prev) = owners.insert((&p.vnet, net.trunc()), *line) {
-                    return Err(self.err(
-                        *line,
-                        format!("AllowedIPs {net} in VNET {} is already claimed at line {prev}: a prefix routes to one peer or LAN per VNET; remove one, or put them in different VNETs", p.vnet),
-                    ));
+                    // A route group: every claimant is a peer with a Priority.
+                    let claimants: Vec<&super::PeerSection> = self
+                        .peers
+                        .iter()
+                        .filter(|q| q.vnet == p.vnet && q.allowed_ips.iter().any(|(n, _)| n.trunc() == net.trunc()))
+                        .collect();
+                    let lan = self.lans.iter().any(|l| {
+                        l.vnet == p.vnet
+                            && (l.subnets.iter().any(|s| s.trunc() == net.trunc())
+                                || l.routes.iter().any(|r| r.0.trunc() == net.trunc()))
+                    });
+                    if lan || claimants.iter().any(|q| q.group.is_none()) {
+                        return Err(self.err(
+                            *line,
+                            format!(
+                                "AllowedIPs {net} in VNET {} is already claimed at line {prev}: a prefix routes to one peer \
+                                 or LAN per VNET; remove one, put them in different VNETs, or make the peers a route group \
+                                 (a Priority on each: higher preferred, equal shared by flow; and a Probe)",
+                                p.vnet
+                            ),
+                        ));
+                    }
                 }
+            }
+        }
+        // Route groups: each member shares a prefix with another peer of
+        // its VNET and can be probed through its tunnel.
+        for p in &self.peers {
+            let Some(g) = &p.group else { continue };
+            let shares = p.allowed_ips.iter().any(|(net, _)| {
+                self.peers.iter().any(|q| {
+                    q.id != p.id && q.vnet == p.vnet && q.allowed_ips.iter().any(|(n, _)| n.trunc() == net.trunc())
+                })
+            });
+            if !shares {
+                return Err(self.err(
+                    g.priority_line,
+                    format!(
+                        "Priority on a peer that shares no prefix with another [Peer] of VNET {}: a route group needs \
+                         the same AllowedIPs prefix on two or more peers of one VNET; remove the Priority",
+                        p.vnet
+                    ),
+                ));
+            }
+            let Some((probe, probe_line)) = g.probe else {
+                return Err(self.err(
+                    p.line,
+                    "a route group member needs `Probe = ADDRESS`: an address behind this peer that answers ping \
+                     through its tunnel (its LAN address, say), so that subway knows when it is down"
+                        .into(),
+                ));
+            };
+            if !p.allowed_ips.iter().any(|(n, _)| n.contains(&probe)) {
+                return Err(self.err(
+                    probe_line,
+                    format!("Probe {probe} is not in this peer's AllowedIPs: its answer would not be accepted from this peer"),
+                ));
+            }
+            if p.vnet != "default" {
+                return Err(self.err(
+                    probe_line,
+                    format!(
+                        "route groups are for the default VNET today (the answers to a non-default VNET's probes do \
+                         not reach subway yet); VNET {} cannot have one",
+                        p.vnet
+                    ),
+                ));
             }
         }
         Ok(())

@@ -141,8 +141,36 @@ pub(super) fn parse_peer(cfg: &mut Config, sline: usize, kv: Entries, err: &ErrF
     let mut allowed = Vec::new();
     let mut keepalive = None;
     let mut vnet = "default".to_string();
+    let mut priority = None;
+    let mut probe = None;
+    let mut probe_interval = None;
+    let mut probe_misses = None;
     for (k, v, line) in kv {
         match k.to_ascii_lowercase().as_str() {
+            "priority" => priority = Some((parse_num::<u8>(&k, &v, line, err)?, line)),
+            "probe" => {
+                let a: std::net::IpAddr = v.parse().map_err(|_| {
+                    err(
+                        line,
+                        format!("Probe `{v}` is not an IP address: name an address behind this peer that answers ping"),
+                    )
+                })?;
+                probe = Some((a, line));
+            }
+            "probeinterval" => {
+                let ms = parse_num::<u64>(&k, v.trim_end_matches("ms").trim(), line, err)?;
+                if !(10..=60_000).contains(&ms) {
+                    return Err(err(line, format!("ProbeInterval = {v}: between 10 and 60000 ms")));
+                }
+                probe_interval = Some((std::time::Duration::from_millis(ms), line));
+            }
+            "probemisses" => {
+                let n = parse_num::<u32>(&k, &v, line, err)?;
+                if !(1..=100).contains(&n) {
+                    return Err(err(line, format!("ProbeMisses = {v}: between 1 and 100")));
+                }
+                probe_misses = Some((n, line));
+            }
             "publickey" => pk = Some(parse_key(&v, "PublicKey", line, err)?),
             "presharedkey" => psk = Some(parse_key(&v, "PresharedKey", line, err)?),
             "endpoint" => {
@@ -167,7 +195,8 @@ pub(super) fn parse_peer(cfg: &mut Config, sline: usize, kv: Entries, err: &ErrF
                 "Peer",
                 &k,
                 line,
-                "PublicKey, PresharedKey, Endpoint, AllowedIPs, PersistentKeepalive, VNet",
+                "PublicKey, PresharedKey, Endpoint, AllowedIPs, PersistentKeepalive, VNet, \
+                 Priority, Probe, ProbeInterval, ProbeMisses",
                 err,
             )?,
         }
@@ -178,6 +207,30 @@ pub(super) fn parse_peer(cfg: &mut Config, sline: usize, kv: Entries, err: &ErrF
             "[Peer] has no PublicKey: add the peer's `wg pubkey` output".into(),
         )
     })?;
+    let group = match priority {
+        Some((priority, priority_line)) => Some(super::GroupMember {
+            priority,
+            priority_line,
+            probe,
+            probe_interval: probe_interval.map_or(super::PROBE_INTERVAL, |p| p.0),
+            probe_misses: probe_misses.map_or(super::PROBE_MISSES, |p| p.0),
+        }),
+        None => {
+            if let Some(line) = probe
+                .map(|p| p.1)
+                .or(probe_interval.map(|p| p.1))
+                .or(probe_misses.map(|p| p.1))
+            {
+                return Err(err(
+                    line,
+                    "probing is for route groups: give this peer a Priority too (and the same prefix to another \
+                     [Peer] of its VNET), or remove the Probe keys"
+                        .into(),
+                ));
+            }
+            None
+        }
+    };
     cfg.peers.push(PeerSection {
         id: cfg.peers.len() as u32,
         line: sline,
@@ -187,6 +240,7 @@ pub(super) fn parse_peer(cfg: &mut Config, sline: usize, kv: Entries, err: &ErrF
         allowed_ips: allowed,
         persistent_keepalive: keepalive,
         vnet,
+        group,
     });
     Ok(())
 }

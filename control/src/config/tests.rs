@@ -370,3 +370,82 @@ fn the_ha_section_names_the_virtual_addresses_and_bad_ones_are_refused_with_line
         );
     }
 }
+
+#[test]
+fn route_groups_are_parsed_and_ones_that_cannot_work_are_refused_with_line_and_fix() {
+    // Two far gateways with keys of their own, as wg-quick peers with a
+    // Priority and a Probe each.
+    let two = |a: &str, b: &str| {
+        format!(
+            "[Interface]\nPrivateKey = {KEY_A}\nListenPort = 51820\nUplink = wan0\n\n[Lan]\nInterface = lan0\n\n\
+             [Peer]\nPublicKey = {KEY_B}\nAllowedIPs = 10.2.0.0/24\n{a}\n\n\
+             [Peer]\nPublicKey = {KEY_C}\nAllowedIPs = 10.2.0.0/24\n{b}\n"
+        )
+    };
+    let ok = two(
+        "Priority = 200\nProbe = 10.2.0.11\nProbeInterval = 100ms\nProbeMisses = 3",
+        "Priority = 100\nProbe = 10.2.0.12",
+    );
+    let c = parse(&ok).unwrap();
+    let g = c.peers[0].group.as_ref().unwrap();
+    assert_eq!(
+        (g.priority, g.probe_interval.as_millis(), g.probe_misses),
+        (200, 100, 3)
+    );
+    let g = c.peers[1].group.as_ref().unwrap();
+    assert_eq!(
+        (g.priority, g.probe_interval, g.probe_misses),
+        (100, super::PROBE_INTERVAL, super::PROBE_MISSES)
+    );
+    assert_eq!(g.probe.map(|p| p.0.to_string()), Some("10.2.0.12".into()));
+    for (text, line, want) in [
+        // The same prefix on two peers without priorities: one owner.
+        (two("", ""), 16, "make the peers a route group"),
+        // A member without a probe target.
+        (
+            two("Priority = 100", "Priority = 100\nProbe = 10.2.0.12"),
+            9,
+            "needs `Probe = ADDRESS`",
+        ),
+        // A probe target the peer's answers cannot come from.
+        (
+            two("Priority = 1\nProbe = 10.9.0.1", "Priority = 1\nProbe = 10.2.0.12"),
+            13,
+            "not in this peer's AllowedIPs",
+        ),
+        // Probing without a group.
+        (
+            two("Probe = 10.2.0.11", "Priority = 1\nProbe = 10.2.0.12"),
+            12,
+            "give this peer a Priority",
+        ),
+        // A priority on a peer that shares nothing (mixed VNETs).
+        (
+            two(
+                "Priority = 1\nProbe = 10.2.0.11\nVNet = blue",
+                "Priority = 1\nProbe = 10.2.0.12",
+            ),
+            12,
+            "shares no prefix",
+        ),
+        (two("Priority = 300", ""), 12, "Priority"),
+        (
+            two("Priority = 1\nProbeInterval = 5", ""),
+            13,
+            "between 10 and 60000 ms",
+        ),
+    ] {
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("site-a.conf:{line}:")) && e.contains(want),
+            "{text}\n=> {e}"
+        );
+    }
+    // Non-default VNETs cannot have one yet, said plainly.
+    let red = two(
+        "Priority = 1\nProbe = 10.2.0.11\nVNet = red",
+        "Priority = 1\nProbe = 10.2.0.12\nVNet = red",
+    );
+    let e = parse(&red).unwrap_err().to_string();
+    assert!(e.contains("for the default VNET today"), "{e}");
+}

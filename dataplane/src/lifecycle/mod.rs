@@ -184,6 +184,13 @@ impl Dataplane {
                     .into(),
             ));
         }
+        // A peer's health is the running instance's (set_peers_up), not
+        // the new config's.
+        let mut cfg = cfg.clone();
+        for p in &mut cfg.peers {
+            p.up = self.running.peers.iter().find(|r| r.id == p.id).is_none_or(|r| r.up);
+        }
+        let cfg = &cfg;
         let cur = self.tables.load_full();
         // The default VNET's configured routes go into the kernel first:
         // build_fib reads the kernel's routes and leaves those to the config.
@@ -264,6 +271,20 @@ impl Dataplane {
                 RESOLVE_FIRST_FOR.as_millis()
             );
         }
+    }
+
+    /// Route groups: members of a group went up or down (`(peer, up)`);
+    /// the FIB is rebuilt and applied like a reload, so the group's
+    /// prefixes move to its healthy peers of the highest priority.
+    pub fn set_peers_up(&mut self, states: &[(u32, bool)]) -> Result<RouteChanges> {
+        let mut cfg = self.running.clone();
+        for p in &mut cfg.peers {
+            if let Some((_, up)) = states.iter().find(|s| s.0 == p.id) {
+                p.up = *up;
+            }
+        }
+        self.running.peers = cfg.peers.clone();
+        self.apply(&cfg, &[])
     }
 
     /// A live change's steps before the switch: the steering entries, the

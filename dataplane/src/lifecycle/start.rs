@@ -8,7 +8,7 @@
 use super::{Dataplane, WorkerHandle, read_neighbours};
 use crate::config::{DataplaneConfig, UPLINK_VNET};
 use crate::error::{Error, Result};
-use crate::fib::{Fib, Target};
+use crate::fib::Fib;
 use crate::host::{KernelUndo, kernel_routes, tun_name, tun_sysctls};
 use crate::netlink::{self, Netlink};
 use crate::plan::{allowed_ips, build_fib, check_capacity, peer_rts, steer};
@@ -249,7 +249,7 @@ fn open_slow_path(cfg: &DataplaneConfig, ports: &[Port], uplink: Option<u16>, fi
     let tun_nets: Vec<IpNet> = fib
         .routes()
         .iter()
-        .filter(|r| r.vnet == 0 && matches!(r.target, Target::Peer(_)))
+        .filter(|r| r.vnet == 0 && r.target.is_tunnel())
         .map(|r| r.prefix)
         .collect();
     kernel_routes("replace", &tun_nets, slow.name(), false)?;

@@ -541,7 +541,7 @@ impl Device {
         let (src_ip, len) = inner_source(plain).ok_or(WgError::BadLength)?;
         // Cryptokey routing as WireGuard does it: the longest AllowedIPs
         // match for the source, over every peer, must be this peer.
-        if self.owner_of(src_ip, self.peers[peer as usize].vnet) != Some(peer) {
+        if !self.allowed.allows(self.peers[peer as usize].vnet, src_ip, peer) {
             return Err(WgError::NotAllowed);
         }
         let p = &mut self.peers[peer as usize];
