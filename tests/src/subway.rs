@@ -89,6 +89,17 @@ impl Subway {
         serde_json::from_str(&out).context("subway show --json printed invalid JSON")
     }
 
+    /// What to print when a test fails: `show` and the log.
+    pub fn diag(&self) -> String {
+        format!(
+            "{}: {}\n{} log:\n{}",
+            self.name,
+            self.show().map(|v| v.to_string()).unwrap_or_default(),
+            self.name,
+            self.proc.log_text()
+        )
+    }
+
     /// A total counter from `show`.
     pub fn total(&self, counter: &str) -> Result<u64> {
         self.show()?["totals"][counter]

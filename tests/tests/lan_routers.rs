@@ -119,13 +119,7 @@ fn a_host_behind_a_lan_router_is_reached_by_the_fast_path_both_ways_v4_and_v6() 
     );
     let ga = Subway::start(&t.gwa, &cfg_a)?;
     let gb = Subway::start(&t.gwb, &cfg_b)?;
-    let diag = || {
-        format!(
-            "A: {}\nA log:\n{}",
-            ga.show().map(|v| v.to_string()).unwrap_or_default(),
-            ga.proc.log_text()
-        )
-    };
+    let diag = || ga.diag();
 
     // Both ways, both families.
     ping_until(&t.b, "10.1.5.10", 10).with_context(diag)?;
@@ -276,13 +270,7 @@ fn a_configured_route_in_a_vnet_reaches_a_host_behind_a_router_and_moves_on_relo
         .replace("Interface = lan0\n", &lan("10.1.0.3", "fd01::3"));
     let ga = Subway::start(&t.gwa, &cfg_a)?;
     let _gb = Subway::start(&t.gwb, &r.config_b())?;
-    let diag = || {
-        format!(
-            "A: {}\nA log:\n{}",
-            ga.show().map(|v| v.to_string()).unwrap_or_default(),
-            ga.proc.log_text()
-        )
-    };
+    let diag = || ga.diag();
     ping_until(&t.b, "10.1.5.10", 10).with_context(diag)?;
     ping(&t.b, "10.1.5.10", 3).with_context(diag)?;
     ping(&r.h, "10.2.0.2", 3).with_context(diag)?;
@@ -371,13 +359,7 @@ fn ecmp_over_two_lan_routers_spreads_flows_and_keeps_each_on_one_router() -> Res
     );
     let ga = Subway::start(&t.gwa, &cfg_a)?;
     let _gb = Subway::start(&t.gwb, &r.config_b())?;
-    let diag = || {
-        format!(
-            "A: {}\nA log:\n{}",
-            ga.show().map(|v| v.to_string()).unwrap_or_default(),
-            ga.proc.log_text()
-        )
-    };
+    let diag = || ga.diag();
     ping_until(&t.b, "10.1.5.10", 10).with_context(diag)?;
     let got: serde_json::Value =
         serde_json::from_str(&ga.ctl(&["route", "get", "10.1.5.10", "--name", &ga.name, "--json"])?)?;

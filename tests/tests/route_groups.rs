@@ -78,6 +78,16 @@ impl Far {
         s
     }
 
+    /// The two far gateways and gateway A (with these priorities) running,
+    /// and the tunnel carrying a ping.
+    fn up(&self, prio: [u8; 2]) -> Result<[Subway; 3]> {
+        let b1 = Subway::start(&self.b[0], &self.config_b(0))?;
+        let b2 = Subway::start(&self.b[1], &self.config_b(1))?;
+        let ga = Subway::start(&self.ga, &self.config_a(prio))?;
+        ping_until(&self.a, "10.2.0.2", 10).with_context(|| ga.diag())?;
+        Ok([b1, b2, ga])
+    }
+
     /// A far gateway: site B's LAN, gateway A as its peer.
     fn config_b(&self, i: usize) -> String {
         format!(
@@ -124,10 +134,7 @@ fn the_prefix_moves_to_the_standby_peer_when_the_active_far_gateway_dies() -> Re
         return Ok(());
     }
     let t = Far::new()?;
-    let b1 = Subway::start(&t.b[0], &t.config_b(0))?;
-    let _b2 = Subway::start(&t.b[1], &t.config_b(1))?;
-    let ga = Subway::start(&t.ga, &t.config_a([200, 100]))?;
-    ping_until(&t.a, "10.2.0.2", 10).with_context(|| ga.proc.log_text())?;
+    let [b1, _b2, ga] = t.up([200, 100])?;
     // Both members answer their probes; the prefix goes to the preferred.
     wait_until("both members answer", Duration::from_secs(3), || {
         Ok(peer_json(&ga, &t.kb[0].1)["probe"]["rtt_ms"].is_number()
@@ -180,10 +187,7 @@ fn ecmp_over_two_far_gateways_spreads_flows_and_a_dead_ones_flows_move() -> Resu
         return Ok(());
     }
     let t = Far::new()?;
-    let b1 = Subway::start(&t.b[0], &t.config_b(0))?;
-    let _b2 = Subway::start(&t.b[1], &t.config_b(1))?;
-    let ga = Subway::start(&t.ga, &t.config_a([100, 100]))?;
-    ping_until(&t.a, "10.2.0.2", 10).with_context(|| ga.proc.log_text())?;
+    let [b1, _b2, ga] = t.up([100, 100])?;
     let r = route_to_b(&ga);
     assert_eq!(r["route"]["kind"], "peers", "{r}");
     // Which far gateway carried each flow: captured where each hands its
