@@ -3,11 +3,11 @@
 //! sent an ICMP echo through its own tunnel every `ProbeInterval`, from
 //! the gateway's own LAN address; the answer comes back through the
 //! tunnel, the workers hand it to the kernel (a local address) and a raw
-//! ICMP socket here sees it. Data received from the peer counts as an
-//! answer too. `ProbeMisses` unanswered probes in a row and the peer is
-//! down: the FIB is rebuilt without it ([`Dataplane::set_peers_up`]) and
-//! its prefixes move to the next peer of the group. As many answers in a
-//! row and it is up again.
+//! ICMP socket here sees it. Data received from the peer is a sign of
+//! life too. Nothing heard from a peer for `ProbeMisses` intervals and it
+//! is down: the FIB is rebuilt without it ([`Dataplane::set_peers_up`])
+//! and its prefixes move to the next peer of the group. `ProbeMisses`
+//! answers in a row and it is up again.
 //!
 //! The probes also keep a session up with every member, so a failover
 //! costs no handshake.
@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 use subway_dataplane::Dataplane;
 use subway_dataplane::fib::Target;
 use subway_dataplane::wire::icmp;
+
+/// A member is not declared down before its first handshake had a chance.
+const START_GRACE: Duration = Duration::from_secs(1);
 
 struct Member {
     peer: u32,
@@ -38,8 +41,11 @@ struct Member {
     last_reply: Option<Instant>,
     rtt: Option<Duration>,
     changes: u64,
-    /// Data packets received from the peer when the outstanding probe left.
-    rx_at_send: u64,
+    /// Data packets received from the peer when last looked at.
+    last_rx: u64,
+    /// The last answer, or data from the peer (or the start, plus a grace
+    /// for the first handshake).
+    last_heard: Instant,
     why: String,
 }
 
@@ -103,7 +109,8 @@ impl Probes {
                     last_reply: None,
                     rtt: None,
                     changes: 0,
-                    rx_at_send: 0,
+                    last_rx: 0,
+                    last_heard: now + START_GRACE,
                     why: "not probed yet".into(),
                 })
             })
@@ -129,13 +136,18 @@ impl Probes {
             .collect()
     }
 
-    /// When the next probe is due.
+    /// When the next probe, miss or verdict is due.
     pub fn next_at(&self) -> Option<Instant> {
         self.members
             .iter()
             .map(|m| {
-                m.outstanding
-                    .map_or(m.next_at, |(_, at)| (at + m.interval).min(m.next_at))
+                let mut t = m
+                    .outstanding
+                    .map_or(m.next_at, |(_, at)| (at + m.interval).min(m.next_at));
+                if m.up {
+                    t = t.min(m.last_heard + m.interval * m.limit);
+                }
+                t
             })
             .min()
     }
@@ -169,16 +181,23 @@ impl Probes {
             if m.src.is_none() {
                 m.src = own_address(dp, m.target);
             }
+            let seen = rx(m.peer);
+            if seen > m.last_rx {
+                // Authenticated data from the peer: alive.
+                m.last_rx = seen;
+                m.last_heard = m.last_heard.max(now);
+            }
             if let Some((_, at)) = m.outstanding
                 && now >= at + m.interval
             {
                 m.outstanding = None;
-                if rx(m.peer) > m.rx_at_send {
-                    // Authenticated data from the peer since: alive.
-                    changed |= m.answered(None);
-                } else {
-                    changed |= m.missed();
-                }
+                m.misses += 1;
+                m.answers = 0;
+            }
+            // Down once nothing was heard for ProbeMisses intervals: at
+            // most that long after the peer's last sign of life.
+            if m.up && now >= m.last_heard + m.interval * m.limit {
+                changed |= m.down();
             }
             if now >= m.next_at {
                 m.next_at = now + m.interval;
@@ -189,7 +208,6 @@ impl Probes {
                 {
                     Some(pkt) => {
                         m.outstanding = Some((m.seq, now));
-                        m.rx_at_send = rx(m.peer);
                         out.push((m.peer, pkt));
                     }
                     None => m.why = "no address of the gateway's own to probe from in the default VNET".into(),
@@ -259,21 +277,21 @@ impl Probes {
 }
 
 impl Member {
-    fn missed(&mut self) -> bool {
-        self.misses += 1;
-        self.answers = 0;
-        if self.up && self.misses >= self.limit {
-            self.up = false;
-            self.changes += 1;
-            self.why = format!("{} probes to {} unanswered", self.misses, self.target);
-            tracing::warn!(
-                peer = self.peer,
-                "route group: peer down ({}): its prefixes move",
-                self.why
-            );
-            return true;
-        }
-        false
+    fn down(&mut self) -> bool {
+        self.up = false;
+        self.changes += 1;
+        self.why = format!(
+            "nothing heard for {} ms ({} probes to {} unanswered)",
+            (self.interval * self.limit).as_millis(),
+            self.misses,
+            self.target
+        );
+        tracing::warn!(
+            peer = self.peer,
+            "route group: peer down ({}): its prefixes move",
+            self.why
+        );
+        true
     }
 
     /// An answer (`sent`: when its probe left, for the round trip), or
@@ -283,6 +301,7 @@ impl Member {
         self.misses = 0;
         self.answers += 1;
         self.last_reply = Some(now);
+        self.last_heard = self.last_heard.max(now);
         if let Some(at) = sent {
             self.rtt = Some(now - at);
         }
