@@ -336,8 +336,18 @@ mod tests {
                 tx_packets: 2,
                 handshakes: 3,
                 latest_handshake_secs_ago: Some(4),
+                probe: Some(crate::probe::ProbeStatus {
+                    up: false,
+                    changes: 3,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }],
+            ha: Some(crate::ha::RoleStatus {
+                role: "active".into(),
+                changes: 2,
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let t = render(&show);
@@ -350,6 +360,10 @@ mod tests {
             "subway_peer_tx_bytes_total{peer=\"K=\"} 200",
             "subway_peer_handshakes_total{peer=\"K=\"} 3",
             "subway_peer_last_handshake_age_seconds{peer=\"K=\"} 4",
+            "subway_ha_active 1",
+            "subway_ha_role_changes_total 2",
+            "subway_peer_up{peer=\"K=\"} 0",
+            "subway_peer_health_changes_total{peer=\"K=\"} 3",
         ] {
             assert!(t.lines().any(|l| l == line), "missing {line}:\n{t}");
         }
