@@ -143,6 +143,14 @@ fn the_prefix_moves_to_the_standby_peer_when_the_active_far_gateway_dies() -> Re
     .with_context(|| ga.show().map(|s| s.to_string()).unwrap_or_default())?;
     let r = route_to_b(&ga);
     assert_eq!(r["route"]["via"], t.kb[0].1.as_str(), "{r}");
+    // `wg show` lists both peers with the shared prefix, as it would.
+    let wg = subway_testkit::host(&["wg", "show", &ga.name, "allowed-ips"])?;
+    for k in &t.kb {
+        assert!(
+            wg.lines().any(|l| l.contains(&k.1) && l.contains("10.2.0.0/24")),
+            "{wg}"
+        );
+    }
 
     // 1000 datagrams/s to the far host; b1 is SIGKILLed after 1.5 s.
     let flow = UdpFlow::start(&t.a, &t.host, "10.2.0.2:7200".parse()?, 4000, 1000, 100)?;
