@@ -19,8 +19,9 @@ APT_PACKAGES=(
   wireguard-tools wireguard-go iperf3 gnuplot-nox
   # tcpdump: the fail-safe tests capture the uplink to prove nothing leaves in clear
   tcpdump
-  # keepalived: VRRP for an active/standby pair (the HA tests run it in namespaces)
-  keepalived
+  # keepalived: VRRP for an active/standby pair; bird2: BGP + BFD for
+  # active/active gateways (the tests run both in namespaces)
+  keepalived bird2
 )
 
 missing=()

@@ -199,6 +199,32 @@ pub fn reload(name: Option<String>) -> Result<()> {
     Ok(())
 }
 
+pub fn drain(name: Option<String>, undo: bool) -> Result<()> {
+    let name = instance_name(name)?;
+    let v = ctl::ask(&name, &Request::Drain { undo })?;
+    let routes: Vec<&str> = v["withdrawn"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.as_str())
+        .collect();
+    if undo {
+        println!("{name}: exporting again (table {})", v["table"]);
+    } else {
+        println!(
+            "{name}: drained: {} route(s) withdrawn from table {} ({}); still forwarding",
+            routes.len(),
+            v["table"],
+            if routes.is_empty() {
+                "none".to_string()
+            } else {
+                routes.join(", ")
+            }
+        );
+    }
+    Ok(())
+}
+
 pub fn show(name: Option<String>, as_json: bool) -> Result<()> {
     let name = instance_name(name)?;
     let v = ctl::ask(&name, &Request::Show)?;

@@ -12,7 +12,7 @@
 use crate::config::Config;
 use crate::protocol::{self, Request};
 use crate::status::{LocalRefused, Rates, Reloads, Status};
-use crate::{ctl, gateway, ha, health, live, liveness, metrics, probe, routes, uapi};
+use crate::{ctl, export, gateway, ha, health, live, liveness, metrics, probe, routes, uapi};
 use anyhow::{Context, Result, bail};
 use std::os::fd::RawFd;
 use std::path::Path;
@@ -54,6 +54,10 @@ struct State {
     ha: Option<ha::Ha>,
     /// Route groups' probes, if any peer is in one.
     probes: Option<probe::Probes>,
+    /// The routing table kept for a routing daemon ([Export]).
+    export: Option<export::Exporter>,
+    /// A clean stop that drains first: when it may stop.
+    draining_until: Option<Instant>,
 }
 
 /// The local sockets and event sources the loop waits on.
@@ -75,7 +79,10 @@ pub fn run(path: &Path) -> Result<()> {
         revents: 0,
     };
     let mut pfds: Vec<libc::pollfd> = Vec::new();
-    while !STOP.load(Ordering::Relaxed) {
+    loop {
+        if STOP.load(Ordering::Relaxed) && !s.keep_draining() {
+            break;
+        }
         // Local clients whose request has not all arrived wake the loop
         // when it does, not a round later.
         pfds.clear();
@@ -207,6 +214,10 @@ fn start(path: &Path) -> Result<(State, Io)> {
     // Neighbours and routes change under us too (ARP, NDP, routing daemons).
     fds.extend(dp.kernel_events_fd());
     let probes = gw.as_ref().and_then(|_| probe::Probes::new(&cfg));
+    let export = match (&cfg.export, &gw) {
+        (Some(e), Some(_)) => Some(export::Exporter::new(e, dp.slow_path_name())),
+        _ => None,
+    };
     if let Some(p) = &probes {
         fds.extend(p.fds());
     }
@@ -225,6 +236,8 @@ fn start(path: &Path) -> Result<(State, Io)> {
         rounds: 0,
         ha,
         probes,
+        export,
+        draining_until: None,
     };
     let io = Io {
         ctl,
@@ -275,6 +288,7 @@ impl State {
             self.reloads.note("SIGHUP", &r);
         }
         self.probe();
+        self.export();
         if let Some(g) = self.gw.as_mut() {
             self.busy = g.poll(&mut self.dp);
         } else {
@@ -285,6 +299,46 @@ impl State {
             self.dp.serve_punted(|_, _| {});
         }
         Ok(())
+    }
+
+    /// [Export]: the table holds what the healthy peers can serve now.
+    fn export(&mut self) {
+        let (Some(e), Some(g)) = (self.export.as_mut(), self.gw.as_ref()) else {
+            return;
+        };
+        let probes = self.probes.as_ref();
+        let wanted = export::Exporter::wanted(&self.cfg, |id| match probes.and_then(|p| p.status(id)) {
+            Some(s) => s.up && g.has_session(id),
+            None => g.has_session(id),
+        });
+        e.sync(&wanted);
+    }
+
+    /// A clean stop with [Export]: the first call withdraws every route
+    /// and starts DrainSeconds of serving on while the routers move away;
+    /// true until that is over.
+    fn keep_draining(&mut self) -> bool {
+        let Some(e) = self.export.as_mut() else {
+            return false;
+        };
+        let now = Instant::now();
+        match self.draining_until {
+            Some(until) => now < until,
+            None => {
+                e.draining = true;
+                let had = e.withdraw_all();
+                let d = self.cfg.export.as_ref().map_or(Duration::ZERO, |x| x.drain);
+                if !had || d.is_zero() {
+                    return false;
+                }
+                tracing::info!(
+                    "stopping: routes withdrawn, serving {} s more while the routers move away",
+                    d.as_secs()
+                );
+                self.draining_until = Some(now + d);
+                true
+            }
+        }
     }
 
     /// Route groups: answers read, misses counted, due probes sent; a
@@ -404,6 +458,26 @@ impl State {
                         probes.and_then(|p| p.status(peer)).map(|s| (s.up, s.why))
                     })
                 }
+                Ok(Request::Drain { undo }) => match self.export.as_mut() {
+                    Some(e) => {
+                        let before = e.status().routes;
+                        e.draining = !undo;
+                        if !undo {
+                            e.withdraw_all();
+                        }
+                        tracing::info!(
+                            "subway drain{}: {} route(s) withdrawn",
+                            if undo { " --undo" } else { "" },
+                            if undo { 0 } else { before.len() }
+                        );
+                        serde_json::json!({
+                            "table": e.status().table,
+                            "draining": e.draining,
+                            "withdrawn": if undo { Vec::new() } else { before },
+                        })
+                    }
+                    None => protocol::error("this instance exports nothing: drain needs an [Export] section"),
+                },
                 Ok(Request::Health {
                     handshake_within_secs,
                     stall_ms,
@@ -451,6 +525,7 @@ impl State {
         }
         st.control_wakeups = self.rounds;
         st.ha = self.ha.as_ref().map(|h| h.status());
+        st.export = self.export.as_ref().map(|e| e.status());
         st
     }
 }

@@ -144,6 +144,12 @@ impl Gateway {
         }
     }
 
+    /// Whether `peer` has a session data can be sent on now.
+    pub fn has_session(&self, peer: u32) -> bool {
+        let now = Now::system().mono;
+        self.dev.peer(peer).is_some_and(|p| p.send_session(now).is_some())
+    }
+
     /// Data packets received from `peer` so far (workers and this thread).
     pub fn rx_packets(&self, peer: u32, dp: &Dataplane) -> u64 {
         let t = dp.tables();

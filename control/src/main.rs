@@ -15,6 +15,7 @@ mod commands;
 mod config;
 mod ctl;
 mod daemon;
+mod export;
 mod gateway;
 mod ha;
 mod health;
@@ -145,6 +146,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// [Export]: withdraw every route this instance exports for a routing
+    /// daemon (BIRD withdraws them from its BGP peers) while it keeps
+    /// forwarding, so that the LAN's routers move to the other gateways
+    /// before maintenance. --undo exports again. A clean stop (SIGTERM)
+    /// drains by itself first, for DrainSeconds.
+    Drain {
+        /// Instance name; optional when only one instance runs.
+        name: Option<String>,
+        /// Export again.
+        #[arg(long)]
+        undo: bool,
+    },
     /// Show a running instance: workers (queue, core, mode, packet and
     /// byte counters), drops and slow-path hand-offs by reason, XDP
     /// counters.
@@ -168,6 +181,7 @@ fn main() {
         Cmd::Down { name } => commands::down(&name),
         Cmd::Show { name, json } => commands::show(name, json),
         Cmd::Reload { name } => commands::reload(name),
+        Cmd::Drain { name, undo } => commands::drain(name, undo),
         Cmd::Route { query, name, json } => commands::route(name, query, json),
         Cmd::Health {
             name,

@@ -151,6 +151,15 @@ pub fn render(show: &Status) -> String {
         "Seconds since the instance started.",
     );
     let _ = writeln!(o, "subway_uptime_seconds {}", show.uptime_secs);
+    if let Some(e) = &show.export {
+        family(
+            &mut o,
+            "subway_export_routes",
+            "gauge",
+            "Routes in the table exported to a routing daemon (0 while drained).",
+        );
+        let _ = writeln!(o, "subway_export_routes {}", e.routes.len());
+    }
     if let Some(r) = &show.ha {
         family(
             &mut o,

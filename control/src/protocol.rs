@@ -26,6 +26,12 @@ pub enum Request {
         #[serde(default)]
         stall_ms: Option<u64>,
     },
+    /// [Export]: withdraw every exported route and export nothing until
+    /// undone (`undo`), so that the routers move away before maintenance.
+    Drain {
+        #[serde(default)]
+        undo: bool,
+    },
 }
 
 /// `subway route ...`: the CLI's subcommands are the protocol's queries.
@@ -124,6 +130,7 @@ mod tests {
                 handshake_within_secs: None,
                 stall_ms: Some(250),
             },
+            Request::Drain { undo: true },
             Request::Route {
                 query: RouteQuery::Explain {
                     vnet: "default".into(),

@@ -51,6 +51,9 @@ pub struct Status {
     /// Active/standby ([HA]), if configured.
     #[serde(default)]
     pub ha: Option<crate::ha::RoleStatus>,
+    /// The routing table kept for a routing daemon ([Export]).
+    #[serde(default)]
+    pub export: Option<crate::export::ExportStatus>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -294,6 +297,20 @@ impl fmt::Display for Status {
             "instance {} (pid {}, {} mode, up {}s), slow path {}",
             self.name, self.pid, self.mode, self.uptime_secs, self.slow_path
         )?;
+        if let Some(e) = &self.export {
+            writeln!(
+                f,
+                "  export: table {} proto {}: {}{}",
+                e.table,
+                e.protocol,
+                if e.routes.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    e.routes.join(", ")
+                },
+                if e.draining { " (drained)" } else { "" }
+            )?;
+        }
         if let Some(r) = &self.ha {
             writeln!(
                 f,

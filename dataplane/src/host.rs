@@ -188,7 +188,7 @@ pub(crate) fn kernel_routes(op: &str, nets: &[IpNet], tun: &str, force: bool) ->
 
 /// Runs `ip -batch` on `script` (one command per line); an error carries
 /// ip's own message.
-fn ip_batch(script: &str, force: bool) -> std::result::Result<(), String> {
+pub fn ip_batch(script: &str, force: bool) -> std::result::Result<(), String> {
     use std::io::Write;
     if script.is_empty() {
         return Ok(());

@@ -21,9 +21,11 @@
 //!   [`icmp_in_echos`], [`icmp6_in_echos`], and [`wait_until`].
 //! - `flow`: [`UdpFlow`] and its [`FlowReport`].
 //! - `keepalived`: [`Keepalived`], VRRP in a namespace.
+//! - `bird`: [`Bird`], BGP and BFD in a namespace.
 //!
 //! The end-to-end tests that use the kit are in `tests/tests/`.
 
+mod bird;
 mod capture;
 mod env;
 mod flow;
@@ -35,6 +37,7 @@ mod topology;
 mod traffic;
 mod wg;
 
+pub use bird::Bird;
 pub use capture::Capture;
 pub use env::{
     host, is_root, log_time, profile_bin, require_root, unique, wall_time_of_day, which, work_dir, workspace_bin,

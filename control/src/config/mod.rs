@@ -140,6 +140,20 @@ pub struct Tuning {
     pub xdp_mode: XdpAttach,
 }
 
+/// `[Export]`: subway keeps the default VNET's peer prefixes it can serve
+/// (through a healthy peer) in a kernel routing table of their own, for a
+/// routing daemon (BIRD) to announce; nothing in the main table changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportSection {
+    pub line: usize,
+    pub table: u32,
+    /// The routes' protocol number (`ip route ... proto N`).
+    pub protocol: u8,
+    /// On a clean stop: routes withdrawn first, then this long serving
+    /// while the routers move away, then the stop.
+    pub drain: std::time::Duration,
+}
+
 /// `[HA]`: this box is one of an active/standby pair that shares one
 /// WireGuard identity; keepalived (VRRP) moves the LAN's virtual address
 /// between them, and the box that holds it is the active one.
@@ -163,6 +177,8 @@ pub struct Config {
     pub metrics: Option<(SocketAddr, usize)>,
     /// Active/standby with keepalived, if an [HA] section asks for it.
     pub ha: Option<HaSection>,
+    /// The routing table subway keeps for a routing daemon, if [Export].
+    pub export: Option<ExportSection>,
     pub warnings: Vec<String>,
     /// VNET names a running instance already numbered (see `vnet_ids`).
     pub known_vnets: Vec<String>,

@@ -2,7 +2,9 @@
 //! per section and handed to that section's parser (`sections`), keys
 //! given twice, and the rules that span sections.
 
-use super::sections::{Entries, parse_ha, parse_interface, parse_lan, parse_metrics, parse_peer, parse_tuning};
+use super::sections::{
+    Entries, parse_export, parse_ha, parse_interface, parse_lan, parse_metrics, parse_peer, parse_tuning,
+};
 use super::{Config, ConfigError, InterfaceSection, Key32, Tuning};
 use ipnet::IpNet;
 use std::collections::HashMap;
@@ -17,6 +19,7 @@ enum Section {
     Tuning,
     Metrics,
     Ha,
+    Export,
 }
 
 impl Config {
@@ -47,6 +50,7 @@ impl Config {
             tuning: Tuning::default(),
             metrics: None,
             ha: None,
+            export: None,
             warnings: Vec::new(),
             known_vnets: Vec::new(),
         };
@@ -91,6 +95,7 @@ impl Config {
                 Section::Tuning => parse_tuning(cfg, kv, &err),
                 Section::Metrics => parse_metrics(cfg, kv, &err),
                 Section::Ha => parse_ha(cfg, line, kv, &err),
+                Section::Export => parse_export(cfg, line, kv, &err),
             }
         };
 
@@ -126,6 +131,12 @@ impl Config {
                         Section::Metrics
                     }
                     "peer" => Section::Peer,
+                    "export" => {
+                        if cfg.export.is_some() {
+                            return Err(err(lineno, "a second [Export] section: merge it into the first".into()));
+                        }
+                        Section::Export
+                    }
                     "ha" => {
                         if cfg.ha.is_some() {
                             return Err(err(lineno, "a second [HA] section: merge it into the first".into()));
@@ -143,7 +154,7 @@ impl Config {
                         return Err(err(
                             lineno,
                             format!(
-                                "unknown section [{}]: subway knows [Interface], [Lan], [Peer], [HA], [Tuning] and [Metrics]",
+                                "unknown section [{}]: subway knows [Interface], [Lan], [Peer], [HA], [Export], [Tuning] and [Metrics]",
                                 &line[1..line.len() - 1]
                             ),
                         ));

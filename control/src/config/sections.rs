@@ -2,7 +2,7 @@
 //! section's `Key = Value` lines in file order.
 
 use super::values::{ErrFn, parse_bool, parse_key, parse_num, parse_prefixes, parse_ranges, vnet_name};
-use super::{Config, ConfigError, HaSection, LanSection, PeerSection};
+use super::{Config, ConfigError, ExportSection, HaSection, LanSection, PeerSection};
 use std::net::{SocketAddr, ToSocketAddrs};
 use subway_dataplane::{BindMode, XdpAttach};
 
@@ -282,6 +282,60 @@ pub(super) fn parse_ha(cfg: &mut Config, sline: usize, kv: Entries, err: &ErrFn)
         ));
     }
     cfg.ha = Some(ha);
+    Ok(())
+}
+
+pub(super) fn parse_export(cfg: &mut Config, sline: usize, kv: Entries, err: &ErrFn) -> Result<(), ConfigError> {
+    let mut e = ExportSection {
+        line: sline,
+        table: 0,
+        protocol: 250,
+        drain: std::time::Duration::from_secs(2),
+    };
+    for (k, v, line) in kv {
+        match k.to_ascii_lowercase().as_str() {
+            "table" => {
+                let t: u32 = parse_num(&k, &v, line, err)?;
+                if t == 0 || (253..=255).contains(&t) {
+                    return Err(err(
+                        line,
+                        format!(
+                            "Table = {t}: 0, 253 (default), 254 (main) and 255 (local) are the kernel's own; \
+                             pick a table of subway's, e.g. 100"
+                        ),
+                    ));
+                }
+                e.table = t;
+            }
+            "protocol" => {
+                let p: u8 = parse_num(&k, &v, line, err)?;
+                if p <= 4 {
+                    return Err(err(
+                        line,
+                        format!(
+                            "Protocol = {p}: 0-4 are the kernel's (unspec, redirect, kernel, boot, static); pick e.g. 250"
+                        ),
+                    ));
+                }
+                e.protocol = p;
+            }
+            "drainseconds" => e.drain = std::time::Duration::from_secs(parse_num::<u64>(&k, &v, line, err)?),
+            _ => {
+                return Err(err(
+                    line,
+                    format!("unknown key `{k}` in [Export]: expected Table, Protocol, DrainSeconds"),
+                ));
+            }
+        }
+    }
+    if e.table == 0 {
+        return Err(err(
+            sline,
+            "[Export] without a Table: name the kernel routing table subway keeps its routes in, e.g. `Table = 100`"
+                .into(),
+        ));
+    }
+    cfg.export = Some(e);
     Ok(())
 }
 
