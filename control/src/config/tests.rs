@@ -449,3 +449,29 @@ fn route_groups_are_parsed_and_ones_that_cannot_work_are_refused_with_line_and_f
     let e = parse(&red).unwrap_err().to_string();
     assert!(e.contains("for the default VNET today"), "{e}");
 }
+
+#[test]
+fn the_export_section_names_a_table_of_its_own_and_bad_values_are_refused_with_line_and_fix() {
+    let base = |e: &str| {
+        format!(
+            "[Interface]\nPrivateKey = {KEY_A}\nListenPort = 51820\nUplink = wan0\n\n[Lan]\nInterface = lan0\n\n{e}\n\
+             [Peer]\nPublicKey = {KEY_B}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 10.2.0.0/24\n"
+        )
+    };
+    let c = parse(&base("[Export]\nTable = 100\nDrainSeconds = 5")).unwrap();
+    let e = c.export.expect("an [Export] section");
+    assert_eq!((e.table, e.protocol, e.drain.as_secs()), (100, 250, 5));
+    for (text, line, want) in [
+        ("[Export]\n", 9, "without a Table"),
+        ("[Export]\nTable = 254", 10, "254 (main)"),
+        ("[Export]\nTable = 100\nProtocol = 2", 11, "the kernel's"),
+        ("[Export]\nTable = 100\nBgp = yes", 11, "unknown key `Bgp` in [Export]"),
+        ("[Export]\nTable = 100\n[Export]\nTable = 101", 11, "a second [Export]"),
+    ] {
+        let e = parse(&base(text)).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("site-a.conf:{line}:")) && e.contains(want),
+            "{text}\n=> {e}"
+        );
+    }
+}
