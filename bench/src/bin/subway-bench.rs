@@ -6,7 +6,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use subway_bench::scenario::{all, crypto, latency, routed, tcp, tune, tunnel};
+use subway_bench::scenario::{all, crypto, latency, routed, scale_out, tcp, tune, tunnel};
 
 #[derive(Parser, Debug)]
 #[command(about = "subway's benchmark harness (needs root; builds its own namespaces and removes them)")]
@@ -47,6 +47,10 @@ enum Cmd {
     /// peer, replaying packets it sealed before the clock started, with
     /// fresh counters; plaintext counted on the LAN wire.
     Tunnel(tunnel::Args),
+    /// Two subway gateways side by side (each with its own LAN traffic, as
+    /// behind a LAN router's ECMP route) against one: the aggregate encrypt
+    /// rate. On a 2-core machine both share the cores: indicative only.
+    ScaleOut(scale_out::Args),
 }
 
 fn main() -> Result<()> {
@@ -58,5 +62,6 @@ fn main() -> Result<()> {
         Cmd::Routed(a) => routed::run(a),
         Cmd::Tcp(a) => tcp::run(a),
         Cmd::Tunnel(a) => tunnel::run(a),
+        Cmd::ScaleOut(a) => scale_out::run(a),
     }
 }

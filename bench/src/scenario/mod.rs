@@ -10,6 +10,7 @@ pub mod crypto;
 pub mod latency;
 mod rig;
 pub mod routed;
+pub mod scale_out;
 pub mod tcp;
 pub mod tune;
 pub mod tunnel;

@@ -95,42 +95,7 @@ pub(super) fn tunnel(sizes: &[Size], contenders: &[&str], decrypt: bool, p: &Par
                     trials.push(decrypt_once(&t, &ga, c, size, p)?);
                     continue;
                 }
-                let gb = start_gw(&t, c, false, p)?;
-                // Handshake with real traffic, then point site A's next hop for
-                // the far gateway at a MAC nobody has: the far gateway's wire
-                // counts the ciphertext and its kernel drops it at once, so its
-                // decryption costs nothing and only site A is measured.
-                subway_testkit::ping_until(&t.a, "10.2.0.2", 20)
-                    .with_context(|| format!("{c}: the tunnel did not come up"))?;
-                t.gwa.run(&[
-                    "ip",
-                    "neigh",
-                    "replace",
-                    "192.0.2.2",
-                    "lladdr",
-                    SINK_MAC,
-                    "dev",
-                    "wan0",
-                    "nud",
-                    "permanent",
-                ])?;
-                // No RPS here: the gateway's ingress (the kernel's receive and
-                // TUN write for the standard implementations, XDP and the
-                // AF_XDP copy for subway) runs on the sending core in both
-                // cases, and core `fwd_core` is left to the gateway process.
-                if std::env::var_os("SUBWAY_BENCH_RPS").is_some() {
-                    t.gwa.sh(&format!(
-                        "echo {:x} > /sys/class/net/lan0/queues/rx-0/rps_cpus",
-                        1u64 << p.fwd_core
-                    ))?;
-                }
-                // The far gateway has done its part (the handshake): gone,
-                // it costs the measured core nothing (subway's XDP program
-                // on its wire would otherwise run for every frame).
-                drop(gb);
-                pin_standard(&ga, p.fwd_core);
-                std::thread::sleep(Duration::from_millis(400));
-                let gw_mac = t.gwa.run(&["cat", "/sys/class/net/lan0/address"])?.trim().to_string();
+                let (ga, gw_mac) = encrypt_rig(&t, ga, c, p)?;
                 let row = if p.search {
                     search_loss_free(
                         |rate| {
@@ -160,6 +125,46 @@ pub(super) fn tunnel(sizes: &[Size], contenders: &[&str], decrypt: bool, p: &Par
         }
     }
     Ok(rows)
+}
+
+/// Site A's gateway `ga` (started) ready for an encrypt measurement: the
+/// tunnel up with real traffic, then site A's next hop for the far gateway
+/// pointed at a MAC nobody has, so that the far gateway's wire counts the
+/// ciphertext and its kernel drops it at once (its decryption costs
+/// nothing and only site A is measured). Returns `ga` and its LAN MAC.
+pub(super) fn encrypt_rig(t: &TwoSites, ga: Gw, c: &str, p: &Params) -> Result<(Gw, String)> {
+    let gb = start_gw(t, c, false, p)?;
+    subway_testkit::ping_until(&t.a, "10.2.0.2", 20).with_context(|| format!("{c}: the tunnel did not come up"))?;
+    t.gwa.run(&[
+        "ip",
+        "neigh",
+        "replace",
+        "192.0.2.2",
+        "lladdr",
+        SINK_MAC,
+        "dev",
+        "wan0",
+        "nud",
+        "permanent",
+    ])?;
+    // No RPS here: the gateway's ingress (the kernel's receive and TUN
+    // write for the standard implementations, XDP and the AF_XDP copy for
+    // subway) runs on the sending core in both cases, and core `fwd_core`
+    // is left to the gateway process.
+    if std::env::var_os("SUBWAY_BENCH_RPS").is_some() {
+        t.gwa.sh(&format!(
+            "echo {:x} > /sys/class/net/lan0/queues/rx-0/rps_cpus",
+            1u64 << p.fwd_core
+        ))?;
+    }
+    // The far gateway has done its part (the handshake): gone, it costs
+    // the measured core nothing (subway's XDP program on its wire would
+    // otherwise run for every frame).
+    drop(gb);
+    pin_standard(&ga, p.fwd_core);
+    std::thread::sleep(Duration::from_millis(400));
+    let gw_mac = t.gwa.run(&["cat", "/sys/class/net/lan0/address"])?.trim().to_string();
+    Ok((ga, gw_mac))
 }
 
 /// Packets a decrypt-direction probe seals in advance at most (one UMEM
