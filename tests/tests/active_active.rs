@@ -332,3 +332,37 @@ fn a_drained_or_cleanly_stopped_gateway_loses_no_packet() -> Result<()> {
     assert_eq!(router_next_hops(&t), ["10.1.0.11"]);
     Ok(())
 }
+
+#[test]
+fn a_gateway_that_drops_off_the_lan_is_dropped_by_bfd() -> Result<()> {
+    if !require_root("a_gateway_that_drops_off_the_lan_is_dropped_by_bfd") {
+        return Ok(());
+    }
+    let t = Site::new()?;
+    let _up = site_up(&t)?;
+    // g1's LAN link is cut at the router's switch: no BGP message can say
+    // so; BFD (100 ms, multiplier 3) notices and BIRD withdraws g1.
+    let flows = Flows::start(&t, 1400)?;
+    std::thread::sleep(Duration::from_millis(2000));
+    let [on1, on2] = flows.placement()?;
+    t.r.run(&["ip", "link", "set", "p1", "down"])?;
+    let reports = flows.finish()?;
+    let mut worst = Duration::ZERO;
+    for (i, r) in reports.iter().enumerate() {
+        let port = 7400 + i as u16;
+        if on2.contains_key(&port) {
+            assert_eq!(r.lost, 0, "flow {port} on the surviving gateway lost packets: {r:?}");
+        } else {
+            worst = worst.max(r.longest_gap());
+        }
+    }
+    eprintln!(
+        "g1 cut off the LAN: BFD moved its {} flows to g2 with a longest gap of {:.0} ms",
+        on1.len(),
+        worst.as_secs_f64() * 1e3
+    );
+    assert!(!on1.is_empty(), "no flow was on g1");
+    assert!(worst < Duration::from_millis(500), "longest gap {worst:?}");
+    assert_eq!(router_next_hops(&t), ["10.1.0.12"]);
+    Ok(())
+}
