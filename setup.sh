@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time machine set-up for building and testing subway.
-# Installs the system packages, the nightly rust-src component and bpf-linker.
+# Installs the system packages, the nightly rust-src component, bpf-linker,
+# boringtun-cli (a reference peer) and cargo-deb (the Debian package).
 # Safe to run twice: every step checks before it installs.
 set -euo pipefail
 
@@ -60,6 +61,13 @@ if ! command -v boringtun-cli >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/boring
   cargo install boringtun-cli --locked
 else
   say "boringtun-cli already installed"
+fi
+
+if ! command -v cargo-deb >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo-deb" ]; then
+  say "building cargo-deb, which makes the Debian package (about 1 minute)"
+  cargo install cargo-deb --locked
+else
+  say "cargo-deb already installed"
 fi
 
 # bpffs is where aya may pin maps; mount it if the machine has not.

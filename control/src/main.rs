@@ -40,9 +40,10 @@ use subway_dataplane::{DataplaneConfig, LanConfig, PeerRoutes};
 /// userspace on AF_XDP.
 ///
 /// Configuration is one file per gateway, a superset of wg-quick's format
-/// ([Interface], [Lan], [Peer], [Tuning]); see README.md. The instance name
-/// is the file's stem. Needs root (or CAP_NET_ADMIN, CAP_BPF, CAP_NET_RAW
-/// and CAP_SYS_ADMIN) to load XDP and open AF_XDP sockets.
+/// ([Interface], [Lan], [Peer], [HA], [Export], [Tuning], [Metrics]); see
+/// subway.conf(5). The instance name is the file's stem. `subway run`
+/// needs root, or CAP_NET_ADMIN, CAP_NET_RAW, CAP_BPF, CAP_PERFMON and
+/// CAP_IPC_LOCK (the systemd unit subway@.service grants exactly these).
 #[derive(Parser, Debug)]
 #[command(name = "subway", version, about, long_about)]
 struct Cli {
@@ -158,6 +159,14 @@ enum Cmd {
         #[arg(long)]
         undo: bool,
     },
+    /// Writes the man pages (subway.8, one page per subcommand,
+    /// subway.conf.5) and the bash, zsh and fish completions into DIR
+    /// (for packaging).
+    #[command(hide = true)]
+    GenDocs {
+        /// Output directory (man/ and completions/ are made inside).
+        dir: PathBuf,
+    },
     /// Show a running instance: workers (queue, core, mode, packet and
     /// byte counters), drops and slow-path hand-offs by reason, XDP
     /// counters.
@@ -171,6 +180,41 @@ enum Cmd {
     },
 }
 
+/// `subway gen-docs DIR`: man pages and completions from the clap
+/// definitions, and subway.conf(5) from the config's key table.
+fn gen_docs(dir: &Path) -> Result<()> {
+    use clap::CommandFactory;
+    let man = dir.join("man");
+    let comp = dir.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&comp)?;
+    let cmd = Cli::command();
+    let page = |c: clap::Command, file: &str| -> Result<()> {
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(c).section("8").render(&mut buf)?;
+        std::fs::write(man.join(file), buf)?;
+        Ok(())
+    };
+    page(cmd.clone(), "subway.8")?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name: &'static str = Box::leak(format!("subway-{}", sub.get_name()).into_boxed_str());
+        page(sub.clone().name(name), &format!("{name}.8"))?;
+    }
+    std::fs::write(
+        man.join("subway.conf.5"),
+        config::doc::man_page(env!("CARGO_PKG_VERSION")),
+    )?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "subway", &comp)?;
+    }
+    println!("man pages in {}, completions in {}", man.display(), comp.display());
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     init_logging(&cli.log_level, &cli.log_format);
@@ -182,6 +226,7 @@ fn main() {
         Cmd::Show { name, json } => commands::show(name, json),
         Cmd::Reload { name } => commands::reload(name),
         Cmd::Drain { name, undo } => commands::drain(name, undo),
+        Cmd::GenDocs { dir } => gen_docs(&dir),
         Cmd::Route { query, name, json } => commands::route(name, query, json),
         Cmd::Health {
             name,

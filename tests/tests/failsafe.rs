@@ -548,7 +548,7 @@ fn the_shipped_systemd_units_verify_and_are_hardened() -> Result<()> {
     let dir = subway_testkit::work_dir().join(subway_testkit::unique("units"));
     std::fs::create_dir_all(&dir)?;
     for unit in ["subway@.service", "subway-fence@.service"] {
-        let text = std::fs::read_to_string(dist.join(unit))?.replace("/usr/local/bin/subway", bin.to_str().unwrap());
+        let text = std::fs::read_to_string(dist.join(unit))?.replace("/usr/sbin/subway", bin.to_str().unwrap());
         let path = dir.join(unit.replace("@.", "@site-a."));
         std::fs::write(&path, text)?;
         let out = std::process::Command::new(&analyze).arg("verify").arg(&path).output()?;

@@ -22,6 +22,7 @@
 //! - `values`: the value syntaxes (keys, numbers, booleans, ranges,
 //!   prefixes, VNET names).
 
+pub mod doc;
 mod parse;
 mod sections;
 mod values;
