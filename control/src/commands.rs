@@ -225,6 +225,44 @@ pub fn drain(name: Option<String>, undo: bool) -> Result<()> {
     Ok(())
 }
 
+/// `subway show --watch`: the text status once a second, led by each
+/// peer's rates since the previous second (the workers' rates are in
+/// the status itself).
+pub fn watch(name: Option<String>) -> Result<()> {
+    let name = instance_name(name)?;
+    let mut prev: Option<(Status, std::time::Instant)> = None;
+    loop {
+        let v = ctl::ask(&name, &Request::Show)?;
+        let st: Status = serde_json::from_value(v).context("the instance's status is not what this subway reads")?;
+        let now = std::time::Instant::now();
+        let mut out = String::from("\x1b[H\x1b[2J");
+        if let Some((p, at)) = &prev {
+            let secs = now.duration_since(*at).as_secs_f64().max(1e-3);
+            out += &format!("{name}: per peer, last {secs:.1} s\n");
+            for peer in &st.peers {
+                let Some(old) = p.peers.iter().find(|o| o.public_key == peer.public_key) else {
+                    continue;
+                };
+                let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
+                out += &format!(
+                    "  {}  rx {:.0} pps {:.1} Mbit/s  tx {:.0} pps {:.1} Mbit/s\n",
+                    peer.public_key,
+                    rate(peer.rx_packets, old.rx_packets),
+                    rate(peer.rx_bytes, old.rx_bytes) * 8.0 / 1e6,
+                    rate(peer.tx_packets, old.tx_packets),
+                    rate(peer.tx_bytes, old.tx_bytes) * 8.0 / 1e6,
+                );
+            }
+        }
+        out += &st.to_string();
+        print!("{out}");
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        prev = Some((st, now));
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
 pub fn show(name: Option<String>, as_json: bool) -> Result<()> {
     let name = instance_name(name)?;
     let v = ctl::ask(&name, &Request::Show)?;

@@ -177,6 +177,10 @@ enum Cmd {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Refresh once a second, with packets and bits per second per
+        /// peer (until interrupted).
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
     },
 }
 
@@ -223,7 +227,10 @@ fn main() {
         Cmd::Check { config } => commands::check(&config),
         Cmd::Fence { config } => commands::fence(&config),
         Cmd::Down { name } => commands::down(&name),
-        Cmd::Show { name, json } => commands::show(name, json),
+        Cmd::Show { name, json, watch } => match watch {
+            true => commands::watch(name),
+            false => commands::show(name, json),
+        },
         Cmd::Reload { name } => commands::reload(name),
         Cmd::Drain { name, undo } => commands::drain(name, undo),
         Cmd::GenDocs { dir } => gen_docs(&dir),

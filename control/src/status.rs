@@ -375,6 +375,15 @@ impl fmt::Display for Status {
                 )?;
             }
         }
+        // Every other non-zero counter of the workers: what the fast path did.
+        writeln!(
+            f,
+            "  fast path: {}",
+            or(
+                nonzero(&self.totals, |k| !k.starts_with("drop_") && !k.starts_with("slow_")),
+                "idle"
+            )
+        )?;
         writeln!(
             f,
             "  drops: {}",
