@@ -50,7 +50,7 @@ fn the_text_show_lists_a_handshake_flood_and_watch_shows_peer_rates() -> Result<
     }
     // --watch: refreshed once a second, with per-peer rates.
     let bin = workspace_bin("subway")?;
-    let mut child = std::process::Command::new(&bin)
+    let child = std::process::Command::new(&bin)
         .args(["show", &ga.name, "--watch"])
         .stdout(std::process::Stdio::piped())
         .spawn()?;
