@@ -199,6 +199,76 @@ pub fn reload(name: Option<String>) -> Result<()> {
     Ok(())
 }
 
+pub fn doctor(config: Option<&Path>, as_json: bool) -> Result<()> {
+    use crate::doctor::{Facts, Level, advise, plan};
+    let ifaces: Vec<(String, String)> = match config {
+        Some(path) => {
+            let cfg = crate::load(path)?;
+            let mut v: Vec<(String, String)> = cfg
+                .lans
+                .iter()
+                .map(|l| (l.interface.clone(), "lan".to_string()))
+                .collect();
+            if let Some((u, _)) = &cfg.interface.uplink {
+                match v.iter_mut().find(|(n, _)| n == u) {
+                    Some(x) => x.1 = "uplink+lan".into(),
+                    None => v.push((u.clone(), "uplink".into())),
+                }
+            }
+            v
+        }
+        None => {
+            let mut v: Vec<(String, String)> = std::fs::read_dir("/sys/class/net")?
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "lo")
+                .map(|n| (n, String::new()))
+                .collect();
+            v.sort();
+            v
+        }
+    };
+    let facts = Facts::read(&ifaces);
+    let findings = advise(&facts);
+    let p = plan(&facts);
+    let errors = findings.iter().any(|x| x.level == Level::Error);
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"findings": findings, "plan": p, "facts": facts}))?
+        );
+    } else {
+        for x in &findings {
+            let tag = match x.level {
+                Level::Error => "ERROR",
+                Level::Warning => "WARN ",
+                Level::Info => "INFO ",
+            };
+            println!(
+                "{tag} {}
+      fix: {}",
+                x.what, x.fix
+            );
+        }
+        if findings.is_empty() {
+            println!("no findings");
+        }
+        println!(
+            "
+proposed tuning ({} cores):",
+            facts.cores
+        );
+        for w in &p.why {
+            println!("  - {w}");
+        }
+        print!("{}", p.tuning());
+    }
+    if errors {
+        bail!("errors found (above)");
+    }
+    Ok(())
+}
+
 pub fn drain(name: Option<String>, undo: bool) -> Result<()> {
     let name = instance_name(name)?;
     let v = ctl::ask(&name, &Request::Drain { undo })?;

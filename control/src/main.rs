@@ -15,6 +15,7 @@ mod commands;
 mod config;
 mod ctl;
 mod daemon;
+mod doctor;
 mod export;
 mod gateway;
 mod ha;
@@ -159,6 +160,21 @@ enum Cmd {
         #[arg(long)]
         undo: bool,
     },
+    /// Reads this box and says what is wrong or worth changing, each
+    /// finding with the command that fixes it: interfaces (driver, AF_XDP
+    /// zero-copy, RX queues, offloads that break XDP, MTU against the
+    /// tunnel, another XDP program, queue interrupts), sysctls, clock
+    /// synchronization; and proposes a [Tuning] (queues, cores) with the
+    /// reasons. Exit status 1 on errors, 0 on warnings only.
+    Doctor {
+        /// The instance's config: its interfaces are examined (default:
+        /// every interface but lo).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print JSON (findings, plan, the facts read).
+        #[arg(long)]
+        json: bool,
+    },
     /// Writes the man pages (subway.8, one page per subcommand,
     /// subway.conf.5) and the bash, zsh and fish completions into DIR
     /// (for packaging).
@@ -234,6 +250,7 @@ fn main() {
         Cmd::Reload { name } => commands::reload(name),
         Cmd::Drain { name, undo } => commands::drain(name, undo),
         Cmd::GenDocs { dir } => gen_docs(&dir),
+        Cmd::Doctor { config, json } => commands::doctor(config.as_deref(), json),
         Cmd::Route { query, name, json } => commands::route(name, query, json),
         Cmd::Health {
             name,
