@@ -7,5 +7,8 @@ set -eu
 cd "$(dirname "$0")/../.."
 export PATH="/usr/lib/llvm-22/bin:$HOME/.cargo/bin:$PATH"
 cargo build --release -p subway
+rm -rf target/release/gen
 target/release/subway gen-docs target/release/gen
+# Debian policy: man pages compressed, reproducibly.
+gzip -9n target/release/gen/man/*
 cargo deb -p subway --no-build "$@"

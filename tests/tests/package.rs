@@ -72,9 +72,9 @@ fn the_debian_package_installs_a_working_gateway_with_its_docs() -> Result<()> {
         "./usr/share/doc/subway/examples/example.conf",
         "./usr/share/doc/subway/examples/keepalived-subway.conf",
         "./usr/share/doc/subway/examples/bird-subway.conf",
-        "./usr/share/man/man8/subway.8",
-        "./usr/share/man/man8/subway-route.8",
-        "./usr/share/man/man5/subway.conf.5",
+        "./usr/share/man/man8/subway.8.gz",
+        "./usr/share/man/man8/subway-route.8.gz",
+        "./usr/share/man/man5/subway.conf.5.gz",
         "./usr/share/bash-completion/completions/subway",
         "./usr/share/zsh/vendor-completions/_subway",
         "./usr/share/fish/vendor_completions.d/subway.fish",
@@ -141,7 +141,7 @@ fn the_debian_package_installs_a_working_gateway_with_its_docs() -> Result<()> {
     }
 
     // Both man pages render.
-    for page in ["usr/share/man/man8/subway.8", "usr/share/man/man5/subway.conf.5"] {
+    for page in ["usr/share/man/man8/subway.8.gz", "usr/share/man/man5/subway.conf.5.gz"] {
         let text = run(Command::new("man")
             .arg("-l")
             .arg(root.join(page))
@@ -151,7 +151,7 @@ fn the_debian_package_installs_a_working_gateway_with_its_docs() -> Result<()> {
     }
     let conf5 = run(Command::new("man")
         .arg("-l")
-        .arg(root.join("usr/share/man/man5/subway.conf.5"))
+        .arg(root.join("usr/share/man/man5/subway.conf.5.gz"))
         .env("MANPAGER", "cat"))?;
     assert!(
         conf5.contains("VirtualAddress") && conf5.contains("ProbeInterval"),
