@@ -41,14 +41,11 @@ impl Exporter {
     /// Clears what a previous run left in the table (a run that died
     /// lost its TUN and so its routes; this is for other leftovers).
     pub fn new(e: &ExportSection, tun: &str) -> Exporter {
-        let flush: String = ["-4", "-6"]
-            .iter()
-            .map(|f| format!("{f} route flush table {} proto {}\n", e.table, e.protocol))
-            .collect();
-        // `ip -batch` takes no family per line: run the two flushes apart.
-        for line in flush.lines() {
-            let args: Vec<&str> = line.split_whitespace().collect();
-            let _ = std::process::Command::new("ip").args(&args).output();
+        let (table, proto) = (e.table.to_string(), e.protocol.to_string());
+        for family in ["-4", "-6"] {
+            let _ = std::process::Command::new("ip")
+                .args([family, "route", "flush", "table", &table, "proto", &proto])
+                .output();
         }
         tracing::info!(
             "export: the peer prefixes this box can serve go to table {} (proto {}) for a routing daemon",

@@ -59,3 +59,19 @@ impl Capture {
         self.packets()
     }
 }
+
+/// The destination ports of the UDP datagrams to `dst` in tcpdump lines
+/// (what [`Capture::packets`] returns), with how many went to each: which
+/// flows a capture point saw.
+pub fn udp_ports_to(lines: &[String], dst: &str) -> std::collections::BTreeMap<u16, u32> {
+    let mut ports = std::collections::BTreeMap::new();
+    let marker = format!("> {dst}.");
+    for l in lines {
+        if let Some(rest) = l.split(&marker).nth(1)
+            && let Some(port) = rest.split(':').next().and_then(|p| p.parse().ok())
+        {
+            *ports.entry(port).or_insert(0) += 1;
+        }
+    }
+    ports
+}

@@ -14,7 +14,9 @@
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use subway_testkit::{Bird, Capture, Netns, Subway, UdpFlow, ping_until, require_root, veth, wait_until, wg_keypair};
+use subway_testkit::{
+    Bird, Capture, Netns, Subway, UdpFlow, ping_until, require_root, udp_ports_to, veth, wait_until, wg_keypair,
+};
 
 struct Site {
     a: Netns,
@@ -141,22 +143,6 @@ fn router_next_hops(t: &Site) -> Vec<String> {
     v
 }
 
-/// The destination ports of UDP datagrams to 10.2.0.2 in tcpdump lines.
-fn ports(lines: &[String]) -> BTreeMap<u16, u32> {
-    let mut m = BTreeMap::new();
-    for l in lines {
-        if let Some(p) = l
-            .split("> 10.2.0.2.")
-            .nth(1)
-            .and_then(|r| r.split(':').next())
-            .and_then(|p| p.parse().ok())
-        {
-            *m.entry(p).or_insert(0) += 1;
-        }
-    }
-    m
-}
-
 /// Everything running: the far gateway, both site gateways with BIRD,
 /// the LAN router's BIRD and its ECMP route over both.
 struct Up {
@@ -220,7 +206,10 @@ impl Flows {
 
     /// The ports seen so far through g1 and g2.
     fn placement(&self) -> Result<[BTreeMap<u16, u32>; 2]> {
-        Ok([ports(&self.caps[0].packets()?), ports(&self.caps[1].packets()?)])
+        Ok([
+            udp_ports_to(&self.caps[0].packets()?, "10.2.0.2"),
+            udp_ports_to(&self.caps[1].packets()?, "10.2.0.2"),
+        ])
     }
 
     fn finish(self) -> Result<Vec<subway_testkit::FlowReport>> {

@@ -20,8 +20,8 @@
 use anyhow::{Context, Result};
 use std::time::{Duration, Instant};
 use subway_testkit::{
-    Capture, Netns, Subway, TwoSites, UdpFlow, host, log_time, ping, ping_until, require_root, tcp_echo, veth,
-    wait_until,
+    Capture, Netns, Subway, TwoSites, UdpFlow, host, log_time, ping, ping_until, require_root, tcp_echo, udp_ports_to,
+    veth, wait_until,
 };
 
 /// TwoSites plus a host `h` behind `a`, which routes for it.
@@ -36,6 +36,22 @@ fn behind_a_router() -> Result<(TwoSites, Netns)> {
     t.gwa
         .sh("ip route add 10.1.5.0/24 via 10.1.0.2 dev lan0 && ip -6 route add fd05::/64 via fd01::2 dev lan0")?;
     Ok((t, h))
+}
+
+/// Gateway A's config with these `Subnets` on its LAN.
+fn a_with_subnets(t: &TwoSites, subnets: &str) -> String {
+    t.subway_config(true, false, "").replace(
+        "Interface = lan0\n",
+        &format!("Interface = lan0\nSubnets = {subnets}\n"),
+    )
+}
+
+/// Gateway B's config with these prefixes behind A as well.
+fn b_with_more_behind_a(t: &TwoSites, more: &str) -> String {
+    t.subway_config(false, false, "").replace(
+        "AllowedIPs = 10.1.0.0/24, fd01::/64",
+        &format!("AllowedIPs = 10.1.0.0/24, fd01::/64, {more}"),
+    )
 }
 
 /// TwoSites with A's LAN as a switch, two routers `r1` (10.1.0.3) and
@@ -84,10 +100,7 @@ impl TwoRouters {
 
     /// B's subway config, with h's subnet behind A.
     fn config_b(&self) -> String {
-        self.t.subway_config(false, false, "").replace(
-            "AllowedIPs = 10.1.0.0/24, fd01::/64",
-            "AllowedIPs = 10.1.0.0/24, fd01::/64, 10.1.5.0/24, fd05::/64",
-        )
+        b_with_more_behind_a(&self.t, "10.1.5.0/24, fd05::/64")
     }
 
     /// Gateway A's kernel knows both routers' MACs (as after any traffic).
@@ -109,14 +122,8 @@ fn a_host_behind_a_lan_router_is_reached_by_the_fast_path_both_ways_v4_and_v6() 
         return Ok(());
     }
     let (t, h) = behind_a_router()?;
-    let cfg_a = t.subway_config(true, false, "").replace(
-        "Interface = lan0\n",
-        "Interface = lan0\nSubnets = 10.1.0.0/24, fd01::/64, 10.1.5.0/24, fd05::/64\n",
-    );
-    let cfg_b = t.subway_config(false, false, "").replace(
-        "AllowedIPs = 10.1.0.0/24, fd01::/64",
-        "AllowedIPs = 10.1.0.0/24, fd01::/64, 10.1.5.0/24, fd05::/64",
-    );
+    let cfg_a = a_with_subnets(&t, "10.1.0.0/24, fd01::/64, 10.1.5.0/24, fd05::/64");
+    let cfg_b = b_with_more_behind_a(&t, "10.1.5.0/24, fd05::/64");
     let ga = Subway::start(&t.gwa, &cfg_a)?;
     let gb = Subway::start(&t.gwb, &cfg_b)?;
     let diag = || ga.diag();
@@ -185,14 +192,8 @@ fn kernel_routes_through_a_lan_router_are_followed_as_they_come_and_go() -> Resu
     // serves, then through the router: subway follows the change.
     h.sh("ip addr add 10.1.6.10/24 dev eth0")?;
     t.a.sh("ip route add 10.1.6.0/24 dev rt0")?;
-    let cfg_a = t.subway_config(true, false, "").replace(
-        "Interface = lan0\n",
-        "Interface = lan0\nSubnets = 10.1.0.0/24, 10.1.5.0/24, 10.1.6.0/24\n",
-    );
-    let cfg_b = t.subway_config(false, false, "").replace(
-        "AllowedIPs = 10.1.0.0/24, fd01::/64",
-        "AllowedIPs = 10.1.0.0/24, fd01::/64, 10.1.5.0/24, 10.1.6.0/24",
-    );
+    let cfg_a = a_with_subnets(&t, "10.1.0.0/24, 10.1.5.0/24, 10.1.6.0/24");
+    let cfg_b = b_with_more_behind_a(&t, "10.1.5.0/24, 10.1.6.0/24");
     let ga = Subway::start(&t.gwa, &cfg_a)?;
     let _gb = Subway::start(&t.gwb, &cfg_b)?;
     ping_until(&t.b, "10.1.5.10", 10)?;
@@ -237,20 +238,6 @@ fn slow_total(gw: &Subway) -> u64 {
             })
         })
         .unwrap_or(0)
-}
-
-/// The destination ports of the UDP datagrams to `dst` in tcpdump lines.
-fn udp_ports_to(lines: &[String], dst: &str) -> std::collections::BTreeMap<u16, u32> {
-    let mut ports = std::collections::BTreeMap::new();
-    let marker = format!("> {dst}.");
-    for l in lines {
-        if let Some(rest) = l.split(&marker).nth(1)
-            && let Some(port) = rest.split(':').next().and_then(|p| p.parse().ok())
-        {
-            *ports.entry(port).or_insert(0) += 1;
-        }
-    }
-    ports
 }
 
 #[test]
@@ -353,10 +340,7 @@ fn ecmp_over_two_lan_routers_spreads_flows_and_keeps_each_on_one_router() -> Res
     t.gwa
         .sh("ip route add 10.1.5.0/24 nexthop via 10.1.0.3 dev lan0 nexthop via 10.1.0.4 dev lan0")?;
     r.resolve_routers()?;
-    let cfg_a = t.subway_config(true, false, "").replace(
-        "Interface = lan0\n",
-        "Interface = lan0\nSubnets = 10.1.0.0/24, fd01::/64, 10.1.5.0/24\n",
-    );
+    let cfg_a = a_with_subnets(t, "10.1.0.0/24, fd01::/64, 10.1.5.0/24");
     let ga = Subway::start(&t.gwa, &cfg_a)?;
     let _gb = Subway::start(&t.gwb, &r.config_b())?;
     let diag = || ga.diag();
@@ -414,10 +398,7 @@ fn a_next_hop_moved_in_the_kernel_is_followed_under_a_paced_flow() -> Result<()>
     let t = &r.t;
     t.gwa.sh("ip route add 10.1.5.0/24 via 10.1.0.3 dev lan0")?;
     r.resolve_routers()?;
-    let cfg_a = t.subway_config(true, false, "").replace(
-        "Interface = lan0\n",
-        "Interface = lan0\nSubnets = 10.1.0.0/24, fd01::/64, 10.1.5.0/24\n",
-    );
+    let cfg_a = a_with_subnets(t, "10.1.0.0/24, fd01::/64, 10.1.5.0/24");
     let ga = Subway::start(&t.gwa, &cfg_a)?;
     let _gb = Subway::start(&t.gwb, &r.config_b())?;
     ping_until(&t.b, "10.1.5.10", 10)?;

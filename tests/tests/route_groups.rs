@@ -10,9 +10,10 @@
 //! ```
 
 use anyhow::{Context, Result};
-use std::collections::BTreeMap;
 use std::time::Duration;
-use subway_testkit::{Capture, Netns, Subway, UdpFlow, ping_until, require_root, veth, wait_until, wg_keypair};
+use subway_testkit::{
+    Capture, Netns, Subway, UdpFlow, ping_until, require_root, udp_ports_to, veth, wait_until, wg_keypair,
+};
 
 struct Far {
     a: Netns,
@@ -112,22 +113,6 @@ fn route_to_b(gw: &Subway) -> serde_json::Value {
         .unwrap_or_default()
 }
 
-/// The destination ports of UDP datagrams to 10.2.0.2 in tcpdump lines.
-fn ports(lines: &[String]) -> BTreeMap<u16, u32> {
-    let mut m = BTreeMap::new();
-    for l in lines {
-        if let Some(p) = l
-            .split("> 10.2.0.2.")
-            .nth(1)
-            .and_then(|r| r.split(':').next())
-            .and_then(|p| p.parse().ok())
-        {
-            *m.entry(p).or_insert(0) += 1;
-        }
-    }
-    m
-}
-
 #[test]
 fn the_prefix_moves_to_the_standby_peer_when_the_active_far_gateway_dies() -> Result<()> {
     if !require_root("the_prefix_moves_to_the_standby_peer_when_the_active_far_gateway_dies") {
@@ -209,13 +194,13 @@ fn ecmp_over_two_far_gateways_spreads_flows_and_a_dead_ones_flows_move() -> Resu
         .collect::<Result<Vec<_>>>()?;
     std::thread::sleep(Duration::from_millis(3000));
     // Where each flow went before the failure.
-    let before1 = ports(&caps[0].packets()?);
-    let before2 = ports(&caps[1].packets()?);
+    let before1 = udp_ports_to(&caps[0].packets()?, "10.2.0.2");
+    let before2 = udp_ports_to(&caps[1].packets()?, "10.2.0.2");
     let mut proc1 = b1.proc;
     t.b[0].run(&["kill", "-KILL", &proc1.pid().to_string()])?;
     let reports = flows.into_iter().map(|f| f.finish()).collect::<Result<Vec<_>>>()?;
     let [c1, c2] = caps;
-    let (_, all2) = (c1.finish()?, ports(&c2.finish()?));
+    let (_, all2) = (c1.finish()?, udp_ports_to(&c2.finish()?, "10.2.0.2"));
     while proc1.alive() {
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -277,13 +277,13 @@ impl Dataplane {
     /// the FIB is rebuilt and applied like a reload, so the group's
     /// prefixes move to its healthy peers of the highest priority.
     pub fn set_peers_up(&mut self, states: &[(u32, bool)]) -> Result<RouteChanges> {
-        let mut cfg = self.running.clone();
-        for p in &mut cfg.peers {
+        for p in &mut self.running.peers {
             if let Some((_, up)) = states.iter().find(|s| s.0 == p.id) {
                 p.up = *up;
             }
         }
-        self.running.peers = cfg.peers.clone();
+        // `apply` takes each peer's health from the running config.
+        let cfg = self.running.clone();
         self.apply(&cfg, &[])
     }
 
