@@ -1,9 +1,10 @@
 //! The control socket: a running instance answers requests on
 //! /run/subway/NAME.sock. One request per connection, a JSON line in
 //! (protocol.rs), JSON out. Used by `subway show`, `reload`, `route` and
-//! `health` (and by scripts).
+//! `health` (and by scripts); `subway capture` gets a JSON line, then a
+//! pcapng stream (capture.rs).
 
-use crate::local::RequestServer;
+use crate::local::{Reply, RequestServer};
 use crate::protocol::Request;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -47,8 +48,8 @@ impl CtlServer {
     }
 
     /// Serves every complete request with `answer(request line)`.
-    pub fn serve(&mut self, mut answer: impl FnMut(&str) -> String) {
-        self.0.serve(|req| answer(req.lines().next().unwrap_or("").trim()));
+    pub fn serve(&mut self, mut answer: impl FnMut(&str) -> Reply) {
+        self.0.serve_with(|req| answer(req.lines().next().unwrap_or("").trim()));
     }
 }
 

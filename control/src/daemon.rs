@@ -10,9 +10,10 @@
 //! without a lock.
 
 use crate::config::Config;
+use crate::local::Reply;
 use crate::protocol::{self, Request};
 use crate::status::{LocalRefused, Rates, Reloads, Status};
-use crate::{ctl, export, gateway, ha, health, live, liveness, metrics, probe, routes, uapi};
+use crate::{capture, ctl, export, gateway, ha, health, live, liveness, metrics, probe, routes, uapi};
 use anyhow::{Context, Result, bail};
 use std::os::fd::RawFd;
 use std::path::Path;
@@ -442,6 +443,10 @@ impl State {
         let local_refused = local_refused(io);
         io.ctl.serve(|line| {
             let answer = match Request::parse(line) {
+                Ok(Request::Capture(req)) => match capture::start(&self.cfg, &self.dp, &req) {
+                    Ok(session) => return Reply::Stream(Box::new(move |s| session.run(s))),
+                    Err(e) => protocol::error(e),
+                },
                 Ok(Request::Show) => {
                     let mut st = self.status_without_io();
                     st.local_refused = local_refused.clone();
@@ -496,7 +501,7 @@ impl State {
                 }
                 Err(e) => protocol::error(e),
             };
-            answer.to_string()
+            Reply::Text(answer.to_string())
         });
     }
 

@@ -79,6 +79,15 @@ struct Pending {
     deadline: Instant,
 }
 
+/// How a request is answered.
+pub enum Reply {
+    /// One reply, then the connection closes.
+    Text(String),
+    /// The connection is handed to the function, on a thread of its own
+    /// (a stream: `subway capture`); the server goes on at once.
+    Stream(Box<dyn FnOnce(UnixStream) + Send>),
+}
+
 /// One socket's server.
 pub struct RequestServer {
     listener: UnixListener,
@@ -136,6 +145,12 @@ impl RequestServer {
     /// request that is complete with `answer(request)`. Never blocks but
     /// for writing a reply (at most [`WRITE_TIMEOUT`] each).
     pub fn serve(&mut self, mut answer: impl FnMut(&str) -> String) {
+        self.serve_with(|req| Reply::Text(answer(req)))
+    }
+
+    /// [`RequestServer::serve`], where a request may also be answered
+    /// with a stream.
+    pub fn serve_with(&mut self, mut answer: impl FnMut(&str) -> Reply) {
         // SAFETY: geteuid has no preconditions.
         let own = unsafe { libc::geteuid() };
         let now = Instant::now();
@@ -194,10 +209,22 @@ impl RequestServer {
             if eof || (self.complete)(&p.buf) {
                 let p = self.pending.swap_remove(i);
                 let req = String::from_utf8_lossy(&p.buf).into_owned();
-                let reply = answer(&req);
                 let _ = p.stream.set_nonblocking(false);
-                let _ = p.stream.set_write_timeout(Some(WRITE_TIMEOUT));
-                let _ = (&p.stream).write_all(reply.as_bytes());
+                match answer(&req) {
+                    Reply::Text(reply) => {
+                        let _ = p.stream.set_write_timeout(Some(WRITE_TIMEOUT));
+                        let _ = (&p.stream).write_all(reply.as_bytes());
+                    }
+                    Reply::Stream(f) => {
+                        let stream = p.stream;
+                        if let Err(e) = std::thread::Builder::new()
+                            .name("subway-stream".into())
+                            .spawn(move || f(stream))
+                        {
+                            tracing::warn!("could not start a thread for a stream: {e}");
+                        }
+                    }
+                }
                 continue;
             }
             if now > p.deadline {

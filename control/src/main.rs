@@ -1,5 +1,6 @@
 //! `subway`: parses the command line and dispatches. Where things are:
 //! - [`daemon`]: `subway run`, the control thread's loop;
+//! - [`capture`]: `subway capture`, both ends (the stream and the CLI);
 //! - [`commands`]: the other commands (check, fence, down, show, reload,
 //!   route, health), clients of the control socket or of the kernel's state;
 //! - [`health`]: the verdict `subway health` asks the control thread for;
@@ -11,6 +12,7 @@
 //!   slow path); [`live`]: live changes; [`uapi`]: `wg show` / `wg set`;
 //!   [`liveness`]: systemd's readiness and watchdog.
 
+mod capture;
 mod commands;
 mod config;
 mod ctl;
@@ -175,6 +177,52 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Capture what the fast path receives and sends, as pcapng for
+    /// tcpdump or Wireshark (tcpdump on the interfaces cannot see it:
+    /// AF_XDP takes frames before the kernel's taps).
+    ///
+    /// The workers copy each frame that passes FILTER (tcpdump's filter
+    /// language, compiled by libpcap) as it arrives on a port and as it
+    /// leaves one: on a LAN the plaintext packets, on the uplink the
+    /// WireGuard datagrams. Copies go through a bounded buffer per worker;
+    /// when the writer falls behind, frames are dropped from the capture
+    /// (counted, printed at the end), never from forwarding. Frames the
+    /// kernel handles (XDP_PASS) are for tcpdump itself. Examples:
+    ///
+    ///   subway capture gw -w - icmp | tcpdump -n -r -
+    ///
+    ///   subway capture gw -i wan0 -c 100 -w wg.pcap udp port 51820
+    Capture {
+        /// Instance name (the config file's stem).
+        name: String,
+        /// Only this port (a [Lan] interface or the uplink).
+        #[arg(short = 'i', long)]
+        interface: Option<String>,
+        /// Only frames from or to this peer (public key, base64).
+        #[arg(long)]
+        peer: Option<String>,
+        /// Only the LAN side (plaintext).
+        #[arg(long, conflicts_with = "outer")]
+        inner: bool,
+        /// Only the uplink (WireGuard datagrams).
+        #[arg(long)]
+        outer: bool,
+        /// Stop after COUNT frames.
+        #[arg(short = 'c', long)]
+        count: Option<u64>,
+        /// Stop after SECS seconds.
+        #[arg(long, value_name = "SECS")]
+        duration: Option<f64>,
+        /// Bytes kept per frame [default: the whole frame].
+        #[arg(short = 's', long)]
+        snaplen: Option<u32>,
+        /// Write pcapng to FILE, or to stdout with `-`.
+        #[arg(short = 'w', long, value_name = "FILE")]
+        write: PathBuf,
+        /// tcpdump filter expression (several words are joined).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        filter: Vec<String>,
+    },
     /// Writes the man pages (subway.8, one page per subcommand,
     /// subway.conf.5) and the bash, zsh and fish completions into DIR
     /// (for packaging).
@@ -250,6 +298,33 @@ fn main() {
         Cmd::Reload { name } => commands::reload(name),
         Cmd::Drain { name, undo } => commands::drain(name, undo),
         Cmd::GenDocs { dir } => gen_docs(&dir),
+        Cmd::Capture {
+            name,
+            interface,
+            peer,
+            inner,
+            outer,
+            count,
+            duration,
+            snaplen,
+            write,
+            filter,
+        } => {
+            let req = capture::CaptureRequest {
+                interface,
+                peer,
+                side: match (inner, outer) {
+                    (true, _) => capture::Side::Inner,
+                    (_, true) => capture::Side::Outer,
+                    _ => capture::Side::Both,
+                },
+                count,
+                duration_ms: duration.map(|s| (s.max(0.0) * 1000.0) as u64),
+                snaplen,
+                filter: filter.join(" "),
+            };
+            capture::client(&name, &req, &write)
+        }
         Cmd::Doctor { config, json } => commands::doctor(config.as_deref(), json),
         Cmd::Route { query, name, json } => commands::route(name, query, json),
         Cmd::Health {

@@ -32,6 +32,9 @@ pub enum Request {
         #[serde(default)]
         undo: bool,
     },
+    /// `subway capture`: answered with a JSON line, then pcapng
+    /// (capture.rs).
+    Capture(crate::capture::CaptureRequest),
 }
 
 /// `subway route ...`: the CLI's subcommands are the protocol's queries.
@@ -131,6 +134,13 @@ mod tests {
                 stall_ms: Some(250),
             },
             Request::Drain { undo: true },
+            Request::Capture(crate::capture::CaptureRequest {
+                interface: Some("wan0".into()),
+                side: crate::capture::Side::Outer,
+                count: Some(10),
+                filter: "udp port 51820".into(),
+                ..Default::default()
+            }),
             Request::Route {
                 query: RouteQuery::Explain {
                     vnet: "default".into(),

@@ -15,6 +15,7 @@
 //!   AF_XDP sockets, UMEM and rings; [`worker`]: the per-queue loop;
 //!   [`forward`]: LAN-to-LAN decisions; [`tunnel`]: the tunnel's framing,
 //!   its send ([`tunnel::tx`]) and receive ([`tunnel::rx`]) batch paths;
+//!   [`capture`]: copies of the workers' frames for `subway capture`;
 //!   [`fib`], [`tables`]: what the workers look up (routes, cryptokey
 //!   routing's [`fib::AllowedIps`], neighbours, peers); [`slowpath`] and
 //!   [`punt`]: what the fast path hands on; [`trace`]: `route explain`
@@ -22,6 +23,7 @@
 //!   routes, neighbours and addresses; [`stats`]: counters by name;
 //!   [`wg`]: the WireGuard engine (sans-IO); [`wire`]: packet views.
 
+pub mod capture;
 pub mod config;
 pub mod error;
 pub mod failsafe;

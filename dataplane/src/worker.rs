@@ -16,6 +16,7 @@
 //!    the counters, and sleep in poll() only when every port was idle (or
 //!    spin, with busy polling).
 
+use crate::capture::{CaptureHook, Direction, Tap};
 use crate::error::{Error, Result};
 use crate::forward::{Verdict, route_frame};
 use crate::slowpath::SlowPath;
@@ -99,7 +100,13 @@ impl Worker {
     }
 
     /// Starts the worker thread, pinned to its core if it has one.
-    pub fn spawn(mut self, tables: SharedTables, slow: Arc<SlowPath>, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>> {
+    pub fn spawn(
+        mut self,
+        tables: SharedTables,
+        slow: Arc<SlowPath>,
+        capture: Arc<CaptureHook>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<JoinHandle<()>> {
         let name = format!("subway-w{}", self.info.id);
         std::thread::Builder::new()
             .name(name)
@@ -112,12 +119,12 @@ impl Worker {
                 if self.rings.opts().busy_poll {
                     self.rings.set_busy_poll();
                 }
-                self.run(&tables, &slow, &stop);
+                self.run(&tables, &slow, &capture, &stop);
             })
             .map_err(|e| Error::io("spawning a worker thread", e))
     }
 
-    fn run(&mut self, tables: &SharedTables, slow: &SlowPath, stop: &AtomicBool) {
+    fn run(&mut self, tables: &SharedTables, slow: &SlowPath, capture: &CaptureHook, stop: &AtomicBool) {
         let opts = *self.rings.opts();
         let batch = opts.batch_size;
         let mut descs = vec![FrameDesc::default(); batch.max(opts.ring_size as usize)];
@@ -150,6 +157,9 @@ impl Worker {
             self.rings.refill();
 
             let snap = tables.load();
+            // One relaxed load per turn when no capture runs.
+            let tap = capture.current();
+            let tap = tap.as_deref();
             let now = crate::wg::Now::system().mono;
             let mut got = 0usize;
             for port in 0..self.rings.ports() {
@@ -166,12 +176,13 @@ impl Worker {
                     &snap,
                     slow,
                     now,
+                    tap,
                     &mut to_peers,
                     &mut tally,
                 );
             }
             if !to_peers.is_empty() {
-                self.seal_for_peers(&mut to_peers, &snap, slow, now, &mut tally);
+                self.seal_for_peers(&mut to_peers, &snap, slow, now, tap, &mut tally);
             }
             // Kick now if the rings were empty: nothing more is coming soon.
             self.rings.transmit(&mut tally, got == 0);
@@ -205,9 +216,11 @@ impl Worker {
         snap: &Tables,
         slow: &SlowPath,
         now: Duration,
+        tap: Option<&Tap>,
         to_peers: &mut Vec<ToPeer>,
         tally: &mut Tally,
     ) {
+        let id = self.info.id;
         let from_uplink = snap.uplink == Some(ingress);
         let in_vnet = snap.ports.get(ingress as usize).map_or(0, |p| p.vnet);
         let mut rx_acc = PeerRx::default();
@@ -218,6 +231,9 @@ impl Worker {
                 let mut data = unsafe { self.rings.umem().data_mut(d) };
                 let len = data.contents().len();
                 tally.add(Counter::RxBytes, len as u64);
+                // Copied as received: a datagram is opened in place below.
+                let held = tap.and_then(|t| t.copy(id, ingress, Direction::In, data.contents()));
+                let mut peer = None;
                 let mut vnet = in_vnet;
                 let v = if from_uplink && is_wireguard(data.contents(), snap) {
                     // Open in place, using the frame's whole capacity.
@@ -225,9 +241,10 @@ impl Worker {
                     data.cursor().set_pos(cap);
                     let (v, new_len, counted) = decapsulate(data.contents_mut(), len, snap, now);
                     data.cursor().set_pos(new_len);
-                    if let Some((peer, bytes)) = counted {
-                        rx_acc.add(peer, bytes, snap);
-                        vnet = snap.peers.get(peer as usize).map_or(vnet, |p| p.vnet);
+                    if let Some((from, bytes)) = counted {
+                        rx_acc.add(from, bytes, snap);
+                        vnet = snap.peers.get(from as usize).map_or(vnet, |p| p.vnet);
+                        peer = Some(from);
                     }
                     if matches!(v, Verdict::Tx(_) | Verdict::SlowPath(..)) {
                         tally.inc(Counter::TunnelRx);
@@ -244,6 +261,19 @@ impl Worker {
                     },
                     v => v,
                 };
+                if let Some(t) = tap {
+                    if let Verdict::Tunnel { peer: to, .. } = v {
+                        peer = Some(to);
+                    }
+                    if let Some(r) = held {
+                        t.commit(id, r, peer);
+                    }
+                    if let Verdict::Tx(out) = v
+                        && let Some(r) = t.copy(id, out, Direction::Out, frame)
+                    {
+                        t.commit(id, r, peer);
+                    }
+                }
                 (v, frame.len() > 13 && frame[12] == 0x86)
             };
             match verdict {
@@ -278,6 +308,7 @@ impl Worker {
         snap: &Tables,
         slow: &SlowPath,
         now: Duration,
+        tap: Option<&Tap>,
         tally: &mut Tally,
     ) {
         let uplink = snap.uplink.map(|u| u as usize).filter(|u| *u < self.rings.ports());
@@ -308,6 +339,11 @@ impl Worker {
                         match run.seal(k, data.contents_mut(), f.l3, f.ip_len, tally) {
                             Sealed::Datagram(n) => {
                                 data.cursor().set_pos(n);
+                                if let Some(t) = tap
+                                    && let Some(r) = t.copy(self.info.id, *up as u16, Direction::Out, data.contents())
+                                {
+                                    t.commit(self.info.id, r, Some(peer));
+                                }
                                 self.rings.stage(*up, f.desc);
                                 continue;
                             }

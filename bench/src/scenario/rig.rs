@@ -161,7 +161,7 @@ pub(super) enum Gw {
 }
 
 pub(super) fn start_gw(t: &TwoSites, impl_: &str, for_a: bool, p: &Params) -> Result<Gw> {
-    Ok(match impl_ {
+    Ok(match base_impl(impl_) {
         "subway" => {
             // Site A's worker on the forwarder core, site B's on the other.
             let core = if for_a { p.fwd_core } else { p.gen_core };
@@ -206,4 +206,73 @@ fn child_pids(pid: u32) -> Vec<u32> {
         .split_whitespace()
         .filter_map(|x| x.parse().ok())
         .collect()
+}
+
+/// The implementation behind a contender: `subway+capture-all` is subway.
+pub(super) fn base_impl(contender: &str) -> &str {
+    contender.split('+').next().unwrap_or(contender)
+}
+
+/// `subway capture` running against a measured gateway (the contenders
+/// `subway+capture-all`, every frame, and `subway+capture-none`, a filter
+/// nothing matches), written to /dev/null; SIGINT and reaped at the end.
+pub(super) struct CaptureRun {
+    child: Option<std::process::Child>,
+    log: std::path::PathBuf,
+}
+
+impl CaptureRun {
+    /// Starts the capture a contender asks for, if any.
+    pub(super) fn start(gw: &Gw, contender: &str, p: &Params) -> Result<Option<CaptureRun>> {
+        let filter = match contender.split_once('+') {
+            None => return Ok(None),
+            Some((_, "capture-all")) => "",
+            Some((_, "capture-none")) => "host 203.0.113.9",
+            Some((_, other)) => bail!("contender variant +{other}: use +capture-all or +capture-none"),
+        };
+        let Gw::Subway(s) = gw else {
+            bail!("{contender}: only subway has `subway capture`")
+        };
+        let log = subway_testkit::work_dir().join(format!("{}.log", subway_testkit::unique("bench-capture")));
+        let child = std::process::Command::new(profile_bin("subway", &p.profile)?)
+            .args(["capture", &s.name, "-w", "/dev/null", filter])
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let t0 = std::time::Instant::now();
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains("Ctrl-C") {
+            if t0.elapsed() > Duration::from_secs(5) {
+                bail!("subway capture did not start: {}", std::fs::read_to_string(&log)?);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Some(CaptureRun {
+            child: Some(child),
+            log,
+        }))
+    }
+
+    /// Ends the capture (as Ctrl-C does) and returns its summary.
+    pub(super) fn finish(mut self) -> String {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child by its pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            let t0 = std::time::Instant::now();
+            while c.try_wait().ok().flatten().is_none() && t0.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines().skip(1).collect::<Vec<_>>().join("; ")
+    }
+}
+
+impl Drop for CaptureRun {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

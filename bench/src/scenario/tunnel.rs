@@ -6,8 +6,12 @@
 //! gateway's kernel drops it unread). Decrypt: the generator is the
 //! gateway's peer, replaying packets it sealed before the clock started,
 //! with fresh counters; plaintext counted on the LAN wire.
+//!
+//! The contenders `subway+capture-all` and `subway+capture-none` are subway
+//! with a `subway capture` running through the measurement (every frame,
+//! or a filter no frame matches), written to /dev/null: its cost.
 
-use super::rig::{Gen, Gw, SINK_MAC, offer, pin_standard, start_gw};
+use super::rig::{CaptureRun, Gen, Gw, SINK_MAC, offer, pin_standard, start_gw};
 use super::{Common, Params, date_stamp, need_root, parse_sizes, search_loss_free, write_results};
 use crate::frames::Size;
 use crate::report::{self, Row};
@@ -23,7 +27,9 @@ pub struct Args {
     /// Sizes (wire bytes of the inner frame) or imix, comma-separated.
     #[arg(long, default_value = "64,512,1420")]
     sizes: String,
-    /// Contenders, comma-separated.
+    /// Contenders, comma-separated: subway, boringtun-cli, wireguard-go,
+    /// and subway+capture-all / subway+capture-none (subway while `subway
+    /// capture` runs, taking every frame / a filter none matches).
     #[arg(long, default_value = "subway,boringtun-cli,wireguard-go")]
     contenders: String,
     #[arg(long, default_value_t = 5.0)]
@@ -96,6 +102,7 @@ pub(super) fn tunnel(sizes: &[Size], contenders: &[&str], decrypt: bool, p: &Par
                     continue;
                 }
                 let (ga, gw_mac) = encrypt_rig(&t, ga, c, p)?;
+                let capture = CaptureRun::start(&ga, c, p)?;
                 let row = if p.search {
                     search_loss_free(
                         |rate| {
@@ -112,6 +119,9 @@ pub(super) fn tunnel(sizes: &[Size], contenders: &[&str], decrypt: bool, p: &Par
                 } else {
                     offer(&Gen::plain(&t.a, &gw_mac), (&t.gwb, "wan0"), c, size, p)?
                 };
+                if let Some(cap) = capture {
+                    eprintln!("                 capture: {}", cap.finish());
+                }
                 if let Gw::Subway(s) = &ga
                     && let Ok(v) = s.show()
                 {
@@ -220,6 +230,7 @@ fn decrypt_once(t: &TwoSites, ga: &Gw, c: &str, size: &Size, p: &Params) -> Resu
         };
         p.count.min(DECRYPT_MAX_PACKETS).min(by_time)
     };
+    let capture = CaptureRun::start(ga, c, p)?;
     let row = if p.search {
         search_loss_free(
             |rate| {
@@ -249,6 +260,9 @@ fn decrypt_once(t: &TwoSites, ga: &Gw, c: &str, size: &Size, p: &Params) -> Resu
             },
         )?
     };
+    if let Some(cap) = capture {
+        eprintln!("                 capture: {}", cap.finish());
+    }
     if let Gw::Subway(s) = ga
         && let Ok(v) = s.show()
     {

@@ -68,6 +68,8 @@ pub struct Dataplane {
     /// until a route or an uplink address changes.
     route_cache: std::collections::HashMap<std::net::IpAddr, Option<netlink::RouteInfo>>,
     slow: Arc<SlowPath>,
+    /// Where the workers find a running `subway capture`.
+    capture: Arc<crate::capture::CaptureHook>,
     punt: punt::PuntServer,
     undo: KernelUndo,
     // Dropped last: detaching XDP after the sockets close is harmless
@@ -90,6 +92,24 @@ impl Dataplane {
 
     pub fn slow_path(&self) -> &SlowPath {
         &self.slow
+    }
+
+    /// Starts a capture of the workers' frames (one at a time); it runs
+    /// until [`crate::capture::CaptureHook::remove`] on the returned hook.
+    pub fn start_capture(
+        &self,
+        spec: crate::capture::CaptureSpec,
+        filter: crate::capture::Filter,
+    ) -> Result<(Arc<crate::capture::CaptureHook>, Arc<crate::capture::Tap>)> {
+        let ports = self.tables.load().ports.len();
+        let tap = Arc::new(crate::capture::Tap::new(spec, filter, self.workers.len(), ports));
+        self.capture.install(tap.clone()).map_err(Error::config)?;
+        Ok((self.capture.clone(), tap))
+    }
+
+    /// Whether a capture runs now.
+    pub fn capturing(&self) -> bool {
+        self.capture.running()
     }
 
     /// Publishes new tables made by `f` from the current ones. Workers see

@@ -77,6 +77,7 @@ impl Dataplane {
             neigh_changes: Vec::new(),
             route_cache: Default::default(),
             slow: slow.clone(),
+            capture: Default::default(),
             punt: Default::default(),
             undo,
             xdp,
@@ -85,7 +86,7 @@ impl Dataplane {
             let info = w.info().clone();
             let stats = w.stats();
             let sockets = w.socket_fds();
-            let thread = w.spawn(tables.clone(), slow.clone(), stop.clone())?;
+            let thread = w.spawn(tables.clone(), slow.clone(), dp.capture.clone(), stop.clone())?;
             dp.workers.push(WorkerHandle {
                 info,
                 xdp_mode: modes.join(","),
