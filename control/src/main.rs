@@ -397,6 +397,8 @@ pub(crate) fn dataplane_config(cfg: &Config) -> DataplaneConfig {
         uplink: cfg.interface.uplink.as_ref().map(|(u, _)| u.clone()),
         listen_port: 0,
         fail_open: cfg.interface.fail_open,
+        policies: policy_configs(cfg, &vnet_id),
+        flows: cfg.tuning.flows,
         peers: cfg
             .peers
             .iter()
@@ -409,4 +411,49 @@ pub(crate) fn dataplane_config(cfg: &Config) -> DataplaneConfig {
             })
             .collect(),
     }
+}
+
+/// The [Policy] sections as the dataplane takes them: VNET ids, LAN port
+/// indices (a [Lan]'s port is its position) and peer ids.
+fn policy_configs(cfg: &Config, vnet_id: &dyn Fn(&str) -> u32) -> Vec<subway_dataplane::policy::PolicyConfig> {
+    use config::policy::RuleFrom;
+    use subway_dataplane::policy::{Ingress, PolicyConfig, Rule};
+    cfg.policies
+        .iter()
+        .map(|p| PolicyConfig {
+            vnet: vnet_id(&p.vnet),
+            default: p.default,
+            rules: p
+                .rules
+                .iter()
+                .map(|r| Rule {
+                    action: r.action,
+                    ingress: match &r.ingress {
+                        None => None,
+                        // `subway check` refuses names that resolve to
+                        // nothing; should one slip through, it matches
+                        // nothing rather than everything.
+                        Some(RuleFrom::Lan(n)) => Some(
+                            cfg.lans
+                                .iter()
+                                .position(|l| &l.interface == n)
+                                .map_or(Ingress::Lan(u16::MAX), |i| Ingress::Lan(i as u16)),
+                        ),
+                        Some(RuleFrom::Peer(k)) => Some(
+                            cfg.peers
+                                .iter()
+                                .find(|q| q.public_key == *k)
+                                .map_or(Ingress::Lan(u16::MAX), |q| Ingress::Peer(q.id)),
+                        ),
+                    },
+                    src: r.src,
+                    dst: r.dst,
+                    proto: r.proto,
+                    ports: r.ports,
+                    text: r.text.clone(),
+                    line: r.line,
+                })
+                .collect(),
+        })
+        .collect()
 }

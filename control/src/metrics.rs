@@ -151,6 +151,67 @@ pub fn render(show: &Status) -> String {
         "Seconds since the instance started.",
     );
     let _ = writeln!(o, "subway_uptime_seconds {}", show.uptime_secs);
+    if !show.policies.is_empty() {
+        family(
+            &mut o,
+            "subway_policy_rule_packets_total",
+            "counter",
+            "Packets a [Policy] rule decided (with the packets of the flows it allowed); rule=\"default\" is the VNET's default action.",
+        );
+        for p in &show.policies {
+            for r in &p.rules {
+                let _ = writeln!(
+                    o,
+                    "subway_policy_rule_packets_total{{vnet=\"{}\",rule=\"{}\"}} {}",
+                    label(&p.vnet),
+                    label(&r.rule),
+                    r.packets
+                );
+            }
+            let _ = writeln!(
+                o,
+                "subway_policy_rule_packets_total{{vnet=\"{}\",rule=\"default\"}} {}",
+                label(&p.vnet),
+                p.default_packets
+            );
+        }
+        family(
+            &mut o,
+            "subway_policy_rule_bytes_total",
+            "counter",
+            "Bytes a [Policy] rule decided.",
+        );
+        for p in &show.policies {
+            for r in &p.rules {
+                let _ = writeln!(
+                    o,
+                    "subway_policy_rule_bytes_total{{vnet=\"{}\",rule=\"{}\"}} {}",
+                    label(&p.vnet),
+                    label(&r.rule),
+                    r.bytes
+                );
+            }
+            let _ = writeln!(
+                o,
+                "subway_policy_rule_bytes_total{{vnet=\"{}\",rule=\"default\"}} {}",
+                label(&p.vnet),
+                p.default_bytes
+            );
+        }
+    }
+    if let Some(fl) = &show.flows {
+        family(&mut o, "subway_flows", "gauge", "Flows in [Policy]'s flow table.");
+        let _ = writeln!(o, "subway_flows {}", fl.flows);
+        family(&mut o, "subway_flows_capacity", "gauge", "Slots of the flow table.");
+        let _ = writeln!(o, "subway_flows_capacity {}", fl.capacity);
+        family(
+            &mut o,
+            "subway_flows_evicted_total",
+            "counter",
+            "Flows pushed out of a full flow table before their timeout.",
+        );
+        let _ = writeln!(o, "subway_flows_evicted_total {}", fl.evicted);
+    }
     if let Some(e) = &show.export {
         family(
             &mut o,

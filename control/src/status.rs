@@ -54,6 +54,45 @@ pub struct Status {
     /// The routing table kept for a routing daemon ([Export]).
     #[serde(default)]
     pub export: Option<crate::export::ExportStatus>,
+    /// [Policy]: each VNET's rules with their counters.
+    #[serde(default)]
+    pub policies: Vec<PolicyStatus>,
+    /// [Policy]'s flow table.
+    #[serde(default)]
+    pub flows: Option<FlowStatus>,
+}
+
+/// A VNET's policy and what it decided.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    pub vnet: String,
+    pub default: String,
+    pub rules: Vec<RuleStatus>,
+    /// Packets the default action decided.
+    pub default_packets: u64,
+    pub default_bytes: u64,
+    /// Packets passed as part of a known flow (or ICMP errors about one).
+    pub established: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RuleStatus {
+    /// "line N: allow ...", as written in the config.
+    pub rule: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FlowStatus {
+    /// Flows alive now.
+    pub flows: u64,
+    /// Slots (MaxFlows, rounded up to a power of two).
+    pub capacity: u64,
+    pub inserted: u64,
+    /// Flows pushed out before their time because the table was full
+    /// where they hashed.
+    pub evicted: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -273,8 +312,47 @@ pub fn dataplane_status(dp: &Dataplane, vnet_names: &[String], rates: &Rates, re
             .collect(),
         reloads: reloads.0.clone(),
         vnet_slow_path: dp.punt_stats().named().map(|(k, v)| (k.to_string(), v)).collect(),
+        policies: policy_status(&t.policies, &vnet),
+        flows: t.policies.flows.as_ref().map(|f| {
+            let s = f.stats(subway_dataplane::wg::Now::system().mono.as_secs() as u32);
+            FlowStatus {
+                flows: s.flows,
+                capacity: s.capacity,
+                inserted: s.inserted,
+                evicted: s.evicted,
+            }
+        }),
         ..Status::default()
     }
+}
+
+fn policy_status(p: &subway_dataplane::policy::Policies, vnet: &dyn Fn(u32) -> Option<String>) -> Vec<PolicyStatus> {
+    use std::sync::atomic::Ordering::Relaxed;
+    p.by_vnet
+        .iter()
+        .flatten()
+        .map(|pol| {
+            let n = pol.config.rules.len();
+            PolicyStatus {
+                vnet: vnet(pol.config.vnet).unwrap_or_default(),
+                default: format!("{:?}", pol.config.default).to_lowercase(),
+                rules: pol
+                    .config
+                    .rules
+                    .iter()
+                    .zip(pol.counts.iter())
+                    .map(|(r, c)| RuleStatus {
+                        rule: format!("line {}: {}", r.line, r.text),
+                        packets: c.packets.load(Relaxed),
+                        bytes: c.bytes.load(Relaxed),
+                    })
+                    .collect(),
+                default_packets: pol.counts[n].packets.load(Relaxed),
+                default_bytes: pol.counts[n].bytes.load(Relaxed),
+                established: pol.established.load(Relaxed),
+            }
+        })
+        .collect()
 }
 
 /// `k=v` for the counters above zero that `keep` keeps.
@@ -319,6 +397,23 @@ impl fmt::Display for Status {
                 r.since_secs,
                 r.why,
                 r.changes
+            )?;
+        }
+        for p in &self.policies {
+            writeln!(
+                f,
+                "  policy VNET {}: default {} ({} packets / {} B), {} packets of known flows",
+                p.vnet, p.default, p.default_packets, p.default_bytes, p.established
+            )?;
+            for r in &p.rules {
+                writeln!(f, "    {:>10} pkts {:>12} B  {}", r.packets, r.bytes, r.rule)?;
+            }
+        }
+        if let Some(fl) = &self.flows {
+            writeln!(
+                f,
+                "  flows: {} of {} slots, {} inserted, {} evicted",
+                fl.flows, fl.capacity, fl.inserted, fl.evicted
             )?;
         }
         let opt = |v: Option<usize>| v.map_or("null".to_string(), |c| c.to_string());

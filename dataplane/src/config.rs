@@ -47,6 +47,10 @@ pub struct DataplaneConfig {
     pub peers: Vec<PeerRoutes>,
     /// `FailMode = open`: a clean stop removes the fail-safe table.
     pub fail_open: bool,
+    /// [Policy] sections, one per VNET that has one.
+    pub policies: Vec<crate::policy::PolicyConfig>,
+    /// The flow table's size and timeouts (taken at start).
+    pub flows: crate::policy::FlowLimits,
 }
 
 /// The routes a peer owns.

@@ -34,6 +34,7 @@ pub mod host;
 pub mod lifecycle;
 pub mod netlink;
 pub mod plan;
+pub mod policy;
 pub mod punt;
 pub mod slowpath;
 pub mod stats;

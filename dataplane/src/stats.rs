@@ -66,6 +66,8 @@ subway_common::named_counters! {
         /// For the broadcast address of a LAN subnet (a directed broadcast: a
         /// router does not flood a LAN for a remote sender).
         DropDirectedBroadcast = "drop_directed_broadcast",
+        /// Refused by a [Policy] rule or a VNET's default deny.
+        DropPolicy = "drop_policy",
         /// TCP SYNs whose MSS was lowered to fit the tunnel.
         MssClamped = "mss_clamped",
     }

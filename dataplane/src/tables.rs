@@ -144,6 +144,8 @@ pub struct Tables {
     pub listen_port: u16,
     /// The uplink's own addresses: WireGuard is what is sent to them.
     pub uplink_addrs: Vec<IpAddr>,
+    /// [Policy]: each VNET's rules and the flow table.
+    pub policies: crate::policy::Policies,
 }
 
 /// The publication point shared by the control thread and the workers.

@@ -198,7 +198,7 @@ pub fn trace(t: &Tables, p: &Probe, now: Duration, peer_name: &dyn Fn(u32) -> St
             Outcome::NoIngress
         }
         Some(Ingress::Lan(port)) => from_lan(t, p, port, now, peer_name, &mut steps),
-        Some(Ingress::Peer(peer)) => from_peer(t, p, peer, peer_name, &mut steps),
+        Some(Ingress::Peer(peer)) => from_peer(t, p, peer, now, peer_name, &mut steps),
     };
     Trace {
         ingress,
@@ -229,7 +229,12 @@ fn from_lan(
         p.vlan.map(|v| format!(", VLAN {v}")).unwrap_or_default()
     ));
     let vnet = t.ports.get(port as usize).map_or(p.vnet, |p| p.vnet);
-    match route_frame(&mut f, port, t) {
+    let v = route_frame(&mut f, port, t);
+    let ip = crate::policy::policed(&v).map(|at| &f[at.start.min(f.len())..at.end.min(f.len())]);
+    if let Some(refused) = police(t, vnet, crate::policy::Ingress::Lan(port), ip, now, steps) {
+        return refused;
+    }
+    match v {
         Verdict::Tx(out) => {
             let mac = MacAddr([f[0], f[1], f[2], f[3], f[4], f[5]]);
             steps.push(format!(
@@ -289,7 +294,14 @@ fn from_lan(
     }
 }
 
-fn from_peer(t: &Tables, p: &Probe, peer: u32, peer_name: &dyn Fn(u32) -> String, steps: &mut Vec<String>) -> Outcome {
+fn from_peer(
+    t: &Tables,
+    p: &Probe,
+    peer: u32,
+    now: Duration,
+    peer_name: &dyn Fn(u32) -> String,
+    steps: &mut Vec<String>,
+) -> Outcome {
     let vnet = t.peers.get(peer as usize).map_or(p.vnet, |r| r.vnet);
     let ip = ip_packet(p);
     let inner = Inner {
@@ -304,7 +316,15 @@ fn from_peer(t: &Tables, p: &Probe, peer: u32, peer_name: &dyn Fn(u32) -> String
         inner.len,
         p.ttl
     ));
-    match deliver(t, peer, vnet, &inner, &ip) {
+    let next = deliver(t, peer, vnet, &inner, &ip);
+    let judged = match next {
+        Next::Lan { .. } | Next::Kernel(Counter::SlowNeighUnknown | Counter::SlowNoRoute) => Some(&ip[..]),
+        _ => None,
+    };
+    if let Some(refused) = police(t, vnet, crate::policy::Ingress::Peer(peer), judged, now, steps) {
+        return refused;
+    }
+    match next {
         Next::Lan { port, dst_mac, .. } => {
             steps.push(format!(
                 "cryptokey routing: {} is in the peer's AllowedIPs; route: {} {}; neighbour {dst_mac}; TTL {} -> {}",
@@ -333,6 +353,52 @@ fn from_peer(t: &Tables, p: &Probe, peer: u32, peer_name: &dyn Fn(u32) -> String
             handed_on(vnet, c, steps)
         }
     }
+}
+
+/// The VNET's [Policy] on a packet the route would forward (`ip`): the
+/// workers' own check, without remembering the flow. Some(outcome) if it
+/// refuses it.
+fn police(
+    t: &Tables,
+    vnet: VnetId,
+    ingress: crate::policy::Ingress,
+    ip: Option<&[u8]>,
+    now: Duration,
+    steps: &mut Vec<String>,
+) -> Option<Outcome> {
+    use crate::policy::{DEFAULT_RULE, Decision, check};
+    let pol = t.policies.of(vnet)?;
+    let ip = ip?;
+    let d = check(
+        pol,
+        t.policies.flows.as_deref(),
+        vnet,
+        ingress,
+        ip,
+        now.as_secs() as u32,
+        true,
+    );
+    let rule = |r: u16| match pol.config.rules.get(r as usize) {
+        Some(x) => format!("rule {} (line {}: {})", r + 1, x.line, x.text),
+        None => "?".into(),
+    };
+    let default = match pol.config.default {
+        crate::policy::Action::Allow => "allow",
+        crate::policy::Action::Deny => "deny",
+    };
+    steps.push(match d {
+        Decision::Established(Some(r)) => format!("policy: part of a known flow, allowed by {}", rule(r)),
+        Decision::Established(None) => "policy: part of a known flow (allowed before the last reload)".into(),
+        Decision::Related => "policy: an ICMP error about a known flow: passes".into(),
+        Decision::Allowed(DEFAULT_RULE) => format!("policy: no rule matches; VNET default {default}"),
+        Decision::Allowed(r) => format!("policy: {} allows", rule(r)),
+        Decision::Denied(DEFAULT_RULE) => {
+            format!("policy: no rule matches; VNET default {default}: dropped (drop_policy)")
+        }
+        Decision::Denied(r) => format!("policy: {} denies: dropped (drop_policy)", rule(r)),
+        Decision::Unreadable => "policy: not an IP packet it can read: dropped (drop_policy)".into(),
+    });
+    (!d.passes()).then_some(Outcome::Drop(Counter::DropPolicy))
 }
 
 /// "is on lan0", or "via 10.1.0.254 on lan0 (kernel route)" for a route

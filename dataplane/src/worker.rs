@@ -19,6 +19,7 @@
 use crate::capture::{CaptureHook, Direction, Tap};
 use crate::error::{Error, Result};
 use crate::forward::{Verdict, route_frame};
+use crate::policy::{self, RuleTally};
 use crate::slowpath::SlowPath;
 use crate::stats::{Counter, Tally, WorkerStats};
 use crate::tables::{SharedTables, Tables};
@@ -224,6 +225,9 @@ impl Worker {
         let from_uplink = snap.uplink == Some(ingress);
         let in_vnet = snap.ports.get(ingress as usize).map_or(0, |p| p.vnet);
         let mut rx_acc = PeerRx::default();
+        let mut rules = RuleTally::default();
+        let flows = snap.policies.flows.as_deref();
+        let now_secs = now.as_secs() as u32;
         for d in descs.iter_mut() {
             let (verdict, v6) = {
                 // SAFETY: the frame came off our RX ring, so the kernel is
@@ -252,6 +256,26 @@ impl Worker {
                     v
                 } else {
                     route_frame(data.contents_mut(), ingress, snap)
+                };
+                // [Policy]: judged before anything leaves, the kernel path
+                // included.
+                let v = match (snap.policies.of(vnet), policy::policed(&v)) {
+                    (Some(pol), Some(at)) => {
+                        let frame = data.contents();
+                        let ip = &frame[at.start.min(frame.len())..at.end.min(frame.len())];
+                        let ing = match peer {
+                            Some(p) => policy::Ingress::Peer(p),
+                            None => policy::Ingress::Lan(ingress),
+                        };
+                        let d = policy::check(pol, flows, vnet, ing, ip, now_secs, false);
+                        rules.add(pol, d, ip.len());
+                        if d.passes() {
+                            v
+                        } else {
+                            Verdict::Drop(Counter::DropPolicy)
+                        }
+                    }
+                    _ => v,
                 };
                 let frame = data.contents();
                 let v = match v {
@@ -297,6 +321,7 @@ impl Worker {
             }
         }
         rx_acc.flush(snap);
+        rules.flush();
     }
 
     /// Step 3: seals every frame bound for a peer, a run per peer, and

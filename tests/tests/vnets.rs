@@ -433,3 +433,29 @@ fn vnets_fail_closed_on_a_crash_and_a_failed_start_leaves_nothing() -> Result<()
     );
     Ok(())
 }
+
+#[test]
+fn a_deny_rule_in_one_vnet_leaves_the_other_vnet_with_the_same_prefixes_alone() -> Result<()> {
+    if !require_root("a_deny_rule_in_one_vnet_leaves_the_other_vnet_with_the_same_prefixes_alone") {
+        return Ok(());
+    }
+    let t = Vnets::new()?;
+    let _r = t.site(&t.sr, &t.sr_keys)?;
+    let _b = t.site(&t.sb, &t.sb_keys)?;
+    // Same prefixes on both sides of both VNETs; red denies ICMP to the
+    // remote site, blue has no policy.
+    let cfg = t.config() + "\n[Policy]\nVNet = red\nRule = deny proto icmp to 10.0.0.0/24\n";
+    let hub = Subway::start(&t.hub, &cfg)?;
+    ping_until(&t.hb, "10.0.0.5", 10).with_context(|| hub.diag())?;
+    let drops = hub.total("drop_policy")?;
+    assert!(ping(&t.hr, "10.0.0.5", 3).is_err(), "red's deny rule let ICMP through");
+    assert!(hub.total("drop_policy")? >= drops + 3);
+    ping(&t.hb, "10.0.0.5", 5).with_context(|| hub.diag())?;
+    // Red still carries what its rule does not name (IPv6 here).
+    ping_until(&t.hr, "fd10::5", 10).with_context(|| hub.diag())?;
+    let v = hub.show()?;
+    assert_eq!(v["policies"].as_array().map(|a| a.len()), Some(1), "{}", v["policies"]);
+    assert_eq!(v["policies"][0]["vnet"], "red");
+    assert!(v["policies"][0]["rules"][0]["packets"].as_u64().unwrap_or(0) >= 3);
+    Ok(())
+}

@@ -91,6 +91,8 @@ fn table(name: &str) -> Result<()> {
         xdp_mode: XdpAttach::Driver,
         uplink: Some("wan0".into()),
         listen_port: 51820,
+        policies: Vec::new(),
+        flows: Default::default(),
         peers: vec![PeerRoutes {
             id: 0,
             vnet: 0,

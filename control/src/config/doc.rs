@@ -49,6 +49,16 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "route groups: one prefix on several peers (see \"Route groups\")",
     ),
     (
+        "`[Policy]` (one per VNET)",
+        "`VNet`, `Default`",
+        "the VNET it guards (default `default`); what no rule matches gets: `allow` (default) or `deny`",
+    ),
+    (
+        "",
+        "`Rule`",
+        "`Rule = allow in lan0 from 10.1.0.0/24 to 10.2.0.0/24 proto tcp port 443` (repeatable, first match decides): `allow`/`deny`, then any of `in IFACE` or `in peer KEY`, `from PREFIX`, `to PREFIX`, `proto tcp/udp/icmp/icmpv6/any`, `port N[-M]`; replies to allowed flows and ICMP errors about them pass (see \"Policies\")",
+    ),
+    (
         "`[HA]`",
         "`VirtualAddress`",
         "the addresses keepalived moves between two boxes that share this config; this box is active while it holds one (see \"Two boxes\")",
@@ -96,6 +106,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "",
         "`IdleSpin`",
         "empty polls before sleeping (default 512; 0 on a core shared with the NIC's softirq)",
+    ),
+    (
+        "",
+        "`MaxFlows`, `FlowTimeoutTcp`, `FlowTimeoutUdp`, `FlowTimeoutOther`",
+        "[Policy]'s flow table: flows remembered (default 262144, 16 B each) and seconds an idle flow lives (3600, 120, 30; a TCP flow that saw FIN or RST: 10); taken at start",
     ),
 ];
 

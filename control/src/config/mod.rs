@@ -24,6 +24,7 @@
 
 pub mod doc;
 mod parse;
+pub mod policy;
 mod sections;
 mod values;
 
@@ -138,6 +139,8 @@ pub struct Tuning {
     pub queues: Option<Vec<u32>>,
     pub cores: Option<Vec<usize>>,
     pub xsk: XskOptions,
+    /// [Policy]'s flow table: MaxFlows and the FlowTimeout* keys.
+    pub flows: subway_dataplane::policy::FlowLimits,
     pub xdp_mode: XdpAttach,
 }
 
@@ -180,6 +183,8 @@ pub struct Config {
     pub ha: Option<HaSection>,
     /// The routing table subway keeps for a routing daemon, if [Export].
     pub export: Option<ExportSection>,
+    /// [Policy] sections, at most one per VNET.
+    pub policies: Vec<policy::PolicySection>,
     pub warnings: Vec<String>,
     /// VNET names a running instance already numbered (see `vnet_ids`).
     pub known_vnets: Vec<String>,

@@ -20,6 +20,7 @@ enum Section {
     Metrics,
     Ha,
     Export,
+    Policy,
 }
 
 impl Config {
@@ -51,6 +52,7 @@ impl Config {
             metrics: None,
             ha: None,
             export: None,
+            policies: Vec::new(),
             warnings: Vec::new(),
             known_vnets: Vec::new(),
         };
@@ -67,7 +69,7 @@ impl Config {
             let mut seen: HashMap<String, usize> = HashMap::new();
             for (k, _, l) in &kv {
                 let lk = k.to_ascii_lowercase();
-                if lk == "allowedips" || lk == "subnets" || lk == "route" {
+                if lk == "allowedips" || lk == "subnets" || lk == "route" || lk == "rule" {
                     continue;
                 }
                 if let Some(first) = seen.insert(lk, *l) {
@@ -96,6 +98,7 @@ impl Config {
                 Section::Metrics => parse_metrics(cfg, kv, &err),
                 Section::Ha => parse_ha(cfg, line, kv, &err),
                 Section::Export => parse_export(cfg, line, kv, &err),
+                Section::Policy => super::policy::parse_policy(cfg, line, kv, &err),
             }
         };
 
@@ -131,6 +134,7 @@ impl Config {
                         Section::Metrics
                     }
                     "peer" => Section::Peer,
+                    "policy" => Section::Policy,
                     "export" => {
                         if cfg.export.is_some() {
                             return Err(err(lineno, "a second [Export] section: merge it into the first".into()));
@@ -154,7 +158,7 @@ impl Config {
                         return Err(err(
                             lineno,
                             format!(
-                                "unknown section [{}]: subway knows [Interface], [Lan], [Peer], [HA], [Export], [Tuning] and [Metrics]",
+                                "unknown section [{}]: subway knows [Interface], [Lan], [Peer], [Policy], [HA], [Export], [Tuning] and [Metrics]",
                                 &line[1..line.len() - 1]
                             ),
                         ));
@@ -174,6 +178,8 @@ impl Config {
         }
         flush(&mut cfg, section, section_line, &mut pending)?;
         cfg.validate()?;
+        let w = cfg.check_policies()?;
+        cfg.warnings.extend(w);
         Ok(cfg)
     }
 

@@ -398,11 +398,24 @@ pub(super) fn parse_tuning(cfg: &mut Config, kv: Entries, err: &ErrFn) -> Result
             "busypoll" => t.xsk.busy_poll = parse_bool(&k, &v, line, err)?,
             "needwakeup" => t.xsk.need_wakeup = parse_bool(&k, &v, line, err)?,
             "idlespin" => t.xsk.idle_spin = parse_num(&k, &v, line, err)?,
+            "maxflows" => {
+                let n: usize = parse_num(&k, &v, line, err)?;
+                if !(1024..=1 << 24).contains(&n) {
+                    return Err(err(
+                        line,
+                        format!("MaxFlows = {n}: use 1024 to 16777216 (16 bytes each)"),
+                    ));
+                }
+                t.flows.max_flows = n;
+            }
+            "flowtimeouttcp" => t.flows.tcp_secs = flow_secs(&k, &v, line, err)?,
+            "flowtimeoutudp" => t.flows.udp_secs = flow_secs(&k, &v, line, err)?,
+            "flowtimeoutother" => t.flows.other_secs = flow_secs(&k, &v, line, err)?,
             _ => {
                 return Err(err(
                     line,
                     format!(
-                        "unknown key `{k}` in [Tuning]: expected one of Queues, Cores, BatchSize, RingSize, FrameSize, XskMode, XdpMode, BusyPoll, NeedWakeup, IdleSpin"
+                        "unknown key `{k}` in [Tuning]: expected one of Queues, Cores, BatchSize, RingSize, FrameSize, XskMode, XdpMode, BusyPoll, NeedWakeup, IdleSpin, MaxFlows, FlowTimeoutTcp, FlowTimeoutUdp, FlowTimeoutOther"
                     ),
                 ));
             }
@@ -411,6 +424,14 @@ pub(super) fn parse_tuning(cfg: &mut Config, kv: Entries, err: &ErrFn) -> Result
         t.xsk.validate().map_err(|e| err(line, format!("[Tuning]: {e}")))?;
     }
     Ok(())
+}
+
+fn flow_secs(k: &str, v: &str, line: usize, err: &ErrFn) -> Result<u32, ConfigError> {
+    let n: u32 = parse_num(k, v, line, err)?;
+    if !(1..=86400 * 7).contains(&n) {
+        return Err(err(line, format!("{k} = {n}: seconds, from 1 to 604800 (a week)")));
+    }
+    Ok(n)
 }
 
 fn subway_common_max_queues() -> u32 {

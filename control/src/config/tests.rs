@@ -475,3 +475,98 @@ fn the_export_section_names_a_table_of_its_own_and_bad_values_are_refused_with_l
         );
     }
 }
+
+#[test]
+fn policies_are_parsed_checked_across_sections_and_bad_rules_are_refused_with_line_and_fix() {
+    let base = format!(
+        "[Interface]\nPrivateKey = {KEY_A}\nUplink = wan0\n\
+         [Lan]\nInterface = lan0\nSubnets = 10.1.0.0/24, fd01::/64\n\
+         [Peer]\nPublicKey = {KEY_B}\nAllowedIPs = 10.2.0.0/24, fd02::/64\n\
+         [Policy]\nDefault = deny\n"
+    );
+    // Lines 10 and 11 are [Policy] and Default; rules start at line 12.
+    let c = parse(&format!(
+        "{base}Rule = allow in lan0 from 10.1.0.0/24 to 10.2.0.0/24 proto tcp port 443\n\
+         Rule = allow in peer {KEY_B} proto icmpv6 to fd01::/64\n\
+         Rule = deny proto udp port 5000-5999\n\
+         Rule = allow in lan0 from 10.1.0.0/25 to 10.2.0.0/24 proto tcp port 443\n\
+         Rule = allow to 192.168.0.0/16\n"
+    ))
+    .unwrap();
+    let p = &c.policies[0];
+    assert_eq!(p.vnet, "default");
+    assert_eq!(p.default, subway_dataplane::policy::Action::Deny);
+    assert_eq!(p.rules.len(), 5);
+    assert_eq!(p.rules[0].ports, Some((443, 443)));
+    assert_eq!(p.rules[2].ports, Some((5000, 5999)));
+    assert_eq!(p.rules[1].line, 13);
+    // Warnings: line 15 is shadowed by line 12; line 16 is outside the VNET.
+    let w = c.warnings.join("\n");
+    assert!(w.contains(":15: this rule never matches: the rule at line 12"), "{w}");
+    assert!(
+        w.contains(":16: `to 192.168.0.0/16` is outside VNET default's prefixes"),
+        "{w}"
+    );
+    assert_eq!(c.warnings.len(), 2, "{w}");
+
+    expect_err(
+        &format!("{base}Rule = allow in peer {KEY_C}\n"),
+        12,
+        "no [Peer] has this PublicKey",
+    );
+    expect_err(
+        &format!("{base}Rule = allow port 22\n"),
+        12,
+        "a port needs `proto tcp` or `proto udp`",
+    );
+    expect_err(
+        &format!("{base}Rule = allow from 10.1.0.0/24 to fd02::/64\n"),
+        12,
+        "different families",
+    );
+    expect_err(
+        &format!("{base}Rule = allow proto icmp to fd02::/64\n"),
+        12,
+        "write proto icmpv6",
+    );
+    expect_err(
+        &format!("{base}Rule = allow in lan9\n"),
+        12,
+        "not a [Lan] of VNET default (lan0)",
+    );
+    expect_err(
+        &format!("{base}Rule = permit proto tcp\n"),
+        12,
+        "must start with allow or deny",
+    );
+    expect_err(&format!("{base}Rule = allow proto sctp\n"), 12, "unknown protocol sctp");
+    expect_err(
+        &format!("{base}Rule = allow from 10.1.0.1/24\n"),
+        12,
+        "host bits set: write 10.1.0.0/24",
+    );
+    expect_err(&format!("{base}Rule = allow to\n"), 12, "`to` needs a value");
+    expect_err(
+        &format!("{base}Rule = allow port 9-3 proto tcp\n"),
+        12,
+        "expected a port or a range",
+    );
+    expect_err(&base.replace("deny", "maybe"), 11, "Default = maybe: use allow or deny");
+    expect_err(
+        &format!("{base}[Policy]\nVNet = default\n"),
+        12,
+        "a second [Policy] for VNET default",
+    );
+    expect_err(
+        &format!("{base}VNet = blue\n"),
+        10,
+        "[Policy] for VNET blue, which no [Lan] or [Peer] has",
+    );
+    let c = parse(&format!("{base}[Tuning]\nMaxFlows = 100000\nFlowTimeoutUdp = 30\n")).unwrap();
+    assert_eq!((c.tuning.flows.max_flows, c.tuning.flows.udp_secs), (100_000, 30));
+    expect_err(
+        &format!("{base}[Tuning]\nMaxFlows = 10\n"),
+        13,
+        "MaxFlows = 10: use 1024",
+    );
+}

@@ -225,10 +225,19 @@ impl Dataplane {
         self.undo.fail_open = cfg.fail_open;
         let peers = peer_rts(&cur.peers, &cfg.peers, fresh);
         let allowed = Arc::new(allowed_ips(&cfg.peers));
+        // Rebuilt only when they changed: a route event re-applies the
+        // running config, and the policies' counters and flow entries'
+        // rule numbers belong to one build.
+        let policies = if cfg.policies == self.running.policies {
+            cur.policies.clone()
+        } else {
+            crate::policy::Policies::build(&cfg.policies, cfg.flows, &cur.policies)
+        };
         self.publish(|t| {
             t.fib = Arc::new(fib);
             t.allowed = allowed;
             t.peers = peers;
+            t.policies = policies;
         });
         // After the switch nothing may fail the change: a failure to
         // remove what is gone is logged.

@@ -53,6 +53,7 @@ impl Dataplane {
             uplink,
             uplink_addrs: uplink_addrs.clone(),
             listen_port: cfg.listen_port,
+            policies: crate::policy::Policies::build(&cfg.policies, cfg.flows, &Default::default()),
         });
 
         let slow = Arc::new(open_slow_path(cfg, &ports, uplink, &fib)?);

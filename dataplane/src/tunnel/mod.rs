@@ -480,6 +480,7 @@ pub(crate) mod fixture {
                     stats: self.stats.clone(),
                 }],
                 sessions,
+                policies: Default::default(),
                 uplink: Some(0),
                 listen_port: 51820,
                 uplink_addrs: vec![self.path.src.ip()],
