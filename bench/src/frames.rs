@@ -112,6 +112,13 @@ pub fn wrap_udp(
     len
 }
 
+/// Sets the UDP ports of a built frame (checksum 0: nothing to update).
+#[inline(always)]
+pub fn set_ports(buf: &mut [u8], sport: u16, dport: u16) {
+    buf[34..36].copy_from_slice(&sport.to_be_bytes());
+    buf[36..38].copy_from_slice(&dport.to_be_bytes());
+}
+
 /// Stamps the sequence number into a built frame.
 #[inline(always)]
 pub fn stamp(buf: &mut [u8], seq: u64) {

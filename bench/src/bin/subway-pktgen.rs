@@ -54,6 +54,13 @@ struct Args {
     /// Distinct UDP source ports.
     #[arg(long, default_value_t = 1)]
     flows: u16,
+    /// Distinct UDP destination ports (from --dst-port up): with more than
+    /// one, every sent frame's ports are rewritten so that the flows
+    /// (--flows x --dst-ports) come round-robin, beyond the 4096 frames
+    /// the generator builds (sealed mode: one frame per packet, each with
+    /// its flow).
+    #[arg(long, default_value_t = 1)]
+    dst_ports: u16,
     /// Core to pin to.
     #[arg(long)]
     core: Option<usize>,
@@ -223,6 +230,12 @@ fn main() -> Result<()> {
             &spec,
             (i % spec.flows as usize) as u16,
         );
+        if a.dst_ports > 1 && sealed {
+            // Each sealed frame is sent once: its flow is chosen here.
+            let flows = spec.flows as usize;
+            let dport = a.dst_port.wrapping_add(((i / flows) % a.dst_ports as usize) as u16);
+            frames::set_ports(&mut scratch, 10000 + (i % flows) as u16, dport);
+        }
         let mut frame = &scratch[..len];
         if let Some((dev, listen, endpoint)) = sealer.as_mut() {
             frames::stamp(&mut scratch[..len], i as u64);
@@ -301,7 +314,14 @@ fn main() -> Result<()> {
             for (k, d) in free[start..].iter_mut().enumerate() {
                 // SAFETY: a free frame, not on any ring.
                 let mut data = unsafe { umem.data_mut(d) };
-                frames::stamp(data.contents_mut(), sent + k as u64);
+                let seq = sent + k as u64;
+                frames::stamp(data.contents_mut(), seq);
+                if a.dst_ports > 1 {
+                    let flows = spec.flows as u64;
+                    let sport = 10000 + (seq % flows) as u16;
+                    let dport = a.dst_port.wrapping_add(((seq / flows) % a.dst_ports as u64) as u16);
+                    frames::set_ports(data.contents_mut(), sport, dport);
+                }
             }
         }
         // SAFETY: the frames are ours until completed.

@@ -165,8 +165,11 @@ pub(super) fn start_gw(t: &TwoSites, impl_: &str, for_a: bool, p: &Params) -> Re
         "subway" => {
             // Site A's worker on the forwarder core, site B's on the other.
             let core = if for_a { p.fwd_core } else { p.gen_core };
-            let cfg = t.subway_config(for_a, false, "")
+            let mut cfg = t.subway_config(for_a, false, "")
                 + &format!("\n[Tuning]\nCores = {core}\n{}\n", p.tuning.replace(';', "\n"));
+            if for_a {
+                cfg += &variant_config(impl_)?;
+            }
             Gw::Subway(Subway::start_bin(
                 if for_a { &t.gwa } else { &t.gwb },
                 &cfg,
@@ -213,6 +216,56 @@ pub(super) fn base_impl(contender: &str) -> &str {
     contender.split('+').next().unwrap_or(contender)
 }
 
+/// A contender's variants: `subway+policy-1000+flows-100k` has two.
+fn variants(contender: &str) -> impl Iterator<Item = &str> {
+    contender.split('+').skip(1)
+}
+
+/// Rules for `+policy-N`: N-2 that match none of the generator's packets
+/// (different hosts, TCP, ports), then the two that allow its traffic,
+/// each direction; default deny. The classifier's cost does not depend on
+/// where the matching rule is; a linear scan's would (this is its worst
+/// case).
+fn policy_rules(n: usize) -> String {
+    let mut s = String::from("\n[Policy]\nDefault = deny\n");
+    for i in 0..n.saturating_sub(2) {
+        s += &format!(
+            "Rule = deny from 172.16.{}.{}/32 to 192.168.{}.0/24 proto tcp port {}\n",
+            (i / 250) % 250,
+            i % 250 + 1,
+            i % 200,
+            1000 + i
+        );
+    }
+    s += "Rule = allow in lan0 from 10.1.0.0/24 to 10.2.0.0/16 proto udp\n";
+    s += "Rule = allow from 10.2.0.0/16 to 10.1.0.0/24 proto udp\n";
+    s
+}
+
+/// Config lines a contender's variants add to the measured gateway's.
+pub(super) fn variant_config(contender: &str) -> Result<String> {
+    let mut out = String::new();
+    for v in variants(contender) {
+        if let Some(n) = v.strip_prefix("policy-") {
+            out += &policy_rules(n.parse().with_context(|| format!("+{v}: policy-N with a number"))?);
+        } else if !matches!(v, "capture-all" | "capture-none" | "flows-100k") {
+            bail!("contender variant +{v}: use +capture-all, +capture-none, +policy-N or +flows-100k");
+        }
+    }
+    Ok(out)
+}
+
+/// The generator's flows for a contender: `+flows-100k` sends 100,000
+/// flows (1000 source ports x 100 destination ports), round-robin.
+pub(super) fn variant_flows(contender: &str, p: &Params) -> (Params, Vec<String>) {
+    if variants(contender).any(|v| v == "flows-100k") {
+        let p = Params { flows: 1000, ..p.clone() };
+        (p, vec!["--dst-ports".into(), "100".into()])
+    } else {
+        (p.clone(), Vec::new())
+    }
+}
+
 /// `subway capture` running against a measured gateway (the contenders
 /// `subway+capture-all`, every frame, and `subway+capture-none`, a filter
 /// nothing matches), written to /dev/null; SIGINT and reaped at the end.
@@ -224,11 +277,12 @@ pub(super) struct CaptureRun {
 impl CaptureRun {
     /// Starts the capture a contender asks for, if any.
     pub(super) fn start(gw: &Gw, contender: &str, p: &Params) -> Result<Option<CaptureRun>> {
-        let filter = match contender.split_once('+') {
-            None => return Ok(None),
-            Some((_, "capture-all")) => "",
-            Some((_, "capture-none")) => "host 203.0.113.9",
-            Some((_, other)) => bail!("contender variant +{other}: use +capture-all or +capture-none"),
+        let filter = if variants(contender).any(|v| v == "capture-all") {
+            ""
+        } else if variants(contender).any(|v| v == "capture-none") {
+            "host 203.0.113.9"
+        } else {
+            return Ok(None);
         };
         let Gw::Subway(s) = gw else {
             bail!("{contender}: only subway has `subway capture`")

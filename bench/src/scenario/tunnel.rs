@@ -7,11 +7,14 @@
 //! gateway's peer, replaying packets it sealed before the clock started,
 //! with fresh counters; plaintext counted on the LAN wire.
 //!
-//! The contenders `subway+capture-all` and `subway+capture-none` are subway
-//! with a `subway capture` running through the measurement (every frame,
-//! or a filter no frame matches), written to /dev/null: its cost.
+//! Contenders may carry variants of subway: `+capture-all` and
+//! `+capture-none` run a `subway capture` through the measurement (every
+//! frame, or a filter no frame matches) written to /dev/null;
+//! `+policy-N` gives the measured gateway a [Policy] of N rules (default
+//! deny, the generator's traffic allowed by the last two); `+flows-100k`
+//! has the generator send 100,000 flows round-robin.
 
-use super::rig::{CaptureRun, Gen, Gw, SINK_MAC, offer, pin_standard, start_gw};
+use super::rig::{CaptureRun, Gen, Gw, SINK_MAC, offer, pin_standard, start_gw, variant_flows};
 use super::{Common, Params, date_stamp, need_root, parse_sizes, search_loss_free, write_results};
 use crate::frames::Size;
 use crate::report::{self, Row};
@@ -28,8 +31,10 @@ pub struct Args {
     #[arg(long, default_value = "64,512,1420")]
     sizes: String,
     /// Contenders, comma-separated: subway, boringtun-cli, wireguard-go,
-    /// and subway+capture-all / subway+capture-none (subway while `subway
-    /// capture` runs, taking every frame / a filter none matches).
+    /// and subway with variants: +capture-all / +capture-none (while
+    /// `subway capture` runs, taking every frame / a filter none
+    /// matches), +policy-N ([Policy] of N rules), +flows-100k (100,000
+    /// flows), e.g. subway+policy-1000+flows-100k.
     #[arg(long, default_value = "subway,boringtun-cli,wireguard-go")]
     contenders: String,
     #[arg(long, default_value_t = 5.0)]
@@ -97,17 +102,20 @@ pub(super) fn tunnel(sizes: &[Size], contenders: &[&str], decrypt: bool, p: &Par
                 eprintln!("{what} size {} {c} trial {}/{}", size.label(), trial + 1, p.trials);
                 let t = TwoSites::new()?;
                 let ga = start_gw(&t, c, true, p)?;
+                let (p, extra) = &variant_flows(c, p);
                 if decrypt {
-                    trials.push(decrypt_once(&t, &ga, c, size, p)?);
+                    trials.push(decrypt_once(&t, &ga, c, size, p, extra)?);
                     continue;
                 }
                 let (ga, gw_mac) = encrypt_rig(&t, ga, c, p)?;
+                let mut gen_plain = Gen::plain(&t.a, &gw_mac);
+                gen_plain.extra.extend(extra.iter().cloned());
                 let capture = CaptureRun::start(&ga, c, p)?;
                 let row = if p.search {
                     search_loss_free(
                         |rate| {
                             offer(
-                                &Gen::plain(&t.a, &gw_mac),
+                                &gen_plain,
                                 (&t.gwb, "wan0"),
                                 c,
                                 size,
@@ -117,7 +125,7 @@ pub(super) fn tunnel(sizes: &[Size], contenders: &[&str], decrypt: bool, p: &Par
                         7,
                     )?
                 } else {
-                    offer(&Gen::plain(&t.a, &gw_mac), (&t.gwb, "wan0"), c, size, p)?
+                    offer(&gen_plain, (&t.gwb, "wan0"), c, size, p)?
                 };
                 if let Some(cap) = capture {
                     eprintln!("                 capture: {}", cap.finish());
@@ -187,7 +195,7 @@ const DECRYPT_MAX_PACKETS: u64 = 1 << 20;
 /// what A delivers on its LAN is counted on host a's wire. A resolves
 /// host a to a MAC nobody has, so a's kernel drops the plaintext unread
 /// (no replies to encrypt back).
-fn decrypt_once(t: &TwoSites, ga: &Gw, c: &str, size: &Size, p: &Params) -> Result<Row> {
+fn decrypt_once(t: &TwoSites, ga: &Gw, c: &str, size: &Size, p: &Params, extra: &[String]) -> Result<Row> {
     t.gwa.run(&[
         "ip",
         "neigh",
@@ -220,7 +228,9 @@ fn decrypt_once(t: &TwoSites, ga: &Gw, c: &str, size: &Size, p: &Params) -> Resu
             "192.0.2.1:51820",
         ]
         .map(String::from)
-        .to_vec(),
+        .into_iter()
+        .chain(extra.iter().cloned())
+        .collect(),
     };
     let count = |rate: u64| -> u64 {
         let by_time = if rate == 0 {
