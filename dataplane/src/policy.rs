@@ -456,8 +456,11 @@ impl Classifier {
 // ---------------------------------------------------------------------
 // The flow table.
 
-/// Probes per lookup or insert (one or two cache lines).
-const PROBES: usize = 8;
+/// Slots per bucket (two 64-byte cache lines). A flow may live in either
+/// of two buckets chosen by its fingerprint, and is put in the emptier
+/// one: two-choice hashing keeps overflow rare up to high load, where one
+/// linear probe sequence clusters.
+const BUCKET: usize = 8;
 
 struct Slot {
     /// The flow's fingerprint; 0: never used.
@@ -472,7 +475,6 @@ pub const DEFAULT_RULE: u16 = u16::MAX;
 /// Flows allowed by a policy, shared by every worker.
 pub struct FlowTable {
     slots: Box<[Slot]>,
-    mask: usize,
     hasher: std::hash::RandomState,
     pub limits: FlowLimits,
     inserted: AtomicU64,
@@ -493,7 +495,7 @@ impl FlowTable {
         let n = if limits.max_flows == 0 {
             0
         } else {
-            limits.max_flows.next_power_of_two().max(PROBES)
+            limits.max_flows.next_power_of_two().max(2 * BUCKET)
         };
         FlowTable {
             slots: (0..n)
@@ -502,7 +504,6 @@ impl FlowTable {
                     meta: AtomicU64::new(0),
                 })
                 .collect(),
-            mask: n.saturating_sub(1),
             hasher: std::hash::RandomState::new(),
             limits,
             inserted: AtomicU64::new(0),
@@ -537,19 +538,32 @@ impl FlowTable {
         }
     }
 
+    /// The two buckets a fingerprint may live in (first slot of each).
+    #[inline]
+    fn buckets(&self, fp: u64) -> [usize; 2] {
+        let n = self.slots.len() / BUCKET;
+        [
+            (fp as usize & (n - 1)) * BUCKET,
+            ((fp >> 32) as usize & (n - 1)) * BUCKET,
+        ]
+    }
+
     #[inline]
     fn find(&self, fp: u64, now: u32) -> Option<&Slot> {
         if self.slots.is_empty() {
             return None;
         }
-        for i in 0..PROBES {
-            let s = &self.slots[(fp as usize + i) & self.mask];
-            let f = s.fp.load(Relaxed);
-            if f == 0 {
-                return None;
-            }
-            if f == fp && (s.meta.load(Relaxed) >> 32) as u32 > now {
-                return Some(s);
+        for b in self.buckets(fp) {
+            for s in &self.slots[b..b + BUCKET] {
+                let f = s.fp.load(Relaxed);
+                if f == 0 {
+                    // A bucket fills in order and a slot is never emptied:
+                    // nothing lies past a never-used slot.
+                    break;
+                }
+                if f == fp && (s.meta.load(Relaxed) >> 32) as u32 > now {
+                    return Some(s);
+                }
             }
         }
         None
@@ -583,31 +597,45 @@ impl FlowTable {
         Some(now_rule)
     }
 
-    /// Remembers a flow; when its neighbourhood is full the entry closest
-    /// to expiry gives way (counted).
+    /// Remembers a flow, in the emptier of its two buckets; when both are
+    /// full of live flows the one closest to expiry gives way (counted).
     fn insert(&self, fp: u64, proto: u8, closing: bool, now: u32, hit: FlowHit) {
         if self.slots.is_empty() {
             return;
         }
         let until = now.saturating_add(self.timeout(proto, closing));
         let meta = (until as u64) << 32 | (hit.generation as u64) << 16 | hit.rule as u64;
+        let [b1, b2] = self.buckets(fp);
+        // Already there (another worker was first): refresh it.
+        for b in [b1, b2] {
+            for s in &self.slots[b..b + BUCKET] {
+                if s.fp.load(Relaxed) == fp {
+                    s.meta.store(meta, Relaxed);
+                    return;
+                }
+            }
+        }
+        let live = |b: usize| {
+            self.slots[b..b + BUCKET]
+                .iter()
+                .filter(|s| s.fp.load(Relaxed) != 0 && (s.meta.load(Relaxed) >> 32) as u32 > now)
+                .count()
+        };
+        let order = if live(b2) < live(b1) { [b2, b1] } else { [b1, b2] };
         let mut victim: Option<(usize, u32)> = None;
-        for i in 0..PROBES {
-            let at = (fp as usize + i) & self.mask;
-            let s = &self.slots[at];
-            let f = s.fp.load(Relaxed);
-            let exp = (s.meta.load(Relaxed) >> 32) as u32;
-            if f == fp {
-                s.meta.store(meta, Relaxed);
-                return;
-            }
-            if (f == 0 || exp <= now) && s.fp.compare_exchange(f, fp, Relaxed, Relaxed).is_ok() {
-                s.meta.store(meta, Relaxed);
-                self.inserted.fetch_add(1, Relaxed);
-                return;
-            }
-            if victim.is_none_or(|(_, e)| exp < e) {
-                victim = Some((at, exp));
+        for b in order {
+            for at in b..b + BUCKET {
+                let s = &self.slots[at];
+                let f = s.fp.load(Relaxed);
+                let exp = (s.meta.load(Relaxed) >> 32) as u32;
+                if (f == 0 || exp <= now) && s.fp.compare_exchange(f, fp, Relaxed, Relaxed).is_ok() {
+                    s.meta.store(meta, Relaxed);
+                    self.inserted.fetch_add(1, Relaxed);
+                    return;
+                }
+                if victim.is_none_or(|(_, e)| exp < e) {
+                    victim = Some((at, exp));
+                }
             }
         }
         if let Some((at, _)) = victim {
@@ -1196,29 +1224,39 @@ mod tests {
     #[test]
     fn a_full_table_evicts_the_flow_closest_to_expiry_and_counts_it() {
         let flows = FlowTable::new(FlowLimits {
-            max_flows: 8,
-            tcp_secs: 100,
-            udp_secs: 10,
+            max_flows: 16,
+            tcp_secs: 1000,
+            udp_secs: 100,
             other_secs: 5,
         });
         let hit = FlowHit { generation: 0, rule: 0 };
-        for i in 0..8u16 {
-            let fp = flows.fingerprint(0, 17, (v4("10.0.0.1"), i), (v4("10.0.0.2"), 53));
-            flows.insert(fp, 17, false, i as u32, hit);
+        // Flows whose two buckets differ (of the table's two), so that
+        // every choice is between both and the table fills evenly.
+        let mut keys = (0..u16::MAX)
+            .map(|port| flows.fingerprint(0, 17, (v4("10.0.0.1"), port), (v4("10.0.0.2"), 53)))
+            .filter(|fp| {
+                let [a, b] = flows.buckets(*fp);
+                a != b
+            });
+        let first: Vec<u64> = keys.by_ref().take(16).collect();
+        for (i, fp) in first.iter().enumerate() {
+            flows.insert(*fp, 17, false, i as u32, hit);
         }
-        assert_eq!(flows.stats(0).flows, 8);
-        let fp = flows.fingerprint(0, 6, (v4("10.0.0.1"), 9), (v4("10.0.0.2"), 80));
-        flows.insert(fp, 6, false, 8, hit);
+        let s = flows.stats(0);
+        assert_eq!((s.flows, s.evicted, s.capacity), (16, 0, 16));
+        // Full: the next one evicts the flow closest to expiry, the first.
+        let next = keys.next().unwrap();
+        flows.insert(next, 6, false, 8, hit);
         let s = flows.stats(8);
-        assert_eq!((s.inserted, s.evicted, s.capacity), (9, 1, 8));
-        // The first UDP flow (expiring at 10) gave way; the TCP flow is in.
-        assert!(flows.find(fp, 8).is_some());
-        let first = flows.fingerprint(0, 17, (v4("10.0.0.1"), 0), (v4("10.0.0.2"), 53));
-        assert!(flows.find(first, 8).is_none());
+        assert_eq!((s.inserted, s.evicted), (17, 1));
+        assert!(flows.find(next, 8).is_some());
+        assert!(flows.find(first[0], 8).is_none());
+        assert!(first[1..].iter().all(|fp| flows.find(*fp, 8).is_some()));
         // Expired entries are reused without eviction.
-        let later = flows.fingerprint(0, 17, (v4("10.9.0.1"), 1), (v4("10.0.0.2"), 53));
+        let later = keys.next().unwrap();
         flows.insert(later, 17, false, 1000, hit);
         assert_eq!(flows.stats(1000).evicted, 1);
+        assert!(flows.find(later, 1000).is_some());
     }
 
     #[test]
@@ -1291,5 +1329,88 @@ mod tally_tests {
         assert_eq!(pol.counts[0].packets.load(Relaxed), 30);
         assert_eq!(pol.counts[0].bytes.load(Relaxed), 30 * 28);
         assert_eq!(pol.established.load(Relaxed), 29);
+    }
+}
+
+#[cfg(test)]
+mod two_workers {
+    use super::*;
+
+    /// The two halves of each flow on two threads, as two workers on two
+    /// queues would see them (RSS hashes a flow's directions apart): one
+    /// thread sends the first packet of each flow, the other its reply,
+    /// racing; every reply that comes after its flow's first packet
+    /// passes, and none before it does.
+    #[test]
+    fn replies_handled_by_another_worker_pass_while_both_run() {
+        let rule = Rule {
+            action: Action::Allow,
+            ingress: Some(Ingress::Lan(0)),
+            src: None,
+            dst: None,
+            proto: Some(Proto::Udp),
+            ports: None,
+            text: "allow in lan0 proto udp".into(),
+            line: 1,
+        };
+        let pol = VnetPolicy::new(
+            PolicyConfig {
+                vnet: 0,
+                default: Action::Deny,
+                rules: vec![rule],
+            },
+            None,
+            1,
+        );
+        let flows = FlowTable::new(FlowLimits {
+            max_flows: 1 << 16,
+            ..Default::default()
+        });
+        let udp = |s: [u8; 4], d: [u8; 4], sp: u16, dp: u16| {
+            let mut p = vec![0u8; 28];
+            p[0] = 0x45;
+            p[9] = 17;
+            p[12..16].copy_from_slice(&s);
+            p[16..20].copy_from_slice(&d);
+            p[20..22].copy_from_slice(&sp.to_be_bytes());
+            p[22..24].copy_from_slice(&dp.to_be_bytes());
+            p
+        };
+        const N: u16 = 20_000;
+        let opened: Vec<AtomicU64> = (0..N).map(|_| AtomicU64::new(0)).collect();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for i in 0..N {
+                    let p = udp([10, 1, 0, 2], [10, 2, 0, 2], 10_000 + i, 53);
+                    assert!(check(&pol, Some(&flows), 0, Ingress::Lan(0), &p, 7, false).passes());
+                    opened[i as usize].store(1, std::sync::atomic::Ordering::Release);
+                }
+            });
+            s.spawn(|| {
+                let mut answered = 0;
+                let t0 = std::time::Instant::now();
+                while answered < N && t0.elapsed() < std::time::Duration::from_secs(20) {
+                    for i in 0..N {
+                        let was_open = opened[i as usize].load(std::sync::atomic::Ordering::Acquire) == 1;
+                        let r = udp([10, 2, 0, 2], [10, 1, 0, 2], 53, 10_000 + i);
+                        let d = check(&pol, Some(&flows), 0, Ingress::Peer(0), &r, 7, false);
+                        if was_open {
+                            assert_eq!(d, Decision::Established(Some(0)), "reply {i} after its flow opened");
+                            answered += 1;
+                        } else {
+                            // Before (or while) it opens: refused, or passed
+                            // if the other thread got there in between.
+                            assert!(matches!(d, Decision::Denied(DEFAULT_RULE) | Decision::Established(_)));
+                        }
+                    }
+                    if answered < N {
+                        answered = 0;
+                    }
+                }
+                assert_eq!(answered, N);
+            });
+        });
+        assert_eq!(flows.stats(7).flows, N as u64);
+        assert_eq!(flows.stats(7).evicted, 0);
     }
 }

@@ -221,14 +221,15 @@ fn variants(contender: &str) -> impl Iterator<Item = &str> {
     contender.split('+').skip(1)
 }
 
-/// Rules for `+policy-N`: N-2 that match none of the generator's packets
-/// (different hosts, TCP, ports), then the two that allow its traffic,
-/// each direction; default deny. The classifier's cost does not depend on
+/// Rules for `+policy-N`: two for ping (the rig checks the tunnel with
+/// it), N-4 that match none of the generator's packets (different hosts,
+/// TCP, ports), then the two that allow its traffic, each direction;
+/// default deny. The classifier's cost does not depend on
 /// where the matching rule is; a linear scan's would (this is its worst
 /// case).
 fn policy_rules(n: usize) -> String {
-    let mut s = String::from("\n[Policy]\nDefault = deny\n");
-    for i in 0..n.saturating_sub(2) {
+    let mut s = String::from("\n[Policy]\nDefault = deny\nRule = allow proto icmp\nRule = allow proto icmpv6\n");
+    for i in 0..n.saturating_sub(4) {
         s += &format!(
             "Rule = deny from 172.16.{}.{}/32 to 192.168.{}.0/24 proto tcp port {}\n",
             (i / 250) % 250,
@@ -259,7 +260,10 @@ pub(super) fn variant_config(contender: &str) -> Result<String> {
 /// flows (1000 source ports x 100 destination ports), round-robin.
 pub(super) fn variant_flows(contender: &str, p: &Params) -> (Params, Vec<String>) {
     if variants(contender).any(|v| v == "flows-100k") {
-        let p = Params { flows: 1000, ..p.clone() };
+        let p = Params {
+            flows: 1000,
+            ..p.clone()
+        };
         (p, vec!["--dst-ports".into(), "100".into()])
     } else {
         (p.clone(), Vec::new())

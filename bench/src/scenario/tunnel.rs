@@ -113,15 +113,7 @@ pub(super) fn tunnel(sizes: &[Size], contenders: &[&str], decrypt: bool, p: &Par
                 let capture = CaptureRun::start(&ga, c, p)?;
                 let row = if p.search {
                     search_loss_free(
-                        |rate| {
-                            offer(
-                                &gen_plain,
-                                (&t.gwb, "wan0"),
-                                c,
-                                size,
-                                &Params { rate, ..p.clone() },
-                            )
-                        },
+                        |rate| offer(&gen_plain, (&t.gwb, "wan0"), c, size, &Params { rate, ..p.clone() }),
                         7,
                     )?
                 } else {
