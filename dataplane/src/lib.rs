@@ -52,7 +52,7 @@ pub use error::{Error, Result};
 pub use host::tun_name;
 pub use lifecycle::{Dataplane, UplinkNow, WorkerHandle};
 pub use plan::{fence_for_config, fib_from};
-pub use subway_common::{MAX_QUEUES, named_counters};
+pub use subway_common::{MAX_QUEUES, MAX_ROUTES, named_counters};
 pub use worker::WorkerInfo;
 pub use xdp::XdpAttach;
 pub use xsk::{BindMode, XskOptions};

@@ -300,6 +300,42 @@ impl Config {
                 }
             }
         }
+        // The XDP program's route tables hold MAX_ROUTES per family, all
+        // VNETs together (a prefix shared by a route group counts once).
+        let limit = subway_dataplane::MAX_ROUTES as usize;
+        let mut seen: std::collections::HashSet<(&str, IpNet)> = Default::default();
+        let mut per_family = [0usize; 2];
+        let claims = self
+            .lans
+            .iter()
+            .flat_map(|l| {
+                l.subnets
+                    .iter()
+                    .map(move |s| (l.vnet.as_str(), *s, l.line))
+                    .chain(l.routes.iter().map(move |r| (l.vnet.as_str(), r.0, r.2)))
+            })
+            .chain(
+                self.peers
+                    .iter()
+                    .flat_map(|p| p.allowed_ips.iter().map(move |(n, line)| (p.vnet.as_str(), *n, *line))),
+            );
+        for (vnet, net, line) in claims {
+            if !seen.insert((vnet, net.trunc())) {
+                continue;
+            }
+            let fam = matches!(net, IpNet::V6(_)) as usize;
+            per_family[fam] += 1;
+            if per_family[fam] > limit {
+                return Err(self.err(
+                    line,
+                    format!(
+                        "{net} is IPv{} route number {}: the XDP program's tables hold {limit} routes per family                          (all VNETs together); aggregate prefixes, or split the peers over two gateways",
+                        if fam == 1 { 6 } else { 4 },
+                        per_family[fam]
+                    ),
+                ));
+            }
+        }
         // Route groups: each member shares a prefix with another peer of
         // its VNET and can be probed through its tunnel.
         for p in &self.peers {

@@ -570,3 +570,26 @@ fn policies_are_parsed_checked_across_sections_and_bad_rules_are_refused_with_li
         "MaxFlows = 10: use 1024",
     );
 }
+
+#[test]
+fn more_routes_than_the_xdp_tables_hold_are_refused_at_the_line_that_overflows() {
+    let limit = subway_dataplane::MAX_ROUTES as usize;
+    let mut text = format!(
+        "[Interface]\nPrivateKey = {KEY_A}\nUplink = wan0\n[Lan]\nInterface = lan0\nSubnets = 10.1.0.0/24\n[Peer]\nPublicKey = {KEY_B}\n"
+    );
+    // lan0's subnet is route 1; the peer's /32s start at line 9.
+    for i in 0..limit {
+        let a = std::net::Ipv4Addr::from(0x0b00_0000u32 + i as u32);
+        text += &format!("AllowedIPs = {a}/32\n");
+    }
+    let e = parse(&text).unwrap_err();
+    assert_eq!(e.line, 8 + limit, "{e}");
+    assert!(e.to_string().contains(&format!("route number {}", limit + 1)), "{e}");
+    assert!(
+        e.to_string().contains(&format!("hold {limit} routes per family")),
+        "{e}"
+    );
+    // One fewer fits.
+    let fits: String = text.lines().take(8 + limit - 1).map(|l| format!("{l}\n")).collect();
+    assert!(parse(&fits).is_ok());
+}

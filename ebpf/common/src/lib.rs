@@ -9,8 +9,10 @@ pub const MAX_IFACES: u32 = 64;
 pub const MAX_QUEUES: u32 = 64;
 /// Entries of the XSKMAP: one slot per (interface slot, queue).
 pub const XSK_SLOTS: u32 = MAX_IFACES * MAX_QUEUES;
-/// Steering routes per address family (all VNETs together).
-pub const MAX_ROUTES: u32 = 65_536;
+/// Steering routes per address family (all VNETs together). The LPM
+/// tries allocate per entry (BPF_F_NO_PREALLOC), so the bound costs
+/// nothing until used: about 100 bytes of kernel memory per route.
+pub const MAX_ROUTES: u32 = 262_144;
 /// Listen (address, port) pairs the gateway answers WireGuard on.
 pub const MAX_LISTEN: u32 = 256;
 

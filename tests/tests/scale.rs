@@ -1,0 +1,90 @@
+//! A gateway with a thousand peers, from a generated config: it starts,
+//! carries traffic, and `subway show`, `subway route get` and `wg show`
+//! answer correctly within a second each.
+
+use anyhow::Result;
+use std::time::{Duration, Instant};
+use subway_testkit::{Subway, TwoSites, host, ping_until, require_root, workspace_bin};
+
+/// Standard base64 of 32 bytes (a WireGuard key).
+fn b64(bytes: &[u8; 32]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// A distinct public key per peer (any 32 bytes is a Curve25519 point
+/// WireGuard accepts; these peers never handshake).
+fn key(i: usize) -> String {
+    let mut k = [0u8; 32];
+    for (j, b) in k.iter_mut().enumerate() {
+        *b = (i.wrapping_mul(2654435761).wrapping_add(j * 40503) >> (j % 8)) as u8 ^ j as u8;
+    }
+    k[0] = (i & 0xff) as u8;
+    k[1] = (i >> 8) as u8;
+    b64(&k)
+}
+
+fn timed<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let t0 = Instant::now();
+    let v = f()?;
+    let took = t0.elapsed();
+    eprintln!("{what}: {} ms", took.as_millis());
+    assert!(took < Duration::from_secs(1), "{what} took {took:?}");
+    Ok(v)
+}
+
+#[test]
+fn a_thousand_peers_answer_show_route_get_and_wg_show_within_a_second() -> Result<()> {
+    if !require_root("a_thousand_peers_answer_show_route_get_and_wg_show_within_a_second") {
+        return Ok(());
+    }
+    let t = TwoSites::new()?;
+    let mut cfg = t.subway_config(true, false, "");
+    for i in 0..999 {
+        cfg += &format!(
+            "\n[Peer]\nPublicKey = {}\nAllowedIPs = 10.{}.{}.0/24\n",
+            key(i),
+            100 + i / 256,
+            i % 256
+        );
+    }
+    let path = subway_testkit::work_dir().join("thousand-peers.conf");
+    std::fs::write(&path, &cfg)?;
+    let bin = workspace_bin("subway")?;
+    timed("subway check (1000 peers)", || {
+        t.gwa
+            .run(&[bin.to_str().unwrap(), "check", "--config", path.to_str().unwrap()])
+    })?;
+    let t0 = Instant::now();
+    let ga = Subway::start(&t.gwa, &cfg)?;
+    eprintln!("start to running (1000 peers): {} ms", t0.elapsed().as_millis());
+    let _gb = Subway::start(&t.gwb, &t.subway_config(false, false, ""))?;
+    // The tunnel to the one real peer works among the thousand.
+    ping_until(&t.a, "10.2.0.2", 10)?;
+
+    let v = timed("subway show --json", || ga.show())?;
+    assert_eq!(v["peers"].as_array().map(|p| p.len()), Some(1000));
+    let text = timed("subway show", || ga.ctl(&["show", &ga.name]))?;
+    assert_eq!(text.matches("\n  peer ").count(), 1000);
+    // Peer 300 serves 10.101.44.0/24.
+    let got = timed("subway route get", || {
+        ga.ctl(&["route", "get", "10.101.44.7", "--name", &ga.name])
+    })?;
+    assert!(got.contains("10.101.44.0/24") && got.contains(&key(300)), "{got}");
+    let wg = timed("wg show", || host(&["wg", "show", &ga.name]))?;
+    assert_eq!(wg.matches("peer: ").count(), 1000, "{wg}");
+    assert!(wg.contains(&key(998)));
+    Ok(())
+}
