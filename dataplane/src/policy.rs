@@ -523,10 +523,18 @@ impl FlowTable {
         } else {
             (b, a)
         };
-        let h = self
-            .hasher
-            .hash_one((vnet, proto, addr_key(lo.0), lo.1, addr_key(hi.0), hi.1));
-        h | 1
+        // One write of the packed key: SipHash per call is dearer than
+        // per byte.
+        let mut k = [0u8; 41];
+        k[..4].copy_from_slice(&vnet.to_le_bytes());
+        k[4] = proto;
+        k[5..21].copy_from_slice(&addr_key(lo.0).to_le_bytes());
+        k[21..23].copy_from_slice(&lo.1.to_le_bytes());
+        k[23..39].copy_from_slice(&addr_key(hi.0).to_le_bytes());
+        k[39..41].copy_from_slice(&hi.1.to_le_bytes());
+        let mut h = self.hasher.build_hasher();
+        std::hash::Hasher::write(&mut h, &k);
+        std::hash::Hasher::finish(&h) | 1
     }
 
     fn timeout(&self, proto: u8, closing: bool) -> u32 {
