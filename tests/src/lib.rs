@@ -44,7 +44,7 @@ pub use env::{
 };
 pub use flow::{FlowReport, UdpFlow};
 pub use keepalived::Keepalived;
-pub use netns::{Netns, veth, xdp_attached};
+pub use netns::{Netns, veth, veth_queues, xdp_attached};
 pub use proc::Proc;
 pub use subway::Subway;
 pub use topology::{SitesOnABridge, TwoSites, TwoSubnets};

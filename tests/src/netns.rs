@@ -115,8 +115,35 @@ impl Drop for Netns {
 /// on both ends: a veth otherwise hands on partial checksums that a
 /// userspace forwarder copies as they are (see environment.md).
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
+    veth_queues(a, a_if, b, b_if, 1)
+}
+
+/// [`veth`] with `queues` RX and TX queues on each end (a multi-queue NIC
+/// as veth can play one: a frame arrives on the queue it was sent from).
+pub fn veth_queues(a: &Netns, a_if: &str, b: &Netns, b_if: &str, queues: u32) -> Result<()> {
+    let q = queues.max(1).to_string();
     host(&[
-        "ip", "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name,
+        "ip",
+        "link",
+        "add",
+        a_if,
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
+        "netns",
+        &a.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
+        "netns",
+        &b.name,
     ])?;
     for (ns, i) in [(a, a_if), (b, b_if)] {
         ns.run(&["ip", "link", "set", i, "up"])?;

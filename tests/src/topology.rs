@@ -3,7 +3,7 @@
 //! "internet" link) and [`SitesOnABridge`] (any number of sites on one
 //! segment).
 
-use crate::{Netns, WgPeer, veth, wg_keypair};
+use crate::{Netns, WgPeer, veth, veth_queues, wg_keypair};
 use anyhow::Result;
 
 /// Two subnets joined by a gateway namespace:
@@ -64,6 +64,12 @@ pub struct TwoSites {
 
 impl TwoSites {
     pub fn new() -> Result<Self> {
+        Self::with_queues(1)
+    }
+
+    /// The same sites on veths of `queues` queues each (one worker per
+    /// queue in each gateway).
+    pub fn with_queues(queues: u32) -> Result<Self> {
         let t = TwoSites {
             a: Netns::new("a")?,
             gwa: Netns::new("ga")?,
@@ -72,9 +78,9 @@ impl TwoSites {
             keys_a: wg_keypair()?,
             keys_b: wg_keypair()?,
         };
-        veth(&t.a, "eth0", &t.gwa, "lan0")?;
-        veth(&t.gwa, "wan0", &t.gwb, "wan0")?;
-        veth(&t.b, "eth0", &t.gwb, "lan0")?;
+        veth_queues(&t.a, "eth0", &t.gwa, "lan0", queues)?;
+        veth_queues(&t.gwa, "wan0", &t.gwb, "wan0", queues)?;
+        veth_queues(&t.b, "eth0", &t.gwb, "lan0", queues)?;
         t.a.sh("ip addr add 10.1.0.2/24 dev eth0 && ip -6 addr add fd01::2/64 dev eth0 nodad && ip route add default via 10.1.0.1 && ip -6 route add default via fd01::1")?;
         t.b.sh("ip addr add 10.2.0.2/24 dev eth0 && ip -6 addr add fd02::2/64 dev eth0 nodad && ip route add default via 10.2.0.1 && ip -6 route add default via fd02::1")?;
         t.gwa.sh("ip addr add 10.1.0.1/24 dev lan0 && ip -6 addr add fd01::1/64 dev lan0 nodad && ip addr add 192.0.2.1/24 dev wan0 && ip -6 addr add 2001:db8::1/64 dev wan0 nodad")?;

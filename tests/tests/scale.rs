@@ -88,3 +88,76 @@ fn a_thousand_peers_answer_show_route_get_and_wg_show_within_a_second() -> Resul
     assert!(wg.contains(&key(998)));
     Ok(())
 }
+
+/// Per-worker counter `k` of a gateway.
+fn per_worker(gw: &Subway, k: &str) -> Result<Vec<u64>> {
+    let v = gw.show()?;
+    Ok(v["workers"]
+        .as_array()
+        .map(|ws| ws.iter().map(|w| w["counters"][k].as_u64().unwrap_or(0)).collect())
+        .unwrap_or_default())
+}
+
+#[test]
+fn one_peer_on_two_queues_keeps_both_workers_busy_both_ways_without_replay_drops() -> Result<()> {
+    if !require_root("one_peer_on_two_queues_keeps_both_workers_busy_both_ways_without_replay_drops") {
+        return Ok(());
+    }
+    // Every link has two queues: each gateway runs a worker per queue.
+    // A LAN host's kernel spreads its flows over its two TX queues, so
+    // both workers of the near gateway seal for the one peer; a worker
+    // sends on its own queue, and veth delivers on the same queue at the
+    // far gateway, so both of its workers open. (On a NIC, RSS hashes
+    // the outer header instead: one peer's datagrams share one queue.)
+    let t = TwoSites::with_queues(2)?;
+    let ga = Subway::start(&t.gwa, &t.subway_config(true, false, ""))?;
+    let gb = Subway::start(&t.gwb, &t.subway_config(false, false, ""))?;
+    assert_eq!(ga.show()?["workers"].as_array().map(|w| w.len()), Some(2));
+    ping_until(&t.a, "10.2.0.2", 10)?;
+    // Eight flows each way at once (each a socket of its own: its own
+    // source port), 1000 datagrams each.
+    let mut flows = Vec::new();
+    for i in 0..8u16 {
+        flows.push(subway_testkit::UdpFlow::start(
+            &t.a,
+            &t.b,
+            format!("10.2.0.2:{}", 7100 + i).parse()?,
+            1000,
+            500,
+            200,
+        )?);
+        flows.push(subway_testkit::UdpFlow::start(
+            &t.b,
+            &t.a,
+            format!("10.1.0.2:{}", 7200 + i).parse()?,
+            1000,
+            500,
+            200,
+        )?);
+    }
+    let mut lost = 0;
+    for f in flows {
+        let r = f.finish()?;
+        lost += r.lost;
+    }
+    for (name, gw) in [("A", &ga), ("B", &gb)] {
+        let tx = per_worker(gw, "tunnel_tx")?;
+        let rx = per_worker(gw, "tunnel_rx")?;
+        eprintln!("gateway {name}: tunnel_tx per worker {tx:?}, tunnel_rx per worker {rx:?}");
+        assert!(
+            tx.iter().all(|n| *n > 500),
+            "gateway {name}: a worker sealed nothing: {tx:?}"
+        );
+        assert!(
+            rx.iter().all(|n| *n > 500),
+            "gateway {name}: a worker opened nothing: {rx:?}"
+        );
+        assert_eq!(
+            gw.total("drop_wg_replayed")?,
+            0,
+            "gateway {name}: replay drops of legitimate packets"
+        );
+    }
+    assert_eq!(lost, 0, "datagrams lost across the two workers");
+    Ok(())
+}
