@@ -193,6 +193,7 @@ pub fn reload(name: Option<String>) -> Result<()> {
         ("routes_added", "routes added"),
         ("routes_removed", "routes removed"),
         ("routes_changed", "routes changed"),
+        ("policies_changed", "[Policy] changed in VNET"),
     ] {
         println!("  {what}: {}", list(k));
     }

@@ -167,7 +167,27 @@ pub fn apply(cfg: &mut Config, mut new: Config, gw: Option<&mut Gateway>, dp: &m
             .map(|(vn, n)| format!("{}:{n}", vnets.get(*vn as usize).map_or("?", |s| s.as_str())))
             .collect::<Vec<_>>()
     };
+    // VNETs whose [Policy] was added, removed or changed.
+    let mut policies: Vec<String> = cfg
+        .policies
+        .iter()
+        .map(|p| &p.vnet)
+        .chain(new.policies.iter().map(|p| &p.vnet))
+        .filter(|v| {
+            let rules = |c: &Config| {
+                c.policies
+                    .iter()
+                    .find(|p| &&p.vnet == v)
+                    .map(|p| (p.default, p.rules.iter().map(|r| r.text.clone()).collect::<Vec<_>>()))
+            };
+            rules(cfg) != rules(&new)
+        })
+        .cloned()
+        .collect();
+    policies.sort();
+    policies.dedup();
     let summary = json!({
+        "policies_changed": policies,
         "peers_added": added,
         "peers_removed": removed,
         "peers_changed": changed,
