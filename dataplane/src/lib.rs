@@ -16,6 +16,7 @@
 //!   [`forward`]: LAN-to-LAN decisions; [`tunnel`]: the tunnel's framing,
 //!   its send ([`tunnel::tx`]) and receive ([`tunnel::rx`]) batch paths;
 //!   [`capture`]: copies of the workers' frames for `subway capture`;
+//!   [`policy`]: [Policy] rules, their classifier and the flow table;
 //!   [`fib`], [`tables`]: what the workers look up (routes, cryptokey
 //!   routing's [`fib::AllowedIps`], neighbours, peers); [`slowpath`] and
 //!   [`punt`]: what the fast path hands on; [`trace`]: `route explain`

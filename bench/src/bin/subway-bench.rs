@@ -6,7 +6,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use subway_bench::scenario::{all, crypto, latency, routed, scale_out, tcp, tune, tunnel};
+use subway_bench::scenario::{all, crypto, latency, queues, routed, scale_out, tcp, tune, tunnel};
 
 #[derive(Parser, Debug)]
 #[command(about = "subway's benchmark harness (needs root; builds its own namespaces and removes them)")]
@@ -51,6 +51,10 @@ enum Cmd {
     /// behind a LAN router's ECMP route) against one: the aggregate encrypt
     /// rate. On a 2-core machine both share the cores: indicative only.
     ScaleOut(scale_out::Args),
+    /// One peer through 1 and then 2 RX queues and workers (multi-queue
+    /// veth), encrypt direction: the rate and the workers' CPU time per
+    /// packet, which should stay flat as workers are added.
+    Queues(queues::Args),
 }
 
 fn main() -> Result<()> {
@@ -63,5 +67,6 @@ fn main() -> Result<()> {
         Cmd::Tcp(a) => tcp::run(a),
         Cmd::Tunnel(a) => tunnel::run(a),
         Cmd::ScaleOut(a) => scale_out::run(a),
+        Cmd::Queues(a) => queues::run(a),
     }
 }

@@ -8,6 +8,7 @@
 pub mod all;
 pub mod crypto;
 pub mod latency;
+pub mod queues;
 mod rig;
 pub mod routed;
 pub mod scale_out;
