@@ -152,51 +152,33 @@ pub fn render(show: &Status) -> String {
     );
     let _ = writeln!(o, "subway_uptime_seconds {}", show.uptime_secs);
     if !show.policies.is_empty() {
-        family(
-            &mut o,
-            "subway_policy_rule_packets_total",
-            "counter",
-            "Packets a [Policy] rule decided (with the packets of the flows it allowed); rule=\"default\" is the VNET's default action.",
-        );
-        for p in &show.policies {
-            for r in &p.rules {
-                let _ = writeln!(
-                    o,
-                    "subway_policy_rule_packets_total{{vnet=\"{}\",rule=\"{}\"}} {}",
-                    label(&p.vnet),
-                    label(&r.rule),
-                    r.packets
-                );
+        for (name, help, of_rule, of_default) in [
+            (
+                "subway_policy_rule_packets_total",
+                "Packets a [Policy] rule decided (with the packets of the flows it allowed); rule=\"default\" is the VNET's default action.",
+                (|r: &crate::status::RuleStatus| r.packets) as fn(&crate::status::RuleStatus) -> u64,
+                (|p: &crate::status::PolicyStatus| p.default_packets) as fn(&crate::status::PolicyStatus) -> u64,
+            ),
+            (
+                "subway_policy_rule_bytes_total",
+                "Bytes a [Policy] rule decided.",
+                |r| r.bytes,
+                |p| p.default_bytes,
+            ),
+        ] {
+            family(&mut o, name, "counter", help);
+            for p in &show.policies {
+                let vnet = label(&p.vnet);
+                for r in &p.rules {
+                    let _ = writeln!(
+                        o,
+                        "{name}{{vnet=\"{vnet}\",rule=\"{}\"}} {}",
+                        label(&r.rule),
+                        of_rule(r)
+                    );
+                }
+                let _ = writeln!(o, "{name}{{vnet=\"{vnet}\",rule=\"default\"}} {}", of_default(p));
             }
-            let _ = writeln!(
-                o,
-                "subway_policy_rule_packets_total{{vnet=\"{}\",rule=\"default\"}} {}",
-                label(&p.vnet),
-                p.default_packets
-            );
-        }
-        family(
-            &mut o,
-            "subway_policy_rule_bytes_total",
-            "counter",
-            "Bytes a [Policy] rule decided.",
-        );
-        for p in &show.policies {
-            for r in &p.rules {
-                let _ = writeln!(
-                    o,
-                    "subway_policy_rule_bytes_total{{vnet=\"{}\",rule=\"{}\"}} {}",
-                    label(&p.vnet),
-                    label(&r.rule),
-                    r.bytes
-                );
-            }
-            let _ = writeln!(
-                o,
-                "subway_policy_rule_bytes_total{{vnet=\"{}\",rule=\"default\"}} {}",
-                label(&p.vnet),
-                p.default_bytes
-            );
         }
     }
     if let Some(fl) = &show.flows {
@@ -418,6 +400,21 @@ mod tests {
                 changes: 2,
                 ..Default::default()
             }),
+            policies: vec![crate::status::PolicyStatus {
+                vnet: "red".into(),
+                rules: vec![crate::status::RuleStatus {
+                    rule: "line 9: allow proto \"x\"".into(),
+                    packets: 11,
+                    bytes: 1100,
+                }],
+                default_packets: 5,
+                ..Default::default()
+            }],
+            flows: Some(crate::status::FlowStatus {
+                flows: 3,
+                evicted: 1,
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let t = render(&show);
@@ -434,6 +431,11 @@ mod tests {
             "subway_ha_role_changes_total 2",
             "subway_peer_up{peer=\"K=\"} 0",
             "subway_peer_health_changes_total{peer=\"K=\"} 3",
+            "subway_policy_rule_packets_total{vnet=\"red\",rule=\"line 9: allow proto \\\"x\\\"\"} 11",
+            "subway_policy_rule_bytes_total{vnet=\"red\",rule=\"line 9: allow proto \\\"x\\\"\"} 1100",
+            "subway_policy_rule_packets_total{vnet=\"red\",rule=\"default\"} 5",
+            "subway_flows 3",
+            "subway_flows_evicted_total 1",
         ] {
             assert!(t.lines().any(|l| l == line), "missing {line}:\n{t}");
         }

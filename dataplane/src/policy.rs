@@ -977,7 +977,7 @@ impl<'a> RuleTally<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A small deterministic generator (xorshift), so failures replay.
@@ -1094,7 +1094,7 @@ mod tests {
     }
 
     /// An IPv4 TCP or UDP packet (header only, checksum not needed).
-    fn l4_packet(proto: u8, src: &str, dst: &str, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    pub(super) fn l4_packet(proto: u8, src: &str, dst: &str, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
         let mut p = vec![0u8; 40];
         p[0] = 0x45;
         p[2..4].copy_from_slice(&40u16.to_be_bytes());
@@ -1107,6 +1107,21 @@ mod tests {
         p[22..24].copy_from_slice(&dport.to_be_bytes());
         p[33] = flags;
         p
+    }
+
+    /// Default deny, one rule allowing UDP (from `ingress`, or anywhere).
+    pub(super) fn udp_policy(ingress: Option<Ingress>) -> VnetPolicy {
+        let rule = Rule {
+            action: Action::Allow,
+            ingress,
+            src: None,
+            dst: None,
+            proto: Some(Proto::Udp),
+            ports: None,
+            text: "allow proto udp".into(),
+            line: 1,
+        };
+        policy(Action::Deny, vec![rule])
     }
 
     fn policy(default: Action, rules: Vec<Rule>) -> VnetPolicy {
@@ -1294,36 +1309,10 @@ mod tally_tests {
 
     #[test]
     fn a_batch_of_one_flow_is_counted_under_its_rule() {
-        let rule = Rule {
-            action: Action::Allow,
-            ingress: None,
-            src: None,
-            dst: None,
-            proto: Some(Proto::Udp),
-            ports: None,
-            text: "allow proto udp".into(),
-            line: 3,
-        };
-        let pol = VnetPolicy::new(
-            PolicyConfig {
-                vnet: 0,
-                default: Action::Deny,
-                rules: vec![rule],
-            },
-            None,
-            1,
-        );
+        let pol = super::tests::udp_policy(None);
         let flows = FlowTable::new(FlowLimits::default());
-        let mut p = vec![0u8; 28];
-        p[0] = 0x45;
-        p[9] = 17;
-        p[12..16].copy_from_slice(&[10, 1, 0, 2]);
-        p[16..20].copy_from_slice(&[10, 2, 0, 2]);
-        p[20..24].copy_from_slice(&[0x13, 0x88, 0x1b, 0x58]);
-        let mut back = p.clone();
-        back[12..16].copy_from_slice(&[10, 2, 0, 2]);
-        back[16..20].copy_from_slice(&[10, 1, 0, 2]);
-        back[20..24].copy_from_slice(&[0x1b, 0x58, 0x13, 0x88]);
+        let p = super::tests::l4_packet(17, "10.1.0.2", "10.2.0.2", 5000, 7000, 0);
+        let back = super::tests::l4_packet(17, "10.2.0.2", "10.1.0.2", 7000, 5000, 0);
         for _ in 0..3 {
             let mut t = RuleTally::default();
             for i in 0..10 {
@@ -1335,7 +1324,7 @@ mod tally_tests {
             t.flush();
         }
         assert_eq!(pol.counts[0].packets.load(Relaxed), 30);
-        assert_eq!(pol.counts[0].bytes.load(Relaxed), 30 * 28);
+        assert_eq!(pol.counts[0].bytes.load(Relaxed), 30 * 40);
         assert_eq!(pol.established.load(Relaxed), 29);
     }
 }
@@ -1351,45 +1340,18 @@ mod two_workers {
     /// passes, and none before it does.
     #[test]
     fn replies_handled_by_another_worker_pass_while_both_run() {
-        let rule = Rule {
-            action: Action::Allow,
-            ingress: Some(Ingress::Lan(0)),
-            src: None,
-            dst: None,
-            proto: Some(Proto::Udp),
-            ports: None,
-            text: "allow in lan0 proto udp".into(),
-            line: 1,
-        };
-        let pol = VnetPolicy::new(
-            PolicyConfig {
-                vnet: 0,
-                default: Action::Deny,
-                rules: vec![rule],
-            },
-            None,
-            1,
-        );
+        let pol = super::tests::udp_policy(Some(Ingress::Lan(0)));
         let flows = FlowTable::new(FlowLimits {
             max_flows: 1 << 16,
             ..Default::default()
         });
-        let udp = |s: [u8; 4], d: [u8; 4], sp: u16, dp: u16| {
-            let mut p = vec![0u8; 28];
-            p[0] = 0x45;
-            p[9] = 17;
-            p[12..16].copy_from_slice(&s);
-            p[16..20].copy_from_slice(&d);
-            p[20..22].copy_from_slice(&sp.to_be_bytes());
-            p[22..24].copy_from_slice(&dp.to_be_bytes());
-            p
-        };
+        let udp = |s: &str, d: &str, sp: u16, dp: u16| super::tests::l4_packet(17, s, d, sp, dp, 0);
         const N: u16 = 20_000;
         let opened: Vec<AtomicU64> = (0..N).map(|_| AtomicU64::new(0)).collect();
         std::thread::scope(|s| {
             s.spawn(|| {
                 for i in 0..N {
-                    let p = udp([10, 1, 0, 2], [10, 2, 0, 2], 10_000 + i, 53);
+                    let p = udp("10.1.0.2", "10.2.0.2", 10_000 + i, 53);
                     assert!(check(&pol, Some(&flows), 0, Ingress::Lan(0), &p, 7, false).passes());
                     opened[i as usize].store(1, std::sync::atomic::Ordering::Release);
                 }
@@ -1400,7 +1362,7 @@ mod two_workers {
                 while answered < N && t0.elapsed() < std::time::Duration::from_secs(20) {
                     for i in 0..N {
                         let was_open = opened[i as usize].load(std::sync::atomic::Ordering::Acquire) == 1;
-                        let r = udp([10, 2, 0, 2], [10, 1, 0, 2], 53, 10_000 + i);
+                        let r = udp("10.2.0.2", "10.1.0.2", 53, 10_000 + i);
                         let d = check(&pol, Some(&flows), 0, Ingress::Peer(0), &r, 7, false);
                         if was_open {
                             assert_eq!(d, Decision::Established(Some(0)), "reply {i} after its flow opened");
