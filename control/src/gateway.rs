@@ -269,10 +269,18 @@ impl Gateway {
         // Replies go out only after the sessions they create are published:
         // the peer's first data message must find them in the workers' table.
         let mut replies = Vec::new();
+        let mut behind = false;
         for v6 in [false, true] {
-            for _ in 0..256 {
+            for i in 0..=UDP_PER_ROUND {
                 let sock = if v6 { self.udp6.as_ref() } else { Some(&self.udp4) };
                 let Some(sock) = sock else { break };
+                if i == UDP_PER_ROUND {
+                    // More wait than a round takes: behind (for long, that
+                    // is under load: cookie replies to initiations
+                    // without mac2).
+                    behind |= sock.peek_from(&mut self.buf).is_ok();
+                    break;
+                }
                 let (n, src) = match sock.recv_from(&mut self.buf) {
                     Ok(x) => x,
                     Err(_) => break,
@@ -303,6 +311,7 @@ impl Gateway {
                 }
             }
         }
+        self.dev.cookies.note_backlog(now.mono, behind);
         if !replies.is_empty() {
             self.publish(dp, now);
             self.send(replies);
@@ -423,6 +432,10 @@ fn peer_config(p: &PeerSection, vnet: u32) -> PeerConfig {
 }
 
 /// A handshake burst (or flood) must queue, not overflow, between polls.
+/// Datagrams one round reads from each UDP socket at most; a socket
+/// still holding more after that is a backlog.
+const UDP_PER_ROUND: usize = 256;
+
 fn grow_rcvbuf(s: &UdpSocket) {
     let size: libc::c_int = 4 << 20;
     // SAFETY: setsockopt with a pointer to a live c_int on our own socket.

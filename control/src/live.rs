@@ -11,6 +11,7 @@ use crate::config::{Config, PeerSection};
 use crate::gateway::Gateway;
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
+use std::collections::{HashMap, HashSet};
 use subway_dataplane::Dataplane;
 
 /// What cannot change without a restart, as messages naming the line.
@@ -62,13 +63,14 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
 pub fn assign_ids(old: &Config, new: &mut Config, next_id: u32) -> Vec<u32> {
     let mut next = next_id;
     let mut fresh = Vec::new();
+    let by_key: HashMap<(&[u8; 32], &str), u32> = old
+        .peers
+        .iter()
+        .map(|o| ((&o.public_key.0, o.vnet.as_str()), o.id))
+        .collect();
     for p in &mut new.peers {
-        match old
-            .peers
-            .iter()
-            .find(|o| o.public_key == p.public_key && o.vnet == p.vnet)
-        {
-            Some(o) => p.id = o.id,
+        match by_key.get(&(&p.public_key.0, p.vnet.as_str())) {
+            Some(id) => p.id = *id,
             None => {
                 p.id = next;
                 fresh.push(next);
@@ -136,14 +138,16 @@ pub fn apply(cfg: &mut Config, mut new: Config, gw: Option<&mut Gateway>, dp: &m
     let mut changed = Vec::new();
     // From here nothing may fail: the workers already use the new tables.
     if let Some(g) = gw {
+        let old_by_id: HashMap<u32, &PeerSection> = cfg.peers.iter().map(|o| (o.id, o)).collect();
+        let new_ids: HashSet<u32> = new.peers.iter().map(|p| p.id).collect();
         for o in &cfg.peers {
-            if !new.peers.iter().any(|p| p.id == o.id) {
+            if !new_ids.contains(&o.id) {
                 g.remove_peer(o.id);
                 removed.push(key(o));
             }
         }
         for p in &new.peers {
-            match cfg.peers.iter().find(|o| o.id == p.id) {
+            match old_by_id.get(&p.id) {
                 Some(o) if same_peer(o, p) => {}
                 Some(_) => {
                     g.update_peer(p, vnet_id(&p.vnet));
@@ -205,10 +209,18 @@ pub fn apply(cfg: &mut Config, mut new: Config, gw: Option<&mut Gateway>, dp: &m
 
 /// `subway reload`: re-reads the file the instance was started with.
 pub fn reload(cfg: &mut Config, gw: Option<&mut Gateway>, dp: &mut Dataplane) -> Result<Value> {
+    let t0 = std::time::Instant::now();
     let new = Config::load(&cfg.path).map_err(|e| anyhow::anyhow!("not applied: {e}"))?;
     new.check_interfaces()
         .map_err(|e| anyhow::anyhow!("not applied: {e}"))?;
-    apply(cfg, new, gw, dp)
+    let read = t0.elapsed();
+    let r = apply(cfg, new, gw, dp);
+    tracing::debug!(
+        read_ms = read.as_secs_f64() * 1e3,
+        total_ms = t0.elapsed().as_secs_f64() * 1e3,
+        "reload"
+    );
+    r
 }
 
 #[cfg(test)]

@@ -70,12 +70,21 @@ pub struct RouteView {
 /// Fills in the route groups: for a prefix several peers of its VNET
 /// share, every member, and which of them carry it now and why.
 pub fn add_groups(cfg: &Config, views: &mut [RouteView], health: impl Fn(u32) -> Option<(bool, String)>) {
+    // Each (VNET, prefix) to the peers listing it, built once: one pass
+    // over the AllowedIPs, not one per route.
+    let mut owners: std::collections::HashMap<(&str, IpNet), Vec<&crate::config::PeerSection>> = Default::default();
+    for p in &cfg.peers {
+        for (n, _) in &p.allowed_ips {
+            let members = owners.entry((p.vnet.as_str(), n.trunc())).or_default();
+            if members.last().is_none_or(|q| q.id != p.id) {
+                members.push(p);
+            }
+        }
+    }
     for v in views.iter_mut().filter(|v| v.kind == "peer" || v.kind == "peers") {
-        let members: Vec<&crate::config::PeerSection> = cfg
-            .peers
-            .iter()
-            .filter(|p| p.vnet == v.vnet && p.allowed_ips.iter().any(|(n, _)| n.trunc() == v.prefix.trunc()))
-            .collect();
+        let Some(members) = owners.get(&(v.vnet.as_str(), v.prefix.trunc())) else {
+            continue;
+        };
         if members.len() < 2 {
             continue;
         }
@@ -119,6 +128,8 @@ impl RouteView {
 pub fn views(cfg: &Config, t: &Tables) -> Vec<RouteView> {
     let vnets = cfg.vnet_ids();
     let ports = &t.ports;
+    let by_id: std::collections::HashMap<u32, &crate::config::PeerSection> =
+        cfg.peers.iter().map(|p| (p.id, p)).collect();
     let mut v: Vec<RouteView> = t
         .fib
         .routes()
@@ -135,7 +146,7 @@ pub fn views(cfg: &Config, t: &Tables) -> Vec<RouteView> {
                     None,
                 ),
                 Target::Peer(id) => {
-                    let p = cfg.peers.iter().find(|p| p.id == id);
+                    let p = by_id.get(&id);
                     (
                         "peer",
                         p.map(|p| p.public_key.to_base64()).unwrap_or_default(),
@@ -148,7 +159,7 @@ pub fn views(cfg: &Config, t: &Tables) -> Vec<RouteView> {
                         .peer_set(set)
                         .unwrap_or_default()
                         .iter()
-                        .filter_map(|id| cfg.peers.iter().find(|p| p.id == *id))
+                        .filter_map(|id| by_id.get(id))
                         .map(|p| p.public_key.to_base64())
                         .collect::<Vec<_>>()
                         .join(","),

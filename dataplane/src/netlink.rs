@@ -206,6 +206,9 @@ impl NeighbourChange {
 pub struct RoutingEvents {
     sock: Socket,
     buf: Vec<u8>,
+    /// Routes through this interface are ours (the slow-path TUN's, one
+    /// per tunnelled prefix): their events are not news.
+    own_oif: u32,
 }
 
 impl RoutingEvents {
@@ -216,7 +219,15 @@ impl RoutingEvents {
         Ok(RoutingEvents {
             sock: subscribe(RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)?,
             buf: vec![0; 64 * 1024],
+            own_oif: 0,
         })
+    }
+
+    /// Ignores changes of routes through `ifindex` (subway's own TUN: at
+    /// start and on reload it installs one route per tunnelled prefix,
+    /// 100,000 events that would each say "re-read the routes").
+    pub fn ignore_routes_via(&mut self, ifindex: u32) {
+        self.own_oif = ifindex;
     }
 
     pub fn fd(&self) -> std::os::fd::RawFd {
@@ -250,8 +261,14 @@ impl RoutingEvents {
                         out.push(NeighbourChange::of(&n, false))
                     }
                     NetlinkPayload::InnerMessage(
-                        RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_),
-                    ) => routes = true,
+                        RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r),
+                    ) => {
+                        let ours = self.own_oif != 0
+                            && r.attributes
+                                .iter()
+                                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == self.own_oif));
+                        routes |= !ours;
+                    }
                     _ => {}
                 }
                 if len == 0 {

@@ -207,21 +207,26 @@ impl Dataplane {
         // A peer's health is the running instance's (set_peers_up), not
         // the new config's.
         let mut cfg = cfg.clone();
+        let down: std::collections::HashSet<u32> = self.running.peers.iter().filter(|r| !r.up).map(|r| r.id).collect();
         for p in &mut cfg.peers {
-            p.up = self.running.peers.iter().find(|r| r.id == p.id).is_none_or(|r| r.up);
+            p.up = !down.contains(&p.id);
         }
         let cfg = &cfg;
         let cur = self.tables.load_full();
         // The default VNET's configured routes go into the kernel first:
         // build_fib reads the kernel's routes and leaves those to the config.
+        let t0 = std::time::Instant::now();
         let lan_routes = default_vnet_routes(&cfg.lans);
         self.undo.lan_routes_add(&lan_routes)?;
         let fib = build_fib(&mut self.netlink, &cfg.lans, &cur.ports, &cfg.peers)?;
         check_capacity(&fib)?;
         self.resolve_routers_first(&fib);
+        let t_fib = t0.elapsed();
         let cur = self.tables.load_full();
         let diff = RouteDiff::between(&cur.fib, &fib);
+        let t_diff = t0.elapsed();
         self.before_switch(&diff, &fib, &cur.fib, &cur.ports)?;
+        let t_kernel = t0.elapsed();
         self.undo.fail_open = cfg.fail_open;
         let peers = peer_rts(&cur.peers, &cfg.peers, fresh);
         let allowed = Arc::new(allowed_ips(&cfg.peers));
@@ -251,6 +256,13 @@ impl Dataplane {
         }
         self.undo.lan_routes_prune(&lan_routes);
         self.running = cfg.clone();
+        tracing::debug!(
+            fib_ms = t_fib.as_secs_f64() * 1e3,
+            diff_ms = (t_diff - t_fib).as_secs_f64() * 1e3,
+            steer_and_kernel_ms = (t_kernel - t_diff).as_secs_f64() * 1e3,
+            total_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "applied"
+        );
         Ok(diff.changes)
     }
 

@@ -36,7 +36,7 @@ impl Dataplane {
         let mut undo = prepare_kernel(cfg, &mut netlink, &ports, uplink, &fib)?;
 
         // Subscribed before the first dump, so no change falls between.
-        let events = netlink::RoutingEvents::open()
+        let mut events = netlink::RoutingEvents::open()
             .inspect_err(|e| {
                 tracing::warn!("not following neighbour and route changes (netlink): {e}; re-reading them")
             })
@@ -57,6 +57,10 @@ impl Dataplane {
         });
 
         let slow = Arc::new(open_slow_path(cfg, &ports, uplink, &fib)?);
+        if let (Some(ev), Ok(name)) = (events.as_mut(), std::ffi::CString::new(slow.name())) {
+            // SAFETY: a NUL-terminated interface name.
+            ev.ignore_routes_via(unsafe { libc::if_nametoindex(name.as_ptr()) });
+        }
         let mut xdp = load_steering(cfg, &ports, &fib, &uplink_addrs)?;
         let workers = build_workers(cfg, &ports, &mut xdp)?;
         let mut modes = Vec::new();

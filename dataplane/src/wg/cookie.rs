@@ -14,8 +14,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use zeroize::Zeroize;
 
-/// Handshake messages per second above which the responder is under load.
-pub const UNDER_LOAD_PER_SEC: u32 = 1000;
+/// The responder is under load once it has been behind (handshake
+/// messages waiting beyond what a round takes) this long without a break:
+/// a burst it clears sooner (1,000 peers re-keying at once) is answered
+/// without cookies, which would cost each of those peers REKEY_TIMEOUT.
+pub const UNDER_LOAD_AFTER: Duration = Duration::from_secs(1);
+/// ... and stays under load this long after it last was.
+pub const UNDER_LOAD_HOLD: Duration = Duration::from_secs(1);
 /// Per source address, under load: sustained handshakes per second...
 pub const PER_SOURCE_PER_SEC: f64 = 20.0;
 /// ...and burst.
@@ -26,8 +31,11 @@ const MAX_TRACKED_SOURCES: usize = 8192;
 pub struct CookieChecker {
     secret: [u8; 32],
     secret_born: Option<Duration>,
-    window_start: Duration,
-    window_count: u32,
+    /// Since when every round found more waiting than it takes
+    /// ([`CookieChecker::note_backlog`]).
+    behind_since: Option<Duration>,
+    /// When it last found that it had been behind for UNDER_LOAD_AFTER.
+    loaded_at: Option<Duration>,
     forced_load: bool,
     buckets: HashMap<IpAddr, (f64, Duration)>,
     last_sweep: Duration,
@@ -55,8 +63,8 @@ impl Default for CookieChecker {
         CookieChecker {
             secret: [0; 32],
             secret_born: None,
-            window_start: Duration::ZERO,
-            window_count: 0,
+            behind_since: None,
+            loaded_at: None,
             forced_load: false,
             buckets: HashMap::new(),
             last_sweep: Duration::ZERO,
@@ -80,18 +88,25 @@ fn addr_bytes(src: SocketAddr, out: &mut [u8; 18]) -> &[u8] {
 }
 
 impl CookieChecker {
-    /// Counts a handshake message and says whether we are under load.
-    pub fn note_handshake(&mut self, now: Duration) -> bool {
-        if now.saturating_sub(self.window_start) >= Duration::from_secs(1) {
-            self.window_start = now;
-            self.window_count = 0;
-        }
-        self.window_count = self.window_count.saturating_add(1);
-        self.under_load()
+    /// Whether a handshake message arriving now finds us under load (see
+    /// [`UNDER_LOAD_AFTER`]). Load is what this thread cannot keep up
+    /// with, not a fixed rate: a box that answers 5,000 handshakes a
+    /// second has no reason to send cookies at 1,001.
+    pub fn under_load(&self, now: Duration) -> bool {
+        self.forced_load || self.loaded_at.is_some_and(|t| now.saturating_sub(t) < UNDER_LOAD_HOLD)
     }
 
-    pub fn under_load(&self) -> bool {
-        self.forced_load || self.window_count > UNDER_LOAD_PER_SEC
+    /// After each round of reading: whether more was waiting than the
+    /// round takes (`behind`) or the sockets were drained.
+    pub fn note_backlog(&mut self, now: Duration, behind: bool) {
+        if !behind {
+            self.behind_since = None;
+            return;
+        }
+        let since = *self.behind_since.get_or_insert(now);
+        if now.saturating_sub(since) >= UNDER_LOAD_AFTER {
+            self.loaded_at = Some(now);
+        }
     }
 
     /// Forces (or stops forcing) the under-load behaviour, for tests and
@@ -260,11 +275,22 @@ mod tests {
     fn load_and_per_source_limits() {
         let mut c = CookieChecker::default();
         let t = Duration::from_secs(5);
-        for _ in 0..UNDER_LOAD_PER_SEC {
-            assert!(!c.note_handshake(t));
-        }
-        assert!(c.note_handshake(t));
-        assert!(!c.note_handshake(t + Duration::from_secs(1)));
+        // Behind for less than UNDER_LOAD_AFTER: a burst, not load.
+        c.note_backlog(t, true);
+        c.note_backlog(t + Duration::from_millis(900), true);
+        assert!(!c.under_load(t + Duration::from_millis(900)));
+        // A drained round ends the streak.
+        c.note_backlog(t + Duration::from_millis(950), false);
+        c.note_backlog(t + Duration::from_millis(1500), true);
+        assert!(!c.under_load(t + Duration::from_millis(1500)));
+        // Behind without a break for UNDER_LOAD_AFTER: under load, and
+        // for UNDER_LOAD_HOLD after the last time it was.
+        let at = t + Duration::from_millis(1500) + UNDER_LOAD_AFTER;
+        c.note_backlog(at, true);
+        assert!(c.under_load(at));
+        c.note_backlog(at + Duration::from_millis(10), false);
+        assert!(c.under_load(at + UNDER_LOAD_HOLD - Duration::from_millis(1)));
+        assert!(!c.under_load(at + UNDER_LOAD_HOLD));
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let allowed = (0..50).filter(|_| c.allow_source(ip, t)).count();
         assert_eq!(allowed, PER_SOURCE_BURST as usize);

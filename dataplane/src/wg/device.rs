@@ -66,8 +66,10 @@ pub struct Device {
     index: HashMap<u32, IndexEntry>,
     /// REKEY_AFTER_TIME, shortened only by tests (see `set_rekey_after`).
     rekey_after: Duration,
-    /// Cryptokey routing over the peers' AllowedIPs.
+    /// Cryptokey routing over the peers' AllowedIPs (see [`Device::allowed`]).
     allowed: AllowedIps,
+    /// A peer changed since `allowed` was built.
+    allowed_stale: bool,
     /// The standby of an HA pair ([`Device::set_standby`]).
     standby: bool,
     /// When this box last became active (HA), for [`ACTIVATION_WINDOW`].
@@ -100,6 +102,9 @@ fn inner_source(p: &[u8]) -> Option<(IpAddr, usize)> {
     Some((ip.src(), ip.total_len()))
 }
 
+/// New handshakes (not retries) one [`Device::tick`] starts at most.
+pub const NEW_HANDSHAKES_PER_TICK: usize = 64;
+
 fn jitter() -> Duration {
     Duration::from_millis((random_u32() % (REKEY_TIMEOUT_JITTER_MAX.as_millis() as u32 + 1)) as u64)
 }
@@ -118,6 +123,7 @@ impl Device {
             index: HashMap::new(),
             rekey_after: super::REKEY_AFTER_TIME,
             allowed: AllowedIps::default(),
+            allowed_stale: false,
             standby: false,
             activated: None,
         }
@@ -193,7 +199,7 @@ impl Device {
         peer.want_handshake = cfg.endpoint.is_some();
         self.peers.push(peer);
         self.by_key.insert(cfg.public_key, id);
-        self.reindex_allowed();
+        self.allowed_stale = true;
         Some(id)
     }
 
@@ -219,7 +225,7 @@ impl Device {
         gone.removed = true;
         *p = gone;
         self.forget(idx);
-        self.reindex_allowed();
+        self.allowed_stale = true;
         true
     }
 
@@ -249,7 +255,7 @@ impl Device {
             p.timers.persistent_interval = interval;
             p.timers.persistent_keepalive = None;
         }
-        self.reindex_allowed();
+        self.allowed_stale = true;
         true
     }
 
@@ -398,7 +404,7 @@ impl Device {
         if !noise::mac1_valid(msg, mac1_off, &self.mac1_key) {
             return Err(WgError::BadMac1);
         }
-        if self.cookies.note_handshake(now.mono) {
+        if self.cookies.under_load(now.mono) {
             let covered = &msg[..mac1_off + 16];
             let mac2 = &msg[mac1_off + 16..mac1_off + 32];
             if !self.cookies.mac2_valid(src, covered, mac2, now.mono) {
@@ -541,7 +547,8 @@ impl Device {
         let (src_ip, len) = inner_source(plain).ok_or(WgError::BadLength)?;
         // Cryptokey routing as WireGuard does it: the longest AllowedIPs
         // match for the source, over every peer, must be this peer.
-        if !self.allowed.allows(self.peers[peer as usize].vnet, src_ip, peer) {
+        let vnet = self.peers[peer as usize].vnet;
+        if !self.allowed().allows(vnet, src_ip, peer) {
             return Err(WgError::NotAllowed);
         }
         let p = &mut self.peers[peer as usize];
@@ -557,19 +564,24 @@ impl Device {
 
     /// The peer of VNET `vnet` whose AllowedIPs hold the longest prefix
     /// matching `ip` (cryptokey routing: [`AllowedIps`]).
-    pub fn owner_of(&self, ip: IpAddr, vnet: u32) -> Option<u32> {
-        self.allowed.owner(vnet, ip)
+    pub fn owner_of(&mut self, ip: IpAddr, vnet: u32) -> Option<u32> {
+        self.allowed().owner(vnet, ip)
     }
 
-    /// Rebuilds the AllowedIPs table after a peer was added, changed or
-    /// removed (control-thread work, never per packet).
-    fn reindex_allowed(&mut self) {
-        self.allowed = AllowedIps::new(
-            self.peers
-                .iter()
-                .filter(|p| !p.removed)
-                .map(|p| (p.id, p.vnet, &p.allowed_ips[..])),
-        );
+    /// The AllowedIPs table, rebuilt first if a peer was added, changed
+    /// or removed since (control-thread work, never per packet; once
+    /// after a whole config's peers, not once per peer).
+    fn allowed(&mut self) -> &AllowedIps {
+        if self.allowed_stale {
+            self.allowed = AllowedIps::new(
+                self.peers
+                    .iter()
+                    .filter(|p| !p.removed)
+                    .map(|p| (p.id, p.vnet, &p.allowed_ips[..])),
+            );
+            self.allowed_stale = false;
+        }
+        &self.allowed
     }
 
     /// Encrypts `packet` (empty: a keepalive) for `peer`. Without a usable
@@ -689,6 +701,7 @@ impl Device {
 
     pub fn tick(&mut self, now: Now) -> Vec<Outgoing> {
         let mut out = Vec::new();
+        let mut new_attempts = 0;
         if self.standby {
             return out;
         }
@@ -742,10 +755,15 @@ impl Device {
                 p.timers.handshake_attempts = 0;
                 initiate = true;
             }
-            if wanted_handshake_at(p).is_some_and(|at| at <= now.mono) {
+            if wanted_handshake_at(p).is_some_and(|at| at <= now.mono) && new_attempts < NEW_HANDSHAKES_PER_TICK {
                 // A new attempt, not a retry: it gets its full retries.
+                // Past the budget it waits for the next round (which is
+                // due at once), so that 10,000 peers wanting a handshake
+                // at start do not keep this thread from reading their
+                // responses for seconds while its socket overflows.
                 p.timers.handshake_attempts = 0;
                 initiate = true;
+                new_attempts += 1;
             }
             let p = &self.peers[id as usize];
             if self.activation_retry_at(p, now.mono).is_some_and(|at| at <= now.mono) {
