@@ -49,3 +49,34 @@ impl CpuTimes {
             .collect()
     }
 }
+
+/// CPU time (ns) of a process's threads whose name starts with `prefix`.
+pub fn threads_cpu_ns(pid: u32, prefix: &str) -> u64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|s| {
+            s.split_once('(')
+                .and_then(|(_, r)| r.split_once(')'))
+                .is_some_and(|(n, _)| n.starts_with(prefix))
+        })
+        .map(|s| stat_cpu_ns(&s))
+        .sum()
+}
+
+/// CPU time (ns) of a process's main thread (subway's control thread).
+pub fn main_thread_cpu_ns(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).map_or(0, |s| stat_cpu_ns(&s))
+}
+
+/// utime + stime of one /proc/.../stat line, in ns.
+fn stat_cpu_ns(stat: &str) -> u64 {
+    let tick_ns = 1_000_000_000 / 100; // USER_HZ
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields after the name: state is [0], utime [11], stime [12].
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (t(11) + t(12)) * tick_ns
+}

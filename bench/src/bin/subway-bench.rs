@@ -6,7 +6,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use subway_bench::scenario::{all, crypto, latency, queues, routed, scale_out, tcp, tune, tunnel};
+use subway_bench::scenario::{all, crypto, latency, queues, routed, scale, scale_out, tcp, tune, tunnel};
 
 #[derive(Parser, Debug)]
 #[command(about = "subway's benchmark harness (needs root; builds its own namespaces and removes them)")]
@@ -55,6 +55,13 @@ enum Cmd {
     /// veth), encrypt direction: the rate and the workers' CPU time per
     /// packet, which should stay flat as workers are added.
     Queues(queues::Args),
+    /// Many peers and routes on one gateway: the generator plays N
+    /// standard WireGuard peers (boringtun) with their own keys and
+    /// addresses; check and start time, time until all N have sessions,
+    /// memory, the control thread's idle CPU, a one-peer reload and a
+    /// rekey storm, at each N (default 0, 1,000 and 10,000 peers with 10
+    /// routes each).
+    Scale(scale::Args),
 }
 
 fn main() -> Result<()> {
@@ -68,5 +75,6 @@ fn main() -> Result<()> {
         Cmd::Tunnel(a) => tunnel::run(a),
         Cmd::ScaleOut(a) => scale_out::run(a),
         Cmd::Queues(a) => queues::run(a),
+        Cmd::Scale(a) => scale::run(a),
     }
 }

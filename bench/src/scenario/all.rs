@@ -6,7 +6,8 @@
 //! tables, CSV, plots and a summary.md that sets subway against the better
 //! of the two others, its own routed mode and the crypto-only core. About
 //! 12 minutes on a 2-core VM; --quick (a smoke test that asserts only
-//! that every contender moved packets): under 2.
+//! that every contender moved packets, that two queues' workers both
+//! carried one peer, and that 200 generated peers all got sessions): under 3.
 
 use super::crypto::{crypto, crypto_md};
 use super::latency::{check_latency, latency, latency_csv, latency_md};
@@ -130,6 +131,21 @@ fn all(quick: bool, profile: &str, out: &Path) -> Result<()> {
     step("tuning sweep");
     let tune_md = tune(quick, profile)?;
     std::fs::write(dir.join("tune.md"), &tune_md)?;
+
+    step("one peer through 1 and 2 queues and workers");
+    super::queues::queues(
+        &sizes[..1],
+        &Params {
+            duration: if quick { 1.0 } else { 3.0 },
+            ..base.clone()
+        },
+        1,
+        &dir,
+    )?;
+
+    step("many peers: sessions, memory, reload, rekey storm");
+    let counts: &[usize] = if quick { &super::scale::QUICK } else { &[0, 1000] };
+    super::scale::scale(counts, 10, profile, &dir)?;
 
     step("plots and summary");
     let mut plots = Vec::new();

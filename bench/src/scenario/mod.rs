@@ -11,6 +11,7 @@ pub mod latency;
 pub mod queues;
 mod rig;
 pub mod routed;
+pub mod scale;
 pub mod scale_out;
 pub mod tcp;
 pub mod tune;

@@ -34,49 +34,32 @@ pub struct Args {
     common: Common,
 }
 
-/// CPU time (ns) of a process's threads whose name starts with `prefix`.
-fn threads_cpu_ns(pid: u32, prefix: &str) -> u64 {
-    let tick_ns = 1_000_000_000 / 100; // USER_HZ
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter(|s| {
-            s.split_once('(')
-                .and_then(|(_, r)| r.split_once(')'))
-                .is_some_and(|(n, _)| n.starts_with(prefix))
-        })
-        .map(|s| {
-            let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            // Fields after the name: state is [0], utime [11], stime [12].
-            let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            (t(11) + t(12)) * tick_ns
-        })
-        .sum()
-}
-
 pub fn run(a: Args) -> Result<()> {
     need_root("subway-bench queues")?;
     let sizes = parse_sizes(&a.sizes, a.quick)?;
     let p = Params::base(if a.quick { 1.0 } else { a.duration }, &a.common.profile);
+    queues(&sizes, &p, a.trials, &a.common.out.join(date_stamp()))
+}
+
+/// The table for `sizes`, 1 then 2 queues, `trials` times; printed and
+/// written to queues.md in `dir`. An error if nothing was delivered or a
+/// worker of two sealed nothing (one peer did not spread).
+pub(super) fn queues(sizes: &[Size], p: &Params, trials: usize, dir: &std::path::Path) -> Result<()> {
     let mut md = String::from(
         "| size | queues / workers | delivered Mpps | vs 1 queue | workers' CPU ns/pkt | packets sealed per worker |\n|---|---:|---:|---:|---:|---|\n",
     );
-    for size in &sizes {
+    let mut failed = None;
+    for size in sizes {
         let mut base = None;
-        for trial in 0..a.trials.max(1) {
+        for trial in 0..trials.max(1) {
             for q in [1u32, 2] {
-                eprintln!(
-                    "queues {q} size {} trial {}/{}",
-                    size.label(),
-                    trial + 1,
-                    a.trials.max(1)
-                );
-                let (mpps, ns, per) = once(q, size, &p)?;
+                eprintln!("queues {q} size {} trial {}/{}", size.label(), trial + 1, trials.max(1));
+                let (mpps, ns, per) = once(q, size, p)?;
                 if q == 1 {
                     base = Some(mpps);
+                }
+                if mpps <= 0.0 || per.len() != q as usize || per.contains(&0) {
+                    failed = Some(format!("{q} queue(s), {}: sealed per worker {per:?}", size.label()));
                 }
                 let vs = base.map_or(String::from("-"), |b| format!("{:.2}x", mpps / b));
                 md += &format!("| {} | {q} | {mpps:.3} | {vs} | {ns:.0} | {per:?} |\n", size.label());
@@ -84,10 +67,12 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     println!("\n{md}");
-    let dir = a.common.out.join(date_stamp());
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("queues.md"), &md)?;
     eprintln!("results written to {}", dir.display());
+    if let Some(f) = failed {
+        anyhow::bail!("a worker carried nothing: {f}");
+    }
     Ok(())
 }
 
@@ -114,7 +99,7 @@ fn once(q: u32, size: &Size, p: &Params) -> Result<(f64, f64, Vec<u64>)> {
     };
     let pid = s.proc.pid();
     let tx0 = per_worker(s, "tunnel_tx")?;
-    let cpu0 = threads_cpu_ns(pid, "subway-w");
+    let cpu0 = crate::cpu::threads_cpu_ns(pid, "subway-w");
     // A generator per queue, each on its own core.
     let rows: Vec<Result<crate::report::Row>> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..q)
@@ -133,7 +118,7 @@ fn once(q: u32, size: &Size, p: &Params) -> Result<(f64, f64, Vec<u64>)> {
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let cpu = threads_cpu_ns(pid, "subway-w") - cpu0;
+    let cpu = crate::cpu::threads_cpu_ns(pid, "subway-w") - cpu0;
     let tx1 = per_worker(s, "tunnel_tx")?;
     let rows: Vec<crate::report::Row> = rows.into_iter().collect::<Result<_>>()?;
     // Every generator's window counts the one sink: the first one's count

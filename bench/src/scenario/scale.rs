@@ -1,0 +1,523 @@
+//! `scale`: many peers and routes on one gateway. The generator plays N
+//! standard WireGuard peers (boringtun's `Tunn`, each with its own key,
+//! its own address 172.16.x.y and its own UDP socket) behind site A's
+//! uplink; subway runs with those N peers in its config (Endpoint set, R
+//! routes each). For each N it measures:
+//!
+//! - `subway check` on the config, and start (spawn to "subway is running");
+//! - sessions: from spawn until every peer holds a session subway
+//!   initiated and confirmed (the generator opened subway's keepalive);
+//! - resident memory (VmRSS) once all are up, and per peer against N = 0;
+//! - the control thread's CPU when idle with N sessions (its per-wake-up
+//!   work, which should not grow with N);
+//! - `subway reload` after changing one peer's routes;
+//! - a rekey storm: all N peers initiate at the same instant; how long
+//!   until all have new sessions, at what rate, and how many were told to
+//!   come back with a cookie (subway under load, as the paper intends).
+
+use super::{Common, date_stamp, need_root};
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use subway_testkit::{Subway, TwoSites, profile_bin};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Peer counts, comma-separated (0 is the memory baseline).
+    #[arg(long, default_value = "0,1000,10000")]
+    peers: String,
+    /// Routes (AllowedIPs) per peer.
+    #[arg(long, default_value_t = 10)]
+    routes: usize,
+    /// Smoke test: 0 and 200 peers; asserts only that every peer got a
+    /// session, was re-keyed in the storm, and that reload worked.
+    #[arg(long)]
+    quick: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// Where subway listens (site A's uplink) and where the peers live: an
+/// address each in 172.16.0.0/16, local to gateway B's namespace.
+const SUBWAY: &str = "192.0.2.1:51820";
+const PEER_PORT: u16 = 51820;
+
+fn peer_addr(i: usize) -> Ipv4Addr {
+    let n = 0xac10_0000u32 + 1 + i as u32; // 172.16.0.1 + i
+    Ipv4Addr::from(n)
+}
+
+/// Route `k` of peer `i`: a /28 in 100.64.0.0/10 (enough for 262,144).
+fn route(i: usize, k: usize, per_peer: usize) -> String {
+    let j = (i * per_peer + k) as u32;
+    format!("{}/28", Ipv4Addr::from(0x6440_0000u32 + j * 16))
+}
+
+/// One result row.
+#[derive(Default, Debug)]
+struct Row {
+    peers: usize,
+    routes: usize,
+    check_ms: f64,
+    start_ms: f64,
+    sessions_ms: Option<f64>,
+    rss_kb: u64,
+    idle_ctl_pct: f64,
+    reload_ms: Option<f64>,
+    storm_ms: Option<f64>,
+    storm_cookies: u64,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    need_root("subway-bench scale")?;
+    let counts: Vec<usize> = if a.quick {
+        QUICK.to_vec()
+    } else {
+        a.peers
+            .split(',')
+            .map(|s| s.trim().parse::<usize>().context("--peers: numbers, comma-separated"))
+            .collect::<Result<_>>()?
+    };
+    let dir = a.common.out.join(date_stamp());
+    scale(&counts, a.routes, &a.common.profile, &dir)
+}
+
+/// `--quick`'s peer counts (what `all --quick` runs too).
+pub const QUICK: [usize; 2] = [0, 200];
+
+/// Measures each peer count in `counts` (`per_peer` routes each), prints
+/// the table and writes scale.md into `dir`; an error if any peer did not
+/// get a session, was not re-keyed, or the reload failed.
+pub fn scale(counts: &[usize], per_peer: usize, profile: &str, dir: &std::path::Path) -> Result<()> {
+    if counts.iter().any(|&n| n * per_peer > subway_testkit_max_routes()) {
+        bail!("--peers x --routes is above subway's route limit");
+    }
+    raise_fd_limit(counts.iter().max().copied().unwrap_or(0) + 4096)?;
+    let mut rows = Vec::new();
+    for &n in counts {
+        eprintln!("scale: {n} peers, {} routes", n * per_peer);
+        let r = once(n, per_peer, profile)?;
+        eprintln!("  {r:?}");
+        rows.push(r);
+    }
+    let md = markdown(&rows);
+    println!("\n{md}");
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("scale.md"), &md)?;
+    eprintln!("results written to {}", dir.display());
+    for r in rows.iter().filter(|r| r.peers > 0) {
+        if r.sessions_ms.is_none() || r.storm_ms.is_none() || r.reload_ms.is_none() {
+            bail!(
+                "{} peers: not every peer got a session, was re-keyed or reloaded",
+                r.peers
+            );
+        }
+    }
+    Ok(())
+}
+
+fn subway_testkit_max_routes() -> usize {
+    subway_dataplane::MAX_ROUTES as usize
+}
+
+fn markdown(rows: &[Row]) -> String {
+    let base = rows.iter().find(|r| r.peers == 0).map(|r| r.rss_kb);
+    let ms = |v: Option<f64>| v.map_or("failed".to_string(), |v| format!("{v:.0}"));
+    let mut md = String::from(
+        "| peers | routes | check ms | start ms | all sessions ms | handshakes/s | RSS MB | per peer KB | control thread idle CPU % | one-peer reload ms | rekey storm ms (cookies) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for r in rows {
+        let per_peer = match (base, r.peers) {
+            (Some(b), n) if n > 0 => format!("{:.1}", r.rss_kb.saturating_sub(b) as f64 / n as f64),
+            _ => "-".into(),
+        };
+        let (sessions, hs, reload, storm) = if r.peers == 0 {
+            ("-".into(), "-".into(), "-".into(), "-".into())
+        } else {
+            (
+                ms(r.sessions_ms),
+                r.sessions_ms
+                    .map_or("-".into(), |t| format!("{:.0}", r.peers as f64 / (t / 1e3))),
+                ms(r.reload_ms),
+                format!("{} ({})", ms(r.storm_ms), r.storm_cookies),
+            )
+        };
+        md += &format!(
+            "| {} | {} | {:.0} | {:.0} | {sessions} | {hs} | {:.1} | {per_peer} | {:.1} | {reload} | {storm} |\n",
+            r.peers,
+            r.routes,
+            r.check_ms,
+            r.start_ms,
+            r.rss_kb as f64 / 1024.0,
+            r.idle_ctl_pct,
+        );
+    }
+    md
+}
+
+fn raise_fd_limit(want: usize) -> Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: want as libc::rlim_t,
+        rlim_max: want as libc::rlim_t,
+    };
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointers to rlimit structs.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) };
+    if cur.rlim_cur as usize >= want {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        bail!(
+            "raising the open-file limit to {want}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// The generated peers: keys, and subway's config with them.
+struct Peers {
+    secrets: Vec<[u8; 32]>,
+    config: String,
+}
+
+fn peers(t: &TwoSites, n: usize, per_peer: usize, changed: bool) -> Result<Peers> {
+    let mut secrets = vec![[0u8; 32]; n];
+    let mut f = std::fs::File::open("/dev/urandom")?;
+    for s in &mut secrets {
+        std::io::Read::read_exact(&mut f, s)?;
+    }
+    let mut p = Peers {
+        secrets,
+        config: String::new(),
+    };
+    p.config = config(t, &p.secrets, per_peer, changed);
+    Ok(p)
+}
+
+/// subway's config: site A's interface and LAN, the N peers. `changed`:
+/// peer 0's last route differs (the one-peer reload).
+fn config(t: &TwoSites, secrets: &[[u8; 32]], per_peer: usize, changed: bool) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut c = format!(
+        "[Interface]\nPrivateKey = {}\nListenPort = 51820\nUplink = wan0\n\n[Lan]\nInterface = lan0\n",
+        t.keys_a.0
+    );
+    for (i, s) in secrets.iter().enumerate() {
+        let public = PublicKey::from(&StaticSecret::from(*s));
+        let mut routes: Vec<String> = (0..per_peer).map(|k| route(i, k, per_peer)).collect();
+        if changed && i == 0 {
+            routes.pop();
+            routes.push("100.127.255.0/28".into());
+        }
+        c += &format!(
+            "\n[Peer]\nPublicKey = {}\nEndpoint = {}:{PEER_PORT}\nAllowedIPs = {}\n",
+            b64.encode(public.as_bytes()),
+            peer_addr(i),
+            routes.join(", ")
+        );
+    }
+    c
+}
+
+/// What the generator reports while it runs (ns since its `t0`).
+#[derive(Default)]
+struct Progress {
+    confirmed: AtomicUsize,
+    last_confirmed_ns: AtomicU64,
+    storm: AtomicBool,
+    storm_at_ns: AtomicU64,
+    rekeyed: AtomicUsize,
+    last_rekeyed_ns: AtomicU64,
+    cookies: AtomicU64,
+    errors: AtomicU64,
+    stop: AtomicBool,
+}
+
+fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
+    let t = TwoSites::new()?;
+    t.gwb.sh("ip route add local 172.16.0.0/16 dev lo")?;
+    t.gwa.sh("ip route add 172.16.0.0/16 via 192.0.2.2")?;
+    let p = peers(&t, n, per_peer, false)?;
+    let bin = profile_bin("subway", profile)?;
+    let path = subway_testkit::work_dir().join(format!("{}.conf", subway_testkit::unique("scale")));
+    std::fs::write(&path, &p.config)?;
+    let t0 = Instant::now();
+    t.gwa
+        .run(&[bin.to_str().unwrap(), "check", "--config", path.to_str().unwrap()])
+        .context("subway check")?;
+    let check_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let _ = std::fs::remove_file(&path);
+    let subway_pub = {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let v = b64.decode(t.keys_a.1.trim())?;
+        <[u8; 32]>::try_from(v.as_slice()).context("subway's public key")?
+    };
+    let prog = Progress::default();
+    let gen_t0 = Instant::now();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+    std::thread::scope(|sc| -> Result<Row> {
+        let (prog, secrets, gwb) = (&prog, &p.secrets, &t.gwb);
+        let gen_thread = sc.spawn(move || {
+            gwb.enter(|| generate(secrets, subway_pub, prog, gen_t0, &ready_tx))
+                .and_then(|r| r)
+        });
+        let res = (|| -> Result<Row> {
+            ready_rx.recv().context("the generator ended before it was ready")??;
+            let spawned = Instant::now();
+            let gw = Subway::start_bin(&t.gwa, &p.config, &bin)?;
+            let start_ms = spawned.elapsed().as_secs_f64() * 1e3;
+            let pid = gw.proc.pid();
+            let spawned_ns = spawned.duration_since(gen_t0).as_nanos() as u64;
+            let mut row = Row {
+                peers: n,
+                routes: n * per_peer,
+                check_ms,
+                start_ms,
+                ..Row::default()
+            };
+            // Sessions: wait for every peer (or give up after 60 s).
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut shown = Instant::now();
+            while prog.confirmed.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+                if shown.elapsed() >= Duration::from_secs(1) {
+                    shown = Instant::now();
+                    eprintln!(
+                        "  {:.1} s after spawn: {} sessions",
+                        spawned.elapsed().as_secs_f64(),
+                        prog.confirmed.load(Ordering::Relaxed)
+                    );
+                }
+            }
+            if n > 0 && prog.confirmed.load(Ordering::Relaxed) >= n {
+                let last = prog.last_confirmed_ns.load(Ordering::Relaxed);
+                row.sessions_ms = Some(last.saturating_sub(spawned_ns) as f64 / 1e6);
+            } else if n > 0 {
+                eprintln!(
+                    "  only {} of {n} peers got a session in 60 s",
+                    prog.confirmed.load(Ordering::Relaxed)
+                );
+            }
+            // Idle: memory, and the control thread's own CPU over 3 s.
+            std::thread::sleep(Duration::from_secs(1));
+            row.rss_kb = rss_kb(pid);
+            let c0 = crate::cpu::main_thread_cpu_ns(pid);
+            let w0 = Instant::now();
+            std::thread::sleep(Duration::from_secs(3));
+            row.idle_ctl_pct =
+                (crate::cpu::main_thread_cpu_ns(pid) - c0) as f64 / w0.elapsed().as_nanos() as f64 * 100.0;
+            if n > 0 {
+                // One peer's routes change; the others' stay.
+                let b64 = base64::engine::general_purpose::STANDARD;
+                let changed = config(&t, &p.secrets, per_peer, true);
+                std::fs::write(&gw.config, changed)?;
+                let r0 = Instant::now();
+                let out = gw.ctl(&["reload", &gw.name])?;
+                let took = r0.elapsed().as_secs_f64() * 1e3;
+                if !out.contains("100.127.255.0/28") {
+                    bail!("reload did not see the change:\n{out}");
+                }
+                let got = gw.ctl(&["route", "get", "100.127.255.1", "--name", &gw.name])?;
+                if !got.contains(&b64.encode(PublicKey::from(&StaticSecret::from(p.secrets[0])).as_bytes())) {
+                    bail!("after reload, the changed route is not there:\n{got}");
+                }
+                row.reload_ms = Some(took);
+                // The storm: every peer initiates at once.
+                let storm_at = Instant::now();
+                prog.storm_at_ns
+                    .store(storm_at.duration_since(gen_t0).as_nanos() as u64, Ordering::Relaxed);
+                prog.storm.store(true, Ordering::Release);
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut shown = Instant::now();
+                while prog.rekeyed.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                    if shown.elapsed() >= Duration::from_secs(1) {
+                        shown = Instant::now();
+                        eprintln!(
+                            "  storm + {:.1} s: {} re-keyed, {} cookie replies",
+                            storm_at.elapsed().as_secs_f64(),
+                            prog.rekeyed.load(Ordering::Relaxed),
+                            prog.cookies.load(Ordering::Relaxed)
+                        );
+                    }
+                }
+                if prog.rekeyed.load(Ordering::Relaxed) >= n {
+                    let last = prog.last_rekeyed_ns.load(Ordering::Relaxed);
+                    let at = prog.storm_at_ns.load(Ordering::Relaxed);
+                    row.storm_ms = Some(last.saturating_sub(at) as f64 / 1e6);
+                } else {
+                    eprintln!(
+                        "  only {} of {n} peers re-keyed in 60 s",
+                        prog.rekeyed.load(Ordering::Relaxed)
+                    );
+                }
+                row.storm_cookies = prog.cookies.load(Ordering::Relaxed);
+            }
+            let errors = prog.errors.load(Ordering::Relaxed);
+            if errors > 0 {
+                eprintln!("  the generator's peers refused {errors} datagrams");
+            }
+            let (status, log) = gw.stop();
+            if !status.is_some_and(|s| s.success()) {
+                bail!("subway did not stop cleanly: {status:?}\n{log}");
+            }
+            Ok(row)
+        })();
+        prog.stop.store(true, Ordering::Relaxed);
+        let generated = gen_thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the generator panicked"))?;
+        let row = res?;
+        generated?;
+        Ok(row)
+    })
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// The N peers, on one thread in gateway B's namespace: a socket and a
+/// boringtun `Tunn` each, an epoll set over the sockets; answers what
+/// subway sends, runs boringtun's timers (its retransmissions after a
+/// cookie reply), and on `storm` makes every peer initiate at once.
+fn generate(
+    secrets: &[[u8; 32]],
+    subway_pub: [u8; 32],
+    prog: &Progress,
+    t0: Instant,
+    ready: &std::sync::mpsc::Sender<Result<()>>,
+) -> Result<()> {
+    let setup = || -> Result<(Vec<UdpSocket>, Vec<Tunn>, i32)> {
+        // SAFETY: epoll_create1 has no preconditions.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            bail!("epoll_create1: {}", std::io::Error::last_os_error());
+        }
+        let mut socks = Vec::with_capacity(secrets.len());
+        let mut tunns = Vec::with_capacity(secrets.len());
+        for (i, s) in secrets.iter().enumerate() {
+            let sock =
+                UdpSocket::bind((peer_addr(i), PEER_PORT)).with_context(|| format!("binding {}", peer_addr(i)))?;
+            sock.set_nonblocking(true)?;
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: i as u64,
+            };
+            // SAFETY: valid epoll fd, socket fd and event.
+            if unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, sock.as_raw_fd(), &mut ev) } != 0 {
+                bail!("epoll_ctl: {}", std::io::Error::last_os_error());
+            }
+            socks.push(sock);
+            tunns.push(Tunn::new(
+                StaticSecret::from(*s),
+                PublicKey::from(subway_pub),
+                None,
+                None,
+                i as u32,
+                None,
+            ));
+        }
+        Ok((socks, tunns, ep))
+    };
+    let (socks, mut tunns, ep) = match setup() {
+        Ok(x) => {
+            let _ = ready.send(Ok(()));
+            x
+        }
+        Err(e) => {
+            let _ = ready.send(Err(anyhow::anyhow!("{e:#}")));
+            return Err(e);
+        }
+    };
+    let subway: SocketAddr = SUBWAY.parse().unwrap();
+    let n = secrets.len();
+    let mut confirmed = vec![false; n];
+    let mut rekeyed = vec![false; n];
+    let mut storming = false;
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    let mut buf = vec![0u8; 2048];
+    let mut out = vec![0u8; 2048];
+    let mut last_timers = Instant::now();
+    let now_ns = || t0.elapsed().as_nanos() as u64;
+    let end = Instant::now() + Duration::from_secs(600);
+    while !prog.stop.load(Ordering::Relaxed) && Instant::now() < end {
+        if !storming && prog.storm.load(Ordering::Acquire) {
+            storming = true;
+            for (i, t) in tunns.iter_mut().enumerate() {
+                if let TunnResult::WriteToNetwork(p) = t.format_handshake_initiation(&mut out, true) {
+                    let _ = socks[i].send_to(p, subway);
+                }
+            }
+        }
+        // SAFETY: valid epoll fd and event buffer.
+        let k = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, 20) };
+        for e in events.iter().take(k.max(0) as usize) {
+            let i = e.u64 as usize;
+            while let Ok((len, src)) = socks[i].recv_from(&mut buf) {
+                let kind = buf[0];
+                let r = tunns[i].decapsulate(Some(src.ip()), &buf[..len], &mut out);
+                let ok = !matches!(r, TunnResult::Err(_));
+                if let TunnResult::WriteToNetwork(p) = r {
+                    let _ = socks[i].send_to(p, src);
+                    // Flush what boringtun queued behind it.
+                    while let TunnResult::WriteToNetwork(p) = tunns[i].decapsulate(None, &[], &mut out) {
+                        let _ = socks[i].send_to(p, src);
+                    }
+                }
+                if !ok {
+                    prog.errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                match kind {
+                    // subway's keepalive after its handshake: its session is up.
+                    4 if !confirmed[i] => {
+                        confirmed[i] = true;
+                        prog.last_confirmed_ns.store(now_ns(), Ordering::Relaxed);
+                        prog.confirmed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    2 if storming && !rekeyed[i] => {
+                        rekeyed[i] = true;
+                        prog.last_rekeyed_ns.store(now_ns(), Ordering::Relaxed);
+                        prog.rekeyed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    3 => {
+                        prog.cookies.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // boringtun's timers: retransmissions (after a cookie reply, with
+        // its mac2), keepalives.
+        if last_timers.elapsed() >= Duration::from_millis(250) {
+            last_timers = Instant::now();
+            for (i, t) in tunns.iter_mut().enumerate() {
+                if let TunnResult::WriteToNetwork(p) = t.update_timers(&mut out) {
+                    let _ = socks[i].send_to(p, subway);
+                }
+            }
+        }
+    }
+    // SAFETY: our epoll fd.
+    unsafe { libc::close(ep) };
+    Ok(())
+}
