@@ -290,6 +290,13 @@ impl Gateway {
                 match self.dev.receive(src, &mut msg, now) {
                     Ok(Received::Send(outs)) => {
                         self.count(Event::HandshakeMessagesIn);
+                        if outs.first().is_some_and(|o| {
+                            o.datagram.first() == Some(&subway_dataplane::wg::messages::TYPE_COOKIE_REPLY)
+                        }) {
+                            // Under load: a handshake not taken now (the
+                            // peer comes back with mac2 after REKEY_TIMEOUT).
+                            self.count(Event::CookieRepliesSent);
+                        }
                         replies.extend(outs);
                     }
                     Ok(Received::CookieStored { .. }) => self.count(Event::CookiesReceived),
@@ -511,6 +518,9 @@ subway_dataplane::named_counters! {
         QueuedForHandshake = "queued_for_handshake",
         HandshakeMessagesIn = "handshake_messages_in",
         CookiesReceived = "cookies_received",
+        /// Under load: initiations answered with a cookie reply instead of
+        /// a handshake (see `CookieChecker::under_load`).
+        CookieRepliesSent = "cookie_replies_sent",
         KeepalivesInControl = "keepalives_in_control",
         /// Data messages opened by the control thread (before the workers
         /// have the session).

@@ -22,7 +22,8 @@ enum Cmd {
     /// ceiling), the tunnel in both directions against boringtun-cli and
     /// wireguard-go, one TCP stream through two gateways of each kind,
     /// latency at a fixed load, the tuning sweep; tables, CSV, plots and
-    /// a summary.md. About 12 minutes on a 2-core VM; --quick: under 2.
+    /// a summary.md, then one peer over 2 queues and many peers. About 7
+    /// minutes on a 2-core VM; --quick: about 1.
     All(all::Args),
     /// One-way latency percentiles, loss and reordering through two
     /// gateways of each kind, at a fixed offered load.

@@ -5,9 +5,9 @@
 //! gateways of each kind, latency at a fixed load, the tuning sweep;
 //! tables, CSV, plots and a summary.md that sets subway against the better
 //! of the two others, its own routed mode and the crypto-only core. About
-//! 12 minutes on a 2-core VM; --quick (a smoke test that asserts only
+//! 7 minutes on a 2-core VM; --quick (a smoke test that asserts only
 //! that every contender moved packets, that two queues' workers both
-//! carried one peer, and that 200 generated peers all got sessions): under 3.
+//! carried one peer, and that 200 generated peers all got sessions): about 1.
 
 use super::crypto::{crypto, crypto_md};
 use super::latency::{check_latency, latency, latency_csv, latency_md};

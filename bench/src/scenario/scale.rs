@@ -66,6 +66,8 @@ struct Row {
     check_ms: f64,
     start_ms: f64,
     sessions_ms: Option<f64>,
+    /// Sessions per second from the first to the last.
+    handshakes_per_s: f64,
     rss_kb: u64,
     idle_ctl_pct: f64,
     reload_ms: Option<f64>,
@@ -129,7 +131,7 @@ fn markdown(rows: &[Row]) -> String {
     let base = rows.iter().find(|r| r.peers == 0).map(|r| r.rss_kb);
     let ms = |v: Option<f64>| v.map_or("failed".to_string(), |v| format!("{v:.0}"));
     let mut md = String::from(
-        "| peers | routes | check ms | start ms | all sessions ms | handshakes/s | RSS MB | per peer KB | control thread idle CPU % | one-peer reload ms | rekey storm ms (cookies) |\n\
+        "| peers | routes | check ms | start ms | all sessions ms | handshakes/s (first to last) | RSS MB | per peer KB | control thread idle CPU % | one-peer reload ms | rekey storm ms (cookies) |\n\
          |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in rows {
@@ -143,7 +145,7 @@ fn markdown(rows: &[Row]) -> String {
             (
                 ms(r.sessions_ms),
                 r.sessions_ms
-                    .map_or("-".into(), |t| format!("{:.0}", r.peers as f64 / (t / 1e3))),
+                    .map_or("-".into(), |_| format!("{:.0}", r.handshakes_per_s)),
                 ms(r.reload_ms),
                 format!("{} ({})", ms(r.storm_ms), r.storm_cookies),
             )
@@ -234,6 +236,7 @@ fn config(t: &TwoSites, secrets: &[[u8; 32]], per_peer: usize, changed: bool) ->
 #[derive(Default)]
 struct Progress {
     confirmed: AtomicUsize,
+    first_confirmed_ns: AtomicU64,
     last_confirmed_ns: AtomicU64,
     storm: AtomicBool,
     storm_at_ns: AtomicU64,
@@ -302,7 +305,9 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
             }
             if n > 0 && prog.confirmed.load(Ordering::Relaxed) >= n {
                 let last = prog.last_confirmed_ns.load(Ordering::Relaxed);
+                let first = prog.first_confirmed_ns.load(Ordering::Relaxed);
                 row.sessions_ms = Some(last.saturating_sub(spawned_ns) as f64 / 1e6);
+                row.handshakes_per_s = n as f64 / (last.saturating_sub(first).max(1) as f64 / 1e9);
             } else if n > 0 {
                 eprintln!(
                     "  only {} of {n} peers got a session in 60 s",
@@ -363,6 +368,12 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
                     );
                 }
                 row.storm_cookies = prog.cookies.load(Ordering::Relaxed);
+                // subway counts what it did not take at once.
+                let counted = gw.show()?["control"]["cookie_replies_sent"].as_u64().unwrap_or(0);
+                eprintln!(
+                    "  cookie replies: {} received by the peers, {counted} counted by subway",
+                    row.storm_cookies
+                );
             }
             let errors = prog.errors.load(Ordering::Relaxed);
             if errors > 0 {
@@ -491,6 +502,9 @@ fn generate(
                     // subway's keepalive after its handshake: its session is up.
                     4 if !confirmed[i] => {
                         confirmed[i] = true;
+                        let _ =
+                            prog.first_confirmed_ns
+                                .compare_exchange(0, now_ns(), Ordering::Relaxed, Ordering::Relaxed);
                         prog.last_confirmed_ns.store(now_ns(), Ordering::Relaxed);
                         prog.confirmed.fetch_add(1, Ordering::Relaxed);
                     }
