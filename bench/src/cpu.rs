@@ -66,9 +66,16 @@ pub fn threads_cpu_ns(pid: u32, prefix: &str) -> u64 {
         .sum()
 }
 
-/// CPU time (ns) of a process's main thread (subway's control thread).
+/// CPU time (ns) of a process's main thread (subway's control thread):
+/// the scheduler's own count (schedstat, to the nanosecond) where the
+/// kernel has it, else utime + stime (to the 10 ms tick).
 pub fn main_thread_cpu_ns(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).map_or(0, |s| stat_cpu_ns(&s))
+    let sched = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()));
+    sched.unwrap_or_else(|| {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).map_or(0, |s| stat_cpu_ns(&s))
+    })
 }
 
 /// utime + stime of one /proc/.../stat line, in ns.

@@ -53,7 +53,7 @@ enum Cmd {
     /// rate. On a 2-core machine both share the cores: indicative only.
     ScaleOut(scale_out::Args),
     /// One peer through 1 and then 2 RX queues and workers (multi-queue
-    /// veth), encrypt direction: the rate and the workers' CPU time per
+    /// veth), encrypt and decrypt: the rate and the workers' CPU time per
     /// packet, which should stay flat as workers are added.
     Queues(queues::Args),
     /// Many peers and routes on one gateway: the generator plays N

@@ -1,7 +1,9 @@
-//! `queues`: one peer through 1 and then 2 RX queues and workers, encrypt
-//! direction: LAN frames in on one or two queues (a generator per queue,
-//! as a NIC's RSS spreads a LAN's flows), ciphertext for the one peer
-//! counted on the far wire. Reports the delivered rate and what matters on
+//! `queues`: one peer through 1 and then 2 RX queues and workers, in both
+//! directions. Encrypt: LAN frames in on one or two queues (a generator
+//! per queue, as a NIC's RSS spreads a LAN's flows), ciphertext for the one
+//! peer counted on the far wire. Decrypt: the far gateway (subway, same
+//! queues) opens what the near one sealed, on its queues; plaintext counted
+//! on the far LAN's wire. Reports the delivered rate and what matters on
 //! a box this small: the workers' own CPU time per packet (their threads'
 //! utime + stime over the offer, from /proc), which should stay flat as
 //! workers are added if nothing is shared between them but the session's
@@ -46,23 +48,36 @@ pub fn run(a: Args) -> Result<()> {
 /// worker of two sealed nothing (one peer did not spread).
 pub(super) fn queues(sizes: &[Size], p: &Params, trials: usize, dir: &std::path::Path) -> Result<()> {
     let mut md = String::from(
-        "| size | queues / workers | delivered Mpps | vs 1 queue | workers' CPU ns/pkt | packets sealed per worker |\n|---|---:|---:|---:|---:|---|\n",
+        "| direction | size | queues / workers | delivered Mpps | vs 1 queue | workers' CPU ns/pkt | packets sealed or opened per worker |\n|---|---|---:|---:|---:|---:|---|\n",
     );
     let mut failed = None;
-    for size in sizes {
-        let mut base = None;
-        for trial in 0..trials.max(1) {
-            for q in [1u32, 2] {
-                eprintln!("queues {q} size {} trial {}/{}", size.label(), trial + 1, trials.max(1));
-                let (mpps, ns, per) = once(q, size, p)?;
-                if q == 1 {
-                    base = Some(mpps);
+    for (decrypt, dir_name) in [(false, "encrypt"), (true, "decrypt")] {
+        for size in sizes {
+            let mut base = None;
+            for trial in 0..trials.max(1) {
+                for q in [1u32, 2] {
+                    eprintln!(
+                        "queues {q} {dir_name} size {} trial {}/{}",
+                        size.label(),
+                        trial + 1,
+                        trials.max(1)
+                    );
+                    let (mpps, ns, per) = once(q, size, p, decrypt)?;
+                    if q == 1 {
+                        base = Some(mpps);
+                    }
+                    if mpps <= 0.0 || per.len() != q as usize || per.contains(&0) {
+                        failed = Some(format!(
+                            "{dir_name}, {q} queue(s), {}: per worker {per:?}",
+                            size.label()
+                        ));
+                    }
+                    let vs = base.map_or(String::from("-"), |b| format!("{:.2}x", mpps / b));
+                    md += &format!(
+                        "| {dir_name} | {} | {q} | {mpps:.3} | {vs} | {ns:.0} | {per:?} |\n",
+                        size.label()
+                    );
                 }
-                if mpps <= 0.0 || per.len() != q as usize || per.contains(&0) {
-                    failed = Some(format!("{q} queue(s), {}: sealed per worker {per:?}", size.label()));
-                }
-                let vs = base.map_or(String::from("-"), |b| format!("{:.2}x", mpps / b));
-                md += &format!("| {} | {q} | {mpps:.3} | {vs} | {ns:.0} | {per:?} |\n", size.label());
             }
         }
     }
@@ -76,29 +91,64 @@ pub(super) fn queues(sizes: &[Size], p: &Params, trials: usize, dir: &std::path:
     Ok(())
 }
 
-/// One measurement with `q` queues: (delivered Mpps, workers' CPU ns per
-/// packet they sealed, tunnel_tx per worker).
-fn once(q: u32, size: &Size, p: &Params) -> Result<(f64, f64, Vec<u64>)> {
+/// One measurement with `q` queues: (delivered Mpps, the measured
+/// gateway's workers' CPU ns per packet they sealed or opened, sealed or
+/// opened per worker).
+///
+/// Encrypt: site A's gateway is measured; ciphertext is counted on the far
+/// wire (gateway B is stopped after the handshake, its kernel drops it).
+/// Decrypt: site B's gateway is measured: A (also subway, the same queues
+/// and workers) seals the LAN frames, B opens them on its queues (veth
+/// delivers on the queue A's worker sent from) and forwards them to a
+/// neighbour entry on its LAN, counted on host b's wire.
+fn once(q: u32, size: &Size, p: &Params, decrypt: bool) -> Result<(f64, f64, Vec<u64>)> {
     let t = TwoSites::with_queues(q)?;
     let cores = if q == 1 { "0".to_string() } else { "0,1".to_string() };
-    // start_gw pins site A's worker to fwd_core; with two queues the
-    // workers take cores 0 and 1 ([Tuning] Cores, round-robin).
-    let ga = if q == 1 {
-        start_gw(&t, "subway", true, p)?
-    } else {
-        let cfg = t.subway_config(true, false, "") + &format!("\n[Tuning]\nCores = {cores}\n");
-        super::rig::Gw::Subway(subway_testkit::Subway::start_bin(
-            &t.gwa,
+    // Both gateways' workers on the same cores: with two queues, cores 0
+    // and 1 ([Tuning] Cores, round-robin).
+    let start = |for_a: bool| -> Result<subway_testkit::Subway> {
+        let cfg = t.subway_config(for_a, false, "") + &format!("\n[Tuning]\nCores = {cores}\n");
+        subway_testkit::Subway::start_bin(
+            if for_a { &t.gwa } else { &t.gwb },
             &cfg,
             &subway_testkit::profile_bin("subway", &p.profile)?,
-        )?)
+        )
     };
-    let (ga, mac) = encrypt_rig(&t, ga, "subway", p)?;
-    let super::rig::Gw::Subway(s) = &ga else {
-        unreachable!("subway")
-    };
+    let (_keep, measured, mac, sink, counter);
+    if decrypt {
+        let ga = start(true)?;
+        let gb = start(false)?;
+        subway_testkit::ping_until(&t.a, "10.2.0.2", 20).context("the tunnel did not come up")?;
+        t.gwb.run(&[
+            "ip",
+            "neigh",
+            "replace",
+            super::rig::SINK_IP,
+            "lladdr",
+            super::rig::SINK_MAC,
+            "dev",
+            "lan0",
+            "nud",
+            "permanent",
+        ])?;
+        mac = t.gwa.run(&["cat", "/sys/class/net/lan0/address"])?.trim().to_string();
+        (_keep, measured, sink, counter) = (Some(ga), gb, (&t.b, "eth0"), "tunnel_rx");
+    } else {
+        let ga = if q == 1 {
+            start_gw(&t, "subway", true, p)?
+        } else {
+            super::rig::Gw::Subway(start(true)?)
+        };
+        let (ga, m) = encrypt_rig(&t, ga, "subway", p)?;
+        let super::rig::Gw::Subway(s) = ga else {
+            unreachable!("subway")
+        };
+        mac = m;
+        (_keep, measured, sink, counter) = (None, s, (&t.gwb, "wan0"), "tunnel_tx");
+    }
+    let s = &measured;
     let pid = s.proc.pid();
-    let tx0 = per_worker(s, "tunnel_tx")?;
+    let n0 = per_worker(s, counter)?;
     let cpu0 = crate::cpu::threads_cpu_ns(pid, "subway-w");
     // A generator per queue, each on its own core.
     let rows: Vec<Result<crate::report::Row>> = std::thread::scope(|sc| {
@@ -112,22 +162,22 @@ fn once(q: u32, size: &Size, p: &Params) -> Result<(f64, f64, Vec<u64>)> {
                         gen_core: if q == 1 { p.gen_core } else { i as usize },
                         ..p.clone()
                     };
-                    offer(&g, (&t.gwb, "wan0"), "subway", size, &pi)
+                    offer(&g, sink, "subway", size, &pi)
                 })
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let cpu = crate::cpu::threads_cpu_ns(pid, "subway-w") - cpu0;
-    let tx1 = per_worker(s, "tunnel_tx")?;
+    let n1 = per_worker(s, counter)?;
     let rows: Vec<crate::report::Row> = rows.into_iter().collect::<Result<_>>()?;
     // Every generator's window counts the one sink: the first one's count
     // is the total over (nearly) the same window.
     let r = &rows[0];
     let delivered = r.delivered as f64;
-    let per: Vec<u64> = tx1.iter().zip(&tx0).map(|(a, b)| a - b).collect();
-    let sealed: u64 = per.iter().sum();
-    Ok((delivered / r.seconds / 1e6, cpu as f64 / sealed.max(1) as f64, per))
+    let per: Vec<u64> = n1.iter().zip(&n0).map(|(a, b)| a - b).collect();
+    let done: u64 = per.iter().sum();
+    Ok((delivered / r.seconds / 1e6, cpu as f64 / done.max(1) as f64, per))
 }
 
 fn per_worker(s: &subway_testkit::Subway, k: &str) -> Result<Vec<u64>> {

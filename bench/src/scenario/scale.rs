@@ -70,6 +70,8 @@ struct Row {
     handshakes_per_s: f64,
     rss_kb: u64,
     idle_ctl_pct: f64,
+    wakeups_per_s: f64,
+    us_per_wakeup: f64,
     reload_ms: Option<f64>,
     storm_ms: Option<f64>,
     storm_cookies: u64,
@@ -131,7 +133,7 @@ fn markdown(rows: &[Row]) -> String {
     let base = rows.iter().find(|r| r.peers == 0).map(|r| r.rss_kb);
     let ms = |v: Option<f64>| v.map_or("failed".to_string(), |v| format!("{v:.0}"));
     let mut md = String::from(
-        "| peers | routes | check ms | start ms | all sessions ms | handshakes/s (first to last) | RSS MB | per peer KB | control thread idle CPU % | one-peer reload ms | rekey storm ms (cookies) |\n\
+        "| peers | routes | check ms | start ms | all sessions ms | handshakes/s (first to last) | RSS MB | per peer KB | control thread idle CPU % (wake-ups/s, µs each) | one-peer reload ms | rekey storm ms (cookies) |\n\
          |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in rows {
@@ -151,13 +153,15 @@ fn markdown(rows: &[Row]) -> String {
             )
         };
         md += &format!(
-            "| {} | {} | {:.0} | {:.0} | {sessions} | {hs} | {:.1} | {per_peer} | {:.1} | {reload} | {storm} |\n",
+            "| {} | {} | {:.0} | {:.0} | {sessions} | {hs} | {:.1} | {per_peer} | {:.2} ({:.1}, {:.0}) | {reload} | {storm} |\n",
             r.peers,
             r.routes,
             r.check_ms,
             r.start_ms,
             r.rss_kb as f64 / 1024.0,
             r.idle_ctl_pct,
+            r.wakeups_per_s,
+            r.us_per_wakeup,
         );
     }
     md
@@ -290,20 +294,14 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
                 ..Row::default()
             };
             // Sessions: wait for every peer (or give up after 60 s).
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let mut shown = Instant::now();
-            while prog.confirmed.load(Ordering::Relaxed) < n && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-                if shown.elapsed() >= Duration::from_secs(1) {
-                    shown = Instant::now();
-                    eprintln!(
-                        "  {:.1} s after spawn: {} sessions",
-                        spawned.elapsed().as_secs_f64(),
-                        prog.confirmed.load(Ordering::Relaxed)
-                    );
-                }
-            }
-            if n > 0 && prog.confirmed.load(Ordering::Relaxed) >= n {
+            let all = wait_for(&prog.confirmed, n, || {
+                format!(
+                    "{:.1} s after spawn: {} sessions",
+                    spawned.elapsed().as_secs_f64(),
+                    prog.confirmed.load(Ordering::Relaxed)
+                )
+            });
+            if n > 0 && all {
                 let last = prog.last_confirmed_ns.load(Ordering::Relaxed);
                 let first = prog.first_confirmed_ns.load(Ordering::Relaxed);
                 row.sessions_ms = Some(last.saturating_sub(spawned_ns) as f64 / 1e6);
@@ -314,14 +312,22 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
                     prog.confirmed.load(Ordering::Relaxed)
                 );
             }
-            // Idle: memory, and the control thread's own CPU over 3 s.
+            // Idle: memory, and the control thread's own CPU over 5 s, in
+            // all and per wake-up of its loop.
             std::thread::sleep(Duration::from_secs(1));
             row.rss_kb = rss_kb(pid);
-            let c0 = crate::cpu::main_thread_cpu_ns(pid);
-            let w0 = Instant::now();
-            std::thread::sleep(Duration::from_secs(3));
-            row.idle_ctl_pct =
-                (crate::cpu::main_thread_cpu_ns(pid) - c0) as f64 / w0.elapsed().as_nanos() as f64 * 100.0;
+            let wakeups = || gw.show().map(|v| v["control_wakeups"].as_u64().unwrap_or(0));
+            // The CPU window excludes the two `show`s that read the
+            // wake-ups (answering one is work proportional to the peers),
+            // and so do the rounds counted.
+            let r0 = wakeups()?;
+            let (c0, w0) = (crate::cpu::main_thread_cpu_ns(pid), Instant::now());
+            std::thread::sleep(Duration::from_secs(5));
+            let cpu = crate::cpu::main_thread_cpu_ns(pid) - c0;
+            let rounds = wakeups()?.saturating_sub(r0 + 1).max(1);
+            row.idle_ctl_pct = cpu as f64 / w0.elapsed().as_nanos() as f64 * 100.0;
+            row.wakeups_per_s = rounds as f64 / w0.elapsed().as_secs_f64();
+            row.us_per_wakeup = cpu as f64 / 1e3 / rounds as f64;
             if n > 0 {
                 // One peer's routes change; the others' stay.
                 let b64 = base64::engine::general_purpose::STANDARD;
@@ -343,21 +349,15 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
                 prog.storm_at_ns
                     .store(storm_at.duration_since(gen_t0).as_nanos() as u64, Ordering::Relaxed);
                 prog.storm.store(true, Ordering::Release);
-                let deadline = Instant::now() + Duration::from_secs(60);
-                let mut shown = Instant::now();
-                while prog.rekeyed.load(Ordering::Relaxed) < n && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                    if shown.elapsed() >= Duration::from_secs(1) {
-                        shown = Instant::now();
-                        eprintln!(
-                            "  storm + {:.1} s: {} re-keyed, {} cookie replies",
-                            storm_at.elapsed().as_secs_f64(),
-                            prog.rekeyed.load(Ordering::Relaxed),
-                            prog.cookies.load(Ordering::Relaxed)
-                        );
-                    }
-                }
-                if prog.rekeyed.load(Ordering::Relaxed) >= n {
+                let all = wait_for(&prog.rekeyed, n, || {
+                    format!(
+                        "storm + {:.1} s: {} re-keyed, {} cookie replies",
+                        storm_at.elapsed().as_secs_f64(),
+                        prog.rekeyed.load(Ordering::Relaxed),
+                        prog.cookies.load(Ordering::Relaxed)
+                    )
+                });
+                if all {
                     let last = prog.last_rekeyed_ns.load(Ordering::Relaxed);
                     let at = prog.storm_at_ns.load(Ordering::Relaxed);
                     row.storm_ms = Some(last.saturating_sub(at) as f64 / 1e6);
@@ -393,6 +393,21 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
         generated?;
         Ok(row)
     })
+}
+
+/// Waits until `count` reaches `n` (true) or 60 s pass (false), printing
+/// `progress()` every second.
+fn wait_for(count: &AtomicUsize, n: usize, progress: impl Fn() -> String) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut shown = Instant::now();
+    while count.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        if shown.elapsed() >= Duration::from_secs(1) {
+            shown = Instant::now();
+            eprintln!("  {}", progress());
+        }
+    }
+    count.load(Ordering::Relaxed) >= n
 }
 
 fn rss_kb(pid: u32) -> u64 {
