@@ -61,6 +61,13 @@ struct Args {
     /// its flow).
     #[arg(long, default_value_t = 1)]
     dst_ports: u16,
+    /// Distinct destination addresses, --dst-ip-step apart from --dst-ip
+    /// up: the prebuilt frames cycle through them (at most one per frame:
+    /// 4096), so traffic goes to that many routes (peers) round-robin.
+    #[arg(long, default_value_t = 1)]
+    dst_ips: u32,
+    #[arg(long, default_value_t = 1)]
+    dst_ip_step: u32,
     /// Core to pin to.
     #[arg(long)]
     core: Option<usize>,
@@ -224,6 +231,10 @@ fn main() -> Result<()> {
     let now = subway_dataplane::wg::Now::system();
     let mut outer = [0u8; 2048];
     for (i, d) in descs.iter_mut().enumerate() {
+        let spec = FlowSpec {
+            dst_ip: Ipv4Addr::from(u32::from(spec.dst_ip).wrapping_add((i as u32 % a.dst_ips.max(1)) * a.dst_ip_step)),
+            ..spec
+        };
         let mut len = frames::build(
             &mut scratch,
             lens_cycle[i % lens_cycle.len()],

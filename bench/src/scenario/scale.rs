@@ -13,7 +13,9 @@
 //! - `subway reload` after changing one peer's routes;
 //! - a rekey storm: all N peers initiate at the same instant; how long
 //!   until all have new sessions, at what rate, and how many were told to
-//!   come back with a cookie (subway under load, as the paper intends).
+//!   come back with a cookie (subway under load, as the paper intends);
+//! - data: 64-byte frames to one peer, then to up to 1,000 peers
+//!   round-robin, the same offer (the fast path's cost of many sessions).
 
 use super::{Common, date_stamp, need_root};
 use anyhow::{Context, Result, bail};
@@ -35,7 +37,8 @@ pub struct Args {
     #[arg(long, default_value_t = 10)]
     routes: usize,
     /// Smoke test: 0 and 200 peers; asserts only that every peer got a
-    /// session, was re-keyed in the storm, and that reload worked.
+    /// session, was re-keyed in the storm, that reload worked and that
+    /// data went through.
     #[arg(long)]
     quick: bool,
     #[command(flatten)]
@@ -75,6 +78,9 @@ struct Row {
     reload_ms: Option<f64>,
     storm_ms: Option<f64>,
     storm_cookies: u64,
+    data_one_mpps: f64,
+    data_many_mpps: f64,
+    data_many_peers: usize,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -121,6 +127,9 @@ pub fn scale(counts: &[usize], per_peer: usize, profile: &str, dir: &std::path::
                 r.peers
             );
         }
+        if r.data_one_mpps <= 0.0 || r.data_many_mpps <= 0.0 {
+            bail!("{} peers: no data went through the tunnels", r.peers);
+        }
     }
     Ok(())
 }
@@ -133,16 +142,16 @@ fn markdown(rows: &[Row]) -> String {
     let base = rows.iter().find(|r| r.peers == 0).map(|r| r.rss_kb);
     let ms = |v: Option<f64>| v.map_or("failed".to_string(), |v| format!("{v:.0}"));
     let mut md = String::from(
-        "| peers | routes | check ms | start ms | all sessions ms | handshakes/s (first to last) | RSS MB | per peer KB | control thread idle CPU % (wake-ups/s, µs each) | one-peer reload ms | rekey storm ms (cookies) |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "| peers | routes | check ms | start ms | all sessions ms | handshakes/s (first to last) | RSS MB | per peer KB | control thread idle CPU % (wake-ups/s, µs each) | one-peer reload ms | rekey storm ms (cookies) | 64 B Mpps: 1 peer / many (how many) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
     );
     for r in rows {
         let per_peer = match (base, r.peers) {
             (Some(b), n) if n > 0 => format!("{:.1}", r.rss_kb.saturating_sub(b) as f64 / n as f64),
             _ => "-".into(),
         };
-        let (sessions, hs, reload, storm) = if r.peers == 0 {
-            ("-".into(), "-".into(), "-".into(), "-".into())
+        let (sessions, hs, reload, storm, data) = if r.peers == 0 {
+            ("-".into(), "-".into(), "-".into(), "-".into(), "-".into())
         } else {
             (
                 ms(r.sessions_ms),
@@ -150,10 +159,17 @@ fn markdown(rows: &[Row]) -> String {
                     .map_or("-".into(), |_| format!("{:.0}", r.handshakes_per_s)),
                 ms(r.reload_ms),
                 format!("{} ({})", ms(r.storm_ms), r.storm_cookies),
+                format!(
+                    "{:.3} / {:.3} ({}: {:.0}%)",
+                    r.data_one_mpps,
+                    r.data_many_mpps,
+                    r.data_many_peers,
+                    100.0 * r.data_many_mpps / r.data_one_mpps.max(1e-9)
+                ),
             )
         };
         md += &format!(
-            "| {} | {} | {:.0} | {:.0} | {sessions} | {hs} | {:.1} | {per_peer} | {:.2} ({:.1}, {:.0}) | {reload} | {storm} |\n",
+            "| {} | {} | {:.0} | {:.0} | {sessions} | {hs} | {:.1} | {per_peer} | {:.2} ({:.1}, {:.0}) | {reload} | {storm} | {data} |\n",
             r.peers,
             r.routes,
             r.check_ms,
@@ -374,6 +390,7 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
                     "  cookie replies: {} received by the peers, {counted} counted by subway",
                     row.storm_cookies
                 );
+                (row.data_one_mpps, row.data_many_mpps, row.data_many_peers) = data(&t, n, per_peer, profile)?;
             }
             let errors = prog.errors.load(Ordering::Relaxed);
             if errors > 0 {
@@ -393,6 +410,55 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
         generated?;
         Ok(row)
     })
+}
+
+/// 64-byte frames from site A's LAN host, as fast as the generator goes
+/// for 2 s, to one peer's route and then to up to 1,000 peers' routes
+/// round-robin; the ciphertext is counted on B's wire (B's kernel drops it
+/// unread: the peers need not answer any more). Returns (Mpps to one peer,
+/// Mpps to many, how many).
+fn data(t: &TwoSites, n: usize, per_peer: usize, profile: &str) -> Result<(f64, f64, usize)> {
+    use super::rig::{Gen, SINK_MAC, offer};
+    t.gwa.run(&[
+        "ip",
+        "neigh",
+        "replace",
+        "192.0.2.2",
+        "lladdr",
+        SINK_MAC,
+        "dev",
+        "wan0",
+        "nud",
+        "permanent",
+    ])?;
+    std::thread::sleep(Duration::from_millis(400));
+    let mac = t.gwa.run(&["cat", "/sys/class/net/lan0/address"])?.trim().to_string();
+    let many = n.min(1000);
+    let mut mpps = [0.0; 2];
+    for (k, peers) in [1, many].into_iter().enumerate() {
+        let g = Gen {
+            ns: &t.a,
+            iface: "eth0",
+            dst_mac: mac.clone(),
+            src_ip: "10.1.0.2",
+            dst_ip: "100.64.0.1",
+            extra: vec![
+                "--dst-ips".into(),
+                peers.to_string(),
+                "--dst-ip-step".into(),
+                (per_peer * 16).to_string(),
+            ],
+        };
+        let r = offer(
+            &g,
+            (&t.gwb, "wan0"),
+            "subway",
+            &crate::frames::Size::Fixed(64),
+            &super::Params::base(2.0, profile),
+        )?;
+        mpps[k] = r.delivered as f64 / r.seconds / 1e6;
+    }
+    Ok((mpps[0], mpps[1], many))
 }
 
 /// Waits until `count` reaches `n` (true) or 60 s pass (false), printing
