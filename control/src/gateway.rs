@@ -295,7 +295,7 @@ impl Gateway {
                         }) {
                             // Under load: a handshake not taken now (the
                             // peer comes back with mac2 after REKEY_TIMEOUT).
-                            self.count(Event::CookieRepliesSent);
+                            self.count(WgError::CookieRequired);
                         }
                         replies.extend(outs);
                     }
@@ -438,11 +438,11 @@ fn peer_config(p: &PeerSection, vnet: u32) -> PeerConfig {
     }
 }
 
-/// A handshake burst (or flood) must queue, not overflow, between polls.
 /// Datagrams one round reads from each UDP socket at most; a socket
 /// still holding more after that is a backlog.
 const UDP_PER_ROUND: usize = 256;
 
+/// A handshake burst (or flood) must queue, not overflow, between polls.
 fn grow_rcvbuf(s: &UdpSocket) {
     let size: libc::c_int = 4 << 20;
     // SAFETY: setsockopt with a pointer to a live c_int on our own socket.
@@ -518,9 +518,6 @@ subway_dataplane::named_counters! {
         QueuedForHandshake = "queued_for_handshake",
         HandshakeMessagesIn = "handshake_messages_in",
         CookiesReceived = "cookies_received",
-        /// Under load: initiations answered with a cookie reply instead of
-        /// a handshake (see `CookieChecker::under_load`).
-        CookieRepliesSent = "cookie_replies_sent",
         KeepalivesInControl = "keepalives_in_control",
         /// Data messages opened by the control thread (before the workers
         /// have the session).

@@ -119,18 +119,7 @@ fn once(q: u32, size: &Size, p: &Params, decrypt: bool) -> Result<(f64, f64, Vec
         let ga = start(true)?;
         let gb = start(false)?;
         subway_testkit::ping_until(&t.a, "10.2.0.2", 20).context("the tunnel did not come up")?;
-        t.gwb.run(&[
-            "ip",
-            "neigh",
-            "replace",
-            super::rig::SINK_IP,
-            "lladdr",
-            super::rig::SINK_MAC,
-            "dev",
-            "lan0",
-            "nud",
-            "permanent",
-        ])?;
+        super::rig::neigh_to_sink(&t.gwb, super::rig::SINK_IP, "lan0")?;
         mac = t.gwa.run(&["cat", "/sys/class/net/lan0/address"])?.trim().to_string();
         (_keep, measured, sink, counter) = (Some(ga), gb, (&t.b, "eth0"), "tunnel_rx");
     } else {

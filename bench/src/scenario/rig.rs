@@ -19,6 +19,25 @@ use subway_testkit::{Netns, Subway, TwoSites, profile_bin};
 pub(super) const SINK_IP: &str = "10.2.0.99";
 pub(super) const SINK_MAC: &str = "02:00:00:00:00:99";
 
+/// Points `ns`'s neighbour entry for `ip` on `dev` at [`SINK_MAC`], a MAC
+/// nobody has: the frames still cross the wire, where they are counted,
+/// and the receiving kernel drops them unread (nothing answers them).
+pub(super) fn neigh_to_sink(ns: &Netns, ip: &str, dev: &str) -> Result<()> {
+    ns.run(&[
+        "ip",
+        "neigh",
+        "replace",
+        ip,
+        "lladdr",
+        SINK_MAC,
+        "dev",
+        dev,
+        "nud",
+        "permanent",
+    ])?;
+    Ok(())
+}
+
 /// Where the generator runs and what it sends.
 pub(super) struct Gen<'a> {
     pub(super) ns: &'a Netns,

@@ -3,7 +3,7 @@
 //! the forwarder on the other. The baseline is the kernel; subway's routed
 //! mode is the AF_XDP ceiling the tunnel is measured against.
 
-use super::rig::{Gen, SINK_IP, SINK_MAC, offer};
+use super::rig::{Gen, SINK_IP, neigh_to_sink, offer};
 use super::{Params, date_stamp, need_root, parse_sizes, search_loss_free, write_results};
 use crate::frames::Size;
 use crate::report::{self, Row};
@@ -161,18 +161,7 @@ pub(super) fn routed_subway(size: &Size, label: &str, p: &Params, subway: &Path)
 /// Points the gateway's route to SINK_IP at a MAC nobody has and steers the
 /// kernel's forwarding to the forwarder core; returns the gateway's LAN MAC.
 fn prepare(t: &TwoSubnets, fwd_core: usize) -> Result<String> {
-    t.gw.run(&[
-        "ip",
-        "neigh",
-        "replace",
-        SINK_IP,
-        "lladdr",
-        SINK_MAC,
-        "dev",
-        "lan1",
-        "nud",
-        "permanent",
-    ])?;
+    neigh_to_sink(&t.gw, SINK_IP, "lan1")?;
     // The kernel's forwarding runs where its RX runs: steer it to the
     // forwarder core, as subway's worker is pinned there.
     t.gw.sh(&format!(

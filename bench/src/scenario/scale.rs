@@ -385,7 +385,7 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
                 }
                 row.storm_cookies = prog.cookies.load(Ordering::Relaxed);
                 // subway counts what it did not take at once.
-                let counted = gw.show()?["control"]["cookie_replies_sent"].as_u64().unwrap_or(0);
+                let counted = gw.show()?["control"]["wg_cookie_required"].as_u64().unwrap_or(0);
                 eprintln!(
                     "  cookie replies: {} received by the peers, {counted} counted by subway",
                     row.storm_cookies
@@ -418,19 +418,8 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
 /// unread: the peers need not answer any more). Returns (Mpps to one peer,
 /// Mpps to many, how many).
 fn data(t: &TwoSites, n: usize, per_peer: usize, profile: &str) -> Result<(f64, f64, usize)> {
-    use super::rig::{Gen, SINK_MAC, offer};
-    t.gwa.run(&[
-        "ip",
-        "neigh",
-        "replace",
-        "192.0.2.2",
-        "lladdr",
-        SINK_MAC,
-        "dev",
-        "wan0",
-        "nud",
-        "permanent",
-    ])?;
+    use super::rig::{Gen, offer};
+    super::rig::neigh_to_sink(&t.gwa, "192.0.2.2", "wan0")?;
     std::thread::sleep(Duration::from_millis(400));
     let mac = t.gwa.run(&["cat", "/sys/class/net/lan0/address"])?.trim().to_string();
     let many = n.min(1000);

@@ -14,7 +14,7 @@
 //! deny, the generator's traffic allowed by the last two); `+flows-100k`
 //! has the generator send 100,000 flows round-robin.
 
-use super::rig::{CaptureRun, Gen, Gw, SINK_MAC, offer, pin_standard, start_gw, variant_flows};
+use super::rig::{CaptureRun, Gen, Gw, neigh_to_sink, offer, pin_standard, start_gw, variant_flows};
 use super::{Common, Params, date_stamp, need_root, parse_sizes, search_loss_free, write_results};
 use crate::frames::Size;
 use crate::report::{self, Row};
@@ -145,18 +145,7 @@ pub(super) fn tunnel(sizes: &[Size], contenders: &[&str], decrypt: bool, p: &Par
 pub(super) fn encrypt_rig(t: &TwoSites, ga: Gw, c: &str, p: &Params) -> Result<(Gw, String)> {
     let gb = start_gw(t, c, false, p)?;
     subway_testkit::ping_until(&t.a, "10.2.0.2", 20).with_context(|| format!("{c}: the tunnel did not come up"))?;
-    t.gwa.run(&[
-        "ip",
-        "neigh",
-        "replace",
-        "192.0.2.2",
-        "lladdr",
-        SINK_MAC,
-        "dev",
-        "wan0",
-        "nud",
-        "permanent",
-    ])?;
+    neigh_to_sink(&t.gwa, "192.0.2.2", "wan0")?;
     // No RPS here: the gateway's ingress (the kernel's receive and TUN
     // write for the standard implementations, XDP and the AF_XDP copy for
     // subway) runs on the sending core in both cases, and core `fwd_core`
@@ -188,18 +177,7 @@ const DECRYPT_MAX_PACKETS: u64 = 1 << 20;
 /// host a to a MAC nobody has, so a's kernel drops the plaintext unread
 /// (no replies to encrypt back).
 fn decrypt_once(t: &TwoSites, ga: &Gw, c: &str, size: &Size, p: &Params, extra: &[String]) -> Result<Row> {
-    t.gwa.run(&[
-        "ip",
-        "neigh",
-        "replace",
-        "10.1.0.2",
-        "lladdr",
-        SINK_MAC,
-        "dev",
-        "lan0",
-        "nud",
-        "permanent",
-    ])?;
+    neigh_to_sink(&t.gwa, "10.1.0.2", "lan0")?;
     pin_standard(ga, p.fwd_core);
     std::thread::sleep(Duration::from_millis(400));
     let wan_mac = t.gwa.run(&["cat", "/sys/class/net/wan0/address"])?.trim().to_string();
