@@ -331,17 +331,19 @@ impl AllowedIps {
     /// list is theirs together (a route group: a packet from it may come
     /// through any of them).
     pub fn new<'a>(peers: impl IntoIterator<Item = (u32, VnetId, &'a [IpNet])>) -> AllowedIps {
-        let mut owners: std::collections::BTreeMap<(VnetId, IpNet), Vec<u32>> = Default::default();
-        for (id, vnet, nets) in peers {
-            for n in nets {
-                owners.entry((vnet, n.trunc())).or_default().push(id);
-            }
-        }
+        // Sorted by prefix: the owners of one prefix are a run, and
+        // 100,000 prefixes cost one sort.
+        let mut claims: Vec<((VnetId, IpNet), u32)> = peers
+            .into_iter()
+            .flat_map(|(id, vnet, nets)| nets.iter().map(move |n| ((vnet, n.trunc()), id)))
+            .collect();
+        claims.sort_unstable();
         let mut fib = Fib::new();
-        for ((vnet, n), ids) in owners {
-            let t = match ids.as_slice() {
-                [id] => Target::Peer(*id),
-                _ => fib.peers(ids),
+        for run in claims.chunk_by(|a, b| a.0 == b.0) {
+            let ((vnet, n), _) = run[0];
+            let t = match run {
+                [(_, id)] => Target::Peer(*id),
+                _ => fib.peers(run.iter().map(|c| c.1).collect()),
             };
             let _ = fib.insert(vnet, n, t);
         }

@@ -9,6 +9,7 @@ use super::{Config, ConfigError, InterfaceSection, Key32, Tuning};
 use ipnet::IpNet;
 use std::collections::HashMap;
 use std::path::Path;
+use subway_dataplane::fxhash::FxMap;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Section {
@@ -203,7 +204,15 @@ impl Config {
                 ));
             }
         }
-        let mut subnets: HashMap<(&str, IpNet), usize> = HashMap::new();
+        // FxHash: 100,000 prefixes are hashed twice here, and a config
+        // file is the operator's own (no flooding to fear).
+        let claims: usize = self.peers.iter().map(|p| p.allowed_ips.len()).sum::<usize>()
+            + self
+                .lans
+                .iter()
+                .map(|l| l.subnets.len() + l.routes.len())
+                .sum::<usize>();
+        let mut subnets: FxMap<(&str, IpNet), usize> = FxMap::with_capacity_and_hasher(claims, Default::default());
         for l in &self.lans {
             for s in &l.subnets {
                 if let Some(prev) = subnets.insert((&l.vnet, s.trunc()), l.line) {
@@ -223,9 +232,9 @@ impl Config {
                 "peers are configured but [Interface] has no PrivateKey: generate one with `wg genkey`".into(),
             ));
         }
-        let mut keys: HashMap<Key32, usize> = HashMap::new();
+        let mut keys: FxMap<Key32, usize> = FxMap::with_capacity_and_hasher(self.peers.len(), Default::default());
         // One owner per prefix and VNET, whether a LAN or a peer.
-        let mut owners: HashMap<(&str, IpNet), usize> = subnets;
+        let mut owners: FxMap<(&str, IpNet), usize> = subnets;
         for l in &self.lans {
             for (net, hops, line) in &l.routes {
                 if let Some(h) = hops
@@ -303,7 +312,17 @@ impl Config {
         // The XDP program's route tables hold MAX_ROUTES per family, all
         // VNETs together (a prefix shared by a route group counts once).
         let limit = subway_dataplane::MAX_ROUTES as usize;
-        let mut seen: std::collections::HashSet<(&str, IpNet)> = Default::default();
+        // Under the limit with duplicates counted, it is under without:
+        // the exact count (and the line that goes over) only when needed.
+        let mut per_family = [0usize; 2];
+        for (net, _) in self.peers.iter().flat_map(|p| &p.allowed_ips) {
+            per_family[matches!(net, IpNet::V6(_)) as usize] += 1;
+        }
+        let lan_claims: usize = self.lans.iter().map(|l| l.subnets.len() + l.routes.len()).sum();
+        if per_family.iter().all(|n| n + lan_claims <= limit) {
+            return self.validate_groups();
+        }
+        let mut seen: FxMap<(&str, IpNet), ()> = FxMap::with_capacity_and_hasher(claims, Default::default());
         let mut per_family = [0usize; 2];
         let claims = self
             .lans
@@ -320,7 +339,7 @@ impl Config {
                     .flat_map(|p| p.allowed_ips.iter().map(move |(n, line)| (p.vnet.as_str(), *n, *line))),
             );
         for (vnet, net, line) in claims {
-            if !seen.insert((vnet, net.trunc())) {
+            if seen.insert((vnet, net.trunc()), ()).is_some() {
                 continue;
             }
             let fam = matches!(net, IpNet::V6(_)) as usize;
@@ -329,22 +348,37 @@ impl Config {
                 return Err(self.err(
                     line,
                     format!(
-                        "{net} is IPv{} route number {}: the XDP program's tables hold {limit} routes per family                          (all VNETs together); aggregate prefixes, or split the peers over two gateways",
+                        "{net} is IPv{} route number {}: the XDP program's tables hold {limit} routes per family (all VNETs together); aggregate prefixes, or split the peers over two gateways",
                         if fam == 1 { 6 } else { 4 },
                         per_family[fam]
                     ),
                 ));
             }
         }
-        // Route groups: each member shares a prefix with another peer of
-        // its VNET and can be probed through its tunnel.
-        for p in &self.peers {
+        self.validate_groups()
+    }
+
+    /// Route groups: each member shares a prefix with another peer of its
+    /// VNET (only members can share one: `validate` refuses the rest) and
+    /// can be probed through its tunnel.
+    fn validate_groups(&self) -> Result<(), ConfigError> {
+        let members = || self.peers.iter().filter(|p| p.group.is_some());
+        // How many members claim each prefix: linear, not members x peers.
+        let mut claimed: FxMap<(&str, IpNet), usize> = FxMap::default();
+        for p in members() {
+            let mut own: Vec<IpNet> = p.allowed_ips.iter().map(|(n, _)| n.trunc()).collect();
+            own.sort_unstable();
+            own.dedup();
+            for n in own {
+                *claimed.entry((p.vnet.as_str(), n)).or_default() += 1;
+            }
+        }
+        for p in members() {
             let Some(g) = &p.group else { continue };
-            let shares = p.allowed_ips.iter().any(|(net, _)| {
-                self.peers.iter().any(|q| {
-                    q.id != p.id && q.vnet == p.vnet && q.allowed_ips.iter().any(|(n, _)| n.trunc() == net.trunc())
-                })
-            });
+            let shares = p
+                .allowed_ips
+                .iter()
+                .any(|(net, _)| claimed.get(&(p.vnet.as_str(), net.trunc())).is_some_and(|n| *n > 1));
             if !shares {
                 return Err(self.err(
                     g.priority_line,
