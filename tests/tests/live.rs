@@ -265,9 +265,12 @@ fn live_sessions_across_reload_syncconf_and_setconf() -> Result<()> {
         "[Interface]\nPrivateKey = {}\nListenPort = 51820\nUplink = wan0\n\n[Lan]\nInterface = lan0\n",
         ka.0
     );
-    let ga = Subway::start(
+    // Each handshake logged with who initiated it (for the assertions on
+    // B's handshake count below).
+    let ga = Subway::start_env(
         &gws[0],
         &(head.clone() + &peer(&kb.1, 2, "10.2.0.0/24") + &peer(&kc.1, 3, "10.3.0.0/24")),
+        &[("RUST_LOG", "info,subway_dataplane::wg::device=debug")],
     )?;
     let (a, b, c) = (&hosts[0], &hosts[1], &hosts[2]);
     ping_until(a, "10.2.0.2", 10).with_context(|| ga.proc.log_text())?;
@@ -292,7 +295,12 @@ fn live_sessions_across_reload_syncconf_and_setconf() -> Result<()> {
     assert!(out.contains("peers removed: ") && out.contains(&kc.1), "{out}");
     let r = flow.finish()?;
     assert_eq!((r.received, r.lost), (1000, 0), "B's flow across the reload: {r:?}");
-    assert_eq!(handshakes(&kb.1)?, Some(b0), "the changed peer B renegotiated");
+    assert_eq!(
+        handshakes(&kb.1)?,
+        Some(b0),
+        "the changed peer B renegotiated\n{}",
+        ga.proc.log_text()
+    );
     // C's session is gone: its packets (on its old session) are refused.
     let unknown = ga.total("drop_wg_unknown_index")?;
     let no = c.output(&["ping", "-c", "3", "-i", "0.1", "-W", "1", "-q", "10.1.0.2"])?;
@@ -318,7 +326,14 @@ fn live_sessions_across_reload_syncconf_and_setconf() -> Result<()> {
     host(&["wg", "syncconf", &ga.name, conf.to_str().unwrap()])?;
     ping_until(c, "10.1.0.2", 5).with_context(|| ga.proc.log_text())?;
     ping(a, "10.3.0.2", 3)?;
-    assert_eq!(handshakes(&kb.1)?, Some(b0), "syncconf renegotiated B");
+    // (Failed once in CI, 1 -> 2, cause unknown: the log says who initiated.)
+    assert_eq!(
+        handshakes(&kb.1)?,
+        Some(b0),
+        "syncconf renegotiated B\n{}\n{}",
+        ga.show()?["peers"],
+        ga.proc.log_text()
+    );
     let wg = host(&["wg", "show", &ga.name, "allowed-ips"])?;
     assert!(wg.contains("10.3.0.0/24") && !wg.contains("10.22.0.0/24"), "{wg}");
 

@@ -81,6 +81,9 @@ struct Row {
     data_one_mpps: f64,
     data_many_mpps: f64,
     data_many_peers: usize,
+    /// The many-peer rate while reloads run back to back, and how many ran.
+    data_reload_mpps: f64,
+    reloads_during: usize,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -127,7 +130,7 @@ pub fn scale(counts: &[usize], per_peer: usize, profile: &str, dir: &std::path::
                 r.peers
             );
         }
-        if r.data_one_mpps <= 0.0 || r.data_many_mpps <= 0.0 {
+        if r.data_one_mpps <= 0.0 || r.data_many_mpps <= 0.0 || r.data_reload_mpps <= 0.0 {
             bail!("{} peers: no data went through the tunnels", r.peers);
         }
     }
@@ -142,16 +145,16 @@ fn markdown(rows: &[Row]) -> String {
     let base = rows.iter().find(|r| r.peers == 0).map(|r| r.rss_kb);
     let ms = |v: Option<f64>| v.map_or("failed".to_string(), |v| format!("{v:.0}"));
     let mut md = String::from(
-        "| peers | routes | check ms | start ms | all sessions ms | handshakes/s (first to last) | RSS MB | per peer KB | control thread idle CPU % (wake-ups/s, µs each) | one-peer reload ms | rekey storm ms (cookies) | 64 B Mpps: 1 peer / many (how many) |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
+        "| peers | routes | check ms | start ms | all sessions ms | handshakes/s (first to last) | RSS MB | per peer KB | control thread idle CPU % (wake-ups/s, µs each) | one-peer reload ms | rekey storm ms (cookies) | 64 B Mpps: 1 peer / many (how many) | many while reloading (reloads) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|\n",
     );
     for r in rows {
         let per_peer = match (base, r.peers) {
             (Some(b), n) if n > 0 => format!("{:.1}", r.rss_kb.saturating_sub(b) as f64 / n as f64),
             _ => "-".into(),
         };
-        let (sessions, hs, reload, storm, data) = if r.peers == 0 {
-            ("-".into(), "-".into(), "-".into(), "-".into(), "-".into())
+        let (sessions, hs, reload, storm, data, reloading) = if r.peers == 0 {
+            ("-".into(), "-".into(), "-".into(), "-".into(), "-".into(), "-".into())
         } else {
             (
                 ms(r.sessions_ms),
@@ -166,10 +169,16 @@ fn markdown(rows: &[Row]) -> String {
                     r.data_many_peers,
                     100.0 * r.data_many_mpps / r.data_one_mpps.max(1e-9)
                 ),
+                format!(
+                    "{:.3} ({}: {:.0}%)",
+                    r.data_reload_mpps,
+                    r.reloads_during,
+                    100.0 * r.data_reload_mpps / r.data_many_mpps.max(1e-9)
+                ),
             )
         };
         md += &format!(
-            "| {} | {} | {:.0} | {:.0} | {sessions} | {hs} | {:.1} | {per_peer} | {:.2} ({:.1}, {:.0}) | {reload} | {storm} | {data} |\n",
+            "| {} | {} | {:.0} | {:.0} | {sessions} | {hs} | {:.1} | {per_peer} | {:.2} ({:.1}, {:.0}) | {reload} | {storm} | {data} | {reloading} |\n",
             r.peers,
             r.routes,
             r.check_ms,
@@ -348,7 +357,7 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
                 // One peer's routes change; the others' stay.
                 let b64 = base64::engine::general_purpose::STANDARD;
                 let changed = config(&t, &p.secrets, per_peer, true);
-                std::fs::write(&gw.config, changed)?;
+                std::fs::write(&gw.config, &changed)?;
                 let r0 = Instant::now();
                 let out = gw.ctl(&["reload", &gw.name])?;
                 let took = r0.elapsed().as_secs_f64() * 1e3;
@@ -390,7 +399,18 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
                     "  cookie replies: {} received by the peers, {counted} counted by subway",
                     row.storm_cookies
                 );
-                (row.data_one_mpps, row.data_many_mpps, row.data_many_peers) = data(&t, n, per_peer, profile)?;
+                // Reloads back to back (the change and back again) while
+                // the many-peer data runs: the workers' rate meanwhile.
+                let texts = [config(&t, &p.secrets, per_peer, false), changed];
+                let turn = AtomicUsize::new(0);
+                let reload = || -> Result<()> {
+                    let k = turn.fetch_add(1, Ordering::Relaxed);
+                    std::fs::write(&gw.config, &texts[k % 2])?;
+                    gw.ctl(&["reload", &gw.name]).map(|_| ())
+                };
+                let d = data(&t, n, per_peer, profile, &reload)?;
+                (row.data_one_mpps, row.data_many_mpps, row.data_many_peers) = (d.one, d.many, d.many_peers);
+                (row.data_reload_mpps, row.reloads_during) = (d.reloading, d.reloads);
             }
             let errors = prog.errors.load(Ordering::Relaxed);
             if errors > 0 {
@@ -412,19 +432,33 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
     })
 }
 
+/// What [`data`] measured, in Mpps.
+struct Data {
+    one: f64,
+    many: f64,
+    many_peers: usize,
+    reloading: f64,
+    reloads: usize,
+}
+
 /// 64-byte frames from site A's LAN host, as fast as the generator goes
-/// for 2 s, to one peer's route and then to up to 1,000 peers' routes
-/// round-robin; the ciphertext is counted on B's wire (B's kernel drops it
-/// unread: the peers need not answer any more). Returns (Mpps to one peer,
-/// Mpps to many, how many).
-fn data(t: &TwoSites, n: usize, per_peer: usize, profile: &str) -> Result<(f64, f64, usize)> {
+/// for 2 s, to one peer's route, then to up to 1,000 peers' routes
+/// round-robin, then the same while `reload` runs back to back; the
+/// ciphertext is counted on B's wire (B's kernel drops it unread: the
+/// peers need not answer any more).
+fn data(
+    t: &TwoSites,
+    n: usize,
+    per_peer: usize,
+    profile: &str,
+    reload: &(dyn Fn() -> Result<()> + Sync),
+) -> Result<Data> {
     use super::rig::{Gen, offer};
     super::rig::neigh_to_sink(&t.gwa, "192.0.2.2", "wan0")?;
     std::thread::sleep(Duration::from_millis(400));
     let mac = t.gwa.run(&["cat", "/sys/class/net/lan0/address"])?.trim().to_string();
     let many = n.min(1000);
-    let mut mpps = [0.0; 2];
-    for (k, peers) in [1, many].into_iter().enumerate() {
+    let run = |peers: usize| -> Result<f64> {
         let g = Gen {
             ns: &t.a,
             iface: "eth0",
@@ -445,9 +479,41 @@ fn data(t: &TwoSites, n: usize, per_peer: usize, profile: &str) -> Result<(f64, 
             &crate::frames::Size::Fixed(64),
             &super::Params::base(2.0, profile),
         )?;
-        mpps[k] = r.delivered as f64 / r.seconds / 1e6;
-    }
-    Ok((mpps[0], mpps[1], many))
+        Ok(r.delivered as f64 / r.seconds / 1e6)
+    };
+    let one = run(1)?;
+    let many_mpps = run(many)?;
+    let done = AtomicBool::new(false);
+    let (reloading, reloads) = std::thread::scope(|s| -> Result<(f64, usize)> {
+        let traffic = s.spawn(|| {
+            let r = run(many);
+            done.store(true, Ordering::Relaxed);
+            r
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let mut reloads = 0;
+        let mut failed = None;
+        while !done.load(Ordering::Relaxed) && failed.is_none() {
+            match reload() {
+                Ok(()) => reloads += 1,
+                Err(e) => failed = Some(e),
+            }
+        }
+        let mpps = traffic
+            .join()
+            .map_err(|_| anyhow::anyhow!("the generator thread panicked"))??;
+        match failed {
+            Some(e) => Err(e.context("a reload during the data run failed")),
+            None => Ok((mpps, reloads)),
+        }
+    })?;
+    Ok(Data {
+        one,
+        many: many_mpps,
+        many_peers: many,
+        reloading,
+        reloads,
+    })
 }
 
 /// Waits until `count` reaches `n` (true) or 60 s pass (false), printing

@@ -458,6 +458,7 @@ impl Device {
         let retired = p.install(session.clone());
         p.last_handshake = Some(now);
         p.handshakes += 1;
+        tracing::debug!(peer, from = %src, handshakes = p.handshakes, "handshake: answered the peer's initiation");
         // Our own initiation, if one is in flight, keeps its retransmit timer.
         p.timers.session_derived(now.mono);
         p.timers.any_authenticated_packet_received();
@@ -491,6 +492,7 @@ impl Device {
         let retired = p.install(session.clone());
         p.last_handshake = Some(now);
         p.handshakes += 1;
+        tracing::debug!(peer, from = %src, handshakes = p.handshakes, "handshake: the peer answered ours");
         p.timers.handshake_complete();
         p.timers.session_derived(now.mono);
         p.timers.any_authenticated_packet_received();
