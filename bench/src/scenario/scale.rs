@@ -457,14 +457,19 @@ fn data(
     super::rig::neigh_to_sink(&t.gwa, "192.0.2.2", "wan0")?;
     std::thread::sleep(Duration::from_millis(400));
     let mac = t.gwa.run(&["cat", "/sys/class/net/lan0/address"])?.trim().to_string();
-    let many = n.min(1000);
+    // From peer 1 on: the reload changes peer 0's routes (all of them
+    // with one route per peer).
+    let many = n.saturating_sub(1).clamp(1, 1000);
+    let first = route(1, 0, per_peer);
+    let first = first.split('/').next().unwrap_or_default().parse::<Ipv4Addr>()?;
+    let dst = Ipv4Addr::from(u32::from(first) + 1).to_string();
     let run = |peers: usize| -> Result<f64> {
         let g = Gen {
             ns: &t.a,
             iface: "eth0",
             dst_mac: mac.clone(),
             src_ip: "10.1.0.2",
-            dst_ip: "100.64.0.1",
+            dst_ip: &dst,
             extra: vec![
                 "--dst-ips".into(),
                 peers.to_string(),
