@@ -830,6 +830,13 @@ pub fn policed(v: &crate::forward::Verdict) -> Option<std::ops::Range<usize>> {
     }
 }
 
+/// The IP packet in `frame` that [`policed`] names, if any (clipped to
+/// the frame).
+#[inline]
+pub fn policed_ip<'a>(v: &crate::forward::Verdict, frame: &'a [u8]) -> Option<&'a [u8]> {
+    policed(v).map(|at| &frame[at.start.min(frame.len())..at.end.min(frame.len())])
+}
+
 /// Why a packet passed or not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {

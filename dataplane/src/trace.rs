@@ -230,7 +230,7 @@ fn from_lan(
     ));
     let vnet = t.ports.get(port as usize).map_or(p.vnet, |p| p.vnet);
     let v = route_frame(&mut f, port, t);
-    let ip = crate::policy::policed(&v).map(|at| &f[at.start.min(f.len())..at.end.min(f.len())]);
+    let ip = crate::policy::policed_ip(&v, &f);
     if let Some(refused) = police(t, vnet, crate::policy::Ingress::Lan(port), ip, now, steps) {
         return refused;
     }

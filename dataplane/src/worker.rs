@@ -259,10 +259,13 @@ impl Worker {
                 };
                 // [Policy]: judged before anything leaves, the kernel path
                 // included.
-                let v = match (snap.policies.of(vnet), policy::policed(&v)) {
-                    (Some(pol), Some(at)) => {
-                        let frame = data.contents();
-                        let ip = &frame[at.start.min(frame.len())..at.end.min(frame.len())];
+                // (No policy in the VNET: the verdict is not even looked at.)
+                let judged = snap
+                    .policies
+                    .of(vnet)
+                    .and_then(|pol| Some((pol, policy::policed_ip(&v, data.contents())?)));
+                let v = match judged {
+                    Some((pol, ip)) => {
                         let ing = match peer {
                             Some(p) => policy::Ingress::Peer(p),
                             None => policy::Ingress::Lan(ingress),
@@ -275,7 +278,7 @@ impl Worker {
                             Verdict::Drop(Counter::DropPolicy)
                         }
                     }
-                    _ => v,
+                    None => v,
                 };
                 let frame = data.contents();
                 let v = match v {
