@@ -92,7 +92,9 @@ pub fn run(path: &Path) -> Result<()> {
         if let Some(u) = &io.uapi {
             pfds.extend(u.pending_fds().map(pollfd));
         }
-        let timeout = s.sleep_for().as_millis().min(i32::MAX as u128) as i32;
+        // Rounded up: a deadline less than a millisecond away is slept
+        // to, not polled for in a loop of zero timeouts.
+        let timeout = s.sleep_for().as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
         // SAFETY: valid pollfds.
         unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
         s.rounds += 1;
@@ -365,7 +367,7 @@ impl State {
     /// How long the loop may sleep when nothing arrives: a short round
     /// while traffic moves, else until the device's next timer, at most
     /// [`IDLE_MAX`] and half the watchdog's interval.
-    fn sleep_for(&self) -> Duration {
+    fn sleep_for(&mut self) -> Duration {
         if self.busy {
             return TRAFFIC_TICK;
         }
@@ -380,7 +382,7 @@ impl State {
             d = d.min(at.saturating_duration_since(Instant::now()));
         }
         let now = subway_dataplane::wg::Now::system().mono;
-        if let Some(at) = self.gw.as_ref().and_then(|g| g.next_deadline(now)) {
+        if let Some(at) = self.gw.as_mut().and_then(|g| g.next_deadline(now)) {
             d = d.min(at.saturating_sub(now));
         }
         d

@@ -29,8 +29,16 @@ pub struct Gateway {
     udp6: Option<UdpSocket>,
     pub listen_port: u16,
     last: Vec<(u64, u64, u64)>,
+    /// Per peer: the send session and outer path the workers were given.
     published: Vec<(Option<u32>, Option<subway_dataplane::tunnel::OuterPath>)>,
     published_gen: u64,
+    /// The dataplane's paths epoch `published` was worked out in.
+    published_epoch: u64,
+    /// Reused per round: the peers the workers marked, the peers looked
+    /// at, and last round's marked ones.
+    marked: Vec<u32>,
+    look: Vec<u32>,
+    recent: Vec<u32>,
     /// Control-path outcomes (handshakes, refusals by reason).
     pub events: Events,
     buf: Vec<u8>,
@@ -76,6 +84,10 @@ impl Gateway {
             last: vec![(0, 0, 0); cfg.peers.len()],
             published: Vec::new(),
             published_gen: u64::MAX,
+            published_epoch: u64::MAX,
+            marked: Vec::new(),
+            look: Vec::new(),
+            recent: Vec::new(),
             events: Events::default(),
             buf: vec![0u8; 65536],
         })
@@ -198,7 +210,7 @@ impl Gateway {
 
     /// When the device next needs a round without anything arriving
     /// (monotonic time): its earliest timer.
-    pub fn next_deadline(&self, now: std::time::Duration) -> Option<std::time::Duration> {
+    pub fn next_deadline(&mut self, now: std::time::Duration) -> Option<std::time::Duration> {
         self.dev.next_deadline(now)
     }
 
@@ -215,7 +227,21 @@ impl Gateway {
         if self.last.len() < t.peers.len() {
             self.last.resize(t.peers.len(), (0, 0, 0));
         }
-        for (id, rt) in t.peers.iter().enumerate() {
+        // The peers the workers marked, and last round's once more (a
+        // worker's last counts may land after another worker's mark was
+        // taken): not every peer.
+        let mut marked = std::mem::take(&mut self.marked);
+        marked.clear();
+        dp.drain_traffic_marks(|id| marked.push(id));
+        let mut look = std::mem::take(&mut self.look);
+        look.clear();
+        look.extend_from_slice(&marked);
+        look.extend_from_slice(&self.recent);
+        look.sort_unstable();
+        look.dedup();
+        for &id in &look {
+            let Some(rt) = t.peers.get(id as usize) else { continue };
+            let id = id as usize;
             let cur = (
                 rt.stats.tx_packets.load(Ordering::Relaxed),
                 rt.stats.rx_packets.load(Ordering::Relaxed),
@@ -241,6 +267,10 @@ impl Gateway {
             );
             self.last[id] = cur;
         }
+        // This round's marked ones are looked at again next round.
+        std::mem::swap(&mut self.recent, &mut marked);
+        self.marked = marked;
+        self.look = look;
         let outs = self.dev.tick(now);
         self.send(outs);
         self.publish(dp, now);
@@ -355,15 +385,38 @@ impl Gateway {
     }
 
     /// Publishes sessions and paths when they changed.
+    /// Gives the workers the peers' send sessions and outer paths if any
+    /// changed. Looks only at the peers the device changed, unless the
+    /// paths may all have (a route, neighbour or address event) or a
+    /// publication is forced ([`Gateway::publish_now`]).
     fn publish(&mut self, dp: &mut Dataplane, now: Now) {
-        let mut want = Vec::with_capacity(self.dev.peers().len());
-        for p in self.dev.peers() {
+        let epoch = dp.paths_epoch();
+        let n = self.dev.peers().len();
+        let all = epoch != self.published_epoch || self.published_gen == u64::MAX || self.published.len() != n;
+        self.published.resize(n, (None, None));
+        let mut changed = false;
+        let mut want = |id: u32, dev: &Device, published: &mut Vec<_>| {
+            let Some(p) = dev.peer(id) else { return };
             let s = p.send_session(now.mono).map(|s| s.local_index);
             let path = p.endpoint.and_then(|e| dp.outer_path(e, self.listen_port));
-            want.push((s, path));
+            if published[id as usize] != (s, path) {
+                published[id as usize] = (s, path);
+                changed = true;
+            }
+        };
+        if all {
+            for id in 0..n as u32 {
+                want(id, &self.dev, &mut self.published);
+            }
+        } else {
+            let ids: Vec<u32> = self.dev.changed_peers().collect();
+            for id in ids {
+                want(id, &self.dev, &mut self.published);
+            }
         }
+        self.published_epoch = epoch;
         let generation = self.dev.generation();
-        if want == self.published && generation == self.published_gen {
+        if !changed && generation == self.published_gen {
             return;
         }
         let sessions: Vec<_> = self.dev.sessions().cloned().collect();
@@ -373,6 +426,7 @@ impl Gateway {
             .iter()
             .map(|p| p.send_session(now.mono).cloned())
             .collect();
+        let want = &self.published;
         dp.publish(|t| {
             t.sessions = sessions.iter().map(|s| (s.local_index, Arc::clone(s))).collect();
             for (i, rt) in t.peers.iter_mut().enumerate() {
@@ -384,7 +438,6 @@ impl Gateway {
             }
         });
         tracing::debug!(sessions = sessions.len(), "published sessions and paths");
-        self.published = want;
         self.published_gen = generation;
     }
 

@@ -223,7 +223,12 @@ pub fn fence_for_config(cfg: &DataplaneConfig) -> Result<failsafe::Fence> {
 /// The workers' view of the peers, indexed by id: what `old` knew about
 /// peers that stay (sessions, paths, counters), fresh entries for `fresh`
 /// ids and new ones, empty entries for ids no peer holds.
-pub(crate) fn peer_rts(old: &[tables::PeerRt], peers: &[PeerRoutes], fresh: &[u32]) -> Vec<tables::PeerRt> {
+pub(crate) fn peer_rts(
+    old: &[tables::PeerRt],
+    peers: &[PeerRoutes],
+    fresh: &[u32],
+    marks: &mut tables::TrafficMarks,
+) -> Vec<tables::PeerRt> {
     let len = peers
         .iter()
         .map(|p| p.id as usize + 1)
@@ -240,8 +245,14 @@ pub(crate) fn peer_rts(old: &[tables::PeerRt], peers: &[PeerRoutes], fresh: &[u3
         .collect();
     for p in peers {
         let slot = &mut v[p.id as usize];
-        if let Some(o) = old.get(p.id as usize).filter(|_| !fresh.contains(&p.id)) {
-            *slot = o.clone();
+        match old.get(p.id as usize).filter(|_| !fresh.contains(&p.id)) {
+            Some(o) => *slot = o.clone(),
+            None => {
+                slot.stats = Arc::new(tables::PeerStats {
+                    mark: marks.mark_of(p.id),
+                    ..Default::default()
+                })
+            }
         }
         slot.vnet = p.vnet;
     }

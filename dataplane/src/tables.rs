@@ -10,7 +10,7 @@ use crate::wire::MacAddr;
 use arc_swap::ArcSwap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A LAN interface the dataplane sends and receives on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +78,96 @@ impl NeighTable {
     }
 }
 
+/// Peers per [`MarkChunk`].
+const PEERS_PER_CHUNK: usize = 64 * 64;
+
+/// One bit per peer: set by the workers when they carry the peer's
+/// traffic, taken by the control thread ([`TrafficMarks::drain`]), so that
+/// a round looks at the peers that moved, not at every peer.
+#[derive(Debug)]
+pub struct MarkChunk([AtomicU64; 64]);
+
+impl Default for MarkChunk {
+    fn default() -> Self {
+        MarkChunk(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+/// A peer's bit in its chunk. Chunks never move, so a peer's stats keep
+/// theirs however many peers come after it.
+#[derive(Debug, Clone)]
+pub struct PeerMark {
+    chunk: Arc<MarkChunk>,
+    word: usize,
+    bit: u64,
+}
+
+impl Default for PeerMark {
+    /// A bit nobody reads (a slot no peer holds, tests).
+    fn default() -> Self {
+        static NOBODY: std::sync::LazyLock<Arc<MarkChunk>> = std::sync::LazyLock::new(Arc::default);
+        PeerMark {
+            chunk: Arc::clone(&NOBODY),
+            word: 0,
+            bit: 1,
+        }
+    }
+}
+
+impl PeerMark {
+    /// Once per batch and peer: a load, and a write only when the bit is
+    /// clear (the control thread clears it at most once a round), so the
+    /// line stays shared between the workers.
+    #[inline]
+    pub fn set(&self) {
+        let w = &self.chunk.0[self.word];
+        if w.load(Ordering::Relaxed) & self.bit == 0 {
+            w.fetch_or(self.bit, Ordering::Release);
+        }
+    }
+}
+
+/// The chunks of bits of every peer id (the control thread's side).
+#[derive(Debug, Default)]
+pub struct TrafficMarks {
+    chunks: Vec<Arc<MarkChunk>>,
+}
+
+impl TrafficMarks {
+    /// The bit of peer `id` (chunks are added as ids grow).
+    pub fn mark_of(&mut self, id: u32) -> PeerMark {
+        let c = id as usize / PEERS_PER_CHUNK;
+        while self.chunks.len() <= c {
+            self.chunks.push(Arc::default());
+        }
+        let in_chunk = id as usize % PEERS_PER_CHUNK;
+        PeerMark {
+            chunk: Arc::clone(&self.chunks[c]),
+            word: in_chunk / 64,
+            bit: 1 << (in_chunk % 64),
+        }
+    }
+
+    /// Calls `f` with every marked peer id and clears the marks: 64 ids a
+    /// word, so 10,000 peers are 157 loads. A worker's counters added
+    /// before it found its bit already set may be seen a round later (the
+    /// caller looks at last round's peers once more).
+    pub fn drain(&self, mut f: impl FnMut(u32)) {
+        for (c, chunk) in self.chunks.iter().enumerate() {
+            for (w, word) in chunk.0.iter().enumerate() {
+                if word.load(Ordering::Relaxed) == 0 {
+                    continue;
+                }
+                let mut v = word.swap(0, Ordering::Acquire);
+                while v != 0 {
+                    f((c * PEERS_PER_CHUNK + w * 64 + v.trailing_zeros() as usize) as u32);
+                    v &= v - 1;
+                }
+            }
+        }
+    }
+}
+
 /// Per-peer traffic counters, shared by the workers (one atomic add per
 /// peer per batch) and kept across table publications.
 #[derive(Debug, Default)]
@@ -91,6 +181,8 @@ pub struct PeerStats {
     /// not the published endpoint (IPv4 packed as 1<<63 | addr<<16 | port;
     /// 0: none). The control thread follows the peer there (roaming).
     pub roamed_v4: AtomicU64,
+    /// Set with every change above.
+    pub mark: PeerMark,
 }
 
 impl PeerStats {
@@ -153,4 +245,30 @@ pub type SharedTables = Arc<ArcSwap<Tables>>;
 
 pub fn shared(t: Tables) -> SharedTables {
     Arc::new(ArcSwap::from_pointee(t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marked_peers_are_drained_once_across_chunks() {
+        let mut m = TrafficMarks::default();
+        let ids = [0u32, 63, 64, 4095, 4096, 10_000];
+        let marks: Vec<PeerMark> = ids.iter().map(|id| m.mark_of(*id)).collect();
+        for k in &marks {
+            k.set();
+            k.set();
+        }
+        let mut got = Vec::new();
+        m.drain(|id| got.push(id));
+        assert_eq!(got, ids);
+        let mut again = Vec::new();
+        m.drain(|id| again.push(id));
+        assert!(again.is_empty(), "{again:?}");
+        // A slot no peer holds marks nothing anybody reads.
+        PeerMark::default().set();
+        m.drain(|id| again.push(id));
+        assert!(again.is_empty());
+    }
 }

@@ -13,7 +13,7 @@ use crate::netlink::{self, Neighbour, Netlink};
 use crate::plan::{RouteDiff, allowed_ips, build_fib, check_capacity, default_vnet_routes, peer_rts, steer};
 use crate::slowpath::SlowPath;
 use crate::stats::WorkerStats;
-use crate::tables::{NeighTable, Port, SharedTables, Tables};
+use crate::tables::{self, NeighTable, Port, SharedTables, Tables};
 use crate::worker::WorkerInfo;
 use crate::xdp::XdpSteering;
 use crate::xsk;
@@ -67,6 +67,11 @@ pub struct Dataplane {
     /// The kernel's answers to route lookups toward peers' endpoints,
     /// until a route or an uplink address changes.
     route_cache: std::collections::HashMap<std::net::IpAddr, Option<netlink::RouteInfo>>,
+    /// Changes when what [`Dataplane::outer_path`] answers may change (a
+    /// route, a neighbour, the uplink's addresses).
+    paths_epoch: u64,
+    /// The workers' per-peer traffic bits.
+    marks: tables::TrafficMarks,
     slow: Arc<SlowPath>,
     /// Where the workers find a running `subway capture`.
     capture: Arc<crate::capture::CaptureHook>,
@@ -118,6 +123,17 @@ impl Dataplane {
         let mut next = (*self.tables.load_full()).clone();
         f(&mut next);
         self.tables.store(Arc::new(next));
+    }
+
+    /// The peers the workers carried traffic for since the last call
+    /// ([`tables::TrafficMarks::drain`]).
+    pub fn drain_traffic_marks(&self, f: impl FnMut(u32)) {
+        self.marks.drain(f)
+    }
+
+    /// Changes whenever [`Dataplane::outer_path`]'s answers may have.
+    pub fn paths_epoch(&self) -> u64 {
+        self.paths_epoch
     }
 
     /// Reads the kernel's route and neighbour entry toward `dst` and, if
@@ -228,7 +244,7 @@ impl Dataplane {
         self.before_switch(&diff, &fib, &cur.fib, &cur.ports)?;
         let t_kernel = t0.elapsed();
         self.undo.fail_open = cfg.fail_open;
-        let peers = peer_rts(&cur.peers, &cfg.peers, fresh);
+        let peers = peer_rts(&cur.peers, &cfg.peers, fresh, &mut self.marks);
         let allowed = Arc::new(allowed_ips(&cfg.peers));
         // Rebuilt only when they changed: a route event re-applies the
         // running config, and the policies' counters and flow entries'
@@ -424,6 +440,7 @@ impl Dataplane {
         }
         tracing::info!(uplink = %up.name, from = ?cur.uplink_addrs, to = ?now, "uplink addresses changed");
         self.route_cache.clear();
+        self.paths_epoch += 1;
         let gone: Vec<std::net::IpAddr> = cur.uplink_addrs.iter().filter(|a| !now.contains(a)).copied().collect();
         self.publish(|t| t.uplink_addrs = now.clone());
         if listen_port != 0 {
@@ -459,10 +476,12 @@ impl Dataplane {
             Ok(false) => {}
             Ok(true) => {
                 self.route_cache.clear();
+                self.paths_epoch += 1;
                 self.follow_kernel_routes();
             }
             Err(_) => {
                 self.route_cache.clear();
+                self.paths_epoch += 1;
                 self.follow_kernel_routes();
                 return self.refresh_neighbours();
             }
@@ -473,17 +492,23 @@ impl Dataplane {
         let cur = self.tables.load_full();
         let mut neigh = cur.neigh.clone();
         let mut changed = false;
+        let uplink = cur.uplink.and_then(|u| cur.ports.get(u as usize)).map(|p| p.ifindex);
         for c in &self.neigh_changes {
-            match *c {
+            let on = match *c {
                 netlink::NeighbourChange::Usable(n)
                     if cur.ports.iter().any(|p| p.ifindex == n.ifindex)
                         && neigh.get(n.ifindex, n.ip) != Some(n.mac) =>
                 {
                     neigh.insert(n.ifindex, n.ip, n.mac);
-                    changed = true;
+                    Some(n.ifindex)
                 }
-                netlink::NeighbourChange::Unusable { ifindex, ip } => changed |= neigh.remove(ifindex, ip),
-                _ => {}
+                netlink::NeighbourChange::Unusable { ifindex, ip } if neigh.remove(ifindex, ip) => Some(ifindex),
+                _ => None,
+            };
+            changed |= on.is_some();
+            // The peers' outer paths use the uplink's neighbours only.
+            if on.is_some() && on == uplink {
+                self.paths_epoch += 1;
             }
         }
         if changed {
@@ -518,6 +543,7 @@ impl Dataplane {
         let mut next = (*cur).clone();
         next.neigh = neigh;
         self.tables.store(Arc::new(next));
+        self.paths_epoch += 1;
         Ok(true)
     }
 

@@ -43,12 +43,13 @@ impl Dataplane {
             .ok();
         let mut neigh_scratch = Vec::new();
         let neigh = read_neighbours(&mut netlink, &ports, &mut neigh_scratch)?;
+        let mut marks = tables::TrafficMarks::default();
         let tables = tables::shared(Tables {
             fib: Arc::new(fib.clone()),
             allowed: Arc::new(allowed_ips(&cfg.peers)),
             neigh,
             ports: ports.clone(),
-            peers: peer_rts(&[], &cfg.peers, &[]),
+            peers: peer_rts(&[], &cfg.peers, &[], &mut marks),
             sessions: Default::default(),
             uplink,
             uplink_addrs: uplink_addrs.clone(),
@@ -81,6 +82,8 @@ impl Dataplane {
             events,
             neigh_changes: Vec::new(),
             route_cache: Default::default(),
+            paths_epoch: 0,
+            marks,
             slow: slow.clone(),
             capture: Default::default(),
             punt: Default::default(),

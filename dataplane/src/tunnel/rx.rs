@@ -59,9 +59,11 @@ pub fn decapsulate(buf: &mut [u8], len: usize, t: &Tables, now: Duration) -> (Ve
         peer.stats
             .roamed_v4
             .store(crate::tables::PeerStats::pack_v4(src), Ordering::Relaxed);
+        peer.stats.mark.set();
     }
     if plain_len == 0 {
         peer.stats.rx_keepalives.fetch_add(1, Ordering::Relaxed);
+        peer.stats.mark.set();
         return drop(Counter::RxKeepalives);
     }
     let start = r.msg_start + DATA_HEADER_LEN;
@@ -174,6 +176,7 @@ impl PeerRx {
         {
             rt.stats.rx_packets.fetch_add(self.packets, Ordering::Relaxed);
             rt.stats.rx_bytes.fetch_add(self.bytes, Ordering::Relaxed);
+            rt.stats.mark.set();
         }
         self.packets = 0;
         self.bytes = 0;

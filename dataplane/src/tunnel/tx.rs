@@ -133,6 +133,7 @@ impl<'t> PeerRun<'t> {
                 .tx_packets
                 .fetch_add(self.packets, Ordering::Relaxed);
             self.ready.rt.stats.tx_bytes.fetch_add(self.bytes, Ordering::Relaxed);
+            self.ready.rt.stats.mark.set();
         }
     }
 }

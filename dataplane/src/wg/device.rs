@@ -14,6 +14,7 @@ use super::crypto::{mac1_key, tai64n};
 use super::messages::{self, INITIATION_LEN, Message, RESPONSE_LEN, init, resp};
 use super::noise::{self, public_key};
 use super::peer::{MAX_QUEUED, Peer, PeerConfig};
+use super::schedule::Schedule;
 use super::session::Session;
 use super::timers::Timers;
 use super::{MAX_TIMER_HANDSHAKES, Now, REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX, WgError, random_u32};
@@ -74,6 +75,13 @@ pub struct Device {
     standby: bool,
     /// When this box last became active (HA), for [`ACTIVATION_WINDOW`].
     activated: Option<Duration>,
+    /// Which peers the next [`Device::tick`] looks at: those touched by a
+    /// call since the last one and those whose timer is due.
+    sched: Schedule,
+    /// The peers the last [`Device::tick`] looked at.
+    ticked: Vec<u32>,
+    /// Counts changes of the sessions in `index` ([`Device::generation`]).
+    sessions_gen: u64,
 }
 
 /// After a box becomes active (HA), a peer without a session is asked
@@ -126,6 +134,9 @@ impl Device {
             allowed_stale: false,
             standby: false,
             activated: None,
+            sched: Schedule::default(),
+            ticked: Vec::new(),
+            sessions_gen: 0,
         }
     }
 
@@ -142,6 +153,7 @@ impl Device {
             return false;
         }
         self.standby = standby;
+        self.sched.touch_all(self.peers.len() as u32);
         if standby {
             self.activated = None;
             let mut gone = Vec::new();
@@ -180,6 +192,7 @@ impl Device {
     /// traffic within seconds. Never shorter than REKEY_TIMEOUT.
     pub fn set_rekey_after(&mut self, d: Duration) {
         self.rekey_after = d.max(REKEY_TIMEOUT);
+        self.sched.touch_all(self.peers.len() as u32);
     }
 
     /// Adds a peer; returns its id: the next one, never reused, so that a
@@ -200,6 +213,7 @@ impl Device {
         self.peers.push(peer);
         self.by_key.insert(cfg.public_key, id);
         self.allowed_stale = true;
+        self.sched.touch(id);
         Some(id)
     }
 
@@ -226,6 +240,7 @@ impl Device {
         *p = gone;
         self.forget(idx);
         self.allowed_stale = true;
+        self.sched.touch(id);
         true
     }
 
@@ -256,6 +271,7 @@ impl Device {
             p.timers.persistent_keepalive = None;
         }
         self.allowed_stale = true;
+        self.sched.touch(id);
         true
     }
 
@@ -265,6 +281,7 @@ impl Device {
     pub fn local_address_changed(&mut self) {
         for p in self.peers.iter_mut().filter(|p| !p.removed && p.endpoint.is_some()) {
             p.want_handshake = true;
+            self.sched.touch(p.id);
         }
     }
 
@@ -272,8 +289,11 @@ impl Device {
         self.peers.get(id as usize)
     }
 
+    /// A peer to change (it is looked at in the next tick).
     pub fn peer_mut(&mut self, id: u32) -> Option<&mut Peer> {
-        self.peers.get_mut(id as usize)
+        let p = self.peers.get_mut(id as usize)?;
+        self.sched.touch(id);
+        Some(p)
     }
 
     pub fn peers(&self) -> &[Peer] {
@@ -304,15 +324,28 @@ impl Device {
         loop {
             let i = random_u32();
             if i != 0 && !self.index.contains_key(&i) {
-                self.index.insert(i, entry);
+                self.index_insert(i, entry);
                 return i;
             }
         }
     }
 
+    fn index_insert(&mut self, i: u32, e: IndexEntry) {
+        let session = matches!(e, IndexEntry::Session { .. });
+        if matches!(self.index.insert(i, e), Some(IndexEntry::Session { .. })) || session {
+            self.sessions_gen += 1;
+        }
+    }
+
+    fn index_remove(&mut self, i: u32) {
+        if matches!(self.index.remove(&i), Some(IndexEntry::Session { .. })) {
+            self.sessions_gen += 1;
+        }
+    }
+
     fn forget(&mut self, indices: Vec<u32>) {
         for i in indices {
-            self.index.remove(&i);
+            self.index_remove(i);
         }
     }
 
@@ -325,8 +358,9 @@ impl Device {
         if pi >= self.peers.len() {
             return Err(WgError::UnknownPeer);
         }
+        self.sched.touch(peer);
         if let Some(old) = self.peers[pi].pending.take() {
-            self.index.remove(&old.local_index);
+            self.index_remove(old.local_index);
         }
         let local_index = self.new_index(IndexEntry::Pending { peer });
         let mut out = [0u8; INITIATION_LEN];
@@ -345,7 +379,7 @@ impl Device {
         let pending = match pending {
             Ok(x) => x,
             Err(e) => {
-                self.index.remove(&local_index);
+                self.index_remove(local_index);
                 return Err(e);
             }
         };
@@ -381,6 +415,7 @@ impl Device {
                 let Some(IndexEntry::Pending { peer }) = self.index.get(&receiver).cloned() else {
                     return Err(WgError::UnknownIndex);
                 };
+                self.sched.touch(peer);
                 let p = &mut self.peers[peer as usize];
                 if p.cookie.consume_reply(m, &p.cookie_key, now.mono) {
                     Ok(Received::CookieStored { peer })
@@ -441,6 +476,7 @@ impl Device {
             return Err(WgError::ReplayedInitiation);
         }
         let timestamp = got.timestamp;
+        self.sched.touch(peer);
         let local_index = self.new_index(IndexEntry::Pending { peer });
         let mut out = [0u8; RESPONSE_LEN];
         let p = &mut self.peers[peer as usize];
@@ -448,7 +484,7 @@ impl Device {
             match noise::create_response(got, &p.psk, &p.mac1_key, local_index, &mut p.cookie, now.mono, &mut out) {
                 Ok(k) => k,
                 Err(e) => {
-                    self.index.remove(&local_index);
+                    self.index_remove(local_index);
                     return Err(e);
                 }
             };
@@ -463,7 +499,7 @@ impl Device {
         p.timers.session_derived(now.mono);
         p.timers.any_authenticated_packet_received();
         p.timers.any_authenticated_packet_traversal(now.mono);
-        self.index.insert(local_index, IndexEntry::Session { peer, session });
+        self.index_insert(local_index, IndexEntry::Session { peer, session });
         self.forget(retired);
         Ok(Received::Send(vec![Outgoing {
             peer,
@@ -486,6 +522,7 @@ impl Device {
         };
         // A forged or corrupt response leaves the handshake in flight as it was.
         let keys = noise::consume_response(pending, m)?;
+        self.sched.touch(peer);
         p.pending = None;
         let session = Arc::new(Session::new(&keys, peer, now.mono));
         p.endpoint = Some(src);
@@ -497,7 +534,7 @@ impl Device {
         p.timers.session_derived(now.mono);
         p.timers.any_authenticated_packet_received();
         p.timers.any_authenticated_packet_traversal(now.mono);
-        self.index.insert(receiver, IndexEntry::Session { peer, session });
+        self.index_insert(receiver, IndexEntry::Session { peer, session });
         self.forget(retired);
         // Send what waited for the handshake, or a keepalive so that the
         // responder can start using the session.
@@ -520,6 +557,7 @@ impl Device {
             return Err(WgError::UnknownIndex);
         };
         let plain_len = session.open(datagram, now.mono)?.len();
+        self.sched.touch(peer);
         let p = &mut self.peers[peer as usize];
         // Authenticated: the peer may have roamed.
         p.endpoint = Some(src);
@@ -529,7 +567,7 @@ impl Device {
             // sides started one, as both do at start) is not retried.
             p.timers.handshake_complete();
             if let Some(dropped) = p.confirm_next() {
-                self.index.remove(&dropped);
+                self.index_remove(dropped);
             }
         }
         let p = &mut self.peers[peer as usize];
@@ -594,6 +632,7 @@ impl Device {
             return Err(WgError::Standby);
         }
         let p = self.peers.get_mut(peer as usize).ok_or(WgError::UnknownPeer)?;
+        self.sched.touch(peer);
         let Some(s) = p.send_session(now.mono).cloned() else {
             if !packet.is_empty() {
                 if p.queue.len() >= MAX_QUEUED {
@@ -633,6 +672,9 @@ impl Device {
         let Some(p) = self.peers.get_mut(peer as usize) else {
             return;
         };
+        if sent_data || received_any {
+            self.sched.touch(peer);
+        }
         if sent_data {
             p.timers.data_sent(now.mono);
             p.timers.any_authenticated_packet_sent();
@@ -661,132 +703,154 @@ impl Device {
 
     /// A counter that changes whenever sessions are added or removed.
     pub fn generation(&self) -> u64 {
-        let mix = |k: u32| {
-            let mut z = (k as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        };
-        self.index
-            .iter()
-            .map(|(k, e)| mix(*k) ^ matches!(e, IndexEntry::Session { .. }) as u64)
-            .fold(self.index.len() as u64, u64::wrapping_add)
+        self.sessions_gen
     }
 
-    /// Runs every peer's timers and due rekeys; returns what to send.
-    /// When [`Device::tick`] next has work (monotonic time), if ever:
-    /// the earliest timer of any peer, or now if a peer waits for a
-    /// handshake or has packets queued for one. The driver sleeps until
-    /// then (or until a datagram, a packet or a traffic note arrives).
-    pub fn next_deadline(&self, now: Duration) -> Option<Duration> {
+    /// The peers whose sessions or endpoint may have changed since the
+    /// last tick began: those it looked at, and those touched since.
+    pub fn changed_peers(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ticked.iter().chain(self.sched.touched()).copied()
+    }
+
+    /// When [`Device::tick`] is next wanted (monotonic time): now if a
+    /// peer was touched, else the earliest timer. Independent of the
+    /// number of peers.
+    pub fn next_deadline(&mut self, now: Duration) -> Option<Duration> {
         if self.standby {
             return None;
         }
-        self.peers
-            .iter()
-            .filter(|p| !p.removed)
-            .filter_map(|p| {
-                if !p.queue.is_empty() && p.send_session(now).is_some() {
-                    return Some(now);
-                }
-                [
-                    p.timers.next_deadline(),
-                    wanted_handshake_at(p),
-                    self.activation_retry_at(p, now),
-                ]
-                .into_iter()
-                .flatten()
-                .min()
-            })
-            .min()
+        if self.sched.pending() {
+            return Some(now);
+        }
+        self.sched.next()
     }
 
+    /// The earliest time `p` needs a tick without anything happening to
+    /// it: its timers, a wanted handshake, an HA activation retry, queued
+    /// packets with a session to send them on, and its current session
+    /// turning unusable with age (what the workers are given changes).
+    fn deadline_of(&self, p: &Peer, now: Duration) -> Option<Duration> {
+        if p.removed {
+            return None;
+        }
+        if !p.queue.is_empty() && p.send_session(now).is_some() {
+            return Some(now);
+        }
+        [
+            p.timers.next_deadline(),
+            wanted_handshake_at(p),
+            self.activation_retry_at(p, now),
+            p.current
+                .as_ref()
+                .map(|c| now + super::REJECT_AFTER_TIME.saturating_sub(c.age(now))),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// One round of timers: looks at the peers touched since the last
+    /// round and those whose deadline passed, not at every peer.
     pub fn tick(&mut self, now: Now) -> Vec<Outgoing> {
         let mut out = Vec::new();
         let mut new_attempts = 0;
         if self.standby {
             return out;
         }
-        for id in 0..self.peers.len() as u32 {
-            // A responder's next session the workers saw traffic on becomes current.
-            let p = &mut self.peers[id as usize];
-            if p.next.as_ref().is_some_and(|n| n.is_confirmed()) {
-                p.timers.handshake_complete();
-                if let Some(dropped) = p.confirm_next() {
-                    self.index.remove(&dropped);
-                }
-            }
-            // Packets that waited for a handshake we answered go now.
-            let p = &mut self.peers[id as usize];
-            if !p.queue.is_empty() && p.send_session(now.mono).is_some() {
-                let queued: Vec<Vec<u8>> = p.queue.drain(..).collect();
-                for q in queued {
-                    if let Ok(Some(o)) = self.send(id, &q, now) {
-                        out.push(o);
-                    }
-                }
-            }
-            let p = &mut self.peers[id as usize];
-            let fired = p.timers.expired(now.mono);
-            let mut initiate = false;
-            if fired.zero_key_material {
-                let idx = p.zero_keys();
-                self.forget(idx);
-                continue;
-            }
-            let p = &mut self.peers[id as usize];
-            if fired.retransmit_handshake {
-                if p.timers.handshake_attempts >= MAX_TIMER_HANDSHAKES {
-                    // Give up; data will start a new attempt.
-                    if let Some(old) = p.pending.take() {
-                        self.index.remove(&old.local_index);
-                    }
-                    let p = &mut self.peers[id as usize];
-                    p.timers.send_keepalive = None;
-                    p.queue.clear();
-                    if p.timers.zero_key_material.is_none() {
-                        p.timers.session_derived(now.mono);
-                    }
-                } else {
-                    p.timers.handshake_attempts += 1;
-                    initiate = true;
-                }
-            }
-            let p = &mut self.peers[id as usize];
-            if fired.new_handshake {
-                p.timers.handshake_attempts = 0;
-                initiate = true;
-            }
-            if wanted_handshake_at(p).is_some_and(|at| at <= now.mono) && new_attempts < NEW_HANDSHAKES_PER_TICK {
-                // A new attempt, not a retry: it gets its full retries.
-                // Past the budget it waits for the next round (which is
-                // due at once), so that 10,000 peers wanting a handshake
-                // at start do not keep this thread from reading their
-                // responses for seconds while its socket overflows.
-                p.timers.handshake_attempts = 0;
-                initiate = true;
-                new_attempts += 1;
-            }
-            let p = &self.peers[id as usize];
-            if self.activation_retry_at(p, now.mono).is_some_and(|at| at <= now.mono) {
-                initiate = true;
-            }
-            let p = &mut self.peers[id as usize];
-            if initiate
-                && p.endpoint.is_some()
-                && let Ok(o) = self.initiate(id, now)
-            {
-                out.push(o);
-            }
-            let p = &mut self.peers[id as usize];
-            if (fired.send_keepalive || fired.persistent_keepalive)
-                && p.send_session(now.mono).is_some()
-                && let Ok(Some(o)) = self.send(id, &[], now)
-            {
-                out.push(o);
+        let due = self.sched.take_due(now.mono);
+        for &id in &due {
+            self.tick_peer(id, now, &mut new_attempts, &mut out);
+        }
+        for &id in &due {
+            let at = self.peers.get(id as usize).and_then(|p| self.deadline_of(p, now.mono));
+            self.sched.done(id, at);
+        }
+        tracing::trace!(peers = due.len(), "tick");
+        self.ticked = due;
+        out
+    }
+
+    fn tick_peer(&mut self, id: u32, now: Now, new_attempts: &mut usize, out: &mut Vec<Outgoing>) {
+        if id as usize >= self.peers.len() {
+            return;
+        }
+        // A responder's next session the workers saw traffic on becomes current.
+        let p = &mut self.peers[id as usize];
+        if p.next.as_ref().is_some_and(|n| n.is_confirmed()) {
+            p.timers.handshake_complete();
+            if let Some(dropped) = p.confirm_next() {
+                self.index_remove(dropped);
             }
         }
-        out
+        // Packets that waited for a handshake we answered go now.
+        let p = &mut self.peers[id as usize];
+        if !p.queue.is_empty() && p.send_session(now.mono).is_some() {
+            let queued: Vec<Vec<u8>> = p.queue.drain(..).collect();
+            for q in queued {
+                if let Ok(Some(o)) = self.send(id, &q, now) {
+                    out.push(o);
+                }
+            }
+        }
+        let p = &mut self.peers[id as usize];
+        let fired = p.timers.expired(now.mono);
+        let mut initiate = false;
+        if fired.zero_key_material {
+            let idx = p.zero_keys();
+            self.forget(idx);
+            return;
+        }
+        let p = &mut self.peers[id as usize];
+        if fired.retransmit_handshake {
+            if p.timers.handshake_attempts >= MAX_TIMER_HANDSHAKES {
+                // Give up; data will start a new attempt.
+                if let Some(old) = p.pending.take() {
+                    self.index_remove(old.local_index);
+                }
+                let p = &mut self.peers[id as usize];
+                p.timers.send_keepalive = None;
+                p.queue.clear();
+                if p.timers.zero_key_material.is_none() {
+                    p.timers.session_derived(now.mono);
+                }
+            } else {
+                p.timers.handshake_attempts += 1;
+                initiate = true;
+            }
+        }
+        let p = &mut self.peers[id as usize];
+        if fired.new_handshake {
+            p.timers.handshake_attempts = 0;
+            initiate = true;
+        }
+        if wanted_handshake_at(p).is_some_and(|at| at <= now.mono) && *new_attempts < NEW_HANDSHAKES_PER_TICK {
+            // A new attempt, not a retry: it gets its full retries.
+            // Past the budget it waits for the next round (which is
+            // due at once), so that 10,000 peers wanting a handshake
+            // at start do not keep this thread from reading their
+            // responses for seconds while its socket overflows.
+            p.timers.handshake_attempts = 0;
+            initiate = true;
+            *new_attempts += 1;
+        }
+        let p = &self.peers[id as usize];
+        if self.activation_retry_at(p, now.mono).is_some_and(|at| at <= now.mono) {
+            initiate = true;
+        }
+        let p = &mut self.peers[id as usize];
+        if initiate
+            && p.endpoint.is_some()
+            && let Ok(o) = self.initiate(id, now)
+        {
+            out.push(o);
+        }
+        let p = &mut self.peers[id as usize];
+        if (fired.send_keepalive || fired.persistent_keepalive)
+            && p.send_session(now.mono).is_some()
+            && let Ok(Some(o)) = self.send(id, &[], now)
+        {
+            out.push(o);
+        }
     }
 }
 
@@ -829,11 +893,14 @@ mod tests {
 
     #[test]
     fn the_next_deadline_is_now_while_a_handshake_waits_then_the_retransmit_and_none_when_idle() {
-        let (mut a, b, now) = pair();
+        let (mut a, mut b, now) = pair();
         assert!(
             a.next_deadline(now.mono).is_some_and(|d| d <= now.mono),
             "a peer with an endpoint waits for a handshake: due now"
         );
+        // A peer just added is looked at once; without an endpoint there
+        // is nothing to do after that.
+        assert!(b.tick(now).is_empty());
         assert_eq!(
             b.next_deadline(now.mono),
             None,
@@ -846,6 +913,7 @@ mod tests {
         // Wanted again while the initiation is in flight: not before the
         // retransmit (no busy loop on a handshake that cannot start yet).
         a.local_address_changed();
+        assert!(a.tick(now).is_empty(), "no second initiation");
         assert_eq!(a.next_deadline(now.mono), Some(d));
     }
 
@@ -1276,6 +1344,52 @@ mod tests {
         let p = a.peer(0).unwrap();
         assert!(p.current.is_none() && p.previous.is_none() && p.next.is_none());
         assert_eq!(a.sessions().count(), 0, "no index names a wiped session");
+    }
+
+    #[test]
+    fn a_round_looks_at_the_peers_that_changed_or_are_due_not_at_every_peer() {
+        let (mut a, mut b, now) = pair();
+        // 1,000 more peers on A without an endpoint: nothing to do for them.
+        for i in 0..1000u32 {
+            let mut key = [7u8; 32];
+            key[..4].copy_from_slice(&i.to_le_bytes());
+            a.add_peer(&PeerConfig {
+                public_key: key,
+                preshared_key: None,
+                endpoint: None,
+                allowed_ips: Vec::new(),
+                persistent_keepalive: None,
+                vnet: 0,
+            })
+            .unwrap();
+        }
+        // The first round looks at every peer just added once.
+        let m1 = a.tick(now);
+        assert_eq!(a.changed_peers().count(), 1001);
+        // Idle: no peer is looked at, and only B's retransmit is due.
+        let later = Now {
+            mono: now.mono + Duration::from_secs(1),
+            ..now
+        };
+        assert!(a.tick(later).is_empty());
+        assert_eq!(a.changed_peers().count(), 0);
+        // Traffic for one peer: that peer only.
+        a.note_traffic(7, true, false, false, later);
+        a.tick(later);
+        assert_eq!(a.changed_peers().collect::<Vec<_>>(), vec![7]);
+        // B's answer: B's peer (id 0) only, and the session is published.
+        let generation = a.generation();
+        let r = b.receive(A.parse().unwrap(), &mut m1[0].datagram.clone(), now).unwrap();
+        let Received::Send(resp) = r else { panic!("{r:?}") };
+        a.receive(B.parse().unwrap(), &mut resp[0].datagram.clone(), later)
+            .unwrap();
+        // (Last round's peer 7, and B's peer touched since.)
+        assert_eq!(a.changed_peers().collect::<Vec<_>>(), vec![7, 0]);
+        assert_ne!(a.generation(), generation, "a new session changes the generation");
+        // Its retransmit timer is gone with the handshake: the next
+        // deadline is the keepalive or rekey of a live session, not now.
+        a.tick(later);
+        assert!(a.next_deadline(later.mono).is_some_and(|d| d > later.mono));
     }
 
     #[test]

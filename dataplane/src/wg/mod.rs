@@ -20,6 +20,7 @@ pub mod messages;
 pub mod noise;
 pub mod peer;
 pub mod replay;
+mod schedule;
 pub mod session;
 pub mod timers;
 
