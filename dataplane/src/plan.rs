@@ -243,6 +243,8 @@ pub(crate) fn peer_rts(
             stats: Arc::default(),
         })
         .collect();
+    // (A set: a reload may add thousands of peers.)
+    let fresh: std::collections::HashSet<u32> = fresh.iter().copied().collect();
     for p in peers {
         let slot = &mut v[p.id as usize];
         match old.get(p.id as usize).filter(|_| !fresh.contains(&p.id)) {
