@@ -173,17 +173,29 @@ impl Drop for KernelUndo {
     }
 }
 
-/// `ip route {replace|del} PREFIX dev TUN` for every prefix, in one `ip
-/// -batch` (thousands of peer prefixes cost one process, not thousands):
-/// the kernel's route to a default-VNET peer prefix goes to the control
-/// thread, never out in clear. `force` goes on past failing lines.
-pub(crate) fn kernel_routes(op: &str, nets: &[IpNet], tun: &str, force: bool) -> Result<()> {
-    let script: String = nets
-        .iter()
-        .map(|n| format!("route {op} {} dev {tun}\n", n.trunc()))
-        .collect();
-    ip_batch(&script, force)
-        .map_err(|e| Error::Kernel(format!("ip route {op} ... dev {tun} ({} prefixes): {e}", nets.len())))
+/// `ip route {replace|del} PREFIX dev TUN` for every prefix, over
+/// rtnetlink, hundreds per send ([`Netlink::dev_routes`]): the kernel's
+/// route to a default-VNET peer prefix goes to the control thread, never
+/// out in clear. `force` goes on past failures.
+pub(crate) fn kernel_routes(
+    netlink: &mut crate::netlink::Netlink,
+    add: bool,
+    nets: &[IpNet],
+    tun: &str,
+    force: bool,
+) -> Result<()> {
+    if nets.is_empty() {
+        return Ok(());
+    }
+    let op = if add { "replace" } else { "del" };
+    let fail = |e: std::io::Error| Error::Kernel(format!("ip route {op} ... dev {tun} ({} prefixes): {e}", nets.len()));
+    let name = std::ffi::CString::new(tun).map_err(|_| Error::Kernel(format!("{tun}: a NUL in the name")))?;
+    // SAFETY: a NUL-terminated interface name.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(Error::Kernel(format!("ip route {op} ... dev {tun}: {tun} is gone")));
+    }
+    netlink.dev_routes(add, nets, ifindex, force).map_err(fail)
 }
 
 /// Runs `ip -batch` on `script` (one command per line); an error carries

@@ -503,6 +503,100 @@ impl Netlink {
         }
     }
 
+    /// Adds (`add`: create or replace) or deletes the route of each of
+    /// `nets` through `oif` in the main table, like `ip route replace|del
+    /// NET dev IF`, many per send: only the last of a send asks for an
+    /// acknowledgement, failures answer on their own (rtnetlink handles a
+    /// send's messages in order before the send returns). Returns the
+    /// first failure with its prefix, at once or, with `force` (a clean-up
+    /// deleting what may be gone), after going on with the rest.
+    pub fn dev_routes(&mut self, add: bool, nets: &[IpNet], oif: u32, force: bool) -> io::Result<()> {
+        use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE};
+        use netlink_packet_route::route::{RouteProtocol, RouteScope};
+        const PER_SEND: usize = 512;
+        let mut out = Vec::with_capacity(PER_SEND * 64);
+        let mut failed: Option<io::Error> = None;
+        for chunk in nets.chunks(PER_SEND) {
+            out.clear();
+            let first = self.seq.wrapping_add(1);
+            for (i, net) in chunk.iter().enumerate() {
+                self.seq = self.seq.wrapping_add(1);
+                let mut rm = RouteMessage::default();
+                rm.header.address_family = if net.addr().is_ipv4() {
+                    AddressFamily::Inet
+                } else {
+                    AddressFamily::Inet6
+                };
+                rm.header.destination_prefix_length = net.prefix_len();
+                rm.header.table = 254;
+                rm.header.protocol = RouteProtocol::Boot;
+                rm.header.scope = RouteScope::Link;
+                rm.header.kind = RouteType::Unicast;
+                rm.attributes.push(RouteAttribute::Destination(match net.network() {
+                    IpAddr::V4(a) => RouteAddress::Inet(a),
+                    IpAddr::V6(a) => RouteAddress::Inet6(a),
+                }));
+                rm.attributes.push(RouteAttribute::Oif(oif));
+                let mut hdr = NetlinkHeader::default();
+                hdr.flags = NLM_F_REQUEST;
+                if i + 1 == chunk.len() {
+                    hdr.flags |= NLM_F_ACK;
+                }
+                if add {
+                    hdr.flags |= NLM_F_CREATE | NLM_F_REPLACE;
+                }
+                hdr.sequence_number = self.seq;
+                let body = if add {
+                    RouteNetlinkMessage::NewRoute(rm)
+                } else {
+                    RouteNetlinkMessage::DelRoute(rm)
+                };
+                let mut msg = NetlinkMessage::new(hdr, NetlinkPayload::from(body));
+                msg.finalize();
+                let at = out.len();
+                out.resize(at + msg.header.length as usize, 0);
+                msg.serialize(&mut out[at..]);
+            }
+            self.sock.send(&out, 0)?;
+            let last = self.seq;
+            'acks: loop {
+                let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
+                let mut off = 0;
+                while off < n {
+                    let m: NetlinkMessage<RouteNetlinkMessage> = NetlinkMessage::deserialize(&self.buf[off..n])
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("netlink: {e}")))?;
+                    let len = m.header.length as usize;
+                    let seq = m.header.sequence_number;
+                    if let NetlinkPayload::Error(e) = &m.payload {
+                        if e.code.is_some() && failed.is_none() {
+                            let net = chunk.get(seq.wrapping_sub(first) as usize);
+                            let err = e.to_io();
+                            failed = Some(io::Error::new(
+                                err.kind(),
+                                format!(
+                                    "{} {}: {err}",
+                                    if add { "adding" } else { "deleting" },
+                                    net.map_or(String::new(), |n| n.to_string())
+                                ),
+                            ));
+                        }
+                        if seq == last {
+                            break 'acks;
+                        }
+                    }
+                    if len == 0 {
+                        break;
+                    }
+                    off += len;
+                }
+            }
+            if failed.is_some() && !force {
+                break;
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
     /// Asks the kernel to resolve `ip` on `ifindex` (ARP or NDP), as a
     /// packet to it would (NTF_USE). Non-default VNETs use this: their
     /// packets never go through the kernel's routing, but the kernel's

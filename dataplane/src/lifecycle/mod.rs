@@ -267,7 +267,7 @@ impl Dataplane {
                 tracing::warn!("removing the steering entry of {net}: {e}");
             }
         }
-        if let Err(e) = kernel_routes("del", &diff.tun_del, self.slow.name(), true) {
+        if let Err(e) = kernel_routes(&mut self.netlink, false, &diff.tun_del, self.slow.name(), true) {
             tracing::warn!("removing the kernel's routes of removed peer prefixes: {e}");
         }
         self.undo.lan_routes_prune(&lan_routes);
@@ -366,7 +366,7 @@ impl Dataplane {
             done += 1;
         }
         if result.is_ok() {
-            result = kernel_routes("replace", &diff.tun_add, self.slow.name(), false);
+            result = kernel_routes(&mut self.netlink, true, &diff.tun_add, self.slow.name(), false);
             if result.is_ok()
                 && let Some(cur) = &self.undo.fence
             {
@@ -380,7 +380,7 @@ impl Dataplane {
                 }
             }
             if result.is_err() {
-                let _ = kernel_routes("del", &diff.tun_add, self.slow.name(), true);
+                let _ = kernel_routes(&mut self.netlink, false, &diff.tun_add, self.slow.name(), true);
             }
         }
         if result.is_err() {

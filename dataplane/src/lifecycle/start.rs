@@ -57,7 +57,7 @@ impl Dataplane {
             policies: crate::policy::Policies::build(&cfg.policies, cfg.flows, &Default::default()),
         });
 
-        let slow = Arc::new(open_slow_path(cfg, &ports, uplink, &fib)?);
+        let slow = Arc::new(open_slow_path(cfg, &mut netlink, &ports, uplink, &fib)?);
         if let (Some(ev), Ok(name)) = (events.as_mut(), std::ffi::CString::new(slow.name())) {
             // SAFETY: a NUL-terminated interface name.
             ev.ignore_routes_via(unsafe { libc::if_nametoindex(name.as_ptr()) });
@@ -246,7 +246,13 @@ fn prepare_kernel(
 /// the kernel forwards or sends there (first packets before a handshake,
 /// the gateway's own traffic) reaches the control thread and the tunnel,
 /// never the uplink in clear.
-fn open_slow_path(cfg: &DataplaneConfig, ports: &[Port], uplink: Option<u16>, fib: &Fib) -> Result<SlowPath> {
+fn open_slow_path(
+    cfg: &DataplaneConfig,
+    netlink: &mut Netlink,
+    ports: &[Port],
+    uplink: Option<u16>,
+    fib: &Fib,
+) -> Result<SlowPath> {
     let name = tun_name(&cfg.name);
     let slow = SlowPath::create(&name).map_err(|e| Error::io(format!("creating the slow-path TUN {name}"), e))?;
     tun_sysctls(slow.name())?;
@@ -261,7 +267,7 @@ fn open_slow_path(cfg: &DataplaneConfig, ports: &[Port], uplink: Option<u16>, fi
         .filter(|r| r.vnet == 0 && r.target.is_tunnel())
         .map(|r| r.prefix)
         .collect();
-    kernel_routes("replace", &tun_nets, slow.name(), false)?;
+    kernel_routes(netlink, true, &tun_nets, slow.name(), false)?;
     Ok(slow)
 }
 
