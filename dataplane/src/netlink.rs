@@ -302,6 +302,23 @@ impl Netlink {
         let mut out = vec![0u8; msg.header.length as usize];
         msg.serialize(&mut out);
         self.sock.send(&out, 0)?;
+        self.read_until(|m| match m.payload {
+            NetlinkPayload::Done(_) => Ok(true),
+            NetlinkPayload::Error(e) => Err(e.to_io()),
+            NetlinkPayload::InnerMessage(inner) => {
+                each(inner);
+                Ok(false)
+            }
+            _ => Ok(false),
+        })
+    }
+
+    /// Reads the socket's messages one by one into `each` until it says
+    /// it has seen the last (true) or fails.
+    fn read_until(
+        &mut self,
+        mut each: impl FnMut(NetlinkMessage<RouteNetlinkMessage>) -> io::Result<bool>,
+    ) -> io::Result<()> {
         loop {
             let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
             let mut off = 0;
@@ -309,13 +326,8 @@ impl Netlink {
                 let m: NetlinkMessage<RouteNetlinkMessage> = NetlinkMessage::deserialize(&self.buf[off..n])
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("netlink: {e}")))?;
                 let len = m.header.length as usize;
-                match m.payload {
-                    NetlinkPayload::Done(_) => return Ok(()),
-                    NetlinkPayload::Error(e) => {
-                        return Err(e.to_io());
-                    }
-                    NetlinkPayload::InnerMessage(inner) => each(inner),
-                    _ => {}
+                if each(m)? {
+                    return Ok(());
                 }
                 if len == 0 {
                     break;
@@ -559,37 +571,22 @@ impl Netlink {
             }
             self.sock.send(&out, 0)?;
             let last = self.seq;
-            'acks: loop {
-                let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
-                let mut off = 0;
-                while off < n {
-                    let m: NetlinkMessage<RouteNetlinkMessage> = NetlinkMessage::deserialize(&self.buf[off..n])
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("netlink: {e}")))?;
-                    let len = m.header.length as usize;
-                    let seq = m.header.sequence_number;
-                    if let NetlinkPayload::Error(e) = &m.payload {
-                        if e.code.is_some() && failed.is_none() {
-                            let net = chunk.get(seq.wrapping_sub(first) as usize);
-                            let err = e.to_io();
-                            failed = Some(io::Error::new(
-                                err.kind(),
-                                format!(
-                                    "{} {}: {err}",
-                                    if add { "adding" } else { "deleting" },
-                                    net.map_or(String::new(), |n| n.to_string())
-                                ),
-                            ));
-                        }
-                        if seq == last {
-                            break 'acks;
-                        }
-                    }
-                    if len == 0 {
-                        break;
-                    }
-                    off += len;
+            self.read_until(|m| {
+                let seq = m.header.sequence_number;
+                let NetlinkPayload::Error(e) = &m.payload else {
+                    return Ok(false);
+                };
+                if e.code.is_some() && failed.is_none() {
+                    let net = chunk.get(seq.wrapping_sub(first) as usize);
+                    let err = e.to_io();
+                    let what = if add { "adding" } else { "deleting" };
+                    failed = Some(io::Error::new(
+                        err.kind(),
+                        format!("{what} {}: {err}", net.map_or(String::new(), |n| n.to_string())),
+                    ));
                 }
-            }
+                Ok(seq == last)
+            })?;
             if failed.is_some() && !force {
                 break;
             }
