@@ -384,7 +384,6 @@ impl Gateway {
         }
     }
 
-    /// Publishes sessions and paths when they changed.
     /// Gives the workers the peers' send sessions and outer paths if any
     /// changed. Looks only at the peers the device changed, unless the
     /// paths may all have (a route, neighbour or address event) or a
