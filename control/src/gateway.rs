@@ -27,8 +27,15 @@ pub struct Gateway {
     dev: Device,
     udp4: UdpSocket,
     udp6: Option<UdpSocket>,
+    /// `SourcePorts`: sockets on the ports after the listen port, for the
+    /// handshakes a peer sends to the port it last heard us from (the
+    /// workers send data from them; these only receive).
+    extra: Vec<UdpSocket>,
     pub listen_port: u16,
     last: Vec<(u64, u64, u64)>,
+    /// Per peer: when a datagram last came from its published endpoint
+    /// (monotonic; see [`follows_roam`]).
+    heard: Vec<std::time::Duration>,
     /// Per peer: the send session and outer path the workers were given.
     published: Vec<(Option<u32>, Option<subway_dataplane::tunnel::OuterPath>)>,
     published_gen: u64,
@@ -76,12 +83,27 @@ impl Gateway {
             u.set_nonblocking(true)?;
             grow_rcvbuf(u);
         }
+        let spread = cfg.tuning.source_ports.map_or(1, |(n, _)| n);
+        let mut extra = Vec::new();
+        for port in (listen_port..=listen_port.saturating_add(spread - 1)).skip(1) {
+            let why = || format!("binding UDP port {port} (SourcePorts = {spread} from ListenPort {listen_port})");
+            extra.push(UdpSocket::bind(("0.0.0.0", port)).with_context(why)?);
+            if udp6.is_some() {
+                extra.push(bind_v6_only(port).with_context(why)?);
+            }
+        }
+        for u in &extra {
+            u.set_nonblocking(true)?;
+            grow_rcvbuf(u);
+        }
         Ok(Gateway {
             dev,
             udp4,
             udp6,
+            extra,
             listen_port,
             last: vec![(0, 0, 0); cfg.peers.len()],
+            heard: vec![std::time::Duration::ZERO; cfg.peers.len()],
             published: Vec::new(),
             published_gen: u64::MAX,
             published_epoch: u64::MAX,
@@ -183,6 +205,7 @@ impl Gateway {
         if let Some(u) = &self.udp6 {
             v.push(u.as_raw_fd());
         }
+        v.extend(self.extra.iter().map(|u| u.as_raw_fd()));
         v
     }
 
@@ -226,6 +249,7 @@ impl Gateway {
         let t = dp.tables();
         if self.last.len() < t.peers.len() {
             self.last.resize(t.peers.len(), (0, 0, 0));
+            self.heard.resize(t.peers.len(), std::time::Duration::ZERO);
         }
         // The peers the workers marked, and last round's once more (a
         // worker's last counts may land after another worker's mark was
@@ -247,13 +271,22 @@ impl Gateway {
                 rt.stats.rx_packets.load(Ordering::Relaxed),
                 rt.stats.rx_keepalives.load(Ordering::Relaxed),
             );
+            if rt.stats.at_endpoint.swap(false, Ordering::Relaxed) {
+                self.heard[id] = now.mono;
+            }
             let roamed = rt.stats.roamed_v4.swap(0, Ordering::Relaxed);
             if let Some(a) = subway_dataplane::tables::PeerStats::unpack_v4(roamed)
+                && let Some(p) = self.dev.peer(id as u32)
+                && follows_roam(p.endpoint, SocketAddr::V4(a), now.mono.saturating_sub(self.heard[id]))
                 && let Some(p) = self.dev.peer_mut(id as u32)
-                && p.endpoint != Some(SocketAddr::V4(a))
             {
-                tracing::info!(peer = id, from = ?p.endpoint, to = %a, "peer roamed");
+                if p.endpoint.is_some_and(|e| e.ip() == *a.ip()) {
+                    tracing::debug!(peer = id, from = ?p.endpoint, to = %a, "peer moved to another port");
+                } else {
+                    tracing::info!(peer = id, from = ?p.endpoint, to = %a, "peer roamed");
+                }
                 p.endpoint = Some(SocketAddr::V4(a));
+                self.heard[id] = now.mono;
                 self.count(Event::Roams);
             }
             let last = self.last[id];
@@ -300,9 +333,13 @@ impl Gateway {
         // the peer's first data message must find them in the workers' table.
         let mut replies = Vec::new();
         let mut behind = false;
-        for v6 in [false, true] {
+        for k in 0..2 + self.extra.len() {
             for i in 0..=UDP_PER_ROUND {
-                let sock = if v6 { self.udp6.as_ref() } else { Some(&self.udp4) };
+                let sock = match k {
+                    0 => Some(&self.udp4),
+                    1 => self.udp6.as_ref(),
+                    k => self.extra.get(k - 2),
+                };
                 let Some(sock) = sock else { break };
                 if i == UDP_PER_ROUND {
                     // More wait than a round takes: behind (for long, that
@@ -494,6 +531,26 @@ fn peer_config(p: &PeerSection, vnet: u32) -> PeerConfig {
 /// still holding more after that is a backlog.
 const UDP_PER_ROUND: usize = 256;
 
+/// How long a peer's endpoint must be quiet before it is followed to
+/// another port of the same address.
+const PORT_MOVE_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether the published endpoint `cur` follows a peer whose datagrams
+/// (authenticated) now also come from `to`, when `cur` was last heard
+/// from `quiet` ago. A new address is followed at once (roaming). A new
+/// port on the same address is followed only once the current one has
+/// been quiet for [`PORT_MOVE_QUIET`]: a NAT that rebinds the port goes
+/// quiet on the old one, while a peer spreading its flows over source
+/// ports (subway's `SourcePorts`) keeps every port busy; following each
+/// would republish its path every round.
+fn follows_roam(cur: Option<SocketAddr>, to: SocketAddr, quiet: std::time::Duration) -> bool {
+    match cur {
+        Some(c) if c == to => false,
+        Some(c) if c.ip() == to.ip() => quiet >= PORT_MOVE_QUIET,
+        _ => true,
+    }
+}
+
 /// A handshake burst (or flood) must queue, not overflow, between polls.
 fn grow_rcvbuf(s: &UdpSocket) {
     let size: libc::c_int = 4 << 20;
@@ -625,5 +682,25 @@ impl Events {
     pub fn named(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
         let all = self.own.named().chain(self.wg.named()).chain(self.data.named());
         all.filter(|(_, v)| *v > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_new_address_is_followed_at_once_a_new_port_only_once_the_old_one_is_quiet() {
+        let cur: SocketAddr = "192.0.2.2:51820".parse().unwrap();
+        let other_port: SocketAddr = "192.0.2.2:51821".parse().unwrap();
+        let other_addr: SocketAddr = "198.51.100.7:51820".parse().unwrap();
+        assert!(!follows_roam(Some(cur), cur, Duration::from_secs(9)));
+        assert!(follows_roam(Some(cur), other_addr, Duration::ZERO));
+        assert!(follows_roam(None, other_port, Duration::ZERO));
+        // A peer spreading its source ports: the endpoint is still busy.
+        assert!(!follows_roam(Some(cur), other_port, Duration::from_millis(200)));
+        // A NAT that rebound the port: the old one went quiet.
+        assert!(follows_roam(Some(cur), other_port, PORT_MOVE_QUIET));
     }
 }

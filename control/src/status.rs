@@ -22,6 +22,10 @@ pub struct Status {
     /// "gateway" (WireGuard peers) or "routed".
     pub mode: String,
     pub listen_port: Option<u16>,
+    /// `SourcePorts`: the tunnel sends from (and receives on) this many
+    /// ports from `listen_port` on.
+    #[serde(default)]
+    pub source_ports: u16,
     pub peers: Vec<PeerStatus>,
     /// The control thread's events: handshakes, cookies, refusals.
     pub control: Counters,
@@ -437,7 +441,12 @@ impl fmt::Display for Status {
             )?;
         }
         if let Some(port) = self.listen_port {
-            writeln!(f, "  listening on UDP {port}")?;
+            if self.source_ports > 1 {
+                let last = port as u32 + self.source_ports as u32 - 1;
+                writeln!(f, "  listening on UDP {port}-{last} (sending from one per flow)")?;
+            } else {
+                writeln!(f, "  listening on UDP {port}")?;
+            }
         }
         for p in &self.peers {
             writeln!(

@@ -43,6 +43,10 @@ pub struct DataplaneConfig {
     pub uplink: Option<String>,
     /// WireGuard listen port (0: no tunnel).
     pub listen_port: u16,
+    /// The tunnel's datagrams leave from `listen_port` .. `listen_port +
+    /// source_ports - 1`, one port per inner flow (the receiver's RSS then
+    /// spreads one peer over its queues); all of them receive. At least 1.
+    pub source_ports: u16,
     /// WireGuard peers: their id, VNET and AllowedIPs.
     pub peers: Vec<PeerRoutes>,
     /// `FailMode = open`: a clean stop removes the fail-safe table.

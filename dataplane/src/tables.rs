@@ -181,6 +181,11 @@ pub struct PeerStats {
     /// not the published endpoint (IPv4 packed as 1<<63 | addr<<16 | port;
     /// 0: none). The control thread follows the peer there (roaming).
     pub roamed_v4: AtomicU64,
+    /// A datagram came from the published endpoint since the control
+    /// thread last looked: a peer that spreads its source ports
+    /// (`SourcePorts`) is followed to another port only when its current
+    /// one has gone quiet.
+    pub at_endpoint: std::sync::atomic::AtomicBool,
     /// Set with every change above.
     pub mark: PeerMark,
 }
@@ -234,6 +239,9 @@ pub struct Tables {
     pub uplink: Option<u16>,
     /// Our WireGuard listen port (0: none).
     pub listen_port: u16,
+    /// Ports from `listen_port` on that the tunnel sends from and receives
+    /// on (`SourcePorts`; at least 1).
+    pub source_ports: u16,
     /// The uplink's own addresses: WireGuard is what is sent to them.
     pub uplink_addrs: Vec<IpAddr>,
     /// [Policy]: each VNET's rules and the flow table.

@@ -283,7 +283,7 @@ fn from_lan(
                         p.ttl,
                         p.ttl - 1,
                         ready.session.local_index,
-                        ready.path.src,
+                        std::net::SocketAddr::new(ready.path.src.ip(), ready.source_port(&inner)),
                         ready.path.dst,
                         ready.path.dst_mac
                     ));
@@ -541,7 +541,8 @@ mod tests {
                     dst: fx.path.src,
                 };
                 let counter = fx.theirs.reserve(1).unwrap();
-                let n = tunnel::encapsulate(&mut buf, 14, ip.len(), &fx.theirs, counter, &back).unwrap();
+                let n =
+                    tunnel::encapsulate(&mut buf, 14, ip.len(), &fx.theirs, counter, &back, back.src.port()).unwrap();
                 match decapsulate(&mut buf, n, t, NOW).0 {
                     Verdict::Tx(_) => None,
                     Verdict::Drop(c) => name(c),

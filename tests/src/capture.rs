@@ -64,11 +64,21 @@ impl Capture {
 /// (what [`Capture::packets`] returns), with how many went to each: which
 /// flows a capture point saw.
 pub fn udp_ports_to(lines: &[String], dst: &str) -> std::collections::BTreeMap<u16, u32> {
+    ports_after(lines, &format!("> {dst}."), ':')
+}
+
+/// The source ports of the UDP datagrams from `src` in tcpdump lines, with
+/// how many came from each: which ports a sender spread its datagrams over.
+pub fn udp_ports_from(lines: &[String], src: &str) -> std::collections::BTreeMap<u16, u32> {
+    ports_after(lines, &format!(" {src}."), ' ')
+}
+
+/// The port that follows `marker` (up to `end`) in each line, counted.
+fn ports_after(lines: &[String], marker: &str, end: char) -> std::collections::BTreeMap<u16, u32> {
     let mut ports = std::collections::BTreeMap::new();
-    let marker = format!("> {dst}.");
     for l in lines {
-        if let Some(rest) = l.split(&marker).nth(1)
-            && let Some(port) = rest.split(':').next().and_then(|p| p.parse().ok())
+        if let Some(rest) = l.split(marker).nth(1)
+            && let Some(port) = rest.split(end).next().and_then(|p| p.parse().ok())
         {
             *ports.entry(port).or_insert(0) += 1;
         }

@@ -38,7 +38,7 @@ mod traffic;
 mod wg;
 
 pub use bird::Bird;
-pub use capture::{Capture, udp_ports_to};
+pub use capture::{Capture, udp_ports_from, udp_ports_to};
 pub use env::{
     host, is_root, log_time, profile_bin, require_root, unique, wall_time_of_day, which, work_dir, workspace_bin,
 };

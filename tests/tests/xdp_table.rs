@@ -91,6 +91,7 @@ fn table(name: &str) -> Result<()> {
         xdp_mode: XdpAttach::Driver,
         uplink: Some("wan0".into()),
         listen_port: 51820,
+        source_ports: 1,
         policies: Vec::new(),
         flows: Default::default(),
         peers: vec![PeerRoutes {

@@ -83,6 +83,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "`Cores`",
         "cores for the workers, round-robin, e.g. `2,3` (default: all)",
     ),
+    (
+        "",
+        "`SourcePorts`",
+        "send each inner flow from one of ListenPort .. ListenPort + N - 1 so the peer's RSS spreads one tunnel over N queues; those ports receive too (default 1, at most 32)",
+    ),
     ("", "`BatchSize`", "frames per ring operation (default 64)"),
     (
         "",

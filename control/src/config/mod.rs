@@ -6,7 +6,7 @@
 //! [Peer]     (0 or more) PublicKey, PresharedKey, Endpoint, AllowedIPs,
 //!                        PersistentKeepalive, VNet
 //! [Metrics]  (optional)  Listen
-//! [Tuning]   (optional)  Queues, Cores, BatchSize, RingSize, FrameSize,
+//! [Tuning]   (optional)  Queues, Cores, SourcePorts, BatchSize, RingSize, FrameSize,
 //!                        XskMode, XdpMode, BusyPoll, NeedWakeup, IdleSpin
 //! ```
 //!
@@ -142,7 +142,15 @@ pub struct Tuning {
     /// [Policy]'s flow table: MaxFlows and the FlowTimeout* keys.
     pub flows: subway_dataplane::policy::FlowLimits,
     pub xdp_mode: XdpAttach,
+    /// `SourcePorts = N` and its line: the tunnel's datagrams leave from
+    /// ListenPort .. ListenPort + N - 1, one port per inner flow, so that
+    /// the receiver's RSS spreads one peer over N of its queues.
+    pub source_ports: Option<(u16, usize)>,
 }
+
+/// The most ports `SourcePorts` may spread over (each is an XDP listen
+/// entry per uplink address and a socket for the handshakes sent to it).
+pub const MAX_SOURCE_PORTS: u16 = 32;
 
 /// `[Export]`: subway keeps the default VNET's peer prefixes it can serve
 /// (through a healthy peer) in a kernel routing table of their own, for a

@@ -226,6 +226,23 @@ impl Config {
                 "peers are configured but [Interface] has no Uplink: add `Uplink = IFNAME`, the interface toward the peers".into(),
             ));
         }
+        if let Some((n, line)) = self.tuning.source_ports.filter(|(n, _)| *n > 1) {
+            match self.interface.listen_port {
+                None | Some(0) => {
+                    return Err(self.err(
+                        line,
+                        format!("SourcePorts = {n} needs a fixed ListenPort in [Interface]: the ports are ListenPort .. ListenPort + {}", n - 1),
+                    ));
+                }
+                Some(p) if p as u32 + n as u32 - 1 > u16::MAX as u32 => {
+                    return Err(self.err(
+                        line,
+                        format!("SourcePorts = {n} from ListenPort {p} goes past port 65535: lower ListenPort or SourcePorts"),
+                    ));
+                }
+                _ => {}
+            }
+        }
         if !self.peers.is_empty() && self.interface.private_key.is_none() {
             return Err(self.err(
                 self.interface.line,

@@ -390,6 +390,19 @@ pub(super) fn parse_tuning(cfg: &mut Config, kv: Entries, err: &ErrFn) -> Result
                         .collect(),
                 )
             }
+            "sourceports" => {
+                let n: u16 = parse_num(&k, &v, line, err)?;
+                if !(1..=super::MAX_SOURCE_PORTS).contains(&n) {
+                    return Err(err(
+                        line,
+                        format!(
+                            "SourcePorts = {n}: use 1 to {} (about the number of RX queues of the peers' NICs)",
+                            super::MAX_SOURCE_PORTS
+                        ),
+                    ));
+                }
+                t.source_ports = Some((n, line));
+            }
             "batchsize" => t.xsk.batch_size = parse_num(&k, &v, line, err)?,
             "ringsize" => t.xsk.ring_size = parse_num(&k, &v, line, err)?,
             "framesize" => t.xsk.frame_size = parse_num(&k, &v, line, err)?,
@@ -415,7 +428,7 @@ pub(super) fn parse_tuning(cfg: &mut Config, kv: Entries, err: &ErrFn) -> Result
                 return Err(err(
                     line,
                     format!(
-                        "unknown key `{k}` in [Tuning]: expected one of Queues, Cores, BatchSize, RingSize, FrameSize, XskMode, XdpMode, BusyPoll, NeedWakeup, IdleSpin, MaxFlows, FlowTimeoutTcp, FlowTimeoutUdp, FlowTimeoutOther"
+                        "unknown key `{k}` in [Tuning]: expected one of Queues, Cores, SourcePorts, BatchSize, RingSize, FrameSize, XskMode, XdpMode, BusyPoll, NeedWakeup, IdleSpin, MaxFlows, FlowTimeoutTcp, FlowTimeoutUdp, FlowTimeoutOther"
                     ),
                 ));
             }

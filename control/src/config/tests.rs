@@ -219,6 +219,24 @@ fn errors_name_the_line_and_the_fix() {
         2,
         "beyond the highest queue",
     );
+    expect_err("[Tuning]\nSourcePorts = 0\n[Lan]\nInterface = lan0\n", 2, "use 1 to 32");
+    expect_err(
+        "[Tuning]\nSourcePorts = 33\n[Lan]\nInterface = lan0\n",
+        2,
+        "use 1 to 32",
+    );
+    expect_err(
+        "[Interface]\n[Tuning]\nSourcePorts = 4\n[Lan]\nInterface = lan0\n",
+        3,
+        "needs a fixed ListenPort",
+    );
+    expect_err(
+        "[Interface]\nListenPort = 65534\n[Tuning]\nSourcePorts = 4\n[Lan]\nInterface = lan0\n",
+        4,
+        "past port 65535",
+    );
+    let c = parse("[Interface]\nListenPort = 65532\n[Tuning]\nSourcePorts = 4\n[Lan]\nInterface = lan0\n").unwrap();
+    assert_eq!(c.tuning.source_ports, Some((4, 4)));
 }
 
 #[test]

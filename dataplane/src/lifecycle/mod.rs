@@ -432,10 +432,12 @@ impl Dataplane {
         if now == cur.uplink_addrs {
             return Ok(None);
         }
-        let key = |a: &std::net::IpAddr| start::listen_key(*a, listen_port);
+        let keys = |a: &std::net::IpAddr| start::listen_keys(*a, listen_port, cur.source_ports);
         if listen_port != 0 {
             for a in now.iter().filter(|a| !cur.uplink_addrs.contains(a)) {
-                self.xdp.add_listen(key(a))?;
+                for k in keys(a) {
+                    self.xdp.add_listen(k)?;
+                }
             }
         }
         tracing::info!(uplink = %up.name, from = ?cur.uplink_addrs, to = ?now, "uplink addresses changed");
@@ -445,8 +447,10 @@ impl Dataplane {
         self.publish(|t| t.uplink_addrs = now.clone());
         if listen_port != 0 {
             for a in &gone {
-                if let Err(e) = self.xdp.remove_listen(key(a)) {
-                    tracing::warn!("unsteering the old uplink address {a}: {e}");
+                for k in keys(a) {
+                    if let Err(e) = self.xdp.remove_listen(k) {
+                        tracing::warn!("unsteering the old uplink address {a}: {e}");
+                    }
                 }
             }
         }

@@ -54,6 +54,7 @@ impl Dataplane {
             uplink,
             uplink_addrs: uplink_addrs.clone(),
             listen_port: cfg.listen_port,
+            source_ports: cfg.source_ports.max(1),
             policies: crate::policy::Policies::build(&cfg.policies, cfg.flows, &Default::default()),
         });
 
@@ -279,7 +280,9 @@ fn load_steering(cfg: &DataplaneConfig, ports: &[Port], fib: &Fib, uplink_addrs:
     let mut xdp = XdpSteering::load()?;
     if cfg.listen_port != 0 {
         for a in uplink_addrs {
-            xdp.add_listen(listen_key(*a, cfg.listen_port))?;
+            for k in listen_keys(*a, cfg.listen_port, cfg.source_ports) {
+                xdp.add_listen(k)?;
+            }
         }
     }
     for (i, p) in ports.iter().enumerate() {
@@ -300,11 +303,13 @@ fn load_steering(cfg: &DataplaneConfig, ports: &[Port], fib: &Fib, uplink_addrs:
 }
 
 /// The XDP program's key for WireGuard to `addr` on `port`.
-pub(super) fn listen_key(addr: IpAddr, port: u16) -> subway_common::ListenKey {
-    match addr {
-        IpAddr::V4(v4) => subway_common::ListenKey::v4(v4.octets(), port),
-        IpAddr::V6(v6) => subway_common::ListenKey::v6(v6.octets(), port),
-    }
+/// The XDP program's listen entries for one uplink address: the listen
+/// port and the `SourcePorts` after it.
+pub(super) fn listen_keys(addr: IpAddr, port: u16, ports: u16) -> impl Iterator<Item = subway_common::ListenKey> {
+    (port..=port.saturating_add(ports.max(1) - 1)).map(move |p| match addr {
+        IpAddr::V4(v4) => subway_common::ListenKey::v4(v4.octets(), p),
+        IpAddr::V6(v6) => subway_common::ListenKey::v6(v6.octets(), p),
+    })
 }
 
 /// Step 6: a worker per served RX queue, pinned round-robin to the

@@ -42,8 +42,9 @@ pub fn encapsulated_len(path: &OuterPath, ip_len: usize) -> usize {
 }
 
 /// Seals the inner IP packet `buf[l3..l3 + ip_len]` with `counter` and
-/// builds the outer frame around it at the start of `buf`. Returns the
-/// frame's length. `buf` is the frame's whole capacity.
+/// builds the outer frame around it at the start of `buf`, from UDP port
+/// `sport` (the path's own, or one of `SourcePorts`). Returns the frame's
+/// length. `buf` is the frame's whole capacity.
 pub fn encapsulate(
     buf: &mut [u8],
     l3: usize,
@@ -51,6 +52,7 @@ pub fn encapsulate(
     session: &Session,
     counter: u64,
     path: &OuterPath,
+    sport: u16,
 ) -> Result<usize, WgError> {
     let hdr = path.header_len();
     if buf.len() < encapsulated_len(path, ip_len) || l3 + ip_len > buf.len() {
@@ -58,7 +60,7 @@ pub fn encapsulate(
     }
     buf.copy_within(l3..l3 + ip_len, hdr + DATA_HEADER_LEN);
     let n = session.seal(counter, &mut buf[hdr..], ip_len)?;
-    udp::emit(&mut buf[hdr - 8..], path.src.port(), path.dst.port(), n);
+    udp::emit(&mut buf[hdr - 8..], sport, path.dst.port(), n);
     match (path.src.ip(), path.dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             // IPv4 allows "no UDP checksum", and WireGuard authenticates
@@ -202,7 +204,7 @@ mod tests {
             100,
         );
         let inner: Vec<u8> = frame[14..134].to_vec();
-        let n = encapsulate(&mut frame, 14, 120, &a, 0, &path).unwrap();
+        let n = encapsulate(&mut frame, 14, 120, &a, 0, &path, path.src.port()).unwrap();
         assert_eq!(n, encapsulated_len(&path, 120));
         let r = parse_outer(&frame[..n]).unwrap();
         assert_eq!(r.src, path.src);
@@ -261,7 +263,7 @@ mod tests {
         };
         let mut small = vec![0u8; 100];
         assert_eq!(
-            encapsulate(&mut small, 14, 80, &a, 0, &path),
+            encapsulate(&mut small, 14, 80, &a, 0, &path, path.src.port()),
             Err(WgError::BufferTooSmall)
         );
         assert_eq!(parse_outer(&[0u8; 20]), None);
@@ -407,6 +409,8 @@ pub(crate) mod fixture {
         pub session_known: bool,
         pub path_known: bool,
         pub lan_mtu: u32,
+        /// `SourcePorts` (1: the listen port alone).
+        pub source_ports: u16,
         stats: Arc<PeerStats>,
     }
 
@@ -431,6 +435,7 @@ pub(crate) mod fixture {
                 session_known: true,
                 path_known: true,
                 lan_mtu: 1500,
+                source_ports: 1,
                 stats: Default::default(),
             }
         }
@@ -483,6 +488,7 @@ pub(crate) mod fixture {
                 policies: Default::default(),
                 uplink: Some(0),
                 listen_port: 51820,
+                source_ports: self.source_ports,
                 uplink_addrs: vec![self.path.src.ip()],
             }
         }
@@ -502,7 +508,7 @@ pub(crate) mod fixture {
                 dst: self.path.src,
             };
             let counter = self.theirs.reserve(1).unwrap();
-            let n = encapsulate(&mut buf, 14, ip_len, &self.theirs, counter, &back).unwrap();
+            let n = encapsulate(&mut buf, 14, ip_len, &self.theirs, counter, &back, back.src.port()).unwrap();
             (buf, n)
         }
     }

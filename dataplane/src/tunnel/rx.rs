@@ -15,13 +15,15 @@ use crate::wg::messages::{DATA_HEADER_LEN, DATA_MIN_LEN, TYPE_DATA};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-/// A UDP datagram to one of our uplink addresses and our listen port?
+/// A UDP datagram to one of our uplink addresses and our listen port (or
+/// one of the `SourcePorts` after it)?
 #[inline]
 pub fn is_wireguard(frame: &[u8], t: &Tables) -> bool {
     t.listen_port != 0
         && parse_outer(frame).is_some_and(|r| {
             let l4 = r.msg_start - 8;
-            u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]) == t.listen_port && t.uplink_addrs.contains(&r.dst)
+            let port = u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]);
+            port.wrapping_sub(t.listen_port) < t.source_ports.max(1) && t.uplink_addrs.contains(&r.dst)
         })
 }
 
@@ -52,14 +54,22 @@ pub fn decapsulate(buf: &mut [u8], len: usize, t: &Tables, now: Duration) -> (Ve
     };
     // Authenticated: if it came from elsewhere than the published
     // endpoint, the peer roamed; tell the control thread (IPv4; IPv6
-    // roaming is followed on handshakes).
-    if let (Some(path), std::net::SocketAddr::V4(src)) = (&peer.path, r.src)
-        && path.dst != r.src
-    {
-        peer.stats
-            .roamed_v4
-            .store(crate::tables::PeerStats::pack_v4(src), Ordering::Relaxed);
-        peer.stats.mark.set();
+    // roaming is followed on handshakes). The first new source since the
+    // control thread looked is kept: a peer spreading its source ports
+    // costs a load per datagram, not a store on a shared line.
+    if let Some(path) = &peer.path {
+        if path.dst == r.src {
+            if !peer.stats.at_endpoint.load(Ordering::Relaxed) {
+                peer.stats.at_endpoint.store(true, Ordering::Relaxed);
+            }
+        } else if let std::net::SocketAddr::V4(src) = r.src
+            && peer.stats.roamed_v4.load(Ordering::Relaxed) == 0
+        {
+            peer.stats
+                .roamed_v4
+                .store(crate::tables::PeerStats::pack_v4(src), Ordering::Relaxed);
+            peer.stats.mark.set();
+        }
     }
     if plain_len == 0 {
         peer.stats.rx_keepalives.fetch_add(1, Ordering::Relaxed);
@@ -321,6 +331,14 @@ mod tests {
         assert!(is_wireguard(&buf[..len], &t));
         t.listen_port = 51821;
         assert!(!is_wireguard(&buf[..len], &t));
+        // SourcePorts: 51818 .. 51820 receive, 51818 .. 51819 do not
+        // include 51820.
+        t.listen_port = 51818;
+        t.source_ports = 3;
+        assert!(is_wireguard(&buf[..len], &t));
+        t.source_ports = 2;
+        assert!(!is_wireguard(&buf[..len], &t));
+        t.source_ports = 1;
         t.listen_port = 51820;
         t.uplink_addrs = vec!["192.0.2.9".parse().unwrap()];
         assert!(!is_wireguard(&buf[..len], &t));
@@ -329,7 +347,16 @@ mod tests {
         let roamed: SocketAddr = "198.51.100.7:4000".parse().unwrap();
         let (v, _, _) = rx(&t, f.datagram(roamed, Some((FAR, LAN_HOST, 64, 40))));
         assert_eq!(v, Verdict::Tx(1));
-        let got = crate::tables::PeerStats::unpack_v4(f.peer_stats().roamed_v4.load(Ordering::Relaxed));
-        assert_eq!(got.map(SocketAddr::V4), Some(roamed));
+        let got = || crate::tables::PeerStats::unpack_v4(f.peer_stats().roamed_v4.load(Ordering::Relaxed));
+        assert_eq!(got().map(SocketAddr::V4), Some(roamed));
+        assert!(!f.peer_stats().at_endpoint.load(Ordering::Relaxed));
+        // Until the control thread looks, the first new source is kept
+        // (a peer spreading its ports costs no store per datagram).
+        let other: SocketAddr = "198.51.100.7:4001".parse().unwrap();
+        rx(&t, f.datagram(other, Some((FAR, LAN_HOST, 64, 40))));
+        assert_eq!(got().map(SocketAddr::V4), Some(roamed));
+        // From the published endpoint: heard there.
+        rx(&t, f.datagram(from_peer(), Some((FAR, LAN_HOST, 64, 40))));
+        assert!(f.peer_stats().at_endpoint.load(Ordering::Relaxed));
     }
 }

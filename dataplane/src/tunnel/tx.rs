@@ -34,6 +34,9 @@ pub struct Ready<'t> {
     pub path: &'t OuterPath,
     /// Largest inner packet the tunnel carries.
     pub tunnel_mtu: u32,
+    /// `SourcePorts`: ports from the path's source port on to spread the
+    /// peer's flows over (1: that port alone).
+    pub source_ports: u16,
 }
 
 impl<'t> Ready<'t> {
@@ -50,7 +53,21 @@ impl<'t> Ready<'t> {
             session: rt.session.as_deref().filter(|s| s.can_send(now))?,
             path: rt.path.as_ref()?,
             tunnel_mtu: up.mtu.saturating_sub(TUNNEL_OVERHEAD),
+            source_ports: t.source_ports.max(1),
         })
+    }
+
+    /// The UDP port the inner packet `ip` leaves from: the listen port, or
+    /// with `SourcePorts = N` one of N chosen by its flow, so that the
+    /// peer's RSS spreads the tunnel over its queues while each flow stays
+    /// on one (in order).
+    #[inline]
+    pub fn source_port(&self, ip: &[u8]) -> u16 {
+        let base = self.path.src.port();
+        match self.source_ports {
+            0 | 1 => base,
+            n => base.wrapping_add((crate::wire::ip::flow_hash(ip) % n as u64) as u16),
+        }
     }
 
     /// Whether an inner packet of `ip_len` bytes fits the tunnel; if not,
@@ -104,6 +121,7 @@ impl<'t> PeerRun<'t> {
             tally.inc(Counter::MssClamped);
         }
         crate::wire::ip::decrement_ttl(inner);
+        let sport = self.ready.source_port(inner);
         match encapsulate(
             buf,
             l3,
@@ -111,6 +129,7 @@ impl<'t> PeerRun<'t> {
             self.ready.session,
             self.first + k as u64,
             self.ready.path,
+            sport,
         ) {
             Ok(n) => {
                 self.packets += 1;
@@ -182,6 +201,43 @@ mod tests {
                 assert_eq!(mss, 1500 - 80 - 40, "clamped to the tunnel's MTU");
             }
         }
+    }
+
+    #[test]
+    fn with_source_ports_each_flow_keeps_one_port_and_flows_spread_over_them() {
+        let mut f = fixture::Fixture::new();
+        f.source_ports = 4;
+        let t = f.tables();
+        let now = Duration::ZERO;
+        let mut tally = Tally::default();
+        let mut run = PeerRun::begin(&t, 0, 64, now).unwrap();
+        let mut port_of = std::collections::HashMap::new();
+        for k in 0..64 {
+            // 32 flows (UDP source ports 1000..1031), each sent twice.
+            let flow = 1000 + (k % 32) as u16;
+            let mut buf = vec![0u8; 2048];
+            let len = ip_frame(&mut buf, LAN_HOST, FAR, 64, 100, false);
+            buf[14 + 20..14 + 22].copy_from_slice(&flow.to_be_bytes());
+            let Sealed::Datagram(n) = run.seal(k, &mut buf, 14, len - 14, &mut tally) else {
+                panic!("frame {k} not sealed");
+            };
+            let r = super::super::parse_outer(&buf[..n]).unwrap();
+            assert_eq!(r.src.ip(), f.path.src.ip());
+            let port = r.src.port();
+            assert!((51820..51824).contains(&port), "port {port} outside 51820-51823");
+            assert_eq!(*port_of.entry(flow).or_insert(port), port, "flow {flow} changed port");
+            assert!(f.theirs.open(&mut buf[r.msg_start..r.msg_end], now).is_ok());
+        }
+        run.finish();
+        let used: std::collections::HashSet<_> = port_of.values().collect();
+        assert_eq!(used.len(), 4, "32 flows over 4 ports use them all: {port_of:?}");
+        // Without SourcePorts, the listen port alone.
+        f.source_ports = 1;
+        let t = f.tables();
+        let ready = Ready::of(&t, 0, now).unwrap();
+        let mut buf = vec![0u8; 2048];
+        let len = ip_frame(&mut buf, LAN_HOST, FAR, 64, 100, false);
+        assert_eq!(ready.source_port(&buf[14..len]), 51820);
     }
 
     #[test]
