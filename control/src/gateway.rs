@@ -445,8 +445,7 @@ impl Gateway {
                 want(id, &self.dev, &mut self.published);
             }
         } else {
-            let ids: Vec<u32> = self.dev.changed_peers().collect();
-            for id in ids {
+            for id in self.dev.changed_peers() {
                 want(id, &self.dev, &mut self.published);
             }
         }

@@ -147,6 +147,10 @@ pub struct Fib {
     routes: Vec<Route>,
     groups: Vec<HopGroup>,
     peer_sets: Vec<Vec<u32>>,
+    /// The ids of `groups` and `peer_sets` by content, for building: a
+    /// config with thousands of route groups finds each in one lookup.
+    group_ids: std::collections::HashMap<HopGroup, u32>,
+    set_ids: std::collections::HashMap<Vec<u32>, u32>,
 }
 
 impl Fib {
@@ -241,14 +245,12 @@ impl Fib {
     /// The target for routes through `g`: an existing identical group's,
     /// or a new one.
     pub fn via(&mut self, g: HopGroup) -> Target {
-        let id = match self.groups.iter().position(|x| *x == g) {
-            Some(i) => i,
-            None => {
-                self.groups.push(g);
-                self.groups.len() - 1
-            }
-        };
-        Target::Via(id as u32)
+        let next = self.groups.len() as u32;
+        let id = *self.group_ids.entry(g.clone()).or_insert(next);
+        if id == next {
+            self.groups.push(g);
+        }
+        Target::Via(id)
     }
 
     /// The next-hop group of a [`Target::Via`].
@@ -281,14 +283,12 @@ impl Fib {
     pub fn peers(&mut self, mut set: Vec<u32>) -> Target {
         set.sort_unstable();
         set.dedup();
-        let id = match self.peer_sets.iter().position(|x| *x == set) {
-            Some(i) => i,
-            None => {
-                self.peer_sets.push(set);
-                self.peer_sets.len() - 1
-            }
-        };
-        Target::Peers(id as u32)
+        let next = self.peer_sets.len() as u32;
+        let id = *self.set_ids.entry(set.clone()).or_insert(next);
+        if id == next {
+            self.peer_sets.push(set);
+        }
+        Target::Peers(id)
     }
 
     /// The peers of a [`Target::Peers`].

@@ -441,8 +441,7 @@ impl Dataplane {
             }
         }
         tracing::info!(uplink = %up.name, from = ?cur.uplink_addrs, to = ?now, "uplink addresses changed");
-        self.route_cache.clear();
-        self.paths_epoch += 1;
+        self.forget_routes();
         let gone: Vec<std::net::IpAddr> = cur.uplink_addrs.iter().filter(|a| !now.contains(a)).copied().collect();
         self.publish(|t| t.uplink_addrs = now.clone());
         if listen_port != 0 {
@@ -479,13 +478,11 @@ impl Dataplane {
         match drained {
             Ok(false) => {}
             Ok(true) => {
-                self.route_cache.clear();
-                self.paths_epoch += 1;
+                self.forget_routes();
                 self.follow_kernel_routes();
             }
             Err(_) => {
-                self.route_cache.clear();
-                self.paths_epoch += 1;
+                self.forget_routes();
                 self.follow_kernel_routes();
                 return self.refresh_neighbours();
             }
@@ -519,6 +516,14 @@ impl Dataplane {
             self.publish(|t| t.neigh = neigh);
         }
         Ok(changed)
+    }
+
+    /// The kernel's routes (or our addresses) changed: the cached routes to
+    /// the peers' endpoints are forgotten and every outer path is worked
+    /// out again at the next publication.
+    fn forget_routes(&mut self) {
+        self.route_cache.clear();
+        self.paths_epoch += 1;
     }
 
     /// A route changed in the kernel: the FIB is rebuilt against the
