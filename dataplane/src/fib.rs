@@ -168,13 +168,11 @@ impl Fib {
         }
         let net = IpNetwork::new(prefix.addr(), prefix.prefix_len()).expect("a truncated prefix is a valid network");
         let v = &mut self.vnets[idx];
-        if let Some(existing) = v.table.exact_match(net) {
-            return Err(FibError::Duplicate {
-                prefix,
-                existing: *existing,
-            });
+        // One walk of the tree: insert, and put back what was there.
+        if let Some(existing) = v.table.insert(net, target) {
+            v.table.insert(net, existing);
+            return Err(FibError::Duplicate { prefix, existing });
         }
-        v.table.insert(net, target);
         self.routes.push(Route { vnet, prefix, target });
         Ok(())
     }
@@ -462,6 +460,9 @@ mod tests {
                 existing: Target::Port(1)
             }
         );
+        // The refused route left the first one in place.
+        assert_eq!(f.lookup_v4(0, "10.0.0.5".parse().unwrap()), Some((24, Target::Port(1))));
+        assert_eq!(f.routes().len(), 1);
     }
 
     #[test]

@@ -245,7 +245,22 @@ impl Dataplane {
         let t_kernel = t0.elapsed();
         self.undo.fail_open = cfg.fail_open;
         let peers = peer_rts(&cur.peers, &cfg.peers, fresh, &mut self.marks);
-        let allowed = Arc::new(allowed_ips(&cfg.peers));
+        // Cryptokey routing changes only with the peers' AllowedIPs (not
+        // with their health, endpoints or the kernel's routes).
+        let same_claims = |a: &crate::config::PeerRoutes, b: &crate::config::PeerRoutes| {
+            a.id == b.id && a.vnet == b.vnet && a.allowed_ips == b.allowed_ips
+        };
+        let allowed = if cfg.peers.len() == self.running.peers.len()
+            && cfg
+                .peers
+                .iter()
+                .zip(&self.running.peers)
+                .all(|(a, b)| same_claims(a, b))
+        {
+            cur.allowed.clone()
+        } else {
+            Arc::new(allowed_ips(&cfg.peers))
+        };
         // Rebuilt only when they changed: a route event re-applies the
         // running config, and the policies' counters and flow entries'
         // rule numbers belong to one build.
