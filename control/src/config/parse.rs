@@ -67,13 +67,13 @@ impl Config {
         let flush = |cfg: &mut Config, section: Section, line: usize, kv: &mut Entries| -> Result<(), ConfigError> {
             let kv = std::mem::take(kv);
             // Lists may be split over lines; any other key twice is a mistake.
-            let mut seen: HashMap<String, usize> = HashMap::new();
-            for (k, _, l) in &kv {
-                let lk = k.to_ascii_lowercase();
-                if lk == "allowedips" || lk == "subnets" || lk == "route" || lk == "rule" {
+            // (A section has a handful of keys: a scan, no allocation.)
+            let lists = ["allowedips", "subnets", "route", "rule"];
+            for (i, (k, _, l)) in kv.iter().enumerate() {
+                if lists.iter().any(|x| k.eq_ignore_ascii_case(x)) {
                     continue;
                 }
-                if let Some(first) = seen.insert(lk, *l) {
+                if let Some((_, _, first)) = kv[..i].iter().find(|(o, _, _)| o.eq_ignore_ascii_case(k)) {
                     return Err(err(
                         *l,
                         format!("`{k}` is given twice in this section (first at line {first}): keep one"),
@@ -212,10 +212,15 @@ impl Config {
                 .iter()
                 .map(|l| l.subnets.len() + l.routes.len())
                 .sum::<usize>();
-        let mut subnets: FxMap<(&str, IpNet), usize> = FxMap::with_capacity_and_hasher(claims, Default::default());
+        // Keyed by the VNET's index, not its name: no string is hashed or
+        // compared per prefix.
+        let vnets = self.vnet_ids();
+        let vid = |name: &str| vnets.iter().position(|v| v == name).unwrap_or(0) as u32;
+        let mut subnets: FxMap<(u32, IpNet), usize> = FxMap::with_capacity_and_hasher(claims, Default::default());
         for l in &self.lans {
+            let v = vid(&l.vnet);
             for s in &l.subnets {
-                if let Some(prev) = subnets.insert((&l.vnet, s.trunc()), l.line) {
+                if let Some(prev) = subnets.insert((v, s.trunc()), l.line) {
                     return Err(self.err(l.line, format!("subnet {s} in VNET {} is also claimed by the [Lan] at line {prev}: each prefix belongs to one interface per VNET", l.vnet)));
                 }
             }
@@ -251,7 +256,7 @@ impl Config {
         }
         let mut keys: FxMap<Key32, usize> = FxMap::with_capacity_and_hasher(self.peers.len(), Default::default());
         // One owner per prefix and VNET, whether a LAN or a peer.
-        let mut owners: FxMap<(&str, IpNet), usize> = subnets;
+        let mut owners: FxMap<(u32, IpNet), usize> = subnets;
         for l in &self.lans {
             for (net, hops, line) in &l.routes {
                 if let Some(h) = hops
@@ -281,7 +286,7 @@ impl Config {
                         ),
                     ));
                 }
-                if let Some(prev) = owners.insert((&l.vnet, *net), *line) {
+                if let Some(prev) = owners.insert((vid(&l.vnet), *net), *line) {
                     return Err(self.err(
                         *line,
                         format!(
@@ -299,8 +304,9 @@ impl Config {
                     format!("this PublicKey is already the [Peer] at line {prev}: merge the two sections"),
                 ));
             }
+            let v = vid(&p.vnet);
             for (net, line) in &p.allowed_ips {
-                if let Some(prev) = owners.insert((&p.vnet, net.trunc()), *line) {
+                if let Some(prev) = owners.insert((v, net.trunc()), *line) {
                     // A route group: every claimant is a peer with a Priority.
                     let claimants: Vec<&super::PeerSection> = self
                         .peers
@@ -339,7 +345,7 @@ impl Config {
         if per_family.iter().all(|n| n + lan_claims <= limit) {
             return self.validate_groups();
         }
-        let mut seen: FxMap<(&str, IpNet), ()> = FxMap::with_capacity_and_hasher(claims, Default::default());
+        let mut seen: FxMap<(u32, IpNet), ()> = FxMap::with_capacity_and_hasher(claims, Default::default());
         let mut per_family = [0usize; 2];
         let claims = self
             .lans
@@ -347,14 +353,13 @@ impl Config {
             .flat_map(|l| {
                 l.subnets
                     .iter()
-                    .map(move |s| (l.vnet.as_str(), *s, l.line))
-                    .chain(l.routes.iter().map(move |r| (l.vnet.as_str(), r.0, r.2)))
+                    .map(move |s| (vid(&l.vnet), *s, l.line))
+                    .chain(l.routes.iter().map(move |r| (vid(&l.vnet), r.0, r.2)))
             })
-            .chain(
-                self.peers
-                    .iter()
-                    .flat_map(|p| p.allowed_ips.iter().map(move |(n, line)| (p.vnet.as_str(), *n, *line))),
-            );
+            .chain(self.peers.iter().flat_map(|p| {
+                let v = vid(&p.vnet);
+                p.allowed_ips.iter().map(move |(n, line)| (v, *n, *line))
+            }));
         for (vnet, net, line) in claims {
             if seen.insert((vnet, net.trunc()), ()).is_some() {
                 continue;
