@@ -63,6 +63,9 @@ pub struct Finding {
 pub struct Plan {
     pub queues: Vec<u32>,
     pub cores: Vec<usize>,
+    /// `SourcePorts`: as many as the queues served (a far box like this
+    /// one then spreads our datagrams over as many of its queues).
+    pub source_ports: u16,
     pub why: Vec<String>,
 }
 
@@ -266,9 +269,19 @@ pub fn plan(facts: &Facts) -> Plan {
         }
         cores.push(c);
     }
+    let source_ports = (n as u16).min(crate::config::MAX_SOURCE_PORTS);
+    if source_ports > 1 {
+        why.push(format!(
+            "SourcePorts = {source_ports}: one peer's datagrams leave from {source_ports} UDP ports, so a far box like this \
+             one spreads them over {source_ports} queues (its RSS hashes the ports); set it there too, and let \
+             ListenPort .. ListenPort + {} through any firewall",
+            source_ports - 1
+        ));
+    }
     Plan {
         queues: (0..n as u32).collect(),
         cores,
+        source_ports,
         why,
     }
 }
@@ -277,11 +290,15 @@ impl Plan {
     /// The [Tuning] lines.
     pub fn tuning(&self) -> String {
         let list = |v: &[String]| v.join(",");
-        format!(
+        let mut t = format!(
             "[Tuning]\nQueues = {}\nCores = {}\n",
             list(&self.queues.iter().map(|q| q.to_string()).collect::<Vec<_>>()),
             list(&self.cores.iter().map(|c| c.to_string()).collect::<Vec<_>>())
-        )
+        );
+        if self.source_ports > 1 {
+            t += &format!("SourcePorts = {}\n", self.source_ports);
+        }
+        t
     }
 }
 
@@ -517,7 +534,10 @@ mod tests {
             vec![3, 2, 1, 0],
             "pinned IRQs kept, free cores next, the busy one last"
         );
-        assert_eq!(p.tuning(), "[Tuning]\nQueues = 0,1,2,3\nCores = 3,2,1,0\n");
+        assert_eq!(
+            p.tuning(),
+            "[Tuning]\nQueues = 0,1,2,3\nCores = 3,2,1,0\nSourcePorts = 4\n"
+        );
         // More queues than cores: one per core.
         let facts = Facts {
             cores: 2,
@@ -527,6 +547,14 @@ mod tests {
         let p = plan(&facts);
         assert_eq!((p.queues.len(), p.cores.clone()), (2, vec![0, 1]));
         assert!(p.why[0].contains("ethtool -L"), "{:?}", p.why);
+        assert!(p.tuning().ends_with("SourcePorts = 2\n"), "{}", p.tuning());
+        // One queue: nothing to spread over.
+        let facts = Facts {
+            cores: 2,
+            ifaces: vec![veth("eth1", "uplink", 1)],
+            ..Default::default()
+        };
+        assert!(!plan(&facts).tuning().contains("SourcePorts"));
     }
 
     #[test]
