@@ -272,9 +272,10 @@ pub fn plan(facts: &Facts) -> Plan {
     let source_ports = (n as u16).min(crate::config::MAX_SOURCE_PORTS);
     if source_ports > 1 {
         why.push(format!(
-            "SourcePorts = {source_ports}: one peer's datagrams leave from {source_ports} UDP ports, so a far box like this \
-             one spreads them over {source_ports} queues (its RSS hashes the ports); set it there too, and let \
-             ListenPort .. ListenPort + {} through any firewall",
+            "SourcePorts = {source_ports} (commented out: only where the peers reach this box without a NAT or a \
+             stateful firewall that expects replies from ListenPort alone): one peer's datagrams leave from \
+             {source_ports} UDP ports, so a far box like this one spreads them over {source_ports} queues; set it \
+             there too, and let ListenPort .. ListenPort + {} through",
             source_ports - 1
         ));
     }
@@ -296,7 +297,7 @@ impl Plan {
             list(&self.cores.iter().map(|c| c.to_string()).collect::<Vec<_>>())
         );
         if self.source_ports > 1 {
-            t += &format!("SourcePorts = {}\n", self.source_ports);
+            t += &format!("# SourcePorts = {}\n", self.source_ports);
         }
         t
     }
@@ -536,7 +537,7 @@ mod tests {
         );
         assert_eq!(
             p.tuning(),
-            "[Tuning]\nQueues = 0,1,2,3\nCores = 3,2,1,0\nSourcePorts = 4\n"
+            "[Tuning]\nQueues = 0,1,2,3\nCores = 3,2,1,0\n# SourcePorts = 4\n"
         );
         // More queues than cores: one per core.
         let facts = Facts {
@@ -547,7 +548,7 @@ mod tests {
         let p = plan(&facts);
         assert_eq!((p.queues.len(), p.cores.clone()), (2, vec![0, 1]));
         assert!(p.why[0].contains("ethtool -L"), "{:?}", p.why);
-        assert!(p.tuning().ends_with("SourcePorts = 2\n"), "{}", p.tuning());
+        assert!(p.tuning().ends_with("# SourcePorts = 2\n"), "{}", p.tuning());
         // One queue: nothing to spread over.
         let facts = Facts {
             cores: 2,

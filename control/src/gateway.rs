@@ -36,6 +36,8 @@ pub struct Gateway {
     /// Per peer: when a datagram last came from its published endpoint
     /// (monotonic; see [`follows_roam`]).
     heard: Vec<std::time::Duration>,
+    /// Peers seen at a new source, not followed yet (see [`follows_roam`]).
+    roam_pending: Vec<(u32, SocketAddr)>,
     /// Per peer: the send session and outer path the workers were given.
     published: Vec<(Option<u32>, Option<subway_dataplane::tunnel::OuterPath>)>,
     published_gen: u64,
@@ -83,7 +85,7 @@ impl Gateway {
             u.set_nonblocking(true)?;
             grow_rcvbuf(u);
         }
-        let spread = cfg.tuning.source_ports.map_or(1, |(n, _)| n);
+        let spread = cfg.tuning.source_ports.map_or(1, |s| s.0);
         let mut extra = Vec::new();
         for port in (listen_port..=listen_port.saturating_add(spread - 1)).skip(1) {
             let why = || format!("binding UDP port {port} (SourcePorts = {spread} from ListenPort {listen_port})");
@@ -104,6 +106,7 @@ impl Gateway {
             listen_port,
             last: vec![(0, 0, 0); cfg.peers.len()],
             heard: vec![std::time::Duration::ZERO; cfg.peers.len()],
+            roam_pending: Vec::new(),
             published: Vec::new(),
             published_gen: u64::MAX,
             published_epoch: u64::MAX,
@@ -214,15 +217,24 @@ impl Gateway {
     }
 
     fn send(&mut self, outs: Vec<Outgoing>) {
-        for o in outs {
+        self.send_via(outs.into_iter().map(|o| (0, o)));
+    }
+
+    /// Sends each datagram from socket `k` of [`Gateway::fds`]'s order:
+    /// a reply from the port its request arrived on (a peer that wrote to
+    /// one of the `SourcePorts` hears back from that port, as a stateful
+    /// firewall or NAT on its side expects), anything else (k = 0) from
+    /// the listen port.
+    fn send_via(&mut self, outs: impl IntoIterator<Item = (usize, Outgoing)>) {
+        for (k, o) in outs {
             let Some(to) = o.to else {
                 self.count(Event::TxNoEndpoint);
                 continue;
             };
-            let sock = if to.is_ipv4() {
-                Some(&self.udp4)
-            } else {
-                self.udp6.as_ref()
+            let sock = match k.checked_sub(2).and_then(|e| self.extra.get(e)) {
+                Some(extra) => Some(extra),
+                None if to.is_ipv4() => Some(&self.udp4),
+                None => self.udp6.as_ref(),
             };
             match sock.map(|s| s.send_to(&o.datagram, to)) {
                 Some(Ok(_)) => self.count(Event::TxDatagrams),
@@ -232,9 +244,52 @@ impl Gateway {
     }
 
     /// When the device next needs a round without anything arriving
-    /// (monotonic time): its earliest timer.
+    /// (monotonic time): its earliest timer, or a port move waiting for
+    /// the current endpoint to go quiet.
     pub fn next_deadline(&mut self, now: std::time::Duration) -> Option<std::time::Duration> {
-        self.dev.next_deadline(now)
+        let roam = self
+            .roam_pending
+            .iter()
+            .map(|(id, _)| self.heard.get(*id as usize).copied().unwrap_or_default() + PORT_MOVE_QUIET)
+            .min();
+        match (self.dev.next_deadline(now), roam) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Follows the peers whose authenticated datagrams came from a new
+    /// source ([`follows_roam`]); a port move waits here until the current
+    /// endpoint has been quiet long enough, or is forgotten if the peer
+    /// came back to it or is gone.
+    fn follow_roams(&mut self, now: Now) {
+        let mut pending = std::mem::take(&mut self.roam_pending);
+        pending.retain(|&(id, to)| {
+            let heard = self.heard.get(id as usize).copied().unwrap_or_default();
+            let Some(p) = self.dev.peer(id).filter(|p| !p.removed) else {
+                return false;
+            };
+            if p.endpoint == Some(to) {
+                return false;
+            }
+            if !follows_roam(p.endpoint, to, now.mono.saturating_sub(heard)) {
+                return true;
+            }
+            if let Some(p) = self.dev.peer_mut(id) {
+                if p.endpoint.is_some_and(|e| e.ip() == to.ip()) {
+                    tracing::debug!(peer = id, from = ?p.endpoint, to = %to, "peer moved to another port");
+                } else {
+                    tracing::info!(peer = id, from = ?p.endpoint, to = %to, "peer roamed");
+                }
+                p.endpoint = Some(to);
+            }
+            if let Some(h) = self.heard.get_mut(id as usize) {
+                *h = now.mono;
+            }
+            self.events.add(Event::Roams.into());
+            false
+        });
+        self.roam_pending = pending;
     }
 
     /// One round: datagrams, TUN packets, traffic notes, timers,
@@ -275,19 +330,9 @@ impl Gateway {
                 self.heard[id] = now.mono;
             }
             let roamed = rt.stats.roamed_v4.swap(0, Ordering::Relaxed);
-            if let Some(a) = subway_dataplane::tables::PeerStats::unpack_v4(roamed)
-                && let Some(p) = self.dev.peer(id as u32)
-                && follows_roam(p.endpoint, SocketAddr::V4(a), now.mono.saturating_sub(self.heard[id]))
-                && let Some(p) = self.dev.peer_mut(id as u32)
-            {
-                if p.endpoint.is_some_and(|e| e.ip() == *a.ip()) {
-                    tracing::debug!(peer = id, from = ?p.endpoint, to = %a, "peer moved to another port");
-                } else {
-                    tracing::info!(peer = id, from = ?p.endpoint, to = %a, "peer roamed");
-                }
-                p.endpoint = Some(SocketAddr::V4(a));
-                self.heard[id] = now.mono;
-                self.count(Event::Roams);
+            if let Some(a) = subway_dataplane::tables::PeerStats::unpack_v4(roamed) {
+                self.roam_pending.retain(|(p, _)| *p != id as u32);
+                self.roam_pending.push((id as u32, SocketAddr::V4(a)));
             }
             let last = self.last[id];
             moved |= cur != last;
@@ -300,6 +345,7 @@ impl Gateway {
             );
             self.last[id] = cur;
         }
+        self.follow_roams(now);
         // This round's marked ones are looked at again next round.
         std::mem::swap(&mut self.recent, &mut marked);
         self.marked = marked;
@@ -333,15 +379,20 @@ impl Gateway {
         // the peer's first data message must find them in the workers' table.
         let mut replies = Vec::new();
         let mut behind = false;
+        // The `SourcePorts` sockets share one round's budget: a flood
+        // spread over them costs a round no more than one on the listen
+        // port.
+        let mut extra_left = UDP_PER_ROUND;
         for k in 0..2 + self.extra.len() {
-            for i in 0..=UDP_PER_ROUND {
+            let limit = if k < 2 { UDP_PER_ROUND } else { extra_left };
+            for i in 0..=limit {
                 let sock = match k {
                     0 => Some(&self.udp4),
                     1 => self.udp6.as_ref(),
                     k => self.extra.get(k - 2),
                 };
                 let Some(sock) = sock else { break };
-                if i == UDP_PER_ROUND {
+                if i == limit {
                     // More wait than a round takes: behind (for long, that
                     // is under load: cookie replies to initiations
                     // without mac2).
@@ -352,6 +403,9 @@ impl Gateway {
                     Ok(x) => x,
                     Err(_) => break,
                 };
+                if k >= 2 {
+                    extra_left -= 1;
+                }
                 let src = canonical(src);
                 let mut msg = self.buf[..n].to_vec();
                 match self.dev.receive(src, &mut msg, now) {
@@ -364,7 +418,7 @@ impl Gateway {
                             // peer comes back with mac2 after REKEY_TIMEOUT).
                             self.count(WgError::CookieRequired);
                         }
-                        replies.extend(outs);
+                        replies.extend(outs.into_iter().map(|o| (k, o)));
                     }
                     Ok(Received::CookieStored { .. }) => self.count(Event::CookiesReceived),
                     Ok(Received::Keepalive { .. }) => self.count(Event::KeepalivesInControl),
@@ -388,7 +442,7 @@ impl Gateway {
         self.dev.cookies.note_backlog(now.mono, behind);
         if !replies.is_empty() {
             self.publish(dp, now);
-            self.send(replies);
+            self.send_via(replies);
         }
     }
 
@@ -536,16 +590,21 @@ const PORT_MOVE_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Whether the published endpoint `cur` follows a peer whose datagrams
 /// (authenticated) now also come from `to`, when `cur` was last heard
-/// from `quiet` ago. A new address is followed at once (roaming). A new
-/// port on the same address is followed only once the current one has
-/// been quiet for [`PORT_MOVE_QUIET`]: a NAT that rebinds the port goes
-/// quiet on the old one, while a peer spreading its flows over source
-/// ports (subway's `SourcePorts`) keeps every port busy; following each
-/// would republish its path every round.
+/// from `quiet` ago. A new address, or a port far from the current one
+/// (a NAT's new mapping), is followed at once (roaming). A port within
+/// [`crate::config::MAX_SOURCE_PORTS`] of it on the same address is
+/// followed only once the current one has been quiet for
+/// [`PORT_MOVE_QUIET`]: a NAT that rebinds the port goes quiet on the old
+/// one, while a peer spreading its flows over source ports (subway's
+/// `SourcePorts`) keeps every port busy; following each would republish
+/// its path every round.
 fn follows_roam(cur: Option<SocketAddr>, to: SocketAddr, quiet: std::time::Duration) -> bool {
     match cur {
         Some(c) if c == to => false,
-        Some(c) if c.ip() == to.ip() => quiet >= PORT_MOVE_QUIET,
+        // Within a `SourcePorts` range of it: maybe a spreading peer.
+        Some(c) if c.ip() == to.ip() && c.port().abs_diff(to.port()) < crate::config::MAX_SOURCE_PORTS => {
+            quiet >= PORT_MOVE_QUIET
+        }
         _ => true,
     }
 }
@@ -701,5 +760,9 @@ mod tests {
         assert!(!follows_roam(Some(cur), other_port, Duration::from_millis(200)));
         // A NAT that rebound the port: the old one went quiet.
         assert!(follows_roam(Some(cur), other_port, PORT_MOVE_QUIET));
+        // A port far from the current one is no SourcePorts neighbour: a
+        // NAT's new mapping, followed at once.
+        let far_port: SocketAddr = "192.0.2.2:40000".parse().unwrap();
+        assert!(follows_roam(Some(cur), far_port, Duration::ZERO));
     }
 }

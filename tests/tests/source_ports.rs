@@ -16,8 +16,9 @@ use subway_testkit::{Capture, Subway, TwoSites, WgPeer, ping, ping_until, requir
 
 const SPREAD: &str = "\n[Tuning]\nSourcePorts = 4\n";
 
-/// A's source ports on the wire, over 51820-51823 only, at least two.
-fn spread_seen(cap: Capture) -> Result<std::collections::BTreeMap<u16, u32>> {
+/// A's source ports on the wire, over 51820-51823 only, at least two;
+/// and the lines captured.
+fn spread_seen(cap: Capture) -> Result<(std::collections::BTreeMap<u16, u32>, Vec<String>)> {
     let lines = cap.finish()?;
     let ports = udp_ports_from(&lines, "192.0.2.1");
     let head = lines.iter().take(5).cloned().collect::<Vec<_>>().join("\n");
@@ -30,7 +31,7 @@ fn spread_seen(cap: Capture) -> Result<std::collections::BTreeMap<u16, u32>> {
         "one peer's flows left from one port: {ports:?} ({} lines captured:\n{head})",
         lines.len()
     );
-    Ok(ports)
+    Ok((ports, lines))
 }
 
 /// Sixteen TCP flows from A to B and four back (each its own 5-tuple).
@@ -78,10 +79,18 @@ fn a_stock_wireguard_go_handshakes_to_a_spread_port_and_follows_the_flows() -> R
     // the frames the workers send; the lines are parsed instead.
     let cap = Capture::start(&t.gwb, "wan0", "udp")?;
     ping_until(&t.b, "10.1.0.2", 10).with_context(diag)?;
-    eprintln!("DEBUG {:?}", t.gwb.sh("ip -s link show wan0; ls -la /tmp | tail -3"));
     ping(&t.a, "10.2.0.2", 3).with_context(diag)?;
     flows(&t).with_context(diag)?;
-    let ports = spread_seen(cap).with_context(diag)?;
+    let (ports, lines) = spread_seen(cap).with_context(diag)?;
+    // The handshake response (92 bytes) left from the port the initiation
+    // came to, as a NAT or stateful firewall on the peer's side expects.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("192.0.2.1.51822 > 192.0.2.2.51820: UDP, length 92")),
+        "no handshake response from 51822:\n{}",
+        lines.iter().take(8).cloned().collect::<Vec<_>>().join("\n")
+    );
     let s = ga.show()?;
     assert_eq!(s["source_ports"], 4, "{}", s);
     assert!(

@@ -145,8 +145,22 @@ pub struct Tuning {
     /// `SourcePorts = N` and its line: the tunnel's datagrams leave from
     /// ListenPort .. ListenPort + N - 1, one port per inner flow, so that
     /// the receiver's RSS spreads one peer over N of its queues.
-    pub source_ports: Option<(u16, usize)>,
+    pub source_ports: Option<AtLine<u16>>,
 }
+
+/// A setting and the line it was given on. Two are equal when their
+/// values are: a setting that only moved in the file did not change (a
+/// reload compares [Tuning] to decide whether it needs a restart).
+#[derive(Clone, Copy, Debug)]
+pub struct AtLine<T>(pub T, pub usize);
+
+impl<T: PartialEq> PartialEq for AtLine<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl<T: Eq> Eq for AtLine<T> {}
 
 /// The most ports `SourcePorts` may spread over (each is an XDP listen
 /// entry per uplink address and a socket for the handshakes sent to it).

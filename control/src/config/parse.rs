@@ -231,7 +231,7 @@ impl Config {
                 "peers are configured but [Interface] has no Uplink: add `Uplink = IFNAME`, the interface toward the peers".into(),
             ));
         }
-        if let Some((n, line)) = self.tuning.source_ports.filter(|(n, _)| *n > 1) {
+        if let Some(super::AtLine(n, line)) = self.tuning.source_ports.filter(|s| s.0 > 1) {
             match self.interface.listen_port {
                 None | Some(0) => {
                     return Err(self.err(

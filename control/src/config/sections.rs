@@ -401,7 +401,7 @@ pub(super) fn parse_tuning(cfg: &mut Config, kv: Entries, err: &ErrFn) -> Result
                         ),
                     ));
                 }
-                t.source_ports = Some((n, line));
+                t.source_ports = Some(super::AtLine(n, line));
             }
             "batchsize" => t.xsk.batch_size = parse_num(&k, &v, line, err)?,
             "ringsize" => t.xsk.ring_size = parse_num(&k, &v, line, err)?,

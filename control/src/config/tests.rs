@@ -236,7 +236,12 @@ fn errors_name_the_line_and_the_fix() {
         "past port 65535",
     );
     let c = parse("[Interface]\nListenPort = 65532\n[Tuning]\nSourcePorts = 4\n[Lan]\nInterface = lan0\n").unwrap();
-    assert_eq!(c.tuning.source_ports, Some((4, 4)));
+    assert_eq!(c.tuning.source_ports.map(|s| (s.0, s.1)), Some((4, 4)));
+    // Moved down a line, it is the same setting (no restart on reload).
+    let moved =
+        parse("[Interface]\nListenPort = 65532\n\n[Tuning]\nSourcePorts = 4\n[Lan]\nInterface = lan0\n").unwrap();
+    assert_eq!(moved.tuning, c.tuning);
+    assert_eq!(moved.tuning.source_ports.map(|s| s.1), Some(5));
 }
 
 #[test]

@@ -101,7 +101,12 @@ fn prefix(s: &str) -> Option<IpNet> {
                 128
             }
         }
-        Some(l) if (1..=3).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_digit()) => l.parse().ok()?,
+        // At most 2 digits for IPv4 and 3 for IPv6, as ipnet reads them.
+        Some(l)
+            if (1..=if addr.is_ipv4() { 2 } else { 3 }).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            l.parse().ok()?
+        }
         Some(_) => return None,
     };
     IpNet::new(addr, len).ok()
@@ -150,6 +155,19 @@ mod tests {
             "",
         ] {
             assert_eq!(prefix(s), None, "{s}");
+        }
+        // Never accepts what ipnet refuses (the fallback decides those).
+        for s in [
+            "10.0.0.0/008",
+            "10.0.0.0/024",
+            "10.0.0.0/08",
+            "fd00::/064",
+            "fd00::/0064",
+            "010.0.0.0/8",
+        ] {
+            if let Some(p) = prefix(s) {
+                assert_eq!(s.parse::<IpNet>().ok(), Some(p), "{s}");
+            }
         }
     }
 }

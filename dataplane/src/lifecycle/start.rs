@@ -278,6 +278,16 @@ fn open_slow_path(
 /// behind the gateway, LAN hosts talking to one) is not ours.
 fn load_steering(cfg: &DataplaneConfig, ports: &[Port], fib: &Fib, uplink_addrs: &[IpAddr]) -> Result<XdpSteering> {
     let mut xdp = XdpSteering::load()?;
+    let listen = uplink_addrs.len() * cfg.source_ports.max(1) as usize;
+    if cfg.listen_port != 0 && listen > subway_common::MAX_LISTEN as usize {
+        return Err(Error::config(format!(
+            "SourcePorts = {} on the uplink's {} addresses needs {listen} XDP listen entries, more than the {} the \
+             program holds: lower SourcePorts, or remove addresses from the uplink",
+            cfg.source_ports,
+            uplink_addrs.len(),
+            subway_common::MAX_LISTEN
+        )));
+    }
     if cfg.listen_port != 0 {
         for a in uplink_addrs {
             for k in listen_keys(*a, cfg.listen_port, cfg.source_ports) {
