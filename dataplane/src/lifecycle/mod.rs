@@ -449,9 +449,19 @@ impl Dataplane {
         }
         let keys = |a: &std::net::IpAddr| start::listen_keys(*a, listen_port, cur.source_ports);
         if listen_port != 0 {
-            for a in now.iter().filter(|a| !cur.uplink_addrs.contains(a)) {
-                for k in keys(a) {
-                    self.xdp.add_listen(k)?;
+            // All of the new addresses' entries or none (a full table
+            // leaves nothing half-added behind; the next event retries).
+            let new: Vec<_> = now
+                .iter()
+                .filter(|a| !cur.uplink_addrs.contains(a))
+                .flat_map(keys)
+                .collect();
+            for (i, k) in new.iter().enumerate() {
+                if let Err(e) = self.xdp.add_listen(*k) {
+                    for added in &new[..i] {
+                        let _ = self.xdp.remove_listen(*added);
+                    }
+                    return Err(e);
                 }
             }
         }
