@@ -522,7 +522,7 @@ impl State {
         st.uptime_secs = self.started.elapsed().as_secs();
         if let Some(g) = &self.gw {
             st.listen_port = Some(g.listen_port);
-            st.source_ports = self.cfg.tuning.source_ports.map_or(1, |s| s.0);
+            st.source_ports = self.cfg.tuning.spread();
             st.peers = g.peers_status(&self.cfg, &self.dp);
             for p in &mut st.peers {
                 let c = self.cfg.peers.iter().find(|c| c.id as usize == p.id);

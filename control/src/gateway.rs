@@ -85,9 +85,9 @@ impl Gateway {
             u.set_nonblocking(true)?;
             grow_rcvbuf(u);
         }
-        let spread = cfg.tuning.source_ports.map_or(1, |s| s.0);
+        let spread = cfg.tuning.spread();
         let mut extra = Vec::new();
-        for port in (listen_port..=listen_port.saturating_add(spread - 1)).skip(1) {
+        for port in subway_dataplane::config::tunnel_ports(listen_port, spread).skip(1) {
             let why = || format!("binding UDP port {port} (SourcePorts = {spread} from ListenPort {listen_port})");
             extra.push(UdpSocket::bind(("0.0.0.0", port)).with_context(why)?);
             if udp6.is_some() {

@@ -396,7 +396,7 @@ pub(crate) fn dataplane_config(cfg: &Config) -> DataplaneConfig {
         xdp_mode: cfg.tuning.xdp_mode,
         uplink: cfg.interface.uplink.as_ref().map(|(u, _)| u.clone()),
         listen_port: 0,
-        source_ports: cfg.tuning.source_ports.map_or(1, |s| s.0),
+        source_ports: cfg.tuning.spread(),
         fail_open: cfg.interface.fail_open,
         policies: policy_configs(cfg, &vnet_id),
         flows: cfg.tuning.flows,

@@ -441,9 +441,14 @@ impl fmt::Display for Status {
             )?;
         }
         if let Some(port) = self.listen_port {
-            if self.source_ports > 1 {
-                let last = port as u32 + self.source_ports as u32 - 1;
-                writeln!(f, "  listening on UDP {port}-{last} (sending from one per flow)")?;
+            let ports = subway_dataplane::config::tunnel_ports(port, self.source_ports);
+            if ports.end() > ports.start() {
+                writeln!(
+                    f,
+                    "  listening on UDP {}-{} (sending from one per flow)",
+                    ports.start(),
+                    ports.end()
+                )?;
             } else {
                 writeln!(f, "  listening on UDP {port}")?;
             }

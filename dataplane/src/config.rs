@@ -57,6 +57,12 @@ pub struct DataplaneConfig {
     pub flows: crate::policy::FlowLimits,
 }
 
+/// The ports the tunnel sends from and receives on: the listen port and
+/// the `SourcePorts` after it (`source_ports` of them, at least one).
+pub fn tunnel_ports(listen_port: u16, source_ports: u16) -> std::ops::RangeInclusive<u16> {
+    listen_port..=listen_port.saturating_add(source_ports.max(1) - 1)
+}
+
 /// The routes a peer owns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerRoutes {

@@ -148,6 +148,13 @@ pub struct Tuning {
     pub source_ports: Option<AtLine<u16>>,
 }
 
+impl Tuning {
+    /// `SourcePorts` (1 when not given).
+    pub fn spread(&self) -> u16 {
+        self.source_ports.map_or(1, |s| s.0)
+    }
+}
+
 /// A setting and the line it was given on. Two are equal when their
 /// values are: a setting that only moved in the file did not change (a
 /// reload compares [Tuning] to decide whether it needs a restart).

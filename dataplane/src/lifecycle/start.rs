@@ -278,17 +278,17 @@ fn open_slow_path(
 /// behind the gateway, LAN hosts talking to one) is not ours.
 fn load_steering(cfg: &DataplaneConfig, ports: &[Port], fib: &Fib, uplink_addrs: &[IpAddr]) -> Result<XdpSteering> {
     let mut xdp = XdpSteering::load()?;
-    let listen = uplink_addrs.len() * cfg.source_ports.max(1) as usize;
-    if cfg.listen_port != 0 && listen > subway_common::MAX_LISTEN as usize {
-        return Err(Error::config(format!(
-            "SourcePorts = {} on the uplink's {} addresses needs {listen} XDP listen entries, more than the {} the \
-             program holds: lower SourcePorts, or remove addresses from the uplink",
-            cfg.source_ports,
-            uplink_addrs.len(),
-            subway_common::MAX_LISTEN
-        )));
-    }
     if cfg.listen_port != 0 {
+        let listen = uplink_addrs.len() * cfg.source_ports.max(1) as usize;
+        if listen > subway_common::MAX_LISTEN as usize {
+            return Err(Error::config(format!(
+                "SourcePorts = {} on the uplink's {} addresses needs {listen} XDP listen entries, more than the {} \
+                 the program holds: lower SourcePorts, or remove addresses from the uplink",
+                cfg.source_ports,
+                uplink_addrs.len(),
+                subway_common::MAX_LISTEN
+            )));
+        }
         for a in uplink_addrs {
             for k in listen_keys(*a, cfg.listen_port, cfg.source_ports) {
                 xdp.add_listen(k)?;
@@ -312,11 +312,10 @@ fn load_steering(cfg: &DataplaneConfig, ports: &[Port], fib: &Fib, uplink_addrs:
     Ok(xdp)
 }
 
-/// The XDP program's key for WireGuard to `addr` on `port`.
 /// The XDP program's listen entries for one uplink address: the listen
 /// port and the `SourcePorts` after it.
 pub(super) fn listen_keys(addr: IpAddr, port: u16, ports: u16) -> impl Iterator<Item = subway_common::ListenKey> {
-    (port..=port.saturating_add(ports.max(1) - 1)).map(move |p| match addr {
+    crate::config::tunnel_ports(port, ports).map(move |p| match addr {
         IpAddr::V4(v4) => subway_common::ListenKey::v4(v4.octets(), p),
         IpAddr::V6(v6) => subway_common::ListenKey::v6(v6.octets(), p),
     })
