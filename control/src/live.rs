@@ -210,12 +210,14 @@ pub fn apply(cfg: &mut Config, mut new: Config, gw: Option<&mut Gateway>, dp: &m
 /// `subway reload`: re-reads the file the instance was started with.
 pub fn reload(cfg: &mut Config, gw: Option<&mut Gateway>, dp: &mut Dataplane) -> Result<Value> {
     let t0 = std::time::Instant::now();
-    let new = Config::load(&cfg.path).map_err(|e| anyhow::anyhow!("not applied: {e}"))?;
+    let new = Config::load_after(&cfg.path, Some(cfg)).map_err(|e| anyhow::anyhow!("not applied: {e}"))?;
+    let loaded = t0.elapsed();
     new.check_interfaces()
         .map_err(|e| anyhow::anyhow!("not applied: {e}"))?;
     let read = t0.elapsed();
     let r = apply(cfg, new, gw, dp);
     tracing::debug!(
+        load_ms = loaded.as_secs_f64() * 1e3,
         read_ms = read.as_secs_f64() * 1e3,
         total_ms = t0.elapsed().as_secs_f64() * 1e3,
         "reload"

@@ -75,10 +75,18 @@ pub fn tunnelled(routes: &[Route]) -> Vec<IpNet> {
     // By start address, the widest first: a prefix inside an earlier one
     // is inside the last one kept (the kept never overlap), so one
     // comparison folds it and 100,000 routes cost a sort.
-    out.sort_by_key(|n| (n.addr().is_ipv6(), n.network(), n.prefix_len()));
-    out.dedup();
-    let mut folded: Vec<IpNet> = Vec::with_capacity(out.len());
-    for n in out {
+    // Sorted as plain numbers (the key is not worked out per comparison),
+    // and by a sort that finds runs: the FIB lists its routes mostly in
+    // order (a live change appends its few).
+    let mut keyed: Vec<(bool, u128, u8)> = out
+        .iter()
+        .map(|n| (n.addr().is_ipv6(), num(n.network()), n.prefix_len()))
+        .collect();
+    keyed.sort();
+    keyed.dedup();
+    let mut folded: Vec<IpNet> = Vec::with_capacity(keyed.len());
+    for (v6, first, len) in keyed {
+        let n = IpNet::new(addr(first, !v6), len).expect("the length of a prefix");
         if !folded.last().is_some_and(|k| k.contains(&n)) {
             folded.push(n);
         }
@@ -146,10 +154,15 @@ fn ranges(nets: &[IpNet], v4: bool) -> Vec<(u128, u128)> {
 }
 
 fn elements(nets: &[IpNet], v4: bool) -> String {
+    range_elements(&ranges(nets, v4), v4)
+}
+
+/// Ranges as nft set elements.
+fn range_elements(ranges: &[(u128, u128)], v4: bool) -> String {
     let bits = if v4 { 32 } else { 128 };
-    ranges(nets, v4)
-        .into_iter()
-        .map(|(first, last)| {
+    ranges
+        .iter()
+        .map(|&(first, last)| {
             // A range that is one prefix is written as that prefix.
             let size = last - first;
             let len = bits - (128 - size.leading_zeros());
@@ -249,6 +262,29 @@ impl Fence {
         )
     }
 
+    /// The sets' change from `old`'s contents as one transaction: the
+    /// ranges that are gone deleted, the new ones added. The kernel holds
+    /// exactly the merged ranges (auto-merge), so each deleted one is an
+    /// element; a change of one peer prefix costs a few elements, not the
+    /// whole set. None if the ranges are the same.
+    pub fn delta_script(&self, old: &Fence) -> Option<String> {
+        let t = &self.table;
+        let mut del = String::new();
+        let mut add = String::new();
+        for (set, v4) in [("tunnel4", true), ("tunnel6", false)] {
+            let (was, now) = (ranges(&old.tunnelled, v4), ranges(&self.tunnelled, v4));
+            let gone: Vec<(u128, u128)> = was.iter().filter(|r| now.binary_search(r).is_err()).copied().collect();
+            let new: Vec<(u128, u128)> = now.iter().filter(|r| was.binary_search(r).is_err()).copied().collect();
+            if !gone.is_empty() {
+                del += &format!("delete element inet {t} {set} {{ {} }}\n", range_elements(&gone, v4));
+            }
+            if !new.is_empty() {
+                add += &format!("add element inet {t} {set} {{ {} }}\n", range_elements(&new, v4));
+            }
+        }
+        (!del.is_empty() || !add.is_empty()).then(|| del + &add)
+    }
+
     /// The sets' new contents as one transaction (the rules and the
     /// counter stay).
     pub fn update_script(&self) -> String {
@@ -296,6 +332,19 @@ pub fn update_tunnelled(f: &Fence) -> Result<()> {
     nft(&f.update_script())
 }
 
+/// Changes the sets from `old`'s contents to `new`'s: only the ranges
+/// that differ ([`Fence::delta_script`]); if nft refuses that (the sets
+/// are not what `old` says), the whole sets are replaced.
+pub fn change_tunnelled(old: &Fence, new: &Fence) -> Result<()> {
+    let Some(delta) = new.delta_script(old) else {
+        return Ok(());
+    };
+    nft(&delta).or_else(|e| {
+        tracing::debug!("the fence's sets were not as expected ({e}): replacing them");
+        update_tunnelled(new)
+    })
+}
+
 /// Removes the instance's table; `Ok(false)` if there was none.
 pub fn remove(table: &str) -> Result<bool> {
     if !exists(table) {
@@ -333,6 +382,45 @@ mod tests {
 
     fn n(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_change_of_one_prefix_rewrites_only_the_ranges_it_touches() {
+        let fence = |nets: &[&str]| Fence {
+            table: "subway_t".into(),
+            tunnelled: nets.iter().map(|s| n(s)).collect(),
+            ..Default::default()
+        };
+        let old = fence(&[
+            "10.0.0.0/8",
+            "100.64.0.0/28",
+            "100.64.0.16/28",
+            "100.64.0.32/27",
+            "fd00::/64",
+        ]);
+        // The middle /28 moves away: its merged range is replaced by the
+        // two pieces around the hole; 10/8 and the IPv6 set are untouched.
+        let new = fence(&[
+            "10.0.0.0/8",
+            "100.64.0.0/28",
+            "100.64.0.32/27",
+            "100.127.255.0/28",
+            "fd00::/64",
+        ]);
+        assert_eq!(
+            new.delta_script(&old).unwrap(),
+            "delete element inet subway_t tunnel4 { 100.64.0.0/26 }\n\
+             add element inet subway_t tunnel4 { 100.64.0.0/28, 100.64.0.32/27, 100.127.255.0/28 }\n"
+        );
+        assert_eq!(new.delta_script(&new), None, "nothing changed: no nft at all");
+        // Contents in another order of prefixes but the same ranges: none.
+        let same = fence(&["10.0.0.0/8", "100.64.0.0/26", "fd00::/64"]);
+        assert_eq!(same.delta_script(&old), None);
+        let v6 = fence(&["10.0.0.0/8", "100.64.0.0/26"]);
+        assert_eq!(
+            v6.delta_script(&old).unwrap(),
+            "delete element inet subway_t tunnel6 { fd00::/64 }\n"
+        );
     }
 
     fn fib(entries: &[(u32, &str, Target)]) -> Fib {

@@ -98,6 +98,23 @@ impl HopGroup {
     }
 }
 
+/// Changes to a FIB planned against one version of it, to be applied to
+/// that version ([`Fib::patch`]): peer sets to add (their ids follow the
+/// existing ones), then prefixes to route to a new target or to remove
+/// (None). A live change applies it to the spare copy of the published
+/// FIB instead of building 100,000 routes anew.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FibPatch {
+    pub sets: Vec<Vec<u32>>,
+    pub routes: Vec<(VnetId, IpNet, Option<Target>)>,
+}
+
+impl FibPatch {
+    pub fn is_empty(&self) -> bool {
+        self.sets.is_empty() && self.routes.is_empty()
+    }
+}
+
 /// A route as it was inserted, for listings and errors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {
@@ -175,6 +192,85 @@ impl Fib {
         }
         self.routes.push(Route { vnet, prefix, target });
         Ok(())
+    }
+
+    /// The same routes, next-hop groups and peer sets, in the same order
+    /// (two builds from the same inputs): one pass, no sorting.
+    pub fn same_as(&self, other: &Fib) -> bool {
+        self.routes == other.routes && self.groups == other.groups && self.peer_sets == other.peer_sets
+    }
+
+    /// The target of exactly this prefix (not a longest match).
+    pub fn exact(&self, vnet: VnetId, prefix: IpNet) -> Option<Target> {
+        let prefix = prefix.trunc();
+        let net = IpNetwork::new(prefix.addr(), prefix.prefix_len()).ok()?;
+        self.vnets.get(vnet as usize)?.table.exact_match(net).copied()
+    }
+
+    /// The id [`Fib::peers`] gives `set` (sorted, no duplicates) once the
+    /// sets in `added` are added after the existing ones, in that order;
+    /// a set neither has is pushed onto `added`. For planning a
+    /// [`FibPatch`] against this FIB without changing it.
+    pub fn set_id(&self, set: Vec<u32>, added: &mut Vec<Vec<u32>>) -> u32 {
+        if let Some(id) = self.set_ids.get(&set) {
+            return *id;
+        }
+        let at = match added.iter().position(|s| *s == set) {
+            Some(i) => i,
+            None => {
+                added.push(set);
+                added.len() - 1
+            }
+        };
+        (self.peer_sets.len() + at) as u32
+    }
+
+    /// Applies `patch` (planned against a FIB equal to this one): the new
+    /// peer sets get the ids the plan gave them, then each prefix is set to
+    /// its new target or removed. The tree changes in place; the route
+    /// list in one pass. Applied to two equal FIBs, it leaves them equal.
+    pub fn patch(&mut self, patch: &FibPatch) {
+        for set in &patch.sets {
+            let _ = self.peers(set.clone());
+        }
+        // Prefixes that were routed before: their entries in `routes`
+        // change in one pass; new ones are appended.
+        let mut existing: crate::fxhash::FxMap<(VnetId, IpNet), Option<Target>> = Default::default();
+        for (vnet, prefix, target) in &patch.routes {
+            let prefix = prefix.trunc();
+            let idx = *vnet as usize;
+            if self.vnets.len() <= idx {
+                self.vnets.resize_with(idx + 1, VnetFib::default);
+            }
+            let net =
+                IpNetwork::new(prefix.addr(), prefix.prefix_len()).expect("a truncated prefix is a valid network");
+            let table = &mut self.vnets[idx].table;
+            let was = match target {
+                Some(t) => table.insert(net, *t),
+                None => table.remove(net),
+            };
+            match (was, target) {
+                (Some(_), _) => {
+                    existing.insert((*vnet, prefix), *target);
+                }
+                (None, Some(t)) => self.routes.push(Route {
+                    vnet: *vnet,
+                    prefix,
+                    target: *t,
+                }),
+                (None, None) => {}
+            }
+        }
+        if !existing.is_empty() {
+            self.routes.retain_mut(|r| match existing.get(&(r.vnet, r.prefix)) {
+                Some(Some(t)) => {
+                    r.target = *t;
+                    true
+                }
+                Some(None) => false,
+                None => true,
+            });
+        }
     }
 
     /// Adds a route through a LAN router (`target` a [`Target::Via`]),
@@ -339,13 +435,34 @@ impl AllowedIps {
         let mut fib = Fib::new();
         for run in claims.chunk_by(|a, b| a.0 == b.0) {
             let ((vnet, n), _) = run[0];
-            let t = match run {
-                [(_, id)] => Target::Peer(*id),
-                _ => fib.peers(run.iter().map(|c| c.1).collect()),
+            let mut ids: Vec<u32> = run.iter().map(|c| c.1).collect();
+            ids.dedup();
+            let t = match ids.as_slice() {
+                [id] => Target::Peer(*id),
+                _ => fib.peers(ids),
             };
             let _ = fib.insert(vnet, n, t);
         }
         AllowedIps(fib)
+    }
+
+    /// The peers that list exactly `prefix` in `vnet` (sorted).
+    pub fn claimants(&self, vnet: VnetId, prefix: IpNet) -> Vec<u32> {
+        match self.0.exact(vnet, prefix) {
+            Some(Target::Peer(p)) => vec![p],
+            Some(Target::Peers(s)) => self.0.peer_set(s).map(<[u32]>::to_vec).unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The table of claims, for planning a [`FibPatch`] against it.
+    pub fn table(&self) -> &Fib {
+        &self.0
+    }
+
+    /// See [`Fib::patch`].
+    pub fn patch(&mut self, patch: &FibPatch) {
+        self.0.patch(patch)
     }
 
     /// The only peer owning `ip` in `vnet` (None as well when a route

@@ -14,14 +14,22 @@ use ipnet::IpNet;
 use std::sync::Arc;
 use subway_common::{STEER_LOCAL, STEER_REDIRECT, Steer};
 
+/// The prefixes that something other than a peer routes, or would if no
+/// peer listed them: LAN subnets, the gateway's own addresses, configured
+/// `Route`s and the kernel's routes through LAN routers. A live change
+/// whose peers touch none of them can be patched in ([`peer_patch`]);
+/// one that does is built anew, where the precedence between them lives.
+pub(crate) type FixedKeys = std::collections::HashSet<(VnetId, IpNet)>;
+
 /// The FIB for these LANs (their Subnets, or the prefixes of their
-/// addresses) and peers, with the gateway's own addresses as local routes.
+/// addresses) and peers, with the gateway's own addresses as local routes;
+/// and the prefixes not the peers' ([`FixedKeys`]).
 pub(crate) fn build_fib(
     netlink: &mut Netlink,
     lans: &[LanConfig],
     ports: &[Port],
     peers: &[PeerRoutes],
-) -> Result<Fib> {
+) -> Result<(Fib, FixedKeys)> {
     let mut subnets_of = Vec::new();
     let mut locals = Vec::new();
     for (i, lan) in lans.iter().enumerate() {
@@ -58,7 +66,17 @@ pub(crate) fn build_fib(
         .gateway_routes(&default_lans)
         .map_err(|e| Error::io("dumping the kernel's routes", e))?;
     add_vias(&mut fib, lans, ports, &subnets_of, &kernel)?;
-    Ok(fib)
+    let fixed = subnets_of
+        .iter()
+        .flat_map(|(_, vnet, nets)| nets.iter().map(move |n| (*vnet, n.trunc())))
+        .chain(locals.iter().map(|(v, n)| (*v, n.trunc())))
+        .chain(
+            lans.iter()
+                .flat_map(|l| l.routes.iter().map(move |r| (l.vnet, r.prefix.trunc()))),
+        )
+        .chain(kernel.iter().map(|r| (0, r.prefix.trunc())))
+        .collect();
+    Ok((fib, fixed))
 }
 
 /// Routes through LAN routers: each [Lan]'s `Route =` lines, and in the
@@ -147,9 +165,6 @@ pub fn fib_from(
                 .map_err(|e| Error::config(format!("{name}: {e}")))?;
         }
     }
-    // A prefix of one peer routes to it; one several peers list (a route
-    // group) to the healthy ones of the highest priority (all of them if
-    // none is healthy), shared by flow if there are several.
     // Claims sorted by prefix (then by the peers' order): a group is a run
     // of equal prefixes, and 100,000 prefixes cost one sort.
     let mut claims: Vec<((VnetId, IpNet), usize)> = peers
@@ -161,22 +176,9 @@ pub fn fib_from(
     for run in claims.chunk_by(|a, b| a.0 == b.0) {
         let (vnet, net) = run[0].0;
         let group: Vec<&PeerRoutes> = run.iter().map(|c| &peers[c.1]).collect();
-        let target = match group.as_slice() {
-            [p] => Target::Peer(p.id),
-            _ => {
-                let up: Vec<&&PeerRoutes> = group.iter().filter(|p| p.up).collect();
-                let live = if up.is_empty() { group.iter().collect() } else { up };
-                let best = live.iter().map(|p| p.priority.unwrap_or(0)).max().unwrap_or(0);
-                let chosen: Vec<u32> = live
-                    .iter()
-                    .filter(|p| p.priority.unwrap_or(0) == best)
-                    .map(|p| p.id)
-                    .collect();
-                match chosen.as_slice() {
-                    [id] => Target::Peer(*id),
-                    _ => fib.peers(chosen),
-                }
-            }
+        let target = match carriers(&group) {
+            Carriers::One(id) => Target::Peer(id),
+            Carriers::Set(set) => fib.peers(set),
         };
         fib.insert(vnet, net, target)
             .map_err(|e| Error::config(format!("peer AllowedIPs {net}: {e}")))?;
@@ -186,6 +188,169 @@ pub fn fib_from(
         let _ = fib.insert(*vnet, *host, Target::Local);
     }
     Ok(fib)
+}
+
+/// Who carries a prefix that `group` (one or more peers) lists.
+enum Carriers {
+    One(u32),
+    Set(Vec<u32>),
+}
+
+/// A prefix of one peer routes to it; one several peers list (a route
+/// group) to the healthy ones of the highest priority (all of them if
+/// none is healthy), shared by flow if there are several.
+fn carriers(group: &[&PeerRoutes]) -> Carriers {
+    if let [p] = group {
+        return Carriers::One(p.id);
+    }
+    let up: Vec<&&PeerRoutes> = group.iter().filter(|p| p.up).collect();
+    let live = if up.is_empty() { group.iter().collect() } else { up };
+    let best = live.iter().map(|p| p.priority.unwrap_or(0)).max().unwrap_or(0);
+    let mut chosen: Vec<u32> = live
+        .iter()
+        .filter(|p| p.priority.unwrap_or(0) == best)
+        .map(|p| p.id)
+        .collect();
+    chosen.sort_unstable();
+    chosen.dedup();
+    match chosen.as_slice() {
+        [id] => Carriers::One(*id),
+        _ => Carriers::Set(chosen),
+    }
+}
+
+/// A live change of peers planned as patches to the running FIB and
+/// AllowedIPs ([`peer_patch`]), with what it changes.
+#[derive(Debug, Default)]
+pub(crate) struct PeerPatch {
+    pub fib: crate::fib::FibPatch,
+    pub allowed: crate::fib::FibPatch,
+    pub diff: RouteDiff,
+    /// Routes added and removed per family (IPv4, IPv6), for the capacity.
+    pub added: [usize; 2],
+    pub removed: [usize; 2],
+}
+
+/// A change from the peers `old` to `new` (same ids: same peer) as
+/// patches to the running `fib` and `allowed`, touching only the prefixes
+/// the changed peers list or listed: one peer among 10,000 costs its own
+/// prefixes, not 100,000. None when it cannot be patched and must be
+/// built anew: a prefix of `fixed` is touched (the precedence between a
+/// peer and a LAN, a router or the gateway's own address lives in
+/// [`build_fib`]), or so much changed that a build is as cheap. The
+/// result equals what [`build_fib`] and [`allowed_ips`] would build,
+/// except for peer set ids (kept stable instead of renumbered).
+pub(crate) fn peer_patch(
+    fib: &Fib,
+    allowed: &crate::fib::AllowedIps,
+    old: &[PeerRoutes],
+    new: &[PeerRoutes],
+    fixed: &FixedKeys,
+) -> Option<PeerPatch> {
+    use crate::fxhash::{FxMap as HashMap, FxSet as HashSet};
+    type Key = (VnetId, IpNet);
+    let by_id = |v: &[PeerRoutes]| -> HashMap<u32, usize> { v.iter().enumerate().map(|(i, p)| (p.id, i)).collect() };
+    let (old_ids, new_ids) = (by_id(old), by_id(new));
+    let claims = |p: &PeerRoutes| p.allowed_ips.iter().map(|n| (p.vnet, n.trunc())).collect::<Vec<Key>>();
+    let mut changed: HashSet<u32> = HashSet::default();
+    let mut keys: Vec<Key> = Vec::new();
+    // The changed peers' new claims, by prefix.
+    let mut listed: HashMap<Key, Vec<u32>> = HashMap::default();
+    for p in old {
+        if new_ids.get(&p.id).is_none_or(|i| new[*i] != *p) {
+            changed.insert(p.id);
+            keys.extend(claims(p));
+        }
+    }
+    for p in new {
+        if old_ids.get(&p.id).is_none_or(|i| old[*i] != *p) {
+            changed.insert(p.id);
+            for k in claims(p) {
+                keys.push(k);
+                listed.entry(k).or_default().push(p.id);
+            }
+        }
+    }
+    let total: usize = new.iter().map(|p| p.allowed_ips.len()).sum();
+    if keys.len() > 1024.max(total / 8) {
+        return None;
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    let mut out = PeerPatch::default();
+    let family = |k: &Key| k.1.addr().is_ipv6() as usize;
+    for k in keys {
+        if fixed.contains(&k) {
+            return None;
+        }
+        let was = fib.exact(k.0, k.1);
+        if was.is_some_and(|t| !t.is_tunnel()) {
+            return None;
+        }
+        let mut claimants: Vec<u32> = allowed.claimants(k.0, k.1);
+        claimants.retain(|id| !changed.contains(id));
+        claimants.extend(listed.get(&k).into_iter().flatten());
+        claimants.sort_unstable();
+        claimants.dedup();
+        let claim = match claimants.as_slice() {
+            [] => None,
+            [id] => Some(Target::Peer(*id)),
+            _ => Some(Target::Peers(
+                allowed.table().set_id(claimants.clone(), &mut out.allowed.sets),
+            )),
+        };
+        if claim != allowed.table().exact(k.0, k.1) {
+            out.allowed.routes.push((k.0, k.1, claim));
+        }
+        let group: Vec<&PeerRoutes> = claimants
+            .iter()
+            .filter_map(|id| new_ids.get(id).map(|i| &new[*i]))
+            .collect();
+        let now = match group.is_empty() {
+            true => None,
+            false => Some(match carriers(&group) {
+                Carriers::One(id) => Target::Peer(id),
+                Carriers::Set(set) => Target::Peers(fib.set_id(set, &mut out.fib.sets)),
+            }),
+        };
+        if now == was {
+            continue;
+        }
+        out.fib.routes.push((k.0, k.1, now));
+        let d = &mut out.diff;
+        match (was, now) {
+            (None, Some(t)) => {
+                d.changes.added.push(k);
+                d.steer.push(SteerStep {
+                    key: k,
+                    target: t,
+                    old: None,
+                });
+                if k.0 == 0 {
+                    d.tun_add.push(k.1);
+                }
+                out.added[family(&k)] += 1;
+            }
+            (Some(o), Some(t)) => {
+                d.changes.retargeted.push(k);
+                d.steer.push(SteerStep {
+                    key: k,
+                    target: t,
+                    old: Some(o),
+                });
+            }
+            (Some(_), None) => {
+                d.changes.removed.push(k);
+                d.unsteer.push(k);
+                if k.0 == 0 {
+                    d.tun_del.push(k.1);
+                }
+                out.removed[family(&k)] += 1;
+            }
+            (None, None) => {}
+        }
+    }
+    Some(out)
 }
 
 /// Cryptokey routing's table for the workers: the peers' AllowedIPs.
@@ -412,7 +577,12 @@ impl RouteDiff {
 /// Refuses a FIB the XDP program's tables cannot hold.
 pub(crate) fn check_capacity(fib: &Fib) -> Result<()> {
     let per_family = |v4: bool| fib.routes().iter().filter(|r| r.prefix.addr().is_ipv4() == v4).count();
-    if per_family(true) > subway_common::MAX_ROUTES as usize || per_family(false) > subway_common::MAX_ROUTES as usize {
+    capacity(per_family(true), per_family(false))
+}
+
+/// Refuses more IPv4 or IPv6 routes than the XDP program's tables hold.
+pub(crate) fn capacity(v4: usize, v6: usize) -> Result<()> {
+    if v4.max(v6) > subway_common::MAX_ROUTES as usize {
         return Err(Error::config(format!(
             "more than {} routes of one family: the XDP program's tables hold no more",
             subway_common::MAX_ROUTES
@@ -612,5 +782,145 @@ mod tests {
                 .contains("routes of one family")
         );
         assert!(check_capacity(&old()).is_ok());
+    }
+
+    /// A FIB as a comparable list: each route with its peer set spelled
+    /// out (a patch keeps set ids stable, a build renumbers them).
+    fn canonical(f: &Fib) -> Vec<((VnetId, IpNet), String)> {
+        let mut v: Vec<_> = f
+            .routes()
+            .iter()
+            .map(|r| {
+                let t = match r.target {
+                    Target::Peers(s) => format!("{:?}", f.peer_set(s).unwrap()),
+                    t => format!("{t:?}"),
+                };
+                ((r.vnet, r.prefix), t)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn patched_tables_equal_built_ones_over_chains_of_random_peer_changes() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        // A LAN (10.0.0.0/16 in VNET 0, the gateway at 10.0.0.1) and a
+        // pool of prefixes that peers share (route groups), one of them
+        // the LAN's and one the gateway's own address.
+        let lans = [("lan0".to_string(), 0, vec![k(0, "10.0.0.0/16").1])];
+        let locals = [k(0, "10.0.0.1/32")];
+        let fixed: FixedKeys = [k(0, "10.0.0.0/16"), k(0, "10.0.0.1/32")].into();
+        let mut pool: Vec<IpNet> = (0..40)
+            .map(|i| format!("10.{}.{}.0/24", 1 + i % 3, i).parse().unwrap())
+            .collect();
+        pool.push("10.0.0.0/16".parse().unwrap());
+        pool.push("10.0.0.1/32".parse().unwrap());
+        pool.push("fd00:1::/64".parse().unwrap());
+        let mut next_id = 0u32;
+        let mut peer = |rnd: &mut dyn FnMut(u64) -> u64, id: Option<u32>| -> PeerRoutes {
+            let id = id.unwrap_or_else(|| {
+                next_id += 1;
+                next_id - 1
+            });
+            let mut nets: Vec<IpNet> = (0..rnd(5)).map(|_| pool[rnd(pool.len() as u64) as usize]).collect();
+            nets.sort();
+            nets.dedup();
+            PeerRoutes {
+                id,
+                vnet: rnd(2) as VnetId,
+                allowed_ips: nets,
+                priority: [None, Some(1), Some(2)][rnd(3) as usize],
+                up: rnd(4) != 0,
+            }
+        };
+        let (mut patched_steps, mut built_steps) = (0, 0);
+        for _chain in 0..40 {
+            let mut peers: Vec<PeerRoutes> = (0..12).map(|_| peer(&mut rnd, None)).collect();
+            let Ok(mut fib) = fib_from(&lans, &locals, &peers) else {
+                continue;
+            };
+            let mut allowed = allowed_ips(&peers);
+            for _step in 0..15 {
+                let mut new = peers.clone();
+                for _ in 0..1 + rnd(3) {
+                    let i = rnd(new.len() as u64) as usize;
+                    match rnd(5) {
+                        0 => {
+                            new.remove(i);
+                        }
+                        1 => new.push(peer(&mut rnd, None)),
+                        2 => new[i].up = !new[i].up,
+                        _ => new[i] = peer(&mut rnd, Some(new[i].id)),
+                    }
+                }
+                let built = fib_from(&lans, &locals, &new);
+                let Some(p) = peer_patch(&fib, &allowed, &peers, &new, &fixed) else {
+                    built_steps += 1;
+                    if let Ok(b) = built {
+                        (fib, allowed, peers) = (b, allowed_ips(&new), new);
+                    }
+                    continue;
+                };
+                let built = built.expect("a patch where a build fails");
+                patched_steps += 1;
+                let before = canonical(&fib);
+                fib.patch(&p.fib);
+                allowed.patch(&p.allowed);
+                assert_eq!(canonical(&fib), canonical(&built), "FIB after {peers:?} -> {new:?}");
+                assert_eq!(
+                    canonical(allowed.table()),
+                    canonical(allowed_ips(&new).table()),
+                    "AllowedIPs after {peers:?} -> {new:?}"
+                );
+                for ip in ["10.1.0.9", "10.2.4.1", "10.0.0.1", "10.0.7.7", "fd00:1::5"] {
+                    let ip: std::net::IpAddr = ip.parse().unwrap();
+                    for v in 0..2 {
+                        let peers_of = |f: &Fib| {
+                            f.lookup(v, ip).map(|(len, t)| match t {
+                                Target::Peers(s) => (len, format!("{:?}", f.peer_set(s).unwrap())),
+                                t => (len, format!("{t:?}")),
+                            })
+                        };
+                        assert_eq!(peers_of(&fib), peers_of(&built), "lookup of {ip} in VNET {v}");
+                    }
+                }
+                // What the patch says it changed is what changed.
+                let after = canonical(&fib);
+                let keys = |v: &[((VnetId, IpNet), String)]| v.iter().map(|e| e.0).collect::<Vec<_>>();
+                let (was, now) = (keys(&before), keys(&after));
+                let mut added: Vec<_> = now.iter().filter(|k| !was.contains(k)).copied().collect();
+                let mut removed: Vec<_> = was.iter().filter(|k| !now.contains(k)).copied().collect();
+                let mut moved: Vec<_> = after
+                    .iter()
+                    .filter(|e| before.iter().any(|b| b.0 == e.0 && b.1 != e.1))
+                    .map(|e| e.0)
+                    .collect();
+                added.sort();
+                removed.sort();
+                moved.sort();
+                assert_eq!(p.diff.changes.added, added);
+                assert_eq!(p.diff.changes.removed, removed);
+                assert_eq!(p.diff.changes.retargeted, moved);
+                assert_eq!(p.diff.unsteer, removed);
+                assert_eq!(p.diff.steer.len(), added.len() + moved.len());
+                assert_eq!(
+                    p.diff.tun_add,
+                    added.iter().filter(|k| k.0 == 0).map(|k| k.1).collect::<Vec<_>>()
+                );
+                peers = new;
+            }
+        }
+        // Both kinds happened: the property was tested, not skipped.
+        assert!(
+            patched_steps > 300 && built_steps > 20,
+            "{patched_steps} patched, {built_steps} built"
+        );
     }
 }

@@ -364,3 +364,83 @@ fn live_sessions_across_reload_syncconf_and_setconf() -> Result<()> {
     assert_eq!(handshakes(&kb.1)?, Some(b0), "syncconf or setconf renegotiated B");
     Ok(())
 }
+
+#[test]
+fn a_change_of_one_peers_routes_is_patched_in_and_the_kernel_and_fence_follow() -> Result<()> {
+    if !require_root("a_change_of_one_peers_routes_is_patched_in_and_the_kernel_and_fence_follow") {
+        return Ok(());
+    }
+    let t = TwoSites::new()?;
+    let c = wg_keypair()?;
+    let peer_c = |nets: &str| {
+        format!(
+            "\n[Peer]\nPublicKey = {}\nEndpoint = 192.0.2.77:51820\nAllowedIPs = {nets}\n",
+            c.1
+        )
+    };
+    let ga = Subway::start_env(
+        &t.gwa,
+        &t.subway_config(true, false, &peer_c("10.98.0.0/24, 10.96.0.0/24")),
+        &[("RUST_LOG", "info,subway_dataplane=debug")],
+    )?;
+    let gb = Subway::start(&t.gwb, &t.subway_config(false, false, ""))?;
+    ping_until(&t.a, "10.2.0.2", 10).with_context(|| ga.proc.log_text())?;
+    let table = format!("subway_{}", ga.name.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+    let fenced = |ip: &str| -> bool {
+        t.gwa
+            .run(&[
+                "nft",
+                "get",
+                "element",
+                "inet",
+                &table,
+                "tunnel4",
+                &format!("{{ {ip} }}"),
+            ])
+            .is_ok()
+    };
+    assert!(
+        fenced("10.98.0.5") && !fenced("10.97.0.5"),
+        "the fence before the change"
+    );
+
+    // Only C's routes change: 10.98.0.0/24 goes, 10.97.0.0/24 comes.
+    std::fs::write(
+        &ga.config,
+        t.subway_config(true, false, &peer_c("10.97.0.0/24, 10.96.0.0/24")),
+    )?;
+    let out = ga.ctl(&["reload", &ga.name])?;
+    assert!(
+        out.contains("default:10.97.0.0/24") && out.contains("default:10.98.0.0/24"),
+        "{out}"
+    );
+    let log = ga.proc.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("applied") && l.contains("patched=true")),
+        "the change was built anew, not patched:\n{log}"
+    );
+    // The workers, the kernel's routes and the fail-safe fence follow.
+    let show = ga.show()?;
+    assert!(has_route(&show, "10.97.0.0/24") && !has_route(&show, "10.98.0.0/24"));
+    let got = ga.ctl(&["route", "get", "10.97.0.1", "--name", &ga.name])?;
+    assert!(got.contains(&c.1), "{got}");
+    assert!(t.gwa.run(&["ip", "route", "show", "10.98.0.0/24"])?.trim().is_empty());
+    assert!(t.gwa.run(&["ip", "route", "show", "10.97.0.0/24"])?.contains("dev sw-"));
+    assert!(
+        fenced("10.97.0.5") && fenced("10.96.0.5") && !fenced("10.98.0.5"),
+        "the fence after the change: {}",
+        t.gwa.run(&["nft", "list", "set", "inet", &table, "tunnel4"])?
+    );
+    // And back: the spare copy, one change behind, is brought up to date.
+    std::fs::write(
+        &ga.config,
+        t.subway_config(true, false, &peer_c("10.98.0.0/24, 10.96.0.0/24")),
+    )?;
+    ga.ctl(&["reload", &ga.name])?;
+    let show = ga.show()?;
+    assert!(has_route(&show, "10.98.0.0/24") && !has_route(&show, "10.97.0.0/24"));
+    assert!(fenced("10.98.0.5") && !fenced("10.97.0.5"));
+    ping(&t.a, "10.2.0.2", 3)?;
+    drop(gb);
+    Ok(())
+}

@@ -217,16 +217,94 @@ pub struct Config {
     pub warnings: Vec<String>,
     /// VNET names a running instance already numbered (see `vnet_ids`).
     pub known_vnets: Vec<String>,
+    /// The [Peer] sections as read from the file, for the next reload
+    /// ([`Config::load_after`]); None for a config not read from a file.
+    pub peer_texts: Option<std::sync::Arc<PeerTexts>>,
+}
+
+/// The [Peer] sections of the file a config was read from, by their text:
+/// the next reload parses again only the sections whose text changed (a
+/// file with 10,000 peers is 3 MB) and moves the others to their new
+/// lines. Sections whose Endpoint is a host name are not kept (a reload
+/// resolves it again), nor those that gave a warning (it is given again).
+#[derive(Default)]
+pub struct PeerTexts {
+    text: String,
+    by_hash: subway_dataplane::fxhash::FxMap<u64, Vec<usize>>,
+    /// Each kept section: its text after the header line (a range of
+    /// `text`), the header's line, and the section as parsed.
+    kept: Vec<(std::ops::Range<usize>, usize, PeerSection)>,
+}
+
+impl fmt::Debug for PeerTexts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PeerTexts({} sections)", self.kept.len())
+    }
+}
+
+impl PeerTexts {
+    pub(crate) fn hash(body: &str) -> u64 {
+        use std::hash::Hasher;
+        let mut h = subway_dataplane::fxhash::FxHasher::default();
+        h.write(body.as_bytes());
+        h.finish()
+    }
+
+    /// The section parsed from exactly `body` (the lines after its header;
+    /// `hash`, its hash), moved to its header's line `now`.
+    fn find(&self, body: &str, hash: u64, now: usize) -> Option<PeerSection> {
+        let (_, line, peer) = self
+            .by_hash
+            .get(&hash)?
+            .iter()
+            .map(|i| &self.kept[*i])
+            .find(|(r, _, _)| &self.text[r.clone()] == body)?;
+        Some(peer.moved(now as isize - *line as isize))
+    }
+
+    /// Keeps `peer`, parsed from `body` (a range of the text; `hash`, its
+    /// hash if known) with its header at `line`.
+    fn keep(&mut self, body: std::ops::Range<usize>, hash: Option<u64>, line: usize, peer: PeerSection) {
+        let h = hash.unwrap_or_else(|| Self::hash(&self.text[body.clone()]));
+        self.by_hash.entry(h).or_default().push(self.kept.len());
+        self.kept.push((body, line, peer));
+    }
+}
+
+impl PeerSection {
+    /// The same section `by` lines further down the file.
+    fn moved(&self, by: isize) -> PeerSection {
+        let at = |l: usize| l.saturating_add_signed(by);
+        let mut p = self.clone();
+        p.line = at(p.line);
+        for (_, l) in &mut p.allowed_ips {
+            *l = at(*l);
+        }
+        if let Some(g) = &mut p.group {
+            g.priority_line = at(g.priority_line);
+            if let Some((_, l)) = &mut g.probe {
+                *l = at(*l);
+            }
+        }
+        p
+    }
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_after(path, None)
+    }
+
+    /// [`Config::load`] for a reload of `prev`: the [Peer] sections whose
+    /// text is unchanged are taken from it, not parsed again.
+    pub fn load_after(path: &Path, prev: Option<&Config>) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_path_buf(),
             line: 0,
             msg: format!("cannot read the config file: {e}"),
         })?;
-        let mut cfg = Self::parse(path, &text)?;
+        let prev = prev.and_then(|c| c.peer_texts.as_deref());
+        let mut cfg = Self::parse_with(path, text, prev)?;
         // As wg-quick does: a private key others can read is no secret.
         use std::os::unix::fs::PermissionsExt;
         if cfg.interface.private_key.is_some()

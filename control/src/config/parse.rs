@@ -5,7 +5,7 @@
 use super::sections::{
     Entries, parse_export, parse_ha, parse_interface, parse_lan, parse_metrics, parse_peer, parse_tuning,
 };
-use super::{Config, ConfigError, InterfaceSection, Key32, Tuning};
+use super::{Config, ConfigError, InterfaceSection, Key32, PeerTexts, Tuning};
 use ipnet::IpNet;
 use std::collections::HashMap;
 use std::path::Path;
@@ -24,8 +24,68 @@ enum Section {
     Policy,
 }
 
+/// [Peer] sections that may be kept for the next reload: the text after
+/// the header (a range), its hash if known, the header's line, the
+/// section's index in `peers`.
+type Kept = Vec<(std::ops::Range<usize>, Option<u64>, usize, usize)>;
+
+/// Where the next section header is at or after byte `at`: the start of
+/// the first line whose first non-blank character is `[` (what the parser
+/// takes for a header), or the end of `text`.
+fn next_header(text: &str, mut at: usize) -> usize {
+    while at < text.len() {
+        let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+        if text[at..end].trim_start().starts_with('[') {
+            return at;
+        }
+        at = end + 1;
+    }
+    text.len()
+}
+
+/// The lines in `body` (text between two headers, or to the end).
+fn lines_in(body: &str) -> usize {
+    body.bytes().filter(|b| *b == b'\n').count() + usize::from(!body.is_empty() && !body.ends_with('\n'))
+}
+
+/// Whether a [Peer] section's parse can be kept for the next reload: its
+/// Endpoint (if any) is an address, not a name to resolve again.
+fn endpoint_is_address(kv: &Entries) -> bool {
+    kv.iter()
+        .filter(|(k, _, _)| k.eq_ignore_ascii_case("endpoint"))
+        .all(|(_, v, _)| v.parse::<std::net::SocketAddr>().is_ok())
+}
+
 impl Config {
+    /// A config from text (the tests'; a file is read with `load`).
+    #[cfg(test)]
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Self::parse_inner(path, text, None, &mut Vec::new())
+    }
+
+    /// [`Config::parse`], taking the unchanged [Peer] sections from `prev`
+    /// and keeping this file's sections for the next reload.
+    pub(crate) fn parse_with(path: &Path, text: String, prev: Option<&PeerTexts>) -> Result<Config, ConfigError> {
+        let mut kept = Vec::new();
+        let mut cfg = Self::parse_inner(path, &text, prev, &mut kept)?;
+        let mut texts = PeerTexts {
+            text,
+            ..Default::default()
+        };
+        let t0 = std::time::Instant::now();
+        for (body, hash, line, i) in kept {
+            texts.keep(body, hash, line, cfg.peers[i].clone());
+        }
+        cfg.peer_texts = Some(std::sync::Arc::new(texts));
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "kept the peer sections");
+        Ok(cfg)
+    }
+
+    /// The parser. With `prev`, a [Peer] section whose text `prev` holds
+    /// is taken from it; every [Peer] section that may be kept is listed
+    /// in `kept` (its text after the header, the header's line, its index
+    /// in `peers`).
+    fn parse_inner(path: &Path, text: &str, prev: Option<&PeerTexts>, kept: &mut Kept) -> Result<Config, ConfigError> {
         let err = |line: usize, msg: String| ConfigError {
             file: path.to_path_buf(),
             line,
@@ -56,6 +116,7 @@ impl Config {
             policies: Vec::new(),
             warnings: Vec::new(),
             known_vnets: Vec::new(),
+            peer_texts: None,
         };
         let mut section = Section::None;
         let mut seen_interface = false;
@@ -103,8 +164,26 @@ impl Config {
             }
         };
 
-        for (i, raw) in text.lines().enumerate() {
-            let lineno = i + 1;
+        // The [Peer] section being read: where its text starts (after the
+        // header), and whether it may be kept.
+        let mut peer_body: Option<usize> = None;
+        let keep =
+            |kept: &mut Kept, cfg: &Config, body: Option<usize>, end: usize, line: usize, ok: bool, warned: usize| {
+                if let Some(start) = body
+                    && ok
+                    && cfg.warnings.len() == warned
+                {
+                    kept.push((start..end, None, line, cfg.peers.len() - 1));
+                }
+            };
+        let (mut pos, mut lineno) = (0, 0);
+        let t0 = std::time::Instant::now();
+        while pos < text.len() {
+            let start = pos;
+            let end = text[pos..].find('\n').map_or(text.len(), |i| pos + i);
+            pos = end + 1;
+            lineno += 1;
+            let raw = &text[start..end];
             let line = raw.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
                 continue;
@@ -116,7 +195,12 @@ impl Config {
                         format!("malformed section header `{line}`: write it as [Name]"),
                     ));
                 }
+                let ok = section == Section::Peer && endpoint_is_address(&pending);
+                let warned = cfg.warnings.len();
                 flush(&mut cfg, section, section_line, &mut pending)?;
+                if section == Section::Peer {
+                    keep(kept, &cfg, peer_body.take(), start, section_line, ok, warned);
+                }
                 let name = line[1..line.len() - 1].trim().to_ascii_lowercase();
                 section = match name.as_str() {
                     "interface" => {
@@ -166,6 +250,22 @@ impl Config {
                     }
                 };
                 section_line = lineno;
+                if section == Section::Peer {
+                    let body_end = next_header(text, pos.min(text.len()));
+                    let body = &text[pos.min(text.len())..body_end];
+                    // Unchanged since the last read: taken as it was.
+                    let hash = prev.map(|_| PeerTexts::hash(body));
+                    if let Some(mut p) = prev.and_then(|prev| prev.find(body, hash?, lineno)) {
+                        p.id = cfg.peers.len() as u32;
+                        cfg.peers.push(p);
+                        kept.push((pos.min(text.len())..body_end, hash, lineno, cfg.peers.len() - 1));
+                        lineno += lines_in(body);
+                        pos = body_end;
+                        section = Section::None;
+                        continue;
+                    }
+                    peer_body = Some(pos.min(text.len()));
+                }
                 continue;
             }
             let Some((k, v)) = line.split_once('=') else {
@@ -177,9 +277,22 @@ impl Config {
             }
             pending.push((k.to_string(), v.to_string(), lineno));
         }
+        let ok = section == Section::Peer && endpoint_is_address(&pending);
+        let warned = cfg.warnings.len();
         flush(&mut cfg, section, section_line, &mut pending)?;
+        if section == Section::Peer {
+            keep(kept, &cfg, peer_body.take(), text.len(), section_line, ok, warned);
+        }
+        let t_sections = t0.elapsed();
         cfg.validate()?;
+        let t_validate = t0.elapsed() - t_sections;
         let w = cfg.check_policies()?;
+        tracing::debug!(
+            sections_ms = t_sections.as_secs_f64() * 1e3,
+            validate_ms = t_validate.as_secs_f64() * 1e3,
+            policies_ms = (t0.elapsed() - t_sections - t_validate).as_secs_f64() * 1e3,
+            "parsed"
+        );
         cfg.warnings.extend(w);
         Ok(cfg)
     }
@@ -255,7 +368,30 @@ impl Config {
             ));
         }
         let mut keys: FxMap<Key32, usize> = FxMap::with_capacity_and_hasher(self.peers.len(), Default::default());
-        // One owner per prefix and VNET, whether a LAN or a peer.
+        // One owner per prefix and VNET, whether a LAN or a peer. Most
+        // files claim each prefix once: one sort of plain numbers finds
+        // that out, and the map (with the first claimant's line for the
+        // message) is built only when some prefix is claimed twice.
+        let mut all: Vec<(u32, bool, u128, u8)> = Vec::with_capacity(claims);
+        let key = |v: u32, n: &IpNet| {
+            let n = n.trunc();
+            let addr = match n.network() {
+                std::net::IpAddr::V4(a) => u32::from(a) as u128,
+                std::net::IpAddr::V6(a) => u128::from(a),
+            };
+            (v, n.addr().is_ipv6(), addr, n.prefix_len())
+        };
+        for l in &self.lans {
+            let v = vid(&l.vnet);
+            all.extend(l.subnets.iter().map(|s| key(v, s)));
+            all.extend(l.routes.iter().map(|r| key(v, &r.0)));
+        }
+        for p in &self.peers {
+            let v = vid(&p.vnet);
+            all.extend(p.allowed_ips.iter().map(|(n, _)| key(v, n)));
+        }
+        all.sort_unstable();
+        let shared = all.windows(2).any(|w| w[0] == w[1]);
         let mut owners: FxMap<(u32, IpNet), usize> = subnets;
         for l in &self.lans {
             for (net, hops, line) in &l.routes {
@@ -286,7 +422,7 @@ impl Config {
                         ),
                     ));
                 }
-                if let Some(prev) = owners.insert((vid(&l.vnet), *net), *line) {
+                if shared && let Some(prev) = owners.insert((vid(&l.vnet), *net), *line) {
                     return Err(self.err(
                         *line,
                         format!(
@@ -303,6 +439,9 @@ impl Config {
                     p.line,
                     format!("this PublicKey is already the [Peer] at line {prev}: merge the two sections"),
                 ));
+            }
+            if !shared {
+                continue;
             }
             let v = vid(&p.vnet);
             for (net, line) in &p.allowed_ips {

@@ -4,13 +4,14 @@
 //! control thread drives (neighbour and route events, punted packets, the
 //! uplink's addresses), `route explain` on the live XDP program, and stop.
 
+mod spare;
 mod start;
 
 use crate::config::{DataplaneConfig, RouteChanges};
 use crate::error::{Error, Result};
 use crate::host::{KernelUndo, kernel_routes};
 use crate::netlink::{self, Neighbour, Netlink};
-use crate::plan::{RouteDiff, allowed_ips, build_fib, check_capacity, default_vnet_routes, peer_rts, steer};
+use crate::plan::{self, RouteDiff, allowed_ips, build_fib, check_capacity, default_vnet_routes, peer_rts, steer};
 use crate::slowpath::SlowPath;
 use crate::stats::WorkerStats;
 use crate::tables::{self, NeighTable, Port, SharedTables, Tables};
@@ -22,6 +23,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use subway_common::XdpCounter;
+
+/// How a live change makes its tables.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Build {
+    /// Patch the running ones when only peers changed.
+    Patch,
+    /// Build them anew (the kernel's routes changed: read them again).
+    Anew,
+}
 
 /// How long a live change waits for new routers to answer ARP/NDP.
 const RESOLVE_FIRST_FOR: std::time::Duration = std::time::Duration::from_millis(200);
@@ -77,6 +87,11 @@ pub struct Dataplane {
     capture: Arc<crate::capture::CaptureHook>,
     punt: punt::PuntServer,
     undo: KernelUndo,
+    /// The spare copies a live change of peers patches, and the prefixes
+    /// it must leave to a build (see [`plan::peer_patch`]).
+    spare_fib: spare::Spare<crate::fib::Fib>,
+    spare_allowed: spare::Spare<crate::fib::AllowedIps>,
+    fixed: plan::FixedKeys,
     // Dropped last: detaching XDP after the sockets close is harmless
     // (the redirect falls back to XDP_PASS).
     xdp: XdpSteering,
@@ -208,6 +223,12 @@ impl Dataplane {
     /// removed after. `fresh` lists peer ids that are new: their counters
     /// start at zero. The set of [Lan] interfaces cannot change here.
     pub fn apply(&mut self, cfg: &DataplaneConfig, fresh: &[u32]) -> Result<RouteChanges> {
+        self.apply_as(cfg, fresh, Build::Patch)
+    }
+
+    /// [`Dataplane::apply`], patching the running tables where the change
+    /// allows ([`Build::Patch`]) or building them anew.
+    fn apply_as(&mut self, cfg: &DataplaneConfig, fresh: &[u32], how: Build) -> Result<RouteChanges> {
         let same_lans = cfg.lans.len() == self.running.lans.len()
             && cfg
                 .lans
@@ -229,38 +250,75 @@ impl Dataplane {
         }
         let cfg = &cfg;
         let cur = self.tables.load_full();
-        // The default VNET's configured routes go into the kernel first:
-        // build_fib reads the kernel's routes and leaves those to the config.
         let t0 = std::time::Instant::now();
-        let lan_routes = default_vnet_routes(&cfg.lans);
-        self.undo.lan_routes_add(&lan_routes)?;
-        let fib = build_fib(&mut self.netlink, &cfg.lans, &cur.ports, &cfg.peers)?;
-        check_capacity(&fib)?;
-        self.resolve_routers_first(&fib);
+        // A change of peers alone is patched into the running tables (the
+        // spare copies); anything else is built anew.
+        let patch = match how {
+            Build::Patch if cfg.lans == self.running.lans => {
+                plan::peer_patch(&cur.fib, &cur.allowed, &self.running.peers, &cfg.peers, &self.fixed)
+            }
+            _ => None,
+        };
+        let (fib, allowed, diff, built) = match &patch {
+            Some(p) => {
+                let count = |v6: bool| {
+                    cur.fib
+                        .routes()
+                        .iter()
+                        .filter(|r| r.prefix.addr().is_ipv6() == v6)
+                        .count()
+                };
+                plan::capacity(
+                    count(false) + p.added[0] - p.removed[0],
+                    count(true) + p.added[1] - p.removed[1],
+                )?;
+                let mut fib = self.spare_fib.take(&cur.fib);
+                fib.patch(&p.fib);
+                let allowed = if p.allowed.is_empty() {
+                    cur.allowed.clone()
+                } else {
+                    let mut a = self.spare_allowed.take(&cur.allowed);
+                    a.patch(&p.allowed);
+                    Arc::new(a)
+                };
+                (fib, allowed, p.diff.clone(), None)
+            }
+            None => {
+                // The default VNET's configured routes go into the kernel
+                // first: build_fib reads the kernel's routes and leaves
+                // those to the config.
+                let lan_routes = default_vnet_routes(&cfg.lans);
+                self.undo.lan_routes_add(&lan_routes)?;
+                let (fib, fixed) = build_fib(&mut self.netlink, &cfg.lans, &cur.ports, &cfg.peers)?;
+                check_capacity(&fib)?;
+                self.resolve_routers_first(&fib);
+                let diff = RouteDiff::between(&cur.fib, &fib);
+                // Cryptokey routing changes only with the peers' AllowedIPs
+                // (not with their health, endpoints or the kernel's routes).
+                let same_claims = |a: &crate::config::PeerRoutes, b: &crate::config::PeerRoutes| {
+                    a.id == b.id && a.vnet == b.vnet && a.allowed_ips == b.allowed_ips
+                };
+                let allowed = if cfg.peers.len() == self.running.peers.len()
+                    && cfg
+                        .peers
+                        .iter()
+                        .zip(&self.running.peers)
+                        .all(|(a, b)| same_claims(a, b))
+                {
+                    cur.allowed.clone()
+                } else {
+                    Arc::new(allowed_ips(&cfg.peers))
+                };
+                (fib, allowed, diff, Some((lan_routes, fixed)))
+            }
+        };
         let t_fib = t0.elapsed();
         let cur = self.tables.load_full();
-        let diff = RouteDiff::between(&cur.fib, &fib);
         let t_diff = t0.elapsed();
         self.before_switch(&diff, &fib, &cur.fib, &cur.ports)?;
         let t_kernel = t0.elapsed();
         self.undo.fail_open = cfg.fail_open;
         let peers = peer_rts(&cur.peers, &cfg.peers, fresh, &mut self.marks);
-        // Cryptokey routing changes only with the peers' AllowedIPs (not
-        // with their health, endpoints or the kernel's routes).
-        let same_claims = |a: &crate::config::PeerRoutes, b: &crate::config::PeerRoutes| {
-            a.id == b.id && a.vnet == b.vnet && a.allowed_ips == b.allowed_ips
-        };
-        let allowed = if cfg.peers.len() == self.running.peers.len()
-            && cfg
-                .peers
-                .iter()
-                .zip(&self.running.peers)
-                .all(|(a, b)| same_claims(a, b))
-        {
-            cur.allowed.clone()
-        } else {
-            Arc::new(allowed_ips(&cfg.peers))
-        };
         // Rebuilt only when they changed: a route event re-applies the
         // running config, and the policies' counters and flow entries'
         // rule numbers belong to one build.
@@ -269,12 +327,35 @@ impl Dataplane {
         } else {
             crate::policy::Policies::build(&cfg.policies, cfg.flows, &cur.policies)
         };
+        let same_allowed = Arc::ptr_eq(&allowed, &cur.allowed);
+        // A build that changed nothing (a kernel route event that is not
+        // ours to follow) keeps the running FIB, and its spare.
+        let same_fib = patch.is_none() && fib.same_as(&cur.fib);
+        let fib = if same_fib { cur.fib.clone() } else { Arc::new(fib) };
         self.publish(|t| {
-            t.fib = Arc::new(fib);
+            t.fib = fib;
             t.allowed = allowed;
             t.peers = peers;
             t.policies = policies;
         });
+        // What the workers read until now is the spare of what they read
+        // next (a build leaves no spare: the next patch copies).
+        match patch {
+            Some(p) => {
+                self.spare_fib.retire(cur.fib.clone(), p.fib);
+                if !same_allowed {
+                    self.spare_allowed.retire(cur.allowed.clone(), p.allowed);
+                }
+            }
+            None => {
+                if !same_fib {
+                    self.spare_fib.clear();
+                }
+                if !same_allowed {
+                    self.spare_allowed.clear();
+                }
+            }
+        }
         // After the switch nothing may fail the change: a failure to
         // remove what is gone is logged.
         for (vnet, net) in &diff.unsteer {
@@ -285,9 +366,14 @@ impl Dataplane {
         if let Err(e) = kernel_routes(&mut self.netlink, false, &diff.tun_del, self.slow.name(), true) {
             tracing::warn!("removing the kernel's routes of removed peer prefixes: {e}");
         }
-        self.undo.lan_routes_prune(&lan_routes);
+        let patched = built.is_none();
+        if let Some((lan_routes, fixed)) = built {
+            self.undo.lan_routes_prune(&lan_routes);
+            self.fixed = fixed;
+        }
         self.running = cfg.clone();
         tracing::debug!(
+            patched,
             fib_ms = t_fib.as_secs_f64() * 1e3,
             diff_ms = (t_diff - t_fib).as_secs_f64() * 1e3,
             steer_and_kernel_ms = (t_kernel - t_diff).as_secs_f64() * 1e3,
@@ -373,6 +459,7 @@ impl Dataplane {
     ) -> Result<()> {
         let mut done = 0;
         let mut result = Ok(());
+        let t0 = std::time::Instant::now();
         for s in &diff.steer {
             if let Err(e) = self.xdp.set_route(s.key.0, s.key.1, steer(s.target, ports, fib)) {
                 result = Err(e);
@@ -380,15 +467,23 @@ impl Dataplane {
             }
             done += 1;
         }
+        let t_steer = t0.elapsed();
+        let (mut t_routes, mut t_plan) = (t_steer, t_steer);
         if result.is_ok() {
             result = kernel_routes(&mut self.netlink, true, &diff.tun_add, self.slow.name(), false);
+            t_routes = t0.elapsed();
+            t_plan = t_routes;
+            // The fence changes only when routes do (it is the default
+            // VNET's peer prefixes minus the LAN and local ones in them).
             if result.is_ok()
+                && (!diff.steer.is_empty() || !diff.unsteer.is_empty())
                 && let Some(cur) = &self.undo.fence
             {
                 let mut fence = cur.clone();
                 fence.tunnelled = failsafe::tunnelled(fib.routes());
+                t_plan = t0.elapsed();
                 if fence.tunnelled != cur.tunnelled {
-                    result = failsafe::update_tunnelled(&fence);
+                    result = failsafe::change_tunnelled(cur, &fence);
                     if result.is_ok() {
                         self.undo.fence = Some(fence);
                     }
@@ -406,6 +501,13 @@ impl Dataplane {
                 };
             }
         }
+        tracing::debug!(
+            steer_ms = t_steer.as_secs_f64() * 1e3,
+            routes_ms = (t_routes - t_steer).as_secs_f64() * 1e3,
+            fence_plan_ms = (t_plan - t_routes).as_secs_f64() * 1e3,
+            fence_nft_ms = (t0.elapsed() - t_plan).as_secs_f64() * 1e3,
+            "before the switch"
+        );
         result
     }
 
@@ -556,7 +658,7 @@ impl Dataplane {
     /// the kernel's) and applied like a reload, without loss.
     fn follow_kernel_routes(&mut self) {
         let cfg = self.running.clone();
-        match self.apply(&cfg, &[]) {
+        match self.apply_as(&cfg, &[], Build::Anew) {
             Ok(ch) if ch != RouteChanges::default() => tracing::info!(
                 added = ?ch.added, removed = ?ch.removed, retargeted = ?ch.retargeted,
                 "followed the kernel's routes"

@@ -5,7 +5,7 @@
 //! the workers, and only then attach XDP and let the workers run. A step
 //! that fails leaves nothing behind but the fence (the undo runs on drop).
 
-use super::{Dataplane, WorkerHandle, read_neighbours};
+use super::{Dataplane, WorkerHandle, read_neighbours, spare};
 use crate::config::{DataplaneConfig, UPLINK_VNET};
 use crate::error::{Error, Result};
 use crate::fib::Fib;
@@ -30,7 +30,7 @@ impl Dataplane {
         }
         let mut netlink = Netlink::open().map_err(|e| Error::io("opening rtnetlink", e))?;
         let (ports, uplink) = open_ports(cfg)?;
-        let fib = build_fib(&mut netlink, &cfg.lans, &ports, &cfg.peers)?;
+        let (fib, fixed) = build_fib(&mut netlink, &cfg.lans, &ports, &cfg.peers)?;
         check_capacity(&fib)?;
         let uplink_addrs = uplink_addresses(&mut netlink, &ports, uplink)?;
         let mut undo = prepare_kernel(cfg, &mut netlink, &ports, uplink, &fib)?;
@@ -44,9 +44,10 @@ impl Dataplane {
         let mut neigh_scratch = Vec::new();
         let neigh = read_neighbours(&mut netlink, &ports, &mut neigh_scratch)?;
         let mut marks = tables::TrafficMarks::default();
+        let allowed = allowed_ips(&cfg.peers);
         let tables = tables::shared(Tables {
             fib: Arc::new(fib.clone()),
-            allowed: Arc::new(allowed_ips(&cfg.peers)),
+            allowed: Arc::new(allowed.clone()),
             neigh,
             ports: ports.clone(),
             peers: peer_rts(&[], &cfg.peers, &[], &mut marks),
@@ -89,6 +90,10 @@ impl Dataplane {
             capture: Default::default(),
             punt: Default::default(),
             undo,
+            // The FIB the start steered by is the published one's copy.
+            spare_fib: spare::Spare::equal(fib),
+            spare_allowed: spare::Spare::equal(allowed),
+            fixed,
             xdp,
         };
         for w in workers {
