@@ -57,41 +57,111 @@ pub struct Fence {
 /// those are in the result through their own entry). Nested results are
 /// folded into the wider one, so no two returned prefixes overlap.
 pub fn tunnelled(routes: &[Route]) -> Vec<IpNet> {
-    let default = || routes.iter().filter(|r| r.vnet == 0);
-    // The LAN and local prefixes (few), listed once, not once per peer prefix.
-    let local: Vec<IpNet> = default()
-        .filter(|r| !r.target.is_tunnel())
-        .map(|r| r.prefix.trunc())
-        .collect();
-    let mut out = Vec::new();
-    for p in default().filter(|r| r.target.is_tunnel()) {
-        let holes: Vec<IpNet> = local
-            .iter()
-            .copied()
-            .filter(|q| q.prefix_len() > p.prefix.prefix_len() && p.prefix.contains(q))
+    Pieces::build(routes).folded()
+}
+
+/// A piece of the fence as plain numbers: (IPv6, first address, length).
+type Piece = (bool, u128, u8);
+
+/// [`tunnelled`] before folding: each default-VNET peer prefix minus the
+/// LAN and local prefixes inside it, sorted, with how many routes gave
+/// each piece. A live change of peers alone (the LAN and local prefixes,
+/// the holes, stay) adds and removes its own prefixes' pieces instead of
+/// going over 100,000 routes again.
+#[derive(Clone, Debug, Default)]
+pub struct Pieces {
+    pieces: Vec<(Piece, u32)>,
+    /// The default VNET's LAN and local prefixes.
+    holes: Vec<IpNet>,
+}
+
+impl Pieces {
+    pub fn build(routes: &[Route]) -> Pieces {
+        let default = || routes.iter().filter(|r| r.vnet == 0);
+        // The LAN and local prefixes (few), listed once, not once per peer prefix.
+        let holes: Vec<IpNet> = default()
+            .filter(|r| !r.target.is_tunnel())
+            .map(|r| r.prefix.trunc())
             .collect();
-        subtract(p.prefix.trunc(), &holes, &mut out);
+        let mut this = Pieces {
+            pieces: Vec::with_capacity(routes.len()),
+            holes,
+        };
+        let mut keyed = Vec::with_capacity(routes.len());
+        for r in default().filter(|r| r.target.is_tunnel()) {
+            this.of(r.prefix, &mut keyed);
+        }
+        // Sorted as plain numbers (no key worked out per comparison), by a
+        // sort that finds runs: the FIB lists its routes mostly in order.
+        keyed.sort();
+        for k in keyed {
+            match this.pieces.last_mut() {
+                Some((p, n)) if *p == k => *n += 1,
+                _ => this.pieces.push((k, 1)),
+            }
+        }
+        this
     }
-    // By start address, the widest first: a prefix inside an earlier one
-    // is inside the last one kept (the kept never overlap), so one
-    // comparison folds it and 100,000 routes cost a sort.
-    // Sorted as plain numbers (the key is not worked out per comparison),
-    // and by a sort that finds runs: the FIB lists its routes mostly in
-    // order (a live change appends its few).
-    let mut keyed: Vec<(bool, u128, u8)> = out
-        .iter()
-        .map(|n| (n.addr().is_ipv6(), num(n.network()), n.prefix_len()))
-        .collect();
-    keyed.sort();
-    keyed.dedup();
-    let mut folded: Vec<IpNet> = Vec::with_capacity(keyed.len());
-    for (v6, first, len) in keyed {
-        let n = IpNet::new(addr(first, !v6), len).expect("the length of a prefix");
-        if !folded.last().is_some_and(|k| k.contains(&n)) {
-            folded.push(n);
+
+    /// The pieces of the peer prefix `p`, appended to `out`.
+    fn of(&self, p: IpNet, out: &mut Vec<Piece>) {
+        let key = |n: &IpNet| (n.addr().is_ipv6(), num(n.network()), n.prefix_len());
+        let p = p.trunc();
+        let inside = |q: &&IpNet| q.prefix_len() > p.prefix_len() && p.contains(*q);
+        if !self.holes.iter().any(|q| inside(&q)) {
+            out.push(key(&p));
+            return;
+        }
+        let holes: Vec<IpNet> = self.holes.iter().filter(inside).copied().collect();
+        let mut pieces = Vec::new();
+        subtract(p, &holes, &mut pieces);
+        out.extend(pieces.iter().map(key));
+    }
+
+    /// A default-VNET peer prefix added.
+    pub fn add(&mut self, p: IpNet) {
+        let mut new = Vec::new();
+        self.of(p, &mut new);
+        for k in new {
+            match self.pieces.binary_search_by(|(q, _)| q.cmp(&k)) {
+                Ok(i) => self.pieces[i].1 += 1,
+                Err(i) => self.pieces.insert(i, (k, 1)),
+            }
         }
     }
-    folded
+
+    /// A default-VNET peer prefix removed.
+    pub fn remove(&mut self, p: IpNet) {
+        let mut gone = Vec::new();
+        self.of(p, &mut gone);
+        for k in gone {
+            if let Ok(i) = self.pieces.binary_search_by(|(q, _)| q.cmp(&k)) {
+                self.pieces[i].1 -= 1;
+                if self.pieces[i].1 == 0 {
+                    self.pieces.remove(i);
+                }
+            }
+        }
+    }
+
+    /// The pieces with those inside another folded into it: by start
+    /// address, the widest first, a piece inside an earlier one is inside
+    /// the last one kept (the kept never overlap).
+    pub fn folded(&self) -> Vec<IpNet> {
+        let last = |v6: bool, first: u128, len: u8| {
+            first + u128::MAX.checked_shr(len as u32 + if v6 { 0 } else { 96 }).unwrap_or(0)
+        };
+        let mut folded: Vec<IpNet> = Vec::new();
+        let mut kept: Option<(bool, u128, u128)> = None;
+        for &((v6, first, len), _) in &self.pieces {
+            if kept.is_some_and(|(kv6, kf, kl)| kv6 == v6 && kf <= first && last(v6, first, len) <= kl) {
+                continue;
+            }
+            kept = Some((v6, first, last(v6, first, len)));
+            folded.push(IpNet::new(addr(first, !v6), len).expect("the length of a prefix"));
+        }
+        folded
+    }
 }
 
 /// `net` minus every prefix in `holes` (each inside `net`), as prefixes:
@@ -472,6 +542,25 @@ mod tests {
             (1, "192.168.0.0/16", Target::Peer(2)),
         ]);
         assert_eq!(tunnelled(f.routes()), vec![n("10.0.0.0/8")]);
+        // Host routes, and whole address families.
+        let f = fib(&[
+            (0, "10.9.9.9/32", Target::Peer(2)),
+            (0, "192.0.2.7/32", Target::Peer(2)),
+            (0, "192.0.2.8/32", Target::Peer(2)),
+            (0, "fd00::1/128", Target::Peer(2)),
+            (0, "fd00::/16", Target::Peer(3)),
+            (0, "10.0.0.0/8", Target::Peer(0)),
+        ]);
+        assert_eq!(
+            tunnelled(f.routes()),
+            vec![n("10.0.0.0/8"), n("192.0.2.7/32"), n("192.0.2.8/32"), n("fd00::/16")]
+        );
+        let f = fib(&[
+            (0, "::/0", Target::Peer(0)),
+            (0, "fd00::1/128", Target::Peer(1)),
+            (0, "0.0.0.0/0", Target::Peer(1)),
+        ]);
+        assert_eq!(tunnelled(f.routes()), vec![n("0.0.0.0/0"), n("::/0")]);
     }
 
     #[test]

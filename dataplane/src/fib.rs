@@ -194,10 +194,21 @@ impl Fib {
         Ok(())
     }
 
-    /// The same routes, next-hop groups and peer sets, in the same order
-    /// (two builds from the same inputs): one pass, no sorting.
+    /// The same routes (in any order: a patched FIB lists its changes
+    /// last), next-hop groups and peer sets.
     pub fn same_as(&self, other: &Fib) -> bool {
-        self.routes == other.routes && self.groups == other.groups && self.peer_sets == other.peer_sets
+        if self.routes.len() != other.routes.len() || self.groups != other.groups || self.peer_sets != other.peer_sets {
+            return false;
+        }
+        if self.routes == other.routes {
+            return true;
+        }
+        let sorted = |f: &Fib| {
+            let mut v: Vec<(VnetId, IpNet, Target)> = f.routes.iter().map(|r| (r.vnet, r.prefix, r.target)).collect();
+            v.sort_by_key(|r| (r.0, r.1));
+            v
+        };
+        sorted(self) == sorted(other)
     }
 
     /// The target of exactly this prefix (not a longest match).
@@ -228,7 +239,8 @@ impl Fib {
     /// Applies `patch` (planned against a FIB equal to this one): the new
     /// peer sets get the ids the plan gave them, then each prefix is set to
     /// its new target or removed. The tree changes in place; the route
-    /// list in one pass. Applied to two equal FIBs, it leaves them equal.
+    /// list by a scan per prefix (a pass when many). Applied to two equal
+    /// FIBs, it leaves them equal.
     pub fn patch(&mut self, patch: &FibPatch) {
         for set in &patch.sets {
             let _ = self.peers(set.clone());
@@ -261,7 +273,19 @@ impl Fib {
                 (None, None) => {}
             }
         }
-        if !existing.is_empty() {
+        if existing.len() <= 16 {
+            // A few: a scan each costs less than hashing every route.
+            for ((vnet, prefix), target) in existing {
+                if let Some(i) = self.routes.iter().position(|r| r.vnet == vnet && r.prefix == prefix) {
+                    match target {
+                        Some(t) => self.routes[i].target = t,
+                        None => {
+                            self.routes.swap_remove(i);
+                        }
+                    }
+                }
+            }
+        } else {
             self.routes.retain_mut(|r| match existing.get(&(r.vnet, r.prefix)) {
                 Some(Some(t)) => {
                     r.target = *t;
@@ -539,6 +563,37 @@ mod tests {
             }
         }
         assert_eq!(rendezvous(&[], 7), None);
+    }
+
+    #[test]
+    fn a_patched_fib_is_the_same_as_one_built_with_its_routes_in_another_order() {
+        let mut a = Fib::new();
+        a.insert(0, net("10.1.0.0/24"), Target::Peer(1)).unwrap();
+        a.insert(0, net("10.2.0.0/24"), Target::Peer(2)).unwrap();
+        let mut b = Fib::new();
+        b.insert(0, net("10.1.0.0/24"), Target::Peer(1)).unwrap();
+        b.insert(0, net("10.3.0.0/24"), Target::Peer(2)).unwrap();
+        assert!(!a.same_as(&b));
+        // 10.2 goes, 10.3 comes: appended after 10.1, as built.
+        a.patch(&FibPatch {
+            sets: Vec::new(),
+            routes: vec![
+                (0, net("10.2.0.0/24"), None),
+                (0, net("10.3.0.0/24"), Some(Target::Peer(2))),
+            ],
+        });
+        assert!(a.same_as(&b) && b.same_as(&a));
+        let mut c = Fib::new();
+        c.insert(0, net("10.3.0.0/24"), Target::Peer(2)).unwrap();
+        c.insert(0, net("10.1.0.0/24"), Target::Peer(1)).unwrap();
+        assert!(a.same_as(&c), "the order of the routes does not count");
+        a.patch(&FibPatch {
+            sets: Vec::new(),
+            routes: vec![(0, net("10.3.0.0/24"), Some(Target::Peer(3)))],
+        });
+        assert!(!a.same_as(&c), "a route's target does");
+        assert_eq!(a.routes().len(), 2);
+        assert_eq!(a.lookup(0, "10.3.0.1".parse().unwrap()), Some((24, Target::Peer(3))));
     }
 
     #[test]

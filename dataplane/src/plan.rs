@@ -823,6 +823,8 @@ mod tests {
         pool.push("10.0.0.0/16".parse().unwrap());
         pool.push("10.0.0.1/32".parse().unwrap());
         pool.push("fd00:1::/64".parse().unwrap());
+        // Around the LAN and the others: the fence has holes and nesting.
+        pool.push("10.0.0.0/8".parse().unwrap());
         let mut next_id = 0u32;
         let mut peer = |rnd: &mut dyn FnMut(u64) -> u64, id: Option<u32>| -> PeerRoutes {
             let id = id.unwrap_or_else(|| {
@@ -847,6 +849,7 @@ mod tests {
                 continue;
             };
             let mut allowed = allowed_ips(&peers);
+            let mut pieces = failsafe::Pieces::build(fib.routes());
             for _step in 0..15 {
                 let mut new = peers.clone();
                 for _ in 0..1 + rnd(3) {
@@ -864,6 +867,7 @@ mod tests {
                 let Some(p) = peer_patch(&fib, &allowed, &peers, &new, &fixed) else {
                     built_steps += 1;
                     if let Ok(b) = built {
+                        pieces = failsafe::Pieces::build(b.routes());
                         (fib, allowed, peers) = (b, allowed_ips(&new), new);
                     }
                     continue;
@@ -874,6 +878,18 @@ mod tests {
                 fib.patch(&p.fib);
                 allowed.patch(&p.allowed);
                 assert_eq!(canonical(&fib), canonical(&built), "FIB after {peers:?} -> {new:?}");
+                // The fence's pieces follow the patch's prefixes.
+                for n in &p.diff.tun_del {
+                    pieces.remove(*n);
+                }
+                for n in &p.diff.tun_add {
+                    pieces.add(*n);
+                }
+                assert_eq!(
+                    pieces.folded(),
+                    failsafe::tunnelled(built.routes()),
+                    "fence after {peers:?} -> {new:?}"
+                );
                 assert_eq!(
                     canonical(allowed.table()),
                     canonical(allowed_ips(&new).table()),

@@ -31,21 +31,19 @@ type Kept = Vec<(std::ops::Range<usize>, Option<u64>, usize, usize)>;
 
 /// Where the next section header is at or after byte `at`: the start of
 /// the first line whose first non-blank character is `[` (what the parser
-/// takes for a header), or the end of `text`.
-fn next_header(text: &str, mut at: usize) -> usize {
+/// takes for a header), or the end of `text`; and how many lines come
+/// before it.
+fn next_header(text: &str, mut at: usize) -> (usize, usize) {
+    let mut lines = 0;
     while at < text.len() {
         let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
         if text[at..end].trim_start().starts_with('[') {
-            return at;
+            return (at, lines);
         }
+        lines += 1;
         at = end + 1;
     }
-    text.len()
-}
-
-/// The lines in `body` (text between two headers, or to the end).
-fn lines_in(body: &str) -> usize {
-    body.bytes().filter(|b| *b == b'\n').count() + usize::from(!body.is_empty() && !body.ends_with('\n'))
+    (text.len(), lines)
 }
 
 /// Whether a [Peer] section's parse can be kept for the next reload: its
@@ -251,7 +249,7 @@ impl Config {
                 };
                 section_line = lineno;
                 if section == Section::Peer {
-                    let body_end = next_header(text, pos.min(text.len()));
+                    let (body_end, body_lines) = next_header(text, pos.min(text.len()));
                     let body = &text[pos.min(text.len())..body_end];
                     // Unchanged since the last read: taken as it was.
                     let hash = prev.map(|_| PeerTexts::hash(body));
@@ -259,7 +257,7 @@ impl Config {
                         p.id = cfg.peers.len() as u32;
                         cfg.peers.push(p);
                         kept.push((pos.min(text.len())..body_end, hash, lineno, cfg.peers.len() - 1));
-                        lineno += lines_in(body);
+                        lineno += body_lines;
                         pos = body_end;
                         section = Section::None;
                         continue;
@@ -372,26 +370,26 @@ impl Config {
         // files claim each prefix once: one sort of plain numbers finds
         // that out, and the map (with the first claimant's line for the
         // message) is built only when some prefix is claimed twice.
-        let mut all: Vec<(u32, bool, u128, u8)> = Vec::with_capacity(claims);
-        let key = |v: u32, n: &IpNet| {
-            let n = n.trunc();
-            let addr = match n.network() {
-                std::net::IpAddr::V4(a) => u32::from(a) as u128,
-                std::net::IpAddr::V6(a) => u128::from(a),
-            };
-            (v, n.addr().is_ipv6(), addr, n.prefix_len())
+        // (IPv4 as one number: VNET, address, length; IPv6 as two. A
+        // stable sort: files often list prefixes in order, and it finds
+        // the runs.)
+        let (mut v4, mut v6): (Vec<u128>, Vec<(u128, u64)>) = (Vec::with_capacity(claims), Vec::new());
+        let mut add = |v: u32, n: &IpNet| match n.trunc() {
+            IpNet::V4(n) => v4.push((v as u128) << 40 | (u32::from(n.network()) as u128) << 8 | n.prefix_len() as u128),
+            IpNet::V6(n) => v6.push((u128::from(n.network()), (v as u64) << 8 | n.prefix_len() as u64)),
         };
         for l in &self.lans {
             let v = vid(&l.vnet);
-            all.extend(l.subnets.iter().map(|s| key(v, s)));
-            all.extend(l.routes.iter().map(|r| key(v, &r.0)));
+            l.subnets.iter().for_each(|s| add(v, s));
+            l.routes.iter().for_each(|r| add(v, &r.0));
         }
         for p in &self.peers {
             let v = vid(&p.vnet);
-            all.extend(p.allowed_ips.iter().map(|(n, _)| key(v, n)));
+            p.allowed_ips.iter().for_each(|(n, _)| add(v, n));
         }
-        all.sort_unstable();
-        let shared = all.windows(2).any(|w| w[0] == w[1]);
+        v4.sort();
+        v6.sort();
+        let shared = v4.windows(2).any(|w| w[0] == w[1]) || v6.windows(2).any(|w| w[0] == w[1]);
         let mut owners: FxMap<(u32, IpNet), usize> = subnets;
         for l in &self.lans {
             for (net, hops, line) in &l.routes {

@@ -92,6 +92,9 @@ pub struct Dataplane {
     spare_fib: spare::Spare<crate::fib::Fib>,
     spare_allowed: spare::Spare<crate::fib::AllowedIps>,
     fixed: plan::FixedKeys,
+    /// The fence's pieces for the published FIB (None: built at the next
+    /// change that needs them).
+    fence_pieces: Option<failsafe::Pieces>,
     // Dropped last: detaching XDP after the sockets close is harmless
     // (the redirect falls back to XDP_PASS).
     xdp: XdpSteering,
@@ -315,7 +318,7 @@ impl Dataplane {
         let t_fib = t0.elapsed();
         let cur = self.tables.load_full();
         let t_diff = t0.elapsed();
-        self.before_switch(&diff, &fib, &cur.fib, &cur.ports)?;
+        self.before_switch(&diff, &fib, &cur.fib, &cur.ports, patch.is_some())?;
         let t_kernel = t0.elapsed();
         self.undo.fail_open = cfg.fail_open;
         let peers = peer_rts(&cur.peers, &cfg.peers, fresh, &mut self.marks);
@@ -450,12 +453,15 @@ impl Dataplane {
     /// transaction: a new peer prefix is never routed by the kernel
     /// unfenced). On a failure, what was done is undone and the error
     /// returned: nothing changed.
+    /// `patched`: the change is a patch of peers ([`plan::peer_patch`]):
+    /// the fence's pieces change by its prefixes alone.
     fn before_switch(
         &mut self,
         diff: &RouteDiff,
         fib: &crate::fib::Fib,
         old: &crate::fib::Fib,
         ports: &[Port],
+        patched: bool,
     ) -> Result<()> {
         let mut done = 0;
         let mut result = Ok(());
@@ -475,12 +481,25 @@ impl Dataplane {
             t_plan = t_routes;
             // The fence changes only when routes do (it is the default
             // VNET's peer prefixes minus the LAN and local ones in them).
+            let pieces = self.fence_pieces.take();
             if result.is_ok()
                 && (!diff.steer.is_empty() || !diff.unsteer.is_empty())
                 && let Some(cur) = &self.undo.fence
             {
+                let pieces = match pieces {
+                    Some(mut p) if patched => {
+                        for n in &diff.tun_del {
+                            p.remove(*n);
+                        }
+                        for n in &diff.tun_add {
+                            p.add(*n);
+                        }
+                        p
+                    }
+                    _ => failsafe::Pieces::build(fib.routes()),
+                };
                 let mut fence = cur.clone();
-                fence.tunnelled = failsafe::tunnelled(fib.routes());
+                fence.tunnelled = pieces.folded();
                 t_plan = t0.elapsed();
                 if fence.tunnelled != cur.tunnelled {
                     result = failsafe::change_tunnelled(cur, &fence);
@@ -488,6 +507,12 @@ impl Dataplane {
                         self.undo.fence = Some(fence);
                     }
                 }
+                if result.is_ok() {
+                    self.fence_pieces = Some(pieces);
+                }
+            } else if result.is_ok() && diff.steer.is_empty() && diff.unsteer.is_empty() {
+                // No route changed: the pieces still hold.
+                self.fence_pieces = pieces;
             }
             if result.is_err() {
                 let _ = kernel_routes(&mut self.netlink, false, &diff.tun_add, self.slow.name(), true);

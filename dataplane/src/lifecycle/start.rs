@@ -94,6 +94,7 @@ impl Dataplane {
             spare_fib: spare::Spare::equal(fib),
             spare_allowed: spare::Spare::equal(allowed),
             fixed,
+            fence_pieces: None,
             xdp,
         };
         for w in workers {
