@@ -33,6 +33,15 @@ enum Build {
     Anew,
 }
 
+/// Where a live change takes the peers' health from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Health {
+    /// The running instance's (a reload: the file says nothing of it).
+    Running,
+    /// The change's own (route group members went up or down).
+    Given,
+}
+
 /// How long a live change waits for new routers to answer ARP/NDP.
 const RESOLVE_FIRST_FOR: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -95,6 +104,9 @@ pub struct Dataplane {
     /// The fence's pieces for the published FIB (None: built at the next
     /// change that needs them).
     fence_pieces: Option<failsafe::Pieces>,
+    /// The running config no longer says what the tables were made from
+    /// (a health change failed to apply): the next change builds anew.
+    rebuild: bool,
     // Dropped last: detaching XDP after the sockets close is harmless
     // (the redirect falls back to XDP_PASS).
     xdp: XdpSteering,
@@ -226,12 +238,12 @@ impl Dataplane {
     /// removed after. `fresh` lists peer ids that are new: their counters
     /// start at zero. The set of [Lan] interfaces cannot change here.
     pub fn apply(&mut self, cfg: &DataplaneConfig, fresh: &[u32]) -> Result<RouteChanges> {
-        self.apply_as(cfg, fresh, Build::Patch)
+        self.apply_as(cfg, fresh, Build::Patch, Health::Running)
     }
 
     /// [`Dataplane::apply`], patching the running tables where the change
     /// allows ([`Build::Patch`]) or building them anew.
-    fn apply_as(&mut self, cfg: &DataplaneConfig, fresh: &[u32], how: Build) -> Result<RouteChanges> {
+    fn apply_as(&mut self, cfg: &DataplaneConfig, fresh: &[u32], how: Build, health: Health) -> Result<RouteChanges> {
         let same_lans = cfg.lans.len() == self.running.lans.len()
             && cfg
                 .lans
@@ -247,11 +259,15 @@ impl Dataplane {
         // A peer's health is the running instance's (set_peers_up), not
         // the new config's.
         let mut cfg = cfg.clone();
-        let down: std::collections::HashSet<u32> = self.running.peers.iter().filter(|r| !r.up).map(|r| r.id).collect();
-        for p in &mut cfg.peers {
-            p.up = !down.contains(&p.id);
+        if health == Health::Running {
+            let down: std::collections::HashSet<u32> =
+                self.running.peers.iter().filter(|r| !r.up).map(|r| r.id).collect();
+            for p in &mut cfg.peers {
+                p.up = !down.contains(&p.id);
+            }
         }
         let cfg = &cfg;
+        let how = if self.rebuild { Build::Anew } else { how };
         let cur = self.tables.load_full();
         let t0 = std::time::Instant::now();
         // A change of peers alone is patched into the running tables (the
@@ -375,6 +391,7 @@ impl Dataplane {
             self.fixed = fixed;
         }
         self.running = cfg.clone();
+        self.rebuild = false;
         tracing::debug!(
             patched,
             fib_ms = t_fib.as_secs_f64() * 1e3,
@@ -438,14 +455,20 @@ impl Dataplane {
     /// the FIB is rebuilt and applied like a reload, so the group's
     /// prefixes move to its healthy peers of the highest priority.
     pub fn set_peers_up(&mut self, states: &[(u32, bool)]) -> Result<RouteChanges> {
-        for p in &mut self.running.peers {
+        let mut cfg = self.running.clone();
+        for p in &mut cfg.peers {
             if let Some((_, up)) = states.iter().find(|s| s.0 == p.id) {
                 p.up = *up;
             }
         }
-        // `apply` takes each peer's health from the running config.
-        let cfg = self.running.clone();
-        self.apply(&cfg, &[])
+        let r = self.apply_as(&cfg, &[], Build::Patch, Health::Given);
+        if r.is_err() {
+            // The health stands for the next change, which builds anew:
+            // the running config no longer says what the tables hold.
+            self.running = cfg;
+            self.rebuild = true;
+        }
+        r
     }
 
     /// A live change's steps before the switch: the steering entries, the
@@ -683,7 +706,7 @@ impl Dataplane {
     /// the kernel's) and applied like a reload, without loss.
     fn follow_kernel_routes(&mut self) {
         let cfg = self.running.clone();
-        match self.apply_as(&cfg, &[], Build::Anew) {
+        match self.apply_as(&cfg, &[], Build::Anew, Health::Running) {
             Ok(ch) if ch != RouteChanges::default() => tracing::info!(
                 added = ?ch.added, removed = ?ch.removed, retargeted = ?ch.retargeted,
                 "followed the kernel's routes"

@@ -95,6 +95,7 @@ impl Dataplane {
             spare_allowed: spare::Spare::equal(allowed),
             fixed,
             fence_pieces: None,
+            rebuild: false,
             xdp,
         };
         for w in workers {
