@@ -89,6 +89,8 @@ fn unhex(v: &str) -> Option<[u8; 32]> {
 pub fn apply_set(cfg: &Config, lines: &[String]) -> Result<Config, (i32, String)> {
     let inval = |m: String| (libc::EINVAL, m);
     let mut new = cfg.clone();
+    // Its peers will no longer be what the file's text says.
+    new.peer_texts = None;
     let mut cur: Option<usize> = None;
     // A peer section skipped (update_only or remove of an unknown peer):
     // its lines are ignored, as the kernel does.
@@ -263,7 +265,10 @@ mod tests {
             k(2),
             k(3)
         );
-        Config::parse(std::path::Path::new("gw.conf"), &text).unwrap()
+        // As read from a file: with its [Peer] texts for the next reload.
+        let c = Config::parse_with(std::path::Path::new("gw.conf"), text, None).unwrap();
+        assert!(c.peer_texts.is_some());
+        c
     }
 
     fn set(c: &Config, lines: &[String]) -> Result<Config, (i32, String)> {
@@ -283,6 +288,8 @@ mod tests {
             "allowed_ip=10.4.0.0/24".into(),
         ];
         let n = set(&c, &lines).unwrap();
+        // Its peers are no longer the file's: the next reload parses all.
+        assert!(n.peer_texts.is_none());
         assert_eq!(n.peers.len(), 3);
         let nets = |p: &PeerSection| p.allowed_ips.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>();
         assert_eq!(nets(&n.peers[0]), vec!["10.2.0.0/24"]);

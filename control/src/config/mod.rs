@@ -224,16 +224,18 @@ pub struct Config {
 
 /// The [Peer] sections of the file a config was read from, by their text:
 /// the next reload parses again only the sections whose text changed (a
-/// file with 10,000 peers is 3 MB) and moves the others to their new
-/// lines. Sections whose Endpoint is a host name are not kept (a reload
-/// resolves it again), nor those that gave a warning (it is given again).
+/// file with 10,000 peers is 3 MB) and takes the others from the config's
+/// `peers`, moved to their new lines. Sections whose Endpoint is a host
+/// name are not kept (a reload resolves it again), nor those that gave a
+/// warning (it is given again). A config changed otherwise than by reading
+/// its file (`wg set`) has none: its `peers` no longer match the text.
 #[derive(Default)]
 pub struct PeerTexts {
     text: String,
     by_hash: subway_dataplane::fxhash::FxMap<u64, Vec<usize>>,
     /// Each kept section: its text after the header line (a range of
-    /// `text`), the header's line, and the section as parsed.
-    kept: Vec<(std::ops::Range<usize>, usize, PeerSection)>,
+    /// `text`), the header's line, and its index in the config's `peers`.
+    kept: Vec<(std::ops::Range<usize>, usize, usize)>,
 }
 
 impl fmt::Debug for PeerTexts {
@@ -250,21 +252,23 @@ impl PeerTexts {
         h.finish()
     }
 
-    /// The section parsed from exactly `body` (the lines after its header;
-    /// `hash`, its hash), moved to its header's line `now`.
-    fn find(&self, body: &str, hash: u64, now: usize) -> Option<PeerSection> {
-        let (_, line, peer) = self
+    /// The section of `peers` (the config these texts were read with)
+    /// parsed from exactly `body` (the lines after its header; `hash`, its
+    /// hash), moved to its header's line `now`.
+    fn find(&self, peers: &[PeerSection], body: &str, hash: u64, now: usize) -> Option<PeerSection> {
+        let (_, line, i) = self
             .by_hash
             .get(&hash)?
             .iter()
             .map(|i| &self.kept[*i])
             .find(|(r, _, _)| &self.text[r.clone()] == body)?;
-        Some(peer.moved(now as isize - *line as isize))
+        Some(peers.get(*i)?.moved(now as isize - *line as isize))
     }
 
-    /// Keeps `peer`, parsed from `body` (a range of the text; `hash`, its
-    /// hash if known) with its header at `line`.
-    fn keep(&mut self, body: std::ops::Range<usize>, hash: Option<u64>, line: usize, peer: PeerSection) {
+    /// Keeps the section `peer` (an index in `peers`) parsed from `body`
+    /// (a range of the text; `hash`, its hash if known) with its header at
+    /// `line`.
+    fn keep(&mut self, body: std::ops::Range<usize>, hash: Option<u64>, line: usize, peer: usize) {
         let h = hash.unwrap_or_else(|| Self::hash(&self.text[body.clone()]));
         self.by_hash.entry(h).or_default().push(self.kept.len());
         self.kept.push((body, line, peer));
@@ -303,7 +307,6 @@ impl Config {
             line: 0,
             msg: format!("cannot read the config file: {e}"),
         })?;
-        let prev = prev.and_then(|c| c.peer_texts.as_deref());
         let mut cfg = Self::parse_with(path, text, prev)?;
         // As wg-quick does: a private key others can read is no secret.
         use std::os::unix::fs::PermissionsExt;

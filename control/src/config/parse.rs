@@ -63,7 +63,7 @@ impl Config {
 
     /// [`Config::parse`], taking the unchanged [Peer] sections from `prev`
     /// and keeping this file's sections for the next reload.
-    pub(crate) fn parse_with(path: &Path, text: String, prev: Option<&PeerTexts>) -> Result<Config, ConfigError> {
+    pub(crate) fn parse_with(path: &Path, text: String, prev: Option<&Config>) -> Result<Config, ConfigError> {
         let mut kept = Vec::new();
         let mut cfg = Self::parse_inner(path, &text, prev, &mut kept)?;
         let mut texts = PeerTexts {
@@ -72,7 +72,7 @@ impl Config {
         };
         let t0 = std::time::Instant::now();
         for (body, hash, line, i) in kept {
-            texts.keep(body, hash, line, cfg.peers[i].clone());
+            texts.keep(body, hash, line, i);
         }
         cfg.peer_texts = Some(std::sync::Arc::new(texts));
         tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "kept the peer sections");
@@ -83,7 +83,8 @@ impl Config {
     /// is taken from it; every [Peer] section that may be kept is listed
     /// in `kept` (its text after the header, the header's line, its index
     /// in `peers`).
-    fn parse_inner(path: &Path, text: &str, prev: Option<&PeerTexts>, kept: &mut Kept) -> Result<Config, ConfigError> {
+    fn parse_inner(path: &Path, text: &str, prev: Option<&Config>, kept: &mut Kept) -> Result<Config, ConfigError> {
+        let prev = prev.and_then(|c| Some((c.peer_texts.as_deref()?, c.peers.as_slice())));
         let err = |line: usize, msg: String| ConfigError {
             file: path.to_path_buf(),
             line,
@@ -253,7 +254,7 @@ impl Config {
                     let body = &text[pos.min(text.len())..body_end];
                     // Unchanged since the last read: taken as it was.
                     let hash = prev.map(|_| PeerTexts::hash(body));
-                    if let Some(mut p) = prev.and_then(|prev| prev.find(body, hash?, lineno)) {
+                    if let Some(mut p) = prev.and_then(|(texts, peers)| texts.find(peers, body, hash?, lineno)) {
                         p.id = cfg.peers.len() as u32;
                         cfg.peers.push(p);
                         kept.push((pos.min(text.len())..body_end, hash, lineno, cfg.peers.len() - 1));

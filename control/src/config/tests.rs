@@ -1,7 +1,7 @@
 //! The parser's tests: whole files in, a config or an error naming the
 //! line and the fix out.
 
-use super::{Config, ConfigError, PeerTexts};
+use super::{Config, ConfigError};
 use std::path::Path;
 use subway_dataplane::{BindMode, XdpAttach};
 
@@ -642,37 +642,31 @@ fn a_reload_takes_unchanged_peer_sections_from_the_last_read_at_their_new_lines(
     let c2 = peer(KEY_C, "10.3.0.0/25, 10.2.0.0/24", "Priority = 2\nProbe = 10.3.0.1");
     let text = format!("{head}{d}{b}{c2}");
     // (Marked, to see which sections were taken rather than parsed.)
-    let mut marked = PeerTexts {
-        text: texts.text.clone(),
-        ..Default::default()
-    };
-    for (body, line, p) in &texts.kept {
-        let mut p = p.clone();
+    let mut marked = first.clone();
+    for p in &mut marked.peers {
         p.persistent_keepalive = Some(99);
-        marked.keep(body.clone(), None, *line, p);
     }
     let taken = Config::parse_with(path, text.clone(), Some(&marked)).unwrap();
     let ka: Vec<_> = taken.peers.iter().map(|p| p.persistent_keepalive).collect();
     assert_eq!(ka, [None, Some(99), None], "only B is unchanged");
-    let second = Config::parse_with(path, text.clone(), Some(texts)).unwrap();
+    let second = Config::parse_with(path, text.clone(), Some(&first)).unwrap();
     let fresh = Config::parse(path, &text).unwrap();
     assert_eq!(second.peers, fresh.peers, "taken from the last read = parsed anew");
     assert_eq!(second.peers[1].line, first.peers[0].line + 6);
     // B was taken (it equals the last read's, moved), the others parsed;
     // all three are kept for the next reload.
-    let texts = second.peer_texts.as_ref().unwrap();
-    assert_eq!(texts.kept.len(), 3);
-    let third = Config::parse_with(path, text.clone(), Some(texts)).unwrap();
+    assert_eq!(second.peer_texts.as_ref().unwrap().kept.len(), 3);
+    let third = Config::parse_with(path, text.clone(), Some(&second)).unwrap();
     assert_eq!(third.peers, fresh.peers);
     // An error in a changed section still names its line.
     let bad = format!("{head}{d}{b}{}", peer(KEY_C, "10.3.0.0/33", ""));
-    let e = Config::parse_with(path, bad.clone(), Some(texts)).unwrap_err();
+    let e = Config::parse_with(path, bad.clone(), Some(&second)).unwrap_err();
     assert_eq!(e, Config::parse(path, &bad).unwrap_err());
     // A section taken as it was is still checked against the others: B's
     // prefix listed again by D is refused, at the same line as without
     // the last read.
     let clash = format!("{head}{}{b}{c2}", peer(&key(9), "10.2.0.0/24", ""));
-    let e = Config::parse_with(path, clash.clone(), Some(texts)).unwrap_err();
+    let e = Config::parse_with(path, clash.clone(), Some(&second)).unwrap_err();
     assert_eq!(e, Config::parse(path, &clash).unwrap_err());
     // An Endpoint that is a name is resolved on every read: not kept.
     let named = format!(

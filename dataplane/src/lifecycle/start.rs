@@ -33,7 +33,9 @@ impl Dataplane {
         let (fib, fixed) = build_fib(&mut netlink, &cfg.lans, &ports, &cfg.peers)?;
         check_capacity(&fib)?;
         let uplink_addrs = uplink_addresses(&mut netlink, &ports, uplink)?;
-        let mut undo = prepare_kernel(cfg, &mut netlink, &ports, uplink, &fib)?;
+        // The fence's pieces, kept for the live changes that patch them.
+        let pieces = failsafe::Pieces::build(fib.routes());
+        let mut undo = prepare_kernel(cfg, &mut netlink, &ports, uplink, &pieces)?;
 
         // Subscribed before the first dump, so no change falls between.
         let mut events = netlink::RoutingEvents::open()
@@ -94,7 +96,7 @@ impl Dataplane {
             spare_fib: spare::Spare::equal(fib),
             spare_allowed: spare::Spare::equal(allowed),
             fixed,
-            fence_pieces: None,
+            fence_pieces: Some(pieces),
             rebuild: false,
             xdp,
         };
@@ -200,7 +202,7 @@ fn prepare_kernel(
     netlink: &mut Netlink,
     ports: &[Port],
     uplink: Option<u16>,
-    fib: &Fib,
+    pieces: &failsafe::Pieces,
 ) -> Result<KernelUndo> {
     let mut undo = KernelUndo::default();
     undo.fail_open = cfg.fail_open;
@@ -231,7 +233,7 @@ fn prepare_kernel(
             table: failsafe::table_name(&cfg.name),
             tun: tun_name(&cfg.name),
             listen_port: cfg.listen_port,
-            tunnelled: failsafe::tunnelled(fib.routes()),
+            tunnelled: pieces.folded(),
             vnet_ifaces: isolated.iter().map(|p| p.name.clone()).collect(),
             vnet_only_addrs: vnet_only,
         })?;
