@@ -170,7 +170,7 @@ pub fn fib_from(
     let mut claims: Vec<((VnetId, IpNet), usize)> = peers
         .iter()
         .enumerate()
-        .flat_map(|(i, p)| p.allowed_ips.iter().map(move |net| ((p.vnet, *net), i)))
+        .flat_map(|(i, p)| p.allowed_ips.iter().map(move |net| ((p.vnet, net.trunc()), i)))
         .collect();
     claims.sort_unstable();
     for run in claims.chunk_by(|a, b| a.0 == b.0) {
@@ -825,6 +825,8 @@ mod tests {
         pool.push("fd00:1::/64".parse().unwrap());
         // Around the LAN and the others: the fence has holes and nesting.
         pool.push("10.0.0.0/8".parse().unwrap());
+        // 10.1.0.0/24 with host bits: the same prefix, written otherwise.
+        pool.push("10.1.0.7/24".parse().unwrap());
         let mut next_id = 0u32;
         let mut peer = |rnd: &mut dyn FnMut(u64) -> u64, id: Option<u32>| -> PeerRoutes {
             let id = id.unwrap_or_else(|| {

@@ -291,8 +291,14 @@ impl Dataplane {
                     count(false) + p.added[0] - p.removed[0],
                     count(true) + p.added[1] - p.removed[1],
                 )?;
-                let mut fib = self.spare_fib.take(&cur.fib);
-                fib.patch(&p.fib);
+                // (A change of endpoints or keys alone keeps the FIB.)
+                let fib = if p.fib.is_empty() {
+                    cur.fib.clone()
+                } else {
+                    let mut fib = self.spare_fib.take(&cur.fib);
+                    fib.patch(&p.fib);
+                    Arc::new(fib)
+                };
                 let allowed = if p.allowed.is_empty() {
                     cur.allowed.clone()
                 } else {
@@ -328,6 +334,13 @@ impl Dataplane {
                 } else {
                     Arc::new(allowed_ips(&cfg.peers))
                 };
+                // A build that changed nothing (a kernel route event that
+                // is not ours to follow) keeps the running FIB, and its spare.
+                let fib = if fib.same_as(&cur.fib) {
+                    cur.fib.clone()
+                } else {
+                    Arc::new(fib)
+                };
                 (fib, allowed, diff, Some((lan_routes, fixed)))
             }
         };
@@ -347,10 +360,7 @@ impl Dataplane {
             crate::policy::Policies::build(&cfg.policies, cfg.flows, &cur.policies)
         };
         let same_allowed = Arc::ptr_eq(&allowed, &cur.allowed);
-        // A build that changed nothing (a kernel route event that is not
-        // ours to follow) keeps the running FIB, and its spare.
-        let same_fib = patch.is_none() && fib.same_as(&cur.fib);
-        let fib = if same_fib { cur.fib.clone() } else { Arc::new(fib) };
+        let same_fib = Arc::ptr_eq(&fib, &cur.fib);
         self.publish(|t| {
             t.fib = fib;
             t.allowed = allowed;
@@ -361,7 +371,9 @@ impl Dataplane {
         // next (a build leaves no spare: the next patch copies).
         match patch {
             Some(p) => {
-                self.spare_fib.retire(cur.fib.clone(), p.fib);
+                if !same_fib {
+                    self.spare_fib.retire(cur.fib.clone(), p.fib);
+                }
                 if !same_allowed {
                     self.spare_allowed.retire(cur.allowed.clone(), p.allowed);
                 }
@@ -712,7 +724,11 @@ impl Dataplane {
                 "followed the kernel's routes"
             ),
             Ok(_) => {}
-            Err(e) => tracing::warn!("the kernel's routes changed but the FIB could not follow: {e}"),
+            Err(e) => {
+                tracing::warn!("the kernel's routes changed but the FIB could not follow: {e}");
+                // The next change reads them again instead of patching.
+                self.rebuild = true;
+            }
         }
     }
 
