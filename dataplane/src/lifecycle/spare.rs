@@ -73,6 +73,17 @@ impl<T: Patch> Spare<T> {
         (**published).clone()
     }
 
+    /// `published` changed by `patch`, to publish: the spare brought up
+    /// to date and patched, or `published` itself if the patch is empty.
+    pub fn patched(&mut self, published: &Arc<T>, patch: &FibPatch) -> Arc<T> {
+        if patch.is_empty() {
+            return published.clone();
+        }
+        let mut t = self.take(published);
+        t.patch(patch);
+        Arc::new(t)
+    }
+
     /// `old`, just replaced by itself patched with `patch`, is the spare.
     pub fn retire(&mut self, old: Arc<T>, patch: FibPatch) {
         self.copy = Some(old);
@@ -141,6 +152,12 @@ mod tests {
         spare.retire(old, p2);
         // A worker still holds the previous version: the spare is a copy
         // of the published one, not the held one.
+        // An empty patch publishes the same table, and takes no spare.
+        assert!(Arc::ptr_eq(
+            &spare.patched(&published, &FibPatch::default()),
+            &published
+        ));
+        assert!(spare.copy.is_some());
         let held = spare.copy.clone();
         let next = spare.take(&published);
         assert_eq!(listing(&next), listing(&published));
