@@ -13,7 +13,7 @@ use anyhow::{Result, bail};
 use serde_json::{Value, json};
 // FxHash: keys and ids of 10,000 peers per reload, from the operator's file.
 use subway_dataplane::Dataplane;
-use subway_dataplane::fxhash::{FxMap as HashMap, FxSet as HashSet};
+use subway_dataplane::fxhash::FxMap as HashMap;
 
 /// What cannot change without a restart, as messages naming the line.
 pub fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
@@ -64,12 +64,23 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
 pub fn assign_ids(old: &Config, new: &mut Config, next_id: u32) -> Vec<u32> {
     let mut next = next_id;
     let mut fresh = Vec::new();
-    let by_key: HashMap<(&[u8; 32], &str), u32> = old
-        .peers
-        .iter()
-        .map(|o| ((&o.public_key.0, o.vnet.as_str()), o.id))
-        .collect();
-    for p in &mut new.peers {
+    let same = |o: &PeerSection, p: &PeerSection| o.public_key.0 == p.public_key.0 && o.vnet == p.vnet;
+    // A reload mostly finds the peers where they were: the one in the
+    // same place is tried first, the others are looked up.
+    let mut by_key: Option<HashMap<(&[u8; 32], &str), u32>> = None;
+    for (i, p) in new.peers.iter_mut().enumerate() {
+        if let Some(o) = old.peers.get(i)
+            && same(o, p)
+        {
+            p.id = o.id;
+            continue;
+        }
+        let by_key = by_key.get_or_insert_with(|| {
+            old.peers
+                .iter()
+                .map(|o| ((&o.public_key.0, o.vnet.as_str()), o.id))
+                .collect()
+        });
         match by_key.get(&(&p.public_key.0, p.vnet.as_str())) {
             Some(id) => p.id = *id,
             None => {
@@ -83,10 +94,10 @@ pub fn assign_ids(old: &Config, new: &mut Config, next_id: u32) -> Vec<u32> {
 }
 
 fn same_peer(a: &PeerSection, b: &PeerSection) -> bool {
-    let nets = |p: &PeerSection| p.allowed_ips.iter().map(|(n, _)| *n).collect::<Vec<_>>();
     a.preshared_key == b.preshared_key
         && a.endpoint == b.endpoint
-        && nets(a) == nets(b)
+        && a.allowed_ips.len() == b.allowed_ips.len()
+        && a.allowed_ips.iter().zip(&b.allowed_ips).all(|(x, y)| x.0 == y.0)
         && a.persistent_keepalive == b.persistent_keepalive
         && a.vnet == b.vnet
 }
@@ -121,7 +132,7 @@ pub fn apply(cfg: &mut Config, mut new: Config, gw: Option<&mut Gateway>, dp: &m
     let mut dcfg = crate::dataplane_config(&new);
     dcfg.listen_port = gw.as_ref().map_or(0, |g| g.listen_port);
     // The dataplane first: if the new routes cannot be built, nothing changed.
-    let routes = dp.apply(&dcfg, &fresh).map_err(|e| match e {
+    let routes = dp.apply(dcfg, &fresh).map_err(|e| match e {
         subway_dataplane::Error::NeedsRestart(why) => {
             anyhow::anyhow!(
                 "not applied: {why}; restart the instance (systemctl restart subway@{})",
@@ -139,16 +150,30 @@ pub fn apply(cfg: &mut Config, mut new: Config, gw: Option<&mut Gateway>, dp: &m
     let mut changed = Vec::new();
     // From here nothing may fail: the workers already use the new tables.
     if let Some(g) = gw {
-        let old_by_id: HashMap<u32, &PeerSection> = cfg.peers.iter().map(|o| (o.id, o)).collect();
-        let new_ids: HashSet<u32> = new.peers.iter().map(|p| p.id).collect();
+        // By id: ids are small and dense (the gateway's peer slots).
+        let slots = cfg
+            .peers
+            .iter()
+            .chain(&new.peers)
+            .map(|p| p.id as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let mut old_by_id: Vec<Option<&PeerSection>> = vec![None; slots];
         for o in &cfg.peers {
-            if !new_ids.contains(&o.id) {
+            old_by_id[o.id as usize] = Some(o);
+        }
+        let mut stays = vec![false; slots];
+        for p in &new.peers {
+            stays[p.id as usize] = true;
+        }
+        for o in &cfg.peers {
+            if !stays[o.id as usize] {
                 g.remove_peer(o.id);
                 removed.push(key(o));
             }
         }
         for p in &new.peers {
-            match old_by_id.get(&p.id) {
+            match old_by_id[p.id as usize] {
                 Some(o) if same_peer(o, p) => {}
                 Some(_) => {
                     g.update_peer(p, vnet_id(&p.vnet));
@@ -206,14 +231,7 @@ pub fn apply(cfg: &mut Config, mut new: Config, gw: Option<&mut Gateway>, dp: &m
     new.warnings.clear();
     // The old config (10,000 peers and the text they were read from) is
     // freed on a thread of its own: not on the reload's time.
-    let old = std::mem::replace(cfg, new);
-    if std::thread::Builder::new()
-        .name("subway-free".into())
-        .spawn(move || drop(old))
-        .is_err()
-    {
-        tracing::debug!("freeing the old config on the control thread");
-    }
+    subway_dataplane::lifecycle::free_elsewhere(std::mem::replace(cfg, new));
     Ok(summary)
 }
 

@@ -13,7 +13,8 @@
 //! by `subway down`.
 //!
 //! What goes into the table is planned by pure functions (unit-tested);
-//! [`install`], [`update_tunnelled`] and [`remove`] run `nft`.
+//! [`install`], [`update_tunnelled`], [`Sets`] (live changes) and
+//! [`remove`] run `nft`.
 
 use crate::error::{Error, Result};
 use crate::fib::Route;
@@ -258,6 +259,98 @@ fn set_elements(table: &str, nets: &[IpNet]) -> String {
     s
 }
 
+/// The two sets, IPv4 then IPv6.
+const SETS: [(&str, bool); 2] = [("tunnel4", true), ("tunnel6", false)];
+
+/// What the kernel's sets hold, element by element: inclusive ranges,
+/// sorted, none overlapping (IPv4 then IPv6). The sets have no auto-merge,
+/// so the kernel holds exactly the elements subway gave it, and adding one
+/// never deletes another: a deletion waits for an RCU grace period (10-25
+/// ms) before nft returns, an addition does not.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Held([Vec<(u128, u128)>; 2]);
+
+impl Held {
+    /// `nets` (from [`tunnelled`]) as the merged ranges that
+    /// [`Fence::ruleset`] and [`Fence::update_script`] write.
+    pub fn of(nets: &[IpNet]) -> Held {
+        Held(SETS.map(|(_, v4)| ranges(nets, v4)))
+    }
+
+    /// Additions only: the elements that make the sets refuse all of
+    /// `want` (what they hold beyond it stays), and what they hold after.
+    /// None if they already refuse all of it.
+    pub fn cover(&self, table: &str, want: &Held) -> Option<(String, Held)> {
+        let mut script = String::new();
+        let mut after = self.clone();
+        for (i, (set, v4)) in SETS.into_iter().enumerate() {
+            let new = uncovered(&want.0[i], &self.0[i]);
+            if new.is_empty() {
+                continue;
+            }
+            script += &format!("add element inet {table} {set} {{ {} }}\n", range_elements(&new, v4));
+            after.0[i].extend(new);
+            after.0[i].sort_unstable();
+        }
+        (!script.is_empty()).then_some((script, after))
+    }
+
+    /// The one transaction that leaves the sets holding exactly `want`:
+    /// the elements it does not have deleted, its own added (they may
+    /// overlap the deleted ones: one transaction). None if they do.
+    pub fn tidy(&self, table: &str, want: &Held) -> Option<String> {
+        let mut del = String::new();
+        let mut add = String::new();
+        for (i, (set, v4)) in SETS.into_iter().enumerate() {
+            let (was, now) = (&self.0[i], &want.0[i]);
+            let gone: Vec<(u128, u128)> = was.iter().filter(|r| now.binary_search(r).is_err()).copied().collect();
+            let new: Vec<(u128, u128)> = now.iter().filter(|r| was.binary_search(r).is_err()).copied().collect();
+            if !gone.is_empty() {
+                del += &format!(
+                    "delete element inet {table} {set} {{ {} }}\n",
+                    range_elements(&gone, v4)
+                );
+            }
+            if !new.is_empty() {
+                add += &format!("add element inet {table} {set} {{ {} }}\n", range_elements(&new, v4));
+            }
+        }
+        (!del.is_empty() || !add.is_empty()).then(|| del + &add)
+    }
+}
+
+/// The parts of the ranges `want` that no range of `held` covers (both
+/// sorted, none overlapping within each).
+fn uncovered(want: &[(u128, u128)], held: &[(u128, u128)]) -> Vec<(u128, u128)> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for &(first, last) in want {
+        while j < held.len() && held[j].1 < first {
+            j += 1;
+        }
+        // The first address of this range not yet accounted for.
+        let mut at = Some(first);
+        let mut k = j;
+        while let Some(from) = at
+            && k < held.len()
+            && held[k].0 <= last
+        {
+            let (hf, hl) = held[k];
+            if hf > from {
+                out.push((from, hf - 1));
+            }
+            at = if hl >= last { None } else { Some(hl + 1) };
+            k += 1;
+        }
+        if let Some(from) = at {
+            out.push((from, last));
+        }
+        // The last held range looked at may reach into the next one.
+        j = k.saturating_sub(1).max(j);
+    }
+    out
+}
+
 impl Fence {
     /// One line for logs and `subway fence`: what the table holds.
     pub fn summary(&self) -> String {
@@ -322,37 +415,14 @@ impl Fence {
             "table inet {t} {{}}\ndelete table inet {t}\n\
              table inet {t} {{\n\
              counter {REFUSED_COUNTER} {{}}\n\
-             set tunnel4 {{ type ipv4_addr; flags interval; auto-merge; }}\n\
-             set tunnel6 {{ type ipv6_addr; flags interval; auto-merge; }}\n\
+             set tunnel4 {{ type ipv4_addr; flags interval; }}\n\
+             set tunnel6 {{ type ipv6_addr; flags interval; }}\n\
              chain forward {{ type filter hook forward priority -10; policy accept;\n{fwd} }}\n\
              chain input {{ type filter hook input priority -10; policy accept;\n{input} }}\n\
              chain output {{ type filter hook output priority -10; policy accept;\n{output} }}\n\
              }}\n{}",
             set_elements(t, &self.tunnelled)
         )
-    }
-
-    /// The sets' change from `old`'s contents as one transaction: the
-    /// ranges that are gone deleted, the new ones added. The kernel holds
-    /// exactly the merged ranges (auto-merge), so each deleted one is an
-    /// element; a change of one peer prefix costs a few elements, not the
-    /// whole set. None if the ranges are the same.
-    pub fn delta_script(&self, old: &Fence) -> Option<String> {
-        let t = &self.table;
-        let mut del = String::new();
-        let mut add = String::new();
-        for (set, v4) in [("tunnel4", true), ("tunnel6", false)] {
-            let (was, now) = (ranges(&old.tunnelled, v4), ranges(&self.tunnelled, v4));
-            let gone: Vec<(u128, u128)> = was.iter().filter(|r| now.binary_search(r).is_err()).copied().collect();
-            let new: Vec<(u128, u128)> = now.iter().filter(|r| was.binary_search(r).is_err()).copied().collect();
-            if !gone.is_empty() {
-                del += &format!("delete element inet {t} {set} {{ {} }}\n", range_elements(&gone, v4));
-            }
-            if !new.is_empty() {
-                add += &format!("add element inet {t} {set} {{ {} }}\n", range_elements(&new, v4));
-            }
-        }
-        (!del.is_empty() || !add.is_empty()).then(|| del + &add)
     }
 
     /// The sets' new contents as one transaction (the rules and the
@@ -402,17 +472,102 @@ pub fn update_tunnelled(f: &Fence) -> Result<()> {
     nft(&f.update_script())
 }
 
-/// Changes the sets from `old`'s contents to `new`'s: only the ranges
-/// that differ ([`Fence::delta_script`]); if nft refuses that (the sets
-/// are not what `old` says), the whole sets are replaced.
-pub fn change_tunnelled(old: &Fence, new: &Fence) -> Result<()> {
-    let Some(delta) = new.delta_script(old) else {
-        return Ok(());
-    };
-    nft(&delta).or_else(|e| {
-        tracing::debug!("the fence's sets were not as expected ({e}): replacing them");
-        update_tunnelled(new)
-    })
+/// The tunnel fence's sets while subway runs. A change of the tunnelled
+/// prefixes is two transactions: before the switch, [`Sets::cover`] adds
+/// what the new prefixes need (additions only, a few milliseconds); after
+/// it, [`Sets::tidy`] deletes what is gone and merges what was added, on a
+/// thread of its own, off the change's time. In between the sets refuse a
+/// little more than the tunnelled prefixes: a prefix that left the tunnel
+/// is refused for those milliseconds, never sent in clear.
+#[derive(Debug)]
+pub struct Sets {
+    table: String,
+    /// What the sets hold (after the tidy in flight); None when that is
+    /// unknown (nft refused a change): the next change replaces them whole.
+    held: Option<Held>,
+    /// What the last cover wants the sets to hold once tidied.
+    want: Option<Held>,
+    /// The tidy in flight: whether nft took it.
+    tidying: Option<std::thread::JoinHandle<bool>>,
+}
+
+impl Sets {
+    /// The sets of `f` as [`install`] wrote them.
+    pub fn installed(f: &Fence) -> Sets {
+        Sets {
+            table: f.table.clone(),
+            held: Some(Held::of(&f.tunnelled)),
+            want: None,
+            tidying: None,
+        }
+    }
+
+    /// Waits for the tidy in flight, if any.
+    pub fn settle(&mut self) {
+        if let Some(t) = self.tidying.take()
+            && !t.join().unwrap_or(false)
+        {
+            self.held = None;
+        }
+    }
+
+    /// Makes the sets refuse every prefix of `f` before the switch: only
+    /// additions (or, if what they hold is unknown or nft refuses that, all
+    /// of `f` in one transaction).
+    pub fn cover(&mut self, f: &Fence) -> Result<()> {
+        self.settle();
+        let want = Held::of(&f.tunnelled);
+        match self.held.as_ref().map(|h| h.cover(&self.table, &want)) {
+            Some(None) => {}
+            Some(Some((script, after))) => match nft(&script) {
+                Ok(()) => self.held = Some(after),
+                Err(e) => {
+                    tracing::debug!("the fence's sets were not as expected ({e}): replacing them");
+                    self.held = None;
+                    update_tunnelled(f)?;
+                    self.held = Some(want.clone());
+                }
+            },
+            None => {
+                update_tunnelled(f)?;
+                self.held = Some(want.clone());
+            }
+        }
+        self.want = Some(want);
+        Ok(())
+    }
+
+    /// After the switch: leaves the sets holding exactly what the last
+    /// [`Sets::cover`] wanted, on a thread (run here if none can start). A
+    /// failure is logged, and the next change replaces the sets whole.
+    pub fn tidy(&mut self) {
+        let (Some(want), Some(held)) = (self.want.take(), self.held.as_ref()) else {
+            return;
+        };
+        let Some(script) = held.tidy(&self.table, &want) else {
+            return;
+        };
+        self.held = Some(want);
+        let run = |script: &str| match nft(script) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("fail-safe: removing prefixes no longer tunnelled from the fence: {e}");
+                false
+            }
+        };
+        let spawned = std::thread::Builder::new().name("subway-fence".into()).spawn({
+            let script = script.clone();
+            move || run(&script)
+        });
+        match spawned {
+            Ok(t) => self.tidying = Some(t),
+            Err(_) => {
+                if !run(&script) {
+                    self.held = None;
+                }
+            }
+        }
+    }
 }
 
 /// Removes the instance's table; `Ok(false)` if there was none.
@@ -454,43 +609,107 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn held(nets: &[&str]) -> Held {
+        Held::of(&nets.iter().map(|s| n(s)).collect::<Vec<_>>())
+    }
+
     #[test]
-    fn a_change_of_one_prefix_rewrites_only_the_ranges_it_touches() {
-        let fence = |nets: &[&str]| Fence {
-            table: "subway_t".into(),
-            tunnelled: nets.iter().map(|s| n(s)).collect(),
-            ..Default::default()
-        };
-        let old = fence(&[
+    fn a_change_adds_before_the_switch_and_deletes_after() {
+        let old = held(&[
             "10.0.0.0/8",
             "100.64.0.0/28",
             "100.64.0.16/28",
             "100.64.0.32/27",
             "fd00::/64",
         ]);
-        // The middle /28 moves away: its merged range is replaced by the
-        // two pieces around the hole; 10/8 and the IPv6 set are untouched.
-        let new = fence(&[
+        // The middle /28 moves away.
+        let new = held(&[
             "10.0.0.0/8",
             "100.64.0.0/28",
             "100.64.0.32/27",
             "100.127.255.0/28",
             "fd00::/64",
         ]);
+        // Before the switch: the new /28 alone, added; nothing deleted.
+        let (script, after) = old.cover("subway_t", &new).unwrap();
+        assert_eq!(script, "add element inet subway_t tunnel4 { 100.127.255.0/28 }\n");
+        // After it: the range that held the gone /28 is split.
         assert_eq!(
-            new.delta_script(&old).unwrap(),
+            after.tidy("subway_t", &new).unwrap(),
             "delete element inet subway_t tunnel4 { 100.64.0.0/26 }\n\
-             add element inet subway_t tunnel4 { 100.64.0.0/28, 100.64.0.32/27, 100.127.255.0/28 }\n"
+             add element inet subway_t tunnel4 { 100.64.0.0/28, 100.64.0.32/27 }\n"
         );
-        assert_eq!(new.delta_script(&new), None, "nothing changed: no nft at all");
-        // Contents in another order of prefixes but the same ranges: none.
-        let same = fence(&["10.0.0.0/8", "100.64.0.0/26", "fd00::/64"]);
-        assert_eq!(same.delta_script(&old), None);
-        let v6 = fence(&["10.0.0.0/8", "100.64.0.0/26"]);
+        assert_eq!(new.cover("subway_t", &new), None, "nothing to add: no nft at all");
+        assert_eq!(new.tidy("subway_t", &new), None);
+        // The same ranges from other prefixes: nothing either.
+        let same = held(&["10.0.0.0/8", "100.64.0.0/26", "fd00::/64"]);
+        assert_eq!(same.cover("subway_t", &old), None);
+        assert_eq!(same.tidy("subway_t", &old), None);
+        // A family emptied: only the tidy touches it.
+        let v4 = held(&["10.0.0.0/8", "100.64.0.0/26"]);
+        assert_eq!(old.cover("subway_t", &v4), None);
         assert_eq!(
-            v6.delta_script(&old).unwrap(),
+            old.tidy("subway_t", &v4).unwrap(),
             "delete element inet subway_t tunnel6 { fd00::/64 }\n"
         );
+        // A wider prefix around a held one: the two pieces around it are
+        // added (an element may not overlap another); the tidy merges.
+        let narrow = held(&["10.1.0.0/24"]);
+        let wide = held(&["10.0.0.0/8"]);
+        let (script, after) = narrow.cover("t", &wide).unwrap();
+        assert_eq!(
+            script,
+            "add element inet t tunnel4 { 10.0.0.0/16, 10.1.1.0-10.255.255.255 }\n"
+        );
+        assert_eq!(
+            after.tidy("t", &wide).unwrap(),
+            "delete element inet t tunnel4 { 10.0.0.0/16, 10.1.0.0/24, 10.1.1.0-10.255.255.255 }\n\
+             add element inet t tunnel4 { 10.0.0.0/8 }\n"
+        );
+    }
+
+    /// Random held and wanted ranges over a small space, against a bitmap:
+    /// the additions cover exactly what is wanted and not held, so held
+    /// and added together cover the wanted, and no two elements overlap.
+    #[test]
+    fn the_additions_are_exactly_what_is_wanted_and_not_held() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m
+        };
+        // Sorted, disjoint ranges in 0..64, each address taken at random.
+        let mut ranges = |p: u64| -> Vec<(u128, u128)> {
+            let mut out: Vec<(u128, u128)> = Vec::new();
+            for a in 0..64u128 {
+                if next(100) < p {
+                    match out.last_mut() {
+                        // Adjacent ranges stay apart now and then.
+                        Some(r) if r.1 + 1 == a && next(4) > 0 => r.1 = a,
+                        _ => out.push((a, a)),
+                    }
+                }
+            }
+            out
+        };
+        let bits = |rs: &[(u128, u128)]| {
+            rs.iter()
+                .fold(0u64, |m, &(f, l)| m | (((1u128 << (l + 1)) - (1 << f)) as u64))
+        };
+        for _ in 0..2000 {
+            let (want, held) = (ranges(60), ranges(40));
+            let added = uncovered(&want, &held);
+            assert_eq!(
+                bits(&added),
+                bits(&want) & !bits(&held),
+                "{want:?} {held:?} -> {added:?}"
+            );
+            let mut all: Vec<(u128, u128)> = held.iter().chain(&added).copied().collect();
+            all.sort_unstable();
+            assert!(all.windows(2).all(|w| w[0].1 < w[1].0), "{all:?}");
+        }
     }
 
     fn fib(entries: &[(u32, &str, Target)]) -> Fib {
@@ -603,6 +822,10 @@ mod tests {
         assert!(r.contains("add element inet subway_site_a tunnel4 { 10.2.0.0/24 }"));
         assert!(r.contains("add element inet subway_site_a tunnel6 { fd02::/64 }"));
         assert!(!r.contains("iifname {"), "no VNET fence without VNET interfaces");
+        assert!(
+            r.contains("set tunnel4 { type ipv4_addr; flags interval; }"),
+            "no auto-merge: {r}"
+        );
         let u = f.update_script();
         assert!(u.starts_with("flush set inet subway_site_a tunnel4\nflush set inet subway_site_a tunnel6\n"));
     }

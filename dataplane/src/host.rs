@@ -41,6 +41,8 @@ pub(crate) struct KernelUndo {
     steps: Vec<Undo>,
     /// The fail-safe table as last installed (see [`failsafe`]).
     pub(crate) fence: Option<failsafe::Fence>,
+    /// Its tunnel sets, as live changes update them.
+    pub(crate) sets: Option<failsafe::Sets>,
     /// A clean stop (or a failed start). A running gateway that exits on
     /// an error keeps the fail-safe table even with `FailMode = open`.
     pub(crate) clean: bool,
@@ -55,6 +57,7 @@ impl Default for KernelUndo {
         KernelUndo {
             steps: Vec::new(),
             fence: None,
+            sets: None,
             clean: true,
             fail_open: false,
             lan_routes: Vec::new(),
@@ -68,6 +71,7 @@ impl KernelUndo {
     pub(crate) fn fence(&mut self, f: failsafe::Fence) -> Result<()> {
         failsafe::install(&f)?;
         tracing::info!("fail-safe: {}", f.summary());
+        self.sets = Some(failsafe::Sets::installed(&f));
         self.fence = Some(f);
         Ok(())
     }
@@ -150,6 +154,9 @@ impl KernelUndo {
                     let _ = std::fs::write(&path, old);
                 }
             }
+        }
+        if let Some(s) = &mut self.sets {
+            s.settle();
         }
         if let Some(f) = self.fence.take() {
             if self.clean && self.fail_open {

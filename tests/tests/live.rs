@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use std::time::Duration;
-use subway_testkit::{Subway, TwoSites, UdpFlow, host, ping, ping_until, require_root, wg_keypair};
+use subway_testkit::{Subway, TwoSites, UdpFlow, host, ping, ping_until, require_root, wait_until, wg_keypair};
 
 fn peer_keys(show: &serde_json::Value) -> Vec<String> {
     show["peers"]
@@ -410,6 +410,13 @@ fn a_change_of_one_peers_routes_is_patched_in_and_the_kernel_and_fence_follow() 
         t.subway_config(true, false, &peer_c("10.97.0.0/24, 10.96.0.0/24")),
     )?;
     let out = ga.ctl(&["reload", &ga.name])?;
+    // The new prefix is fenced before the reload answers (before the
+    // switch); the gone one is let go after it, off the reload's time.
+    assert!(
+        fenced("10.97.0.5") && fenced("10.96.0.5"),
+        "the new prefix is not fenced when the reload answers: {}",
+        t.gwa.run(&["nft", "list", "set", "inet", &table, "tunnel4"])?
+    );
     assert!(
         out.contains("default:10.97.0.0/24") && out.contains("default:10.98.0.0/24"),
         "{out}"
@@ -426,10 +433,18 @@ fn a_change_of_one_peers_routes_is_patched_in_and_the_kernel_and_fence_follow() 
     assert!(got.contains(&c.1), "{got}");
     assert!(t.gwa.run(&["ip", "route", "show", "10.98.0.0/24"])?.trim().is_empty());
     assert!(t.gwa.run(&["ip", "route", "show", "10.97.0.0/24"])?.contains("dev sw-"));
+    wait_until("the fence lets go of the gone prefix", Duration::from_secs(2), || {
+        Ok(!fenced("10.98.0.5"))
+    })
+    .with_context(|| {
+        t.gwa
+            .run(&["nft", "list", "set", "inet", &table, "tunnel4"])
+            .unwrap_or_default()
+    })?;
+    let set = t.gwa.run(&["nft", "list", "set", "inet", &table, "tunnel4"])?;
     assert!(
-        fenced("10.97.0.5") && fenced("10.96.0.5") && !fenced("10.98.0.5"),
-        "the fence after the change: {}",
-        t.gwa.run(&["nft", "list", "set", "inet", &table, "tunnel4"])?
+        fenced("10.97.0.5") && fenced("10.96.0.5") && !set.contains("10.98."),
+        "the fence after the change: {set}"
     );
     // And back: the spare copy, one change behind, is brought up to date.
     std::fs::write(
@@ -437,9 +452,12 @@ fn a_change_of_one_peers_routes_is_patched_in_and_the_kernel_and_fence_follow() 
         t.subway_config(true, false, &peer_c("10.98.0.0/24, 10.96.0.0/24")),
     )?;
     ga.ctl(&["reload", &ga.name])?;
+    assert!(fenced("10.98.0.5"), "not fenced when the reload answers");
     let show = ga.show()?;
     assert!(has_route(&show, "10.98.0.0/24") && !has_route(&show, "10.97.0.0/24"));
-    assert!(fenced("10.98.0.5") && !fenced("10.97.0.5"));
+    wait_until("the fence lets go of 10.97.0.0/24", Duration::from_secs(2), || {
+        Ok(!fenced("10.97.0.5"))
+    })?;
     ping(&t.a, "10.2.0.2", 3)?;
     drop(gb);
     Ok(())

@@ -5,6 +5,7 @@
 //! uplink's addresses), `route explain` on the live XDP program, and stop.
 
 mod spare;
+pub use spare::free_elsewhere;
 mod start;
 
 use crate::config::{DataplaneConfig, RouteChanges};
@@ -237,15 +238,23 @@ impl Dataplane {
     /// one fails); the workers switch at their next batch; what is gone is
     /// removed after. `fresh` lists peer ids that are new: their counters
     /// start at zero. The set of [Lan] interfaces cannot change here.
-    pub fn apply(&mut self, cfg: &DataplaneConfig, fresh: &[u32]) -> Result<RouteChanges> {
+    pub fn apply(&mut self, cfg: DataplaneConfig, fresh: &[u32]) -> Result<RouteChanges> {
         self.apply_as(cfg, fresh, Build::Patch, Health::Running)
     }
 
     /// [`Dataplane::apply`], patching the running tables where the change
-    /// allows ([`Build::Patch`]) or building them anew.
-    fn apply_as(&mut self, cfg: &DataplaneConfig, fresh: &[u32], how: Build, health: Health) -> Result<RouteChanges> {
-        let same_lans = cfg.lans.len() == self.running.lans.len()
-            && cfg
+    /// allows ([`Build::Patch`]) or building them anew. The config is
+    /// taken by value: it becomes the running one (10,000 peers are not
+    /// copied on a reload).
+    fn apply_as(
+        &mut self,
+        mut next: DataplaneConfig,
+        fresh: &[u32],
+        how: Build,
+        health: Health,
+    ) -> Result<RouteChanges> {
+        let same_lans = next.lans.len() == self.running.lans.len()
+            && next
                 .lans
                 .iter()
                 .zip(&self.running.lans)
@@ -258,15 +267,14 @@ impl Dataplane {
         }
         // A peer's health is the running instance's (set_peers_up), not
         // the new config's.
-        let mut cfg = cfg.clone();
         if health == Health::Running {
             let down: std::collections::HashSet<u32> =
                 self.running.peers.iter().filter(|r| !r.up).map(|r| r.id).collect();
-            for p in &mut cfg.peers {
-                p.up = !down.contains(&p.id);
+            for p in &mut next.peers {
+                p.up = down.is_empty() || !down.contains(&p.id);
             }
         }
-        let cfg = &cfg;
+        let cfg = &next;
         let how = if self.rebuild { Build::Anew } else { how };
         let cur = self.tables.load_full();
         let t0 = std::time::Instant::now();
@@ -374,7 +382,11 @@ impl Dataplane {
             }
         }
         // After the switch nothing may fail the change: a failure to
-        // remove what is gone is logged.
+        // remove what is gone is logged. The fence lets go of what is no
+        // longer tunnelled off the change's time (see failsafe::Sets).
+        if let Some(sets) = &mut self.undo.sets {
+            sets.tidy();
+        }
         for (vnet, net) in &diff.unsteer {
             if let Err(e) = self.xdp.remove_route(*vnet, *net) {
                 tracing::warn!("removing the steering entry of {net}: {e}");
@@ -388,7 +400,6 @@ impl Dataplane {
             self.undo.lan_routes_prune(&lan_routes);
             self.fixed = fixed;
         }
-        self.running = cfg.clone();
         self.rebuild = false;
         tracing::debug!(
             patched,
@@ -397,6 +408,8 @@ impl Dataplane {
             total_ms = t0.elapsed().as_secs_f64() * 1e3,
             "applied"
         );
+        let old = std::mem::replace(&mut self.running, next);
+        free_elsewhere(old);
         Ok(diff.changes)
     }
 
@@ -452,27 +465,30 @@ impl Dataplane {
     /// the FIB is rebuilt and applied like a reload, so the group's
     /// prefixes move to its healthy peers of the highest priority.
     pub fn set_peers_up(&mut self, states: &[(u32, bool)]) -> Result<RouteChanges> {
-        let mut cfg = self.running.clone();
-        for p in &mut cfg.peers {
-            if let Some((_, up)) = states.iter().find(|s| s.0 == p.id) {
-                p.up = *up;
+        let with_states = |mut cfg: DataplaneConfig| {
+            for p in &mut cfg.peers {
+                if let Some((_, up)) = states.iter().find(|s| s.0 == p.id) {
+                    p.up = *up;
+                }
             }
-        }
-        let r = self.apply_as(&cfg, &[], Build::Patch, Health::Given);
+            cfg
+        };
+        let r = self.apply_as(with_states(self.running.clone()), &[], Build::Patch, Health::Given);
         if r.is_err() {
             // The health stands for the next change, which builds anew:
             // the running config no longer says what the tables hold.
-            self.running = cfg;
+            self.running = with_states(self.running.clone());
             self.rebuild = true;
         }
         r
     }
 
     /// A live change's steps before the switch: the steering entries, the
-    /// kernel's routes to the TUN, the fail-safe fence (one nft
-    /// transaction: a new peer prefix is never routed by the kernel
-    /// unfenced). On a failure, what was done is undone and the error
-    /// returned: nothing changed.
+    /// kernel's routes to the TUN, the fail-safe fence's additions (one
+    /// nft transaction: a new peer prefix is never routed by the kernel
+    /// unfenced; what is gone leaves the fence after the switch). On a
+    /// failure, what was done is undone and the error returned: nothing
+    /// changed.
     /// `patched`: the change is a patch of peers ([`plan::peer_patch`]):
     /// the fence's pieces change by its prefixes alone.
     fn before_switch(
@@ -521,8 +537,10 @@ impl Dataplane {
                 let mut fence = cur.clone();
                 fence.tunnelled = pieces.folded();
                 t_plan = t0.elapsed();
-                if fence.tunnelled != cur.tunnelled {
-                    result = failsafe::change_tunnelled(cur, &fence);
+                if fence.tunnelled != cur.tunnelled
+                    && let Some(sets) = &mut self.undo.sets
+                {
+                    result = sets.cover(&fence);
                     if result.is_ok() {
                         self.undo.fence = Some(fence);
                     }
@@ -702,8 +720,7 @@ impl Dataplane {
     /// running config (the default VNET's routes through LAN routers follow
     /// the kernel's) and applied like a reload, without loss.
     fn follow_kernel_routes(&mut self) {
-        let cfg = self.running.clone();
-        match self.apply_as(&cfg, &[], Build::Anew, Health::Running) {
+        match self.apply_as(self.running.clone(), &[], Build::Anew, Health::Running) {
             Ok(ch) if ch != RouteChanges::default() => tracing::info!(
                 added = ?ch.added, removed = ?ch.removed, retargeted = ?ch.retargeted,
                 "followed the kernel's routes"
