@@ -190,7 +190,7 @@ pub fn apply(cfg: &mut Config, mut new: Config, gw: Option<&mut Gateway>, dp: &m
                 }
             }
         }
-        g.publish_now(dp);
+        g.publish_changed(dp);
     }
     let fmt = |v: &[(u32, ipnet::IpNet)]| {
         v.iter()

@@ -436,7 +436,7 @@ impl Fence {
     }
 }
 
-fn nft(script: &str) -> Result<()> {
+pub(crate) fn nft(script: &str) -> Result<()> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -475,20 +475,19 @@ pub fn update_tunnelled(f: &Fence) -> Result<()> {
 /// The tunnel fence's sets while subway runs. A change of the tunnelled
 /// prefixes is two transactions: before the switch, [`Sets::cover`] adds
 /// what the new prefixes need (additions only, a few milliseconds); after
-/// it, [`Sets::tidy`] deletes what is gone and merges what was added, on a
-/// thread of its own, off the change's time. In between the sets refuse a
-/// little more than the tunnelled prefixes: a prefix that left the tunnel
-/// is refused for those milliseconds, never sent in clear.
+/// it, [`Sets::tidy`] gives the transaction that deletes what is gone and
+/// merges what was added, which the caller runs off the change's time
+/// (see `host::KernelUndo::let_go`). In between the sets refuse a little
+/// more than the tunnelled prefixes: a prefix that left the tunnel is
+/// refused for those milliseconds, never sent in clear.
 #[derive(Debug)]
 pub struct Sets {
     table: String,
-    /// What the sets hold (after the tidy in flight); None when that is
+    /// What the sets hold (once the last tidy ran); None when that is
     /// unknown (nft refused a change): the next change replaces them whole.
     held: Option<Held>,
     /// What the last cover wants the sets to hold once tidied.
     want: Option<Held>,
-    /// The tidy in flight: whether nft took it.
-    tidying: Option<std::thread::JoinHandle<bool>>,
 }
 
 impl Sets {
@@ -498,16 +497,6 @@ impl Sets {
             table: f.table.clone(),
             held: Some(Held::of(&f.tunnelled)),
             want: None,
-            tidying: None,
-        }
-    }
-
-    /// Waits for the tidy in flight, if any.
-    pub fn settle(&mut self) {
-        if let Some(t) = self.tidying.take()
-            && !t.join().unwrap_or(false)
-        {
-            self.held = None;
         }
     }
 
@@ -515,7 +504,6 @@ impl Sets {
     /// additions (or, if what they hold is unknown or nft refuses that, all
     /// of `f` in one transaction).
     pub fn cover(&mut self, f: &Fence) -> Result<()> {
-        self.settle();
         let want = Held::of(&f.tunnelled);
         match self.held.as_ref().map(|h| h.cover(&self.table, &want)) {
             Some(None) => {}
@@ -537,36 +525,23 @@ impl Sets {
         Ok(())
     }
 
-    /// After the switch: leaves the sets holding exactly what the last
-    /// [`Sets::cover`] wanted, on a thread (run here if none can start). A
-    /// failure is logged, and the next change replaces the sets whole.
-    pub fn tidy(&mut self) {
+    /// After the switch: the transaction that leaves the sets holding
+    /// exactly what the last [`Sets::cover`] wanted (None if they do).
+    /// The sets are taken to hold that from now on; if the transaction
+    /// fails, [`Sets::lost`].
+    pub fn tidy(&mut self) -> Option<String> {
         let (Some(want), Some(held)) = (self.want.take(), self.held.as_ref()) else {
-            return;
+            return None;
         };
-        let Some(script) = held.tidy(&self.table, &want) else {
-            return;
-        };
+        let script = held.tidy(&self.table, &want)?;
         self.held = Some(want);
-        let run = |script: &str| match nft(script) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!("fail-safe: removing prefixes no longer tunnelled from the fence: {e}");
-                false
-            }
-        };
-        let spawned = std::thread::Builder::new().name("subway-fence".into()).spawn({
-            let script = script.clone();
-            move || run(&script)
-        });
-        match spawned {
-            Ok(t) => self.tidying = Some(t),
-            Err(_) => {
-                if !run(&script) {
-                    self.held = None;
-                }
-            }
-        }
+        Some(script)
+    }
+
+    /// A tidy failed: what the sets hold is unknown, and the next change
+    /// replaces them whole.
+    pub fn lost(&mut self) {
+        self.held = None;
     }
 }
 

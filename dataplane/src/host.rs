@@ -43,6 +43,9 @@ pub(crate) struct KernelUndo {
     pub(crate) fence: Option<failsafe::Fence>,
     /// Its tunnel sets, as live changes update them.
     pub(crate) sets: Option<failsafe::Sets>,
+    /// What the last live change let go of, being removed from the
+    /// kernel on a thread: whether the fence's tidy went through.
+    letting_go: Option<std::thread::JoinHandle<bool>>,
     /// A clean stop (or a failed start). A running gateway that exits on
     /// an error keeps the fail-safe table even with `FailMode = open`.
     pub(crate) clean: bool,
@@ -58,6 +61,7 @@ impl Default for KernelUndo {
             steps: Vec::new(),
             fence: None,
             sets: None,
+            letting_go: None,
             clean: true,
             fail_open: false,
             lan_routes: Vec::new(),
@@ -74,6 +78,58 @@ impl KernelUndo {
         self.sets = Some(failsafe::Sets::installed(&f));
         self.fence = Some(f);
         Ok(())
+    }
+
+    /// After a live change's switch: the kernel's routes of the prefixes
+    /// that left the tunnel (`gone`, pointing at the TUN `tun`), then the
+    /// fence's elements that only they needed, removed on a thread of
+    /// their own. Neither is on the change's time: a route deletion may
+    /// make the kernel rebalance its routing trie (tens of milliseconds
+    /// after a start with 100,000 routes) and an nft deletion waits for an
+    /// RCU grace period. Until then those prefixes are refused, never sent
+    /// in clear. The next change waits for it first ([`Self::settle`]).
+    pub(crate) fn let_go(&mut self, gone: Vec<IpNet>, tun: &str) {
+        self.settle();
+        let script = self.sets.as_mut().and_then(|s| s.tidy());
+        if gone.is_empty() && script.is_none() {
+            return;
+        }
+        let tun = tun.to_string();
+        let job = move || {
+            if !gone.is_empty() {
+                let removed = crate::netlink::Netlink::open()
+                    .and_then(|mut nl| kernel_routes(&mut nl, false, &gone, &tun, true).map_err(std::io::Error::other));
+                if let Err(e) = removed {
+                    tracing::warn!("removing the kernel's routes of removed peer prefixes: {e}");
+                }
+            }
+            match script.map(|s| failsafe::nft(&s)) {
+                Some(Err(e)) => {
+                    tracing::warn!("fail-safe: removing prefixes no longer tunnelled from the fence: {e}");
+                    false
+                }
+                _ => true,
+            }
+        };
+        match std::thread::Builder::new().name("subway-let-go".into()).spawn(job) {
+            Ok(t) => self.letting_go = Some(t),
+            Err(e) => {
+                tracing::warn!("no thread to remove what a change let go of ({e}): the next change replaces the fence");
+                if let Some(s) = &mut self.sets {
+                    s.lost();
+                }
+            }
+        }
+    }
+
+    /// Waits for what the last change let go of to be gone from the kernel.
+    pub(crate) fn settle(&mut self) {
+        if let Some(t) = self.letting_go.take()
+            && !t.join().unwrap_or(false)
+            && let Some(s) = &mut self.sets
+        {
+            s.lost();
+        }
     }
 
     /// Turns a sysctl of one interface on, to be restored on stop.
@@ -155,9 +211,7 @@ impl KernelUndo {
                 }
             }
         }
-        if let Some(s) = &mut self.sets {
-            s.settle();
-        }
+        self.settle();
         if let Some(f) = self.fence.take() {
             if self.clean && self.fail_open {
                 if let Err(e) = failsafe::remove(&f.table) {

@@ -232,7 +232,10 @@ pub struct Config {
 #[derive(Default)]
 pub struct PeerTexts {
     text: String,
-    by_hash: subway_dataplane::fxhash::FxMap<u64, Vec<usize>>,
+    /// (hash of a kept section's text, its index in `kept`), sorted once
+    /// all are kept ([`PeerTexts::sorted`]): 10,000 sections, no
+    /// allocation each.
+    by_hash: Vec<(u64, usize)>,
     /// Each kept section: its text after the header line (a range of
     /// `text`), the header's line, and its index in the config's `peers`.
     kept: Vec<(std::ops::Range<usize>, usize, usize)>,
@@ -256,11 +259,11 @@ impl PeerTexts {
     /// parsed from exactly `body` (the lines after its header; `hash`, its
     /// hash), moved to its header's line `now`.
     fn find(&self, peers: &[PeerSection], body: &str, hash: u64, now: usize) -> Option<PeerSection> {
-        let (_, line, i) = self
-            .by_hash
-            .get(&hash)?
+        let from = self.by_hash.partition_point(|(h, _)| *h < hash);
+        let (_, line, i) = self.by_hash[from..]
             .iter()
-            .map(|i| &self.kept[*i])
+            .take_while(|(h, _)| *h == hash)
+            .map(|(_, i)| &self.kept[*i])
             .find(|(r, _, _)| &self.text[r.clone()] == body)?;
         Some(peers.get(*i)?.moved(now as isize - *line as isize))
     }
@@ -270,8 +273,14 @@ impl PeerTexts {
     /// `line`.
     fn keep(&mut self, body: std::ops::Range<usize>, hash: Option<u64>, line: usize, peer: usize) {
         let h = hash.unwrap_or_else(|| Self::hash(&self.text[body.clone()]));
-        self.by_hash.entry(h).or_default().push(self.kept.len());
+        self.by_hash.push((h, self.kept.len()));
         self.kept.push((body, line, peer));
+    }
+
+    /// Once every section is kept: ready for [`PeerTexts::find`].
+    fn sorted(mut self) -> Self {
+        self.by_hash.sort_unstable();
+        self
     }
 }
 

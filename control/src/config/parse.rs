@@ -71,10 +71,12 @@ impl Config {
             ..Default::default()
         };
         let t0 = std::time::Instant::now();
+        texts.by_hash.reserve(kept.len());
+        texts.kept.reserve(kept.len());
         for (body, hash, line, i) in kept {
             texts.keep(body, hash, line, i);
         }
-        cfg.peer_texts = Some(std::sync::Arc::new(texts));
+        cfg.peer_texts = Some(std::sync::Arc::new(texts.sorted()));
         tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "kept the peer sections");
         Ok(cfg)
     }
@@ -117,6 +119,10 @@ impl Config {
             known_vnets: Vec::new(),
             peer_texts: None,
         };
+        if let Some((_, peers)) = prev {
+            cfg.peers.reserve(peers.len());
+            kept.reserve(peers.len());
+        }
         let mut section = Section::None;
         let mut seen_interface = false;
         let mut seen_tuning = false;
