@@ -477,7 +477,7 @@ pub fn update_tunnelled(f: &Fence) -> Result<()> {
 /// what the new prefixes need (additions only, a few milliseconds); after
 /// it, [`Sets::tidy`] gives the transaction that deletes what is gone and
 /// merges what was added, which the caller runs off the change's time
-/// (see `host::KernelUndo::let_go`). In between the sets refuse a little
+/// (`host::KernelUndo::let_go`). In between the sets refuse a little
 /// more than the tunnelled prefixes: a prefix that left the tunnel is
 /// refused for those milliseconds, never sent in clear.
 #[derive(Debug)]

@@ -43,8 +43,8 @@ pub(crate) struct KernelUndo {
     pub(crate) fence: Option<failsafe::Fence>,
     /// Its tunnel sets, as live changes update them.
     pub(crate) sets: Option<failsafe::Sets>,
-    /// What the last live change let go of, being removed from the
-    /// kernel on a thread: whether the fence's tidy went through.
+    /// The fence's tidy after the last live change, on a thread: whether
+    /// nft took it.
     letting_go: Option<std::thread::JoinHandle<bool>>,
     /// A clean stop (or a failed start). A running gateway that exits on
     /// an error keeps the fail-safe table even with `FailMode = open`.
@@ -80,41 +80,28 @@ impl KernelUndo {
         Ok(())
     }
 
-    /// After a live change's switch: the kernel's routes of the prefixes
-    /// that left the tunnel (`gone`, pointing at the TUN `tun`), then the
-    /// fence's elements that only they needed, removed on a thread of
-    /// their own. Neither is on the change's time: a route deletion may
-    /// make the kernel rebalance its routing trie (tens of milliseconds
-    /// after a start with 100,000 routes) and an nft deletion waits for an
-    /// RCU grace period. Until then those prefixes are refused, never sent
-    /// in clear. The next change waits for it first ([`Self::settle`]).
-    pub(crate) fn let_go(&mut self, gone: Vec<IpNet>, tun: &str) {
+    /// After a live change's switch: the fence's elements that only the
+    /// prefixes that left the tunnel needed are removed on a thread of
+    /// their own, off the change's time (an nft deletion waits for an RCU
+    /// grace period, 10-25 ms). Until then those prefixes are refused,
+    /// never sent in clear. The next change, and stop, wait for it first
+    /// ([`Self::settle`]).
+    pub(crate) fn let_go(&mut self) {
         self.settle();
-        let script = self.sets.as_mut().and_then(|s| s.tidy());
-        if gone.is_empty() && script.is_none() {
+        let Some(script) = self.sets.as_mut().and_then(|s| s.tidy()) else {
             return;
-        }
-        let tun = tun.to_string();
-        let job = move || {
-            if !gone.is_empty() {
-                let removed = crate::netlink::Netlink::open()
-                    .and_then(|mut nl| kernel_routes(&mut nl, false, &gone, &tun, true).map_err(std::io::Error::other));
-                if let Err(e) = removed {
-                    tracing::warn!("removing the kernel's routes of removed peer prefixes: {e}");
-                }
-            }
-            match script.map(|s| failsafe::nft(&s)) {
-                Some(Err(e)) => {
-                    tracing::warn!("fail-safe: removing prefixes no longer tunnelled from the fence: {e}");
-                    false
-                }
-                _ => true,
+        };
+        let job = move || match failsafe::nft(&script) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("fail-safe: removing prefixes no longer tunnelled from the fence: {e}");
+                false
             }
         };
         match std::thread::Builder::new().name("subway-let-go".into()).spawn(job) {
             Ok(t) => self.letting_go = Some(t),
             Err(e) => {
-                tracing::warn!("no thread to remove what a change let go of ({e}): the next change replaces the fence");
+                tracing::warn!("no thread to tidy the fence ({e}): the next change replaces its sets");
                 if let Some(s) = &mut self.sets {
                     s.lost();
                 }
@@ -122,7 +109,7 @@ impl KernelUndo {
         }
     }
 
-    /// Waits for what the last change let go of to be gone from the kernel.
+    /// Waits for the last change's fence tidy.
     pub(crate) fn settle(&mut self) {
         if let Some(t) = self.letting_go.take()
             && !t.join().unwrap_or(false)

@@ -265,7 +265,7 @@ impl Dataplane {
                     .into(),
             ));
         }
-        // What the last change let go of is out of the kernel first.
+        // The last change's fence tidy is done first.
         self.undo.settle();
         // A peer's health is the running instance's (set_peers_up), not
         // the new config's.
@@ -288,7 +288,7 @@ impl Dataplane {
             }
             _ => None,
         };
-        let (fib, allowed, mut diff, built) = match &mut patch {
+        let (fib, allowed, diff, built) = match &mut patch {
             Some(p) => {
                 let count = |v6: bool| {
                     cur.fib
@@ -384,15 +384,18 @@ impl Dataplane {
             }
         }
         // After the switch nothing may fail the change: a failure to
-        // remove what is gone is logged. The kernel's routes and the
-        // fence let go of what is no longer tunnelled off the change's
-        // time (KernelUndo::let_go).
+        // remove what is gone is logged. The fence lets go of what is no
+        // longer tunnelled off the change's time (KernelUndo::let_go),
+        // after the kernel's routes.
         for (vnet, net) in &diff.unsteer {
             if let Err(e) = self.xdp.remove_route(*vnet, *net) {
                 tracing::warn!("removing the steering entry of {net}: {e}");
             }
         }
-        self.undo.let_go(std::mem::take(&mut diff.tun_del), self.slow.name());
+        if let Err(e) = kernel_routes(&mut self.netlink, false, &diff.tun_del, self.slow.name(), true) {
+            tracing::warn!("removing the kernel's routes of removed peer prefixes: {e}");
+        }
+        self.undo.let_go();
         let patched = built.is_none();
         if let Some((lan_routes, fixed)) = built {
             self.undo.lan_routes_prune(&lan_routes);
