@@ -224,10 +224,6 @@ fn ranges(nets: &[IpNet], v4: bool) -> Vec<(u128, u128)> {
     out
 }
 
-fn elements(nets: &[IpNet], v4: bool) -> String {
-    range_elements(&ranges(nets, v4), v4)
-}
-
 /// Ranges as nft set elements.
 fn range_elements(ranges: &[(u128, u128)], v4: bool) -> String {
     let bits = if v4 { 32 } else { 128 };
@@ -249,14 +245,18 @@ fn range_elements(ranges: &[(u128, u128)], v4: bool) -> String {
 
 /// The two sets' element statements (nothing for an empty family).
 fn set_elements(table: &str, nets: &[IpNet]) -> String {
-    let mut s = String::new();
-    for (set, v4) in [("tunnel4", true), ("tunnel6", false)] {
-        let e = elements(nets, v4);
-        if !e.is_empty() {
-            s += &format!("add element inet {table} {set} {{ {e} }}\n");
-        }
-    }
-    s
+    Held::of(nets)
+        .0
+        .iter()
+        .zip(SETS)
+        .filter(|(r, _)| !r.is_empty())
+        .map(|(r, (set, v4))| element_stmt("add", table, set, r, v4))
+        .collect()
+}
+
+/// `op` (add, delete) of `ranges` in one of the two sets, as one statement.
+fn element_stmt(op: &str, table: &str, set: &str, ranges: &[(u128, u128)], v4: bool) -> String {
+    format!("{op} element inet {table} {set} {{ {} }}\n", range_elements(ranges, v4))
 }
 
 /// The two sets, IPv4 then IPv6.
@@ -288,7 +288,7 @@ impl Held {
             if new.is_empty() {
                 continue;
             }
-            script += &format!("add element inet {table} {set} {{ {} }}\n", range_elements(&new, v4));
+            script += &element_stmt("add", table, set, &new, v4);
             after.0[i].extend(new);
             after.0[i].sort_unstable();
         }
@@ -306,13 +306,10 @@ impl Held {
             let gone: Vec<(u128, u128)> = was.iter().filter(|r| now.binary_search(r).is_err()).copied().collect();
             let new: Vec<(u128, u128)> = now.iter().filter(|r| was.binary_search(r).is_err()).copied().collect();
             if !gone.is_empty() {
-                del += &format!(
-                    "delete element inet {table} {set} {{ {} }}\n",
-                    range_elements(&gone, v4)
-                );
+                del += &element_stmt("delete", table, set, &gone, v4);
             }
             if !new.is_empty() {
-                add += &format!("add element inet {table} {set} {{ {} }}\n", range_elements(&new, v4));
+                add += &element_stmt("add", table, set, &new, v4);
             }
         }
         (!del.is_empty() || !add.is_empty()).then(|| del + &add)
@@ -505,21 +502,24 @@ impl Sets {
     /// of `f` in one transaction).
     pub fn cover(&mut self, f: &Fence) -> Result<()> {
         let want = Held::of(&f.tunnelled);
-        match self.held.as_ref().map(|h| h.cover(&self.table, &want)) {
-            Some(None) => {}
+        let covered = match self.held.as_ref().map(|h| h.cover(&self.table, &want)) {
+            Some(None) => true,
             Some(Some((script, after))) => match nft(&script) {
-                Ok(()) => self.held = Some(after),
+                Ok(()) => {
+                    self.held = Some(after);
+                    true
+                }
                 Err(e) => {
                     tracing::debug!("the fence's sets were not as expected ({e}): replacing them");
-                    self.held = None;
-                    update_tunnelled(f)?;
-                    self.held = Some(want.clone());
+                    false
                 }
             },
-            None => {
-                update_tunnelled(f)?;
-                self.held = Some(want.clone());
-            }
+            None => false,
+        };
+        if !covered {
+            self.held = None;
+            update_tunnelled(f)?;
+            self.held = Some(want.clone());
         }
         self.want = Some(want);
         Ok(())
@@ -582,6 +582,10 @@ mod tests {
 
     fn n(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    fn elements(nets: &[IpNet], v4: bool) -> String {
+        range_elements(&ranges(nets, v4), v4)
     }
 
     fn held(nets: &[&str]) -> Held {
