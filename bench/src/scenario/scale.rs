@@ -83,6 +83,11 @@ struct Row {
     data_one_mpps: f64,
     data_many_mpps: f64,
     data_many_peers: usize,
+    /// The workers' CPU time per packet sealed, one peer and many (the
+    /// same windows as the rates): on cores of their own the rate ratio
+    /// would be the inverse of theirs.
+    data_one_ns: f64,
+    data_many_ns: f64,
     /// The many-peer rate while reloads run back to back, and how many ran.
     data_reload_mpps: f64,
     reloads_during: usize,
@@ -147,16 +152,17 @@ fn markdown(rows: &[Row]) -> String {
     let base = rows.iter().find(|r| r.peers == 0).map(|r| r.rss_kb);
     let ms = |v: Option<f64>| v.map_or("failed".to_string(), |v| format!("{v:.0}"));
     let mut md = String::from(
-        "| peers | routes | check ms | start ms | all sessions ms | handshakes/s (first to last) | RSS MB | per peer KB | control thread idle CPU % (wake-ups/s, µs each) | one-peer reload ms: first (median of the next 6) | rekey storm ms (cookies) | 64 B Mpps: 1 peer / many (how many) | many while reloading (reloads) |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|\n",
+        "| peers | routes | check ms | start ms | all sessions ms | handshakes/s (first to last) | RSS MB | per peer KB | control thread idle CPU % (wake-ups/s, µs each) | one-peer reload ms: first (median of the next 6) | rekey storm ms (cookies) | 64 B Mpps: 1 peer / many (how many) | workers' ns per packet: 1 peer / many | many while reloading (reloads) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n",
     );
     for r in rows {
         let per_peer = match (base, r.peers) {
             (Some(b), n) if n > 0 => format!("{:.1}", r.rss_kb.saturating_sub(b) as f64 / n as f64),
             _ => "-".into(),
         };
-        let (sessions, hs, reload, storm, data, reloading) = if r.peers == 0 {
-            ("-".into(), "-".into(), "-".into(), "-".into(), "-".into(), "-".into())
+        let (sessions, hs, reload, storm, data, cost, reloading) = if r.peers == 0 {
+            let no = || "-".to_string();
+            (no(), no(), no(), no(), no(), no(), no())
         } else {
             (
                 ms(r.sessions_ms),
@@ -172,6 +178,12 @@ fn markdown(rows: &[Row]) -> String {
                     100.0 * r.data_many_mpps / r.data_one_mpps.max(1e-9)
                 ),
                 format!(
+                    "{:.0} / {:.0} ({:.0}%)",
+                    r.data_one_ns,
+                    r.data_many_ns,
+                    100.0 * r.data_one_ns / r.data_many_ns.max(1e-9)
+                ),
+                format!(
                     "{:.3} ({}: {:.0}%)",
                     r.data_reload_mpps,
                     r.reloads_during,
@@ -180,7 +192,7 @@ fn markdown(rows: &[Row]) -> String {
             )
         };
         md += &format!(
-            "| {} | {} | {:.0} | {:.0} | {sessions} | {hs} | {:.1} | {per_peer} | {:.2} ({:.1}, {:.0}) | {reload} | {storm} | {data} | {reloading} |\n",
+            "| {} | {} | {:.0} | {:.0} | {sessions} | {hs} | {:.1} | {per_peer} | {:.2} ({:.1}, {:.0}) | {reload} | {storm} | {data} | {cost} | {reloading} |\n",
             r.peers,
             r.routes,
             r.check_ms,
@@ -423,8 +435,9 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
                     std::fs::write(&gw.config, &texts[k % 2])?;
                     gw.ctl(&["reload", &gw.name]).map(|_| ())
                 };
-                let d = data(&t, n, per_peer, profile, &reload)?;
+                let d = data(&t, &gw, n, per_peer, profile, &reload)?;
                 (row.data_one_mpps, row.data_many_mpps, row.data_many_peers) = (d.one, d.many, d.many_peers);
+                (row.data_one_ns, row.data_many_ns) = (d.one_ns, d.many_ns);
                 (row.data_reload_mpps, row.reloads_during) = (d.reloading, d.reloads);
             }
             let errors = prog.errors.load(Ordering::Relaxed);
@@ -451,6 +464,9 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
 struct Data {
     one: f64,
     many: f64,
+    /// The workers' CPU ns per packet sealed, in the same windows.
+    one_ns: f64,
+    many_ns: f64,
     many_peers: usize,
     reloading: f64,
     reloads: usize,
@@ -463,6 +479,7 @@ struct Data {
 /// peers need not answer any more).
 fn data(
     t: &TwoSites,
+    gw: &Subway,
     n: usize,
     per_peer: usize,
     profile: &str,
@@ -478,7 +495,21 @@ fn data(
     let first = route(1, 0, per_peer);
     let first = first.split('/').next().unwrap_or_default().parse::<Ipv4Addr>()?;
     let dst = Ipv4Addr::from(u32::from(first) + 1).to_string();
-    let run = |peers: usize| -> Result<f64> {
+    let pid = gw.proc.pid();
+    let sealed = || -> Result<u64> {
+        let v = gw.show().context("subway show")?;
+        Ok(v["workers"]
+            .as_array()
+            .map(|ws| {
+                ws.iter()
+                    .map(|w| w["counters"]["tunnel_tx"].as_u64().unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or_default())
+    };
+    // The rate, and the workers' CPU ns per packet sealed meanwhile.
+    let run = |peers: usize| -> Result<(f64, f64)> {
+        let (n0, c0) = (sealed()?, crate::cpu::threads_cpu_ns(pid, "subway-w"));
         let g = Gen {
             ns: &t.a,
             iface: "eth0",
@@ -499,7 +530,9 @@ fn data(
             &crate::frames::Size::Fixed(64),
             &super::Params::base(2.0, profile),
         )?;
-        Ok(r.delivered as f64 / r.seconds / 1e6)
+        let cpu = crate::cpu::threads_cpu_ns(pid, "subway-w").saturating_sub(c0);
+        let n = sealed()?.saturating_sub(n0);
+        Ok((r.delivered as f64 / r.seconds / 1e6, cpu as f64 / n.max(1) as f64))
     };
     // One peer and many, alternated three times: a ratio is taken between
     // two adjacent windows (this VM's speed drifts by 3x between runs),
@@ -509,12 +542,13 @@ fn data(
         let one = run(1)?;
         pairs.push((one, run(many)?));
     }
-    pairs.sort_by(|a, b| (a.1 / a.0.max(1e-9)).total_cmp(&(b.1 / b.0.max(1e-9))));
-    let (one, many_mpps) = pairs[1];
+    let rate = |(one, many): &((f64, f64), (f64, f64))| many.0 / one.0.max(1e-9);
+    pairs.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+    let ((one, one_ns), (many_mpps, many_ns)) = pairs[1];
     let done = AtomicBool::new(false);
     let (reloading, reloads) = std::thread::scope(|s| -> Result<(f64, usize)> {
         let traffic = s.spawn(|| {
-            let r = run(many);
+            let r = run(many).map(|r| r.0);
             done.store(true, Ordering::Relaxed);
             r
         });
@@ -538,6 +572,8 @@ fn data(
     Ok(Data {
         one,
         many: many_mpps,
+        one_ns,
+        many_ns,
         many_peers: many,
         reloading,
         reloads,
