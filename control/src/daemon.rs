@@ -368,6 +368,9 @@ impl State {
     /// while traffic moves, else until the device's next timer, at most
     /// [`IDLE_MAX`] and half the watchdog's interval.
     fn sleep_for(&mut self) -> Duration {
+        if self.dp.kernel_events_held() {
+            return Duration::ZERO;
+        }
         if self.busy {
             return TRAFFIC_TICK;
         }

@@ -224,13 +224,15 @@ impl Drop for KernelUndo {
 /// `ip route {replace|del} PREFIX dev TUN` for every prefix, over
 /// rtnetlink, hundreds per send ([`Netlink::dev_routes`]): the kernel's
 /// route to a default-VNET peer prefix goes to the control thread, never
-/// out in clear. `force` goes on past failures.
+/// out in clear. `force` goes on past failures; `events` (ignoring the
+/// TUN's routes) absorbs the notifications as they come.
 pub(crate) fn kernel_routes(
     netlink: &mut crate::netlink::Netlink,
     add: bool,
     nets: &[IpNet],
     tun: &str,
     force: bool,
+    events: Option<&mut crate::netlink::RoutingEvents>,
 ) -> Result<()> {
     if nets.is_empty() {
         return Ok(());
@@ -243,7 +245,7 @@ pub(crate) fn kernel_routes(
     if ifindex == 0 {
         return Err(Error::Kernel(format!("ip route {op} ... dev {tun}: {tun} is gone")));
     }
-    netlink.dev_routes(add, nets, ifindex, force).map_err(fail)
+    netlink.dev_routes(add, nets, ifindex, force, events).map_err(fail)
 }
 
 /// Runs `ip -batch` on `script` (one command per line); an error carries

@@ -209,6 +209,12 @@ pub struct RoutingEvents {
     /// Routes through this interface are ours (the slow-path TUN's, one
     /// per tunnelled prefix): their events are not news.
     own_oif: u32,
+    /// What [`Self::absorb`] read while subway installed routes of its own,
+    /// for the next [`Self::drain`]: neighbour changes, whether another
+    /// route changed, whether events were lost all the same.
+    held: Vec<NeighbourChange>,
+    held_routes: bool,
+    held_lost: bool,
 }
 
 impl RoutingEvents {
@@ -216,10 +222,29 @@ impl RoutingEvents {
         const RTMGRP_NEIGH: u32 = 0x4;
         const RTMGRP_IPV4_ROUTE: u32 = 0x40;
         const RTMGRP_IPV6_ROUTE: u32 = 0x400;
+        let sock = subscribe(RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)?;
+        // Room for one send of our own routes' events (512, about 1 KB of
+        // socket memory each) between two absorbs: root may go past
+        // rmem_max (SO_RCVBUFFORCE); if not, the default and re-reading
+        // when they overflow.
+        let want: libc::c_int = 4 << 20;
+        // SAFETY: a valid socket and an int option of the right size.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&want as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
         Ok(RoutingEvents {
-            sock: subscribe(RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)?,
+            sock,
             buf: vec![0; 64 * 1024],
             own_oif: 0,
+            held: Vec::new(),
+            held_routes: false,
+            held_lost: false,
         })
     }
 
@@ -239,6 +264,34 @@ impl RoutingEvents {
     /// events because we were slow) means the caller must re-read
     /// everything.
     pub fn drain(&mut self, out: &mut Vec<NeighbourChange>) -> io::Result<bool> {
+        out.append(&mut self.held);
+        let held = std::mem::take(&mut self.held_routes);
+        if std::mem::take(&mut self.held_lost) {
+            return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+        }
+        Ok(self.read(out)? | held)
+    }
+
+    /// Reads what arrived now and keeps it for the next [`Self::drain`]:
+    /// called between the sends of a bulk change of our own routes, whose
+    /// events (ignored, one per route) would otherwise overflow the socket
+    /// and cost a re-read of every route and neighbour.
+    pub fn absorb(&mut self) {
+        let mut held = std::mem::take(&mut self.held);
+        match self.read(&mut held) {
+            Ok(routes) => self.held_routes |= routes,
+            Err(_) => self.held_lost = true,
+        }
+        self.held = held;
+    }
+
+    /// Whether [`Self::absorb`] kept anything for the next drain (the
+    /// socket is then not readable, but there is news).
+    pub fn holds(&self) -> bool {
+        !self.held.is_empty() || self.held_routes || self.held_lost
+    }
+
+    fn read(&mut self, out: &mut Vec<NeighbourChange>) -> io::Result<bool> {
         let mut routes = false;
         loop {
             let n = match self.sock.recv(&mut &mut self.buf[..], 0) {
@@ -521,8 +574,16 @@ impl Netlink {
     /// acknowledgement, failures answer on their own (rtnetlink handles a
     /// send's messages in order before the send returns). Returns the
     /// first failure with its prefix, at once or, with `force` (a clean-up
-    /// deleting what may be gone), after going on with the rest.
-    pub fn dev_routes(&mut self, add: bool, nets: &[IpNet], oif: u32, force: bool) -> io::Result<()> {
+    /// deleting what may be gone), after going on with the rest. `events`
+    /// absorbs the changes' notifications between sends.
+    pub fn dev_routes(
+        &mut self,
+        add: bool,
+        nets: &[IpNet],
+        oif: u32,
+        force: bool,
+        mut events: Option<&mut RoutingEvents>,
+    ) -> io::Result<()> {
         use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE};
         use netlink_packet_route::route::{RouteProtocol, RouteScope};
         const PER_SEND: usize = 512;
@@ -587,6 +648,9 @@ impl Netlink {
                 }
                 Ok(seq == last)
             })?;
+            if let Some(ev) = events.as_deref_mut() {
+                ev.absorb();
+            }
             if failed.is_some() && !force {
                 break;
             }

@@ -73,6 +73,12 @@ fn a_thousand_peers_answer_show_route_get_and_wg_show_within_a_second() -> Resul
     let _gb = Subway::start(&t.gwb, &t.subway_config(false, false, ""))?;
     // The tunnel to the one real peer works among the thousand.
     ping_until(&t.a, "10.2.0.2", 10)?;
+    // The thousand routes to the TUN went in without overflowing the
+    // socket that follows the kernel's route and neighbour changes (their
+    // events are read as they come, between sends): no re-read of every
+    // route and neighbour just after the start.
+    let log = ga.proc.log_text();
+    assert!(!log.contains("events lost"), "{log}");
 
     let v = timed("subway show --json", || ga.show())?;
     assert_eq!(v["peers"].as_array().map(|p| p.len()), Some(1000));

@@ -392,7 +392,14 @@ impl Dataplane {
                 tracing::warn!("removing the steering entry of {net}: {e}");
             }
         }
-        if let Err(e) = kernel_routes(&mut self.netlink, false, &diff.tun_del, self.slow.name(), true) {
+        if let Err(e) = kernel_routes(
+            &mut self.netlink,
+            false,
+            &diff.tun_del,
+            self.slow.name(),
+            true,
+            self.events.as_mut(),
+        ) {
             tracing::warn!("removing the kernel's routes of removed peer prefixes: {e}");
         }
         self.undo.let_go();
@@ -513,7 +520,14 @@ impl Dataplane {
         let t_steer = t0.elapsed();
         let (mut t_routes, mut t_plan) = (t_steer, t_steer);
         if result.is_ok() {
-            result = kernel_routes(&mut self.netlink, true, &diff.tun_add, self.slow.name(), false);
+            result = kernel_routes(
+                &mut self.netlink,
+                true,
+                &diff.tun_add,
+                self.slow.name(),
+                false,
+                self.events.as_mut(),
+            );
             t_routes = t0.elapsed();
             t_plan = t_routes;
             // The fence changes only when routes do (it is the default
@@ -554,7 +568,14 @@ impl Dataplane {
                 self.fence_pieces = pieces;
             }
             if result.is_err() {
-                let _ = kernel_routes(&mut self.netlink, false, &diff.tun_add, self.slow.name(), true);
+                let _ = kernel_routes(
+                    &mut self.netlink,
+                    false,
+                    &diff.tun_add,
+                    self.slow.name(),
+                    true,
+                    self.events.as_mut(),
+                );
             }
         }
         if result.is_err() {
@@ -651,6 +672,12 @@ impl Dataplane {
     /// changed (see [`Dataplane::follow_kernel`]).
     pub fn kernel_events_fd(&self) -> Option<std::os::fd::RawFd> {
         self.events.as_ref().map(|e| e.fd())
+    }
+
+    /// Kernel changes read while subway changed its own routes, not yet
+    /// followed: the control loop should not sleep before it follows them.
+    pub fn kernel_events_held(&self) -> bool {
+        self.events.as_ref().is_some_and(|e| e.holds())
     }
 
     /// Applies the kernel's neighbour changes to the workers' mirror, in

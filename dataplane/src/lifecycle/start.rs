@@ -61,11 +61,14 @@ impl Dataplane {
             policies: crate::policy::Policies::build(&cfg.policies, cfg.flows, &Default::default()),
         });
 
-        let slow = Arc::new(open_slow_path(cfg, &mut netlink, &ports, uplink, &fib)?);
-        if let (Some(ev), Ok(name)) = (events.as_mut(), std::ffi::CString::new(slow.name())) {
-            // SAFETY: a NUL-terminated interface name.
-            ev.ignore_routes_via(unsafe { libc::if_nametoindex(name.as_ptr()) });
-        }
+        let slow = Arc::new(open_slow_path(
+            cfg,
+            &mut netlink,
+            &ports,
+            uplink,
+            &fib,
+            events.as_mut(),
+        )?);
         let mut xdp = load_steering(cfg, &ports, &fib, &uplink_addrs)?;
         let workers = build_workers(cfg, &ports, &mut xdp)?;
         let mut modes = Vec::new();
@@ -262,9 +265,14 @@ fn open_slow_path(
     ports: &[Port],
     uplink: Option<u16>,
     fib: &Fib,
+    mut events: Option<&mut netlink::RoutingEvents>,
 ) -> Result<SlowPath> {
     let name = tun_name(&cfg.name);
     let slow = SlowPath::create(&name).map_err(|e| Error::io(format!("creating the slow-path TUN {name}"), e))?;
+    if let (Some(ev), Ok(name)) = (events.as_deref_mut(), std::ffi::CString::new(slow.name())) {
+        // SAFETY: a NUL-terminated interface name.
+        ev.ignore_routes_via(unsafe { libc::if_nametoindex(name.as_ptr()) });
+    }
     tun_sysctls(slow.name())?;
     if let Some(up) = uplink.and_then(|u| ports.get(u as usize)) {
         let mtu = up.mtu.saturating_sub(tunnel::TUNNEL_OVERHEAD).max(1280);
@@ -277,7 +285,7 @@ fn open_slow_path(
         .filter(|r| r.vnet == 0 && r.target.is_tunnel())
         .map(|r| r.prefix)
         .collect();
-    kernel_routes(netlink, true, &tun_nets, slow.name(), false)?;
+    kernel_routes(netlink, true, &tun_nets, slow.name(), false, events)?;
     Ok(slow)
 }
 
