@@ -340,18 +340,12 @@ impl Worker {
         tally: &mut Tally,
     ) {
         let uplink = snap.uplink.map(|u| u as usize).filter(|u| *u < self.rings.ports());
+        crate::tunnel::tx::group_by_peer(pending, |f| f.peer);
         let mut i = 0;
         while i < pending.len() {
             let peer = pending[i].peer;
-            // This peer's frames in this batch: pending[i..j] after a stable
-            // partition (one peer is the common case, so usually all).
-            let mut j = i;
-            for k in i..pending.len() {
-                if pending[k].peer == peer {
-                    pending.swap(j, k);
-                    j += 1;
-                }
-            }
+            // This peer's frames in this batch: pending[i..j].
+            let j = i + pending[i..].iter().take_while(|f| f.peer == peer).count();
             let vnet = snap
                 .peers
                 .get(peer as usize)

@@ -157,6 +157,21 @@ impl<'t> PeerRun<'t> {
     }
 }
 
+/// Groups a batch's frames by peer for the worker's [`PeerRun`]s,
+/// each peer's frames in the order they arrived (so a flow's packets get
+/// rising counters and leave in order): an insertion sort by peer, in
+/// place and stable, linear when the batch is already grouped (one peer,
+/// or many in rising id order).
+pub fn group_by_peer<T>(v: &mut [T], peer: impl Fn(&T) -> u32) {
+    for i in 1..v.len() {
+        let mut j = i;
+        while j > 0 && peer(&v[j - 1]) > peer(&v[j]) {
+            v.swap(j - 1, j);
+            j -= 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::fixture::{self, FAR, LAN_HOST, ip_frame};
@@ -271,5 +286,20 @@ mod tests {
             PeerRun::begin(&f.tables(), 0, 1, expired).is_none(),
             "an expired session"
         );
+    }
+
+    #[test]
+    fn frames_are_grouped_by_peer_each_peers_in_arrival_order() {
+        // (peer, arrival): peer 2's frames 1 and 2 must stay in that order
+        // when peer 1's later frame moves in front of them.
+        let mut v = [(1, 0), (2, 1), (2, 2), (1, 3), (0, 4), (2, 5)];
+        group_by_peer(&mut v, |f| f.0);
+        assert_eq!(v, [(0, 4), (1, 0), (1, 3), (2, 1), (2, 2), (2, 5)]);
+        // Already grouped: unchanged.
+        let mut one = [(7, 0), (7, 1), (7, 2)];
+        group_by_peer(&mut one, |f| f.0);
+        assert_eq!(one, [(7, 0), (7, 1), (7, 2)]);
+        let mut none: [(u32, u32); 0] = [];
+        group_by_peer(&mut none, |f| f.0);
     }
 }
