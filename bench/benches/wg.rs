@@ -7,7 +7,11 @@
 //! - `seal_2threads/*`: two threads sealing for the same peer: subway's
 //!   shared session against boringtun behind the `Mutex` a multi-threaded
 //!   user of `Tunn` (`&mut self`) needs;
-//! - `aead/*`: the AEAD choice, ring against RustCrypto's chacha20poly1305.
+//! - `aead/*`: the AEAD choice, ring against RustCrypto's chacha20poly1305;
+//! - `seal_runs/*`: the worker's send step for a batch of 64-byte packets
+//!   to 1 peer, and round-robin to 1,000 and 10,000 peers (grouping by
+//!   peer, a run per peer: its session's counter reservation, the seal,
+//!   its counters), without the sockets: what many peers cost per packet.
 //!
 //! Run: `cargo bench -p subway-bench --bench wg`. Report ratios, not
 //! absolute numbers: this machine is small and shared.
@@ -19,7 +23,12 @@ use std::hint::black_box;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use subway_bench::ceiling::keys;
+use subway_dataplane::stats::Tally;
+use subway_dataplane::tables::{PeerRt, Port, Tables};
+use subway_dataplane::tunnel::OuterPath;
+use subway_dataplane::tunnel::tx::{PeerRun, Sealed, group_by_peer};
 use subway_dataplane::wg::session::Session;
+use subway_dataplane::wire::ethernet::MacAddr;
 
 const SIZES: [usize; 3] = [64, 512, 1420];
 const BATCH: usize = 64;
@@ -244,11 +253,82 @@ fn aead(c: &mut Criterion) {
     g.finish();
 }
 
+/// A gateway's tables with `n` peers, each with a session of its own and
+/// a path to its endpoint on the uplink (port 0).
+fn peer_tables(n: usize) -> Tables {
+    let peers = (0..n)
+        .map(|i| PeerRt {
+            vnet: 0,
+            session: Some(Arc::new(Session::new(&keys(true), i as u32, Duration::ZERO))),
+            path: Some(OuterPath {
+                src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+                dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+                src: "192.0.2.1:51820".parse().unwrap(),
+                dst: std::net::SocketAddr::new(std::net::Ipv4Addr::from(0xac10_0000 + i as u32).into(), 51820),
+            }),
+            stats: Default::default(),
+        })
+        .collect();
+    Tables {
+        ports: vec![Port {
+            name: "wan0".into(),
+            ifindex: 1,
+            mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            vnet: subway_dataplane::config::UPLINK_VNET,
+            mtu: 1500,
+        }],
+        peers,
+        uplink: Some(0),
+        source_ports: 1,
+        ..Tables::default()
+    }
+}
+
+fn seal_runs(c: &mut Criterion) {
+    let mut g = c.benchmark_group("seal_runs");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    const L3: usize = 14;
+    let plain = ip_packet(64);
+    for peers in [1usize, 1000, 10_000] {
+        let t = peer_tables(peers);
+        let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; 2048]).collect();
+        let mut pending: Vec<(u32, usize)> = Vec::with_capacity(BATCH);
+        let mut next = 0usize;
+        let mut tally = Tally::default();
+        g.bench_with_input(BenchmarkId::new("peers", peers), &peers, |b, _| {
+            b.iter(|| {
+                // The batch: frame k to the next peer round-robin.
+                pending.clear();
+                for (k, buf) in bufs.iter_mut().enumerate() {
+                    buf[L3..L3 + plain.len()].copy_from_slice(&plain);
+                    pending.push(((next % peers) as u32, k));
+                    next += 1;
+                }
+                group_by_peer(&mut pending, |f| f.0);
+                let mut i = 0;
+                while i < pending.len() {
+                    let peer = pending[i].0;
+                    let j = i + pending[i..].iter().take_while(|f| f.0 == peer).count();
+                    let mut run = PeerRun::begin(&t, peer, j - i, Duration::ZERO).expect("a session and a path");
+                    for (k, &(_, f)) in pending[i..j].iter().enumerate() {
+                        let sealed = run.seal(k, &mut bufs[f], L3, plain.len(), &mut tally);
+                        assert!(matches!(sealed, Sealed::Datagram(_)));
+                    }
+                    run.finish();
+                    i = j;
+                }
+                black_box(&bufs);
+            })
+        });
+    }
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
 }
 
-criterion_group! { name = benches; config = config(); targets = seal, open, seal_2threads, aead }
+criterion_group! { name = benches; config = config(); targets = seal, open, seal_2threads, aead, seal_runs }
 criterion_main!(benches);
