@@ -392,14 +392,7 @@ impl Dataplane {
                 tracing::warn!("removing the steering entry of {net}: {e}");
             }
         }
-        if let Err(e) = kernel_routes(
-            &mut self.netlink,
-            false,
-            &diff.tun_del,
-            self.slow.name(),
-            true,
-            self.events.as_mut(),
-        ) {
+        if let Err(e) = self.tun_routes(false, &diff.tun_del, true) {
             tracing::warn!("removing the kernel's routes of removed peer prefixes: {e}");
         }
         self.undo.let_go();
@@ -520,14 +513,7 @@ impl Dataplane {
         let t_steer = t0.elapsed();
         let (mut t_routes, mut t_plan) = (t_steer, t_steer);
         if result.is_ok() {
-            result = kernel_routes(
-                &mut self.netlink,
-                true,
-                &diff.tun_add,
-                self.slow.name(),
-                false,
-                self.events.as_mut(),
-            );
+            result = self.tun_routes(true, &diff.tun_add, false);
             t_routes = t0.elapsed();
             t_plan = t_routes;
             // The fence changes only when routes do (it is the default
@@ -568,14 +554,7 @@ impl Dataplane {
                 self.fence_pieces = pieces;
             }
             if result.is_err() {
-                let _ = kernel_routes(
-                    &mut self.netlink,
-                    false,
-                    &diff.tun_add,
-                    self.slow.name(),
-                    true,
-                    self.events.as_mut(),
-                );
+                let _ = self.tun_routes(false, &diff.tun_add, true);
             }
         }
         if result.is_err() {
@@ -672,6 +651,19 @@ impl Dataplane {
     /// changed (see [`Dataplane::follow_kernel`]).
     pub fn kernel_events_fd(&self) -> Option<std::os::fd::RawFd> {
         self.events.as_ref().map(|e| e.fd())
+    }
+
+    /// The kernel's routes of `nets` through the TUN, added or deleted
+    /// ([`kernel_routes`]), their events absorbed as they come.
+    fn tun_routes(&mut self, add: bool, nets: &[ipnet::IpNet], force: bool) -> Result<()> {
+        kernel_routes(
+            &mut self.netlink,
+            add,
+            nets,
+            self.slow.name(),
+            force,
+            self.events.as_mut(),
+        )
     }
 
     /// Kernel changes read while subway changed its own routes, not yet
