@@ -26,7 +26,7 @@ use subway_bench::ceiling::keys;
 use subway_dataplane::stats::Tally;
 use subway_dataplane::tables::{PeerRt, Port, Tables};
 use subway_dataplane::tunnel::OuterPath;
-use subway_dataplane::tunnel::tx::{PeerRun, Sealed, group_by_peer};
+use subway_dataplane::tunnel::tx::{PeerRun, Sealed, peer_runs};
 use subway_dataplane::wg::session::Session;
 use subway_dataplane::wire::ethernet::MacAddr;
 
@@ -304,18 +304,13 @@ fn seal_runs(c: &mut Criterion) {
                     pending.push(((next % peers) as u32, k));
                     next += 1;
                 }
-                group_by_peer(&mut pending, |f| f.0);
-                let mut i = 0;
-                while i < pending.len() {
-                    let peer = pending[i].0;
-                    let j = i + pending[i..].iter().take_while(|f| f.0 == peer).count();
-                    let mut run = PeerRun::begin(&t, peer, j - i, Duration::ZERO).expect("a session and a path");
-                    for (k, &(_, f)) in pending[i..j].iter().enumerate() {
+                for (peer, frames) in peer_runs(&mut pending, |f| f.0) {
+                    let mut run = PeerRun::begin(&t, peer, frames.len(), Duration::ZERO).expect("a session and a path");
+                    for (k, &(_, f)) in frames.iter().enumerate() {
                         let sealed = run.seal(k, &mut bufs[f], L3, plain.len(), &mut tally);
                         assert!(matches!(sealed, Sealed::Datagram(_)));
                     }
                     run.finish();
-                    i = j;
                 }
                 black_box(&bufs);
             })

@@ -340,18 +340,13 @@ impl Worker {
         tally: &mut Tally,
     ) {
         let uplink = snap.uplink.map(|u| u as usize).filter(|u| *u < self.rings.ports());
-        crate::tunnel::tx::group_by_peer(pending, |f| f.peer);
-        let mut i = 0;
-        while i < pending.len() {
-            let peer = pending[i].peer;
-            // This peer's frames in this batch: pending[i..j].
-            let j = i + pending[i..].iter().take_while(|f| f.peer == peer).count();
+        for (peer, frames) in crate::tunnel::tx::peer_runs(pending, |f| f.peer) {
             let vnet = snap
                 .peers
                 .get(peer as usize)
                 .map_or(crate::slowpath::NO_VNET, |r| r.vnet);
-            let mut run = uplink.and_then(|up| Some((up, PeerRun::begin(snap, peer, j - i, now)?)));
-            for (k, mut f) in pending[i..j].iter().copied().enumerate() {
+            let mut run = uplink.and_then(|up| Some((up, PeerRun::begin(snap, peer, frames.len(), now)?)));
+            for (k, mut f) in frames.iter().copied().enumerate() {
                 // SAFETY: the frame is ours (taken off an RX ring this turn).
                 let mut data = unsafe { self.rings.umem().data_mut(&mut f.desc) };
                 let sealed = match run.as_mut() {
@@ -385,7 +380,6 @@ impl Worker {
             if let Some((_, run)) = run {
                 run.finish();
             }
-            i = j;
         }
         pending.clear();
     }

@@ -169,7 +169,8 @@ fn once(q: u32, size: &Size, p: &Params, decrypt: bool) -> Result<(f64, f64, Vec
     Ok((delivered / r.seconds / 1e6, cpu as f64 / done.max(1) as f64, per))
 }
 
-fn per_worker(s: &subway_testkit::Subway, k: &str) -> Result<Vec<u64>> {
+/// Worker counter `k` of a gateway, per worker (`subway show`).
+pub(super) fn per_worker(s: &subway_testkit::Subway, k: &str) -> Result<Vec<u64>> {
     let v = s.show().context("subway show")?;
     Ok(v["workers"]
         .as_array()

@@ -496,17 +496,7 @@ fn data(
     let first = first.split('/').next().unwrap_or_default().parse::<Ipv4Addr>()?;
     let dst = Ipv4Addr::from(u32::from(first) + 1).to_string();
     let pid = gw.proc.pid();
-    let sealed = || -> Result<u64> {
-        let v = gw.show().context("subway show")?;
-        Ok(v["workers"]
-            .as_array()
-            .map(|ws| {
-                ws.iter()
-                    .map(|w| w["counters"]["tunnel_tx"].as_u64().unwrap_or(0))
-                    .sum()
-            })
-            .unwrap_or_default())
-    };
+    let sealed = || -> Result<u64> { Ok(super::queues::per_worker(gw, "tunnel_tx")?.iter().sum()) };
     // The rate, and the workers' CPU ns per packet sealed meanwhile.
     let run = |peers: usize| -> Result<(f64, f64)> {
         let (n0, c0) = (sealed()?, crate::cpu::threads_cpu_ns(pid, "subway-w"));

@@ -157,12 +157,12 @@ impl<'t> PeerRun<'t> {
     }
 }
 
-/// Groups a batch's frames by peer for the worker's [`PeerRun`]s,
-/// each peer's frames in the order they arrived (so a flow's packets get
-/// rising counters and leave in order): an insertion sort by peer, in
-/// place and stable, linear when the batch is already grouped (one peer,
-/// or many in rising id order).
-pub fn group_by_peer<T>(v: &mut [T], peer: impl Fn(&T) -> u32) {
+/// A batch's frames grouped by peer, each peer's run in turn for a
+/// [`PeerRun`]: the peer, and its frames in the order they arrived (so a
+/// flow's packets get rising counters and leave in order). The grouping
+/// is an insertion sort by peer, in place and stable, linear when the
+/// batch is already grouped (one peer, or many in rising id order).
+pub fn peer_runs<T>(v: &mut [T], peer: impl Fn(&T) -> u32) -> impl Iterator<Item = (u32, &[T])> {
     for i in 1..v.len() {
         let mut j = i;
         while j > 0 && peer(&v[j - 1]) > peer(&v[j]) {
@@ -170,6 +170,13 @@ pub fn group_by_peer<T>(v: &mut [T], peer: impl Fn(&T) -> u32) {
             j -= 1;
         }
     }
+    let mut rest = &*v;
+    std::iter::from_fn(move || {
+        let p = peer(rest.first()?);
+        let (run, after) = rest.split_at(rest.iter().take_while(|f| peer(f) == p).count());
+        rest = after;
+        Some((p, run))
+    })
 }
 
 #[cfg(test)]
@@ -290,16 +297,23 @@ mod tests {
 
     #[test]
     fn frames_are_grouped_by_peer_each_peers_in_arrival_order() {
-        // (peer, arrival): peer 2's frames 1 and 2 must stay in that order
-        // when peer 1's later frame moves in front of them.
+        // The runs of a batch, concatenated: (peer, arrival).
+        fn grouped(v: &mut [(u32, u32)]) -> Vec<(u32, u32)> {
+            peer_runs(v, |f| f.0)
+                .flat_map(|(p, run)| {
+                    assert!(run.iter().all(|f| f.0 == p), "a run of one peer");
+                    run.to_vec()
+                })
+                .collect()
+        }
+        // Peer 2's frames 1 and 2 must stay in that order when peer 1's
+        // later frame moves in front of them.
         let mut v = [(1, 0), (2, 1), (2, 2), (1, 3), (0, 4), (2, 5)];
-        group_by_peer(&mut v, |f| f.0);
-        assert_eq!(v, [(0, 4), (1, 0), (1, 3), (2, 1), (2, 2), (2, 5)]);
+        assert_eq!(grouped(&mut v), [(0, 4), (1, 0), (1, 3), (2, 1), (2, 2), (2, 5)]);
+        assert_eq!(peer_runs(&mut v, |f| f.0).count(), 3, "a run per peer");
         // Already grouped: unchanged.
         let mut one = [(7, 0), (7, 1), (7, 2)];
-        group_by_peer(&mut one, |f| f.0);
-        assert_eq!(one, [(7, 0), (7, 1), (7, 2)]);
-        let mut none: [(u32, u32); 0] = [];
-        group_by_peer(&mut none, |f| f.0);
+        assert_eq!(grouped(&mut one), [(7, 0), (7, 1), (7, 2)]);
+        assert!(grouped(&mut []).is_empty());
     }
 }
