@@ -64,6 +64,21 @@ pub struct Status {
     /// [Policy]'s flow table.
     #[serde(default)]
     pub flows: Option<FlowStatus>,
+    /// What following the kernel's route changes cost.
+    #[serde(default)]
+    pub kernel_routes: KernelRoutesStatus,
+}
+
+/// The control thread's work for the kernel's route changes: a change
+/// costs what it touches (see `RouteNews`), not work per route or per peer.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct KernelRoutesStatus {
+    /// FIB rebuilds that followed a change of a route it is built from
+    /// (a LAN address, a route through a LAN router).
+    pub fib_rebuilds: u64,
+    /// Routes to peers' endpoints looked up in the kernel (once per
+    /// endpoint, again only when a changed route covers it).
+    pub endpoint_lookups: u64,
 }
 
 /// A VNET's policy and what it decided.
@@ -326,6 +341,13 @@ pub fn dataplane_status(dp: &Dataplane, vnet_names: &[String], rates: &Rates, re
                 evicted: s.evicted,
             }
         }),
+        kernel_routes: {
+            let (fib_rebuilds, endpoint_lookups) = dp.kernel_route_work();
+            KernelRoutesStatus {
+                fib_rebuilds,
+                endpoint_lookups,
+            }
+        },
         ..Status::default()
     }
 }

@@ -209,12 +209,123 @@ pub struct RoutingEvents {
     /// Routes through this interface are ours (the slow-path TUN's, one
     /// per tunnelled prefix): their events are not news.
     own_oif: u32,
+    /// The LANs' interfaces: their addresses and the routes through
+    /// routers on them are what the FIB is built from.
+    lan_oifs: Vec<u32>,
     /// What [`Self::absorb`] read while subway installed routes of its own,
-    /// for the next [`Self::drain`]: neighbour changes, whether another
-    /// route changed, whether events were lost all the same.
+    /// for the next [`Self::drain`]: neighbour changes, the other routes
+    /// that changed, whether events were lost all the same.
     held: Vec<NeighbourChange>,
-    held_routes: bool,
+    held_routes: RouteNews,
     held_lost: bool,
+}
+
+/// What the route events read since the last drain say: whether the FIB
+/// must follow, and which destinations' routes changed (a route to a peer's
+/// endpoint is looked up again only if it lies inside one of them). A
+/// route event on a busy box (DHCP, router advertisements, a routing
+/// daemon) thus costs what it touches, not a rebuild of 100,000 routes
+/// and a lookup per peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteNews {
+    /// A route the FIB is built from changed: a LAN address (its local
+    /// route), a route through a router on a LAN, or one whose next hops
+    /// are kernel nexthop objects (which do not say where they lead).
+    pub fib: bool,
+    /// The destinations whose routes changed, up to [`RouteNews::MAX`].
+    pub prefixes: Vec<IpNet>,
+    /// More than that changed: any route may have.
+    pub all: bool,
+}
+
+impl RouteNews {
+    /// Prefixes kept one by one; past this many, [`RouteNews::all`].
+    pub const MAX: usize = 64;
+
+    /// Whether anything changed.
+    pub fn any(&self) -> bool {
+        self.fib || self.all || !self.prefixes.is_empty()
+    }
+
+    /// Whether the route to `ip` may have changed.
+    pub fn touches(&self, ip: IpAddr) -> bool {
+        self.all || self.prefixes.iter().any(|p| p.contains(&ip))
+    }
+
+    fn changed(&mut self, prefix: IpNet) {
+        if self.all || self.prefixes.contains(&prefix) {
+            return;
+        }
+        if self.prefixes.len() == Self::MAX {
+            self.all = true;
+            self.prefixes = Vec::new();
+        } else {
+            self.prefixes.push(prefix);
+        }
+    }
+
+    fn merge(&mut self, other: RouteNews) {
+        self.fib |= other.fib;
+        self.all |= other.all;
+        for p in other.prefixes {
+            self.changed(p);
+        }
+    }
+
+    /// Reads one route message (a route through `own_oif` is no news).
+    fn note(&mut self, r: &RouteMessage, own_oif: u32, lan_oifs: &[u32]) {
+        /// RTA_NH_ID: the route's next hops are a nexthop object.
+        const RTA_NH_ID: u16 = 30;
+        let mut oifs = Vec::new();
+        let (mut dst, mut table, mut gateway, mut nh_object) = (None, r.header.table as u32, false, false);
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Destination(d) => dst = route_ip(d),
+                RouteAttribute::Oif(i) => oifs.push(*i),
+                RouteAttribute::Gateway(_) | RouteAttribute::Via(_) => gateway = true,
+                RouteAttribute::Table(t) => table = *t,
+                RouteAttribute::MultiPath(nhs) => {
+                    for nh in nhs {
+                        oifs.push(nh.interface_index);
+                        gateway |= nh
+                            .attributes
+                            .iter()
+                            .any(|a| matches!(a, RouteAttribute::Gateway(_) | RouteAttribute::Via(_)));
+                    }
+                }
+                RouteAttribute::Other(nla) if netlink_packet_utils::nla::Nla::kind(nla) == RTA_NH_ID => {
+                    nh_object = true
+                }
+                _ => {}
+            }
+        }
+        if own_oif != 0 && oifs.contains(&own_oif) {
+            return;
+        }
+        let on_lan = oifs.iter().any(|o| lan_oifs.contains(o));
+        let kind = r.header.kind;
+        self.fib |=
+            nh_object || on_lan && (kind == RouteType::Local || kind == RouteType::Unicast && table == 254 && gateway);
+        let v6 = r.header.address_family == AddressFamily::Inet6;
+        let dst = dst.unwrap_or(if v6 {
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+        });
+        match IpNet::new(dst, r.header.destination_prefix_length) {
+            Ok(p) => self.changed(p.trunc()),
+            Err(_) => self.all = true,
+        }
+    }
+}
+
+/// A route message's address as an IP address.
+fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
+        RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+        _ => None,
+    }
 }
 
 impl RoutingEvents {
@@ -242,8 +353,9 @@ impl RoutingEvents {
             sock,
             buf: vec![0; 64 * 1024],
             own_oif: 0,
+            lan_oifs: Vec::new(),
             held: Vec::new(),
-            held_routes: false,
+            held_routes: RouteNews::default(),
             held_lost: false,
         })
     }
@@ -255,21 +367,27 @@ impl RoutingEvents {
         self.own_oif = ifindex;
     }
 
+    /// The LANs' interfaces, whose addresses and routes through routers
+    /// the FIB follows ([`RouteNews::fib`]).
+    pub fn follow_lans(&mut self, ifindexes: &[u32]) {
+        self.lan_oifs = ifindexes.to_vec();
+    }
+
     pub fn fd(&self) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(&self.sock)
     }
 
-    /// Reads every neighbour change that arrived into `out`; returns
-    /// whether any route changed. An error (ENOBUFS: the kernel dropped
-    /// events because we were slow) means the caller must re-read
-    /// everything.
-    pub fn drain(&mut self, out: &mut Vec<NeighbourChange>) -> io::Result<bool> {
+    /// Reads every neighbour change that arrived into `out`; returns what
+    /// the route changes say. An error (ENOBUFS: the kernel dropped events
+    /// because we were slow) means the caller must re-read everything.
+    pub fn drain(&mut self, out: &mut Vec<NeighbourChange>) -> io::Result<RouteNews> {
         out.append(&mut self.held);
-        let held = std::mem::take(&mut self.held_routes);
+        let mut news = std::mem::take(&mut self.held_routes);
         if std::mem::take(&mut self.held_lost) {
             return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
         }
-        Ok(self.read(out)? | held)
+        news.merge(self.read(out)?);
+        Ok(news)
     }
 
     /// Reads what arrived now and keeps it for the next [`Self::drain`]:
@@ -279,7 +397,7 @@ impl RoutingEvents {
     pub fn absorb(&mut self) {
         let mut held = std::mem::take(&mut self.held);
         match self.read(&mut held) {
-            Ok(routes) => self.held_routes |= routes,
+            Ok(routes) => self.held_routes.merge(routes),
             Err(_) => self.held_lost = true,
         }
         self.held = held;
@@ -288,11 +406,11 @@ impl RoutingEvents {
     /// Whether [`Self::absorb`] kept anything for the next drain (the
     /// socket is then not readable, but there is news).
     pub fn holds(&self) -> bool {
-        !self.held.is_empty() || self.held_routes || self.held_lost
+        !self.held.is_empty() || self.held_routes.any() || self.held_lost
     }
 
-    fn read(&mut self, out: &mut Vec<NeighbourChange>) -> io::Result<bool> {
-        let mut routes = false;
+    fn read(&mut self, out: &mut Vec<NeighbourChange>) -> io::Result<RouteNews> {
+        let mut routes = RouteNews::default();
         loop {
             let n = match self.sock.recv(&mut &mut self.buf[..], 0) {
                 Ok(0) => return Ok(routes),
@@ -316,11 +434,7 @@ impl RoutingEvents {
                     NetlinkPayload::InnerMessage(
                         RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r),
                     ) => {
-                        let ours = self.own_oif != 0
-                            && r.attributes
-                                .iter()
-                                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == self.own_oif));
-                        routes |= !ours;
+                        routes.note(&r, self.own_oif, &self.lan_oifs);
                     }
                     _ => {}
                 }
@@ -448,11 +562,7 @@ impl Netlink {
     }
 
     fn gateway_routes_of(&mut self, req: RouteMessage, out: &mut Vec<GatewayRoute>) -> io::Result<()> {
-        let ip = |a: &RouteAddress| match a {
-            RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
-            RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
-            _ => None,
-        };
+        let ip = route_ip;
         self.dump(RouteNetlinkMessage::GetRoute(req), |m| {
             let RouteNetlinkMessage::NewRoute(r) = m else { return };
             let table = r
@@ -522,11 +632,7 @@ impl Netlink {
         let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) = m.payload else {
             return Ok(None);
         };
-        let ip = |a: &RouteAddress| match a {
-            RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
-            RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
-            _ => None,
-        };
+        let ip = route_ip;
         let mut info = RouteInfo {
             oif: 0,
             gateway: None,
@@ -722,6 +828,128 @@ impl Netlink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A route message as the kernel sends it for `ip route add|del`.
+    fn route(dst: &str, table: u8, kind: RouteType, attrs: Vec<RouteAttribute>) -> RouteMessage {
+        let net: IpNet = dst.parse().unwrap();
+        let mut r = RouteMessage::default();
+        r.header.address_family = if net.addr().is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        r.header.destination_prefix_length = net.prefix_len();
+        r.header.table = table;
+        r.header.kind = kind;
+        if net.prefix_len() > 0 {
+            r.attributes.push(RouteAttribute::Destination(match net.addr() {
+                IpAddr::V4(a) => RouteAddress::Inet(a),
+                IpAddr::V6(a) => RouteAddress::Inet6(a),
+            }));
+        }
+        r.attributes.extend(attrs);
+        r
+    }
+
+    fn gw(a: &str) -> RouteAttribute {
+        RouteAttribute::Gateway(RouteAddress::Inet(a.parse().unwrap()))
+    }
+
+    const TUN: u32 = 9;
+    const LAN: u32 = 3;
+    const UPLINK: u32 = 4;
+
+    fn news(routes: &[RouteMessage]) -> RouteNews {
+        let mut n = RouteNews::default();
+        for r in routes {
+            n.note(r, TUN, &[LAN]);
+        }
+        n
+    }
+
+    #[test]
+    fn only_routes_the_fib_is_built_from_rebuild_it() {
+        use RouteAttribute::Oif;
+        let uni = RouteType::Unicast;
+        // Ours: no news at all.
+        assert_eq!(
+            news(&[route("100.64.0.0/28", 254, uni, vec![Oif(TUN)])]),
+            RouteNews::default()
+        );
+        // Through a router on a LAN, in the main table: the FIB follows.
+        let n = news(&[route("10.9.0.0/16", 254, uni, vec![gw("10.1.0.254"), Oif(LAN)])]);
+        assert!(n.fib);
+        assert_eq!(n.prefixes, vec!["10.9.0.0/16".parse::<IpNet>().unwrap()]);
+        // A LAN address (its local route): the FIB's own addresses.
+        assert!(news(&[route("10.1.0.1/32", 255, RouteType::Local, vec![Oif(LAN)])]).fib);
+        // ECMP with one hop on the LAN.
+        let hop = |oif| {
+            let mut h = netlink_packet_route::route::RouteNextHop::default();
+            h.interface_index = oif;
+            h.attributes = vec![gw("10.1.0.253")];
+            h
+        };
+        assert!(
+            news(&[route(
+                "10.8.0.0/16",
+                254,
+                uni,
+                vec![RouteAttribute::MultiPath(vec![hop(UPLINK), hop(LAN)])]
+            )])
+            .fib
+        );
+        // A nexthop object does not say where it leads.
+        let nh = RouteAttribute::Other(netlink_packet_utils::nla::DefaultNla::new(
+            30,
+            7u32.to_ne_bytes().to_vec(),
+        ));
+        assert!(news(&[route("10.7.0.0/16", 254, uni, vec![nh])]).fib);
+        // Not the FIB's: the uplink's routes, another table, a LAN's
+        // connected prefix without a router, a blackhole.
+        let n = news(&[
+            route("198.51.100.0/24", 254, uni, vec![gw("192.0.2.2"), Oif(UPLINK)]),
+            route("10.9.0.0/16", 100, uni, vec![gw("10.1.0.254"), Oif(LAN)]),
+            route("10.1.0.0/24", 254, uni, vec![Oif(LAN)]),
+            route("203.0.113.0/24", 254, RouteType::BlackHole, vec![]),
+        ]);
+        assert!(!n.fib, "{n:?}");
+        assert_eq!(n.prefixes.len(), 4, "{n:?}");
+        assert!(n.touches("198.51.100.7".parse().unwrap()));
+        assert!(n.touches("203.0.113.1".parse().unwrap()));
+        assert!(!n.touches("192.0.2.2".parse().unwrap()), "no changed route covers it");
+        // The default route covers every address.
+        assert!(
+            news(&[route("0.0.0.0/0", 254, uni, vec![gw("192.0.2.3"), Oif(UPLINK)])])
+                .touches("8.8.8.8".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn past_max_prefixes_every_route_may_have_changed() {
+        let many: Vec<RouteMessage> = (0..=RouteNews::MAX)
+            .map(|i| {
+                route(
+                    &format!("198.18.{i}.0/24"),
+                    254,
+                    RouteType::Unicast,
+                    vec![RouteAttribute::Oif(UPLINK)],
+                )
+            })
+            .collect();
+        let n = news(&many[..RouteNews::MAX]);
+        assert!(!n.all && n.prefixes.len() == RouteNews::MAX);
+        assert!(!n.touches("10.0.0.1".parse().unwrap()));
+        let mut n = news(&many);
+        assert!(n.all && n.prefixes.is_empty());
+        assert!(n.touches("10.0.0.1".parse().unwrap()));
+        // The same prefix twice is one.
+        n = news(&[many[0].clone(), many[0].clone()]);
+        assert_eq!(n.prefixes.len(), 1);
+        // Merged: held news and new news.
+        let mut held = news(&many[..RouteNews::MAX]);
+        held.merge(news(&many[RouteNews::MAX..]));
+        assert!(held.all);
+    }
 
     #[test]
     fn loopback_is_found_and_missing_is_none() {

@@ -222,7 +222,43 @@ fn kernel_routes_through_a_lan_router_are_followed_as_they_come_and_go() -> Resu
     wait_until("subway drops the removed kernel route", Duration::from_secs(2), || {
         Ok(!route_of().contains("\"kernel\""))
     })?;
+    // Route changes the FIB is not built from (the uplink's side, a
+    // blackhole) cost no rebuild, and no lookup of the peer's endpoint
+    // unless they cover it.
+    let (fib0, lookups0) = kernel_work(&ga)?;
+    for _ in 0..10 {
+        t.gwa.sh(
+            "ip route add 198.51.100.0/24 via 192.0.2.2 dev wan0 && ip route add blackhole 203.0.113.0/24 && \
+             ip route del 198.51.100.0/24 && ip route del blackhole 203.0.113.0/24",
+        )?;
+    }
+    ping(&t.b, "10.1.5.10", 2)?;
+    assert_eq!(
+        kernel_work(&ga)?,
+        (fib0, lookups0),
+        "20 route changes away from the LANs and the endpoint"
+    );
+    // A route that covers the endpoint (192.0.2.2): looked up again, once.
+    t.gwa.sh("ip route add 192.0.2.0/28 dev wan0")?;
+    wait_until(
+        "the endpoint's route is looked up again",
+        Duration::from_secs(2),
+        || Ok(kernel_work(&ga)?.1 > lookups0),
+    )?;
+    ping(&t.b, "10.1.5.10", 2)?;
+    assert_eq!(kernel_work(&ga)?, (fib0, lookups0 + 1));
     Ok(())
+}
+
+/// `subway show`'s cost of following the kernel's routes: FIB rebuilds,
+/// endpoint route lookups.
+fn kernel_work(gw: &Subway) -> Result<(u64, u64)> {
+    let v = gw.show()?;
+    let k = &v["kernel_routes"];
+    Ok((
+        k["fib_rebuilds"].as_u64().context("fib_rebuilds")?,
+        k["endpoint_lookups"].as_u64().context("endpoint_lookups")?,
+    ))
 }
 
 /// All the workers' slow-path counters of `gw`, summed.

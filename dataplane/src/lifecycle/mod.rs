@@ -90,6 +90,9 @@ pub struct Dataplane {
     /// Changes when what [`Dataplane::outer_path`] answers may change (a
     /// route, a neighbour, the uplink's addresses).
     paths_epoch: u64,
+    /// FIB rebuilds that followed the kernel's routes, and routes to
+    /// endpoints looked up ([`Dataplane::kernel_route_work`]).
+    kernel_work: (u64, u64),
     /// The workers' per-peer traffic bits.
     marks: tables::TrafficMarks,
     slow: Arc<SlowPath>,
@@ -162,6 +165,12 @@ impl Dataplane {
         self.marks.drain(f)
     }
 
+    /// What following the kernel's routes cost so far: FIB rebuilds, and
+    /// routes to endpoints looked up.
+    pub fn kernel_route_work(&self) -> (u64, u64) {
+        self.kernel_work
+    }
+
     /// Changes whenever [`Dataplane::outer_path`]'s answers may have.
     pub fn paths_epoch(&self) -> u64 {
         self.paths_epoch
@@ -175,6 +184,7 @@ impl Dataplane {
         let r = match self.route_cache.get(&dst.ip()) {
             Some(r) => (*r)?,
             None => {
+                self.kernel_work.1 += 1;
                 let r = self.netlink.route_get(dst.ip()).ok().flatten();
                 self.route_cache.insert(dst.ip(), r);
                 r?
@@ -673,10 +683,11 @@ impl Dataplane {
     }
 
     /// Applies the kernel's neighbour changes to the workers' mirror, in
-    /// one publication for all that arrived, and forgets cached routes when
-    /// a route changed. The whole table is re-read only when events were
-    /// lost (or never subscribed). Returns whether the workers' neighbours
-    /// changed.
+    /// one publication for all that arrived; rebuilds the FIB when a route
+    /// it is built from changed, and forgets the cached routes to
+    /// endpoints that a changed route covers. The whole table is re-read
+    /// only when events were lost (or never subscribed). Returns whether
+    /// the workers' neighbours changed.
     pub fn follow_kernel(&mut self) -> Result<bool> {
         self.neigh_changes.clear();
         let drained = match self.events.as_mut() {
@@ -686,10 +697,11 @@ impl Dataplane {
             None => Err(std::io::ErrorKind::Unsupported.into()),
         };
         match drained {
-            Ok(false) => {}
-            Ok(true) => {
-                self.forget_routes();
-                self.follow_kernel_routes();
+            Ok(news) => {
+                if news.fib {
+                    self.follow_kernel_routes();
+                }
+                self.forget_routes_in(&news);
             }
             Err(_) => {
                 self.forget_routes();
@@ -736,10 +748,23 @@ impl Dataplane {
         self.paths_epoch += 1;
     }
 
+    /// Some of the kernel's routes changed: only the cached routes to
+    /// endpoints inside them are forgotten (a route to a prefix decides
+    /// only the lookups of addresses inside it), and the outer paths are
+    /// worked out again only if there was one.
+    fn forget_routes_in(&mut self, news: &netlink::RouteNews) {
+        let before = self.route_cache.len();
+        self.route_cache.retain(|ip, _| !news.touches(*ip));
+        if self.route_cache.len() != before {
+            self.paths_epoch += 1;
+        }
+    }
+
     /// A route changed in the kernel: the FIB is rebuilt against the
     /// running config (the default VNET's routes through LAN routers follow
     /// the kernel's) and applied like a reload, without loss.
     fn follow_kernel_routes(&mut self) {
+        self.kernel_work.0 += 1;
         match self.apply_as(self.running.clone(), &[], Build::Anew, Health::Running) {
             Ok(ch) if ch != RouteChanges::default() => tracing::info!(
                 added = ?ch.added, removed = ?ch.removed, retargeted = ?ch.retargeted,

@@ -43,6 +43,10 @@ impl Dataplane {
                 tracing::warn!("not following neighbour and route changes (netlink): {e}; re-reading them")
             })
             .ok();
+        if let Some(ev) = events.as_mut() {
+            let lans: Vec<u32> = ports.iter().take(cfg.lans.len()).map(|p| p.ifindex).collect();
+            ev.follow_lans(&lans);
+        }
         let mut neigh_scratch = Vec::new();
         let neigh = read_neighbours(&mut netlink, &ports, &mut neigh_scratch)?;
         let mut marks = tables::TrafficMarks::default();
@@ -90,6 +94,7 @@ impl Dataplane {
             neigh_changes: Vec::new(),
             route_cache: Default::default(),
             paths_epoch: 0,
+            kernel_work: (0, 0),
             marks,
             slow: slow.clone(),
             capture: Default::default(),
