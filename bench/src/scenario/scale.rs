@@ -75,6 +75,12 @@ struct Row {
     idle_ctl_pct: f64,
     wakeups_per_s: f64,
     us_per_wakeup: f64,
+    /// Route changes elsewhere on the box: the control thread's CPU for
+    /// each (above its idle rate), and the FIB rebuilds and endpoint
+    /// lookups they caused in all.
+    route_event_ms: f64,
+    route_event_rebuilds: u64,
+    route_event_lookups: u64,
     reload_ms: Option<f64>,
     /// The median of six more, back and forth.
     reload_next_ms: Option<f64>,
@@ -148,12 +154,15 @@ fn subway_testkit_max_routes() -> usize {
     subway_dataplane::MAX_ROUTES as usize
 }
 
+/// Route events in the route-change measurement (adds and deletes).
+const ROUTE_EVENTS: usize = 20;
+
 fn markdown(rows: &[Row]) -> String {
     let base = rows.iter().find(|r| r.peers == 0).map(|r| r.rss_kb);
     let ms = |v: Option<f64>| v.map_or("failed".to_string(), |v| format!("{v:.0}"));
     let mut md = String::from(
-        "| peers | routes | check ms | start ms | all sessions ms | handshakes/s (first to last) | RSS MB | per peer KB | control thread idle CPU % (wake-ups/s, µs each) | one-peer reload ms: first (median of the next 6) | rekey storm ms (cookies) | 64 B Mpps: 1 peer / many (how many) | workers' ns per packet: 1 peer / many | many while reloading (reloads) |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n",
+        "| peers | routes | check ms | start ms | all sessions ms | handshakes/s (first to last) | RSS MB | per peer KB | control thread idle CPU % (wake-ups/s, µs each) | an unrelated route change: control ms each (FIB rebuilds, endpoint lookups in 20) | one-peer reload ms: first (median of the next 6) | rekey storm ms (cookies) | 64 B Mpps: 1 peer / many (how many) | workers' ns per packet: 1 peer / many | many while reloading (reloads) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|---|---|\n",
     );
     for r in rows {
         let per_peer = match (base, r.peers) {
@@ -192,7 +201,7 @@ fn markdown(rows: &[Row]) -> String {
             )
         };
         md += &format!(
-            "| {} | {} | {:.0} | {:.0} | {sessions} | {hs} | {:.1} | {per_peer} | {:.2} ({:.1}, {:.0}) | {reload} | {storm} | {data} | {cost} | {reloading} |\n",
+            "| {} | {} | {:.0} | {:.0} | {sessions} | {hs} | {:.1} | {per_peer} | {:.2} ({:.1}, {:.0}) | {:.2} ({}, {}) | {reload} | {storm} | {data} | {cost} | {reloading} |\n",
             r.peers,
             r.routes,
             r.check_ms,
@@ -201,6 +210,9 @@ fn markdown(rows: &[Row]) -> String {
             r.idle_ctl_pct,
             r.wakeups_per_s,
             r.us_per_wakeup,
+            r.route_event_ms,
+            r.route_event_rebuilds,
+            r.route_event_lookups,
         );
     }
     md
@@ -367,6 +379,32 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
             row.idle_ctl_pct = cpu as f64 / w0.elapsed().as_nanos() as f64 * 100.0;
             row.wakeups_per_s = rounds as f64 / w0.elapsed().as_secs_f64();
             row.us_per_wakeup = cpu as f64 / 1e3 / rounds as f64;
+            // Route changes that are neither the LAN's nor the endpoints'
+            // (a routing daemon or DHCP elsewhere on the box): what each
+            // costs the control thread beyond its idle rate.
+            let idle_ns_per_s = cpu as f64 / w0.elapsed().as_secs_f64();
+            let work = |gw: &Subway| -> Result<(u64, u64)> {
+                let v = gw.show()?;
+                let k = &v["kernel_routes"];
+                Ok((
+                    k["fib_rebuilds"].as_u64().unwrap_or(0),
+                    k["endpoint_lookups"].as_u64().unwrap_or(0),
+                ))
+            };
+            let before = work(&gw)?;
+            let (c0, w0) = (crate::cpu::main_thread_cpu_ns(pid), Instant::now());
+            for _ in 0..ROUTE_EVENTS / 2 {
+                t.gwa
+                    .sh("ip route add 198.51.100.0/24 via 192.0.2.2 dev wan0 && ip route del 198.51.100.0/24")?;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            let cpu = crate::cpu::main_thread_cpu_ns(pid) - c0;
+            let extra = cpu as f64 - idle_ns_per_s * w0.elapsed().as_secs_f64();
+            row.route_event_ms = extra.max(0.0) / 1e6 / ROUTE_EVENTS as f64;
+            let after = work(&gw)?;
+            row.route_event_rebuilds = after.0 - before.0;
+            row.route_event_lookups = after.1 - before.1;
             if n > 0 {
                 // One peer's routes change; the others' stay.
                 let b64 = base64::engine::general_purpose::STANDARD;

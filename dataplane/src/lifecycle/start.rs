@@ -30,14 +30,10 @@ impl Dataplane {
         }
         let mut netlink = Netlink::open().map_err(|e| Error::io("opening rtnetlink", e))?;
         let (ports, uplink) = open_ports(cfg)?;
-        let (fib, fixed) = build_fib(&mut netlink, &cfg.lans, &ports, &cfg.peers)?;
-        check_capacity(&fib)?;
-        let uplink_addrs = uplink_addresses(&mut netlink, &ports, uplink)?;
-        // The fence's pieces, kept for the live changes that patch them.
-        let pieces = failsafe::Pieces::build(fib.routes());
-        let mut undo = prepare_kernel(cfg, &mut netlink, &ports, uplink, &pieces)?;
-
-        // Subscribed before the first dump, so no change falls between.
+        // Subscribed before the first dump of routes (build_fib) and of
+        // neighbours, so no change falls between. (The config's own LAN
+        // routes, installed below, are then news for the first round: a
+        // rebuild that finds the FIB as it is.)
         let mut events = netlink::RoutingEvents::open()
             .inspect_err(|e| {
                 tracing::warn!("not following neighbour and route changes (netlink): {e}; re-reading them")
@@ -47,6 +43,13 @@ impl Dataplane {
             let lans: Vec<u32> = ports.iter().take(cfg.lans.len()).map(|p| p.ifindex).collect();
             ev.follow_lans(&lans);
         }
+        let (fib, fixed) = build_fib(&mut netlink, &cfg.lans, &ports, &cfg.peers)?;
+        check_capacity(&fib)?;
+        let uplink_addrs = uplink_addresses(&mut netlink, &ports, uplink)?;
+        // The fence's pieces, kept for the live changes that patch them.
+        let pieces = failsafe::Pieces::build(fib.routes());
+        let mut undo = prepare_kernel(cfg, &mut netlink, &ports, uplink, &pieces)?;
+
         let mut neigh_scratch = Vec::new();
         let neigh = read_neighbours(&mut netlink, &ports, &mut neigh_scratch)?;
         let mut marks = tables::TrafficMarks::default();
