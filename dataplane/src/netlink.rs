@@ -209,9 +209,11 @@ pub struct RoutingEvents {
     /// Routes through this interface are ours (the slow-path TUN's, one
     /// per tunnelled prefix): their events are not news.
     own_oif: u32,
-    /// The LANs' interfaces: their addresses and the routes through
-    /// routers on them are what the FIB is built from.
+    /// The LANs' interfaces and the default VNET's LAN subnets: the
+    /// FIB is built from the LANs' addresses and from the main table's
+    /// routes inside those subnets.
     lan_oifs: Vec<u32>,
+    lan_subnets: Vec<IpNet>,
     /// What [`Self::absorb`] read while subway installed routes of its own,
     /// for the next [`Self::drain`]: neighbour changes, the other routes
     /// that changed, whether events were lost all the same.
@@ -229,8 +231,10 @@ pub struct RoutingEvents {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RouteNews {
     /// A route the FIB is built from changed: a LAN address (its local
-    /// route), a route through a router on a LAN, or one whose next hops
-    /// are kernel nexthop objects (which do not say where they lead).
+    /// route), a main-table route inside a default-VNET LAN subnet
+    /// (through a router on the LAN, or replaced by one elsewhere: a
+    /// replace says only where the route goes now), or one whose next
+    /// hops are kernel nexthop objects (which do not say where they lead).
     pub fib: bool,
     /// The destinations whose routes changed, up to [`RouteNews::MAX`].
     pub prefixes: Vec<IpNet>,
@@ -273,26 +277,17 @@ impl RouteNews {
     }
 
     /// Reads one route message (a route through `own_oif` is no news).
-    fn note(&mut self, r: &RouteMessage, own_oif: u32, lan_oifs: &[u32]) {
+    fn note(&mut self, r: &RouteMessage, own_oif: u32, lan_oifs: &[u32], lan_subnets: &[IpNet]) {
         /// RTA_NH_ID: the route's next hops are a nexthop object.
         const RTA_NH_ID: u16 = 30;
         let mut oifs = Vec::new();
-        let (mut dst, mut table, mut gateway, mut nh_object) = (None, r.header.table as u32, false, false);
+        let (mut dst, mut table, mut nh_object) = (None, r.header.table as u32, false);
         for a in &r.attributes {
             match a {
                 RouteAttribute::Destination(d) => dst = route_ip(d),
                 RouteAttribute::Oif(i) => oifs.push(*i),
-                RouteAttribute::Gateway(_) | RouteAttribute::Via(_) => gateway = true,
                 RouteAttribute::Table(t) => table = *t,
-                RouteAttribute::MultiPath(nhs) => {
-                    for nh in nhs {
-                        oifs.push(nh.interface_index);
-                        gateway |= nh
-                            .attributes
-                            .iter()
-                            .any(|a| matches!(a, RouteAttribute::Gateway(_) | RouteAttribute::Via(_)));
-                    }
-                }
+                RouteAttribute::MultiPath(nhs) => oifs.extend(nhs.iter().map(|nh| nh.interface_index)),
                 RouteAttribute::Other(nla) if netlink_packet_utils::nla::Nla::kind(nla) == RTA_NH_ID => {
                     nh_object = true
                 }
@@ -302,20 +297,21 @@ impl RouteNews {
         if own_oif != 0 && oifs.contains(&own_oif) {
             return;
         }
-        let on_lan = oifs.iter().any(|o| lan_oifs.contains(o));
-        let kind = r.header.kind;
-        self.fib |=
-            nh_object || on_lan && (kind == RouteType::Local || kind == RouteType::Unicast && table == 254 && gateway);
         let v6 = r.header.address_family == AddressFamily::Inet6;
         let dst = dst.unwrap_or(if v6 {
             IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
         } else {
             IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
         });
-        match IpNet::new(dst, r.header.destination_prefix_length) {
-            Ok(p) => self.changed(p.trunc()),
-            Err(_) => self.all = true,
-        }
+        let Ok(prefix) = IpNet::new(dst, r.header.destination_prefix_length).map(|p| p.trunc()) else {
+            self.all = true;
+            self.fib = true;
+            return;
+        };
+        let address = r.header.kind == RouteType::Local && oifs.iter().any(|o| lan_oifs.contains(o));
+        let inside = table == 254 && lan_subnets.iter().any(|s| s.contains(&prefix));
+        self.fib |= nh_object || address || inside;
+        self.changed(prefix);
     }
 }
 
@@ -354,6 +350,7 @@ impl RoutingEvents {
             buf: vec![0; 64 * 1024],
             own_oif: 0,
             lan_oifs: Vec::new(),
+            lan_subnets: Vec::new(),
             held: Vec::new(),
             held_routes: RouteNews::default(),
             held_lost: false,
@@ -367,10 +364,18 @@ impl RoutingEvents {
         self.own_oif = ifindex;
     }
 
-    /// The LANs' interfaces, whose addresses and routes through routers
-    /// the FIB follows ([`RouteNews::fib`]).
-    pub fn follow_lans(&mut self, ifindexes: &[u32]) {
+    /// What the FIB follows ([`RouteNews::fib`]): the addresses of the
+    /// LANs on `ifindexes`, and the main table's routes inside `subnets`
+    /// (the default VNET's LAN subnets, where routes through LAN routers
+    /// are taken from).
+    pub fn follow_lans(&mut self, ifindexes: &[u32], subnets: Vec<IpNet>) {
         self.lan_oifs = ifindexes.to_vec();
+        self.lan_subnets = subnets;
+    }
+
+    /// The default VNET's LAN subnets changed (a FIB built anew).
+    pub fn set_lan_subnets(&mut self, subnets: Vec<IpNet>) {
+        self.lan_subnets = subnets;
     }
 
     pub fn fd(&self) -> std::os::fd::RawFd {
@@ -434,7 +439,7 @@ impl RoutingEvents {
                     NetlinkPayload::InnerMessage(
                         RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r),
                     ) => {
-                        routes.note(&r, self.own_oif, &self.lan_oifs);
+                        routes.note(&r, self.own_oif, &self.lan_oifs, &self.lan_subnets);
                     }
                     _ => {}
                 }
@@ -862,10 +867,13 @@ mod tests {
     fn news(routes: &[RouteMessage]) -> RouteNews {
         let mut n = RouteNews::default();
         for r in routes {
-            n.note(r, TUN, &[LAN]);
+            n.note(r, TUN, &[LAN], &[SUBNETS.parse().unwrap()]);
         }
         n
     }
+
+    /// The default VNET's LAN subnets in these cases.
+    const SUBNETS: &str = "10.1.0.0/16";
 
     #[test]
     fn only_routes_the_fib_is_built_from_rebuild_it() {
@@ -876,40 +884,35 @@ mod tests {
             news(&[route("100.64.0.0/28", 254, uni, vec![Oif(TUN)])]),
             RouteNews::default()
         );
-        // Through a router on a LAN, in the main table: the FIB follows.
-        let n = news(&[route("10.9.0.0/16", 254, uni, vec![gw("10.1.0.254"), Oif(LAN)])]);
+        // Inside a LAN subnet, in the main table: through a router on the
+        // LAN, or replaced by a route elsewhere (the event says only where
+        // it goes now), the FIB follows.
+        let n = news(&[route("10.1.5.0/24", 254, uni, vec![gw("10.1.0.254"), Oif(LAN)])]);
         assert!(n.fib);
-        assert_eq!(n.prefixes, vec!["10.9.0.0/16".parse::<IpNet>().unwrap()]);
-        // A LAN address (its local route): the FIB's own addresses.
-        assert!(news(&[route("10.1.0.1/32", 255, RouteType::Local, vec![Oif(LAN)])]).fib);
-        // ECMP with one hop on the LAN.
+        assert_eq!(n.prefixes, vec!["10.1.5.0/24".parse::<IpNet>().unwrap()]);
+        assert!(news(&[route("10.1.5.0/24", 254, uni, vec![gw("192.0.2.2"), Oif(UPLINK)])]).fib);
         let hop = |oif| {
             let mut h = netlink_packet_route::route::RouteNextHop::default();
             h.interface_index = oif;
             h.attributes = vec![gw("10.1.0.253")];
             h
         };
-        assert!(
-            news(&[route(
-                "10.8.0.0/16",
-                254,
-                uni,
-                vec![RouteAttribute::MultiPath(vec![hop(UPLINK), hop(LAN)])]
-            )])
-            .fib
-        );
+        let ecmp = RouteAttribute::MultiPath(vec![hop(UPLINK), hop(LAN)]);
+        assert!(news(&[route("10.1.8.0/24", 254, uni, vec![ecmp])]).fib);
+        // A LAN address (its local route): the FIB's own addresses.
+        assert!(news(&[route("10.1.0.1/32", 255, RouteType::Local, vec![Oif(LAN)])]).fib);
         // A nexthop object does not say where it leads.
         let nh = RouteAttribute::Other(netlink_packet_utils::nla::DefaultNla::new(
             30,
             7u32.to_ne_bytes().to_vec(),
         ));
         assert!(news(&[route("10.7.0.0/16", 254, uni, vec![nh])]).fib);
-        // Not the FIB's: the uplink's routes, another table, a LAN's
-        // connected prefix without a router, a blackhole.
+        // Not the FIB's: a LAN router's route outside the subnets (the
+        // kernel's alone), the uplink's routes, another table, a blackhole.
         let n = news(&[
+            route("10.9.0.0/16", 254, uni, vec![gw("10.1.0.254"), Oif(LAN)]),
             route("198.51.100.0/24", 254, uni, vec![gw("192.0.2.2"), Oif(UPLINK)]),
-            route("10.9.0.0/16", 100, uni, vec![gw("10.1.0.254"), Oif(LAN)]),
-            route("10.1.0.0/24", 254, uni, vec![Oif(LAN)]),
+            route("10.1.5.0/24", 100, uni, vec![gw("10.1.0.254"), Oif(LAN)]),
             route("203.0.113.0/24", 254, RouteType::BlackHole, vec![]),
         ]);
         assert!(!n.fib, "{n:?}");
@@ -918,10 +921,8 @@ mod tests {
         assert!(n.touches("203.0.113.1".parse().unwrap()));
         assert!(!n.touches("192.0.2.2".parse().unwrap()), "no changed route covers it");
         // The default route covers every address.
-        assert!(
-            news(&[route("0.0.0.0/0", 254, uni, vec![gw("192.0.2.3"), Oif(UPLINK)])])
-                .touches("8.8.8.8".parse().unwrap())
-        );
+        let default = route("0.0.0.0/0", 254, uni, vec![gw("192.0.2.3"), Oif(UPLINK)]);
+        assert!(news(&[default]).touches("8.8.8.8".parse().unwrap()));
     }
 
     #[test]

@@ -79,6 +79,19 @@ pub(crate) fn build_fib(
     Ok((fib, fixed))
 }
 
+/// The default VNET's LAN prefixes in `fib`: those it sends out of a LAN
+/// port, directly or through a router (a kernel route followed inside a
+/// subnet takes the subnet's place when it is the same prefix). The
+/// kernel's routes inside them are followed ([`add_vias`]), so their
+/// events matter to the FIB.
+pub(crate) fn default_lan_subnets(fib: &Fib) -> Vec<IpNet> {
+    fib.routes()
+        .iter()
+        .filter(|r| r.vnet == 0 && matches!(r.target, Target::Port(_) | Target::Via(_)))
+        .map(|r| r.prefix)
+        .collect()
+}
+
 /// Routes through LAN routers: each [Lan]'s `Route =` lines, and in the
 /// default VNET the kernel's routes through a router on a [Lan] whose
 /// prefix lies inside that LAN's Subnets (the Subnets say what subway

@@ -217,6 +217,18 @@ fn kernel_routes_through_a_lan_router_are_followed_as_they_come_and_go() -> Resu
     let slow_before = totals(&ga, "slow_neigh_unknown");
     ping(&t.b, "10.1.6.10", 5)?;
     assert_eq!(totals(&ga, "slow_neigh_unknown"), slow_before, "{}", route_of());
+    // Replaced by a route elsewhere (the kernel's event says only where
+    // it goes now), it is no longer followed; replaced back, it is.
+    t.gwa.sh("ip route replace 10.1.6.0/24 via 192.0.2.2 dev wan0")?;
+    wait_until(
+        "subway drops the route that left the LAN",
+        Duration::from_secs(2),
+        || Ok(!route_of().contains("\"kernel\"")),
+    )?;
+    t.gwa.sh("ip route replace 10.1.6.0/24 via 10.1.0.2 dev lan0")?;
+    wait_until("subway follows the route back", Duration::from_secs(2), || {
+        Ok(route_of().contains("\"kernel\""))
+    })?;
     // And a route that goes away is no longer followed.
     t.gwa.sh("ip route del 10.1.6.0/24 via 10.1.0.2 dev lan0")?;
     wait_until("subway drops the removed kernel route", Duration::from_secs(2), || {

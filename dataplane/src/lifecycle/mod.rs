@@ -410,6 +410,9 @@ impl Dataplane {
         if let Some((lan_routes, fixed)) = built {
             self.undo.lan_routes_prune(&lan_routes);
             self.fixed = fixed;
+            if let Some(ev) = self.events.as_mut() {
+                ev.set_lan_subnets(plan::default_lan_subnets(&self.tables.load().fib));
+            }
         }
         self.rebuild = false;
         tracing::debug!(

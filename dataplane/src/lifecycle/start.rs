@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::fib::Fib;
 use crate::host::{KernelUndo, kernel_routes, tun_name, tun_sysctls};
 use crate::netlink::{self, Netlink};
-use crate::plan::{allowed_ips, build_fib, check_capacity, peer_rts, steer};
+use crate::plan::{self, allowed_ips, build_fib, check_capacity, peer_rts, steer};
 use crate::slowpath::SlowPath;
 use crate::tables::{self, Port, Tables};
 use crate::worker::Worker;
@@ -39,11 +39,11 @@ impl Dataplane {
                 tracing::warn!("not following neighbour and route changes (netlink): {e}; re-reading them")
             })
             .ok();
+        let (fib, fixed) = build_fib(&mut netlink, &cfg.lans, &ports, &cfg.peers)?;
         if let Some(ev) = events.as_mut() {
             let lans: Vec<u32> = ports.iter().take(cfg.lans.len()).map(|p| p.ifindex).collect();
-            ev.follow_lans(&lans);
+            ev.follow_lans(&lans, plan::default_lan_subnets(&fib));
         }
-        let (fib, fixed) = build_fib(&mut netlink, &cfg.lans, &ports, &cfg.peers)?;
         check_capacity(&fib)?;
         let uplink_addrs = uplink_addresses(&mut netlink, &ports, uplink)?;
         // The fence's pieces, kept for the live changes that patch them.
