@@ -455,7 +455,7 @@ impl State {
                 Ok(Request::Show) => {
                     let mut st = self.status_without_io();
                     st.local_refused = local_refused.clone();
-                    serde_json::to_value(st).unwrap_or_else(protocol::error)
+                    return Reply::json_later(st);
                 }
                 Ok(Request::Reload) => {
                     let r = live::reload(&mut self.cfg, self.gw.as_mut(), &mut self.dp);
@@ -464,9 +464,13 @@ impl State {
                 }
                 Ok(Request::Route { query }) => {
                     let probes = self.probes.as_ref();
-                    routes::answer(&self.cfg, &self.dp, &query, |peer| {
+                    let answer = routes::answer(&self.cfg, &self.dp, &query, |peer| {
                         probes.and_then(|p| p.status(peer)).map(|s| (s.up, s.why))
-                    })
+                    });
+                    match answer {
+                        routes::Answer::Now(v) => v,
+                        list => return Reply::json_later(list),
+                    }
                 }
                 Ok(Request::Drain { undo }) => match self.export.as_mut() {
                     Some(e) => {
@@ -527,10 +531,10 @@ impl State {
             st.listen_port = Some(g.listen_port);
             st.source_ports = self.cfg.tuning.spread();
             st.peers = g.peers_status(&self.cfg, &self.dp);
-            for p in &mut st.peers {
-                let c = self.cfg.peers.iter().find(|c| c.id as usize == p.id);
-                p.priority = c.and_then(|c| c.group.as_ref()).map(|g| g.priority);
-                p.probe = self.probes.as_ref().and_then(|pr| pr.status(p.id as u32));
+            if let Some(pr) = &self.probes {
+                for p in &mut st.peers {
+                    p.probe = pr.status(p.id as u32);
+                }
             }
             st.control = g.events.named().map(|(k, v)| (k.to_string(), v)).collect();
         }

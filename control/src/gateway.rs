@@ -568,7 +568,7 @@ impl Gateway {
                     rx_bytes: ld(|s| &s.rx_bytes) + p.rx_bytes,
                     tx_packets: ld(|s| &s.tx_packets) + p.tx_packets,
                     tx_bytes: ld(|s| &s.tx_bytes) + p.tx_bytes,
-                    priority: None,
+                    priority: c.group.as_ref().map(|g| g.priority),
                     probe: None,
                 }
             })

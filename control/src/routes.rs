@@ -19,9 +19,9 @@ pub fn answer(
     dp: &subway_dataplane::Dataplane,
     q: &RouteQuery,
     health: impl Fn(u32) -> Option<(bool, String)>,
-) -> Value {
+) -> Answer {
     let t = dp.tables();
-    let mut views = views(cfg, &t);
+    let mut views = views_for(cfg, &t, q);
     add_groups(cfg, &mut views, health);
     let known = |vnet: &str| cfg.vnet_ids().iter().any(|v| v == vnet);
     let unknown = |vnet: &str| {
@@ -30,8 +30,8 @@ pub fn answer(
             cfg.vnet_ids().join(", ")
         ))
     };
-    match q {
-        RouteQuery::List { vnet } => list(&views, vnet.as_deref()),
+    Answer::Now(match q {
+        RouteQuery::List { vnet } => return Answer::List(views, vnet.clone()),
         RouteQuery::Get { vnet, .. } if !known(vnet) => unknown(vnet),
         RouteQuery::Get { address, vnet } => get(&views, *address, vnet),
         RouteQuery::Overlaps => overlaps(&views),
@@ -44,6 +44,24 @@ pub fn answer(
             }
             Err(e) => crate::protocol::error(e),
         },
+    })
+}
+
+/// A route query's answer. A list of every route (100,000 of them, 8 MB
+/// of JSON) is turned into JSON on the thread that writes it, not on the
+/// control thread.
+pub enum Answer {
+    Now(Value),
+    /// The views and the VNET asked for.
+    List(Vec<RouteView>, Option<String>),
+}
+
+impl serde::Serialize for Answer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Answer::Now(v) => v.serialize(s),
+            Answer::List(views, vnet) => list(views, vnet.as_deref()).serialize(s),
+        }
     }
 }
 
@@ -70,12 +88,24 @@ pub struct RouteView {
 /// Fills in the route groups: for a prefix several peers of its VNET
 /// share, every member, and which of them carry it now and why.
 pub fn add_groups(cfg: &Config, views: &mut [RouteView], health: impl Fn(u32) -> Option<(bool, String)>) {
-    // Each (VNET, prefix) to the peers listing it, built once: one pass
-    // over the AllowedIPs, not one per route.
+    // Each (VNET, prefix) of a peer route in `views` to the peers listing
+    // it, built once: one pass over the AllowedIPs, not one per route.
+    let wanted: std::collections::HashSet<(&str, IpNet)> = views
+        .iter()
+        .filter(|v| v.kind == "peer" || v.kind == "peers")
+        .map(|v| (v.vnet.as_str(), v.prefix.trunc()))
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
     let mut owners: std::collections::HashMap<(&str, IpNet), Vec<&crate::config::PeerSection>> = Default::default();
     for p in &cfg.peers {
         for (n, _) in &p.allowed_ips {
-            let members = owners.entry((p.vnet.as_str(), n.trunc())).or_default();
+            let key = (p.vnet.as_str(), n.trunc());
+            if !wanted.contains(&key) {
+                continue;
+            }
+            let members = owners.entry(key).or_default();
             if members.last().is_none_or(|q| q.id != p.id) {
                 members.push(p);
             }
@@ -125,7 +155,49 @@ impl RouteView {
     }
 }
 
+/// The routes `q` is about, as views: with 100,000 routes, making a view
+/// of each costs the control thread ~60 ms, and `route get` needs the few
+/// that hold its address.
+fn views_for(cfg: &Config, t: &Tables, q: &RouteQuery) -> Vec<RouteView> {
+    let vid = |vnet: &str| cfg.vnet_ids().iter().position(|v| v == vnet).map(|i| i as u32);
+    match q {
+        RouteQuery::Get { address, vnet } => {
+            let vid = vid(vnet);
+            views_where(cfg, t, |r| Some(r.vnet) == vid && r.prefix.contains(address))
+        }
+        RouteQuery::List { vnet: Some(vnet) } => {
+            let vid = vid(vnet);
+            views_where(cfg, t, |r| Some(r.vnet) == vid)
+        }
+        RouteQuery::Explain { .. } => Vec::new(),
+        RouteQuery::List { vnet: None } => views(cfg, t),
+        RouteQuery::Overlaps => {
+            // Only the routes that overlap another.
+            let routed: Vec<&subway_dataplane::fib::Route> = t
+                .fib
+                .routes()
+                .iter()
+                .filter(|r| !matches!(r.target, Target::Local))
+                .collect();
+            let pairs = overlapping(&routed.iter().map(|r| r.prefix).collect::<Vec<_>>());
+            let involved: std::collections::HashSet<(u32, IpNet)> = pairs
+                .iter()
+                .flat_map(|&(i, j)| [i, j])
+                .map(|i| (routed[i].vnet, routed[i].prefix))
+                .collect();
+            views_where(cfg, t, |r| involved.contains(&(r.vnet, r.prefix)))
+        }
+    }
+}
+
+/// Every route of the FIB as a view, sorted by VNET and prefix.
 pub fn views(cfg: &Config, t: &Tables) -> Vec<RouteView> {
+    views_where(cfg, t, |_| true)
+}
+
+/// The routes of the FIB that `keep` accepts, as views sorted by VNET and
+/// prefix.
+pub fn views_where(cfg: &Config, t: &Tables, keep: impl Fn(&subway_dataplane::fib::Route) -> bool) -> Vec<RouteView> {
     let vnets = cfg.vnet_ids();
     let ports = &t.ports;
     let by_id: std::collections::HashMap<u32, &crate::config::PeerSection> =
@@ -134,6 +206,7 @@ pub fn views(cfg: &Config, t: &Tables) -> Vec<RouteView> {
         .fib
         .routes()
         .iter()
+        .filter(|r| keep(r))
         .map(|r| {
             let vnet = vnets
                 .get(r.vnet as usize)
@@ -255,21 +328,51 @@ pub fn get(views: &[RouteView], addr: IpAddr, vnet: &str) -> Value {
 /// VNET (resolved by longest match) or across VNETs (kept apart).
 pub fn overlaps(views: &[RouteView]) -> Value {
     let routed: Vec<&RouteView> = views.iter().filter(|r| r.kind != "local").collect();
-    let mut out = Vec::new();
-    for (i, a) in routed.iter().enumerate() {
-        for b in &routed[i + 1..] {
-            if a.prefix.contains(&b.prefix.network()) || b.prefix.contains(&a.prefix.network()) {
+    let pairs = overlapping(&routed.iter().map(|r| r.prefix).collect::<Vec<_>>());
+    json!(
+        pairs
+            .into_iter()
+            .map(|(i, j)| {
+                let (a, b) = (routed[i], routed[j]);
                 let same = a.vnet == b.vnet;
-                out.push(json!({
+                json!({
                     "a": a.json(),
                     "b": b.json(),
                     "same_vnet": same,
                     "resolution": if same { "longest prefix wins inside the VNET" } else { "separate VNETs: no interaction" },
-                }));
-            }
+                })
+            })
+            .collect::<Vec<_>>()
+    )
+}
+
+/// Every pair `(i, j)`, `i < j`, of overlapping prefixes in `nets`, in
+/// that order. Two prefixes overlap when one holds the other, so a sweep
+/// by first address (the wider first) with a stack of the prefixes that
+/// hold the current address finds them in O(n log n + pairs), not by
+/// comparing 100,000 routes with each other.
+fn overlapping(nets: &[IpNet]) -> Vec<(usize, usize)> {
+    let num = |a: IpAddr| match a {
+        IpAddr::V4(a) => u32::from(a) as u128,
+        IpAddr::V6(a) => u128::from(a),
+    };
+    let mut order: Vec<usize> = (0..nets.len()).collect();
+    order.sort_by_key(|&i| {
+        let n = nets[i].trunc();
+        (n.addr().is_ipv6(), num(n.network()), n.prefix_len())
+    });
+    let mut pairs = Vec::new();
+    // Each holds the next: what holds the top holds all below it.
+    let mut open: Vec<usize> = Vec::new();
+    for i in order {
+        while open.last().is_some_and(|&o| !nets[o].contains(&nets[i].network())) {
+            open.pop();
         }
+        pairs.extend(open.iter().map(|&o| (o.min(i), o.max(i))));
+        open.push(i);
     }
-    json!(out)
+    pairs.sort_unstable();
+    pairs
 }
 
 /// The packet a `route explain` query describes, on the tables `t`.
@@ -498,7 +601,14 @@ mod golden {
             ("10.2.9.1", "red"),    // default's prefix is not red's
         ]
         .iter()
-        .map(|(a, v)| get(&views, a.parse().unwrap(), v))
+        .map(|(a, v)| {
+            let (address, vnet) = (a.parse().unwrap(), v.to_string());
+            // Answered from the views `route get` makes (those holding
+            // the address), and from all of them: the same.
+            let asked = get(&views_for(&cfg, &t, &RouteQuery::Get { address, vnet }), address, v);
+            assert_eq!(asked, get(&views, address, v));
+            asked
+        })
         .collect();
         check("route_get", &json!(answers));
     }
@@ -507,7 +617,11 @@ mod golden {
     fn route_overlaps_across_three_vnets() {
         let (cfg, t) = gateway();
         let views = views(&cfg, &t);
-        check("route_overlaps", &overlaps(&views));
+        // From the routes that overlap another (what `route overlaps`
+        // makes views of), and from all of them: the same.
+        let asked = overlaps(&views_for(&cfg, &t, &RouteQuery::Overlaps));
+        assert_eq!(asked, overlaps(&views));
+        check("route_overlaps", &asked);
         check("route_list_blue", &list(&views, Some("blue")));
     }
 
@@ -606,6 +720,48 @@ mod tests {
             get(&table(), "10.1.2.1".parse().unwrap(), "default")["route"]["kind"],
             "local"
         );
+    }
+
+    /// The sweep finds exactly the pairs that comparing every prefix with
+    /// every other finds, in the same order: nested, equal (one VNET's
+    /// prefix in another's), disjoint, IPv4 beside IPv6.
+    #[test]
+    fn the_overlap_sweep_finds_what_all_pairs_find() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let nets: Vec<IpNet> = (0..600)
+            .map(|_| {
+                let r = next();
+                if r % 7 == 0 {
+                    let a =
+                        std::net::Ipv6Addr::from(((0xfd00 + (r >> 8) % 4) as u128) << 112 | ((r >> 16) as u128) << 64);
+                    IpNet::new(IpAddr::V6(a), 8 + (r % 57) as u8).unwrap().trunc()
+                } else {
+                    // Few distinct high bits: plenty of nesting.
+                    let a = std::net::Ipv4Addr::from((10 << 24) | ((r >> 20) as u32 & 0x0303_ffff));
+                    IpNet::new(IpAddr::V4(a), 8 + (r % 25) as u8).unwrap().trunc()
+                }
+            })
+            .collect();
+        let mut all = Vec::new();
+        for i in 0..nets.len() {
+            for j in i + 1..nets.len() {
+                if nets[i].contains(&nets[j].network()) || nets[j].contains(&nets[i].network()) {
+                    all.push((i, j));
+                }
+            }
+        }
+        assert!(
+            all.len() > 1000,
+            "a test with few overlaps proves little: {}",
+            all.len()
+        );
+        assert_eq!(overlapping(&nets), all);
     }
 
     #[test]

@@ -52,12 +52,21 @@ fn a_thousand_peers_answer_show_route_get_and_wg_show_within_a_second() -> Resul
     }
     let t = TwoSites::new()?;
     let mut cfg = t.subway_config(true, false, "");
+    // 999 peers of ten prefixes each (10,000 routes, as in `subway-bench
+    // scale`): a /24, and nine /28s of 100.64.0.0/10.
     for i in 0..999 {
+        let more: Vec<String> = (0..9)
+            .map(|k| {
+                let j = (i * 9 + k) as u32;
+                format!("{}/28", std::net::Ipv4Addr::from(0x6440_0000u32 + j * 16))
+            })
+            .collect();
         cfg += &format!(
-            "\n[Peer]\nPublicKey = {}\nAllowedIPs = 10.{}.{}.0/24\n",
+            "\n[Peer]\nPublicKey = {}\nAllowedIPs = 10.{}.{}.0/24, {}\n",
             key(i),
             100 + i / 256,
-            i % 256
+            i % 256,
+            more.join(", ")
         );
     }
     let path = subway_testkit::work_dir().join("thousand-peers.conf");
@@ -92,6 +101,21 @@ fn a_thousand_peers_answer_show_route_get_and_wg_show_within_a_second() -> Resul
     let wg = timed("wg show", || host(&["wg", "show", &ga.name]))?;
     assert_eq!(wg.matches("peer: ").count(), 1000, "{wg}");
     assert!(wg.contains(&key(998)));
+    // The questions over every route: 9,990 peer routes, none overlapping
+    // another but the far site's (all pairs compared would be 50 million
+    // comparisons on the control thread).
+    let all: serde_json::Value = serde_json::from_str(&timed("subway route list", || {
+        ga.ctl(&["route", "list", "--name", &ga.name, "--json"])
+    })?)?;
+    let listed = all.as_array().map_or(0, |r| r.len());
+    assert!(listed >= 9_990, "{listed} routes listed");
+    let overlaps: serde_json::Value = serde_json::from_str(&timed("subway route overlaps", || {
+        ga.ctl(&["route", "overlaps", "--name", &ga.name, "--json"])
+    })?)?;
+    assert_eq!(overlaps, serde_json::json!([]));
+    // One peer's /28: 100.64.0.0/10 + 16 x (300 x 9 + 4).
+    let got = ga.ctl(&["route", "get", "100.64.169.7", "--name", &ga.name])?;
+    assert!(got.contains("100.64.169.0/28") && got.contains(&key(300)), "{got}");
     Ok(())
 }
 

@@ -81,6 +81,9 @@ struct Row {
     route_event_ms: f64,
     route_event_rebuilds: u64,
     route_event_lookups: u64,
+    /// The control thread's CPU per question (ms): `subway show`, `route
+    /// get`, `route list`, `route overlaps`, `wg show`.
+    questions_ms: [f64; 5],
     reload_ms: Option<f64>,
     /// The median of six more, back and forth.
     reload_next_ms: Option<f64>,
@@ -161,8 +164,8 @@ fn markdown(rows: &[Row]) -> String {
     let base = rows.iter().find(|r| r.peers == 0).map(|r| r.rss_kb);
     let ms = |v: Option<f64>| v.map_or("failed".to_string(), |v| format!("{v:.0}"));
     let mut md = String::from(
-        "| peers | routes | check ms | start ms | all sessions ms | handshakes/s (first to last) | RSS MB | per peer KB | control thread idle CPU % (wake-ups/s, µs each) | an unrelated route change: control ms each (FIB rebuilds, endpoint lookups in 20) | one-peer reload ms: first (median of the next 6) | rekey storm ms (cookies) | 64 B Mpps: 1 peer / many (how many) | workers' ns per packet: 1 peer / many | many while reloading (reloads) |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|---|---|\n",
+        "| peers | routes | check ms | start ms | all sessions ms | handshakes/s (first to last) | RSS MB | per peer KB | control thread idle CPU % (wake-ups/s, µs each) | an unrelated route change: control ms each (FIB rebuilds, endpoint lookups in 20) | control ms per show / route get / route list / route overlaps / wg show | one-peer reload ms: first (median of the next 6) | rekey storm ms (cookies) | 64 B Mpps: 1 peer / many (how many) | workers' ns per packet: 1 peer / many | many while reloading (reloads) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|---|---|\n",
     );
     for r in rows {
         let per_peer = match (base, r.peers) {
@@ -201,7 +204,7 @@ fn markdown(rows: &[Row]) -> String {
             )
         };
         md += &format!(
-            "| {} | {} | {:.0} | {:.0} | {sessions} | {hs} | {:.1} | {per_peer} | {:.2} ({:.1}, {:.0}) | {:.2} ({}, {}) | {reload} | {storm} | {data} | {cost} | {reloading} |\n",
+            "| {} | {} | {:.0} | {:.0} | {sessions} | {hs} | {:.1} | {per_peer} | {:.2} ({:.1}, {:.0}) | {:.2} ({}, {}) | {} | {reload} | {storm} | {data} | {cost} | {reloading} |\n",
             r.peers,
             r.routes,
             r.check_ms,
@@ -213,6 +216,7 @@ fn markdown(rows: &[Row]) -> String {
             r.route_event_ms,
             r.route_event_rebuilds,
             r.route_event_lookups,
+            r.questions_ms.map(|q| format!("{q:.0}")).join(" / "),
         );
     }
     md
@@ -405,6 +409,26 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
             let after = work(&gw)?;
             row.route_event_rebuilds = after.0 - before.0;
             row.route_event_lookups = after.1 - before.1;
+            // What the operator's questions cost the control thread (the
+            // answers are written by a thread of their own where they are
+            // big): three of each, above the idle rate.
+            let questions: [&dyn Fn() -> Result<String>; 5] = [
+                &|| gw.ctl(&["show", &gw.name, "--json"]),
+                &|| gw.ctl(&["route", "get", "100.64.0.7", "--name", &gw.name]),
+                &|| gw.ctl(&["route", "list", "--name", &gw.name, "--json"]),
+                &|| gw.ctl(&["route", "overlaps", "--name", &gw.name, "--json"]),
+                // (No WireGuard interface without peers: routed mode.)
+                &|| if n > 0 { t.gwa.run(&["wg", "show", &gw.name]) } else { Ok(String::new()) },
+            ];
+            for (q, out) in questions.iter().zip(&mut row.questions_ms) {
+                let (c0, w0) = (crate::cpu::main_thread_cpu_ns(pid), Instant::now());
+                for _ in 0..3 {
+                    q()?;
+                }
+                let cpu = crate::cpu::main_thread_cpu_ns(pid) - c0;
+                let extra = cpu as f64 - idle_ns_per_s * w0.elapsed().as_secs_f64();
+                *out = extra.max(0.0) / 1e6 / 3.0;
+            }
             if n > 0 {
                 // One peer's routes change; the others' stay.
                 let b64 = base64::engine::general_purpose::STANDARD;
