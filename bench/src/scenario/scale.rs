@@ -418,7 +418,13 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
                 &|| gw.ctl(&["route", "list", "--name", &gw.name, "--json"]),
                 &|| gw.ctl(&["route", "overlaps", "--name", &gw.name, "--json"]),
                 // (No WireGuard interface without peers: routed mode.)
-                &|| if n > 0 { t.gwa.run(&["wg", "show", &gw.name]) } else { Ok(String::new()) },
+                &|| {
+                    if n > 0 {
+                        t.gwa.run(&["wg", "show", &gw.name])
+                    } else {
+                        Ok(String::new())
+                    }
+                },
             ];
             for (q, out) in questions.iter().zip(&mut row.questions_ms) {
                 let (c0, w0) = (crate::cpu::main_thread_cpu_ns(pid), Instant::now());
