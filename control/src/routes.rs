@@ -21,8 +21,19 @@ pub fn answer(
     health: impl Fn(u32) -> Option<(bool, String)>,
 ) -> Answer {
     let t = dp.tables();
-    let mut views = views_for(cfg, &t, q);
-    add_groups(cfg, &mut views, health);
+    let groups = Groups::of(cfg, health);
+    if let RouteQuery::List { vnet } = q {
+        // Every route of a VNET, or all of them: made into views and JSON
+        // by the thread that writes the answer.
+        return Answer::List {
+            names: Names::of(cfg),
+            tables: t,
+            groups,
+            vnet: vnet.clone(),
+        };
+    }
+    let mut views = views_for(&Names::of(cfg), &t, q);
+    groups.apply(&mut views);
     let known = |vnet: &str| cfg.vnet_ids().iter().any(|v| v == vnet);
     let unknown = |vnet: &str| {
         crate::protocol::error(format!(
@@ -31,7 +42,7 @@ pub fn answer(
         ))
     };
     Answer::Now(match q {
-        RouteQuery::List { vnet } => return Answer::List(views, vnet.clone()),
+        RouteQuery::List { vnet } => list(&views, vnet.as_deref()),
         RouteQuery::Get { vnet, .. } if !known(vnet) => unknown(vnet),
         RouteQuery::Get { address, vnet } => get(&views, *address, vnet),
         RouteQuery::Overlaps => overlaps(&views),
@@ -48,19 +59,56 @@ pub fn answer(
 }
 
 /// A route query's answer. A list of every route (100,000 of them, 8 MB
-/// of JSON) is turned into JSON on the thread that writes it, not on the
-/// control thread.
+/// of JSON) is made into views and JSON on the thread that writes it:
+/// the control thread only gathers what it needs (the published tables,
+/// the names and the route groups' health).
 pub enum Answer {
     Now(Value),
-    /// The views and the VNET asked for.
-    List(Vec<RouteView>, Option<String>),
+    List {
+        names: Names,
+        tables: std::sync::Arc<Tables>,
+        groups: Groups,
+        /// The VNET asked for (all if None).
+        vnet: Option<String>,
+    },
 }
 
 impl serde::Serialize for Answer {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
             Answer::Now(v) => v.serialize(s),
-            Answer::List(views, vnet) => list(views, vnet.as_deref()).serialize(s),
+            Answer::List {
+                names,
+                tables,
+                groups,
+                vnet,
+            } => {
+                let q = RouteQuery::List { vnet: vnet.clone() };
+                let mut views = views_for(names, tables, &q);
+                groups.apply(&mut views);
+                list(&views, vnet.as_deref()).serialize(s)
+            }
+        }
+    }
+}
+
+/// What a view of a route needs from the config, gathered on the control
+/// thread so that views can be made elsewhere.
+pub struct Names {
+    vnets: Vec<String>,
+    /// By peer id: its public key (base64) and configured endpoint.
+    peers: std::collections::HashMap<u32, (String, Option<std::net::SocketAddr>)>,
+}
+
+impl Names {
+    pub fn of(cfg: &Config) -> Names {
+        Names {
+            vnets: cfg.vnet_ids(),
+            peers: cfg
+                .peers
+                .iter()
+                .map(|p| (p.id, (p.public_key.to_base64(), p.endpoint)))
+                .collect(),
         }
     }
 }
@@ -85,54 +133,72 @@ pub struct RouteView {
     pub group: Vec<Value>,
 }
 
-/// Fills in the route groups: for a prefix several peers of its VNET
-/// share, every member, and which of them carry it now and why.
-pub fn add_groups(cfg: &Config, views: &mut [RouteView], health: impl Fn(u32) -> Option<(bool, String)>) {
-    // Each (VNET, prefix) of a peer route in `views` to the peers listing
-    // it, built once: one pass over the AllowedIPs, not one per route.
-    let wanted: std::collections::HashSet<(&str, IpNet)> = views
-        .iter()
-        .filter(|v| v.kind == "peer" || v.kind == "peers")
-        .map(|v| (v.vnet.as_str(), v.prefix.trunc()))
-        .collect();
-    if wanted.is_empty() {
-        return;
+/// The route groups: for each prefix several peers of a VNET share, its
+/// members (the config refuses a shared prefix unless every peer listing
+/// it is a route group member), each with its key, priority and health.
+#[derive(Default)]
+pub struct Groups(std::collections::HashMap<String, std::collections::HashMap<IpNet, Vec<Member>>>);
+
+/// A route group member as `route get` and `route list` show it.
+struct Member {
+    key: String,
+    priority: Option<u8>,
+    up: bool,
+    why: String,
+}
+
+impl Groups {
+    /// The members of every route group of `cfg`, in the file's order,
+    /// with `health(peer)` (None: not probed).
+    pub fn of(cfg: &Config, health: impl Fn(u32) -> Option<(bool, String)>) -> Groups {
+        let mut by_vnet: std::collections::HashMap<String, std::collections::HashMap<IpNet, Vec<Member>>> =
+            Default::default();
+        for p in cfg.peers.iter().filter(|p| p.group.is_some()) {
+            let mut own: Vec<IpNet> = p.allowed_ips.iter().map(|(n, _)| n.trunc()).collect();
+            own.sort_unstable();
+            own.dedup();
+            let (up, why) = health(p.id).unwrap_or((true, "not probed".into()));
+            for n in own {
+                by_vnet
+                    .entry(p.vnet.clone())
+                    .or_default()
+                    .entry(n)
+                    .or_default()
+                    .push(Member {
+                        key: p.public_key.to_base64(),
+                        priority: p.group.as_ref().map(|g| g.priority),
+                        up,
+                        why: why.clone(),
+                    });
+            }
+        }
+        for prefixes in by_vnet.values_mut() {
+            prefixes.retain(|_, members| members.len() > 1);
+        }
+        Groups(by_vnet)
     }
-    let mut owners: std::collections::HashMap<(&str, IpNet), Vec<&crate::config::PeerSection>> = Default::default();
-    for p in &cfg.peers {
-        for (n, _) in &p.allowed_ips {
-            let key = (p.vnet.as_str(), n.trunc());
-            if !wanted.contains(&key) {
+
+    /// Fills in the members of the peer routes in `views` that are a
+    /// group's, and which of them carry it now.
+    pub fn apply(&self, views: &mut [RouteView]) {
+        for v in views.iter_mut().filter(|v| v.kind == "peer" || v.kind == "peers") {
+            let Some(members) = self.0.get(&v.vnet).and_then(|g| g.get(&v.prefix.trunc())) else {
                 continue;
-            }
-            let members = owners.entry(key).or_default();
-            if members.last().is_none_or(|q| q.id != p.id) {
-                members.push(p);
-            }
-        }
-    }
-    for v in views.iter_mut().filter(|v| v.kind == "peer" || v.kind == "peers") {
-        let Some(members) = owners.get(&(v.vnet.as_str(), v.prefix.trunc())) else {
-            continue;
-        };
-        if members.len() < 2 {
-            continue;
-        }
-        let carrying: Vec<&str> = v.via.split(',').collect();
-        v.group = members
-            .iter()
-            .map(|p| {
-                let key = p.public_key.to_base64();
-                let (up, why) = health(p.id).unwrap_or((true, "not probed".into()));
-                json!({
-                    "peer": key,
-                    "priority": p.group.as_ref().map(|g| g.priority),
-                    "up": up,
-                    "active": carrying.contains(&key.as_str()),
-                    "why": why,
+            };
+            let carrying: Vec<&str> = v.via.split(',').collect();
+            v.group = members
+                .iter()
+                .map(|m| {
+                    json!({
+                        "peer": m.key,
+                        "priority": m.priority,
+                        "up": m.up,
+                        "active": carrying.contains(&m.key.as_str()),
+                        "why": m.why,
+                    })
                 })
-            })
-            .collect();
+                .collect();
+        }
     }
 }
 
@@ -158,19 +224,19 @@ impl RouteView {
 /// The routes `q` is about, as views: with 100,000 routes, making a view
 /// of each costs the control thread ~60 ms, and `route get` needs the few
 /// that hold its address.
-fn views_for(cfg: &Config, t: &Tables, q: &RouteQuery) -> Vec<RouteView> {
-    let vid = |vnet: &str| cfg.vnet_ids().iter().position(|v| v == vnet).map(|i| i as u32);
+fn views_for(names: &Names, t: &Tables, q: &RouteQuery) -> Vec<RouteView> {
+    let vid = |vnet: &str| names.vnets.iter().position(|v| v == vnet).map(|i| i as u32);
     match q {
         RouteQuery::Get { address, vnet } => {
             let vid = vid(vnet);
-            views_where(cfg, t, |r| Some(r.vnet) == vid && r.prefix.contains(address))
+            views_where(names, t, |r| Some(r.vnet) == vid && r.prefix.contains(address))
         }
         RouteQuery::List { vnet: Some(vnet) } => {
             let vid = vid(vnet);
-            views_where(cfg, t, |r| Some(r.vnet) == vid)
+            views_where(names, t, |r| Some(r.vnet) == vid)
         }
         RouteQuery::Explain { .. } => Vec::new(),
-        RouteQuery::List { vnet: None } => views(cfg, t),
+        RouteQuery::List { vnet: None } => views_where(names, t, |_| true),
         RouteQuery::Overlaps => {
             // Only the routes that overlap another.
             let routed: Vec<&subway_dataplane::fib::Route> = t
@@ -185,23 +251,24 @@ fn views_for(cfg: &Config, t: &Tables, q: &RouteQuery) -> Vec<RouteView> {
                 .flat_map(|&(i, j)| [i, j])
                 .map(|i| (routed[i].vnet, routed[i].prefix))
                 .collect();
-            views_where(cfg, t, |r| involved.contains(&(r.vnet, r.prefix)))
+            views_where(names, t, |r| involved.contains(&(r.vnet, r.prefix)))
         }
     }
 }
 
-/// Every route of the FIB as a view, sorted by VNET and prefix.
+/// Every route of the FIB as a view, sorted by VNET and prefix (what the
+/// tests compare the narrower answers with).
+#[cfg(test)]
 pub fn views(cfg: &Config, t: &Tables) -> Vec<RouteView> {
-    views_where(cfg, t, |_| true)
+    views_where(&Names::of(cfg), t, |_| true)
 }
 
 /// The routes of the FIB that `keep` accepts, as views sorted by VNET and
 /// prefix.
-pub fn views_where(cfg: &Config, t: &Tables, keep: impl Fn(&subway_dataplane::fib::Route) -> bool) -> Vec<RouteView> {
-    let vnets = cfg.vnet_ids();
+pub fn views_where(names: &Names, t: &Tables, keep: impl Fn(&subway_dataplane::fib::Route) -> bool) -> Vec<RouteView> {
+    let vnets = &names.vnets;
     let ports = &t.ports;
-    let by_id: std::collections::HashMap<u32, &crate::config::PeerSection> =
-        cfg.peers.iter().map(|p| (p.id, p)).collect();
+    let by_id = &names.peers;
     let mut v: Vec<RouteView> = t
         .fib
         .routes()
@@ -222,8 +289,8 @@ pub fn views_where(cfg: &Config, t: &Tables, keep: impl Fn(&subway_dataplane::fi
                     let p = by_id.get(&id);
                     (
                         "peer",
-                        p.map(|p| p.public_key.to_base64()).unwrap_or_default(),
-                        p.and_then(|p| p.endpoint).map(|e| e.to_string()),
+                        p.map(|p| p.0.clone()).unwrap_or_default(),
+                        p.and_then(|p| p.1).map(|e| e.to_string()),
                     )
                 }
                 Target::Peers(set) => (
@@ -233,7 +300,7 @@ pub fn views_where(cfg: &Config, t: &Tables, keep: impl Fn(&subway_dataplane::fi
                         .unwrap_or_default()
                         .iter()
                         .filter_map(|id| by_id.get(id))
-                        .map(|p| p.public_key.to_base64())
+                        .map(|p| p.0.as_str())
                         .collect::<Vec<_>>()
                         .join(","),
                     None,
@@ -605,7 +672,11 @@ mod golden {
             let (address, vnet) = (a.parse().unwrap(), v.to_string());
             // Answered from the views `route get` makes (those holding
             // the address), and from all of them: the same.
-            let asked = get(&views_for(&cfg, &t, &RouteQuery::Get { address, vnet }), address, v);
+            let asked = get(
+                &views_for(&Names::of(&cfg), &t, &RouteQuery::Get { address, vnet }),
+                address,
+                v,
+            );
             assert_eq!(asked, get(&views, address, v));
             asked
         })
@@ -619,10 +690,19 @@ mod golden {
         let views = views(&cfg, &t);
         // From the routes that overlap another (what `route overlaps`
         // makes views of), and from all of them: the same.
-        let asked = overlaps(&views_for(&cfg, &t, &RouteQuery::Overlaps));
+        let asked = overlaps(&views_for(&Names::of(&cfg), &t, &RouteQuery::Overlaps));
         assert_eq!(asked, overlaps(&views));
         check("route_overlaps", &asked);
         check("route_list_blue", &list(&views, Some("blue")));
+        // As the writing thread makes it from what the control thread
+        // gathered: the same.
+        let later = Answer::List {
+            names: Names::of(&cfg),
+            tables: std::sync::Arc::new(t.clone()),
+            groups: Groups::of(&cfg, |_| None),
+            vnet: Some("blue".into()),
+        };
+        check("route_list_blue", &serde_json::to_value(&later).unwrap());
     }
 
     #[test]
