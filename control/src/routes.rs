@@ -22,18 +22,11 @@ pub fn answer(
 ) -> Answer {
     let t = dp.tables();
     let groups = Groups::of(cfg, health);
-    if let RouteQuery::List { vnet } = q {
-        // Every route of a VNET, or all of them: made into views and JSON
-        // by the thread that writes the answer.
-        return Answer::List {
-            names: Names::of(cfg),
-            tables: t,
-            groups,
-            vnet: vnet.clone(),
-        };
-    }
-    let mut views = views_for(&Names::of(cfg), &t, q);
-    groups.apply(&mut views);
+    let views = || {
+        let mut views = views_for(&Names::of(cfg), &t, q);
+        groups.apply(&mut views);
+        views
+    };
     let known = |vnet: &str| cfg.vnet_ids().iter().any(|v| v == vnet);
     let unknown = |vnet: &str| {
         crate::protocol::error(format!(
@@ -42,10 +35,19 @@ pub fn answer(
         ))
     };
     Answer::Now(match q {
-        RouteQuery::List { vnet } => list(&views, vnet.as_deref()),
+        // Every route of a VNET, or all of them: made into views and JSON
+        // by the thread that writes the answer.
+        RouteQuery::List { vnet } => {
+            return Answer::List {
+                names: Names::of(cfg),
+                tables: t.clone(),
+                groups,
+                vnet: vnet.clone(),
+            };
+        }
         RouteQuery::Get { vnet, .. } if !known(vnet) => unknown(vnet),
-        RouteQuery::Get { address, vnet } => get(&views, *address, vnet),
-        RouteQuery::Overlaps => overlaps(&views),
+        RouteQuery::Get { address, vnet } => get(&views(), *address, vnet),
+        RouteQuery::Overlaps => overlaps(&views()),
         RouteQuery::Explain { vnet, .. } if !known(vnet) => unknown(vnet),
         RouteQuery::Explain { .. } => match probe(cfg, &t, q) {
             Ok(p) => {
@@ -235,6 +237,7 @@ fn views_for(names: &Names, t: &Tables, q: &RouteQuery) -> Vec<RouteView> {
             let vid = vid(vnet);
             views_where(names, t, |r| Some(r.vnet) == vid)
         }
+        // Answered from the packet's trace, not from views.
         RouteQuery::Explain { .. } => Vec::new(),
         RouteQuery::List { vnet: None } => views_where(names, t, |_| true),
         RouteQuery::Overlaps => {
@@ -419,14 +422,14 @@ pub fn overlaps(views: &[RouteView]) -> Value {
 /// hold the current address finds them in O(n log n + pairs), not by
 /// comparing 100,000 routes with each other.
 fn overlapping(nets: &[IpNet]) -> Vec<(usize, usize)> {
-    let num = |a: IpAddr| match a {
-        IpAddr::V4(a) => u32::from(a) as u128,
-        IpAddr::V6(a) => u128::from(a),
-    };
     let mut order: Vec<usize> = (0..nets.len()).collect();
     order.sort_by_key(|&i| {
         let n = nets[i].trunc();
-        (n.addr().is_ipv6(), num(n.network()), n.prefix_len())
+        (
+            n.addr().is_ipv6(),
+            subway_dataplane::fib::addr_num(n.network()),
+            n.prefix_len(),
+        )
     });
     let mut pairs = Vec::new();
     // Each holds the next: what holds the top holds all below it.

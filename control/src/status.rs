@@ -74,7 +74,7 @@ pub struct Status {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct KernelRoutesStatus {
     /// FIB rebuilds that followed a change of a route it is built from
-    /// (a LAN address, a route through a LAN router).
+    /// (a LAN address, a main-table route inside a LAN's prefixes).
     pub fib_rebuilds: u64,
     /// Routes to peers' endpoints looked up in the kernel (once per
     /// endpoint, again only when a changed route covers it).
@@ -342,10 +342,10 @@ pub fn dataplane_status(dp: &Dataplane, vnet_names: &[String], rates: &Rates, re
             }
         }),
         kernel_routes: {
-            let (fib_rebuilds, endpoint_lookups) = dp.kernel_route_work();
+            let w = dp.kernel_route_work();
             KernelRoutesStatus {
-                fib_rebuilds,
-                endpoint_lookups,
+                fib_rebuilds: w.fib_rebuilds,
+                endpoint_lookups: w.endpoint_lookups,
             }
         },
         ..Status::default()

@@ -17,7 +17,7 @@
 //! [`remove`] run `nft`.
 
 use crate::error::{Error, Result};
-use crate::fib::Route;
+use crate::fib::{Route, addr_num};
 use ipnet::IpNet;
 use std::io::Write;
 use std::net::IpAddr;
@@ -106,7 +106,7 @@ impl Pieces {
 
     /// The pieces of the peer prefix `p`, appended to `out`.
     fn of(&self, p: IpNet, out: &mut Vec<Piece>) {
-        let key = |n: &IpNet| (n.addr().is_ipv6(), num(n.network()), n.prefix_len());
+        let key = |n: &IpNet| (n.addr().is_ipv6(), addr_num(n.network()), n.prefix_len());
         let p = p.trunc();
         let inside = |q: &&IpNet| q.prefix_len() > p.prefix_len() && p.contains(*q);
         if !self.holes.iter().any(|q| inside(&q)) {
@@ -192,14 +192,7 @@ fn quoted(names: &[String]) -> String {
     names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ")
 }
 
-/// An address as a number, for range arithmetic (IPv4 in the low bits).
-fn num(a: IpAddr) -> u128 {
-    match a {
-        IpAddr::V4(a) => u32::from(a) as u128,
-        IpAddr::V6(a) => u128::from(a),
-    }
-}
-
+/// A number from [`addr_num`] as the address again.
 fn addr(n: u128, v4: bool) -> IpAddr {
     if v4 {
         IpAddr::from(std::net::Ipv4Addr::from(n as u32))
@@ -215,7 +208,7 @@ fn addr(n: u128, v4: bool) -> IpAddr {
 fn ranges(nets: &[IpNet], v4: bool) -> Vec<(u128, u128)> {
     let mut out: Vec<(u128, u128)> = Vec::new();
     for n in nets.iter().filter(|n| n.addr().is_ipv4() == v4) {
-        let (first, last) = (num(n.network()), num(n.broadcast()));
+        let (first, last) = (addr_num(n.network()), addr_num(n.broadcast()));
         match out.last_mut() {
             Some(r) if r.1.checked_add(1) == Some(first) => r.1 = last,
             _ => out.push((first, last)),
@@ -234,7 +227,7 @@ fn range_elements(ranges: &[(u128, u128)], v4: bool) -> String {
             let size = last - first;
             let len = bits - (128 - size.leading_zeros());
             match IpNet::new(addr(first, v4), len as u8) {
-                Ok(p) if size.wrapping_add(1).is_power_of_two() && num(p.network()) == first => p.to_string(),
+                Ok(p) if size.wrapping_add(1).is_power_of_two() && addr_num(p.network()) == first => p.to_string(),
                 _ if size == u128::MAX => IpNet::new(addr(0, v4), 0).map(|p| p.to_string()).unwrap_or_default(),
                 _ => format!("{}-{}", addr(first, v4), addr(last, v4)),
             }

@@ -17,6 +17,16 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// A routing domain (VRF). Ids are dense, starting at 0 for `default`.
 pub type VnetId = u32;
 
+/// An address as one number (IPv4 in the low 32 bits): prefixes sort and
+/// compare as plain numbers.
+#[inline]
+pub fn addr_num(a: IpAddr) -> u128 {
+    match a {
+        IpAddr::V4(a) => u32::from(a) as u128,
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
 /// Where a route sends a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Target {

@@ -281,12 +281,10 @@ impl RouteNews {
         /// RTA_NH_ID: the route's next hops are a nexthop object.
         const RTA_NH_ID: u16 = 30;
         let mut oifs = Vec::new();
-        let (mut dst, mut table, mut nh_object) = (None, r.header.table as u32, false);
+        let mut nh_object = false;
         for a in &r.attributes {
             match a {
-                RouteAttribute::Destination(d) => dst = route_ip(d),
                 RouteAttribute::Oif(i) => oifs.push(*i),
-                RouteAttribute::Table(t) => table = *t,
                 RouteAttribute::MultiPath(nhs) => oifs.extend(nhs.iter().map(|nh| nh.interface_index)),
                 RouteAttribute::Other(nla) if netlink_packet_utils::nla::Nla::kind(nla) == RTA_NH_ID => {
                     nh_object = true
@@ -297,19 +295,13 @@ impl RouteNews {
         if own_oif != 0 && oifs.contains(&own_oif) {
             return;
         }
-        let v6 = r.header.address_family == AddressFamily::Inet6;
-        let dst = dst.unwrap_or(if v6 {
-            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
-        } else {
-            IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
-        });
-        let Ok(prefix) = IpNet::new(dst, r.header.destination_prefix_length).map(|p| p.trunc()) else {
+        let Some(prefix) = route_prefix(r).map(|p| p.trunc()) else {
             self.all = true;
             self.fib = true;
             return;
         };
         let address = r.header.kind == RouteType::Local && oifs.iter().any(|o| lan_oifs.contains(o));
-        let inside = table == 254 && lan_subnets.iter().any(|s| s.contains(&prefix));
+        let inside = route_table(r) == 254 && lan_subnets.iter().any(|s| s.contains(&prefix));
         self.fib |= nh_object || address || inside;
         self.changed(prefix);
     }
@@ -322,6 +314,35 @@ fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
         RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
         _ => None,
     }
+}
+
+/// The table a route message is in (the attribute holds tables past 255).
+fn route_table(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(r.header.table as u32)
+}
+
+/// The destination prefix of a route message (no destination: the
+/// family's default route); None if the message does not make one.
+fn route_prefix(r: &RouteMessage) -> Option<IpNet> {
+    let dst = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(d) => route_ip(d),
+            _ => None,
+        })
+        .unwrap_or(if r.header.address_family == AddressFamily::Inet6 {
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+        });
+    IpNet::new(dst, r.header.destination_prefix_length).ok()
 }
 
 impl RoutingEvents {
@@ -567,33 +588,22 @@ impl Netlink {
     }
 
     fn gateway_routes_of(&mut self, req: RouteMessage, out: &mut Vec<GatewayRoute>) -> io::Result<()> {
-        let ip = route_ip;
         self.dump(RouteNetlinkMessage::GetRoute(req), |m| {
             let RouteNetlinkMessage::NewRoute(r) = m else { return };
-            let table = r
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    RouteAttribute::Table(t) => Some(*t),
-                    _ => None,
-                })
-                .unwrap_or(r.header.table as u32);
-            if table != 254 || r.header.kind != RouteType::Unicast {
+            if route_table(&r) != 254 || r.header.kind != RouteType::Unicast {
                 return;
             }
-            let mut dst = None;
             let mut oif = 0;
             let mut gw = None;
             let mut hops = Vec::new();
             for a in &r.attributes {
                 match a {
-                    RouteAttribute::Destination(d) => dst = ip(d),
                     RouteAttribute::Oif(i) => oif = *i,
-                    RouteAttribute::Gateway(g) => gw = ip(g),
+                    RouteAttribute::Gateway(g) => gw = route_ip(g),
                     RouteAttribute::MultiPath(nhs) => {
                         for nh in nhs {
                             let g = nh.attributes.iter().find_map(|a| match a {
-                                RouteAttribute::Gateway(g) => ip(g),
+                                RouteAttribute::Gateway(g) => route_ip(g),
                                 _ => None,
                             });
                             if let Some(g) = g {
@@ -607,14 +617,8 @@ impl Netlink {
             if let Some(g) = gw {
                 hops.push((oif, g));
             }
-            let len = r.header.destination_prefix_length;
-            let dst = dst.unwrap_or(if r.header.address_family == AddressFamily::Inet6 {
-                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
-            } else {
-                IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
-            });
             if !hops.is_empty()
-                && let Ok(prefix) = IpNet::new(dst, len)
+                && let Some(prefix) = route_prefix(&r)
             {
                 hops.sort();
                 out.push(GatewayRoute { prefix, hops });
@@ -637,7 +641,6 @@ impl Netlink {
         let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) = m.payload else {
             return Ok(None);
         };
-        let ip = route_ip;
         let mut info = RouteInfo {
             oif: 0,
             gateway: None,
@@ -646,8 +649,8 @@ impl Netlink {
         for a in &r.attributes {
             match a {
                 RouteAttribute::Oif(i) => info.oif = *i,
-                RouteAttribute::Gateway(g) => info.gateway = ip(g),
-                RouteAttribute::PrefSource(p) => info.src = ip(p),
+                RouteAttribute::Gateway(g) => info.gateway = route_ip(g),
+                RouteAttribute::PrefSource(p) => info.src = route_ip(p),
                 _ => {}
             }
         }

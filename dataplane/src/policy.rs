@@ -23,7 +23,7 @@
 //! [`check`] is what the workers call, and `route explain` calls it too
 //! (without remembering the flow).
 
-use crate::fib::VnetId;
+use crate::fib::{VnetId, addr_num};
 use ipnet::IpNet;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
@@ -334,13 +334,6 @@ fn prefix_span(n: &IpNet, v6: bool) -> Span {
     }
 }
 
-fn addr_key(a: IpAddr) -> u128 {
-    match a {
-        IpAddr::V4(a) => u32::from(a) as u128,
-        IpAddr::V6(a) => u128::from(a),
-    }
-}
-
 /// A VNET's rules compiled for lookups.
 #[derive(Clone, Debug)]
 pub struct Classifier {
@@ -431,8 +424,8 @@ impl Classifier {
             return None;
         }
         let fam = p.src.is_ipv6() as usize;
-        let s = self.src[fam].lookup(addr_key(p.src));
-        let d = self.dst[fam].lookup(addr_key(p.dst));
+        let s = self.src[fam].lookup(addr_num(p.src));
+        let d = self.dst[fam].lookup(addr_num(p.dst));
         let pr = self.proto.get(Proto::index(p.proto));
         let po: &[u64] = match p.dport {
             Some(x) if p.proto == 6 || p.proto == 17 => self.ports.lookup(x as u128),
@@ -518,7 +511,7 @@ impl FlowTable {
     /// The flow's fingerprint (never 0): both directions give the same.
     #[inline]
     fn fingerprint(&self, vnet: VnetId, proto: u8, a: (IpAddr, u16), b: (IpAddr, u16)) -> u64 {
-        let (lo, hi) = if (addr_key(a.0), a.1) <= (addr_key(b.0), b.1) {
+        let (lo, hi) = if (addr_num(a.0), a.1) <= (addr_num(b.0), b.1) {
             (a, b)
         } else {
             (b, a)
@@ -528,9 +521,9 @@ impl FlowTable {
         let mut k = [0u8; 41];
         k[..4].copy_from_slice(&vnet.to_le_bytes());
         k[4] = proto;
-        k[5..21].copy_from_slice(&addr_key(lo.0).to_le_bytes());
+        k[5..21].copy_from_slice(&addr_num(lo.0).to_le_bytes());
         k[21..23].copy_from_slice(&lo.1.to_le_bytes());
-        k[23..39].copy_from_slice(&addr_key(hi.0).to_le_bytes());
+        k[23..39].copy_from_slice(&addr_num(hi.0).to_le_bytes());
         k[39..41].copy_from_slice(&hi.1.to_le_bytes());
         let mut h = self.hasher.build_hasher();
         std::hash::Hasher::write(&mut h, &k);

@@ -387,6 +387,13 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
             // (a routing daemon or DHCP elsewhere on the box): what each
             // costs the control thread beyond its idle rate.
             let idle_ns_per_s = cpu as f64 / w0.elapsed().as_secs_f64();
+            // The control thread's CPU (ns) while `f` runs, above its idle rate.
+            let above_idle = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+                let (c0, w0) = (crate::cpu::main_thread_cpu_ns(pid), Instant::now());
+                f()?;
+                let cpu = crate::cpu::main_thread_cpu_ns(pid) - c0;
+                Ok((cpu as f64 - idle_ns_per_s * w0.elapsed().as_secs_f64()).max(0.0))
+            };
             let work = |gw: &Subway| -> Result<(u64, u64)> {
                 let v = gw.show()?;
                 let k = &v["kernel_routes"];
@@ -396,16 +403,16 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
                 ))
             };
             let before = work(&gw)?;
-            let (c0, w0) = (crate::cpu::main_thread_cpu_ns(pid), Instant::now());
-            for _ in 0..ROUTE_EVENTS / 2 {
-                t.gwa
-                    .sh("ip route add 198.51.100.0/24 via 192.0.2.2 dev wan0 && ip route del 198.51.100.0/24")?;
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            std::thread::sleep(Duration::from_millis(300));
-            let cpu = crate::cpu::main_thread_cpu_ns(pid) - c0;
-            let extra = cpu as f64 - idle_ns_per_s * w0.elapsed().as_secs_f64();
-            row.route_event_ms = extra.max(0.0) / 1e6 / ROUTE_EVENTS as f64;
+            let events = above_idle(&|| {
+                for _ in 0..ROUTE_EVENTS / 2 {
+                    t.gwa
+                        .sh("ip route add 198.51.100.0/24 via 192.0.2.2 dev wan0 && ip route del 198.51.100.0/24")?;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                std::thread::sleep(Duration::from_millis(300));
+                Ok(())
+            })?;
+            row.route_event_ms = events / 1e6 / ROUTE_EVENTS as f64;
             let after = work(&gw)?;
             row.route_event_rebuilds = after.0 - before.0;
             row.route_event_lookups = after.1 - before.1;
@@ -427,13 +434,7 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
                 },
             ];
             for (q, out) in questions.iter().zip(&mut row.questions_ms) {
-                let (c0, w0) = (crate::cpu::main_thread_cpu_ns(pid), Instant::now());
-                for _ in 0..3 {
-                    q()?;
-                }
-                let cpu = crate::cpu::main_thread_cpu_ns(pid) - c0;
-                let extra = cpu as f64 - idle_ns_per_s * w0.elapsed().as_secs_f64();
-                *out = extra.max(0.0) / 1e6 / 3.0;
+                *out = above_idle(&|| (0..3).try_for_each(|_| q().map(|_| ())))? / 1e6 / 3.0;
             }
             if n > 0 {
                 // One peer's routes change; the others' stay.

@@ -69,6 +69,17 @@ impl WorkerHandle {
     }
 }
 
+/// The control thread's work for the kernel's route changes (a change
+/// costs what it touches: see `netlink::RouteNews`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelRouteWork {
+    /// FIB rebuilds that followed a change of a route it is built from.
+    pub fib_rebuilds: u64,
+    /// Routes to peers' endpoints looked up in the kernel (once per
+    /// endpoint, again only when a changed route covers it).
+    pub endpoint_lookups: u64,
+}
+
 /// The running packet path. Dropping it stops the workers, closes the
 /// sockets and detaches XDP.
 pub struct Dataplane {
@@ -90,9 +101,8 @@ pub struct Dataplane {
     /// Changes when what [`Dataplane::outer_path`] answers may change (a
     /// route, a neighbour, the uplink's addresses).
     paths_epoch: u64,
-    /// FIB rebuilds that followed the kernel's routes, and routes to
-    /// endpoints looked up ([`Dataplane::kernel_route_work`]).
-    kernel_work: (u64, u64),
+    /// What following the kernel's routes cost ([`Dataplane::kernel_route_work`]).
+    kernel_work: KernelRouteWork,
     /// The workers' per-peer traffic bits.
     marks: tables::TrafficMarks,
     slow: Arc<SlowPath>,
@@ -165,9 +175,8 @@ impl Dataplane {
         self.marks.drain(f)
     }
 
-    /// What following the kernel's routes cost so far: FIB rebuilds, and
-    /// routes to endpoints looked up.
-    pub fn kernel_route_work(&self) -> (u64, u64) {
+    /// What following the kernel's routes cost so far.
+    pub fn kernel_route_work(&self) -> KernelRouteWork {
         self.kernel_work
     }
 
@@ -184,7 +193,7 @@ impl Dataplane {
         let r = match self.route_cache.get(&dst.ip()) {
             Some(r) => (*r)?,
             None => {
-                self.kernel_work.1 += 1;
+                self.kernel_work.endpoint_lookups += 1;
                 let r = self.netlink.route_get(dst.ip()).ok().flatten();
                 self.route_cache.insert(dst.ip(), r);
                 r?
@@ -767,7 +776,7 @@ impl Dataplane {
     /// running config (the default VNET's routes through LAN routers follow
     /// the kernel's) and applied like a reload, without loss.
     fn follow_kernel_routes(&mut self) {
-        self.kernel_work.0 += 1;
+        self.kernel_work.fib_rebuilds += 1;
         match self.apply_as(self.running.clone(), &[], Build::Anew, Health::Running) {
             Ok(ch) if ch != RouteChanges::default() => tracing::info!(
                 added = ?ch.added, removed = ?ch.removed, retargeted = ?ch.retargeted,

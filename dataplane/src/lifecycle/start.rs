@@ -97,7 +97,7 @@ impl Dataplane {
             neigh_changes: Vec::new(),
             route_cache: Default::default(),
             paths_epoch: 0,
-            kernel_work: (0, 0),
+            kernel_work: Default::default(),
             marks,
             slow: slow.clone(),
             capture: Default::default(),
