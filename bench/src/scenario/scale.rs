@@ -85,6 +85,10 @@ struct Row {
     /// get`, `route list`, `route overlaps`, `wg show`.
     questions_ms: [f64; 5],
     reload_ms: Option<f64>,
+    /// The kernel alone making the first reload's route change: the same
+    /// rtnetlink call subway makes, in a namespace of its own that holds
+    /// the same routes.
+    reload_kernel_ms: Option<f64>,
     /// The median of six more, back and forth.
     reload_next_ms: Option<f64>,
     storm_ms: Option<f64>,
@@ -164,23 +168,24 @@ fn markdown(rows: &[Row]) -> String {
     let base = rows.iter().find(|r| r.peers == 0).map(|r| r.rss_kb);
     let ms = |v: Option<f64>| v.map_or("failed".to_string(), |v| format!("{v:.0}"));
     let mut md = String::from(
-        "| peers | routes | check ms | start ms | all sessions ms | handshakes/s (first to last) | RSS MB | per peer KB | control thread idle CPU % (wake-ups/s, µs each) | an unrelated route change: control ms each (FIB rebuilds, endpoint lookups in 20) | control ms per show / route get / route list / route overlaps / wg show | one-peer reload ms: first (median of the next 6) | rekey storm ms (cookies) | 64 B Mpps: 1 peer / many (how many) | workers' ns per packet: 1 peer / many | many while reloading (reloads) |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|---|---|\n",
+        "| peers | routes | check ms | start ms | all sessions ms | handshakes/s (first to last) | RSS MB | per peer KB | control thread idle CPU % (wake-ups/s, µs each) | an unrelated route change: control ms each (FIB rebuilds, endpoint lookups in 20) | control ms per show / route get / route list / route overlaps / wg show | one-peer reload ms: first (median of the next 6) | the kernel alone: the first reload's route change, ms | rekey storm ms (cookies) | 64 B Mpps: 1 peer / many (how many) | workers' ns per packet: 1 peer / many | many while reloading (reloads) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---|---|---|---|\n",
     );
     for r in rows {
         let per_peer = match (base, r.peers) {
             (Some(b), n) if n > 0 => format!("{:.1}", r.rss_kb.saturating_sub(b) as f64 / n as f64),
             _ => "-".into(),
         };
-        let (sessions, hs, reload, storm, data, cost, reloading) = if r.peers == 0 {
+        let (sessions, hs, reload, kernel, storm, data, cost, reloading) = if r.peers == 0 {
             let no = || "-".to_string();
-            (no(), no(), no(), no(), no(), no(), no())
+            (no(), no(), no(), no(), no(), no(), no(), no())
         } else {
             (
                 ms(r.sessions_ms),
                 r.sessions_ms
                     .map_or("-".into(), |_| format!("{:.0}", r.handshakes_per_s)),
                 format!("{} ({})", ms(r.reload_ms), ms(r.reload_next_ms)),
+                r.reload_kernel_ms.map_or("-".into(), |v| format!("{v:.1}")),
                 format!("{} ({})", ms(r.storm_ms), r.storm_cookies),
                 format!(
                     "{:.3} / {:.3} ({}: {:.0}%)",
@@ -204,7 +209,7 @@ fn markdown(rows: &[Row]) -> String {
             )
         };
         md += &format!(
-            "| {} | {} | {:.0} | {:.0} | {sessions} | {hs} | {:.1} | {per_peer} | {:.2} ({:.1}, {:.0}) | {:.2} ({}, {}) | {} | {reload} | {storm} | {data} | {cost} | {reloading} |\n",
+            "| {} | {} | {:.0} | {:.0} | {sessions} | {hs} | {:.1} | {per_peer} | {:.2} ({:.1}, {:.0}) | {:.2} ({}, {}) | {} | {reload} | {kernel} | {storm} | {data} | {cost} | {reloading} |\n",
             r.peers,
             r.routes,
             r.check_ms,
@@ -266,6 +271,42 @@ fn peers(t: &TwoSites, n: usize, per_peer: usize, changed: bool) -> Result<Peers
     Ok(p)
 }
 
+/// The kernel's share of the first one-peer reload, measured without
+/// subway: a namespace of its own, a veth standing for the TUN, the
+/// `n * per_peer` routes subway's TUN holds (added as subway adds them),
+/// then the reload's one new prefix, timed around that one rtnetlink call.
+/// A trie of adjacent /28s makes the kernel rebalance when a prefix
+/// outside them arrives: that cost is the kernel's, any gateway that
+/// routes these prefixes pays it.
+fn kernel_alone(n: usize, per_peer: usize) -> Result<f64> {
+    use subway_dataplane::netlink::Netlink;
+    let ns = subway_testkit::Netns::new("kt")?;
+    ns.run(&["ip", "link", "add", "k0", "type", "veth", "peer", "name", "k1"])?;
+    ns.run(&["ip", "link", "set", "k0", "up"])?;
+    ns.run(&["ip", "link", "set", "k1", "up"])?;
+    let net = |s: String| s.parse::<ipnet::IpNet>().context("a generated prefix");
+    let all: Vec<ipnet::IpNet> = (0..n * per_peer)
+        .map(|j| net(route(j / per_peer, j % per_peer, per_peer)))
+        .collect::<Result<_>>()?;
+    let change = net(CHANGED_ROUTE.into())?;
+    ns.enter(|| -> Result<f64> {
+        let mut nl = Netlink::open()?;
+        let k0 = std::ffi::CString::new("k0")?;
+        // SAFETY: a NUL-terminated interface name.
+        let ifindex = unsafe { libc::if_nametoindex(k0.as_ptr()) };
+        nl.dev_routes(true, &all, ifindex, false, None)?;
+        // As in subway's case, the change comes a while after the start.
+        std::thread::sleep(Duration::from_millis(500));
+        let t0 = Instant::now();
+        nl.dev_routes(true, &[change], ifindex, false, None)?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    })?
+}
+
+/// The prefix that the one-peer reload gives peer 0 instead of its last:
+/// outside the others (100.64.0.0/10 from its start, densely).
+const CHANGED_ROUTE: &str = "100.127.255.0/28";
+
 /// subway's config: site A's interface and LAN, the N peers. `changed`:
 /// peer 0's last route differs (the one-peer reload).
 fn config(t: &TwoSites, secrets: &[[u8; 32]], per_peer: usize, changed: bool) -> String {
@@ -279,7 +320,7 @@ fn config(t: &TwoSites, secrets: &[[u8; 32]], per_peer: usize, changed: bool) ->
         let mut routes: Vec<String> = (0..per_peer).map(|k| route(i, k, per_peer)).collect();
         if changed && i == 0 {
             routes.pop();
-            routes.push("100.127.255.0/28".into());
+            routes.push(CHANGED_ROUTE.into());
         }
         c += &format!(
             "\n[Peer]\nPublicKey = {}\nEndpoint = {}:{PEER_PORT}\nAllowedIPs = {}\n",
@@ -444,7 +485,7 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
                 let r0 = Instant::now();
                 let out = gw.ctl(&["reload", &gw.name])?;
                 let took = r0.elapsed().as_secs_f64() * 1e3;
-                if !out.contains("100.127.255.0/28") {
+                if !out.contains(CHANGED_ROUTE) {
                     bail!("reload did not see the change:\n{out}");
                 }
                 let got = gw.ctl(&["route", "get", "100.127.255.1", "--name", &gw.name])?;
@@ -452,6 +493,7 @@ fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
                     bail!("after reload, the changed route is not there:\n{got}");
                 }
                 row.reload_ms = Some(took);
+                row.reload_kernel_ms = Some(kernel_alone(n, per_peer)?);
                 // Six more, back and forth: the first change into a part of
                 // the kernel's routing trie that 100,000 routes left
                 // unbalanced pays for its rebalancing, the next ones not.
