@@ -271,21 +271,32 @@ impl Held {
     }
 
     /// Additions only: the elements that make the sets refuse all of
-    /// `want` (what they hold beyond it stays), and what they hold after.
-    /// None if they already refuse all of it.
-    pub fn cover(&self, table: &str, want: &Held) -> Option<(String, Held)> {
+    /// `want` (what they hold beyond it stays), what they hold after, and
+    /// the added elements alone. None if they already refuse all of it.
+    pub fn cover(&self, table: &str, want: &Held) -> Option<(String, Held, Held)> {
         let mut script = String::new();
         let mut after = self.clone();
+        let mut added = Held::default();
         for (i, (set, v4)) in SETS.into_iter().enumerate() {
             let new = uncovered(&want.0[i], &self.0[i]);
             if new.is_empty() {
                 continue;
             }
             script += &element_stmt("add", table, set, &new, v4);
-            after.0[i].extend(new);
+            after.0[i].extend_from_slice(&new);
             after.0[i].sort_unstable();
+            added.0[i] = new;
         }
-        (!script.is_empty()).then_some((script, after))
+        (!script.is_empty()).then_some((script, after, added))
+    }
+
+    /// These elements without those of `added` (sorted, all held).
+    fn without(&self, added: &Held) -> Held {
+        let mut out = self.clone();
+        for (held, gone) in out.0.iter_mut().zip(&added.0) {
+            held.retain(|r| gone.binary_search(r).is_err());
+        }
+        out
     }
 
     /// The one transaction that leaves the sets holding exactly `want`:
@@ -427,6 +438,17 @@ impl Fence {
 }
 
 pub(crate) fn nft(script: &str) -> Result<()> {
+    nft_start(script)?.wait()
+}
+
+/// An nft transaction under way: the process, its script written to it.
+/// [`NftRun::wait`] gives nft's answer; until then the caller may do
+/// other work (the process runs on another core).
+#[derive(Debug)]
+pub(crate) struct NftRun(std::process::Child);
+
+/// Starts `nft -f -` on `script` without waiting for it.
+pub(crate) fn nft_start(script: &str) -> Result<NftRun> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -439,17 +461,26 @@ pub(crate) fn nft(script: &str) -> Result<()> {
                 e,
             )
         })?;
+    // A short script fits the pipe: this returns at once. (A long one is
+    // written as nft reads it; stdin closes when dropped here.)
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(script.as_bytes());
     }
-    let out = child.wait_with_output().map_err(|e| Error::io("running nft", e))?;
-    if !out.status.success() {
-        return Err(Error::Kernel(format!(
-            "nft refused the fail-safe table: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+    Ok(NftRun(child))
+}
+
+impl NftRun {
+    /// Waits for nft: an error carries its own message.
+    pub(crate) fn wait(self) -> Result<()> {
+        let out = self.0.wait_with_output().map_err(|e| Error::io("running nft", e))?;
+        if !out.status.success() {
+            return Err(Error::Kernel(format!(
+                "nft refused the fail-safe table: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Installs (or atomically replaces) the instance's table.
@@ -478,6 +509,26 @@ pub struct Sets {
     held: Option<Held>,
     /// What the last cover wants the sets to hold once tidied.
     want: Option<Held>,
+    /// The elements the last cover added (see [`Sets::cover_undone`]);
+    /// None when it replaced the sets whole.
+    added: Option<Held>,
+}
+
+/// A [`Sets::cover`] under way.
+#[derive(Debug)]
+pub struct Covering {
+    step: CoverStep,
+    want: Held,
+}
+
+#[derive(Debug)]
+enum CoverStep {
+    /// The sets already refuse all of it.
+    Covered,
+    /// nft adds what they lack; then they hold this (and the additions).
+    Adding(NftRun, Held, Held),
+    /// What they hold is unknown: replaced whole when the cover finishes.
+    Replace,
 }
 
 impl Sets {
@@ -487,6 +538,7 @@ impl Sets {
             table: f.table.clone(),
             held: Some(Held::of(&f.tunnelled)),
             want: None,
+            added: None,
         }
     }
 
@@ -494,12 +546,39 @@ impl Sets {
     /// additions (or, if what they hold is unknown or nft refuses that, all
     /// of `f` in one transaction).
     pub fn cover(&mut self, f: &Fence) -> Result<()> {
+        let c = self.cover_start(f);
+        self.cover_finish(c, f)
+    }
+
+    /// [`Sets::cover`] in two steps: this starts nft on the additions and
+    /// returns while it runs, [`Sets::cover_finish`] waits for it. A live
+    /// change does its other work before the switch in between.
+    pub fn cover_start(&mut self, f: &Fence) -> Covering {
         let want = Held::of(&f.tunnelled);
-        let covered = match self.held.as_ref().map(|h| h.cover(&self.table, &want)) {
-            Some(None) => true,
-            Some(Some((script, after))) => match nft(&script) {
+        let step = match self.held.as_ref().map(|h| h.cover(&self.table, &want)) {
+            Some(None) => CoverStep::Covered,
+            Some(Some((script, after, added))) => match nft_start(&script) {
+                Ok(run) => CoverStep::Adding(run, after, added),
+                Err(e) => {
+                    tracing::debug!("the fence's additions did not start ({e}): replacing the sets");
+                    CoverStep::Replace
+                }
+            },
+            None => CoverStep::Replace,
+        };
+        Covering { step, want }
+    }
+
+    /// Waits for the additions [`Sets::cover_start`] started; if nft
+    /// refused them, replaces the sets with all of `f` (the same fence).
+    pub fn cover_finish(&mut self, c: Covering, f: &Fence) -> Result<()> {
+        self.added = Some(Held::default());
+        let covered = match c.step {
+            CoverStep::Covered => true,
+            CoverStep::Adding(run, after, added) => match run.wait() {
                 Ok(()) => {
                     self.held = Some(after);
+                    self.added = Some(added);
                     true
                 }
                 Err(e) => {
@@ -507,15 +586,26 @@ impl Sets {
                     false
                 }
             },
-            None => false,
+            CoverStep::Replace => false,
         };
         if !covered {
             self.held = None;
+            self.added = None;
             update_tunnelled(f)?;
-            self.held = Some(want.clone());
+            self.held = Some(c.want.clone());
         }
-        self.want = Some(want);
+        self.want = Some(c.want);
         Ok(())
+    }
+
+    /// The change whose prefixes the last cover added failed after it:
+    /// the next tidy returns the sets to what they held before it (until
+    /// then they refuse a little more, never less).
+    pub fn cover_undone(&mut self) {
+        self.want = match (&self.held, self.added.take()) {
+            (Some(held), Some(added)) => Some(held.without(&added)),
+            _ => None,
+        };
     }
 
     /// After the switch: the transaction that leaves the sets holding
@@ -603,7 +693,9 @@ mod tests {
             "fd00::/64",
         ]);
         // Before the switch: the new /28 alone, added; nothing deleted.
-        let (script, after) = old.cover("subway_t", &new).unwrap();
+        let (script, after, added) = old.cover("subway_t", &new).unwrap();
+        assert_eq!(added, held(&["100.127.255.0/28"]));
+        assert_eq!(after.without(&added), old);
         assert_eq!(script, "add element inet subway_t tunnel4 { 100.127.255.0/28 }\n");
         // After it: the range that held the gone /28 is split.
         assert_eq!(
@@ -628,7 +720,7 @@ mod tests {
         // added (an element may not overlap another); the tidy merges.
         let narrow = held(&["10.1.0.0/24"]);
         let wide = held(&["10.0.0.0/8"]);
-        let (script, after) = narrow.cover("t", &wide).unwrap();
+        let (script, after, _) = narrow.cover("t", &wide).unwrap();
         assert_eq!(
             script,
             "add element inet t tunnel4 { 10.0.0.0/16, 10.1.1.0-10.255.255.255 }\n"
@@ -638,6 +730,40 @@ mod tests {
             "delete element inet t tunnel4 { 10.0.0.0/16, 10.1.0.0/24, 10.1.1.0-10.255.255.255 }\n\
              add element inet t tunnel4 { 10.0.0.0/8 }\n"
         );
+    }
+
+    /// A change that fails after its additions went in: the next tidy takes
+    /// them out again (the sets refuse more until then, never less), and a
+    /// change after that starts from what the sets really hold.
+    #[test]
+    fn a_failed_change_gives_back_its_additions() {
+        let old = held(&["10.0.0.0/8", "100.64.0.0/28"]);
+        let new = held(&["10.0.0.0/8", "100.64.0.0/28", "100.127.255.0/28"]);
+        let (_, after, added) = old.cover("t", &new).unwrap();
+        // What cover_finish leaves once nft added them.
+        let mut sets = Sets {
+            table: "t".into(),
+            held: Some(after),
+            want: Some(new.clone()),
+            added: Some(added),
+        };
+        sets.cover_undone();
+        assert_eq!(
+            sets.tidy().unwrap(),
+            "delete element inet t tunnel4 { 100.127.255.0/28 }\n"
+        );
+        assert_eq!(sets.held, Some(old.clone()));
+        assert_eq!(sets.tidy(), None, "one tidy");
+        // Without a known past (the sets were replaced whole), nothing is
+        // deleted: they keep refusing the superset until the next change.
+        let mut unknown = Sets {
+            table: "t".into(),
+            held: Some(new.clone()),
+            want: Some(new),
+            added: None,
+        };
+        unknown.cover_undone();
+        assert_eq!(unknown.tidy(), None);
     }
 
     /// Random held and wanted ranges over a small space, against a bitmap:

@@ -34,6 +34,17 @@ enum Build {
     Anew,
 }
 
+/// The fence's part of a live change, under way ([`Dataplane::fence_start`]).
+#[derive(Default)]
+struct FenceStep {
+    /// The fence after the change, its pieces, and nft adding what the
+    /// sets lack (None: they refuse it all already). None: the fence does
+    /// not change.
+    next: Option<(failsafe::Fence, failsafe::Pieces, Option<failsafe::Covering>)>,
+    /// The time its plan took.
+    plan: std::time::Duration,
+}
+
 /// Where a live change takes the peers' health from.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Health {
@@ -307,7 +318,7 @@ impl Dataplane {
             }
             _ => None,
         };
-        let (fib, allowed, diff, built) = match &mut patch {
+        let (fib, allowed, diff, built, fence) = match &mut patch {
             Some(p) => {
                 let count = |v6: bool| {
                     cur.fib
@@ -320,9 +331,12 @@ impl Dataplane {
                     count(false) + p.added[0] - p.removed[0],
                     count(true) + p.added[1] - p.removed[1],
                 )?;
+                let diff = std::mem::take(&mut p.diff);
+                // nft runs while the tables are patched.
+                let fence = self.fence_start(&diff, &cur.fib, true);
                 let fib = self.spare_fib.patched(&cur.fib, &p.fib);
                 let allowed = self.spare_allowed.patched(&cur.allowed, &p.allowed);
-                (fib, allowed, std::mem::take(&mut p.diff), None)
+                (fib, allowed, diff, None, fence)
             }
             None => {
                 // The default VNET's configured routes go into the kernel
@@ -334,6 +348,7 @@ impl Dataplane {
                 check_capacity(&fib)?;
                 self.resolve_routers_first(&fib);
                 let diff = RouteDiff::between(&cur.fib, &fib);
+                let fence = self.fence_start(&diff, &fib, false);
                 // Cryptokey routing changes only with the peers' AllowedIPs
                 // (not with their health, endpoints or the kernel's routes).
                 let same_claims = |a: &crate::config::PeerRoutes, b: &crate::config::PeerRoutes| {
@@ -357,12 +372,12 @@ impl Dataplane {
                 } else {
                     Arc::new(fib)
                 };
-                (fib, allowed, diff, Some((lan_routes, fixed)))
+                (fib, allowed, diff, Some((lan_routes, fixed)), fence)
             }
         };
         let t_tables = t0.elapsed();
         let cur = self.tables.load_full();
-        self.before_switch(&diff, &fib, &cur.fib, &cur.ports, patch.is_some())?;
+        self.before_switch(&diff, &fib, &cur.fib, &cur.ports, fence)?;
         let t_kernel = t0.elapsed();
         self.undo.fail_open = cfg.fail_open;
         let peers = peer_rts(&cur.peers, &cfg.peers, fresh, &mut self.marks);
@@ -506,21 +521,68 @@ impl Dataplane {
         r
     }
 
+    /// The fail-safe fence's part of a live change, started first: the
+    /// fence after the change (the default VNET's peer prefixes minus the
+    /// LAN and local ones in them) and nft adding what it lacks, which runs
+    /// in its own process while the change patches its tables, steers and
+    /// routes ([`Dataplane::before_switch`] waits for it). The fence
+    /// changes only when routes do. `fib` gives the pieces when none are
+    /// kept: for a patch (`patched`, [`plan::peer_patch`]) the running FIB,
+    /// the diff's prefixes then added and removed (a patch changes peers
+    /// alone, never the LAN and local holes); for a build, the new FIB.
+    fn fence_start(&mut self, diff: &RouteDiff, fib: &crate::fib::Fib, patched: bool) -> FenceStep {
+        let t0 = std::time::Instant::now();
+        let pieces = self.fence_pieces.take();
+        if diff.steer.is_empty() && diff.unsteer.is_empty() {
+            // No route changed: the pieces still hold.
+            self.fence_pieces = pieces;
+            return FenceStep::default();
+        }
+        let Some(cur) = &self.undo.fence else {
+            return FenceStep::default();
+        };
+        let pieces = match pieces {
+            Some(p) if patched => Some(p),
+            None if patched => Some(failsafe::Pieces::build(fib.routes())),
+            _ => None,
+        };
+        let pieces = match pieces {
+            Some(mut p) => {
+                for n in &diff.tun_del {
+                    p.remove(*n);
+                }
+                for n in &diff.tun_add {
+                    p.add(*n);
+                }
+                p
+            }
+            None => failsafe::Pieces::build(fib.routes()),
+        };
+        let mut fence = cur.clone();
+        fence.tunnelled = pieces.folded();
+        let covering = match &mut self.undo.sets {
+            Some(sets) if fence.tunnelled != cur.tunnelled => Some(sets.cover_start(&fence)),
+            _ => None,
+        };
+        FenceStep {
+            next: Some((fence, pieces, covering)),
+            plan: t0.elapsed(),
+        }
+    }
+
     /// A live change's steps before the switch: the steering entries, the
-    /// kernel's routes to the TUN, the fail-safe fence's additions (one
-    /// nft transaction: a new peer prefix is never routed by the kernel
-    /// unfenced; what is gone leaves the fence after the switch). On a
-    /// failure, what was done is undone and the error returned: nothing
-    /// changed.
-    /// `patched`: the change is a patch of peers ([`plan::peer_patch`]):
-    /// the fence's pieces change by its prefixes alone.
+    /// kernel's routes to the TUN, then the fail-safe fence's additions
+    /// that [`Dataplane::fence_start`] started (one nft transaction: a new
+    /// peer prefix is never routed by the kernel unfenced; what is gone
+    /// leaves the fence after the switch). On a failure, what was done is
+    /// undone and the error returned: nothing changed.
     fn before_switch(
         &mut self,
         diff: &RouteDiff,
         fib: &crate::fib::Fib,
         old: &crate::fib::Fib,
         ports: &[Port],
-        patched: bool,
+        fence: FenceStep,
     ) -> Result<()> {
         let mut done = 0;
         let mut result = Ok(());
@@ -533,53 +595,39 @@ impl Dataplane {
             done += 1;
         }
         let t_steer = t0.elapsed();
-        let (mut t_routes, mut t_plan) = (t_steer, t_steer);
-        if result.is_ok() {
+        let routed = result.is_ok();
+        if routed {
             result = self.tun_routes(true, &diff.tun_add, false);
-            t_routes = t0.elapsed();
-            t_plan = t_routes;
-            // The fence changes only when routes do (it is the default
-            // VNET's peer prefixes minus the LAN and local ones in them).
-            let pieces = self.fence_pieces.take();
-            if result.is_ok()
-                && (!diff.steer.is_empty() || !diff.unsteer.is_empty())
-                && let Some(cur) = &self.undo.fence
-            {
-                let pieces = match pieces {
-                    Some(mut p) if patched => {
-                        for n in &diff.tun_del {
-                            p.remove(*n);
-                        }
-                        for n in &diff.tun_add {
-                            p.add(*n);
-                        }
-                        p
-                    }
-                    _ => failsafe::Pieces::build(fib.routes()),
-                };
-                let mut fence = cur.clone();
-                fence.tunnelled = pieces.folded();
-                t_plan = t0.elapsed();
-                if fence.tunnelled != cur.tunnelled
-                    && let Some(sets) = &mut self.undo.sets
-                {
-                    result = sets.cover(&fence);
-                    if result.is_ok() {
-                        self.undo.fence = Some(fence);
-                    }
+        }
+        let t_routes = t0.elapsed();
+        // The fence's additions are waited for even if a step failed: the
+        // sets then go back to what they held (refusing more meanwhile,
+        // never less).
+        if let Some((next, pieces, covering)) = fence.next {
+            let mut covered = false;
+            if let (Some(c), Some(sets)) = (covering, &mut self.undo.sets) {
+                let r = sets.cover_finish(c, &next);
+                covered = r.is_ok();
+                if result.is_ok() {
+                    result = r;
                 }
                 if result.is_ok() {
-                    self.fence_pieces = Some(pieces);
+                    self.undo.fence = Some(next);
                 }
-            } else if result.is_ok() && diff.steer.is_empty() && diff.unsteer.is_empty() {
-                // No route changed: the pieces still hold.
-                self.fence_pieces = pieces;
             }
-            if result.is_err() {
-                let _ = self.tun_routes(false, &diff.tun_add, true);
+            if result.is_ok() {
+                self.fence_pieces = Some(pieces);
+            } else if covered {
+                if let Some(sets) = &mut self.undo.sets {
+                    sets.cover_undone();
+                }
+                self.undo.let_go();
             }
         }
         if result.is_err() {
+            if routed {
+                let _ = self.tun_routes(false, &diff.tun_add, true);
+            }
             for ((vnet, net), was) in diff.rollback(done) {
                 let _ = match was {
                     Some(t) => self.xdp.set_route(vnet, net, steer(t, ports, old)),
@@ -590,8 +638,8 @@ impl Dataplane {
         tracing::debug!(
             steer_ms = t_steer.as_secs_f64() * 1e3,
             routes_ms = (t_routes - t_steer).as_secs_f64() * 1e3,
-            fence_plan_ms = (t_plan - t_routes).as_secs_f64() * 1e3,
-            fence_nft_ms = (t0.elapsed() - t_plan).as_secs_f64() * 1e3,
+            fence_plan_ms = fence.plan.as_secs_f64() * 1e3,
+            fence_nft_wait_ms = (t0.elapsed() - t_routes).as_secs_f64() * 1e3,
             "before the switch"
         );
         result
