@@ -64,16 +64,34 @@ pub fn tunnelled(routes: &[Route]) -> Vec<IpNet> {
 /// A piece of the fence as plain numbers: (IPv6, first address, length).
 type Piece = (bool, u128, u8);
 
+/// A piece's last address.
+fn last((v6, first, len): Piece) -> u128 {
+    first + u128::MAX.checked_shr(len as u32 + if v6 { 0 } else { 96 }).unwrap_or(0)
+}
+
+/// Whether piece `inner` lies inside piece `outer` (or is it).
+fn inside(inner: Piece, outer: Piece) -> bool {
+    inner.0 == outer.0 && outer.1 <= inner.1 && last(inner) <= last(outer)
+}
+
+/// A prefix as a piece.
+fn piece_of(n: &IpNet) -> Piece {
+    (n.addr().is_ipv6(), addr_num(n.network()), n.prefix_len())
+}
+
 /// [`tunnelled`] before folding: each default-VNET peer prefix minus the
 /// LAN and local prefixes inside it, sorted, with how many routes gave
-/// each piece. A live change of peers alone (the LAN and local prefixes,
-/// the holes, stay) adds and removes its own prefixes' pieces instead of
-/// going over 100,000 routes again.
+/// each piece, and the folded result kept with them. A live change of
+/// peers alone (the LAN and local prefixes, the holes, stay) adds and
+/// removes its own prefixes' pieces and refolds only where they lie,
+/// instead of going over 100,000 routes again.
 #[derive(Clone, Debug, Default)]
 pub struct Pieces {
     pieces: Vec<(Piece, u32)>,
     /// The default VNET's LAN and local prefixes.
     holes: Vec<IpNet>,
+    /// The pieces not inside another, in the pieces' order ([`Pieces::folded`]).
+    folded: Vec<IpNet>,
 }
 
 impl Pieces {
@@ -87,6 +105,7 @@ impl Pieces {
         let mut this = Pieces {
             pieces: Vec::with_capacity(routes.len()),
             holes,
+            folded: Vec::new(),
         };
         let mut keyed = Vec::with_capacity(routes.len());
         for r in default().filter(|r| r.target.is_tunnel()) {
@@ -101,22 +120,22 @@ impl Pieces {
                 _ => this.pieces.push((k, 1)),
             }
         }
+        this.folded = fold(this.pieces.iter().map(|(p, _)| *p));
         this
     }
 
     /// The pieces of the peer prefix `p`, appended to `out`.
     fn of(&self, p: IpNet, out: &mut Vec<Piece>) {
-        let key = |n: &IpNet| (n.addr().is_ipv6(), addr_num(n.network()), n.prefix_len());
         let p = p.trunc();
         let inside = |q: &&IpNet| q.prefix_len() > p.prefix_len() && p.contains(*q);
         if !self.holes.iter().any(|q| inside(&q)) {
-            out.push(key(&p));
+            out.push(piece_of(&p));
             return;
         }
         let holes: Vec<IpNet> = self.holes.iter().filter(inside).copied().collect();
         let mut pieces = Vec::new();
         subtract(p, &holes, &mut pieces);
-        out.extend(pieces.iter().map(key));
+        out.extend(pieces.iter().map(piece_of));
     }
 
     /// A default-VNET peer prefix added.
@@ -126,7 +145,10 @@ impl Pieces {
         for k in new {
             match self.pieces.binary_search_by(|(q, _)| q.cmp(&k)) {
                 Ok(i) => self.pieces[i].1 += 1,
-                Err(i) => self.pieces.insert(i, (k, 1)),
+                Err(i) => {
+                    self.pieces.insert(i, (k, 1));
+                    self.fold_in(k);
+                }
             }
         }
     }
@@ -140,29 +162,68 @@ impl Pieces {
                 self.pieces[i].1 -= 1;
                 if self.pieces[i].1 == 0 {
                     self.pieces.remove(i);
+                    self.fold_out(k);
                 }
             }
         }
     }
 
-    /// The pieces with those inside another folded into it: by start
-    /// address, the widest first, a piece inside an earlier one is inside
-    /// the last one kept (the kept never overlap).
-    pub fn folded(&self) -> Vec<IpNet> {
-        let last = |v6: bool, first: u128, len: u8| {
-            first + u128::MAX.checked_shr(len as u32 + if v6 { 0 } else { 96 }).unwrap_or(0)
-        };
-        let mut folded: Vec<IpNet> = Vec::new();
-        let mut kept: Option<(bool, u128, u128)> = None;
-        for &((v6, first, len), _) in &self.pieces {
-            if kept.is_some_and(|(kv6, kf, kl)| kv6 == v6 && kf <= first && last(v6, first, len) <= kl) {
-                continue;
-            }
-            kept = Some((v6, first, last(v6, first, len)));
-            folded.push(IpNet::new(addr(first, !v6), len).expect("the length of a prefix"));
-        }
-        folded
+    /// Where `k` is or would go in the folded list.
+    fn folded_at(&self, k: Piece) -> std::result::Result<usize, usize> {
+        self.folded.binary_search_by(|n| piece_of(n).cmp(&k))
     }
+
+    /// A new piece `k` in the folded list: nothing if a wider one holds it
+    /// (only the one just before it can: the folded never overlap), else
+    /// it goes in and takes the place of those inside it.
+    fn fold_in(&mut self, k: Piece) {
+        let Err(i) = self.folded_at(k) else { return };
+        if i > 0 && inside(k, piece_of(&self.folded[i - 1])) {
+            return;
+        }
+        let end = i + self.folded[i..].iter().take_while(|n| inside(piece_of(n), k)).count();
+        self.folded.splice(i..end, [to_net(k)]);
+    }
+
+    /// A piece `k` gone: if it was folded, the pieces inside it that no
+    /// other holds come back in its place.
+    fn fold_out(&mut self, k: Piece) {
+        let Ok(i) = self.folded_at(k) else { return };
+        let from = self.pieces.partition_point(|(p, _)| *p < k);
+        let within = self.pieces[from..]
+            .iter()
+            .map(|(p, _)| *p)
+            .take_while(|p| inside(*p, k));
+        let back = fold(within);
+        self.folded.splice(i..i + 1, back);
+    }
+
+    /// The pieces with those inside another folded into it: sorted, none
+    /// overlapping.
+    pub fn folded(&self) -> Vec<IpNet> {
+        self.folded.clone()
+    }
+}
+
+/// A piece as a prefix.
+fn to_net((v6, first, len): Piece) -> IpNet {
+    IpNet::new(addr(first, !v6), len).expect("the length of a prefix")
+}
+
+/// Sorted pieces with those inside another dropped: by start address, the
+/// widest first, a piece inside an earlier one is inside the last one kept
+/// (the kept never overlap).
+fn fold(pieces: impl Iterator<Item = Piece>) -> Vec<IpNet> {
+    let mut folded: Vec<IpNet> = Vec::new();
+    let mut kept: Option<Piece> = None;
+    for p in pieces {
+        if kept.is_some_and(|k| inside(p, k)) {
+            continue;
+        }
+        kept = Some(p);
+        folded.push(to_net(p));
+    }
+    folded
 }
 
 /// `net` minus every prefix in `holes` (each inside `net`), as prefixes:
@@ -353,6 +414,18 @@ fn uncovered(want: &[(u128, u128)], held: &[(u128, u128)]) -> Vec<(u128, u128)> 
 }
 
 impl Fence {
+    /// This fence with other tunnelled prefixes (the old ones not copied).
+    pub fn with_tunnelled(&self, tunnelled: Vec<IpNet>) -> Fence {
+        Fence {
+            table: self.table.clone(),
+            tun: self.tun.clone(),
+            listen_port: self.listen_port,
+            tunnelled,
+            vnet_ifaces: self.vnet_ifaces.clone(),
+            vnet_only_addrs: self.vnet_only_addrs.clone(),
+        }
+    }
+
     /// One line for logs and `subway fence`: what the table holds.
     pub fn summary(&self) -> String {
         let vnets = if self.vnet_ifaces.is_empty() {
@@ -730,6 +803,49 @@ mod tests {
             "delete element inet t tunnel4 { 10.0.0.0/16, 10.1.0.0/24, 10.1.1.0-10.255.255.255 }\n\
              add element inet t tunnel4 { 10.0.0.0/8 }\n"
         );
+    }
+
+    /// Pieces added and removed at random, nested and repeated, with LAN
+    /// holes among them: the folded list kept as they come and go is the
+    /// one folded from scratch, after every step.
+    #[test]
+    fn the_folded_pieces_follow_adds_and_removes() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m
+        };
+        for round in 0..50 {
+            let mut p = Pieces {
+                holes: vec![n("10.0.4.0/24"), n("10.0.8.128/25"), n("fd00::/120")],
+                ..Default::default()
+            };
+            let mut present: Vec<IpNet> = Vec::new();
+            for step in 0..200 {
+                if present.is_empty() || rnd(3) != 0 {
+                    let len = 12 + rnd(14) as u8;
+                    let q = if rnd(5) == 0 {
+                        IpNet::new(format!("fd00::{:x}", rnd(512)).parse().unwrap(), 112 + len / 2)
+                    } else {
+                        IpNet::new(
+                            std::net::Ipv4Addr::from(0x0a00_0000u32 | (rnd(1 << 14) as u32) << 2).into(),
+                            len,
+                        )
+                    }
+                    .unwrap()
+                    .trunc();
+                    p.add(q);
+                    present.push(q);
+                } else {
+                    let q = present.swap_remove(rnd(present.len() as u64) as usize);
+                    p.remove(q);
+                }
+                let scratch = fold(p.pieces.iter().map(|(k, _)| *k));
+                assert_eq!(p.folded, scratch, "round {round} step {step}");
+            }
+        }
     }
 
     /// A change that fails after its additions went in: the next tidy takes

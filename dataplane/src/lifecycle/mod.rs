@@ -558,8 +558,7 @@ impl Dataplane {
             }
             None => failsafe::Pieces::build(fib.routes()),
         };
-        let mut fence = cur.clone();
-        fence.tunnelled = pieces.folded();
+        let fence = cur.with_tunnelled(pieces.folded());
         let covering = match &mut self.undo.sets {
             Some(sets) if fence.tunnelled != cur.tunnelled => Some(sets.cover_start(&fence)),
             _ => None,
