@@ -381,7 +381,12 @@ fn a_change_of_one_peers_routes_is_patched_in_and_the_kernel_and_fence_follow() 
     let ga = Subway::start_env(
         &t.gwa,
         &t.subway_config(true, false, &peer_c("10.98.0.0/24, 10.96.0.0/24")),
-        &[("RUST_LOG", "info,subway_dataplane=debug")],
+        &[
+            ("RUST_LOG", "info,subway_dataplane=debug"),
+            // A change that adds 10.95.0.0/24 fails at the kernel's route,
+            // after its fence additions went in (see the end).
+            ("SUBWAY_TEST_FAIL_TUN_ROUTE", "10.95.0.0/24"),
+        ],
     )?;
     let gb = Subway::start(&t.gwb, &t.subway_config(false, false, ""))?;
     ping_until(&t.a, "10.2.0.2", 10).with_context(|| ga.proc.log_text())?;
@@ -457,6 +462,48 @@ fn a_change_of_one_peers_routes_is_patched_in_and_the_kernel_and_fence_follow() 
     assert!(has_route(&show, "10.98.0.0/24") && !has_route(&show, "10.97.0.0/24"));
     wait_until("the fence lets go of 10.97.0.0/24", Duration::from_secs(2), || {
         Ok(!fenced("10.97.0.5"))
+    })?;
+    ping(&t.a, "10.2.0.2", 3)?;
+
+    // A change that fails after its fence additions went in (the kernel
+    // refuses the new prefix's route: the test hook) changes nothing: the
+    // reload reports the error, the tables and the kernel's routes are as
+    // they were, and the fence gives the addition back.
+    std::fs::write(
+        &ga.config,
+        t.subway_config(true, false, &peer_c("10.98.0.0/24, 10.96.0.0/24, 10.95.0.0/24")),
+    )?;
+    let failed = ga.ctl(&["reload", &ga.name]);
+    assert!(failed.is_err(), "the reload did not fail: {failed:?}");
+    let show = ga.show()?;
+    assert!(has_route(&show, "10.98.0.0/24") && !has_route(&show, "10.95.0.0/24"));
+    assert!(t.gwa.run(&["ip", "route", "show", "10.95.0.0/24"])?.trim().is_empty());
+    wait_until(
+        "the fence gives back the failed change's prefix",
+        Duration::from_secs(2),
+        || Ok(!fenced("10.95.0.5")),
+    )
+    .with_context(|| {
+        t.gwa
+            .run(&["nft", "list", "set", "inet", &table, "tunnel4"])
+            .unwrap_or_default()
+    })?;
+    assert!(
+        fenced("10.98.0.5") && fenced("10.96.0.5"),
+        "the fence lost a running prefix"
+    );
+    // The next change starts from what the sets really hold.
+    std::fs::write(
+        &ga.config,
+        t.subway_config(true, false, &peer_c("10.97.0.0/24, 10.96.0.0/24")),
+    )?;
+    ga.ctl(&["reload", &ga.name])?;
+    assert!(
+        fenced("10.97.0.5") && fenced("10.96.0.5"),
+        "not fenced when the reload answers"
+    );
+    wait_until("the fence lets go of 10.98.0.0/24", Duration::from_secs(2), || {
+        Ok(!fenced("10.98.0.5"))
     })?;
     ping(&t.a, "10.2.0.2", 3)?;
     drop(gb);

@@ -725,6 +725,19 @@ impl Dataplane {
     /// The kernel's routes of `nets` through the TUN, added or deleted
     /// ([`kernel_routes`]), their events absorbed as they come.
     fn tun_routes(&mut self, add: bool, nets: &[ipnet::IpNet], force: bool) -> Result<()> {
+        // Test hook: SUBWAY_TEST_FAIL_TUN_ROUTE=PREFIX makes a live change
+        // that adds the kernel's route of PREFIX fail there, after its
+        // fence additions went in, so that tests see it undone; production
+        // never sets it.
+        if add
+            && let Ok(p) = std::env::var("SUBWAY_TEST_FAIL_TUN_ROUTE")
+            && nets.iter().any(|n| n.to_string() == p)
+        {
+            return Err(Error::Kernel(format!(
+                "ip route replace {p} dev {}: failed on purpose (SUBWAY_TEST_FAIL_TUN_ROUTE)",
+                self.slow.name()
+            )));
+        }
         kernel_routes(
             &mut self.netlink,
             add,
