@@ -13,7 +13,7 @@
 //! by `subway down`.
 //!
 //! What goes into the table is planned by pure functions (unit-tested);
-//! [`install`], [`update_tunnelled`], [`Sets`] (live changes) and
+//! [`install`], [`Sets`] (live changes) and
 //! [`remove`] run `nft`.
 
 use crate::error::{Error, Result};
@@ -297,17 +297,6 @@ fn range_elements(ranges: &[(u128, u128)], v4: bool) -> String {
         .join(", ")
 }
 
-/// The two sets' element statements (nothing for an empty family).
-fn set_elements(table: &str, nets: &[IpNet]) -> String {
-    Held::of(nets)
-        .0
-        .iter()
-        .zip(SETS)
-        .filter(|(r, _)| !r.is_empty())
-        .map(|(r, (set, v4))| element_stmt("add", table, set, r, v4))
-        .collect()
-}
-
 /// `op` (add, delete) of `ranges` in one of the two sets, as one statement.
 fn element_stmt(op: &str, table: &str, set: &str, ranges: &[(u128, u128)], v4: bool) -> String {
     format!("{op} element inet {table} {set} {{ {} }}\n", range_elements(ranges, v4))
@@ -326,7 +315,7 @@ pub struct Held([Vec<(u128, u128)>; 2]);
 
 impl Held {
     /// `nets` (from [`tunnelled`]) as the merged ranges that
-    /// [`Fence::ruleset`] and [`Fence::update_script`] write.
+    /// [`Fence::ruleset`] and [`Sets`] write.
     pub fn of(nets: &[IpNet]) -> Held {
         Held(SETS.map(|(_, v4)| ranges(nets, v4)))
     }
@@ -349,6 +338,41 @@ impl Held {
             added.0[i] = new;
         }
         (!script.is_empty()).then_some((script, after, added))
+    }
+
+    /// The ranges of both, overlapping and adjacent ones merged.
+    fn union(&self, other: &Held) -> Held {
+        let mut out = Held::default();
+        for (i, o) in out.0.iter_mut().enumerate() {
+            let mut all: Vec<(u128, u128)> = self.0[i].iter().chain(&other.0[i]).copied().collect();
+            all.sort_unstable();
+            for (first, last) in all {
+                match o.last_mut() {
+                    Some(r) if first <= r.1.saturating_add(1) => r.1 = r.1.max(last),
+                    _ => o.push((first, last)),
+                }
+            }
+        }
+        out
+    }
+
+    /// The two sets' element statements (nothing for an empty family).
+    fn elements(&self, table: &str) -> String {
+        self.0
+            .iter()
+            .zip(SETS)
+            .filter(|(r, _)| !r.is_empty())
+            .map(|(r, (set, v4))| element_stmt("add", table, set, r, v4))
+            .collect()
+    }
+
+    /// The one transaction that makes the sets hold exactly these
+    /// elements, whatever they held (the rules and the counter stay).
+    fn replace_script(&self, table: &str) -> String {
+        format!(
+            "flush set inet {table} tunnel4\nflush set inet {table} tunnel6\n{}",
+            self.elements(table)
+        )
     }
 
     /// These elements without those of `added` (sorted, all held).
@@ -495,17 +519,7 @@ impl Fence {
              chain input {{ type filter hook input priority -10; policy accept;\n{input} }}\n\
              chain output {{ type filter hook output priority -10; policy accept;\n{output} }}\n\
              }}\n{}",
-            set_elements(t, &self.tunnelled)
-        )
-    }
-
-    /// The sets' new contents as one transaction (the rules and the
-    /// counter stay).
-    pub fn update_script(&self) -> String {
-        let t = &self.table;
-        format!(
-            "flush set inet {t} tunnel4\nflush set inet {t} tunnel6\n{}",
-            set_elements(t, &self.tunnelled)
+            Held::of(&self.tunnelled).elements(t)
         )
     }
 }
@@ -561,14 +575,9 @@ pub fn install(f: &Fence) -> Result<()> {
     nft(&f.ruleset())
 }
 
-/// Replaces the tunnelled prefixes of an installed table in one transaction.
-pub fn update_tunnelled(f: &Fence) -> Result<()> {
-    nft(&f.update_script())
-}
-
 /// The tunnel fence's sets while subway runs. A change of the tunnelled
-/// prefixes is two transactions: before the switch, [`Sets::cover`] adds
-/// what the new prefixes need (additions only, a few milliseconds); after
+/// prefixes is two transactions: before the switch, [`Sets::cover_start`]
+/// and [`Sets::cover_finish`] add what the new prefixes need (additions only, a few milliseconds); after
 /// it, [`Sets::tidy`] gives the transaction that deletes what is gone and
 /// merges what was added, which the caller runs off the change's time
 /// (`host::KernelUndo::let_go`). In between the sets refuse a little
@@ -582,12 +591,9 @@ pub struct Sets {
     held: Option<Held>,
     /// What the last cover wants the sets to hold once tidied.
     want: Option<Held>,
-    /// The elements the last cover added (see [`Sets::cover_undone`]);
-    /// None when it replaced the sets whole.
-    added: Option<Held>,
 }
 
-/// A [`Sets::cover`] under way.
+/// A cover of the sets under way ([`Sets::cover_start`]).
 #[derive(Debug)]
 pub struct Covering {
     step: CoverStep,
@@ -611,20 +617,12 @@ impl Sets {
             table: f.table.clone(),
             held: Some(Held::of(&f.tunnelled)),
             want: None,
-            added: None,
         }
     }
 
-    /// Makes the sets refuse every prefix of `f` before the switch: only
-    /// additions (or, if what they hold is unknown or nft refuses that, all
-    /// of `f` in one transaction).
-    pub fn cover(&mut self, f: &Fence) -> Result<()> {
-        let c = self.cover_start(f);
-        self.cover_finish(c, f)
-    }
-
-    /// [`Sets::cover`] in two steps: this starts nft on the additions and
-    /// returns while it runs, [`Sets::cover_finish`] waits for it. A live
+    /// Makes the sets refuse every prefix of `f` before the switch, in two
+    /// steps: this starts nft on the additions (only additions) and
+    /// returns while it runs; [`Sets::cover_finish`] waits for it. A live
     /// change does its other work before the switch in between.
     pub fn cover_start(&mut self, f: &Fence) -> Covering {
         let want = Held::of(&f.tunnelled);
@@ -642,16 +640,17 @@ impl Sets {
         Covering { step, want }
     }
 
-    /// Waits for the additions [`Sets::cover_start`] started; if nft
-    /// refused them, replaces the sets with all of `f` (the same fence).
-    pub fn cover_finish(&mut self, c: Covering, f: &Fence) -> Result<()> {
-        self.added = Some(Held::default());
+    /// Waits for the additions [`Sets::cover_start`] started. If nft
+    /// refused them (or what the sets hold is unknown), replaces the sets
+    /// in one transaction with the running fence `old` and the new one
+    /// together: until the switch the running prefixes stay refused too;
+    /// the tidy after it leaves the new ones alone.
+    pub fn cover_finish(&mut self, c: Covering, old: Option<&Fence>) -> Result<()> {
         let covered = match c.step {
             CoverStep::Covered => true,
-            CoverStep::Adding(run, after, added) => match run.wait() {
+            CoverStep::Adding(run, after, _) => match run.wait() {
                 Ok(()) => {
                     self.held = Some(after);
-                    self.added = Some(added);
                     true
                 }
                 Err(e) => {
@@ -663,26 +662,39 @@ impl Sets {
         };
         if !covered {
             self.held = None;
-            self.added = None;
-            update_tunnelled(f)?;
-            self.held = Some(c.want.clone());
+            let both = old.map_or_else(|| c.want.clone(), |o| Held::of(&o.tunnelled).union(&c.want));
+            nft(&both.replace_script(&self.table))?;
+            self.held = Some(both);
         }
         self.want = Some(c.want);
         Ok(())
     }
 
-    /// The change whose prefixes the last cover added failed after it:
-    /// the next tidy returns the sets to what they held before it (until
-    /// then they refuse a little more, never less).
-    pub fn cover_undone(&mut self) {
-        self.want = match (&self.held, self.added.take()) {
-            (Some(held), Some(added)) => Some(held.without(&added)),
-            _ => None,
-        };
+    /// The change that started `c` failed before the switch: waits for
+    /// nft and replaces nothing. Additions that went in are to be taken
+    /// out again (true: run the tidy, [`host::KernelUndo::let_go`]); until
+    /// then the sets refuse a little more, never less.
+    pub fn cover_abandon(&mut self, c: Covering) -> bool {
+        match c.step {
+            CoverStep::Adding(run, after, added) => match run.wait() {
+                Ok(()) => {
+                    self.want = Some(after.without(&added));
+                    self.held = Some(after);
+                    true
+                }
+                // One transaction: nothing changed, but the sets did not
+                // hold what was thought; the next change replaces them.
+                Err(_) => {
+                    self.held = None;
+                    false
+                }
+            },
+            CoverStep::Covered | CoverStep::Replace => false,
+        }
     }
 
     /// After the switch: the transaction that leaves the sets holding
-    /// exactly what the last [`Sets::cover`] wanted (None if they do).
+    /// exactly what the last cover wanted (None if they do).
     /// The sets are taken to hold that from now on; if the transaction
     /// fails, [`Sets::lost`].
     pub fn tidy(&mut self) -> Option<String> {
@@ -848,38 +860,70 @@ mod tests {
         }
     }
 
-    /// A change that fails after its additions went in: the next tidy takes
-    /// them out again (the sets refuse more until then, never less), and a
-    /// change after that starts from what the sets really hold.
+    /// Covers of the sets, their nft stood in for by `true` and `false`
+    /// (a transaction that went in, one that nft refused): what the sets
+    /// are taken to hold, and the tidy that follows.
     #[test]
-    fn a_failed_change_gives_back_its_additions() {
-        let old = held(&["10.0.0.0/8", "100.64.0.0/28"]);
-        let new = held(&["10.0.0.0/8", "100.64.0.0/28", "100.127.255.0/28"]);
+    fn a_cover_finished_abandoned_or_refused() {
+        let run = |ok: bool| NftRun(Command::new(if ok { "true" } else { "false" }).spawn().unwrap());
+        let old = held(&["10.0.0.0/24", "10.9.0.0/24"]);
+        // The change takes 10.9.0.0/24 out and puts 10.5.0.0/24 in.
+        let new = held(&["10.0.0.0/24", "10.5.0.0/24"]);
+        let old_fence = Fence {
+            table: "t".into(),
+            tunnelled: vec![n("10.0.0.0/24"), n("10.9.0.0/24")],
+            ..Default::default()
+        };
+        let sets = || Sets {
+            table: "t".into(),
+            held: Some(old.clone()),
+            want: None,
+        };
         let (_, after, added) = old.cover("t", &new).unwrap();
-        // What cover_finish leaves once nft added them.
-        let mut sets = Sets {
-            table: "t".into(),
-            held: Some(after),
-            want: Some(new.clone()),
-            added: Some(added),
+        assert_eq!(added, held(&["10.5.0.0/24"]));
+        let adding = |ok| Covering {
+            step: CoverStep::Adding(run(ok), after.clone(), added.clone()),
+            want: new.clone(),
         };
-        sets.cover_undone();
+        // Finished: the sets hold the old and the new until the tidy after
+        // the switch takes the old one out.
+        let mut s = sets();
+        s.cover_finish(adding(true), Some(&old_fence)).unwrap();
+        assert_eq!(s.held, Some(after.clone()));
+        assert_eq!(s.tidy().unwrap(), "delete element inet t tunnel4 { 10.9.0.0/24 }\n");
+        // The change failed after its additions went in: nothing is
+        // replaced, and the tidy takes the addition out again.
+        let mut s = sets();
+        assert!(s.cover_abandon(adding(true)));
+        assert_eq!(s.held, Some(after.clone()));
+        assert_eq!(s.tidy().unwrap(), "delete element inet t tunnel4 { 10.5.0.0/24 }\n");
+        assert_eq!(s.held, Some(old.clone()));
+        // nft refused the additions of a change that then failed: one
+        // transaction, nothing changed, but the sets did not hold what
+        // was thought: unknown, no tidy, the next change replaces them.
+        let mut s = sets();
+        assert!(!s.cover_abandon(adding(false)));
+        assert_eq!((s.held.clone(), s.tidy()), (None, None));
+        // Unknown sets abandoned: nothing to give back.
+        let mut s = Sets { held: None, ..sets() };
+        assert!(!s.cover_abandon(Covering {
+            step: CoverStep::Replace,
+            want: new.clone()
+        }));
+        // A replace (the sets unknown) keeps the running fence's prefixes
+        // refused with the new ones until the switch: 10.9.0.0/24 is still
+        // tunnelled until then. (Its nft is not run here: the script is.)
+        let both = Held::of(&old_fence.tunnelled).union(&new);
+        assert_eq!(both, held(&["10.0.0.0/24", "10.5.0.0/24", "10.9.0.0/24"]));
         assert_eq!(
-            sets.tidy().unwrap(),
-            "delete element inet t tunnel4 { 100.127.255.0/28 }\n"
+            both.replace_script("t"),
+            "flush set inet t tunnel4\nflush set inet t tunnel6\nadd element inet t tunnel4 { 10.0.0.0/24, 10.5.0.0/24, 10.9.0.0/24 }\n"
         );
-        assert_eq!(sets.held, Some(old.clone()));
-        assert_eq!(sets.tidy(), None, "one tidy");
-        // Without a known past (the sets were replaced whole), nothing is
-        // deleted: they keep refusing the superset until the next change.
-        let mut unknown = Sets {
-            table: "t".into(),
-            held: Some(new.clone()),
-            want: Some(new),
-            added: None,
-        };
-        unknown.cover_undone();
-        assert_eq!(unknown.tidy(), None);
+        // Overlapping and adjacent ranges are merged.
+        assert_eq!(
+            held(&["10.0.0.0/25", "10.0.1.0/24"]).union(&held(&["10.0.0.0/24", "fd00::/64"])),
+            held(&["10.0.0.0/23", "fd00::/64"])
+        );
     }
 
     /// Random held and wanted ranges over a small space, against a bitmap:
@@ -1040,7 +1084,12 @@ mod tests {
             r.contains("set tunnel4 { type ipv4_addr; flags interval; }"),
             "no auto-merge: {r}"
         );
-        let u = f.update_script();
-        assert!(u.starts_with("flush set inet subway_site_a tunnel4\nflush set inet subway_site_a tunnel6\n"));
+        let u = Held::of(&f.tunnelled).replace_script(&f.table);
+        assert_eq!(
+            u,
+            "flush set inet subway_site_a tunnel4\nflush set inet subway_site_a tunnel6\n\
+             add element inet subway_site_a tunnel4 { 10.2.0.0/24 }\n\
+             add element inet subway_site_a tunnel6 { fd02::/64 }\n"
+        );
     }
 }

@@ -599,27 +599,24 @@ impl Dataplane {
             result = self.tun_routes(true, &diff.tun_add, false);
         }
         let t_routes = t0.elapsed();
-        // The fence's additions are waited for even if a step failed: the
-        // sets then go back to what they held (refusing more meanwhile,
-        // never less).
+        // The fence's additions are waited for even if a step failed; then
+        // nothing is replaced, and what they added is taken out again
+        // (refused meanwhile: more, never less).
         if let Some((next, pieces, covering)) = fence.next {
-            let mut covered = false;
-            if let (Some(c), Some(sets)) = (covering, &mut self.undo.sets) {
-                let r = sets.cover_finish(c, &next);
-                covered = r.is_ok();
+            let mut give_back = false;
+            if let (Some(c), Some(sets)) = (covering, self.undo.sets.as_mut()) {
                 if result.is_ok() {
-                    result = r;
-                }
-                if result.is_ok() {
-                    self.undo.fence = Some(next);
+                    result = sets.cover_finish(c, self.undo.fence.as_ref());
+                    if result.is_ok() {
+                        self.undo.fence = Some(next);
+                    }
+                } else {
+                    give_back = sets.cover_abandon(c);
                 }
             }
             if result.is_ok() {
                 self.fence_pieces = Some(pieces);
-            } else if covered {
-                if let Some(sets) = &mut self.undo.sets {
-                    sets.cover_undone();
-                }
+            } else if give_back {
                 self.undo.let_go();
             }
         }
