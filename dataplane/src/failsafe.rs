@@ -645,7 +645,7 @@ impl Sets {
     /// in one transaction with the running fence `old` and the new one
     /// together: until the switch the running prefixes stay refused too;
     /// the tidy after it leaves the new ones alone.
-    pub fn cover_finish(&mut self, c: Covering, old: Option<&Fence>) -> Result<()> {
+    pub fn cover_finish(&mut self, c: Covering, old: &Fence) -> Result<()> {
         let covered = match c.step {
             CoverStep::Covered => true,
             CoverStep::Adding(run, after, _) => match run.wait() {
@@ -662,7 +662,7 @@ impl Sets {
         };
         if !covered {
             self.held = None;
-            let both = old.map_or_else(|| c.want.clone(), |o| Held::of(&o.tunnelled).union(&c.want));
+            let both = Held::of(&old.tunnelled).union(&c.want);
             nft(&both.replace_script(&self.table))?;
             self.held = Some(both);
         }
@@ -888,7 +888,7 @@ mod tests {
         // Finished: the sets hold the old and the new until the tidy after
         // the switch takes the old one out.
         let mut s = sets();
-        s.cover_finish(adding(true), Some(&old_fence)).unwrap();
+        s.cover_finish(adding(true), &old_fence).unwrap();
         assert_eq!(s.held, Some(after.clone()));
         assert_eq!(s.tidy().unwrap(), "delete element inet t tunnel4 { 10.9.0.0/24 }\n");
         // The change failed after its additions went in: nothing is

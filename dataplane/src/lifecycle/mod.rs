@@ -38,8 +38,8 @@ enum Build {
 #[derive(Default)]
 struct FenceStep {
     /// The fence after the change, its pieces, and nft adding what the
-    /// sets lack (None: they refuse it all already). None: the fence does
-    /// not change.
+    /// sets lack (None: its prefixes are those of the running fence, or
+    /// there are no sets). None: no route changed, or there is no fence.
     next: Option<(failsafe::Fence, failsafe::Pieces, Option<failsafe::Covering>)>,
     /// The time its plan took.
     plan: std::time::Duration,
@@ -602,11 +602,13 @@ impl Dataplane {
         // The fence's additions are waited for even if a step failed; then
         // nothing is replaced, and what they added is taken out again
         // (refused meanwhile: more, never less).
+        let mut give_back = false;
         if let Some((next, pieces, covering)) = fence.next {
-            let mut give_back = false;
-            if let (Some(c), Some(sets)) = (covering, self.undo.sets.as_mut()) {
+            // (A cover exists only with the sets and the running fence.)
+            if let (Some(c), Some(sets), Some(running)) = (covering, self.undo.sets.as_mut(), self.undo.fence.as_ref())
+            {
                 if result.is_ok() {
-                    result = sets.cover_finish(c, self.undo.fence.as_ref());
+                    result = sets.cover_finish(c, running);
                     if result.is_ok() {
                         self.undo.fence = Some(next);
                     }
@@ -616,8 +618,6 @@ impl Dataplane {
             }
             if result.is_ok() {
                 self.fence_pieces = Some(pieces);
-            } else if give_back {
-                self.undo.let_go();
             }
         }
         if result.is_err() {
@@ -629,6 +629,9 @@ impl Dataplane {
                     Some(t) => self.xdp.set_route(vnet, net, steer(t, ports, old)),
                     None => self.xdp.remove_route(vnet, net),
                 };
+            }
+            if give_back {
+                self.undo.let_go();
             }
         }
         tracing::debug!(
