@@ -44,6 +44,24 @@ impl Netns {
         self.run(&["sh", "-c", script])
     }
 
+    /// Waits (up to 5 s) until no IPv6 address inside is tentative, and
+    /// says whether that came: links' link-local addresses finish
+    /// duplicate address detection a second or two after the links come
+    /// up, and a new LAN address rightly makes subway rebuild its FIB.
+    /// A test or benchmark that counts subway's work settles first.
+    pub fn settle_dad(&self) -> bool {
+        for _ in 0..100 {
+            if self
+                .run(&["ip", "-6", "addr", "show", "tentative"])
+                .is_ok_and(|o| o.trim().is_empty())
+            {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        false
+    }
+
     /// Runs a command inside and returns its raw output, success or not.
     pub fn output(&self, args: &[&str]) -> Result<Output> {
         self.cmd(args)

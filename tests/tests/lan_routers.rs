@@ -194,6 +194,9 @@ fn kernel_routes_through_a_lan_router_are_followed_as_they_come_and_go() -> Resu
     t.a.sh("ip route add 10.1.6.0/24 dev rt0")?;
     let cfg_a = a_with_subnets(&t, "10.1.0.0/24, 10.1.5.0/24, 10.1.6.0/24");
     let cfg_b = b_with_more_behind_a(&t, "10.1.5.0/24, 10.1.6.0/24");
+    // The work counted below is the changes' alone: the LAN's link-local
+    // address, whose arrival rebuilds the FIB, comes before the start.
+    assert!(t.gwa.settle_dad(), "IPv6 addresses still tentative after 5 s");
     let ga = Subway::start(&t.gwa, &cfg_a)?;
     let _gb = Subway::start(&t.gwb, &cfg_b)?;
     ping_until(&t.b, "10.1.5.10", 10)?;

@@ -251,24 +251,6 @@ fn raise_fd_limit(want: usize) -> Result<()> {
     Ok(())
 }
 
-/// Waits (up to 5 s) until no IPv6 address of `ns` is tentative: the
-/// links' link-local addresses finish duplicate address detection a second
-/// or two after the links come up, and a new LAN address rightly makes
-/// subway rebuild its FIB. Measured from a settled box, that one-off stays
-/// out of the start and idle figures.
-fn settle_dad(ns: &subway_testkit::Netns) {
-    for _ in 0..100 {
-        if ns
-            .run(&["ip", "-6", "addr", "show", "tentative"])
-            .is_ok_and(|o| o.trim().is_empty())
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    eprintln!("  IPv6 addresses still tentative after 5 s: measuring anyway");
-}
-
 /// The generated peers: keys, and subway's config with them.
 struct Peers {
     secrets: Vec<[u8; 32]>,
@@ -367,7 +349,11 @@ struct Progress {
 
 fn once(n: usize, per_peer: usize, profile: &str) -> Result<Row> {
     let t = TwoSites::new()?;
-    settle_dad(&t.gwa);
+    // Measured from a settled box: the LAN's link-local address arriving
+    // after the start would be a one-off FIB rebuild in the figures.
+    if !t.gwa.settle_dad() {
+        eprintln!("  IPv6 addresses still tentative after 5 s: measuring anyway");
+    }
     t.gwb.sh("ip route add local 172.16.0.0/16 dev lo")?;
     t.gwa.sh("ip route add 172.16.0.0/16 via 192.0.2.2")?;
     let p = peers(&t, n, per_peer, false)?;
