@@ -577,10 +577,10 @@ pub fn install(f: &Fence) -> Result<()> {
 
 /// The tunnel fence's sets while subway runs. A change of the tunnelled
 /// prefixes is two transactions: before the switch, [`Sets::cover_start`]
-/// and [`Sets::cover_finish`] add what the new prefixes need (additions only, a few milliseconds); after
-/// it, [`Sets::tidy`] gives the transaction that deletes what is gone and
-/// merges what was added, which the caller runs off the change's time
-/// (`host::KernelUndo::let_go`). In between the sets refuse a little
+/// and [`Sets::cover_finish`] add what the new prefixes need (additions
+/// only, a few milliseconds); after it, [`Sets::tidy`] gives the
+/// transaction that deletes what is gone and merges what was added, which
+/// the caller runs off the change's time (`host::KernelUndo::let_go`). In between the sets refuse a little
 /// more than the tunnelled prefixes: a prefix that left the tunnel is
 /// refused for those milliseconds, never sent in clear.
 #[derive(Debug)]

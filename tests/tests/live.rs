@@ -404,6 +404,12 @@ fn a_change_of_one_peers_routes_is_patched_in_and_the_kernel_and_fence_follow() 
             ])
             .is_ok()
     };
+    // What the IPv4 set holds, for the failures' messages.
+    let tunnel4 = || {
+        t.gwa
+            .run(&["nft", "list", "set", "inet", &table, "tunnel4"])
+            .unwrap_or_default()
+    };
     assert!(
         fenced("10.98.0.5") && !fenced("10.97.0.5"),
         "the fence before the change"
@@ -441,11 +447,7 @@ fn a_change_of_one_peers_routes_is_patched_in_and_the_kernel_and_fence_follow() 
     wait_until("the fence lets go of the gone prefix", Duration::from_secs(2), || {
         Ok(!fenced("10.98.0.5"))
     })
-    .with_context(|| {
-        t.gwa
-            .run(&["nft", "list", "set", "inet", &table, "tunnel4"])
-            .unwrap_or_default()
-    })?;
+    .with_context(tunnel4)?;
     let set = t.gwa.run(&["nft", "list", "set", "inet", &table, "tunnel4"])?;
     assert!(
         fenced("10.97.0.5") && fenced("10.96.0.5") && !set.contains("10.98."),
@@ -483,11 +485,7 @@ fn a_change_of_one_peers_routes_is_patched_in_and_the_kernel_and_fence_follow() 
         Duration::from_secs(2),
         || Ok(!fenced("10.95.0.5")),
     )
-    .with_context(|| {
-        t.gwa
-            .run(&["nft", "list", "set", "inet", &table, "tunnel4"])
-            .unwrap_or_default()
-    })?;
+    .with_context(tunnel4)?;
     assert!(
         fenced("10.98.0.5") && fenced("10.96.0.5"),
         "the fence lost a running prefix"

@@ -541,22 +541,17 @@ impl Dataplane {
         let Some(cur) = &self.undo.fence else {
             return FenceStep::default();
         };
-        let pieces = match pieces {
-            Some(p) if patched => Some(p),
-            None if patched => Some(failsafe::Pieces::build(fib.routes())),
-            _ => None,
-        };
-        let pieces = match pieces {
-            Some(mut p) => {
-                for n in &diff.tun_del {
-                    p.remove(*n);
-                }
-                for n in &diff.tun_add {
-                    p.add(*n);
-                }
-                p
+        let pieces = if patched {
+            let mut p = pieces.unwrap_or_else(|| failsafe::Pieces::build(fib.routes()));
+            for n in &diff.tun_del {
+                p.remove(*n);
             }
-            None => failsafe::Pieces::build(fib.routes()),
+            for n in &diff.tun_add {
+                p.add(*n);
+            }
+            p
+        } else {
+            failsafe::Pieces::build(fib.routes())
         };
         let fence = cur.with_tunnelled(pieces.folded());
         let covering = match &mut self.undo.sets {
